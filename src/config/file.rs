@@ -1,0 +1,145 @@
+//! The raw shape of the TOML file, exactly as an operator writes it.
+//!
+//! Every struct refuses unknown keys, so a typo (`frist_byte`) is an error that names the key
+//! instead of a silently ignored line. Every value is optional here: defaults and the
+//! per-listener overrides are applied in [`super::Config::from_raw`], which is also where the
+//! meaning of each value is checked.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub listeners: Vec<RawListener>,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+    #[serde(default)]
+    pub pressure: RawPressure,
+    #[serde(default)]
+    pub tcp: RawTcp,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+/// One `[[listeners]]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: Option<String>,
+    pub bind: Option<String>,
+    #[serde(default)]
+    pub backends: Vec<String>,
+    pub protocol: Option<String>,
+    /// Keys set here replace the top-level `[limits]` for this listener only.
+    pub limits: Option<RawLimits>,
+    /// Keys set here replace the top-level `[timeouts]` for this listener only.
+    pub timeouts: Option<RawTimeouts>,
+}
+
+/// `[limits]`, also the shape of `[listeners.limits]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_conns_per_source: Option<u32>,
+    pub max_half_open_per_source: Option<u32>,
+    pub max_half_closed_per_source: Option<u32>,
+    pub conn_rate_per_source: Option<u32>,
+    pub conn_burst_per_source: Option<u32>,
+    pub ipv4_prefix: Option<u8>,
+    pub ipv6_prefix: Option<u8>,
+    pub max_sources: Option<u32>,
+    pub max_conns: Option<u32>,
+    pub max_half_open: Option<u32>,
+    pub max_half_closed: Option<u32>,
+    pub on_full: Option<String>,
+    pub allow: Option<Vec<String>>,
+    pub deny: Option<Vec<String>>,
+}
+
+/// `[timeouts]`, also the shape of `[listeners.timeouts]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    pub connect: Option<RawDuration>,
+    pub first_byte: Option<RawDuration>,
+    pub idle: Option<RawDuration>,
+    pub half_closed: Option<RawDuration>,
+    pub write_stall: Option<RawDuration>,
+    pub max_lifetime: Option<RawDuration>,
+    pub drain: Option<RawDuration>,
+}
+
+/// `[pressure]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPressure {
+    pub high_water: Option<f64>,
+    pub low_water: Option<f64>,
+    pub first_byte: Option<RawDuration>,
+    pub half_closed: Option<RawDuration>,
+}
+
+/// `[tcp]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTcp {
+    pub backlog: Option<u32>,
+    pub nodelay: Option<bool>,
+    pub keepalive_idle: Option<RawDuration>,
+    pub keepalive_interval: Option<RawDuration>,
+    pub keepalive_count: Option<u32>,
+    pub user_timeout: Option<RawDuration>,
+}
+
+/// `[log]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<String>,
+    pub format: Option<String>,
+}
+
+/// A duration written the way operators write them: `"250ms"`, `"5s"`, `"5m"`.
+///
+/// A bare number is refused on purpose: `first_byte = 5` could mean seconds or milliseconds,
+/// and guessing wrong by a factor of 1000 is how a proxy ends up holding sockets for hours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for RawDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RawDuration;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration with a unit, such as \"250ms\", \"5s\" or \"5m\"")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<RawDuration, E> {
+                humantime::parse_duration(s.trim())
+                    .map(RawDuration)
+                    .map_err(|e| {
+                        E::custom(format!(
+                            "invalid duration {s:?}: {e} (write e.g. \"250ms\", \"5s\", \"5m\")"
+                        ))
+                    })
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawDuration, E> {
+                Err(E::custom(format!(
+                    "duration {v} has no unit: write e.g. \"{v}s\" or \"{v}ms\""
+                )))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawDuration, E> {
+                self.visit_i64(v as i64)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

@@ -1,0 +1,133 @@
+//! Layering: the TOML file first, then `HALFGUARD__SECTION__KEY` environment variables.
+//!
+//! Environment overrides exist for Kubernetes and Docker, where changing one clock is easier
+//! as an env entry than as a new ConfigMap. The environment is passed in as a map so tests
+//! never touch the process environment (`set_var` races in multi-threaded tests).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use config::{Environment, File, FileFormat};
+
+use super::{Config, ConfigError, RawConfig};
+
+/// Environment variables that override the file start with this prefix...
+pub const ENV_PREFIX: &str = "HALFGUARD";
+/// ...and use this between prefix, section and key: `HALFGUARD__TIMEOUTS__FIRST_BYTE=2s`.
+pub const ENV_SEPARATOR: &str = "__";
+
+/// Loads `path` with overrides from the process environment.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let env: HashMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}{ENV_SEPARATOR}")))
+        .collect();
+    load_with_env(path, env)
+}
+
+/// Loads `path` with overrides taken from `env` instead of the process environment.
+pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    // Read the file ourselves: the `config` crate's own lookup guesses extensions and would
+    // accept a missing file silently when told it is optional.
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Load {
+        file: file.clone(),
+        source: config::ConfigError::Message(format!("cannot read the file: {e}")),
+    })?;
+    parse(&text, &file, env)
+}
+
+/// Parses TOML `text` (named `origin` in messages) with overrides from `env`.
+pub fn parse(
+    text: &str,
+    origin: &str,
+    env: HashMap<String, String>,
+) -> Result<Config, ConfigError> {
+    let envsrc = Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator(ENV_SEPARATOR)
+        .separator(ENV_SEPARATOR)
+        .try_parsing(true)
+        .list_separator(",")
+        .with_list_parse_key("limits.allow")
+        .with_list_parse_key("limits.deny")
+        .ignore_empty(true)
+        .source(Some(env.into_iter().collect()));
+    let raw: RawConfig = config::Config::builder()
+        .add_source(File::from_str(text, FileFormat::Toml))
+        .add_source(envsrc)
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| describe(e, origin))?;
+    Config::from_raw(raw, origin)
+}
+
+/// Turns the `config` crate's error into one that names the full key, so `halfguard check`
+/// prints `listeners[0].limits.frob: unknown key` rather than a serde sentence.
+fn describe(e: config::ConfigError, file: &str) -> ConfigError {
+    let invalid = |key: String, reason: String| ConfigError::Invalid {
+        file: file.to_string(),
+        key,
+        reason,
+    };
+    match e {
+        config::ConfigError::At {
+            error,
+            key: Some(key),
+            ..
+        } => match *error {
+            config::ConfigError::Message(m) => match unknown_field(&m) {
+                Some((field, rest)) => invalid(join_key(&key, field), format!("unknown key{rest}")),
+                None => invalid(dotted(&key), m),
+            },
+            other => invalid(dotted(&key), other.to_string()),
+        },
+        config::ConfigError::Type {
+            unexpected,
+            expected,
+            key: Some(key),
+            ..
+        } => invalid(
+            dotted(&key),
+            format!("invalid type: {unexpected}, expected {expected}"),
+        ),
+        config::ConfigError::Message(m) => match unknown_field(&m) {
+            Some((field, rest)) => invalid(field.to_string(), format!("unknown key{rest}")),
+            None => ConfigError::Load {
+                file: file.to_string(),
+                source: config::ConfigError::Message(m),
+            },
+        },
+        other => ConfigError::Load {
+            file: file.to_string(),
+            source: other,
+        },
+    }
+}
+
+/// Splits serde's "unknown field `x`, expected one of ..." into the field and the rest.
+fn unknown_field(m: &str) -> Option<(&str, &str)> {
+    let rest = m.strip_prefix("unknown field `")?;
+    let (field, rest) = rest.split_once('`')?;
+    Some((field, rest))
+}
+
+/// `listeners[0]limits` (as the `config` crate writes nested keys) -> `listeners[0].limits`.
+fn dotted(key: &str) -> String {
+    let mut out = String::with_capacity(key.len() + 2);
+    let mut prev = ' ';
+    for c in key.chars() {
+        if prev == ']' && c != '.' && c != '[' {
+            out.push('.');
+        }
+        out.push(c);
+        prev = c;
+    }
+    out
+}
+
+fn join_key(parent: &str, field: &str) -> String {
+    if parent.is_empty() {
+        field.to_string()
+    } else {
+        format!("{}.{field}", dotted(parent))
+    }
+}

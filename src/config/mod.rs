@@ -1,0 +1,739 @@
+//! Configuration: `config.toml -> RawConfig -> Config`.
+//!
+//! [`load`] layers the TOML file and the `HALFGUARD__SECTION__KEY` environment overrides with
+//! the `config` crate and deserialises them into the raw structs of [`file`], which refuse
+//! unknown keys. [`Config::from_raw`] then applies defaults and per-listener overrides and
+//! checks every value, so the rest of the proxy only ever sees a validated, typed `Config`.
+//! Every error names the file and the key.
+//!
+//! Every default is a documented constant below; `config/halfguard.toml` repeats them with
+//! the reasoning an operator needs.
+
+mod file;
+mod load;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+pub use file::{RawConfig, RawDuration, RawLimits, RawTimeouts};
+pub use load::{ENV_PREFIX, ENV_SEPARATOR, load, load_with_env};
+
+/// Up to 64 concurrent connections per source: generous for a browser or a NATed office,
+/// small enough that one host cannot take the proxy's descriptors.
+pub const DEFAULT_MAX_CONNS_PER_SOURCE: u32 = 64;
+/// Silent connections per source: a legit client speaks at once, so a handful is plenty.
+pub const DEFAULT_MAX_HALF_OPEN_PER_SOURCE: u32 = 8;
+/// Half-closed connections per source: ordinary closes pass through this state briefly.
+pub const DEFAULT_MAX_HALF_CLOSED_PER_SOURCE: u32 = 8;
+/// New connections per second per source (GCRA).
+pub const DEFAULT_CONN_RATE_PER_SOURCE: u32 = 50;
+/// Burst of new connections a source may open at once before the rate applies.
+pub const DEFAULT_CONN_BURST_PER_SOURCE: u32 = 100;
+/// IPv4 sources are counted per address.
+pub const DEFAULT_IPV4_PREFIX: u8 = 32;
+/// IPv6 sources are counted per /64: one host usually owns a whole /64.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+/// Hard bound on tracked sources, so a spread-out attack cannot grow memory without end.
+pub const DEFAULT_MAX_SOURCES: u32 = 65_536;
+/// Concurrent connections per listener; each costs two descriptors.
+pub const DEFAULT_MAX_CONNS: u32 = 8_192;
+/// Silent (half-open) connections per listener.
+pub const DEFAULT_MAX_HALF_OPEN: u32 = 2_048;
+/// Half-closed connections per listener.
+pub const DEFAULT_MAX_HALF_CLOSED: u32 = 2_048;
+
+/// A backend that has not answered a SYN in 3 s is not going to.
+pub const DEFAULT_CONNECT: Duration = Duration::from_secs(3);
+/// A client that says nothing for 10 s after connecting is not a client (HAProxy's
+/// documented inspect-delay pattern, linkerd's detect timeout).
+pub const DEFAULT_FIRST_BYTE: Duration = Duration::from_secs(10);
+/// No byte either way for 5 minutes. Envoy's 1 h default is what issue threads complain of.
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
+/// One side has sent FIN and the other direction makes no progress for 30 s.
+pub const DEFAULT_HALF_CLOSED: Duration = Duration::from_secs(30);
+/// Bytes are queued for a peer that reads nothing for 30 s (slow read).
+pub const DEFAULT_WRITE_STALL: Duration = Duration::from_secs(30);
+/// How long connections may finish after SIGTERM before they are aborted.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
+
+/// Pressure mode starts when a per-listener count passes 80% of its cap...
+pub const DEFAULT_HIGH_WATER: f64 = 0.8;
+/// ...and ends when every count is back under 60%.
+pub const DEFAULT_LOW_WATER: f64 = 0.6;
+/// Under pressure a silent connection gets 2 s to speak.
+pub const DEFAULT_PRESSURE_FIRST_BYTE: Duration = Duration::from_secs(2);
+/// Under pressure a half-closed connection gets 5 s without progress.
+pub const DEFAULT_PRESSURE_HALF_CLOSED: Duration = Duration::from_secs(5);
+
+/// Accept queue length asked of the kernel (capped by `net.core.somaxconn`).
+pub const DEFAULT_BACKLOG: u32 = 4_096;
+/// First keepalive probe after 60 s of silence.
+pub const DEFAULT_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Then one probe every 10 s...
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// ...and the peer is declared dead after 6 unanswered probes.
+pub const DEFAULT_KEEPALIVE_COUNT: u32 = 6;
+/// Sent data unacknowledged for 30 s means the peer is gone (TCP_USER_TIMEOUT).
+pub const DEFAULT_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A configuration that failed to load or validate. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or parsed, or a value has the wrong type or an unknown key.
+    #[error("{file}: {source}")]
+    Load {
+        file: String,
+        #[source]
+        source: config::ConfigError,
+    },
+    /// A value parsed but makes no sense.
+    #[error("{file}: `{key}`: {reason}")]
+    Invalid {
+        file: String,
+        key: String,
+        reason: String,
+    },
+}
+
+/// Which side speaks first on a listener's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP, TLS and most protocols: the client speaks first, so halfguard waits for the
+    /// first byte before it spends a backend connection.
+    ClientFirst,
+    /// SMTP, MySQL, PostgreSQL-less greeting protocols: the backend speaks first, so the
+    /// backend is connected at once and the connection counts as half-open until a byte
+    /// moves in either direction.
+    ServerFirst,
+}
+
+/// What to do when a per-listener half-open or half-closed cap is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFull {
+    /// Abort the oldest connection in that state of the heaviest source (attackers pay).
+    Evict,
+    /// Refuse the newcomer.
+    Reject,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from, for messages.
+    pub file: String,
+    pub listeners: Vec<ListenerConfig>,
+    pub pressure: PressureConfig,
+    pub tcp: TcpConfig,
+    pub log: LogConfig,
+}
+
+/// One listener with its limits and timeouts already merged over the top-level ones.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    /// `host:port` strings, resolved when the listener starts.
+    pub backends: Vec<String>,
+    pub protocol: Protocol,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+}
+
+/// Caps, per source and per listener. A per-source cap of 0 means no cap.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub max_conns_per_source: u32,
+    pub max_half_open_per_source: u32,
+    pub max_half_closed_per_source: u32,
+    /// New connections per second per source; 0 turns the rate limit off.
+    pub conn_rate_per_source: u32,
+    pub conn_burst_per_source: u32,
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    pub max_sources: u32,
+    pub max_conns: u32,
+    pub max_half_open: u32,
+    pub max_half_closed: u32,
+    pub on_full: OnFull,
+    /// Sources exempt from per-source caps and rates (still counted against listener caps).
+    pub allow: Vec<IpNet>,
+    /// Sources refused at accept.
+    pub deny: Vec<IpNet>,
+}
+
+/// The clocks. See the state diagram in README.md.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub first_byte: Duration,
+    pub idle: Duration,
+    pub half_closed: Duration,
+    pub write_stall: Duration,
+    /// `None` when configured as `"0s"`.
+    pub max_lifetime: Option<Duration>,
+    pub drain: Duration,
+}
+
+/// Shorter clocks while a listener is under pressure.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PressureConfig {
+    pub high_water: f64,
+    pub low_water: f64,
+    pub first_byte: Duration,
+    pub half_closed: Duration,
+}
+
+/// Socket options applied to client and backend sockets alike.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TcpConfig {
+    pub backlog: u32,
+    pub nodelay: bool,
+    /// `None` (configured `"0s"`) leaves keepalive off.
+    pub keepalive_idle: Option<Duration>,
+    pub keepalive_interval: Duration,
+    pub keepalive_count: u32,
+    /// `None` (configured `"0s"`) leaves TCP_USER_TIMEOUT to the kernel default.
+    pub user_timeout: Option<Duration>,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    /// An `EnvFilter` directive such as `info` or `halfguard=debug`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_conns_per_source: DEFAULT_MAX_CONNS_PER_SOURCE,
+            max_half_open_per_source: DEFAULT_MAX_HALF_OPEN_PER_SOURCE,
+            max_half_closed_per_source: DEFAULT_MAX_HALF_CLOSED_PER_SOURCE,
+            conn_rate_per_source: DEFAULT_CONN_RATE_PER_SOURCE,
+            conn_burst_per_source: DEFAULT_CONN_BURST_PER_SOURCE,
+            ipv4_prefix: DEFAULT_IPV4_PREFIX,
+            ipv6_prefix: DEFAULT_IPV6_PREFIX,
+            max_sources: DEFAULT_MAX_SOURCES,
+            max_conns: DEFAULT_MAX_CONNS,
+            max_half_open: DEFAULT_MAX_HALF_OPEN,
+            max_half_closed: DEFAULT_MAX_HALF_CLOSED,
+            on_full: OnFull::Evict,
+            allow: Vec::new(),
+            deny: Vec::new(),
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: DEFAULT_CONNECT,
+            first_byte: DEFAULT_FIRST_BYTE,
+            idle: DEFAULT_IDLE,
+            half_closed: DEFAULT_HALF_CLOSED,
+            write_stall: DEFAULT_WRITE_STALL,
+            max_lifetime: None,
+            drain: DEFAULT_DRAIN,
+        }
+    }
+}
+
+impl Default for PressureConfig {
+    fn default() -> Self {
+        PressureConfig {
+            high_water: DEFAULT_HIGH_WATER,
+            low_water: DEFAULT_LOW_WATER,
+            first_byte: DEFAULT_PRESSURE_FIRST_BYTE,
+            half_closed: DEFAULT_PRESSURE_HALF_CLOSED,
+        }
+    }
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig {
+            backlog: DEFAULT_BACKLOG,
+            nodelay: true,
+            keepalive_idle: Some(DEFAULT_KEEPALIVE_IDLE),
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_count: DEFAULT_KEEPALIVE_COUNT,
+            user_timeout: Some(DEFAULT_USER_TIMEOUT),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Pretty,
+        }
+    }
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::ClientFirst => "client-first",
+            Protocol::ServerFirst => "server-first",
+        }
+    }
+}
+
+impl OnFull {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFull::Evict => "evict",
+            OnFull::Reject => "reject",
+        }
+    }
+}
+
+/// Collects the first error while keys are checked, so each check stays one line.
+struct Checker<'a> {
+    file: &'a str,
+}
+
+impl Checker<'_> {
+    fn err(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_string(),
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Applies defaults and overrides to the raw file and checks every value.
+    pub fn from_raw(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
+        let ck = Checker { file };
+        if raw.listeners.is_empty() {
+            return Err(ck.err("listeners", "at least one [[listeners]] table is required"));
+        }
+        let base_limits = merge_limits(&ck, &Limits::default(), &raw.limits, "limits")?;
+        let base_timeouts = merge_timeouts(&Timeouts::default(), &raw.timeouts);
+        check_timeouts(&ck, &base_timeouts, "timeouts")?;
+
+        let mut names = HashSet::new();
+        let mut binds = HashSet::new();
+        let mut listeners = Vec::with_capacity(raw.listeners.len());
+        for (i, l) in raw.listeners.iter().enumerate() {
+            let at = |k: &str| format!("listeners[{i}].{k}");
+            let name = match &l.name {
+                Some(n) if !n.trim().is_empty() => n.clone(),
+                Some(_) => return Err(ck.err(at("name"), "must not be empty")),
+                None => return Err(ck.err(at("name"), "is required")),
+            };
+            if !names.insert(name.clone()) {
+                return Err(ck.err(at("name"), format!("{name:?} is used by two listeners")));
+            }
+            let bind_s = l
+                .bind
+                .as_deref()
+                .ok_or_else(|| ck.err(at("bind"), "is required"))?;
+            let bind: SocketAddr = bind_s
+                .parse()
+                .map_err(|_| ck.err(at("bind"), format!("{bind_s:?} is not an ip:port address")))?;
+            if bind.port() != 0 && !binds.insert(bind) {
+                return Err(ck.err(at("bind"), format!("{bind} is bound by two listeners")));
+            }
+            if l.backends.is_empty() {
+                return Err(ck.err(at("backends"), "needs at least one \"host:port\""));
+            }
+            for (j, b) in l.backends.iter().enumerate() {
+                check_host_port(b).map_err(|r| ck.err(at(&format!("backends[{j}]")), r))?;
+            }
+            let protocol = match l.protocol.as_deref() {
+                None | Some("client-first") => Protocol::ClientFirst,
+                Some("server-first") => Protocol::ServerFirst,
+                Some(other) => {
+                    return Err(ck.err(
+                        at("protocol"),
+                        format!("{other:?} is not \"client-first\" or \"server-first\""),
+                    ));
+                }
+            };
+            let limits = match &l.limits {
+                Some(over) => merge_limits(&ck, &base_limits, over, &at("limits"))?,
+                None => base_limits.clone(),
+            };
+            let timeouts = match &l.timeouts {
+                Some(over) => {
+                    let t = merge_timeouts(&base_timeouts, over);
+                    check_timeouts(&ck, &t, &at("timeouts"))?;
+                    t
+                }
+                None => base_timeouts.clone(),
+            };
+            listeners.push(ListenerConfig {
+                name,
+                bind,
+                backends: l.backends.clone(),
+                protocol,
+                limits,
+                timeouts,
+            });
+        }
+
+        let d = PressureConfig::default();
+        let p = &raw.pressure;
+        let pressure = PressureConfig {
+            high_water: p.high_water.unwrap_or(d.high_water),
+            low_water: p.low_water.unwrap_or(d.low_water),
+            first_byte: p.first_byte.map_or(d.first_byte, |x| x.0),
+            half_closed: p.half_closed.map_or(d.half_closed, |x| x.0),
+        };
+        for (key, v) in [
+            ("pressure.high_water", pressure.high_water),
+            ("pressure.low_water", pressure.low_water),
+        ] {
+            if !(v > 0.0 && v <= 1.0) {
+                return Err(ck.err(key, format!("{v} is not a fraction in (0, 1]")));
+            }
+        }
+        if pressure.low_water >= pressure.high_water {
+            return Err(ck.err(
+                "pressure.low_water",
+                format!(
+                    "{} must be below high_water ({}) or pressure mode would flap",
+                    pressure.low_water, pressure.high_water
+                ),
+            ));
+        }
+        for (key, v) in [
+            ("pressure.first_byte", pressure.first_byte),
+            ("pressure.half_closed", pressure.half_closed),
+        ] {
+            if v.is_zero() {
+                return Err(ck.err(key, "must be greater than 0s"));
+            }
+        }
+
+        let d = TcpConfig::default();
+        let t = &raw.tcp;
+        let tcp = TcpConfig {
+            backlog: t.backlog.unwrap_or(d.backlog),
+            nodelay: t.nodelay.unwrap_or(d.nodelay),
+            keepalive_idle: t.keepalive_idle.map_or(d.keepalive_idle, |x| nonzero(x.0)),
+            keepalive_interval: t.keepalive_interval.map_or(d.keepalive_interval, |x| x.0),
+            keepalive_count: t.keepalive_count.unwrap_or(d.keepalive_count),
+            user_timeout: t.user_timeout.map_or(d.user_timeout, |x| nonzero(x.0)),
+        };
+        if tcp.backlog == 0 {
+            return Err(ck.err("tcp.backlog", "must be at least 1"));
+        }
+        if tcp.keepalive_idle.is_some() {
+            if tcp.keepalive_interval < Duration::from_secs(1) {
+                return Err(ck.err(
+                    "tcp.keepalive_interval",
+                    "the kernel counts it in whole seconds: at least \"1s\"",
+                ));
+            }
+            if tcp.keepalive_idle < Some(Duration::from_secs(1)) {
+                return Err(ck.err(
+                    "tcp.keepalive_idle",
+                    "the kernel counts it in whole seconds: at least \"1s\" (or \"0s\" for off)",
+                ));
+            }
+            if tcp.keepalive_count == 0 {
+                return Err(ck.err("tcp.keepalive_count", "must be at least 1"));
+            }
+        }
+
+        let d = LogConfig::default();
+        let log = LogConfig {
+            level: raw.log.level.clone().unwrap_or(d.level),
+            format: match raw.log.format.as_deref() {
+                None | Some("pretty") => LogFormat::Pretty,
+                Some("json") => LogFormat::Json,
+                Some(other) => {
+                    return Err(ck.err(
+                        "log.format",
+                        format!("{other:?} is not \"pretty\" or \"json\""),
+                    ));
+                }
+            },
+        };
+        if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
+            return Err(ck.err(
+                "log.level",
+                format!("{:?} is not a level or filter such as \"info\"", log.level),
+            ));
+        }
+
+        Ok(Config {
+            file: file.to_string(),
+            listeners,
+            pressure,
+            tcp,
+            log,
+        })
+    }
+
+    /// The effective configuration in a few lines, for `halfguard check` and the start log.
+    pub fn summary(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        let cap = |c: u32| {
+            if c == 0 {
+                "none".to_string()
+            } else {
+                c.to_string()
+            }
+        };
+        writeln!(
+            f,
+            "config {}: {} listener(s)",
+            self.file,
+            self.listeners.len()
+        )?;
+        for l in &self.listeners {
+            let (lim, t) = (&l.limits, &l.timeouts);
+            writeln!(
+                f,
+                "listener {:?} on {} ({}) -> {}",
+                l.name,
+                l.bind,
+                l.protocol.as_str(),
+                l.backends.join(", ")
+            )?;
+            writeln!(
+                f,
+                "  caps per listener: conns {}, half-open {}, half-closed {}, sources {}; on full: {}",
+                lim.max_conns,
+                lim.max_half_open,
+                lim.max_half_closed,
+                lim.max_sources,
+                lim.on_full.as_str()
+            )?;
+            writeln!(
+                f,
+                "  caps per source (/{} v4, /{} v6): conns {}, half-open {}, half-closed {}, rate {}/s burst {}",
+                lim.ipv4_prefix,
+                lim.ipv6_prefix,
+                cap(lim.max_conns_per_source),
+                cap(lim.max_half_open_per_source),
+                cap(lim.max_half_closed_per_source),
+                cap(lim.conn_rate_per_source),
+                lim.conn_burst_per_source
+            )?;
+            writeln!(
+                f,
+                "  allow {} prefix(es), deny {} prefix(es)",
+                lim.allow.len(),
+                lim.deny.len()
+            )?;
+            writeln!(
+                f,
+                "  clocks: connect {}, first_byte {}, idle {}, half_closed {}, write_stall {}, max_lifetime {}, drain {}",
+                d(t.connect),
+                d(t.first_byte),
+                d(t.idle),
+                d(t.half_closed),
+                d(t.write_stall),
+                t.max_lifetime.map_or("none".into(), d),
+                d(t.drain)
+            )?;
+        }
+        writeln!(
+            f,
+            "pressure: above {:.0}% of a cap until below {:.0}%: first_byte {}, half_closed {}",
+            self.pressure.high_water * 100.0,
+            self.pressure.low_water * 100.0,
+            d(self.pressure.first_byte),
+            d(self.pressure.half_closed)
+        )?;
+        let t = &self.tcp;
+        writeln!(
+            f,
+            "tcp: backlog {}, nodelay {}, keepalive {}, user_timeout {}",
+            t.backlog,
+            t.nodelay,
+            t.keepalive_idle.map_or("off".into(), |i| format!(
+                "idle {} interval {} count {}",
+                d(i),
+                d(t.keepalive_interval),
+                t.keepalive_count
+            )),
+            t.user_timeout.map_or("kernel default".into(), d)
+        )?;
+        write!(
+            f,
+            "log: level {}, format {}",
+            self.log.level,
+            match self.log.format {
+                LogFormat::Pretty => "pretty",
+                LogFormat::Json => "json",
+            }
+        )
+    }
+}
+
+fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+fn check_host_port(s: &str) -> Result<(), String> {
+    if s.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not \"host:port\""))?;
+    if host.is_empty() || host.contains(['/', ' ', '[', ']']) {
+        return Err(format!("{s:?} has no valid host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("{s:?} has no valid port")),
+    }
+}
+
+fn merge_limits(
+    ck: &Checker<'_>,
+    base: &Limits,
+    raw: &RawLimits,
+    at: &str,
+) -> Result<Limits, ConfigError> {
+    let key = |k: &str| format!("{at}.{k}");
+    let on_full = match raw.on_full.as_deref() {
+        None => base.on_full,
+        Some("evict") => OnFull::Evict,
+        Some("reject") => OnFull::Reject,
+        Some(other) => {
+            return Err(ck.err(
+                key("on_full"),
+                format!("{other:?} is not \"evict\" or \"reject\""),
+            ));
+        }
+    };
+    let nets = |list: &Option<Vec<String>>, k: &str, base: &Vec<IpNet>| match list {
+        None => Ok(base.clone()),
+        Some(v) => v
+            .iter()
+            .enumerate()
+            .map(|(i, s)| parse_net(s).map_err(|r| ck.err(format!("{}[{i}]", key(k)), r)))
+            .collect(),
+    };
+    let mut l = Limits {
+        max_conns_per_source: raw
+            .max_conns_per_source
+            .unwrap_or(base.max_conns_per_source),
+        max_half_open_per_source: raw
+            .max_half_open_per_source
+            .unwrap_or(base.max_half_open_per_source),
+        max_half_closed_per_source: raw
+            .max_half_closed_per_source
+            .unwrap_or(base.max_half_closed_per_source),
+        conn_rate_per_source: raw
+            .conn_rate_per_source
+            .unwrap_or(base.conn_rate_per_source),
+        conn_burst_per_source: raw
+            .conn_burst_per_source
+            .unwrap_or(base.conn_burst_per_source),
+        ipv4_prefix: raw.ipv4_prefix.unwrap_or(base.ipv4_prefix),
+        ipv6_prefix: raw.ipv6_prefix.unwrap_or(base.ipv6_prefix),
+        max_sources: raw.max_sources.unwrap_or(base.max_sources),
+        max_conns: raw.max_conns.unwrap_or(base.max_conns),
+        max_half_open: raw.max_half_open.unwrap_or(base.max_half_open),
+        max_half_closed: raw.max_half_closed.unwrap_or(base.max_half_closed),
+        on_full,
+        allow: nets(&raw.allow, "allow", &base.allow)?,
+        deny: nets(&raw.deny, "deny", &base.deny)?,
+    };
+    if l.ipv4_prefix == 0 || l.ipv4_prefix > 32 {
+        return Err(ck.err(
+            key("ipv4_prefix"),
+            format!("{} is not in 1..=32", l.ipv4_prefix),
+        ));
+    }
+    if l.ipv6_prefix == 0 || l.ipv6_prefix > 128 {
+        return Err(ck.err(
+            key("ipv6_prefix"),
+            format!("{} is not in 1..=128", l.ipv6_prefix),
+        ));
+    }
+    for (k, v) in [
+        ("max_conns", l.max_conns),
+        ("max_half_open", l.max_half_open),
+        ("max_half_closed", l.max_half_closed),
+        ("max_sources", l.max_sources),
+    ] {
+        if v == 0 {
+            return Err(ck.err(
+                key(k),
+                "must be at least 1 (listener-wide caps cannot be turned off)",
+            ));
+        }
+    }
+    // A state cap above the listener's connection cap can never be reached; clamp it so an
+    // operator who only lowers `max_conns` gets what they meant.
+    l.max_half_open = l.max_half_open.min(l.max_conns);
+    l.max_half_closed = l.max_half_closed.min(l.max_conns);
+    if l.conn_rate_per_source > 0 && l.conn_burst_per_source == 0 {
+        return Err(ck.err(
+            key("conn_burst_per_source"),
+            "must be at least 1 when conn_rate_per_source is set",
+        ));
+    }
+    Ok(l)
+}
+
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<IpNet>() {
+        return Ok(n.trunc());
+    }
+    s.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("{s:?} is not a CIDR such as \"192.0.2.0/24\" or an address"))
+}
+
+fn merge_timeouts(base: &Timeouts, raw: &RawTimeouts) -> Timeouts {
+    let pick = |v: Option<RawDuration>, b: Duration| v.map_or(b, |x| x.0);
+    Timeouts {
+        connect: pick(raw.connect, base.connect),
+        first_byte: pick(raw.first_byte, base.first_byte),
+        idle: pick(raw.idle, base.idle),
+        half_closed: pick(raw.half_closed, base.half_closed),
+        write_stall: pick(raw.write_stall, base.write_stall),
+        max_lifetime: raw.max_lifetime.map_or(base.max_lifetime, |x| nonzero(x.0)),
+        drain: pick(raw.drain, base.drain),
+    }
+}
+
+fn check_timeouts(ck: &Checker<'_>, t: &Timeouts, at: &str) -> Result<(), ConfigError> {
+    for (k, v) in [
+        ("connect", t.connect),
+        ("first_byte", t.first_byte),
+        ("idle", t.idle),
+        ("half_closed", t.half_closed),
+        ("write_stall", t.write_stall),
+    ] {
+        if v.is_zero() {
+            return Err(ck.err(
+                format!("{at}.{k}"),
+                "must be greater than 0s: every state needs a clock",
+            ));
+        }
+    }
+    Ok(())
+}

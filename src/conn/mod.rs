@@ -1,0 +1,283 @@
+//! One connection's task: the state machine and its clocks.
+//!
+//! ```text
+//! HALF_OPEN --first byte--> OPEN --FIN from one side--> HALF_CLOSED(side) --FIN--> CLOSED
+//!   first_byte              idle, write_stall           half_closed, write_stall
+//! ```
+//! plus `connect` while a backend connects and `max_lifetime` throughout. Whatever ends a
+//! connection other than a FIN both ways (clock, eviction, reset, backend failure, shutdown)
+//! aborts both sockets with RST, so halfguard keeps no FIN_WAIT or TIME_WAIT of its own.
+//!
+//! Clocks measure lack of progress: they are rearmed lazily from the pump's progress stamps
+//! (no timer reset per read), and before a clock aborts it looks at the kernel send queues,
+//! since a peer still acknowledging our bytes is slow, not gone.
+
+mod pump;
+
+use std::future::poll_fn;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+pub use pump::{BUF_SIZE, Event, Pump, Side};
+
+use crate::backend::{BackendError, Backends};
+use crate::config::{PressureConfig, Protocol, TcpConfig, Timeouts};
+use crate::guard::{Guard, Refused, Ticket};
+use crate::sockopt;
+use crate::stats::{Reject, Stats, Timeout};
+
+/// What every connection of one listener shares.
+#[derive(Debug)]
+pub struct ListenerCtx {
+    pub name: String,
+    pub protocol: Protocol,
+    pub timeouts: Timeouts,
+    pub pressure: PressureConfig,
+    pub tcp: TcpConfig,
+    pub backends: Backends,
+    pub guard: Guard,
+    pub stats: Arc<Stats>,
+    /// Fired when the drain period after shutdown is over: abort what is left.
+    pub abort: CancellationToken,
+}
+
+/// How a connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    /// FIN both ways (or a client that closed before saying anything).
+    Clean,
+    Timeout(Timeout),
+    Evicted,
+    Refused(Reject),
+    Backend,
+    PeerError,
+    Shutdown,
+}
+
+/// A clock expiry that a kernel send queue still moving postpones by at most this much.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// Serves one admitted connection to its end.
+pub async fn serve(ctx: Arc<ListenerCtx>, client: TcpStream, mut ticket: Ticket) {
+    let mut server = None;
+    let mut bytes = (0, 0);
+    let end = run(&ctx, &client, &mut server, &mut ticket, &mut bytes).await;
+    let stats = &ctx.stats;
+    stats.bytes_upstream.fetch_add(bytes.0, Relaxed);
+    stats.bytes_downstream.fetch_add(bytes.1, Relaxed);
+    match end {
+        End::Clean => {
+            stats.closed_clean.fetch_add(1, Relaxed);
+        }
+        End::Timeout(t) => stats.time_out(t),
+        End::Evicted => {} // counted by the evictor
+        End::Refused(r) => stats.reject(r),
+        End::Backend => {
+            stats.backend_unavailable.fetch_add(1, Relaxed);
+        }
+        End::PeerError => {
+            stats.peer_errors.fetch_add(1, Relaxed);
+        }
+        End::Shutdown => {
+            stats.aborted_on_shutdown.fetch_add(1, Relaxed);
+        }
+    }
+    if end != End::Clean {
+        sockopt::abort(&client);
+        if let Some(s) = &server {
+            sockopt::abort(s);
+        }
+    }
+    // Sockets close here, then the ticket gives the counts back.
+    drop(server);
+    drop(client);
+    drop(ticket);
+}
+
+async fn run(
+    ctx: &ListenerCtx,
+    client: &TcpStream,
+    server_slot: &mut Option<TcpStream>,
+    ticket: &mut Ticket,
+    bytes: &mut (u64, u64),
+) -> End {
+    let accepted = Instant::now();
+    let t = &ctx.timeouts;
+    let lifetime = t.max_lifetime.map(|l| accepted + l);
+    let ctl = ticket.ctl().clone();
+    let mut pressure = ctx.guard.pressure_watch();
+
+    // HALF_OPEN.
+    if ctx.protocol == Protocol::ServerFirst {
+        // The backend speaks first: connect now; the connection stays half-open until a
+        // byte moves either way.
+        let connect = tokio::select! {
+            biased;
+            _ = ctl.evicted() => return End::Evicted,
+            _ = ctx.abort.cancelled() => return End::Shutdown,
+            r = ctx.backends.connect(&ctx.tcp, t.connect) => r,
+        };
+        match connect {
+            Ok(s) => *server_slot = Some(s),
+            Err(e) => return backend_end(&e),
+        }
+    }
+    let mut peek = [0u8; 1];
+    loop {
+        let first_byte = if *pressure.borrow() {
+            t.first_byte.min(ctx.pressure.first_byte)
+        } else {
+            t.first_byte
+        };
+        let (deadline, clock) = earliest(
+            (accepted + first_byte, Timeout::FirstByte),
+            lifetime.map(|l| (l, Timeout::MaxLifetime)),
+        );
+        let server_ready = async {
+            match server_slot.as_ref() {
+                Some(s) => s.readable().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = ctl.evicted() => return End::Evicted,
+            _ = ctx.abort.cancelled() => return End::Shutdown,
+            r = client.peek(&mut peek) => match r {
+                // Closed before saying anything, and nothing was asked of a backend.
+                Ok(0) if server_slot.is_none() => return End::Clean,
+                Ok(_) => break,
+                Err(_) => return End::PeerError,
+            },
+            r = server_ready => match r {
+                Ok(()) => break,
+                Err(_) => return End::PeerError,
+            },
+            _ = sleep_until(deadline) => return End::Timeout(clock),
+            _ = changed(&mut pressure) => {}
+        }
+    }
+
+    // OPEN.
+    if ticket.open().is_err() {
+        return End::Evicted;
+    }
+    if server_slot.is_none() {
+        let connect = tokio::select! {
+            biased;
+            _ = ctx.abort.cancelled() => return End::Shutdown,
+            r = ctx.backends.connect(&ctx.tcp, t.connect) => r,
+        };
+        match connect {
+            Ok(s) => *server_slot = Some(s),
+            Err(e) => return backend_end(&e),
+        }
+    }
+    let Some(server) = server_slot.as_ref() else {
+        return End::Backend;
+    };
+
+    let mut pump = Pump::new(client, server);
+    let end = pump_until_end(ctx, ticket, &mut pump, &mut pressure, lifetime).await;
+    *bytes = pump.bytes();
+    end
+}
+
+/// OPEN and HALF_CLOSED: moves bytes until both sides sent FIN or a clock runs out.
+async fn pump_until_end(
+    ctx: &ListenerCtx,
+    ticket: &mut Ticket,
+    pump: &mut Pump<'_>,
+    pressure: &mut watch::Receiver<bool>,
+    lifetime: Option<Instant>,
+) -> End {
+    let t = &ctx.timeouts;
+    let ctl = ticket.ctl().clone();
+    let mut closed: Option<Side> = None;
+    // Set when a kernel send queue was seen moving as a clock expired.
+    let mut extended: Option<Instant> = None;
+    let mut sleep = pin!(sleep_until(Instant::now() + t.idle));
+    loop {
+        let (deadline, clock) = {
+            let base = match closed {
+                None => (pump.last_activity() + t.idle, Timeout::Idle),
+                Some(side) => {
+                    let linger = if *pressure.borrow() {
+                        t.half_closed.min(ctx.pressure.half_closed)
+                    } else {
+                        t.half_closed
+                    };
+                    (pump.last_open_progress(side) + linger, Timeout::HalfClosed)
+                }
+            };
+            let stall = pump
+                .stalled_since()
+                .map(|s| (s + t.write_stall, Timeout::WriteStall));
+            let (mut at, clock) = earliest(base, stall);
+            if let Some(e) = extended {
+                at = at.max(e);
+            }
+            earliest((at, clock), lifetime.map(|l| (l, Timeout::MaxLifetime)))
+        };
+        if sleep.deadline() != deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        tokio::select! {
+            biased;
+            _ = ctl.evicted() => return End::Evicted,
+            _ = ctx.abort.cancelled() => return End::Shutdown,
+            ev = poll_fn(|cx| pump.poll_event(cx)) => match ev {
+                Ok(Event::Closed) => return End::Clean,
+                Ok(Event::HalfClosed(side)) => {
+                    closed = Some(side);
+                    match ticket.half_close() {
+                        Ok(()) => {}
+                        Err(Refused::Evicted) => return End::Evicted,
+                        Err(Refused::Full(r)) => return End::Refused(r),
+                    }
+                }
+                Err(_) => return End::PeerError,
+            },
+            _ = &mut sleep => {
+                let now = Instant::now();
+                if now >= deadline {
+                    if clock != Timeout::MaxLifetime && pump.kernel_progress() {
+                        extended = Some(now + RECHECK);
+                    } else {
+                        return End::Timeout(clock);
+                    }
+                }
+            }
+            _ = changed(pressure), if closed.is_some() => {}
+        }
+    }
+}
+
+/// The clock that runs out first.
+fn earliest(a: (Instant, Timeout), b: Option<(Instant, Timeout)>) -> (Instant, Timeout) {
+    match b {
+        Some(b) if b.0 < a.0 => b,
+        _ => a,
+    }
+}
+
+fn backend_end(e: &BackendError) -> End {
+    match e {
+        BackendError::TimedOut => End::Timeout(Timeout::Connect),
+        _ => End::Backend,
+    }
+}
+
+/// Resolves when pressure mode flips; never, once the guard is gone.
+async fn changed(rx: &mut watch::Receiver<bool>) {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}

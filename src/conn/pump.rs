@@ -1,0 +1,217 @@
+//! The two-way pump: bytes both ways, half-close forwarded exactly, progress recorded.
+//!
+//! Why not `tokio::io::copy_bidirectional`: it has no clock for a direction that lingers
+//! after the other side's FIN, and it loses its byte counts on error. This pump copies each
+//! direction with readiness + `try_read`/`try_write` on shared `&TcpStream`s, so both
+//! directions run in the connection's one task with no split and no extra allocation, and
+//! it reports each FIN as an event so the connection can change state.
+//!
+//! A direction holds a copy buffer only while bytes move: it is allocated on the first
+//! readable event and freed when the direction is drained and waits again, so a silent or
+//! idle connection costs no buffer.
+
+use std::io;
+use std::net::Shutdown;
+use std::task::{Context, Poll, ready};
+
+use socket2::SockRef;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Copy buffer per direction while bytes move.
+pub const BUF_SIZE: usize = 16 * 1024;
+
+/// Who sent a FIN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Server,
+}
+
+/// What the pump reports; progress is recorded, not reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// `Side` sent FIN and it was forwarded (`shutdown(Write)` toward the other side).
+    HalfClosed(Side),
+    /// Both directions ended with FIN: a clean close.
+    Closed,
+}
+
+/// One direction: read from one socket, write to the other.
+#[derive(Debug)]
+struct Direction {
+    buf: Option<Box<[u8]>>,
+    pos: usize,
+    len: usize,
+    /// EOF read from the source.
+    eof: bool,
+    /// EOF forwarded: the direction is over.
+    done: bool,
+    bytes: u64,
+    /// Last time a byte was read or written in this direction.
+    last_progress: Instant,
+    /// Since when bytes wait for a destination that takes none, if they do.
+    stalled_since: Option<Instant>,
+}
+
+impl Direction {
+    fn new(now: Instant) -> Direction {
+        Direction {
+            buf: None,
+            pos: 0,
+            len: 0,
+            eof: false,
+            done: false,
+            bytes: 0,
+            last_progress: now,
+            stalled_since: None,
+        }
+    }
+
+    /// Copies until `from` would block, `to` would block, or EOF has been forwarded
+    /// (`Ready(Ok)`), or an error.
+    fn poll_copy(
+        &mut self,
+        from: &TcpStream,
+        to: &TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if self.pos < self.len {
+                let Some(buf) = self.buf.as_deref() else {
+                    return Poll::Ready(Err(io::Error::other("pump buffer lost")));
+                };
+                if to.poll_write_ready(cx)?.is_pending() {
+                    self.stalled_since.get_or_insert_with(Instant::now);
+                    return Poll::Pending;
+                }
+                match to.try_write(&buf[self.pos..self.len]) {
+                    Ok(n) => {
+                        self.pos += n;
+                        self.bytes += n as u64;
+                        self.last_progress = Instant::now();
+                        self.stalled_since = None;
+                        if self.pos == self.len {
+                            self.pos = 0;
+                            self.len = 0;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+                continue;
+            }
+            if self.eof {
+                // Forward the FIN exactly: the other direction keeps flowing.
+                SockRef::from(to).shutdown(Shutdown::Write)?;
+                self.done = true;
+                self.buf = None;
+                return Poll::Ready(Ok(()));
+            }
+            if from.poll_read_ready(cx)?.is_pending() {
+                // Drained and waiting: give the buffer back.
+                self.buf = None;
+                return Poll::Pending;
+            }
+            let buf = self
+                .buf
+                .get_or_insert_with(|| vec![0u8; BUF_SIZE].into_boxed_slice());
+            match from.try_read(buf) {
+                Ok(0) => self.eof = true,
+                Ok(n) => {
+                    self.len = n;
+                    self.last_progress = Instant::now();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+/// Both directions of one proxied connection.
+#[derive(Debug)]
+pub struct Pump<'a> {
+    client: &'a TcpStream,
+    server: &'a TcpStream,
+    up: Direction,
+    down: Direction,
+    /// The kernel send queues seen at the last look (client, server).
+    unacked: [Option<u32>; 2],
+}
+
+impl<'a> Pump<'a> {
+    pub fn new(client: &'a TcpStream, server: &'a TcpStream) -> Pump<'a> {
+        let now = Instant::now();
+        Pump {
+            client,
+            server,
+            up: Direction::new(now),
+            down: Direction::new(now),
+            unacked: [None, None],
+        }
+    }
+
+    /// Moves bytes until something the connection must act on happens. Cancel-safe: all
+    /// state lives in the pump, so it can sit in a `select!` and be polled again.
+    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Event>> {
+        if !self.up.done && self.up.poll_copy(self.client, self.server, cx)?.is_ready() {
+            return Poll::Ready(Ok(self.closed_or(Side::Client)));
+        }
+        if !self.down.done {
+            ready!(self.down.poll_copy(self.server, self.client, cx))?;
+            return Poll::Ready(Ok(self.closed_or(Side::Server)));
+        }
+        Poll::Pending
+    }
+
+    fn closed_or(&self, side: Side) -> Event {
+        if self.up.done && self.down.done {
+            Event::Closed
+        } else {
+            Event::HalfClosed(side)
+        }
+    }
+
+    /// The last time a byte moved either way.
+    pub fn last_activity(&self) -> Instant {
+        self.up.last_progress.max(self.down.last_progress)
+    }
+
+    /// The last time a byte moved in the direction still open after `closed` sent FIN.
+    pub fn last_open_progress(&self, closed: Side) -> Instant {
+        match closed {
+            Side::Client => self.down.last_progress,
+            Side::Server => self.up.last_progress,
+        }
+    }
+
+    /// Since when some direction has bytes for a peer that takes none.
+    pub fn stalled_since(&self) -> Option<Instant> {
+        match (self.up.stalled_since, self.down.stalled_since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Bytes (client to backend, backend to client) moved so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.up.bytes, self.down.bytes)
+    }
+
+    /// Looks at the kernel send queues: true when one holds bytes and has changed since the
+    /// last look, i.e. a peer is still acknowledging our data, however slowly. A clock that
+    /// expires while this is true must not abort: the RST would discard those bytes.
+    pub fn kernel_progress(&mut self) -> bool {
+        let now = [
+            crate::sockopt::unacked(self.client),
+            crate::sockopt::unacked(self.server),
+        ];
+        let moved = now
+            .iter()
+            .zip(self.unacked)
+            .any(|(n, before)| matches!(n, Some(q) if *q > 0) && *n != before);
+        self.unacked = now;
+        moved
+    }
+}

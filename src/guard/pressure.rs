@@ -1,0 +1,78 @@
+//! Pressure mode: shorter clocks while a listener is close to one of its caps.
+//!
+//! Like Envoy's overload manager `reduce_timeouts`, but on our own counts: above
+//! `high_water` x a cap the `first_byte` and `half_closed` clocks shrink to their `[pressure]`
+//! values, for new and existing connections; they grow back only when every count is under
+//! `low_water` x its cap, so the mode does not flap at the threshold.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::watch;
+
+use crate::config::{Limits, PressureConfig};
+
+/// Tracks the mode for one listener and tells connection tasks when it flips.
+#[derive(Debug)]
+pub(crate) struct PressureGate {
+    on: AtomicBool,
+    /// Per count (conns, half-open, half-closed): above this, pressure starts.
+    high: [usize; 3],
+    /// Per count: pressure ends once every count is at or below this.
+    low: [usize; 3],
+    tx: watch::Sender<bool>,
+}
+
+impl PressureGate {
+    pub fn new(limits: &Limits, p: &PressureConfig) -> PressureGate {
+        let caps = [
+            limits.max_conns,
+            limits.max_half_open,
+            limits.max_half_closed,
+        ];
+        let at = |f: f64| caps.map(|c| (f64::from(c) * f).floor() as usize);
+        PressureGate {
+            on: AtomicBool::new(false),
+            high: at(p.high_water),
+            low: at(p.low_water),
+            tx: watch::Sender::new(false),
+        }
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.tx.subscribe()
+    }
+
+    /// Re-evaluates the mode from the current counts. A few loads and compares; the watch
+    /// channel is touched only when the mode flips.
+    pub fn update(&self, counts: [usize; 3]) {
+        let on = self.is_on();
+        if !on && counts.iter().zip(self.high).any(|(&c, h)| c > h) {
+            if self
+                .on
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                self.tx.send_replace(true);
+                tracing::warn!(
+                    conns = counts[0],
+                    half_open = counts[1],
+                    half_closed = counts[2],
+                    "pressure mode on: first_byte and half_closed clocks shortened"
+                );
+            }
+        } else if on
+            && counts.iter().zip(self.low).all(|(&c, l)| c <= l)
+            && self
+                .on
+                .compare_exchange(true, false, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.tx.send_replace(false);
+            tracing::info!("pressure mode off: clocks back to normal");
+        }
+    }
+}

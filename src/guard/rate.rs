@@ -1,0 +1,68 @@
+//! Per-source new-connection rate (GCRA, governor keyed by source).
+//!
+//! governor keeps a key until `retain_recent` finds its bucket full again, so memory grows
+//! with distinct sources between sweeps (boinkor-net/governor#171). The listener sweeps once
+//! a second, and the limiter has the same hard bound as the source table: once `max_sources`
+//! keys are live, sources without a key share one overflow bucket instead of growing it.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use governor::{DefaultKeyedRateLimiter, Quota};
+
+use super::SourceKey;
+use crate::config::Limits;
+
+#[derive(Debug)]
+pub(crate) struct SourceRate {
+    limiter: DefaultKeyedRateLimiter<SourceKey>,
+    max_keys: usize,
+    /// Milliseconds since `epoch` of the last inline sweep, so a full table is swept at most
+    /// every 100 ms on the accept path.
+    last_sweep_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl SourceRate {
+    /// `None` when `conn_rate_per_source` is 0 (no rate limit).
+    pub fn new(limits: &Limits) -> Option<SourceRate> {
+        let rate = NonZeroU32::new(limits.conn_rate_per_source)?;
+        let burst = NonZeroU32::new(limits.conn_burst_per_source).unwrap_or(rate);
+        Some(SourceRate {
+            limiter: DefaultKeyedRateLimiter::dashmap(Quota::per_second(rate).allow_burst(burst)),
+            max_keys: limits.max_sources as usize,
+            last_sweep_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    /// True when `key` may open one more connection now.
+    pub fn check(&self, key: &SourceKey) -> bool {
+        if self.limiter.len() >= self.max_keys {
+            let now = self.epoch.elapsed().as_millis() as u64;
+            let last = self.last_sweep_ms.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= 100
+                && self
+                    .last_sweep_ms
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                self.limiter.retain_recent();
+            }
+            if self.limiter.len() >= self.max_keys {
+                return self.limiter.check_key(&SourceKey::OVERFLOW).is_ok();
+            }
+        }
+        self.limiter.check_key(key).is_ok()
+    }
+
+    pub fn housekeep(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+
+    pub fn len(&self) -> usize {
+        self.limiter.len()
+    }
+}

@@ -1,0 +1,103 @@
+//! Source keys: a client address aggregated to the prefix that one party controls.
+//!
+//! Counting per address would let one IPv6 host open a connection from each of its 2^64
+//! addresses, so sources are keyed by prefix (IPv4 /32 and IPv6 /64 by default). An
+//! IPv4-mapped IPv6 address (`::ffff:192.0.2.1`, what a dual-stack listener reports) is the
+//! IPv4 client it wraps and is keyed as such, so it cannot dodge the IPv4 caps.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// A source: an address masked to its prefix. Never used as a metric label.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub struct SourceKey {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl SourceKey {
+    /// Canonicalises `ip` and masks it to `v4_prefix` or `v6_prefix` bits.
+    pub fn new(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> SourceKey {
+        match ip.to_canonical() {
+            IpAddr::V4(a) => {
+                let prefix = v4_prefix.min(32);
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                SourceKey {
+                    addr: IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask)),
+                    prefix,
+                }
+            }
+            IpAddr::V6(a) => {
+                let prefix = v6_prefix.min(128);
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+                SourceKey {
+                    addr: IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask)),
+                    prefix,
+                }
+            }
+        }
+    }
+
+    /// The key every source shares once the rate limiter's table is full.
+    pub(crate) const OVERFLOW: SourceKey = SourceKey {
+        addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        prefix: 0,
+    };
+
+    /// The first address of the prefix.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The prefix length in bits.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+}
+
+impl fmt::Display for SourceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let full = match self.addr {
+            IpAddr::V4(_) => 32,
+            IpAddr::V6(_) => 128,
+        };
+        if self.prefix == full {
+            write!(f, "{}", self.addr)
+        } else {
+            write!(f, "{}/{}", self.addr, self.prefix)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str, v4: u8, v6: u8) -> String {
+        SourceKey::new(s.parse().unwrap(), v4, v6).to_string()
+    }
+
+    #[test]
+    fn ipv4_is_masked_to_its_prefix() {
+        assert_eq!(key("192.0.2.77", 32, 64), "192.0.2.77");
+        assert_eq!(key("192.0.2.77", 24, 64), "192.0.2.0/24");
+        assert_eq!(key("192.0.2.77", 1, 64), "128.0.0.0/1");
+    }
+
+    #[test]
+    fn ipv6_hosts_in_one_slash_64_share_a_key() {
+        let a = SourceKey::new("2001:db8:1:2::1".parse().unwrap(), 32, 64);
+        let b = SourceKey::new("2001:db8:1:2:ffff::9".parse().unwrap(), 32, 64);
+        let c = SourceKey::new("2001:db8:1:3::1".parse().unwrap(), 32, 64);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a.to_string(), "2001:db8:1:2::/64");
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_is_the_ipv4_source() {
+        let mapped = SourceKey::new("::ffff:192.0.2.1".parse().unwrap(), 32, 64);
+        let plain = SourceKey::new("192.0.2.1".parse().unwrap(), 32, 64);
+        assert_eq!(mapped, plain);
+    }
+}

@@ -1,0 +1,35 @@
+//! halfguard: a reverse TCP proxy where every connection state has a cap and a clock.
+//!
+//! It stands in front of one service and keeps it reachable while peers try to exhaust it
+//! with useless connections: **half-open** (accepted but silent), **half-closed** (one side
+//! sent FIN, the other lingers) and **zombies** (the peer vanished without FIN or RST).
+//! Every connection is in exactly one accounted state; each state is capped per source and
+//! per listener and has a linger clock; whatever overstays is aborted with RST.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML file and `HALFGUARD__*` overrides -> a validated [`config::Config`].
+//! - [`server`]: listeners, upkeep tasks, graceful shutdown; [`run`] is what `main` calls.
+//! - [`listener`]: the accept loop (admission at accept, EMFILE backoff).
+//! - [`guard`]: source keys, the source table, admission, eviction, the RAII [`guard::Ticket`],
+//!   the per-source rate, pressure mode.
+//! - [`conn`]: one connection's task, its state machine and clocks, and the two-way pump.
+//! - [`backend`]: backend selection and connect (round robin, failover).
+//! - [`sockopt`]: socket options, RST aborts, the kernel send queue.
+//! - [`stats`]: counters with static reasons, and the rate-limited summary log.
+//! - [`shutdown`], [`logging`]: signals and log setup.
+#![deny(unsafe_code)]
+
+pub mod backend;
+pub mod config;
+pub mod conn;
+pub mod guard;
+pub mod listener;
+pub mod logging;
+pub mod server;
+pub mod shutdown;
+pub mod sockopt;
+pub mod stats;
+
+pub use config::Config;
+pub use server::{Handle, Server, ServerError, run};

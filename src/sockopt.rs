@@ -1,0 +1,144 @@
+//! Socket options in one place: listener setup, dead-peer detection, abort with RST, and the
+//! kernel send queue that tells a slow reader from a gone one.
+//!
+//! Keepalive and TCP_USER_TIMEOUT are the dead-peer detector: keepalive probes find an idle
+//! peer that vanished, TCP_USER_TIMEOUT a peer that stopped acknowledging our data. Linux
+//! copies them (and TCP_NODELAY) from a listening socket to the sockets it accepts, so they
+//! are set once on the listener, and on every backend socket before it connects.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::config::TcpConfig;
+
+/// Applies keepalive, TCP_USER_TIMEOUT and TCP_NODELAY from `[tcp]`.
+pub fn apply(sock: SockRef<'_>, tcp: &TcpConfig) -> io::Result<()> {
+    sock.set_tcp_nodelay(tcp.nodelay)?;
+    match tcp.keepalive_idle {
+        Some(idle) => {
+            let ka = TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(tcp.keepalive_interval)
+                .with_retries(tcp.keepalive_count);
+            sock.set_tcp_keepalive(&ka)?;
+        }
+        None => sock.set_keepalive(false)?,
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    sock.set_tcp_user_timeout(tcp.user_timeout)?;
+    Ok(())
+}
+
+/// Binds a listening socket with the configured backlog and options.
+pub fn listen(addr: SocketAddr, tcp: &TcpConfig) -> io::Result<TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d; the guard keys
+        // them as IPv4 (SourceKey canonicalises).
+        sock.set_only_v6(false)?;
+    }
+    sock.set_nonblocking(true)?;
+    apply(SockRef::from(&sock), tcp)?;
+    sock.bind(&addr.into())?;
+    sock.listen(tcp.backlog.min(i32::MAX as u32) as i32)?;
+    TcpListener::from_std(sock.into())
+}
+
+/// A backend socket, options set, ready to connect.
+pub fn backend_socket(addr: SocketAddr, tcp: &TcpConfig) -> io::Result<TcpSocket> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    apply(SockRef::from(&sock), tcp)?;
+    Ok(sock)
+}
+
+/// Makes the next close() send RST and skip FIN_WAIT/TIME_WAIT. Errors are ignored: the
+/// socket is being thrown away either way.
+pub fn abort(s: &TcpStream) {
+    let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
+/// Bytes in the kernel send queue not yet acknowledged by the peer (SIOCOUTQ). When this
+/// shrinks the peer is taking our bytes, however slowly: progress, not a stall.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn unacked(s: &TcpStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (== TIOCOUTQ) writes one c_int through the pointer, which points to
+    // a live local; the fd is borrowed from a live TcpStream.
+    let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    (rc == 0).then_some(n.max(0) as u32)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn unacked(_s: &TcpStream) -> Option<u32> {
+    None
+}
+
+/// Raises the soft open-files limit to the hard one and returns the new soft limit.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+pub fn raise_nofile() -> io::Result<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read or write one rlimit struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            r.rlim_cur = r.rlim_max;
+        }
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Ok(r.rlim_cur as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_listeners_options() {
+        let tcp = TcpConfig {
+            nodelay: true,
+            keepalive_idle: Some(Duration::from_secs(7)),
+            keepalive_interval: Duration::from_secs(3),
+            keepalive_count: 4,
+            user_timeout: Some(Duration::from_millis(1500)),
+            ..TcpConfig::default()
+        };
+        let l = listen("127.0.0.1:0".parse().unwrap(), &tcp).unwrap();
+        let addr = l.local_addr().unwrap();
+        let _c = TcpStream::connect(addr).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        let r = SockRef::from(&s);
+        assert!(r.tcp_nodelay().unwrap());
+        assert!(r.keepalive().unwrap());
+        assert_eq!(r.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(r.tcp_keepalive_interval().unwrap(), Duration::from_secs(3));
+        assert_eq!(r.tcp_keepalive_retries().unwrap(), 4);
+        assert_eq!(
+            r.tcp_user_timeout().unwrap(),
+            Some(Duration::from_millis(1500))
+        );
+    }
+}

@@ -1,0 +1,235 @@
+//! Per-listener counters, and the once-a-second summary that replaces per-connection logs.
+//!
+//! Under attack a log line per refused connection is itself a denial of service (on the proxy
+//! and on the log pipeline), so every refusal, eviction and clock expiry is an atomic add
+//! here, and [`summarise`] logs at most one line per category per interval. The reasons are
+//! closed enums with static names, ready to become metric labels; a source address never is.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+/// Why a connection was refused at accept (or, for `HalfClosedFull` in reject mode, when it
+/// tried to enter the half-closed state).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reject {
+    /// The source is in the deny list.
+    Denied,
+    /// The listener is at `max_conns` and nothing could be evicted.
+    ConnsFull,
+    /// The source opens connections faster than `conn_rate_per_source`.
+    Rate,
+    /// The source is at `max_conns_per_source`.
+    SourceConns,
+    /// The source is at `max_half_open_per_source`.
+    SourceHalfOpen,
+    /// The listener is at `max_half_open` and nothing could be evicted.
+    HalfOpenFull,
+    /// The listener is at `max_half_closed` and nothing could be evicted.
+    HalfClosedFull,
+    /// The source table holds `max_sources` sources.
+    SourcesFull,
+}
+
+impl Reject {
+    pub const ALL: [Reject; 8] = [
+        Reject::Denied,
+        Reject::ConnsFull,
+        Reject::Rate,
+        Reject::SourceConns,
+        Reject::SourceHalfOpen,
+        Reject::HalfOpenFull,
+        Reject::HalfClosedFull,
+        Reject::SourcesFull,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reject::Denied => "denied",
+            Reject::ConnsFull => "conns_full",
+            Reject::Rate => "rate",
+            Reject::SourceConns => "source_conns",
+            Reject::SourceHalfOpen => "source_half_open",
+            Reject::HalfOpenFull => "half_open_full",
+            Reject::HalfClosedFull => "half_closed_full",
+            Reject::SourcesFull => "sources_full",
+        }
+    }
+}
+
+/// Which clock ended a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timeout {
+    FirstByte,
+    Idle,
+    HalfClosed,
+    WriteStall,
+    MaxLifetime,
+    Connect,
+}
+
+impl Timeout {
+    pub const ALL: [Timeout; 6] = [
+        Timeout::FirstByte,
+        Timeout::Idle,
+        Timeout::HalfClosed,
+        Timeout::WriteStall,
+        Timeout::MaxLifetime,
+        Timeout::Connect,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Timeout::FirstByte => "first_byte",
+            Timeout::Idle => "idle",
+            Timeout::HalfClosed => "half_closed",
+            Timeout::WriteStall => "write_stall",
+            Timeout::MaxLifetime => "max_lifetime",
+            Timeout::Connect => "connect",
+        }
+    }
+}
+
+/// The accounted states a connection can be evicted from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvictState {
+    HalfOpen,
+    HalfClosed,
+}
+
+impl EvictState {
+    pub const ALL: [EvictState; 2] = [EvictState::HalfOpen, EvictState::HalfClosed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvictState::HalfOpen => "half_open",
+            EvictState::HalfClosed => "half_closed",
+        }
+    }
+}
+
+/// Counters for one listener. Every field only ever grows.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub accepted: AtomicU64,
+    rejected: [AtomicU64; Reject::ALL.len()],
+    evicted: [AtomicU64; EvictState::ALL.len()],
+    timed_out: [AtomicU64; Timeout::ALL.len()],
+    /// Client to backend bytes.
+    pub bytes_upstream: AtomicU64,
+    /// Backend to client bytes.
+    pub bytes_downstream: AtomicU64,
+    /// accept() failures other than a client that left first (EMFILE, ENFILE, ENOBUFS...).
+    pub accept_errors: AtomicU64,
+    /// Connections aborted because no backend could be reached (not counting connect timeouts).
+    pub backend_unavailable: AtomicU64,
+    /// Connections ended by a reset or a kernel timeout (keepalive, TCP_USER_TIMEOUT) on
+    /// either socket.
+    pub peer_errors: AtomicU64,
+    /// Connections that ended with a clean FIN both ways.
+    pub closed_clean: AtomicU64,
+    /// Connections aborted by shutdown after the drain period.
+    pub aborted_on_shutdown: AtomicU64,
+}
+
+impl Stats {
+    pub fn reject(&self, r: Reject) {
+        self.rejected[r as usize].fetch_add(1, Relaxed);
+    }
+    pub fn rejected(&self, r: Reject) -> u64 {
+        self.rejected[r as usize].load(Relaxed)
+    }
+    pub fn evict(&self, s: EvictState) {
+        self.evicted[s as usize].fetch_add(1, Relaxed);
+    }
+    pub fn evicted(&self, s: EvictState) -> u64 {
+        self.evicted[s as usize].load(Relaxed)
+    }
+    pub fn time_out(&self, t: Timeout) {
+        self.timed_out[t as usize].fetch_add(1, Relaxed);
+    }
+    pub fn timed_out(&self, t: Timeout) -> u64 {
+        self.timed_out[t as usize].load(Relaxed)
+    }
+}
+
+/// Logs, once per `every`, what changed in `stats`: at most one line each for refusals,
+/// evictions, expiries and accept errors. Quiet when nothing happened.
+pub async fn summarise(
+    listener: String,
+    stats: std::sync::Arc<Stats>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut last = Snapshot::of(&stats);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let now = Snapshot::of(&stats);
+        log_diff(&listener, &last, &now);
+        last = now;
+    }
+    log_diff(&listener, &last, &Snapshot::of(&stats));
+}
+
+struct Snapshot {
+    rejected: [u64; Reject::ALL.len()],
+    evicted: [u64; EvictState::ALL.len()],
+    timed_out: [u64; Timeout::ALL.len()],
+    accept_errors: u64,
+}
+
+impl Snapshot {
+    fn of(s: &Stats) -> Snapshot {
+        Snapshot {
+            rejected: Reject::ALL.map(|r| s.rejected(r)),
+            evicted: EvictState::ALL.map(|e| s.evicted(e)),
+            timed_out: Timeout::ALL.map(|t| s.timed_out(t)),
+            accept_errors: s.accept_errors.load(Relaxed),
+        }
+    }
+}
+
+fn diff_line<const N: usize>(last: &[u64; N], now: &[u64; N], names: [&str; N]) -> Option<String> {
+    let parts: Vec<String> = (0..N)
+        .filter(|&i| now[i] > last[i])
+        .map(|i| format!("{}={}", names[i], now[i] - last[i]))
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(" "))
+}
+
+fn log_diff(listener: &str, last: &Snapshot, now: &Snapshot) {
+    if let Some(l) = diff_line(
+        &last.rejected,
+        &now.rejected,
+        Reject::ALL.map(Reject::as_str),
+    ) {
+        tracing::info!(listener, counts = %l, "connections refused");
+    }
+    if let Some(l) = diff_line(
+        &last.evicted,
+        &now.evicted,
+        EvictState::ALL.map(EvictState::as_str),
+    ) {
+        tracing::info!(listener, counts = %l, "connections evicted");
+    }
+    if let Some(l) = diff_line(
+        &last.timed_out,
+        &now.timed_out,
+        Timeout::ALL.map(Timeout::as_str),
+    ) {
+        tracing::info!(listener, counts = %l, "connections timed out");
+    }
+    if now.accept_errors > last.accept_errors {
+        tracing::warn!(
+            listener,
+            count = now.accept_errors - last.accept_errors,
+            "accept failed (descriptors exhausted?), backing off"
+        );
+    }
+}
