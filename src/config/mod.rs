@@ -20,7 +20,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 pub use file::{RawConfig, RawDuration, RawLimits, RawTimeouts};
-pub use load::{ENV_PREFIX, ENV_SEPARATOR, load, load_with_env};
+pub use load::{ENV_PREFIX, ENV_SEPARATOR, load, load_with_env, parse};
 
 /// Up to 64 concurrent connections per source: generous for a browser or a NATed office,
 /// small enough that one host cannot take the proxy's descriptors.

@@ -131,7 +131,7 @@ async fn run(
     }
     let mut peek = [0u8; 1];
     loop {
-        let first_byte = if *pressure.borrow() {
+        let first_byte = if *pressure.borrow_and_update() {
             t.first_byte.min(ctx.pressure.first_byte)
         } else {
             t.first_byte
@@ -209,7 +209,7 @@ async fn pump_until_end(
             let base = match closed {
                 None => (pump.last_activity() + t.idle, Timeout::Idle),
                 Some(side) => {
-                    let linger = if *pressure.borrow() {
+                    let linger = if *pressure.borrow_and_update() {
                         t.half_closed.min(ctx.pressure.half_closed)
                     } else {
                         t.half_closed
@@ -226,6 +226,16 @@ async fn pump_until_end(
             }
             earliest((at, clock), lifetime.map(|l| (l, Timeout::MaxLifetime)))
         };
+        let now = Instant::now();
+        if deadline <= now {
+            // Out of time by the progress stamps. A peer still acknowledging our bytes is
+            // slow, not gone: look again shortly rather than discard its bytes with an RST.
+            if clock != Timeout::MaxLifetime && pump.kernel_progress() {
+                extended = Some(now + RECHECK);
+                continue;
+            }
+            return End::Timeout(clock);
+        }
         if sleep.deadline() != deadline {
             sleep.as_mut().reset(deadline);
         }
@@ -235,6 +245,8 @@ async fn pump_until_end(
             _ = ctx.abort.cancelled() => return End::Shutdown,
             ev = poll_fn(|cx| pump.poll_event(cx)) => match ev {
                 Ok(Event::Closed) => return End::Clean,
+                // A stall shortens the deadline: recompute it.
+                Ok(Event::Stalled) => {}
                 Ok(Event::HalfClosed(side)) => {
                     closed = Some(side);
                     match ticket.half_close() {
@@ -245,16 +257,8 @@ async fn pump_until_end(
                 }
                 Err(_) => return End::PeerError,
             },
-            _ = &mut sleep => {
-                let now = Instant::now();
-                if now >= deadline {
-                    if clock != Timeout::MaxLifetime && pump.kernel_progress() {
-                        extended = Some(now + RECHECK);
-                    } else {
-                        return End::Timeout(clock);
-                    }
-                }
-            }
+            // Progress may have moved the deadline since: the loop recomputes it.
+            _ = &mut sleep => {}
             _ = changed(pressure), if closed.is_some() => {}
         }
     }

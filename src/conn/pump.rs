@@ -12,7 +12,7 @@
 
 use std::io;
 use std::net::Shutdown;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use socket2::SockRef;
 use tokio::net::TcpStream;
@@ -35,6 +35,8 @@ pub enum Event {
     HalfClosed(Side),
     /// Both directions ended with FIN: a clean close.
     Closed,
+    /// Bytes started waiting for a peer that takes none: the write-stall clock starts.
+    Stalled,
 }
 
 /// One direction: read from one socket, write to the other.
@@ -52,6 +54,8 @@ struct Direction {
     last_progress: Instant,
     /// Since when bytes wait for a destination that takes none, if they do.
     stalled_since: Option<Instant>,
+    /// A stall began and the connection has not been told yet.
+    stall_started: bool,
 }
 
 impl Direction {
@@ -65,6 +69,7 @@ impl Direction {
             bytes: 0,
             last_progress: now,
             stalled_since: None,
+            stall_started: false,
         }
     }
 
@@ -82,7 +87,10 @@ impl Direction {
                     return Poll::Ready(Err(io::Error::other("pump buffer lost")));
                 };
                 if to.poll_write_ready(cx)?.is_pending() {
-                    self.stalled_since.get_or_insert_with(Instant::now);
+                    if self.stalled_since.is_none() {
+                        self.stalled_since = Some(Instant::now());
+                        self.stall_started = true;
+                    }
                     return Poll::Pending;
                 }
                 match to.try_write(&buf[self.pos..self.len]) {
@@ -158,9 +166,19 @@ impl<'a> Pump<'a> {
         if !self.up.done && self.up.poll_copy(self.client, self.server, cx)?.is_ready() {
             return Poll::Ready(Ok(self.closed_or(Side::Client)));
         }
-        if !self.down.done {
-            ready!(self.down.poll_copy(self.server, self.client, cx))?;
+        if !self.down.done
+            && self
+                .down
+                .poll_copy(self.server, self.client, cx)?
+                .is_ready()
+        {
             return Poll::Ready(Ok(self.closed_or(Side::Server)));
+        }
+        // Both directions wait (their wakers are registered). Progress only ever pushes a
+        // clock back, so it is read lazily; a stall pulls one forward, so it is reported.
+        if std::mem::take(&mut self.up.stall_started) | std::mem::take(&mut self.down.stall_started)
+        {
+            return Poll::Ready(Ok(Event::Stalled));
         }
         Poll::Pending
     }

@@ -1,0 +1,250 @@
+//! The `halfguard` binary: `check`, `--version`, `run` with a graceful SIGTERM, and an accept
+//! loop that survives running out of descriptors.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_halfguard");
+
+fn fixture(p: &str) -> String {
+    format!("{}/tests/fixtures/{p}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn check_prints_the_effective_config_and_exits_0() {
+    let out = Command::new(BIN)
+        .args(["check", "-c", &fixture("valid/minimal.toml")])
+        .env("HALFGUARD__TIMEOUTS__FIRST_BYTE", "2s")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("listener \"web\" on 127.0.0.1:17080"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("first_byte 2s"),
+        "env override shown: {stdout}"
+    );
+}
+
+#[test]
+fn check_names_file_and_key_and_exits_2() {
+    let f = fixture("invalid/unknown_key.toml");
+    let out = Command::new(BIN)
+        .args(["check", "-c", &f])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&f) && stderr.contains("limits.max_conn"),
+        "{stderr}"
+    );
+
+    let out = Command::new(BIN)
+        .args(["check", "-c", "/nonexistent/halfguard.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/halfguard.toml"));
+}
+
+#[test]
+fn version_is_printed() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("halfguard "));
+}
+
+/// A config file in a fresh temp dir, with a listener on a free port toward `backend`.
+fn temp_config(backend: std::net::SocketAddr, extra: &str) -> (std::path::PathBuf, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("halfguard-it-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("halfguard.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[listeners]]\nname = \"cli\"\nbind = \"127.0.0.1:{port}\"\nbackends = [\"{backend}\"]\n{extra}\n"
+        ),
+    )
+    .unwrap();
+    (path, port)
+}
+
+/// Starts `cmd` and waits until its log says it listens.
+fn start(mut cmd: Command) -> Child {
+    let mut child = cmd
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn halfguard");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for line in lines.by_ref() {
+        let line = line.unwrap_or_default();
+        if line.contains("listening") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "halfguard did not start");
+    }
+    // Keep draining stderr so the child never blocks on a full pipe; keep what it says.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if let Ok(mut s) = sink.lock() {
+                s.push_str(&line);
+                s.push('\n');
+            }
+        }
+    });
+    LOGS.with(|l| *l.borrow_mut() = Some(log));
+    child
+}
+
+thread_local! {
+    static LOGS: std::cell::RefCell<Option<std::sync::Arc<std::sync::Mutex<String>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn logs() -> String {
+    LOGS.with(|l| {
+        l.borrow()
+            .as_ref()
+            .and_then(|m| m.lock().ok().map(|s| s.clone()))
+            .unwrap_or_default()
+    })
+}
+
+fn sigterm(child: &Child) {
+    let rc = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(rc.success());
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_open_connections_then_exits_0() {
+    let b = backend(Backend::Echo).await;
+    let (cfg, port) = temp_config(b.addr, "[timeouts]\ndrain = \"1500ms\"\n");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "-c"]).arg(&cfg);
+    let mut child = start(cmd);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    // One connection finishes its exchange during the drain; one never does.
+    let mut finishing = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(roundtrip(&mut finishing, b"a").await, b"a");
+    let mut lingering = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(roundtrip(&mut lingering, b"b").await, b"b");
+
+    let t0 = Instant::now();
+    sigterm(&child);
+    tokio::time::sleep(ms(300)).await;
+    // No longer accepting...
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "listener should be closed"
+    );
+    // ...but open connections still flow and can close cleanly.
+    assert_eq!(roundtrip(&mut finishing, b"c").await, b"c");
+    finishing.shutdown().await.unwrap();
+    assert_eq!(read_end(&mut finishing, ms(2000)).await, Seen::Fin(vec![]));
+    // The one left open is aborted with RST when the drain period ends, then exit 0.
+    expect_reset(&mut lingering, Duration::from_secs(5)).await;
+    let code = tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+    let took = t0.elapsed();
+    assert!(took >= ms(1400) && took < ms(4000), "drain took {took:?}");
+}
+
+#[test]
+fn run_with_a_bad_config_exits_2() {
+    let out = Command::new(BIN)
+        .args(["run", "-c", &fixture("invalid/zero_clock.toml")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let mut s = String::new();
+    out.stderr.as_slice().read_to_string(&mut s).unwrap();
+    assert!(s.contains("timeouts.half_closed"), "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_loop_survives_running_out_of_descriptors() {
+    let b = backend(Backend::Echo).await;
+    let (cfg, port) = temp_config(
+        b.addr,
+        "[limits]\nmax_conns_per_source = 0\nmax_half_open_per_source = 0\nconn_rate_per_source = 0\n",
+    );
+    // 48 descriptors in all: a few dozen connections exhaust them.
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c").arg(format!(
+        "ulimit -n 48 && exec {BIN} run -c {}",
+        cfg.display()
+    ));
+    let mut child = start(cmd);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    // Hold far more connections than the proxy has descriptors for.
+    let mut flood = Vec::new();
+    for _ in 0..80 {
+        if let Ok(Ok(c)) = tokio::time::timeout(ms(500), TcpStream::connect(addr)).await {
+            flood.push(c);
+        }
+    }
+    tokio::time::sleep(ms(1500)).await;
+    assert!(
+        logs().contains("accept failed"),
+        "EMFILE was counted and summarised: {}",
+        logs()
+    );
+    // Still alive, and once descriptors are free it serves again.
+    assert!(child.try_wait().unwrap().is_none(), "halfguard died");
+    for c in flood.drain(..) {
+        rst(c);
+    }
+    tokio::time::sleep(ms(1500)).await;
+    let mut c = tokio::time::timeout(ms(3000), TcpStream::connect(addr))
+        .await
+        .expect("connect in time")
+        .unwrap();
+    let back = tokio::time::timeout(ms(3000), roundtrip(&mut c, b"alive"))
+        .await
+        .expect("served after the flood");
+    assert_eq!(back, b"alive");
+    sigterm(&child);
+    let code = tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(40)))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+}

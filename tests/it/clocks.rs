@@ -1,0 +1,323 @@
+//! Each clock fires, aborts with RST, and gives its counts back.
+
+use std::time::Duration;
+
+use halfguard::stats::Timeout;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn first_byte_clock_aborts_a_silent_client() {
+    let b = backend(Backend::Echo).await;
+    let mut cfg = base_config(&[b.addr]);
+    cfg.listeners[0].timeouts.first_byte = ms(200);
+    let p = Proxy::start(cfg).await;
+
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    wait_for(ms(1000), || (p.snapshot().half_open == 1).then_some(()))
+        .await
+        .unwrap();
+    let took = expect_reset(&mut c, ms(3000)).await;
+    assert!(took >= ms(150), "aborted too early: {took:?}");
+    assert!(took < ms(1500), "aborted too late: {took:?}");
+    assert_eq!(p.stats().timed_out(Timeout::FirstByte), 1);
+    p.assert_drained(ms(1000)).await;
+}
+
+#[tokio::test]
+async fn a_client_that_speaks_in_time_is_served() {
+    let b = backend(Backend::Echo).await;
+    let mut cfg = base_config(&[b.addr]);
+    cfg.listeners[0].timeouts.first_byte = ms(300);
+    let p = Proxy::start(cfg).await;
+
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    tokio::time::sleep(ms(150)).await;
+    assert_eq!(roundtrip(&mut c, b"hello").await, b"hello");
+    // Past the first-byte clock, the open connection is still served.
+    tokio::time::sleep(ms(400)).await;
+    assert_eq!(roundtrip(&mut c, b"again").await, b"again");
+    assert_eq!(p.stats().timed_out(Timeout::FirstByte), 0);
+    c.shutdown().await.unwrap();
+    assert_eq!(read_end(&mut c, ms(2000)).await, Seen::Fin(vec![]));
+    p.assert_drained(ms(1000)).await;
+}
+
+#[tokio::test]
+async fn idle_clock_aborts_both_sides() {
+    let mut b = backend(Backend::Echo).await;
+    let mut cfg = base_config(&[b.addr]);
+    cfg.listeners[0].timeouts.idle = ms(300);
+    let p = Proxy::start(cfg).await;
+
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    assert_eq!(roundtrip(&mut c, b"ping").await, b"ping");
+    let took = expect_reset(&mut c, ms(3000)).await;
+    assert!(
+        took >= ms(250) && took < ms(1500),
+        "idle fired after {took:?}"
+    );
+    // The backend was aborted too, with RST.
+    let end = tokio::time::timeout(ms(2000), b.ends.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        end.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionReset,
+        "backend should see RST"
+    );
+    assert_eq!(p.stats().timed_out(Timeout::Idle), 1);
+    p.assert_drained(ms(1000)).await;
+}
+
+#[tokio::test]
+async fn traffic_keeps_the_idle_clock_away() {
+    let b = backend(Backend::Echo).await;
+    let mut cfg = base_config(&[b.addr]);
+    cfg.listeners[0].timeouts.idle = ms(250);
+    let p = Proxy::start(cfg).await;
+
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    for _ in 0..8 {
+        assert_eq!(roundtrip(&mut c, b"tick").await, b"tick");
+        tokio::time::sleep(ms(100)).await;
+    }
+    assert_eq!(p.stats().timed_out(Timeout::Idle), 0);
+}
+
+#[tokio::test]
+async fn half_closed_clock_aborts_a_lingering_backend() {
+    // The client sends FIN; the backend reads it and never answers nor closes.
+    let mut b = backend(Backend::Sink).await;
+    let mut cfg = base_config(&[b.addr]);
+    cfg.listeners[0].timeouts.half_closed = ms(300);
+    let p = Proxy::start(cfg).await;
+
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(b"request").await.unwrap();
+    c.shutdown().await.unwrap();
+    wait_for(ms(1000), || (p.snapshot().half_closed == 1).then_some(()))
+        .await
+        .unwrap();
+    let took = expect_reset(&mut c, ms(3000)).await;
+    assert!(
+        took >= ms(200) && took < ms(1500),
+        "half_closed fired after {took:?}"
+    );
+    let end = tokio::time::timeout(ms(2000), b.ends.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(end.is_err(), "backend should see RST");
+    assert_eq!(p.stats().timed_out(Timeout::HalfClosed), 1);
+    p.assert_drained(ms(1000)).await;
+}
+
+#[tokio::test]
+async fn bytes_in_the_open_direction_reset_the_half_closed_clock() {
+    // The backend sends FIN first; the client keeps sending for longer than the clock.
+    let mut b = backend(Backend::FinFirst).await;
+    let mut cfg = base_config(&[b.addr]);
+    cfg.listeners[0].timeouts.half_closed = ms(300);
+    let p = Proxy::start(cfg).await;
+
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(b"hi").await.unwrap();
+    assert_eq!(
+        read_end(&mut c, ms(2000)).await,
+        Seen::Fin(b"bye\n".to_vec())
+    );
+    for _ in 0..8 {
+        c.write_all(b"more").await.unwrap();
+        tokio::time::sleep(ms(100)).await;
+    }
+    assert_eq!(
+        p.stats().timed_out(Timeout::HalfClosed),
+        0,
+        "progress must reset the clock"
+    );
+    // Now stop: the clock runs out.
+    let stopped = Instant::now();
+    wait_for(ms(3000), || {
+        (p.stats().timed_out(Timeout::HalfClosed) == 1).then_some(())
+    })
+    .await
+    .expect("half_closed clock fires once the client stops");
+    let took = stopped.elapsed();
+    assert!(took >= ms(200) && took < ms(1500), "fired after {took:?}");
+    let end = tokio::time::timeout(ms(2000), b.ends.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(end.is_err(), "backend should see RST");
+    drop(c);
+    p.assert_drained(ms(1000)).await;
+}
+
+#[tokio::test]
+async fn write_stall_clock_aborts_a_client_that_reads_nothing() {
+    let b = backend(Backend::Flood).await;
+    let mut cfg = base_config(&[b.addr]);
+    cfg.listeners[0].timeouts.write_stall = ms(300);
+    let p = Proxy::start(cfg).await;
+
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(b"go").await.unwrap();
+    // Read nothing: the kernel buffers fill, then halfguard's writes stall.
+    let start = Instant::now();
+    wait_for(ms(5000), || {
+        (p.stats().timed_out(Timeout::WriteStall) == 1).then_some(())
+    })
+    .await
+    .expect("write_stall clock fires");
+    // The clock, plus at most one kernel send-queue recheck (1 s), plus filling the buffers.
+    assert!(
+        start.elapsed() < ms(3500),
+        "fired after {:?}",
+        start.elapsed()
+    );
+    // What was buffered is readable, then the RST.
+    let mut buf = vec![0u8; 1 << 16];
+    let end = loop {
+        match c.read(&mut buf).await {
+            Ok(0) => break "fin",
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "rst",
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(end, "rst");
+    p.assert_drained(ms(1000)).await;
+}
+
+#[tokio::test]
+async fn a_slow_reader_that_keeps_reading_is_not_a_stall() {
+    let b = backend(Backend::Flood).await;
+    let mut cfg = base_config(&[b.addr]);
+    cfg.listeners[0].timeouts.write_stall = ms(300);
+    let p = Proxy::start(cfg).await;
+
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(b"go").await.unwrap();
+    // Let the buffers fill, then read a little at a time for well past the clock.
+    tokio::time::sleep(ms(200)).await;
+    let mut buf = vec![0u8; 64 * 1024];
+    let until = Instant::now() + ms(1500);
+    while Instant::now() < until {
+        c.read_exact(&mut buf).await.expect("still served");
+        tokio::time::sleep(ms(50)).await;
+    }
+    assert_eq!(p.stats().timed_out(Timeout::WriteStall), 0);
+}
+
+#[tokio::test]
+async fn max_lifetime_ends_even_a_busy_connection() {
+    let b = backend(Backend::Echo).await;
+    let mut cfg = base_config(&[b.addr]);
+    cfg.listeners[0].timeouts.max_lifetime = Some(ms(400));
+    let p = Proxy::start(cfg).await;
+
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    let start = Instant::now();
+    let mut ended = None;
+    for _ in 0..30 {
+        if c.write_all(b"x").await.is_err() {
+            ended = Some(start.elapsed());
+            break;
+        }
+        let mut one = [0u8; 1];
+        match c.read(&mut one).await {
+            Ok(1) => tokio::time::sleep(ms(50)).await,
+            _ => {
+                ended = Some(start.elapsed());
+                break;
+            }
+        }
+    }
+    let took = ended.expect("max_lifetime ended the connection");
+    assert!(took >= ms(350) && took < ms(1500), "ended after {took:?}");
+    assert_eq!(p.stats().timed_out(Timeout::MaxLifetime), 1);
+    p.assert_drained(ms(1000)).await;
+}
+
+#[tokio::test]
+async fn connect_clock_aborts_when_the_backend_does_not_answer() {
+    // A listener whose accept queue is full drops SYNs: connects to it hang.
+    let hung = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    hung.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    hung.listen(0).unwrap();
+    let hung_addr = hung.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(ms(200), TcpStream::connect(hung_addr)).await {
+            fillers.push(s);
+        }
+    }
+    let mut cfg = base_config(&[hung_addr]);
+    cfg.listeners[0].timeouts.connect = ms(300);
+    let p = Proxy::start(cfg).await;
+
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(b"hello?").await.unwrap();
+    let took = expect_reset(&mut c, ms(3000)).await;
+    assert!(
+        took >= ms(250) && took < ms(1500),
+        "connect clock fired after {took:?}"
+    );
+    assert_eq!(p.stats().timed_out(Timeout::Connect), 1);
+    p.assert_drained(ms(1000)).await;
+}
+
+#[tokio::test]
+async fn pressure_shortens_the_first_byte_clock_of_existing_connections() {
+    let b = backend(Backend::Echo).await;
+    let mut cfg = base_config(&[b.addr]);
+    cfg.listeners[0].timeouts.first_byte = Duration::from_secs(30);
+    cfg.listeners[0].limits.max_half_open = 10;
+    cfg.pressure.high_water = 0.5; // above 5 half-open
+    cfg.pressure.low_water = 0.1; // stays on until at most 1 is left
+    cfg.pressure.first_byte = ms(300);
+    let p = Proxy::start(cfg).await;
+
+    let mut early = Vec::new();
+    for _ in 0..4 {
+        early.push(TcpStream::connect(p.addr).await.unwrap());
+    }
+    wait_for(ms(1000), || (p.snapshot().half_open == 4).then_some(()))
+        .await
+        .unwrap();
+    tokio::time::sleep(ms(400)).await;
+    assert!(!p.snapshot().pressure, "4 of 10 is below high water");
+    assert_eq!(p.snapshot().half_open, 4, "the 30 s clock still holds them");
+
+    let mut late = Vec::new();
+    for _ in 0..2 {
+        late.push(TcpStream::connect(p.addr).await.unwrap());
+    }
+    // 6 > 5: pressure. The four early ones are already past 300 ms: they go at once.
+    let start = Instant::now();
+    for c in early.iter_mut() {
+        expect_reset(c, ms(2000)).await;
+    }
+    assert!(
+        start.elapsed() < ms(1000),
+        "early ones took {:?}",
+        start.elapsed()
+    );
+    for c in late.iter_mut() {
+        expect_reset(c, ms(2000)).await;
+    }
+    assert_eq!(p.stats().timed_out(Timeout::FirstByte), 6);
+    p.assert_drained(ms(1000)).await;
+    assert!(!p.snapshot().pressure, "pressure ends below low water");
+}

@@ -1,0 +1,158 @@
+//! Config fixtures (every valid one loads, every invalid one names its key), the shipped
+//! default config, and environment overrides.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use halfguard::config::{self, ConfigError, LogFormat, OnFull, Protocol};
+
+fn fixtures(kind: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(kind);
+    let mut v: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    v.sort();
+    assert!(!v.is_empty(), "no fixtures in {}", dir.display());
+    v
+}
+
+fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn every_valid_fixture_loads() {
+    for f in fixtures("valid") {
+        if let Err(e) = config::load_with_env(&f, HashMap::new()) {
+            panic!("{} should load: {e}", f.display());
+        }
+    }
+}
+
+#[test]
+fn every_invalid_fixture_is_refused_naming_file_and_key() {
+    for f in fixtures("invalid") {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let key = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} has no '# expect: KEY' line", f.display()));
+        let err = match config::load_with_env(&f, HashMap::new()) {
+            Ok(_) => panic!("{} should be refused", f.display()),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains(&f.display().to_string()),
+            "{}: message does not name the file: {err}",
+            f.display()
+        );
+        if key != "test" {
+            assert!(
+                err.contains(&format!("`{key}`")),
+                "{}: message does not name `{key}`: {err}",
+                f.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn the_shipped_default_config_is_valid_and_guarded() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/halfguard.toml");
+    let c = config::load_with_env(&path, HashMap::new()).expect("config/halfguard.toml");
+    let l = &c.listeners[0];
+    // Safe for a public-facing service: every per-source cap and the rate limit are on.
+    assert!(l.limits.max_conns_per_source > 0);
+    assert!(l.limits.max_half_open_per_source > 0);
+    assert!(l.limits.max_half_closed_per_source > 0);
+    assert!(l.limits.conn_rate_per_source > 0);
+    assert_eq!(l.limits.on_full, OnFull::Evict);
+    assert!(c.tcp.keepalive_idle.is_some() && c.tcp.user_timeout.is_some());
+    // The file states the built-in defaults: deleting a line changes nothing.
+    let defaults = halfguard::config::Limits::default();
+    assert_eq!(l.limits, defaults);
+    assert_eq!(l.timeouts, halfguard::config::Timeouts::default());
+    assert_eq!(c.tcp, halfguard::config::TcpConfig::default());
+    assert_eq!(c.pressure, halfguard::config::PressureConfig::default());
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid/minimal.toml");
+    let c = config::load_with_env(
+        &path,
+        env(&[
+            ("HALFGUARD__TIMEOUTS__FIRST_BYTE", "2s"),
+            ("HALFGUARD__LIMITS__MAX_CONNS", "4096"),
+            ("HALFGUARD__LIMITS__ON_FULL", "reject"),
+            ("HALFGUARD__LIMITS__ALLOW", "10.0.0.0/8,192.0.2.7"),
+            ("HALFGUARD__TCP__NODELAY", "false"),
+            ("HALFGUARD__LOG__FORMAT", "json"),
+        ]),
+    )
+    .unwrap();
+    let l = &c.listeners[0];
+    assert_eq!(l.timeouts.first_byte, Duration::from_secs(2));
+    assert_eq!(l.limits.max_conns, 4096);
+    assert_eq!(l.limits.on_full, OnFull::Reject);
+    assert_eq!(l.limits.allow.len(), 2);
+    assert!(!c.tcp.nodelay);
+    assert_eq!(c.log.format, LogFormat::Json);
+}
+
+#[test]
+fn a_bad_environment_override_names_its_key() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid/minimal.toml");
+    for (k, v, key) in [
+        (
+            "HALFGUARD__TIMEOUTS__FIRST_BYTE",
+            "later",
+            "timeouts.first_byte",
+        ),
+        (
+            "HALFGUARD__TIMEOUTS__FRIST_BYTE",
+            "2s",
+            "timeouts.frist_byte",
+        ),
+        ("HALFGUARD__LIMITS__MAX_CONNS", "lots", "limits.max_conns"),
+    ] {
+        let err = config::load_with_env(&path, env(&[(k, v)])).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Invalid { .. }) && err.to_string().contains(key),
+            "{k}={v}: {err}"
+        );
+    }
+}
+
+#[test]
+fn listener_overrides_apply_to_that_listener_only() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid/overrides.toml");
+    let c = config::load_with_env(&path, HashMap::new()).unwrap();
+    let (web, db) = (&c.listeners[0], &c.listeners[1]);
+    assert_eq!(db.protocol, Protocol::ServerFirst);
+    assert_eq!(db.limits.max_conns, 100);
+    assert_eq!(db.limits.on_full, OnFull::Reject);
+    assert_eq!(db.timeouts.idle, Duration::from_secs(3600));
+    assert_eq!(
+        db.timeouts.max_lifetime,
+        Some(Duration::from_secs(12 * 3600))
+    );
+    // Inherited from the top level by both.
+    assert_eq!(db.timeouts.first_byte, Duration::from_millis(250));
+    assert_eq!(db.limits.allow, web.limits.allow);
+    // Not leaked into the other listener.
+    assert_eq!(web.limits.max_conns, halfguard::config::DEFAULT_MAX_CONNS);
+    assert_eq!(web.timeouts.idle, halfguard::config::DEFAULT_IDLE);
+    assert!(web.limits.deny.is_empty());
+    assert_eq!(web.timeouts.max_lifetime, None);
+    assert_eq!(c.tcp.keepalive_idle, None);
+}

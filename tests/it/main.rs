@@ -1,0 +1,9 @@
+//! Integration tests: real sockets on 127.0.0.1 port 0, real backends, one test binary.
+
+mod caps;
+mod cli;
+mod clocks;
+mod config;
+mod halfclose;
+mod leaks;
+mod support;

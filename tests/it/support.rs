@@ -1,0 +1,314 @@
+//! Shared helpers: a proxy on 127.0.0.1:0, real backends, clients from chosen loopback
+//! addresses, and assertions on RST versus FIN.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use halfguard::config::{self, Config};
+use halfguard::guard::GuardSnapshot;
+use halfguard::{Handle, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// The listener name every test proxy uses.
+pub const L: &str = "t";
+
+/// A config with one listener on 127.0.0.1:0 toward `backends`, every per-source cap and the
+/// rate limit off, so a test turns on exactly what it tests.
+pub fn base_config(backends: &[SocketAddr]) -> Config {
+    let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    let text = format!(
+        r#"
+[[listeners]]
+name = "{L}"
+bind = "127.0.0.1:0"
+backends = [{}]
+
+[limits]
+max_conns_per_source = 0
+max_half_open_per_source = 0
+max_half_closed_per_source = 0
+conn_rate_per_source = 0
+
+[tcp]
+keepalive_idle = "0s"
+user_timeout = "0s"
+"#,
+        list.join(", ")
+    );
+    config::parse(&text, "test.toml", HashMap::new()).expect("base config is valid")
+}
+
+/// A running proxy.
+pub struct Proxy {
+    pub handle: Handle,
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    pub async fn start(config: Config) -> Proxy {
+        let server = Server::bind(&config).await.expect("proxy binds");
+        let handle = server.handle();
+        let addr = handle.addr(L).expect("listener t");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = rx.await;
+        }));
+        Proxy {
+            handle,
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn snapshot(&self) -> GuardSnapshot {
+        self.handle.snapshot(L).expect("listener t")
+    }
+
+    pub fn stats(&self) -> &halfguard::stats::Stats {
+        self.handle.stats(L).expect("listener t")
+    }
+
+    /// Waits until every count is back to zero, or panics with the last snapshot.
+    pub async fn assert_drained(&self, within: Duration) {
+        let snap = wait_for(within, || {
+            let s = self.snapshot();
+            (s.conns == 0 && s.half_open == 0 && s.half_closed == 0 && s.sources == 0).then_some(s)
+        })
+        .await;
+        assert!(
+            snap.is_some(),
+            "counts did not return to zero: {:?}",
+            self.snapshot()
+        );
+        let guard = self.handle.guard(L).expect("listener t");
+        assert_eq!(
+            guard.table_totals(),
+            (0, 0, 0),
+            "source table entries left behind"
+        );
+    }
+
+    /// Stops accepting and drains, as SIGTERM does.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("server task");
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+/// Polls `f` every 10 ms until it returns `Some`, for at most `within`.
+pub async fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// What a backend does with each connection.
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    /// Echoes until EOF, then sends FIN.
+    Echo,
+    /// Reads until EOF, then answers `got <n>` and sends FIN: data after the client's FIN.
+    CollectThenReply,
+    /// Writes `HELLO\n` first, then echoes until EOF.
+    Greeter,
+    /// Reads and discards forever, never closes.
+    Sink,
+    /// Writes `chunk` bytes as fast as the client takes them, forever.
+    Flood,
+    /// Sends `bye\n` then FIN at once, and keeps reading: the server half-closes first.
+    FinFirst,
+}
+
+/// A running backend and the results its connections reported.
+pub struct BackendServer {
+    pub addr: SocketAddr,
+    /// How each finished backend connection ended: `Ok(bytes read)` on FIN, `Err` on reset.
+    pub ends: tokio::sync::mpsc::UnboundedReceiver<io::Result<u64>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for BackendServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn backend(kind: Backend) -> BackendServer {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind backend");
+    let addr = l.local_addr().expect("addr");
+    let (tx, ends) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let r = serve_backend(kind, s).await;
+                let _ = tx.send(r);
+            });
+        }
+    });
+    BackendServer { addr, ends, task }
+}
+
+async fn serve_backend(kind: Backend, mut s: TcpStream) -> io::Result<u64> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut total = 0u64;
+    match kind {
+        Backend::Echo | Backend::Greeter => {
+            if let Backend::Greeter = kind {
+                s.write_all(b"HELLO\n").await?;
+            }
+            loop {
+                let n = s.read(&mut buf).await?;
+                if n == 0 {
+                    s.shutdown().await?;
+                    return Ok(total);
+                }
+                total += n as u64;
+                s.write_all(&buf[..n]).await?;
+            }
+        }
+        Backend::CollectThenReply => {
+            loop {
+                let n = s.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            // Data after the client's FIN, in several writes with pauses.
+            s.write_all(format!("got {total}").as_bytes()).await?;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            s.write_all(b" bytes\n").await?;
+            s.shutdown().await?;
+            Ok(total)
+        }
+        Backend::Sink => loop {
+            if s.read(&mut buf).await? == 0 {
+                // Never answer, never close: linger half-closed, watching for the RST (a
+                // read after FIN only ever says EOF again; SO_ERROR tells the reset).
+                loop {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if let Some(e) = s.take_error()? {
+                        return Err(e);
+                    }
+                }
+            }
+        },
+        Backend::Flood => loop {
+            s.write_all(&buf).await?;
+        },
+        Backend::FinFirst => {
+            s.write_all(b"bye\n").await?;
+            s.shutdown().await?;
+            loop {
+                let n = s.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(total);
+                }
+                total += n as u64;
+            }
+        }
+    }
+}
+
+/// Connects to `to` from the loopback address `from` (any 127.x.y.z works on Linux), so a
+/// test can act as several sources.
+pub async fn connect_from(from: &str, to: SocketAddr) -> io::Result<TcpStream> {
+    let ip: IpAddr = from.parse().expect("loopback address");
+    let s = TcpSocket::new_v4()?;
+    s.bind(SocketAddr::new(ip, 0))?;
+    s.connect(to).await
+}
+
+/// How a connection ended, seen from our side.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// Orderly FIN after `n` bytes.
+    Fin(Vec<u8>),
+    /// RST.
+    Reset,
+    /// Nothing happened within the wait.
+    Open,
+}
+
+/// Reads until FIN, RST or `within` passes, collecting bytes.
+pub async fn read_end(s: &mut TcpStream, within: Duration) -> Seen {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(end, s.read(&mut buf)).await {
+            Err(_) => return Seen::Open,
+            Ok(Ok(0)) => return Seen::Fin(got),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => return Seen::Reset,
+            Ok(Err(e)) => panic!("unexpected read error: {e}"),
+        }
+    }
+}
+
+/// Asserts the proxy aborted `s` with RST within `within`, and returns when it did.
+pub async fn expect_reset(s: &mut TcpStream, within: Duration) -> Duration {
+    let start = Instant::now();
+    let seen = read_end(s, within).await;
+    assert_eq!(seen, Seen::Reset, "expected RST");
+    start.elapsed()
+}
+
+/// Asserts nothing arrives on `s` for `quiet` (the connection is still held open).
+pub async fn expect_open(s: &mut TcpStream, quiet: Duration) {
+    assert_eq!(
+        read_end(s, quiet).await,
+        Seen::Open,
+        "expected the connection to stay open"
+    );
+}
+
+/// Sends `msg`, reads back exactly as many bytes.
+pub async fn roundtrip(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
+    s.write_all(msg).await.expect("write");
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back).await.expect("read echo");
+    back
+}
+
+/// Closes `s` with RST instead of FIN.
+pub fn rst(s: TcpStream) {
+    let _ = s.set_zero_linger();
+    drop(s);
+}
+
+/// Milliseconds.
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
