@@ -353,3 +353,6 @@ fn try_inc(c: &AtomicUsize, max: usize) -> bool {
     })
     .is_ok()
 }
+
+#[cfg(test)]
+mod tests;

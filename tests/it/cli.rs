@@ -165,6 +165,19 @@ async fn sigterm_drains_open_connections_then_exits_0() {
     let mut lingering = TcpStream::connect(addr).await.unwrap();
     assert_eq!(roundtrip(&mut lingering, b"b").await, b"b");
 
+    // SIGHUP changes nothing and kills nothing.
+    let rc = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(rc.success());
+    tokio::time::sleep(ms(200)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP must not stop halfguard"
+    );
+    assert_eq!(roundtrip(&mut lingering, b"b").await, b"b");
+
     let t0 = Instant::now();
     sigterm(&child);
     tokio::time::sleep(ms(300)).await;
@@ -204,7 +217,7 @@ async fn accept_loop_survives_running_out_of_descriptors() {
     let b = backend(Backend::Echo).await;
     let (cfg, port) = temp_config(
         b.addr,
-        "[limits]\nmax_conns_per_source = 0\nmax_half_open_per_source = 0\nconn_rate_per_source = 0\n",
+        "[limits]\nmax_conns_per_source = 0\nmax_half_open_per_source = 0\nconn_rate_per_source = 0\n[timeouts]\ndrain = \"500ms\"\n",
     );
     // 48 descriptors in all: a few dozen connections exhaust them.
     let mut cmd = Command::new("bash");

@@ -188,15 +188,24 @@ async fn shutdown_stops_accepting_drains_then_aborts_the_rest() {
     let handle = p.handle.clone();
     let stopping = tokio::spawn(p.shutdown());
     tokio::time::sleep(ms(100)).await;
-    assert!(TcpStream::connect(addr).await.is_err(), "no longer accepting");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
     // Still served during the drain...
     assert_eq!(roundtrip(&mut open, b"during").await, b"during");
     // ...and aborted with RST when it ends.
     let took = expect_reset(&mut open, ms(3000)).await;
     assert!(took < ms(1000), "aborted after {took:?}");
-    tokio::time::timeout(ms(2000), stopping).await.unwrap().unwrap();
+    tokio::time::timeout(ms(2000), stopping)
+        .await
+        .unwrap()
+        .unwrap();
     let s = handle.snapshot(L).unwrap();
-    assert_eq!((s.conns, s.half_open, s.half_closed, s.sources), (0, 0, 0, 0));
+    assert_eq!(
+        (s.conns, s.half_open, s.half_closed, s.sources),
+        (0, 0, 0, 0)
+    );
     assert_eq!(
         handle
             .stats(L)

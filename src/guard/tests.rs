@@ -1,0 +1,276 @@
+//! The guard's accounting without sockets: admission order, eviction choice, and counts that
+//! return to zero under concurrent use from both cores.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::*;
+use crate::config::{Limits, OnFull, PressureConfig};
+use crate::stats::{EvictState, Reject, Stats};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn open_limits() -> Limits {
+    Limits {
+        max_conns_per_source: 0,
+        max_half_open_per_source: 0,
+        max_half_closed_per_source: 0,
+        conn_rate_per_source: 0,
+        ..Limits::default()
+    }
+}
+
+fn guard(limits: Limits) -> Guard {
+    Guard::new(
+        limits,
+        &PressureConfig::default(),
+        Arc::new(Stats::default()),
+    )
+}
+
+fn assert_consistent(g: &Guard) {
+    let s = g.snapshot();
+    let (c, o, h) = g.table_totals();
+    // Allow-listed connections are counted listener-wide only, so the table may hold less.
+    assert!(
+        c <= s.conns && o <= s.half_open && h <= s.half_closed,
+        "{s:?} vs {:?}",
+        (c, o, h)
+    );
+}
+
+#[test]
+fn deny_wins_over_allow_and_allow_skips_per_source_caps() {
+    let g = guard(Limits {
+        max_conns_per_source: 1,
+        deny: vec!["192.0.2.0/24".parse().unwrap()],
+        allow: vec![
+            "192.0.2.0/24".parse().unwrap(),
+            "198.18.0.9/32".parse().unwrap(),
+        ],
+        ..open_limits()
+    });
+    assert_eq!(g.admit(ip("192.0.2.1")).unwrap_err(), Reject::Denied);
+    let held: Vec<_> = (0..5).map(|_| g.admit(ip("198.18.0.9")).unwrap()).collect();
+    assert_eq!(g.snapshot().conns, 5);
+    assert_eq!(
+        g.snapshot().sources,
+        0,
+        "allow-listed sources are not tracked per source"
+    );
+    drop(held);
+    assert_eq!(g.snapshot(), GuardSnapshot::default());
+}
+
+#[test]
+fn ipv4_mapped_clients_share_the_ipv4_cap() {
+    let g = guard(Limits {
+        max_conns_per_source: 2,
+        ..open_limits()
+    });
+    let _a = g.admit(ip("198.18.0.1")).unwrap();
+    let _b = g.admit(ip("::ffff:198.18.0.1")).unwrap();
+    assert_eq!(
+        g.admit(ip("::ffff:198.18.0.1")).unwrap_err(),
+        Reject::SourceConns
+    );
+    assert_eq!(g.snapshot().sources, 1);
+}
+
+#[test]
+fn listener_half_open_cap_evicts_the_oldest_of_the_heaviest_source() {
+    let g = guard(Limits {
+        max_half_open: 4,
+        ..open_limits()
+    });
+    let a: Vec<_> = (0..3).map(|_| g.admit(ip("198.18.0.1")).unwrap()).collect();
+    let b1 = g.admit(ip("198.18.0.2")).unwrap();
+    let b2 = g.admit(ip("198.18.0.2")).unwrap();
+    assert!(a[0].ctl().is_evicted(), "oldest of the heaviest");
+    assert!(!a[1].ctl().is_evicted() && !a[2].ctl().is_evicted());
+    assert!(!b1.ctl().is_evicted() && !b2.ctl().is_evicted());
+    assert_eq!(g.snapshot().half_open, 4);
+    assert_eq!(g.stats().evicted(EvictState::HalfOpen), 1);
+    assert_consistent(&g);
+    // The evicted ticket's drop gives nothing back twice.
+    drop(a);
+    assert_eq!(g.snapshot().half_open, 2);
+    drop((b1, b2));
+    assert_eq!(g.snapshot(), GuardSnapshot::default());
+}
+
+#[test]
+fn an_evicted_ticket_cannot_change_state() {
+    let g = guard(Limits {
+        max_half_open: 1,
+        ..open_limits()
+    });
+    let mut first = g.admit(ip("198.18.0.1")).unwrap();
+    let _second = g.admit(ip("198.18.0.2")).unwrap();
+    assert_eq!(first.open(), Err(Refused::Evicted));
+}
+
+#[test]
+fn reject_mode_refuses_instead_of_evicting() {
+    let g = guard(Limits {
+        max_half_open: 2,
+        on_full: OnFull::Reject,
+        ..open_limits()
+    });
+    let _a = g.admit(ip("198.18.0.1")).unwrap();
+    let _b = g.admit(ip("198.18.0.1")).unwrap();
+    assert_eq!(g.admit(ip("198.18.0.2")).unwrap_err(), Reject::HalfOpenFull);
+    assert_eq!(
+        g.snapshot().conns,
+        2,
+        "a refused newcomer leaves no count behind"
+    );
+    assert_eq!(g.snapshot().sources, 1, "nor a source entry");
+}
+
+#[test]
+fn entering_half_closed_over_the_source_cap_evicts_the_sources_oldest() {
+    let g = guard(Limits {
+        max_half_closed_per_source: 2,
+        ..open_limits()
+    });
+    let mut t: Vec<_> = (0..3).map(|_| g.admit(ip("198.18.0.1")).unwrap()).collect();
+    let mut other = g.admit(ip("198.18.0.2")).unwrap();
+    for x in t.iter_mut().chain(std::iter::once(&mut other)) {
+        x.open().unwrap();
+    }
+    other.half_close().unwrap();
+    for x in t.iter_mut() {
+        x.half_close().unwrap();
+    }
+    assert!(t[0].ctl().is_evicted());
+    assert!(!t[1].ctl().is_evicted() && !t[2].ctl().is_evicted());
+    assert!(!other.ctl().is_evicted(), "other sources are not touched");
+    assert_eq!(g.snapshot().half_closed, 3);
+    drop(t);
+    drop(other);
+    assert_eq!(g.snapshot(), GuardSnapshot::default());
+}
+
+#[test]
+fn a_full_source_table_refuses_new_sources_only() {
+    let g = guard(Limits {
+        max_sources: 2,
+        ..open_limits()
+    });
+    let _a = g.admit(ip("198.18.0.1")).unwrap();
+    let _b = g.admit(ip("198.18.0.2")).unwrap();
+    assert_eq!(g.admit(ip("198.18.0.3")).unwrap_err(), Reject::SourcesFull);
+    let _a2 = g
+        .admit(ip("198.18.0.1"))
+        .expect("a known source still gets in");
+}
+
+#[test]
+fn rate_limiter_keys_stay_bounded_by_max_sources() {
+    let g = guard(Limits {
+        max_sources: 16,
+        conn_rate_per_source: 1,
+        conn_burst_per_source: 1,
+        ..open_limits()
+    });
+    for i in 0..200u32 {
+        drop(g.admit(IpAddr::from(std::net::Ipv4Addr::from(0xC612_0000u32 | i))));
+    }
+    assert!(g.snapshot().rate_keys <= 17, "{:?}", g.snapshot());
+}
+
+#[test]
+fn pressure_turns_on_above_high_water_and_off_below_low_water() {
+    let g = Guard::new(
+        Limits {
+            max_half_open: 10,
+            ..open_limits()
+        },
+        &PressureConfig {
+            high_water: 0.5,
+            low_water: 0.2,
+            ..PressureConfig::default()
+        },
+        Arc::new(Stats::default()),
+    );
+    let mut t: Vec<_> = (0..5).map(|_| g.admit(ip("198.18.0.1")).unwrap()).collect();
+    assert!(!g.pressure(), "5 is not above 5");
+    t.push(g.admit(ip("198.18.0.1")).unwrap());
+    assert!(g.pressure());
+    t.truncate(3);
+    assert!(g.pressure(), "3 is above low water (2): hysteresis");
+    t.truncate(2);
+    assert!(!g.pressure());
+}
+
+/// xorshift64*.
+fn rng(seed: &mut u64) -> u64 {
+    *seed ^= *seed >> 12;
+    *seed ^= *seed << 25;
+    *seed ^= *seed >> 27;
+    seed.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+#[test]
+fn counts_return_to_zero_under_concurrent_use_from_both_cores() {
+    let g = guard(Limits {
+        max_conns_per_source: 50,
+        max_half_open_per_source: 20,
+        max_half_closed_per_source: 4,
+        max_conns: 300,
+        max_half_open: 60,
+        max_half_closed: 30,
+        max_sources: 40,
+        conn_rate_per_source: 0,
+        ..Limits::default()
+    });
+    let threads: Vec<_> = (0..4u64)
+        .map(|n| {
+            let g = g.clone();
+            std::thread::spawn(move || {
+                let mut seed = 0x9E37_79B9_7F4A_7C15 ^ (n + 1);
+                let mut held: Vec<Ticket> = Vec::new();
+                for _ in 0..50_000 {
+                    let r = rng(&mut seed);
+                    match r % 6 {
+                        0 | 1 => {
+                            let src = IpAddr::from(std::net::Ipv4Addr::from(
+                                0xC612_0000u32 | ((r >> 8) as u32 % 64),
+                            ));
+                            if let Ok(t) = g.admit(src) {
+                                held.push(t);
+                            }
+                        }
+                        2 if !held.is_empty() => {
+                            let i = (r >> 16) as usize % held.len();
+                            if held[i].state() == State::HalfOpen && held[i].open().is_err() {
+                                held.swap_remove(i);
+                            }
+                        }
+                        3 if !held.is_empty() => {
+                            let i = (r >> 16) as usize % held.len();
+                            if held[i].state() == State::Open && held[i].half_close().is_err() {
+                                held.swap_remove(i);
+                            }
+                        }
+                        4 | 5 if !held.is_empty() => {
+                            let i = (r >> 16) as usize % held.len();
+                            held.swap_remove(i);
+                        }
+                        _ => {}
+                    }
+                    held.retain(|t| !t.ctl().is_evicted());
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(g.snapshot().conns, 0, "{:?}", g.snapshot());
+    assert_eq!(g.snapshot(), GuardSnapshot::default());
+    assert_eq!(g.table_totals(), (0, 0, 0));
+}
