@@ -128,9 +128,12 @@ async fn cps(args: &Args, secs: u64) {
                     s.write_all(&payload).await?;
                     s.read_exact(&mut back).await?;
                     s.shutdown().await?;
+                    // Wait for the server's FIN, so the connection is really over.
                     let mut end = [0u8; 1];
-                    s.read(&mut end).await?;
-                    std::io::Result::Ok(())
+                    match s.read(&mut end).await? {
+                        0 => std::io::Result::Ok(()),
+                        _ => Err(std::io::Error::other("bytes after the echo")),
+                    }
                 }
                 .await;
                 match ok {
