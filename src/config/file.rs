@@ -27,6 +27,8 @@ pub struct RawConfig {
     pub tcp: RawTcp,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub admin: RawAdmin,
 }
 
 /// One `[[listeners]]` table.
@@ -105,6 +107,16 @@ pub struct RawTcp {
 pub struct RawLog {
     pub level: Option<String>,
     pub format: Option<String>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub bind: Option<String>,
+    pub max_conns: Option<u32>,
+    pub header_timeout: Option<RawDuration>,
+    pub drain_delay: Option<RawDuration>,
 }
 
 /// A duration written the way operators write them: `"250ms"`, `"5s"`, `"5m"`.

@@ -80,6 +80,17 @@ pub const DEFAULT_KEEPALIVE_COUNT: u32 = 6;
 /// Sent data unacknowledged for 30 s means the peer is gone (TCP_USER_TIMEOUT).
 pub const DEFAULT_USER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The admin endpoint listens on loopback unless told otherwise: metrics and `/config` are
+/// not for the public.
+pub const DEFAULT_ADMIN_BIND: &str = "127.0.0.1:9901";
+/// Concurrent admin connections: enough for scrapers and probes, too few to matter.
+pub const DEFAULT_ADMIN_MAX_CONNS: u32 = 16;
+/// An admin client gets this long to send its request headers (no slowloris on scrapes).
+pub const DEFAULT_ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// After SIGTERM, `/readyz` fails this long before accepting stops, so load balancers and
+/// Kubernetes endpoints stop sending first.
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
+
 /// A configuration that failed to load or validate. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -136,6 +147,28 @@ pub struct Config {
     pub pressure: PressureConfig,
     pub tcp: TcpConfig,
     pub log: LogConfig,
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: the HTTP endpoint for metrics, probes and reload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// `None` when configured as `"off"`.
+    pub bind: Option<SocketAddr>,
+    pub max_conns: u32,
+    pub header_timeout: Duration,
+    pub drain_delay: Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            bind: DEFAULT_ADMIN_BIND.parse().ok(),
+            max_conns: DEFAULT_ADMIN_MAX_CONNS,
+            header_timeout: DEFAULT_ADMIN_HEADER_TIMEOUT,
+            drain_delay: DEFAULT_DRAIN_DELAY,
+        }
+    }
 }
 
 /// One listener with its limits and timeouts already merged over the top-level ones.
@@ -474,12 +507,39 @@ impl Config {
             ));
         }
 
+        let d = AdminConfig::default();
+        let a = &raw.admin;
+        let admin = AdminConfig {
+            bind: match a.bind.as_deref().map(str::trim) {
+                None => d.bind,
+                Some("off") => None,
+                Some(b) => Some(b.parse().map_err(|_| {
+                    ck.err("admin.bind", format!("{b:?} is not an ip:port address or \"off\""))
+                })?),
+            },
+            max_conns: a.max_conns.unwrap_or(d.max_conns),
+            header_timeout: a.header_timeout.map_or(d.header_timeout, |x| x.0),
+            drain_delay: a.drain_delay.map_or(d.drain_delay, |x| x.0),
+        };
+        if admin.max_conns == 0 {
+            return Err(ck.err("admin.max_conns", "must be at least 1"));
+        }
+        if admin.header_timeout.is_zero() {
+            return Err(ck.err("admin.header_timeout", "must be greater than 0s"));
+        }
+        if let Some(b) = admin.bind
+            && listeners.iter().any(|l| l.bind.port() != 0 && l.bind == b)
+        {
+            return Err(ck.err("admin.bind", format!("{b} is also a listener's bind")));
+        }
+
         Ok(Config {
             file: file.to_string(),
             listeners,
             pressure,
             tcp,
             log,
+            admin,
         })
     }
 
@@ -574,6 +634,14 @@ impl fmt::Display for Config {
                 t.keepalive_count
             )),
             t.user_timeout.map_or("kernel default".into(), d)
+        )?;
+        writeln!(
+            f,
+            "admin: {}, max_conns {}, header_timeout {}, drain_delay {}",
+            self.admin.bind.map_or("off".into(), |b| b.to_string()),
+            self.admin.max_conns,
+            d(self.admin.header_timeout),
+            d(self.admin.drain_delay)
         )?;
         write!(
             f,

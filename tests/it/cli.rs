@@ -77,7 +77,7 @@ fn temp_config(backend: std::net::SocketAddr, extra: &str) -> (std::path::PathBu
     std::fs::write(
         &path,
         format!(
-            "[[listeners]]\nname = \"cli\"\nbind = \"127.0.0.1:{port}\"\nbackends = [\"{backend}\"]\n{extra}\n"
+            "[[listeners]]\nname = \"cli\"\nbind = \"127.0.0.1:{port}\"\nbackends = [\"{backend}\"]\n[admin]\nbind = \"off\"\n{extra}\n"
         ),
     )
     .unwrap();

@@ -38,6 +38,9 @@ conn_rate_per_source = 0
 [tcp]
 keepalive_idle = "0s"
 user_timeout = "0s"
+
+[admin]
+bind = "off"
 "#,
         list.join(", ")
     );
