@@ -9,7 +9,7 @@
 //! # Layout
 //!
 //! - [`config`]: the TOML file and `HALFGUARD__*` overrides -> a validated [`config::Config`].
-//! - [`server`]: listeners, upkeep tasks, graceful shutdown; [`run`] is what `main` calls.
+//! - [`server`]: running listeners, live reload, upkeep, graceful shutdown.
 //! - [`listener`]: the accept loop (admission at accept, EMFILE backoff).
 //! - [`guard`]: source keys, the source table, admission, eviction, the RAII [`guard::Ticket`],
 //!   the per-source rate, pressure mode.
@@ -17,15 +17,20 @@
 //! - [`backend`]: backend selection and connect (round robin, failover).
 //! - [`sockopt`]: socket options, RST aborts, the kernel send queue.
 //! - [`stats`]: counters with static reasons, and the rate-limited summary log.
+//! - [`metrics`]: Prometheus text built from those counters at scrape time.
+//! - [`admin`]: the admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, `/sources`,
+//!   `/config`, `POST /reload`).
 //! - [`shutdown`], [`logging`]: signals and log setup.
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod backend;
 pub mod config;
 pub mod conn;
 pub mod guard;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod server;
 pub mod shutdown;
 pub mod sockopt;

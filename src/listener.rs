@@ -22,9 +22,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Accepts until `stop`, spawning admitted connections on `tracker`. The listening socket is
-/// closed when this returns.
+/// closed once this and the server's handle on it are gone.
 pub async fn accept_loop(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     ctx: Arc<ListenerCtx>,
     stop: CancellationToken,
     tracker: TaskTracker,

@@ -98,6 +98,10 @@ fn serve(config: halfguard::Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    runtime.block_on(halfguard::run(&config, halfguard::shutdown::signal()))?;
-    Ok(())
+    runtime.block_on(async {
+        let server = halfguard::Server::bind(config).await?;
+        tokio::spawn(halfguard::shutdown::reload_on_sighup(server.handle()));
+        server.run(halfguard::shutdown::signal()).await;
+        anyhow::Ok(())
+    })
 }

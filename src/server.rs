@@ -1,30 +1,47 @@
-//! The server: every listener's accept loop, upkeep tasks, and the graceful shutdown.
+//! The server: the running listeners, live reload, upkeep, and the graceful shutdown.
 //!
-//! Shutdown: stop accepting (the listening sockets close), let connections finish for their
-//! listener's `timeouts.drain`, then abort what is left with RST and return.
+//! Reload (SIGHUP or `POST /reload`) re-reads the config file and applies it without dropping
+//! established connections: caps, clocks, allow and deny lists and backends change at once
+//! for the listeners that stay; new listeners are bound; removed ones stop accepting and
+//! drain. Everything that can fail (parsing, validation, binding, resolving) is done before
+//! anything is applied, so a bad config is refused whole and the running one stays.
+//!
+//! Shutdown: `/readyz` fails first (for `admin.drain_delay` on SIGTERM, so load balancers
+//! stop sending), then accepting stops, connections drain for their listener's
+//! `timeouts.drain`, and what is left is aborted with RST.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::{BackendError, Backends};
-use crate::config::Config;
-use crate::conn::ListenerCtx;
+use crate::config::{Config, ConfigError, ListenerConfig};
+use crate::conn::{ListenerCtx, Policy};
 use crate::guard::{Guard, GuardSnapshot};
-use crate::stats::Stats;
-use crate::{listener, sockopt, stats};
+use crate::shutdown::Signal;
+use crate::stats::{Stats, Summary};
+use crate::{admin, listener, sockopt};
 
-/// Why the server could not start.
+/// Why the server could not start, or a reload was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("listener {listener:?}: cannot bind {addr}: {source}")]
     Bind {
         listener: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin endpoint: cannot bind {addr}: {source}")]
+    AdminBind {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
@@ -35,35 +52,67 @@ pub enum ServerError {
         #[source]
         source: BackendError,
     },
+    #[error(transparent)]
+    Config(#[from] Box<ConfigError>),
     #[error("{given} listening sockets given for {configured} configured listeners")]
     ListenerCount { given: usize, configured: usize },
 }
 
-/// How often rate-limiter keys are swept and summaries logged.
+/// How often rate-limiter keys are swept, summaries logged and retired listeners reaped.
 const UPKEEP_EVERY: Duration = Duration::from_secs(1);
 
-/// A bound, not yet running server.
-pub struct Server {
-    listeners: Vec<(TcpListener, Arc<ListenerCtx>)>,
+/// A listener as it runs.
+#[derive(Debug)]
+pub(crate) struct Running {
+    pub ctx: Arc<ListenerCtx>,
+    /// The configured bind (port 0 stays 0 here), to tell a moved listener on reload.
+    bind: SocketAddr,
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// Shared with the accept loop; taken on retirement so the socket really closes.
+    socket: Mutex<Option<Arc<TcpListener>>>,
+    stop_accept: CancellationToken,
+    /// Removed from the config: no longer accepting, draining its connections.
+    retired: AtomicBool,
 }
 
-/// A view into a running server's counts, for tests and (later) the admin endpoint.
-#[derive(Clone)]
+/// Everything the server, the admin endpoint and handles share.
+#[derive(Debug)]
+pub(crate) struct State {
+    config: ArcSwap<Config>,
+    listeners: Mutex<Vec<Arc<Running>>>,
+    reloads_ok: AtomicU64,
+    reloads_failed: AtomicU64,
+    draining: AtomicBool,
+    /// Every connection task, across listeners and reloads.
+    conns: TaskTracker,
+    /// Accept loops and upkeep.
+    tasks: TaskTracker,
+    stop_upkeep: CancellationToken,
+    /// One reload at a time.
+    reload_lock: tokio::sync::Mutex<()>,
+    admin_addr: Option<SocketAddr>,
+}
+
+/// A bound, running server, waiting for [`Server::run`] to be told when to stop.
+pub struct Server {
+    state: Arc<State>,
+    admin: Option<TcpListener>,
+}
+
+/// A view into a running server: counts for tests and the admin endpoint, and reload.
+#[derive(Debug, Clone)]
 pub struct Handle {
-    listeners: Vec<(String, Guard, Arc<Stats>, SocketAddr)>,
+    state: Arc<State>,
 }
 
 impl Server {
-    /// Binds every configured listener and resolves its backends.
-    pub async fn bind(config: &Config) -> Result<Server, ServerError> {
+    /// Binds every configured listener and the admin endpoint, resolves backends, and starts
+    /// accepting.
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
         let mut sockets = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
-            let s = sockopt::listen(l.bind, &config.tcp).map_err(|source| ServerError::Bind {
-                listener: l.name.clone(),
-                addr: l.bind,
-                source,
-            })?;
-            sockets.push(s);
+            sockets.push(bind_listener(l, &config)?);
         }
         Server::from_listeners(config, sockets).await
     }
@@ -71,7 +120,7 @@ impl Server {
     /// Uses sockets the caller bound (tests bind port 0), one per configured listener, in
     /// order. The `[tcp]` options are applied to them.
     pub async fn from_listeners(
-        config: &Config,
+        config: Config,
         sockets: Vec<TcpListener>,
     ) -> Result<Server, ServerError> {
         if sockets.len() != config.listeners.len() {
@@ -80,154 +129,400 @@ impl Server {
                 configured: config.listeners.len(),
             });
         }
-        let mut listeners = Vec::with_capacity(sockets.len());
-        for (socket, l) in sockets.into_iter().zip(&config.listeners) {
-            let _ = sockopt::apply(socket2::SockRef::from(&socket), &config.tcp);
-            let backends =
-                Backends::resolve(&l.backends)
-                    .await
-                    .map_err(|source| ServerError::Backend {
-                        listener: l.name.clone(),
-                        source,
-                    })?;
-            let stats = Arc::new(Stats::default());
-            let ctx = ListenerCtx {
-                name: l.name.clone(),
-                protocol: l.protocol,
-                timeouts: l.timeouts.clone(),
-                pressure: config.pressure.clone(),
-                tcp: config.tcp.clone(),
-                backends,
-                guard: Guard::new(l.limits.clone(), &config.pressure, stats.clone()),
-                stats,
-                abort: CancellationToken::new(),
-            };
-            listeners.push((socket, Arc::new(ctx)));
+        let admin = match config.admin.bind {
+            Some(addr) => Some(
+                sockopt::listen(addr, &crate::config::TcpConfig::default())
+                    .map_err(|source| ServerError::AdminBind { addr, source })?,
+            ),
+            None => None,
+        };
+        let mut ctxs = Vec::with_capacity(sockets.len());
+        for l in &config.listeners {
+            ctxs.push(new_ctx(l, &config).await?);
         }
-        Ok(Server { listeners })
+        let state = Arc::new(State {
+            admin_addr: admin.as_ref().and_then(|a| a.local_addr().ok()),
+            config: ArcSwap::from_pointee(config.clone()),
+            listeners: Mutex::new(Vec::new()),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            conns: TaskTracker::new(),
+            tasks: TaskTracker::new(),
+            stop_upkeep: CancellationToken::new(),
+            reload_lock: tokio::sync::Mutex::new(()),
+        });
+        for ((socket, ctx), l) in sockets.into_iter().zip(ctxs).zip(&config.listeners) {
+            let _ = sockopt::apply(socket2::SockRef::from(&socket), &config.tcp);
+            state.start_listener(socket, ctx, l.bind);
+        }
+        state.tasks.spawn(upkeep(state.clone()));
+        Ok(Server { state, admin })
     }
 
     pub fn handle(&self) -> Handle {
         Handle {
-            listeners: self
-                .listeners
-                .iter()
-                .map(|(s, c)| {
-                    let addr = s.local_addr().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
-                    (c.name.clone(), c.guard.clone(), c.stats.clone(), addr)
-                })
-                .collect(),
+            state: self.state.clone(),
         }
     }
 
     /// Serves until `shutdown` resolves, then drains and returns.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let stop_accept = CancellationToken::new();
-        let stop_upkeep = CancellationToken::new();
-        let conns = TaskTracker::new();
-        let upkeep = TaskTracker::new();
-        let mut ctxs = Vec::new();
-        for (socket, ctx) in self.listeners {
-            let addr = socket.local_addr().ok();
-            tracing::info!(
-                listener = %ctx.name,
-                addr = ?addr,
-                backends = ?ctx.backends.addrs(),
-                "listening"
-            );
-            upkeep.spawn(listener::accept_loop(
-                socket,
-                ctx.clone(),
-                stop_accept.clone(),
-                conns.clone(),
+    pub async fn run(self, shutdown: impl Future<Output = Signal>) {
+        let state = self.state;
+        if let Some(admin) = self.admin {
+            let cfg = state.config.load().admin.clone();
+            state.tasks.spawn(admin::serve(
+                admin,
+                state.clone(),
+                cfg,
+                state.stop_upkeep.clone(),
             ));
-            upkeep.spawn(stats::summarise(
-                ctx.name.clone(),
-                ctx.stats.clone(),
-                UPKEEP_EVERY,
-                stop_upkeep.clone(),
-            ));
-            let guard = ctx.guard.clone();
-            let stop = stop_upkeep.clone();
-            upkeep.spawn(async move {
-                let mut tick = tokio::time::interval(UPKEEP_EVERY);
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tick.tick() => guard.housekeep(),
-                    }
-                }
-            });
-            ctxs.push(ctx);
         }
 
-        shutdown.await;
-        stop_accept.cancel();
-        conns.close();
-        let open = conns.len();
-        tracing::info!(open, "no longer accepting; draining connections");
-        for ctx in &ctxs {
-            let ctx = ctx.clone();
-            let conns = conns.clone();
-            upkeep.spawn(async move {
+        let signal = shutdown.await;
+        state.draining.store(true, Ordering::SeqCst);
+        let delay = state.config.load().admin.drain_delay;
+        if signal == Signal::Terminate && !delay.is_zero() {
+            tracing::info!(
+                ?delay,
+                "not ready; still accepting while load balancers catch up"
+            );
+            tokio::time::sleep(delay).await;
+        }
+        let listeners = state.listeners();
+        for r in &listeners {
+            r.stop_accepting();
+        }
+        state.conns.close();
+        tracing::info!(
+            open = state.conns.len(),
+            "no longer accepting; draining connections"
+        );
+        for r in &listeners {
+            let ctx = r.ctx.clone();
+            let conns = state.conns.clone();
+            let drain = ctx.policy.load().timeouts.drain;
+            state.tasks.spawn(async move {
                 tokio::select! {
                     _ = conns.wait() => {}
-                    _ = tokio::time::sleep(ctx.timeouts.drain) => {
-                        ctx.abort.cancel();
-                    }
+                    _ = tokio::time::sleep(drain) => ctx.abort.cancel(),
                 }
             });
         }
-        conns.wait().await;
-        let aborted: u64 = ctxs
+        state.conns.wait().await;
+        let aborted: u64 = listeners
             .iter()
-            .map(|c| {
-                c.stats
-                    .aborted_on_shutdown
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            })
+            .map(|r| r.ctx.stats.aborted_on_shutdown.load(Ordering::Relaxed))
             .sum();
-        stop_upkeep.cancel();
-        upkeep.close();
-        upkeep.wait().await;
+        state.stop_upkeep.cancel();
+        state.tasks.close();
+        state.tasks.wait().await;
         tracing::info!(aborted, "stopped");
     }
 }
 
+/// Binds `config`'s listeners and serves until `shutdown`.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = Signal>,
+) -> Result<(), ServerError> {
+    let server = Server::bind(config).await?;
+    server.run(shutdown).await;
+    Ok(())
+}
+
+fn bind_listener(l: &ListenerConfig, config: &Config) -> Result<TcpListener, ServerError> {
+    sockopt::listen(l.bind, &config.tcp).map_err(|source| ServerError::Bind {
+        listener: l.name.clone(),
+        addr: l.bind,
+        source,
+    })
+}
+
+fn policy(l: &ListenerConfig, config: &Config, backends: Arc<Backends>) -> Policy {
+    Policy {
+        protocol: l.protocol,
+        timeouts: l.timeouts.clone(),
+        pressure: config.pressure.clone(),
+        tcp: config.tcp.clone(),
+        backends,
+    }
+}
+
+async fn resolve(l: &ListenerConfig) -> Result<Arc<Backends>, ServerError> {
+    Backends::resolve(&l.name, &l.backends)
+        .await
+        .map(Arc::new)
+        .map_err(|source| ServerError::Backend {
+            listener: l.name.clone(),
+            source,
+        })
+}
+
+async fn new_ctx(l: &ListenerConfig, config: &Config) -> Result<Arc<ListenerCtx>, ServerError> {
+    let backends = resolve(l).await?;
+    let stats = Arc::new(Stats::default());
+    Ok(Arc::new(ListenerCtx {
+        name: l.name.clone(),
+        policy: ArcSwap::from_pointee(policy(l, config, backends)),
+        epoch: watch::Sender::new(0),
+        guard: Guard::new(l.limits.clone(), &config.pressure, stats.clone()),
+        stats,
+        abort: CancellationToken::new(),
+    }))
+}
+
+impl Running {
+    fn stop_accepting(&self) {
+        self.stop_accept.cancel();
+        if let Ok(mut s) = self.socket.lock() {
+            s.take();
+        }
+    }
+
+    fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+}
+
+impl State {
+    fn start_listener(&self, socket: TcpListener, ctx: Arc<ListenerCtx>, bind: SocketAddr) {
+        let socket = Arc::new(socket);
+        let addr = socket.local_addr().unwrap_or(bind);
+        let stop = CancellationToken::new();
+        tracing::info!(
+            listener = %ctx.name,
+            %addr,
+            backends = ?ctx.policy.load().backends.addrs(),
+            "listening"
+        );
+        self.tasks.spawn(listener::accept_loop(
+            socket.clone(),
+            ctx.clone(),
+            stop.clone(),
+            self.conns.clone(),
+        ));
+        let running = Arc::new(Running {
+            ctx,
+            bind,
+            addr,
+            socket: Mutex::new(Some(socket)),
+            stop_accept: stop,
+            retired: AtomicBool::new(false),
+        });
+        if let Ok(mut l) = self.listeners.lock() {
+            l.push(running);
+        }
+    }
+
+    /// The listeners, active and retiring.
+    pub(crate) fn listeners(&self) -> Vec<Arc<Running>> {
+        self.listeners.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    fn active(&self, name: &str) -> Option<Arc<Running>> {
+        self.listeners()
+            .into_iter()
+            .find(|r| r.ctx.name == name && !r.is_retired())
+    }
+
+    /// (successful, failed) reloads so far.
+    pub(crate) fn reloads(&self) -> (u64, u64) {
+        (
+            self.reloads_ok.load(Ordering::Relaxed),
+            self.reloads_failed.load(Ordering::Relaxed),
+        )
+    }
+
+    pub(crate) fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Ready: not draining, and every active listener has a backend that is up.
+    pub(crate) fn readiness(&self) -> Result<(), String> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err("draining".into());
+        }
+        for r in self.listeners().iter().filter(|r| !r.is_retired()) {
+            if !r.ctx.policy.load().backends.any_up() {
+                return Err(format!("listener {:?}: no backend is up", r.ctx.name));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `new` as described in the module docs.
+    pub(crate) async fn reload(&self, new: Config) -> Result<(), ServerError> {
+        let _one = self.reload_lock.lock().await;
+        let r = self.try_reload(new).await;
+        match &r {
+            Ok(()) => {
+                self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("config reloaded");
+            }
+            Err(e) => {
+                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "reload refused; the running config stays");
+            }
+        }
+        r
+    }
+
+    async fn try_reload(&self, new: Config) -> Result<(), ServerError> {
+        // Plan and do everything fallible first.
+        let mut updates = Vec::new();
+        let mut adds = Vec::new();
+        for l in &new.listeners {
+            match self.active(&l.name) {
+                Some(r) if r.bind == l.bind => updates.push((r, l, resolve(l).await?)),
+                _ => adds.push((l, bind_listener(l, &new)?, new_ctx(l, &new).await?)),
+            }
+        }
+        // Apply.
+        for (r, l, backends) in updates {
+            r.ctx.guard.reload(l.limits.clone(), &new.pressure);
+            r.ctx.set_policy(policy(l, &new, backends));
+            if let Ok(s) = r.socket.lock()
+                && let Some(s) = s.as_ref()
+            {
+                let _ = sockopt::apply(socket2::SockRef::from(&**s), &new.tcp);
+            }
+        }
+        for r in self.listeners() {
+            let kept = new
+                .listeners
+                .iter()
+                .any(|l| l.name == r.ctx.name && l.bind == r.bind);
+            if !kept && !r.is_retired() {
+                self.retire(&r);
+            }
+        }
+        for (l, socket, ctx) in adds {
+            let _ = sockopt::apply(socket2::SockRef::from(&socket), &new.tcp);
+            self.start_listener(socket, ctx, l.bind);
+        }
+        if new.admin != self.config.load().admin {
+            tracing::warn!("[admin] changes take effect at the next restart");
+        }
+        self.config.store(Arc::new(new));
+        Ok(())
+    }
+
+    /// Stops accepting on a listener removed by a reload; its connections drain for its
+    /// `timeouts.drain`, then are aborted.
+    fn retire(&self, r: &Arc<Running>) {
+        r.retired.store(true, Ordering::Relaxed);
+        r.stop_accepting();
+        tracing::info!(listener = %r.ctx.name, addr = %r.addr, "listener removed; draining");
+        let ctx = r.ctx.clone();
+        let drain = ctx.policy.load().timeouts.drain;
+        let stop = self.stop_upkeep.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(drain) => ctx.abort.cancel(),
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// Once a second: sweep rate-limiter keys, log what changed, drop drained retired listeners.
+async fn upkeep(state: Arc<State>) {
+    let mut summaries: Vec<(Arc<ListenerCtx>, Summary)> = Vec::new();
+    let mut tick = tokio::time::interval(UPKEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = state.stop_upkeep.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        let listeners = state.listeners();
+        for r in &listeners {
+            if !summaries.iter().any(|(c, _)| Arc::ptr_eq(c, &r.ctx)) {
+                summaries.push((r.ctx.clone(), Summary::new(&r.ctx.stats)));
+            }
+            r.ctx.guard.housekeep();
+        }
+        for (ctx, summary) in &mut summaries {
+            summary.tick(&ctx.name, &ctx.stats);
+        }
+        if let Ok(mut l) = state.listeners.lock() {
+            l.retain(|r| !(r.is_retired() && r.ctx.guard.snapshot().conns == 0));
+            summaries.retain(|(c, _)| l.iter().any(|r| Arc::ptr_eq(c, &r.ctx)));
+        }
+        if stopping {
+            break;
+        }
+    }
+}
+
 impl Handle {
-    /// Listener names, bound addresses, in configured order.
+    pub(crate) fn from_state(state: Arc<State>) -> Handle {
+        Handle { state }
+    }
+
+    fn find(&self, name: &str) -> Option<Arc<Running>> {
+        self.state.active(name)
+    }
+
+    /// Active listener names and bound addresses, in order.
     pub fn listeners(&self) -> Vec<(String, SocketAddr)> {
-        self.listeners
+        self.state
+            .listeners()
             .iter()
-            .map(|(n, _, _, a)| (n.clone(), *a))
+            .filter(|r| !r.is_retired())
+            .map(|r| (r.ctx.name.clone(), r.addr))
             .collect()
     }
 
     /// The bound address of listener `name`.
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
-        self.find(name).map(|l| l.3)
+        self.find(name).map(|r| r.addr)
     }
 
-    pub fn guard(&self, name: &str) -> Option<&Guard> {
-        self.find(name).map(|l| &l.1)
+    /// The admin endpoint's bound address, when it is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.state.admin_addr
     }
 
-    pub fn stats(&self, name: &str) -> Option<&Arc<Stats>> {
-        self.find(name).map(|l| &l.2)
+    pub fn guard(&self, name: &str) -> Option<Guard> {
+        self.find(name).map(|r| r.ctx.guard.clone())
+    }
+
+    pub fn stats(&self, name: &str) -> Option<Arc<Stats>> {
+        self.find(name).map(|r| r.ctx.stats.clone())
     }
 
     pub fn snapshot(&self, name: &str) -> Option<GuardSnapshot> {
-        self.guard(name).map(Guard::snapshot)
+        self.find(name).map(|r| r.ctx.guard.snapshot())
     }
 
-    fn find(&self, name: &str) -> Option<&(String, Guard, Arc<Stats>, SocketAddr)> {
-        self.listeners.iter().find(|l| l.0 == name)
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.state.config()
     }
-}
 
-/// Binds `config`'s listeners and serves until `shutdown`: the one call `main` makes.
-pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-    let server = Server::bind(config).await?;
-    server.run(shutdown).await;
-    Ok(())
+    /// Re-reads the config file (and `HALFGUARD__*` overrides) and applies it. On error the
+    /// running configuration stays.
+    pub async fn reload(&self) -> Result<(), ServerError> {
+        let path = std::path::PathBuf::from(&self.state.config.load().file);
+        match crate::config::load(&path) {
+            Ok(c) => self.reload_with(c).await,
+            Err(e) => {
+                self.state.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "reload refused; the running config stays");
+                Err(Box::new(e).into())
+            }
+        }
+    }
+
+    /// Applies `config` as a reload would.
+    pub async fn reload_with(&self, config: Config) -> Result<(), ServerError> {
+        self.state.reload(config).await
+    }
+
+    /// `Ok` when `/readyz` would say ready.
+    pub fn readiness(&self) -> Result<(), String> {
+        self.state.readiness()
+    }
 }

@@ -5,10 +5,8 @@
 //! here, and [`summarise`] logs at most one line per category per interval. The reasons are
 //! closed enums with static names, ready to become metric labels; a source address never is.
 
+use crate::metrics::{DURATION_BUCKETS, Histo};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
-
-use tokio_util::sync::CancellationToken;
 
 /// Why a connection was refused at accept (or, for `HalfClosedFull` in reject mode, when it
 /// tried to enter the half-closed state).
@@ -110,7 +108,7 @@ impl EvictState {
 }
 
 /// Counters for one listener. Every field only ever grows.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
     pub accepted: AtomicU64,
     rejected: [AtomicU64; Reject::ALL.len()],
@@ -131,6 +129,27 @@ pub struct Stats {
     pub closed_clean: AtomicU64,
     /// Connections aborted by shutdown after the drain period.
     pub aborted_on_shutdown: AtomicU64,
+    /// Lifetime of admitted connections.
+    pub duration: Histo,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            accepted: AtomicU64::new(0),
+            rejected: Default::default(),
+            evicted: Default::default(),
+            timed_out: Default::default(),
+            bytes_upstream: AtomicU64::new(0),
+            bytes_downstream: AtomicU64::new(0),
+            accept_errors: AtomicU64::new(0),
+            backend_unavailable: AtomicU64::new(0),
+            peer_errors: AtomicU64::new(0),
+            closed_clean: AtomicU64::new(0),
+            aborted_on_shutdown: AtomicU64::new(0),
+            duration: Histo::new(DURATION_BUCKETS),
+        }
+    }
 }
 
 impl Stats {
@@ -154,27 +173,26 @@ impl Stats {
     }
 }
 
-/// Logs, once per `every`, what changed in `stats`: at most one line each for refusals,
-/// evictions, expiries and accept errors. Quiet when nothing happened.
-pub async fn summarise(
-    listener: String,
-    stats: std::sync::Arc<Stats>,
-    every: Duration,
-    stop: CancellationToken,
-) {
-    let mut last = Snapshot::of(&stats);
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tick.tick() => {}
+/// Remembers what was last logged for one listener, so each tick logs only what changed:
+/// at most one line each for refusals, evictions, expiries and accept errors, and nothing
+/// when nothing happened.
+pub struct Summary {
+    last: Snapshot,
+}
+
+impl Summary {
+    pub fn new(stats: &Stats) -> Summary {
+        Summary {
+            last: Snapshot::of(stats),
         }
-        let now = Snapshot::of(&stats);
-        log_diff(&listener, &last, &now);
-        last = now;
     }
-    log_diff(&listener, &last, &Snapshot::of(&stats));
+
+    /// Logs what changed since the previous tick.
+    pub fn tick(&mut self, listener: &str, stats: &Stats) {
+        let now = Snapshot::of(stats);
+        log_diff(listener, &self.last, &now);
+        self.last = now;
+    }
 }
 
 struct Snapshot {

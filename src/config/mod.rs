@@ -514,7 +514,10 @@ impl Config {
                 None => d.bind,
                 Some("off") => None,
                 Some(b) => Some(b.parse().map_err(|_| {
-                    ck.err("admin.bind", format!("{b:?} is not an ip:port address or \"off\""))
+                    ck.err(
+                        "admin.bind",
+                        format!("{b:?} is not an ip:port address or \"off\""),
+                    )
                 })?),
             },
             max_conns: a.max_conns.unwrap_or(d.max_conns),

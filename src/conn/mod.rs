@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
@@ -33,19 +34,36 @@ use crate::guard::{Guard, Refused, Ticket};
 use crate::sockopt;
 use crate::stats::{Reject, Stats, Timeout};
 
-/// What every connection of one listener shares.
+/// What a reload may change for a listener's connections, swapped whole.
 #[derive(Debug)]
-pub struct ListenerCtx {
-    pub name: String,
+pub struct Policy {
     pub protocol: Protocol,
     pub timeouts: Timeouts,
     pub pressure: PressureConfig,
     pub tcp: TcpConfig,
-    pub backends: Backends,
+    pub backends: Arc<Backends>,
+}
+
+/// What every connection of one listener shares.
+#[derive(Debug)]
+pub struct ListenerCtx {
+    pub name: String,
+    /// The policy in force; connections load it at start and again when `epoch` moves.
+    pub policy: ArcSwap<Policy>,
+    /// Bumped on reload so live connections pick up new clocks at once.
+    pub epoch: watch::Sender<u64>,
     pub guard: Guard,
     pub stats: Arc<Stats>,
     /// Fired when the drain period after shutdown is over: abort what is left.
     pub abort: CancellationToken,
+}
+
+impl ListenerCtx {
+    /// Installs a new policy; live connections switch to its clocks at once.
+    pub fn set_policy(&self, policy: Policy) {
+        self.policy.store(Arc::new(policy));
+        self.epoch.send_modify(|e| *e += 1);
+    }
 }
 
 /// How a connection ended.
@@ -66,12 +84,10 @@ const RECHECK: Duration = Duration::from_secs(1);
 
 /// Serves one admitted connection to its end.
 pub async fn serve(ctx: Arc<ListenerCtx>, client: TcpStream, mut ticket: Ticket) {
+    let accepted = Instant::now();
     let mut server = None;
-    let mut bytes = (0, 0);
-    let end = run(&ctx, &client, &mut server, &mut ticket, &mut bytes).await;
+    let end = run(&ctx, &client, &mut server, &mut ticket, accepted).await;
     let stats = &ctx.stats;
-    stats.bytes_upstream.fetch_add(bytes.0, Relaxed);
-    stats.bytes_downstream.fetch_add(bytes.1, Relaxed);
     match end {
         End::Clean => {
             stats.closed_clean.fetch_add(1, Relaxed);
@@ -99,6 +115,7 @@ pub async fn serve(ctx: Arc<ListenerCtx>, client: TcpStream, mut ticket: Ticket)
     drop(server);
     drop(client);
     drop(ticket);
+    stats.duration.observe(accepted.elapsed());
 }
 
 async fn run(
@@ -106,23 +123,27 @@ async fn run(
     client: &TcpStream,
     server_slot: &mut Option<TcpStream>,
     ticket: &mut Ticket,
-    bytes: &mut (u64, u64),
+    accepted: Instant,
 ) -> End {
-    let accepted = Instant::now();
-    let t = &ctx.timeouts;
-    let lifetime = t.max_lifetime.map(|l| accepted + l);
     let ctl = ticket.ctl().clone();
     let mut pressure = ctx.guard.pressure_watch();
+    let mut epoch = ctx.epoch.subscribe();
+    let mut policy = ctx.policy.load_full();
+    let lifetime = |p: &Policy| {
+        p.timeouts
+            .max_lifetime
+            .map(|l| (accepted + l, Timeout::MaxLifetime))
+    };
 
     // HALF_OPEN.
-    if ctx.protocol == Protocol::ServerFirst {
+    if policy.protocol == Protocol::ServerFirst {
         // The backend speaks first: connect now; the connection stays half-open until a
         // byte moves either way.
         let connect = tokio::select! {
             biased;
             _ = ctl.evicted() => return End::Evicted,
             _ = ctx.abort.cancelled() => return End::Shutdown,
-            r = ctx.backends.connect(&ctx.tcp, t.connect) => r,
+            r = policy.backends.connect(&policy.tcp, policy.timeouts.connect) => r,
         };
         match connect {
             Ok(s) => *server_slot = Some(s),
@@ -131,14 +152,15 @@ async fn run(
     }
     let mut peek = [0u8; 1];
     loop {
+        let t = &policy.timeouts;
         let first_byte = if *pressure.borrow_and_update() {
-            t.first_byte.min(ctx.pressure.first_byte)
+            t.first_byte.min(policy.pressure.first_byte)
         } else {
             t.first_byte
         };
         let (deadline, clock) = earliest(
             (accepted + first_byte, Timeout::FirstByte),
-            lifetime.map(|l| (l, Timeout::MaxLifetime)),
+            lifetime(&policy),
         );
         let server_ready = async {
             match server_slot.as_ref() {
@@ -162,6 +184,7 @@ async fn run(
             },
             _ = sleep_until(deadline) => return End::Timeout(clock),
             _ = changed(&mut pressure) => {}
+            _ = changed(&mut epoch) => policy = ctx.policy.load_full(),
         }
     }
 
@@ -173,7 +196,7 @@ async fn run(
         let connect = tokio::select! {
             biased;
             _ = ctx.abort.cancelled() => return End::Shutdown,
-            r = ctx.backends.connect(&ctx.tcp, t.connect) => r,
+            r = policy.backends.connect(&policy.tcp, policy.timeouts.connect) => r,
         };
         match connect {
             Ok(s) => *server_slot = Some(s),
@@ -184,10 +207,15 @@ async fn run(
         return End::Backend;
     };
 
-    let mut pump = Pump::new(client, server);
-    let end = pump_until_end(ctx, ticket, &mut pump, &mut pressure, lifetime).await;
-    *bytes = pump.bytes();
-    end
+    let stats = &ctx.stats;
+    let mut pump = Pump::new(
+        client,
+        server,
+        &stats.bytes_upstream,
+        &stats.bytes_downstream,
+    );
+    let mut watches = (pressure, epoch);
+    pump_until_end(ctx, ticket, &mut pump, &mut watches, policy, accepted).await
 }
 
 /// OPEN and HALF_CLOSED: moves bytes until both sides sent FIN or a clock runs out.
@@ -195,22 +223,23 @@ async fn pump_until_end(
     ctx: &ListenerCtx,
     ticket: &mut Ticket,
     pump: &mut Pump<'_>,
-    pressure: &mut watch::Receiver<bool>,
-    lifetime: Option<Instant>,
+    (pressure, epoch): &mut (watch::Receiver<bool>, watch::Receiver<u64>),
+    mut policy: Arc<Policy>,
+    accepted: Instant,
 ) -> End {
-    let t = &ctx.timeouts;
     let ctl = ticket.ctl().clone();
     let mut closed: Option<Side> = None;
     // Set when a kernel send queue was seen moving as a clock expired.
     let mut extended: Option<Instant> = None;
-    let mut sleep = pin!(sleep_until(Instant::now() + t.idle));
+    let mut sleep = pin!(sleep_until(Instant::now() + policy.timeouts.idle));
     loop {
         let (deadline, clock) = {
+            let t = &policy.timeouts;
             let base = match closed {
                 None => (pump.last_activity() + t.idle, Timeout::Idle),
                 Some(side) => {
                     let linger = if *pressure.borrow_and_update() {
-                        t.half_closed.min(ctx.pressure.half_closed)
+                        t.half_closed.min(policy.pressure.half_closed)
                     } else {
                         t.half_closed
                     };
@@ -224,7 +253,8 @@ async fn pump_until_end(
             if let Some(e) = extended {
                 at = at.max(e);
             }
-            earliest((at, clock), lifetime.map(|l| (l, Timeout::MaxLifetime)))
+            let lifetime = t.max_lifetime.map(|l| (accepted + l, Timeout::MaxLifetime));
+            earliest((at, clock), lifetime)
         };
         let now = Instant::now();
         if deadline <= now {
@@ -260,6 +290,7 @@ async fn pump_until_end(
             // Progress may have moved the deadline since: the loop recomputes it.
             _ = &mut sleep => {}
             _ = changed(pressure), if closed.is_some() => {}
+            _ = changed(epoch) => policy = ctx.policy.load_full(),
         }
     }
 }
@@ -279,8 +310,8 @@ fn backend_end(e: &BackendError) -> End {
     }
 }
 
-/// Resolves when pressure mode flips; never, once the guard is gone.
-async fn changed(rx: &mut watch::Receiver<bool>) {
+/// Resolves when the watched value changes; never, once its sender is gone.
+async fn changed<T>(rx: &mut watch::Receiver<T>) {
     if rx.changed().await.is_err() {
         std::future::pending::<()>().await;
     }

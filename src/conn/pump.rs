@@ -12,6 +12,7 @@
 
 use std::io;
 use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 
 use socket2::SockRef;
@@ -41,7 +42,9 @@ pub enum Event {
 
 /// One direction: read from one socket, write to the other.
 #[derive(Debug)]
-struct Direction {
+struct Direction<'a> {
+    /// The listener's byte counter for this direction, added to as bytes are written.
+    counter: &'a AtomicU64,
     buf: Option<Box<[u8]>>,
     pos: usize,
     len: usize,
@@ -49,7 +52,6 @@ struct Direction {
     eof: bool,
     /// EOF forwarded: the direction is over.
     done: bool,
-    bytes: u64,
     /// Last time a byte was read or written in this direction.
     last_progress: Instant,
     /// Since when bytes wait for a destination that takes none, if they do.
@@ -58,15 +60,15 @@ struct Direction {
     stall_started: bool,
 }
 
-impl Direction {
-    fn new(now: Instant) -> Direction {
+impl<'a> Direction<'a> {
+    fn new(now: Instant, counter: &'a AtomicU64) -> Direction<'a> {
         Direction {
+            counter,
             buf: None,
             pos: 0,
             len: 0,
             eof: false,
             done: false,
-            bytes: 0,
             last_progress: now,
             stalled_since: None,
             stall_started: false,
@@ -96,7 +98,7 @@ impl Direction {
                 match to.try_write(&buf[self.pos..self.len]) {
                     Ok(n) => {
                         self.pos += n;
-                        self.bytes += n as u64;
+                        self.counter.fetch_add(n as u64, Relaxed);
                         self.last_progress = Instant::now();
                         self.stalled_since = None;
                         if self.pos == self.len {
@@ -142,20 +144,27 @@ impl Direction {
 pub struct Pump<'a> {
     client: &'a TcpStream,
     server: &'a TcpStream,
-    up: Direction,
-    down: Direction,
+    up: Direction<'a>,
+    down: Direction<'a>,
     /// The kernel send queues seen at the last look (client, server).
     unacked: [Option<u32>; 2],
 }
 
 impl<'a> Pump<'a> {
-    pub fn new(client: &'a TcpStream, server: &'a TcpStream) -> Pump<'a> {
+    /// `upstream` and `downstream` count the bytes written toward the backend and toward
+    /// the client, as they are written, so long transfers show up in metrics while they run.
+    pub fn new(
+        client: &'a TcpStream,
+        server: &'a TcpStream,
+        upstream: &'a AtomicU64,
+        downstream: &'a AtomicU64,
+    ) -> Pump<'a> {
         let now = Instant::now();
         Pump {
             client,
             server,
-            up: Direction::new(now),
-            down: Direction::new(now),
+            up: Direction::new(now, upstream),
+            down: Direction::new(now, downstream),
             unacked: [None, None],
         }
     }
@@ -210,11 +219,6 @@ impl<'a> Pump<'a> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
-    }
-
-    /// Bytes (client to backend, backend to client) moved so far.
-    pub fn bytes(&self) -> (u64, u64) {
-        (self.up.bytes, self.down.bytes)
     }
 
     /// Looks at the kernel send queues: true when one holds bytes and has changed since the

@@ -12,6 +12,7 @@
 
 mod pressure;
 mod rate;
+mod refusals;
 mod source;
 mod table;
 mod ticket;
@@ -20,6 +21,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::watch;
 
 pub use source::SourceKey;
@@ -30,6 +32,7 @@ use crate::config::{Limits, OnFull, PressureConfig};
 use crate::stats::{EvictState, Reject, Stats};
 use pressure::PressureGate;
 use rate::SourceRate;
+use refusals::Refusals;
 use table::{SourceEntry, SourceTable};
 
 /// Admission and accounting for one listener. Cheap to clone.
@@ -48,13 +51,35 @@ struct Counts {
 
 #[derive(Debug)]
 pub(crate) struct Shared {
-    limits: Limits,
+    /// Swapped whole on reload; admission loads it once per decision.
+    limits: ArcSwap<Limits>,
     table: SourceTable,
-    rate: Option<SourceRate>,
+    rate: ArcSwapOption<SourceRate>,
     counts: Counts,
     next_id: AtomicU64,
     pressure: PressureGate,
     stats: Arc<Stats>,
+    refusals: Refusals,
+}
+
+/// One source's load, for `/sources`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceLoad {
+    pub source: SourceKey,
+    pub conns: usize,
+    pub half_open: usize,
+    pub half_closed: usize,
+    /// Refusals in the current tally window (about a minute).
+    pub refused: u64,
+}
+
+/// What `/sources` sorts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceOrder {
+    Conns,
+    HalfOpen,
+    HalfClosed,
+    Refused,
 }
 
 /// A point-in-time view of a guard's counts, for tests, `check` and (later) metrics.
@@ -72,16 +97,17 @@ pub struct GuardSnapshot {
 
 impl Guard {
     pub fn new(limits: Limits, pressure: &PressureConfig, stats: Arc<Stats>) -> Guard {
-        let rate = SourceRate::new(&limits);
+        let rate = SourceRate::new(&limits).map(Arc::new);
         Guard {
             shared: Arc::new(Shared {
                 pressure: PressureGate::new(&limits, pressure),
-                limits,
+                limits: ArcSwap::from_pointee(limits),
                 table: SourceTable::new(),
-                rate,
+                rate: ArcSwapOption::new(rate),
                 counts: Counts::default(),
                 next_id: AtomicU64::new(0),
                 stats,
+                refusals: Refusals::default(),
             }),
         }
     }
@@ -89,16 +115,23 @@ impl Guard {
     /// Decides whether a connection from `peer` may be accepted, and if so counts it as
     /// HALF_OPEN. The refusal is already counted in the listener's stats.
     pub fn admit(&self, peer: IpAddr) -> Result<Ticket, Reject> {
-        let r = self.try_admit(peer.to_canonical());
+        let ip = peer.to_canonical();
+        let r = self.try_admit(ip);
         if let Err(reason) = r {
             self.shared.stats.reject(reason);
+            if reason != Reject::Denied {
+                let lim = self.shared.limits.load();
+                self.shared
+                    .refusals
+                    .count(SourceKey::new(ip, lim.ipv4_prefix, lim.ipv6_prefix));
+            }
         }
         r
     }
 
     fn try_admit(&self, ip: IpAddr) -> Result<Ticket, Reject> {
         let sh = &self.shared;
-        let lim = &sh.limits;
+        let lim = &*sh.limits.load();
         if lim.deny.iter().any(|n| n.contains(&ip)) {
             return Err(Reject::Denied);
         }
@@ -110,7 +143,7 @@ impl Guard {
         }
         let key = (!exempt).then(|| SourceKey::new(ip, lim.ipv4_prefix, lim.ipv6_prefix));
         if let Some(key) = &key {
-            if let Some(rate) = &sh.rate
+            if let Some(rate) = &*sh.rate.load()
                 && !rate.check(key)
             {
                 return Err(Reject::Rate);
@@ -118,7 +151,7 @@ impl Guard {
             // Non-binding look first, so a source at its cap is refused before it can cost
             // anyone an eviction.
             match sh.table.map.get(key) {
-                Some(e) => sh.check_source(&e)?,
+                Some(e) => check_source(&e, lim)?,
                 None if sh.table.len.load(Ordering::Relaxed) >= lim.max_sources as usize => {
                     return Err(Reject::SourcesFull);
                 }
@@ -127,16 +160,16 @@ impl Guard {
         }
 
         let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
-        if !sh.reserve_conn(id) {
+        if !sh.reserve_conn(id, lim) {
             return Err(Reject::ConnsFull);
         }
-        if !sh.reserve_state(EvictState::HalfOpen, id) {
+        if !sh.reserve_state(EvictState::HalfOpen, id, lim) {
             sh.counts.conns.fetch_sub(1, Ordering::AcqRel);
             return Err(Reject::HalfOpenFull);
         }
         let ctl = Arc::new(ConnCtl::default());
         if let Some(key) = &key
-            && let Err(reason) = sh.enter_source(key, id, &ctl)
+            && let Err(reason) = sh.enter_source(key, id, &ctl, lim)
         {
             sh.give_back(Some(EvictState::HalfOpen));
             return Err(reason);
@@ -160,7 +193,7 @@ impl Guard {
             half_open: sh.counts.half_open.load(Ordering::Relaxed),
             half_closed: sh.counts.half_closed.load(Ordering::Relaxed),
             sources: sh.table.len.load(Ordering::Relaxed),
-            rate_keys: sh.rate.as_ref().map_or(0, SourceRate::len),
+            rate_keys: sh.rate.load().as_ref().map_or(0, |r| r.len()),
             pressure: sh.pressure.is_on(),
         }
     }
@@ -181,16 +214,45 @@ impl Guard {
             })
     }
 
-    /// The `n` sources with the most connections, heaviest first.
-    pub fn top_sources(&self, n: usize) -> Vec<(SourceKey, u32, usize, usize)> {
-        let mut v: Vec<_> = self
+    /// The `n` heaviest sources by `by`: live connections from the source table, refusals
+    /// from the bounded refusal tally.
+    pub fn top_sources(&self, n: usize, by: SourceOrder) -> Vec<SourceLoad> {
+        let mut all: std::collections::HashMap<SourceKey, SourceLoad> = self
             .shared
             .table
             .map
             .iter()
-            .map(|e| (*e.key(), e.conns, e.half_open.len(), e.half_closed.len()))
+            .map(|e| {
+                let load = SourceLoad {
+                    source: *e.key(),
+                    conns: e.conns as usize,
+                    half_open: e.half_open.len(),
+                    half_closed: e.half_closed.len(),
+                    refused: 0,
+                };
+                (*e.key(), load)
+            })
             .collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        for (key, refused) in self.shared.refusals.snapshot() {
+            all.entry(key)
+                .or_insert(SourceLoad {
+                    source: key,
+                    conns: 0,
+                    half_open: 0,
+                    half_closed: 0,
+                    refused: 0,
+                })
+                .refused = refused;
+        }
+        let mut v: Vec<SourceLoad> = all.into_values().collect();
+        let key = |l: &SourceLoad| match by {
+            SourceOrder::Conns => l.conns as u64,
+            SourceOrder::HalfOpen => l.half_open as u64,
+            SourceOrder::HalfClosed => l.half_closed as u64,
+            SourceOrder::Refused => l.refused,
+        };
+        v.sort_by(|a, b| key(b).cmp(&key(a)).then(a.source.cmp(&b.source)));
+        v.retain(|l| key(l) > 0);
         v.truncate(n);
         v
     }
@@ -208,13 +270,37 @@ impl Guard {
     /// Periodic upkeep: forget rate-limiter keys that are back to a full bucket, so the
     /// limiter's memory follows active sources.
     pub fn housekeep(&self) {
-        if let Some(r) = &self.shared.rate {
+        if let Some(r) = &*self.shared.rate.load() {
             r.housekeep();
         }
+        self.shared.refusals.housekeep();
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.shared.limits
+    /// The limits in force.
+    pub fn limits(&self) -> Arc<Limits> {
+        self.shared.limits.load_full()
+    }
+
+    /// Applies new limits at once. Live connections keep their accounting (a ticket knows
+    /// its own source key); new connections are admitted under the new caps. The rate
+    /// limiter starts afresh when its quota or bound changed.
+    pub fn reload(&self, limits: Limits, pressure: &PressureConfig) {
+        let sh = &self.shared;
+        let old = sh.limits.load_full();
+        if (
+            old.conn_rate_per_source,
+            old.conn_burst_per_source,
+            old.max_sources,
+        ) != (
+            limits.conn_rate_per_source,
+            limits.conn_burst_per_source,
+            limits.max_sources,
+        ) {
+            sh.rate.store(SourceRate::new(&limits).map(Arc::new));
+        }
+        sh.pressure.set(&limits, pressure);
+        sh.limits.store(Arc::new(limits));
+        sh.update_pressure();
     }
 
     pub fn stats(&self) -> &Arc<Stats> {
@@ -222,34 +308,37 @@ impl Guard {
     }
 }
 
-impl Shared {
-    fn check_source(&self, e: &SourceEntry) -> Result<(), Reject> {
-        let lim = &self.limits;
-        if lim.max_conns_per_source > 0 && e.conns >= lim.max_conns_per_source {
-            return Err(Reject::SourceConns);
-        }
-        if lim.max_half_open_per_source > 0
-            && e.half_open.len() >= lim.max_half_open_per_source as usize
-        {
-            return Err(Reject::SourceHalfOpen);
-        }
-        Ok(())
+fn check_source(e: &SourceEntry, lim: &Limits) -> Result<(), Reject> {
+    if lim.max_conns_per_source > 0 && e.conns >= lim.max_conns_per_source {
+        return Err(Reject::SourceConns);
     }
+    if lim.max_half_open_per_source > 0
+        && e.half_open.len() >= lim.max_half_open_per_source as usize
+    {
+        return Err(Reject::SourceHalfOpen);
+    }
+    Ok(())
+}
 
+impl Shared {
     /// Binding per-source check, then the connection joins its source's half-open list.
-    fn enter_source(&self, key: &SourceKey, id: u64, ctl: &Arc<ConnCtl>) -> Result<(), Reject> {
+    fn enter_source(
+        &self,
+        key: &SourceKey,
+        id: u64,
+        ctl: &Arc<ConnCtl>,
+        lim: &Limits,
+    ) -> Result<(), Reject> {
         use dashmap::mapref::entry::Entry;
         match self.table.map.entry(*key) {
             Entry::Occupied(mut o) => {
                 let e = o.get_mut();
-                self.check_source(e)?;
+                check_source(e, lim)?;
                 e.conns += 1;
                 e.half_open.insert(id, ctl.clone());
             }
             Entry::Vacant(v) => {
-                if self.table.len.fetch_add(1, Ordering::Relaxed)
-                    >= self.limits.max_sources as usize
-                {
+                if self.table.len.fetch_add(1, Ordering::Relaxed) >= lim.max_sources as usize {
                     self.table.len.fetch_sub(1, Ordering::Relaxed);
                     return Err(Reject::SourcesFull);
                 }
@@ -274,13 +363,13 @@ impl Shared {
     /// Takes a place under `max_conns`. When full and `on_full = "evict"`, a silent
     /// connection, else a half-closed one, of the heaviest source makes room: an open
     /// connection is never evicted.
-    fn reserve_conn(&self, spare: u64) -> bool {
-        let max = self.limits.max_conns as usize;
+    fn reserve_conn(&self, spare: u64, lim: &Limits) -> bool {
+        let max = lim.max_conns as usize;
         for _ in 0..4 {
             if try_inc(&self.counts.conns, max) {
                 return true;
             }
-            if self.limits.on_full == OnFull::Reject
+            if lim.on_full == OnFull::Reject
                 || !(self.evict_heaviest(EvictState::HalfOpen, spare)
                     || self.evict_heaviest(EvictState::HalfClosed, spare))
             {
@@ -291,16 +380,16 @@ impl Shared {
     }
 
     /// Takes a place under the listener cap for state `s`, evicting when full and allowed.
-    fn reserve_state(&self, s: EvictState, spare: u64) -> bool {
+    fn reserve_state(&self, s: EvictState, spare: u64, lim: &Limits) -> bool {
         let (count, max) = match s {
-            EvictState::HalfOpen => (&self.counts.half_open, self.limits.max_half_open),
-            EvictState::HalfClosed => (&self.counts.half_closed, self.limits.max_half_closed),
+            EvictState::HalfOpen => (&self.counts.half_open, lim.max_half_open),
+            EvictState::HalfClosed => (&self.counts.half_closed, lim.max_half_closed),
         };
         for _ in 0..4 {
             if try_inc(count, max as usize) {
                 return true;
             }
-            if self.limits.on_full == OnFull::Reject || !self.evict_heaviest(s, spare) {
+            if lim.on_full == OnFull::Reject || !self.evict_heaviest(s, spare) {
                 return false;
             }
         }

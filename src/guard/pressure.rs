@@ -5,7 +5,7 @@
 //! values, for new and existing connections; they grow back only when every count is under
 //! `low_water` x its cap, so the mode does not flap at the threshold.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::sync::watch;
 
@@ -16,25 +16,35 @@ use crate::config::{Limits, PressureConfig};
 pub(crate) struct PressureGate {
     on: AtomicBool,
     /// Per count (conns, half-open, half-closed): above this, pressure starts.
-    high: [usize; 3],
+    high: [AtomicUsize; 3],
     /// Per count: pressure ends once every count is at or below this.
-    low: [usize; 3],
+    low: [AtomicUsize; 3],
     tx: watch::Sender<bool>,
 }
 
 impl PressureGate {
     pub fn new(limits: &Limits, p: &PressureConfig) -> PressureGate {
+        let gate = PressureGate {
+            on: AtomicBool::new(false),
+            high: Default::default(),
+            low: Default::default(),
+            tx: watch::Sender::new(false),
+        };
+        gate.set(limits, p);
+        gate
+    }
+
+    /// Sets the thresholds (at start and on reload).
+    pub fn set(&self, limits: &Limits, p: &PressureConfig) {
         let caps = [
             limits.max_conns,
             limits.max_half_open,
             limits.max_half_closed,
         ];
-        let at = |f: f64| caps.map(|c| (f64::from(c) * f).floor() as usize);
-        PressureGate {
-            on: AtomicBool::new(false),
-            high: at(p.high_water),
-            low: at(p.low_water),
-            tx: watch::Sender::new(false),
+        for (i, c) in caps.into_iter().enumerate() {
+            let at = |f: f64| (f64::from(c) * f).floor() as usize;
+            self.high[i].store(at(p.high_water), Ordering::Relaxed);
+            self.low[i].store(at(p.low_water), Ordering::Relaxed);
         }
     }
 
@@ -50,7 +60,12 @@ impl PressureGate {
     /// channel is touched only when the mode flips.
     pub fn update(&self, counts: [usize; 3]) {
         let on = self.is_on();
-        if !on && counts.iter().zip(self.high).any(|(&c, h)| c > h) {
+        if !on
+            && counts
+                .iter()
+                .zip(&self.high)
+                .any(|(&c, h)| c > h.load(Ordering::Relaxed))
+        {
             if self
                 .on
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
@@ -65,7 +80,10 @@ impl PressureGate {
                 );
             }
         } else if on
-            && counts.iter().zip(self.low).all(|(&c, l)| c <= l)
+            && counts
+                .iter()
+                .zip(&self.low)
+                .all(|(&c, l)| c <= l.load(Ordering::Relaxed))
             && self
                 .on
                 .compare_exchange(true, false, Ordering::AcqRel, Ordering::Relaxed)

@@ -98,11 +98,12 @@ impl Ticket {
         // An OPEN connection is in no eviction list, so nobody can have evicted it; count it
         // listener-wide first, so an evictor never finds it in a list before it is counted.
         let sh = self.shared.clone();
-        if !sh.reserve_state(EvictState::HalfClosed, self.id) {
+        let lim = sh.limits.load();
+        if !sh.reserve_state(EvictState::HalfClosed, self.id, &lim) {
             return Err(Refused::Full(Reject::HalfClosedFull));
         }
         self.state = State::HalfClosed;
-        let cap = sh.limits.max_half_closed_per_source as usize;
+        let cap = lim.max_half_closed_per_source as usize;
         if let Some(key) = &self.key {
             let victim = {
                 let Some(mut e) = sh.table.map.get_mut(key) else {

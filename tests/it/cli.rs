@@ -64,20 +64,29 @@ fn version_is_printed() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("halfguard "));
 }
 
-/// A config file in a fresh temp dir, with a listener on a free port toward `backend`.
-fn temp_config(backend: std::net::SocketAddr, extra: &str) -> (std::path::PathBuf, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
+        .port()
+}
+
+/// A config file in a fresh temp dir, with a listener on a free port toward `backend`;
+/// `admin` is the body of the `[admin]` table.
+fn temp_config(
+    backend: std::net::SocketAddr,
+    admin: &str,
+    extra: &str,
+) -> (std::path::PathBuf, u16) {
+    let port = free_port();
     let dir = std::env::temp_dir().join(format!("halfguard-it-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("halfguard.toml");
     std::fs::write(
         &path,
         format!(
-            "[[listeners]]\nname = \"cli\"\nbind = \"127.0.0.1:{port}\"\nbackends = [\"{backend}\"]\n[admin]\nbind = \"off\"\n{extra}\n"
+            "[[listeners]]\nname = \"cli\"\nbind = \"127.0.0.1:{port}\"\nbackends = [\"{backend}\"]\n[admin]\n{admin}\n{extra}\n"
         ),
     )
     .unwrap();
@@ -151,13 +160,20 @@ fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_open_connections_then_exits_0() {
+async fn sigterm_fails_readiness_then_drains_then_exits_0() {
     let b = backend(Backend::Echo).await;
-    let (cfg, port) = temp_config(b.addr, "[timeouts]\ndrain = \"1500ms\"\n");
+    let admin_port = free_port();
+    let (cfg, port) = temp_config(
+        b.addr,
+        &format!("bind = \"127.0.0.1:{admin_port}\"\ndrain_delay = \"700ms\""),
+        "[timeouts]\ndrain = \"1500ms\"\n",
+    );
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
     let mut cmd = Command::new(BIN);
     cmd.args(["run", "-c"]).arg(&cfg);
     let mut child = start(cmd);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert_eq!(http(admin, "GET", "/readyz").await.0, 200);
 
     // One connection finishes its exchange during the drain; one never does.
     let mut finishing = TcpStream::connect(addr).await.unwrap();
@@ -165,23 +181,36 @@ async fn sigterm_drains_open_connections_then_exits_0() {
     let mut lingering = TcpStream::connect(addr).await.unwrap();
     assert_eq!(roundtrip(&mut lingering, b"b").await, b"b");
 
-    // SIGHUP changes nothing and kills nothing.
+    // SIGHUP reloads (the file is unchanged) and kills nothing.
     let rc = Command::new("kill")
         .args(["-HUP", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(rc.success());
-    tokio::time::sleep(ms(200)).await;
+    tokio::time::sleep(ms(300)).await;
     assert!(
         child.try_wait().unwrap().is_none(),
         "SIGHUP must not stop halfguard"
     );
     assert_eq!(roundtrip(&mut lingering, b"b").await, b"b");
+    let metrics = http(admin, "GET", "/metrics").await.1;
+    assert!(
+        metrics.contains("halfguard_config_reloads_total{result=\"success\"} 1"),
+        "{metrics}"
+    );
 
     let t0 = Instant::now();
     sigterm(&child);
-    tokio::time::sleep(ms(300)).await;
-    // No longer accepting...
+    tokio::time::sleep(ms(200)).await;
+    // First not ready, but still accepting, so load balancers can catch up...
+    assert_eq!(http(admin, "GET", "/readyz").await.0, 503);
+    let mut late = TcpStream::connect(addr)
+        .await
+        .expect("still accepting during drain_delay");
+    assert_eq!(roundtrip(&mut late, b"late").await, b"late");
+    drop(late);
+    // ...then no longer accepting...
+    tokio::time::sleep(ms(800)).await;
     assert!(
         TcpStream::connect(addr).await.is_err(),
         "listener should be closed"
@@ -197,7 +226,10 @@ async fn sigterm_drains_open_connections_then_exits_0() {
         .unwrap();
     assert_eq!(code, Some(0));
     let took = t0.elapsed();
-    assert!(took >= ms(1400) && took < ms(4000), "drain took {took:?}");
+    assert!(
+        took >= ms(2100) && took < ms(5000),
+        "delay + drain took {took:?}"
+    );
 }
 
 #[test]
@@ -217,6 +249,7 @@ async fn accept_loop_survives_running_out_of_descriptors() {
     let b = backend(Backend::Echo).await;
     let (cfg, port) = temp_config(
         b.addr,
+        "bind = \"off\"",
         "[limits]\nmax_conns_per_source = 0\nmax_half_open_per_source = 0\nconn_rate_per_source = 0\n[timeouts]\ndrain = \"500ms\"\n",
     );
     // 48 descriptors in all: a few dozen connections exhaust them.

@@ -1,5 +1,6 @@
 //! Integration tests: real sockets on 127.0.0.1 port 0, real backends, one test binary.
 
+mod admin;
 mod caps;
 mod cli;
 mod clocks;

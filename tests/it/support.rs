@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use halfguard::config::{self, Config};
 use halfguard::guard::GuardSnapshot;
+use halfguard::shutdown::Signal;
 use halfguard::{Handle, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -57,12 +58,13 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(config: Config) -> Proxy {
-        let server = Server::bind(&config).await.expect("proxy binds");
+        let server = Server::bind(config).await.expect("proxy binds");
         let handle = server.handle();
         let addr = handle.addr(L).expect("listener t");
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async {
             let _ = rx.await;
+            Signal::Interrupt
         }));
         Proxy {
             handle,
@@ -76,7 +78,7 @@ impl Proxy {
         self.handle.snapshot(L).expect("listener t")
     }
 
-    pub fn stats(&self) -> &halfguard::stats::Stats {
+    pub fn stats(&self) -> std::sync::Arc<halfguard::stats::Stats> {
         self.handle.stats(L).expect("listener t")
     }
 
@@ -314,4 +316,29 @@ pub fn rst(s: TcpStream) {
 /// Milliseconds.
 pub fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
+}
+
+/// One HTTP/1.1 request with `Connection: close`: (status, body).
+pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect to admin");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("send request");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
+        .await
+        .expect("admin answers in time")
+        .expect("read response");
+    let raw = String::from_utf8_lossy(&raw).to_string();
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }

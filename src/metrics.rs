@@ -1,0 +1,369 @@
+//! Prometheus metrics, read from the counters the proxy keeps anyway.
+//!
+//! The hot path only ever does atomic adds on [`crate::stats::Stats`], the backend counters
+//! and the [`Histo`]grams below; nothing is formatted or locked per connection. A scrape walks
+//! the running listeners and encodes what it finds through a prometheus-client `Collector`,
+//! so every value is read at scrape time and a listener removed by a reload simply
+//! disappears from the output. Labels are static sets (listener, state, reason, timeout,
+//! direction, backend, server): never a source address.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+
+use crate::server::State;
+use crate::stats::{EvictState, Reject, Timeout};
+
+/// Seconds; connections live from milliseconds to hours.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0,
+];
+/// Seconds; a backend connect on a LAN takes well under a millisecond.
+pub const CONNECT_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0, 3.0,
+];
+
+/// A histogram made of atomics, so observing costs two or three relaxed adds.
+#[derive(Debug)]
+pub struct Histo {
+    bounds: &'static [f64],
+    /// One per bound, plus +Inf.
+    counts: Box<[AtomicU64]>,
+    sum_nanos: AtomicU64,
+}
+
+impl Histo {
+    pub fn new(bounds: &'static [f64]) -> Histo {
+        Histo {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = self.bounds.partition_point(|&b| b < secs);
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_nanos
+            .fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// (sum in seconds, count, per-bucket counts as prometheus-client wants them).
+    fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let counts: Vec<u64> = self.counts.iter().map(|c| c.load(Relaxed)).collect();
+        let buckets = self
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(counts.iter().copied())
+            .collect();
+        (
+            self.sum_nanos.load(Relaxed) as f64 / 1e9,
+            counts.iter().sum(),
+            buckets,
+        )
+    }
+}
+
+/// Reads every metric from the server state at scrape time.
+#[derive(Debug)]
+pub(crate) struct Collector {
+    pub state: std::sync::Arc<State>,
+}
+
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Vec<(&str, &str)>, u64)],
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in samples {
+        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Vec<(&str, &str)>, i64)],
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    if let [(labels, v)] = samples
+        && labels.is_empty()
+    {
+        // No label set at all, rather than an empty `{}`.
+        return ConstGauge::new(*v).encode(m);
+    }
+    for (labels, v) in samples {
+        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn histogram(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Vec<(&str, &str)>, &Histo)],
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, h) in samples {
+        let (sum, count, buckets) = h.snapshot();
+        m.encode_family(labels)?
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                sum, count, &buckets, None,
+            )?;
+    }
+    Ok(())
+}
+
+impl prometheus_client::collector::Collector for Collector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let listeners = self.state.listeners();
+        let ls: Vec<_> = listeners
+            .iter()
+            .map(|l| (l.ctx.name.as_str(), l.ctx.guard.snapshot(), &l.ctx.stats))
+            .collect();
+        let e = &mut enc;
+
+        let mut v = Vec::new();
+        for (name, snap, _) in &ls {
+            let open = snap.conns.saturating_sub(snap.half_open + snap.half_closed);
+            for (state, n) in [
+                ("half_open", snap.half_open),
+                ("open", open),
+                ("half_closed", snap.half_closed),
+            ] {
+                v.push((vec![("listener", *name), ("state", state)], n as i64));
+            }
+        }
+        gauge(
+            e,
+            "halfguard_connections",
+            "Connections by accounted state.",
+            &v,
+        )?;
+
+        let v: Vec<_> = ls
+            .iter()
+            .map(|(n, _, s)| (vec![("listener", *n)], s.accepted.load(Relaxed)))
+            .collect();
+        counter(
+            e,
+            "halfguard_connections_accepted",
+            "Connections admitted.",
+            &v,
+        )?;
+
+        let mut v = Vec::new();
+        for (n, _, s) in &ls {
+            for r in Reject::ALL {
+                v.push((
+                    vec![("listener", *n), ("reason", r.as_str())],
+                    s.rejected(r),
+                ));
+            }
+        }
+        counter(
+            e,
+            "halfguard_connections_rejected",
+            "Connections refused with RST, by reason.",
+            &v,
+        )?;
+
+        let mut v = Vec::new();
+        for (n, _, s) in &ls {
+            for st in EvictState::ALL {
+                v.push((
+                    vec![("listener", *n), ("state", st.as_str())],
+                    s.evicted(st),
+                ));
+            }
+        }
+        counter(
+            e,
+            "halfguard_connections_evicted",
+            "Connections aborted to make room, by the state they were in.",
+            &v,
+        )?;
+
+        let mut v = Vec::new();
+        for (n, _, s) in &ls {
+            for t in Timeout::ALL {
+                v.push((
+                    vec![("listener", *n), ("timeout", t.as_str())],
+                    s.timed_out(t),
+                ));
+            }
+        }
+        counter(
+            e,
+            "halfguard_connections_timed_out",
+            "Connections aborted by a clock, by clock.",
+            &v,
+        )?;
+
+        let mut v = Vec::new();
+        for (n, _, s) in &ls {
+            for (end, c) in [
+                ("clean", &s.closed_clean),
+                ("peer_error", &s.peer_errors),
+                ("backend_unavailable", &s.backend_unavailable),
+                ("shutdown", &s.aborted_on_shutdown),
+            ] {
+                v.push((vec![("listener", *n), ("end", end)], c.load(Relaxed)));
+            }
+        }
+        counter(
+            e,
+            "halfguard_connections_closed",
+            "Connections that ended other than by refusal, eviction or clock.",
+            &v,
+        )?;
+
+        let sources: usize = ls.iter().map(|(_, s, _)| s.sources).sum();
+        gauge(
+            e,
+            "halfguard_sources",
+            "Sources (address prefixes) holding at least one connection.",
+            &[(vec![], sources as i64)],
+        )?;
+
+        let v: Vec<_> = ls
+            .iter()
+            .map(|(n, s, _)| (vec![("listener", *n)], i64::from(s.pressure)))
+            .collect();
+        gauge(
+            e,
+            "halfguard_pressure",
+            "1 while the listener is in pressure mode.",
+            &v,
+        )?;
+
+        let mut v = Vec::new();
+        for (n, _, s) in &ls {
+            v.push((
+                vec![("listener", *n), ("direction", "upstream")],
+                s.bytes_upstream.load(Relaxed),
+            ));
+            v.push((
+                vec![("listener", *n), ("direction", "downstream")],
+                s.bytes_downstream.load(Relaxed),
+            ));
+        }
+        counter(
+            e,
+            "halfguard_bytes",
+            "Bytes forwarded: upstream is client to backend.",
+            &v,
+        )?;
+
+        let v: Vec<_> = ls
+            .iter()
+            .map(|(n, _, s)| (vec![("listener", *n)], s.accept_errors.load(Relaxed)))
+            .collect();
+        counter(
+            e,
+            "halfguard_accept_errors",
+            "accept() failures such as EMFILE; the accept loop backs off.",
+            &v,
+        )?;
+
+        let pools: Vec<_> = listeners
+            .iter()
+            .map(|l| l.ctx.policy.load_full().backends.clone())
+            .collect();
+        let mut up = Vec::new();
+        let mut errs = Vec::new();
+        for p in &pools {
+            for s in p.servers() {
+                let labels = vec![("backend", p.name()), ("server", s.label())];
+                up.push((labels.clone(), i64::from(s.is_up())));
+                errs.push((labels, s.connect_errors()));
+            }
+        }
+        gauge(
+            e,
+            "halfguard_backend_up",
+            "1 while the server is considered up (the last connect to it succeeded).",
+            &up,
+        )?;
+        counter(
+            e,
+            "halfguard_backend_connect_errors",
+            "Failed or timed-out connects to the server.",
+            &errs,
+        )?;
+
+        let reloads = self.state.reloads();
+        counter(
+            e,
+            "halfguard_config_reloads",
+            "Configuration reloads by result.",
+            &[
+                (vec![("result", "success")], reloads.0),
+                (vec![("result", "failure")], reloads.1),
+            ],
+        )?;
+
+        let v: Vec<_> = ls
+            .iter()
+            .map(|(n, _, s)| (vec![("listener", *n)], &s.duration))
+            .collect();
+        histogram(
+            e,
+            "halfguard_connection_duration_seconds",
+            "Lifetime of admitted connections, from accept to close.",
+            &v,
+        )?;
+        let v: Vec<_> = pools
+            .iter()
+            .map(|p| (vec![("backend", p.name())], p.connect_time()))
+            .collect();
+        histogram(
+            e,
+            "halfguard_backend_connect_seconds",
+            "Time to connect to a backend server, successful attempts.",
+            &v,
+        )?;
+        Ok(())
+    }
+}
+
+/// Renders the Prometheus text exposition.
+pub(crate) fn render(state: std::sync::Arc<State>) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(Collector { state }));
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+        out.clear();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_count_each_observation_once() {
+        let h = Histo::new(&[0.1, 1.0]);
+        h.observe(Duration::from_millis(50));
+        h.observe(Duration::from_millis(100));
+        h.observe(Duration::from_millis(500));
+        h.observe(Duration::from_secs(5));
+        let (sum, count, buckets) = h.snapshot();
+        assert_eq!(count, 4);
+        assert!((sum - 5.65).abs() < 1e-9);
+        assert_eq!(buckets, vec![(0.1, 2), (1.0, 1), (f64::INFINITY, 1)]);
+    }
+}

@@ -1,0 +1,399 @@
+//! The admin endpoint: metrics that match what happened, probes, `/sources`, live reload,
+//! and a slowloris on the admin port that cannot keep a scrape out.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use halfguard::config;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+/// Writes `text` to a fresh config file and starts a proxy from it, admin on port 0.
+async fn proxy_from_file(text: &str) -> (Proxy, PathBuf, SocketAddr) {
+    let dir = std::env::temp_dir().join(format!(
+        "halfguard-admin-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("halfguard.toml");
+    std::fs::write(&path, text).unwrap();
+    let cfg = config::load_with_env(&path, HashMap::new()).expect("valid test config");
+    let p = Proxy::start(cfg).await;
+    let admin = p.handle.admin_addr().expect("admin is on");
+    (p, path, admin)
+}
+
+static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn file_config(backend: SocketAddr, limits: &str) -> String {
+    format!(
+        r#"
+[[listeners]]
+name = "{L}"
+bind = "127.0.0.1:0"
+backends = ["{backend}"]
+
+[limits]
+conn_rate_per_source = 0
+max_conns_per_source = 0
+{limits}
+
+[timeouts]
+first_byte = "400ms"
+
+[tcp]
+keepalive_idle = "0s"
+
+[admin]
+bind = "127.0.0.1:0"
+"#
+    )
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text scrape.
+fn sample(scrape: &str, name_and_labels: &str) -> Option<f64> {
+    scrape.lines().find_map(|l| {
+        l.strip_prefix(name_and_labels)?
+            .strip_prefix(' ')?
+            .parse()
+            .ok()
+    })
+}
+
+async fn scrape(admin: SocketAddr) -> String {
+    let (status, body) = http(admin, "GET", "/metrics").await;
+    assert_eq!(status, 200);
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_match_an_attack_and_return_to_zero() {
+    let b = backend(Backend::Echo).await;
+    let (p, _path, admin) =
+        proxy_from_file(&file_config(b.addr, "max_half_open_per_source = 5")).await;
+
+    // Legit traffic: one exchange of known size, closed cleanly.
+    let mut legit = connect_from("127.0.0.3", p.addr).await.unwrap();
+    assert_eq!(roundtrip(&mut legit, &[1u8; 1000]).await, vec![1u8; 1000]);
+    legit.shutdown().await.unwrap();
+    assert_eq!(read_end(&mut legit, ms(2000)).await, Seen::Fin(vec![]));
+
+    // The attack: 20 silent connections from one source; 5 get in.
+    let mut attack = Vec::new();
+    for _ in 0..20 {
+        // A refusal's RST can beat connect() to the socket: that is a refusal too.
+        if let Ok(s) = connect_from("127.0.0.2", p.addr).await {
+            attack.push(s);
+        }
+    }
+    wait_for(ms(2000), || (p.snapshot().half_open == 5).then_some(()))
+        .await
+        .unwrap();
+    let during = scrape(admin).await;
+    let l = format!("listener=\"{L}\"");
+    assert_eq!(
+        sample(
+            &during,
+            &format!("halfguard_connections{{{l},state=\"half_open\"}}")
+        ),
+        Some(5.0)
+    );
+    assert_eq!(
+        sample(
+            &during,
+            &format!("halfguard_connections_rejected_total{{{l},reason=\"source_half_open\"}}")
+        ),
+        Some(15.0)
+    );
+    assert_eq!(
+        sample(
+            &during,
+            &format!("halfguard_connections_accepted_total{{{l}}}")
+        ),
+        Some(6.0)
+    );
+    assert_eq!(sample(&during, "halfguard_sources"), Some(1.0));
+
+    // /sources names the attacker, with its refusals; never in a metric label.
+    let (status, body) = http(admin, "GET", "/sources?top=5&by=refused").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let top = &v["listeners"][0]["sources"][0];
+    assert_eq!(top["source"], "127.0.0.2");
+    assert_eq!(top["refused"], 15);
+    assert_eq!(top["half_open"], 5);
+    assert!(
+        !during.contains("127.0.0.2"),
+        "a source address leaked into /metrics"
+    );
+
+    // The clock ends the attack; every gauge returns to zero, the counters say why.
+    p.assert_drained(ms(3000)).await;
+    let after = scrape(admin).await;
+    for state in ["half_open", "open", "half_closed"] {
+        assert_eq!(
+            sample(
+                &after,
+                &format!("halfguard_connections{{{l},state=\"{state}\"}}")
+            ),
+            Some(0.0),
+            "{state}"
+        );
+    }
+    assert_eq!(sample(&after, "halfguard_sources"), Some(0.0));
+    assert_eq!(
+        sample(
+            &after,
+            &format!("halfguard_connections_timed_out_total{{{l},timeout=\"first_byte\"}}")
+        ),
+        Some(5.0)
+    );
+    assert_eq!(
+        sample(
+            &after,
+            &format!("halfguard_bytes_total{{{l},direction=\"upstream\"}}")
+        ),
+        Some(1000.0)
+    );
+    assert_eq!(
+        sample(
+            &after,
+            &format!("halfguard_bytes_total{{{l},direction=\"downstream\"}}")
+        ),
+        Some(1000.0)
+    );
+    assert_eq!(
+        sample(
+            &after,
+            &format!("halfguard_connection_duration_seconds_count{{{l}}}")
+        ),
+        Some(6.0)
+    );
+    assert_eq!(
+        sample(
+            &after,
+            &format!("halfguard_connections_closed_total{{{l},end=\"clean\"}}")
+        ),
+        Some(1.0)
+    );
+    let server = format!("backend=\"{L}\",server=\"{}\"", b.addr);
+    assert_eq!(
+        sample(&after, &format!("halfguard_backend_up{{{server}}}")),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &after,
+            &format!("halfguard_backend_connect_seconds_count{{backend=\"{L}\"}}")
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&after, &format!("halfguard_pressure{{{l}}}")),
+        Some(0.0)
+    );
+    drop(attack);
+}
+
+#[tokio::test]
+async fn probes_report_health_and_readiness() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (p, _path, admin) = proxy_from_file(&file_config(dead, "")).await;
+    assert_eq!(
+        http(admin, "GET", "/healthz").await,
+        (200, "ok\n".to_string())
+    );
+    assert_eq!(
+        http(admin, "GET", "/readyz").await.0,
+        200,
+        "not known to be down yet"
+    );
+    // A failed connect marks the only backend down: not ready.
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(b"x").await.unwrap();
+    expect_reset(&mut c, ms(2000)).await;
+    let (status, body) = http(admin, "GET", "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("no backend is up"), "{body}");
+    let scrape = scrape(admin).await;
+    let server = format!("backend=\"{L}\",server=\"{dead}\"");
+    assert_eq!(
+        sample(&scrape, &format!("halfguard_backend_up{{{server}}}")),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(
+            &scrape,
+            &format!("halfguard_backend_connect_errors_total{{{server}}}")
+        ),
+        Some(1.0)
+    );
+    assert_eq!(http(admin, "GET", "/nope").await.0, 404);
+    assert_eq!(http(admin, "POST", "/metrics").await.0, 405);
+}
+
+#[tokio::test]
+async fn reload_changes_a_cap_for_new_connections_while_old_ones_flow() {
+    let b = backend(Backend::Echo).await;
+    let (p, path, admin) =
+        proxy_from_file(&file_config(b.addr, "max_half_open_per_source = 3")).await;
+    let mut old = connect_from("127.0.0.2", p.addr).await.unwrap();
+    assert_eq!(roundtrip(&mut old, b"before").await, b"before");
+    let _silent = connect_from("127.0.0.2", p.addr).await.unwrap();
+    wait_for(ms(1000), || (p.snapshot().half_open == 1).then_some(()))
+        .await
+        .unwrap();
+
+    std::fs::write(&path, file_config(b.addr, "max_half_open_per_source = 1")).unwrap();
+    let (status, body) = http(admin, "POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("half-open 1"), "{body}");
+    // The established connection keeps flowing...
+    assert_eq!(roundtrip(&mut old, b"after").await, b"after");
+    // ...and new silent connections meet the new cap at once.
+    let mut refused = connect_from("127.0.0.2", p.addr).await.unwrap();
+    expect_reset(&mut refused, ms(2000)).await;
+    assert_eq!(p.snapshot().half_open, 1);
+    let scrape = scrape(admin).await;
+    assert_eq!(
+        sample(
+            &scrape,
+            "halfguard_config_reloads_total{result=\"success\"}"
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_bad_reload_keeps_the_running_config() {
+    let b = backend(Backend::Echo).await;
+    let (p, path, admin) =
+        proxy_from_file(&file_config(b.addr, "max_half_open_per_source = 1")).await;
+    let before = http(admin, "GET", "/config").await.1;
+    std::fs::write(
+        &path,
+        file_config(b.addr, "max_half_open_per_source = \"lots\""),
+    )
+    .unwrap();
+    let (status, body) = http(admin, "POST", "/reload").await;
+    assert_eq!(status, 400);
+    assert!(body.contains("limits.max_half_open_per_source"), "{body}");
+    assert_eq!(http(admin, "GET", "/config").await.1, before);
+    // The old cap still holds.
+    let _one = connect_from("127.0.0.2", p.addr).await.unwrap();
+    wait_for(ms(1000), || (p.snapshot().half_open == 1).then_some(()))
+        .await
+        .unwrap();
+    let mut two = connect_from("127.0.0.2", p.addr).await.unwrap();
+    expect_reset(&mut two, ms(2000)).await;
+    let scrape = scrape(admin).await;
+    assert_eq!(
+        sample(
+            &scrape,
+            "halfguard_config_reloads_total{result=\"failure\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &scrape,
+            "halfguard_config_reloads_total{result=\"success\"}"
+        ),
+        Some(0.0)
+    );
+}
+
+#[tokio::test]
+async fn reload_adds_and_removes_listeners() {
+    let b = backend(Backend::Echo).await;
+    let base = file_config(b.addr, "");
+    let (p, path, admin) = proxy_from_file(&base).await;
+    let extra = format!(
+        "{base}\n[[listeners]]\nname = \"second\"\nbind = \"127.0.0.1:0\"\nbackends = [\"{}\"]\n",
+        b.addr
+    );
+    std::fs::write(&path, &extra).unwrap();
+    assert_eq!(http(admin, "POST", "/reload").await.0, 200);
+    let second = p.handle.addr("second").expect("second listener added");
+    let mut c = TcpStream::connect(second).await.unwrap();
+    assert_eq!(roundtrip(&mut c, b"new").await, b"new");
+    assert!(scrape(admin).await.contains("listener=\"second\""));
+
+    std::fs::write(&path, &base).unwrap();
+    assert_eq!(http(admin, "POST", "/reload").await.0, 200);
+    assert!(p.handle.addr("second").is_none());
+    assert!(
+        TcpStream::connect(second).await.is_err(),
+        "removed listener stops accepting"
+    );
+    // Its established connection is not dropped by the reload.
+    assert_eq!(roundtrip(&mut c, b"still").await, b"still");
+    // The first listener is untouched.
+    let mut d = TcpStream::connect(p.addr).await.unwrap();
+    assert_eq!(roundtrip(&mut d, b"first").await, b"first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_on_the_admin_port_does_not_stop_a_scrape() {
+    let b = backend(Backend::Echo).await;
+    let (_p, _path, admin) = proxy_from_file(&file_config(b.addr, "")).await;
+    // Far more dribbling connections than admin.max_conns (16), each sending part of a
+    // request line and then a byte now and then.
+    let mut loris = Vec::new();
+    for _ in 0..64 {
+        if let Ok(mut s) = TcpStream::connect(admin).await {
+            let _ = s
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .await;
+            loris.push(s);
+        }
+    }
+    let dribble = tokio::spawn(async move {
+        for _ in 0..20 {
+            for s in loris.iter_mut() {
+                let _ = s.write_all(b"a").await;
+            }
+            tokio::time::sleep(ms(100)).await;
+        }
+    });
+    for _ in 0..5 {
+        let t0 = tokio::time::Instant::now();
+        let (status, body) =
+            tokio::time::timeout(Duration::from_secs(2), http(admin, "GET", "/metrics"))
+                .await
+                .expect("scrape answered while the admin port is under slowloris");
+        assert_eq!(status, 200);
+        assert!(body.contains("halfguard_connections"));
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        tokio::time::sleep(ms(150)).await;
+    }
+    dribble.abort();
+}
+
+#[tokio::test]
+async fn reloaded_clocks_apply_to_live_connections_at_once() {
+    let b = backend(Backend::Echo).await;
+    let with_idle = |idle: &str| {
+        file_config(b.addr, "").replace(
+            "first_byte = \"400ms\"",
+            &format!("first_byte = \"400ms\"\nidle = \"{idle}\""),
+        )
+    };
+    let (p, path, admin) = proxy_from_file(&with_idle("1h")).await;
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    assert_eq!(roundtrip(&mut c, b"hi").await, b"hi");
+    expect_open(&mut c, ms(300)).await;
+    std::fs::write(&path, with_idle("200ms")).unwrap();
+    assert_eq!(http(admin, "POST", "/reload").await.0, 200);
+    // Idle for 300 ms already: the new 200 ms clock ends it at once.
+    let took = expect_reset(&mut c, ms(2000)).await;
+    assert!(took < ms(500), "took {took:?}");
+}
