@@ -31,6 +31,7 @@ pub mod guard;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
+pub mod proxy_protocol;
 pub mod server;
 pub mod shutdown;
 pub mod sockopt;

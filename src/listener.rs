@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::conn::{self, ListenerCtx};
 use crate::sockopt;
+use crate::stats::Reject;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -39,7 +40,23 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::ZERO;
-                match ctx.guard.admit(peer.ip()) {
+                let admitted = {
+                    let policy = ctx.policy.load();
+                    if !policy.accept_proxy {
+                        ctx.guard.admit(peer.ip())
+                    } else if policy
+                        .trusted_proxies
+                        .iter()
+                        .any(|n| n.contains(&peer.ip().to_canonical()))
+                    {
+                        // Caps apply to the source its PROXY header names, once read.
+                        ctx.guard.admit_trusted()
+                    } else {
+                        ctx.stats.reject(Reject::UntrustedProxy);
+                        Err(Reject::UntrustedProxy)
+                    }
+                };
+                match admitted {
                     Ok(ticket) => {
                         tracker.spawn(conn::serve(ctx.clone(), stream, ticket));
                     }

@@ -278,24 +278,29 @@ impl prometheus_client::collector::Collector for Collector {
             &v,
         )?;
 
-        let pools: Vec<_> = listeners
-            .iter()
-            .map(|l| l.ctx.policy.load_full().backends.clone())
-            .collect();
+        let pools = self.state.pools();
         let mut up = Vec::new();
+        let mut active = Vec::new();
         let mut errs = Vec::new();
         for p in &pools {
             for s in p.servers() {
                 let labels = vec![("backend", p.name()), ("server", s.label())];
                 up.push((labels.clone(), i64::from(s.is_up())));
+                active.push((labels.clone(), i64::from(s.active())));
                 errs.push((labels, s.connect_errors()));
             }
         }
         gauge(
             e,
             "halfguard_backend_up",
-            "1 while the server is considered up (the last connect to it succeeded).",
+            "1 while the server takes new connections: up by its health checks and not cooling off after failed connects.",
             &up,
+        )?;
+        gauge(
+            e,
+            "halfguard_backend_active",
+            "Connections to the server now.",
+            &active,
         )?;
         counter(
             e,

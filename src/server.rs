@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backend::{BackendError, Backends};
+use crate::backend::{BackendError, Pool};
 use crate::config::{Config, ConfigError, ListenerConfig};
 use crate::conn::{ListenerCtx, Policy};
 use crate::guard::{Guard, GuardSnapshot};
@@ -46,9 +46,9 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("listener {listener:?}: {source}")]
+    #[error("pool {pool:?}: {source}")]
     Backend {
-        listener: String,
+        pool: String,
         #[source]
         source: BackendError,
     },
@@ -81,6 +81,8 @@ pub(crate) struct Running {
 pub(crate) struct State {
     config: ArcSwap<Config>,
     listeners: Mutex<Vec<Arc<Running>>>,
+    /// The pools in force; listeners hold theirs through their policy.
+    pools: Mutex<Vec<Arc<Pool>>>,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
     draining: AtomicBool,
@@ -136,14 +138,11 @@ impl Server {
             ),
             None => None,
         };
-        let mut ctxs = Vec::with_capacity(sockets.len());
-        for l in &config.listeners {
-            ctxs.push(new_ctx(l, &config).await?);
-        }
         let state = Arc::new(State {
             admin_addr: admin.as_ref().and_then(|a| a.local_addr().ok()),
             config: ArcSwap::from_pointee(config.clone()),
             listeners: Mutex::new(Vec::new()),
+            pools: Mutex::new(Vec::new()),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             draining: AtomicBool::new(false),
@@ -152,9 +151,11 @@ impl Server {
             stop_upkeep: CancellationToken::new(),
             reload_lock: tokio::sync::Mutex::new(()),
         });
-        for ((socket, ctx), l) in sockets.into_iter().zip(ctxs).zip(&config.listeners) {
+        let pools = state.build_pools(&config).await?;
+        state.switch_pools(pools.clone());
+        for (socket, l) in sockets.into_iter().zip(&config.listeners) {
             let _ = sockopt::apply(socket2::SockRef::from(&socket), &config.tcp);
-            state.start_listener(socket, ctx, l.bind);
+            state.start_listener(socket, new_ctx(l, &config, &pools), l.bind);
         }
         state.tasks.spawn(upkeep(state.clone()));
         Ok(Server { state, admin })
@@ -239,9 +240,11 @@ fn bind_listener(l: &ListenerConfig, config: &Config) -> Result<TcpListener, Ser
     })
 }
 
-fn policy(l: &ListenerConfig, config: &Config, backends: Arc<Backends>) -> Policy {
+fn policy(l: &ListenerConfig, config: &Config, backends: Arc<Pool>) -> Policy {
     Policy {
         protocol: l.protocol,
+        accept_proxy: l.accept_proxy,
+        trusted_proxies: l.trusted_proxies.clone(),
         timeouts: l.timeouts.clone(),
         pressure: config.pressure.clone(),
         tcp: config.tcp.clone(),
@@ -249,27 +252,27 @@ fn policy(l: &ListenerConfig, config: &Config, backends: Arc<Backends>) -> Polic
     }
 }
 
-async fn resolve(l: &ListenerConfig) -> Result<Arc<Backends>, ServerError> {
-    Backends::resolve(&l.name, &l.backends)
-        .await
-        .map(Arc::new)
-        .map_err(|source| ServerError::Backend {
-            listener: l.name.clone(),
-            source,
-        })
+fn pool_for(l: &ListenerConfig, pools: &[Arc<Pool>]) -> Arc<Pool> {
+    // Config validation guarantees the pool exists; fall back to the first one rather than
+    // panic if that ever broke.
+    pools
+        .iter()
+        .find(|p| p.name() == l.backend)
+        .or_else(|| pools.first())
+        .cloned()
+        .expect("a validated config has at least one pool")
 }
 
-async fn new_ctx(l: &ListenerConfig, config: &Config) -> Result<Arc<ListenerCtx>, ServerError> {
-    let backends = resolve(l).await?;
+fn new_ctx(l: &ListenerConfig, config: &Config, pools: &[Arc<Pool>]) -> Arc<ListenerCtx> {
     let stats = Arc::new(Stats::default());
-    Ok(Arc::new(ListenerCtx {
+    Arc::new(ListenerCtx {
         name: l.name.clone(),
-        policy: ArcSwap::from_pointee(policy(l, config, backends)),
+        policy: ArcSwap::from_pointee(policy(l, config, pool_for(l, pools))),
         epoch: watch::Sender::new(0),
         guard: Guard::new(l.limits.clone(), &config.pressure, stats.clone()),
         stats,
         abort: CancellationToken::new(),
-    }))
+    })
 }
 
 impl Running {
@@ -286,6 +289,45 @@ impl Running {
 }
 
 impl State {
+    /// The pools `config` asks for: the running pool where its settings are unchanged (its
+    /// health state and open connections carry on), a new one, resolved, otherwise.
+    async fn build_pools(&self, config: &Config) -> Result<Vec<Arc<Pool>>, ServerError> {
+        let current = self.pools.lock().map(|p| p.clone()).unwrap_or_default();
+        let mut out = Vec::with_capacity(config.pools.len());
+        for cfg in &config.pools {
+            if let Some(p) = current.iter().find(|p| p.config() == cfg) {
+                out.push(p.clone());
+                continue;
+            }
+            let pool = Pool::new(cfg.clone(), self.stop_upkeep.child_token())
+                .await
+                .map_err(|source| ServerError::Backend {
+                    pool: cfg.name.clone(),
+                    source,
+                })?;
+            out.push(Arc::new(pool));
+        }
+        Ok(out)
+    }
+
+    /// Starts the new pools' background tasks and stops those of pools no longer used.
+    fn switch_pools(&self, next: Vec<Arc<Pool>>) {
+        let Ok(mut cur) = self.pools.lock() else {
+            return;
+        };
+        for p in &next {
+            if !cur.iter().any(|c| Arc::ptr_eq(c, p)) {
+                p.start(&self.tasks);
+            }
+        }
+        for c in cur.iter() {
+            if !next.iter().any(|p| Arc::ptr_eq(c, p)) {
+                c.stop();
+            }
+        }
+        *cur = next;
+    }
+
     fn start_listener(&self, socket: TcpListener, ctx: Arc<ListenerCtx>, bind: SocketAddr) {
         let socket = Arc::new(socket);
         let addr = socket.local_addr().unwrap_or(bind);
@@ -324,6 +366,11 @@ impl State {
         self.listeners()
             .into_iter()
             .find(|r| r.ctx.name == name && !r.is_retired())
+    }
+
+    /// The pools in force.
+    pub(crate) fn pools(&self) -> Vec<Arc<Pool>> {
+        self.pools.lock().map(|p| p.clone()).unwrap_or_default()
     }
 
     /// (successful, failed) reloads so far.
@@ -370,18 +417,20 @@ impl State {
 
     async fn try_reload(&self, new: Config) -> Result<(), ServerError> {
         // Plan and do everything fallible first.
+        let pools = self.build_pools(&new).await?;
         let mut updates = Vec::new();
         let mut adds = Vec::new();
         for l in &new.listeners {
             match self.active(&l.name) {
-                Some(r) if r.bind == l.bind => updates.push((r, l, resolve(l).await?)),
-                _ => adds.push((l, bind_listener(l, &new)?, new_ctx(l, &new).await?)),
+                Some(r) if r.bind == l.bind => updates.push((r, l)),
+                _ => adds.push((l, bind_listener(l, &new)?)),
             }
         }
         // Apply.
-        for (r, l, backends) in updates {
+        self.switch_pools(pools.clone());
+        for (r, l) in updates {
             r.ctx.guard.reload(l.limits.clone(), &new.pressure);
-            r.ctx.set_policy(policy(l, &new, backends));
+            r.ctx.set_policy(policy(l, &new, pool_for(l, &pools)));
             if let Ok(s) = r.socket.lock()
                 && let Some(s) = s.as_ref()
             {
@@ -397,9 +446,9 @@ impl State {
                 self.retire(&r);
             }
         }
-        for (l, socket, ctx) in adds {
+        for (l, socket) in adds {
             let _ = sockopt::apply(socket2::SockRef::from(&socket), &new.tcp);
-            self.start_listener(socket, ctx, l.bind);
+            self.start_listener(socket, new_ctx(l, &new, &pools), l.bind);
         }
         if new.admin != self.config.load().admin {
             tracing::warn!("[admin] changes take effect at the next restart");

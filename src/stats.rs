@@ -28,10 +28,16 @@ pub enum Reject {
     HalfClosedFull,
     /// The source table holds `max_sources` sources.
     SourcesFull,
+    /// A PROXY protocol header was malformed, too long, or cut short.
+    ProxyHeader,
+    /// A connection to a PROXY protocol listener came from outside `trusted_proxies`.
+    UntrustedProxy,
+    /// Every backend server was at `max_conns` and the pool's queue was full.
+    QueueFull,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 8] = [
+    pub const ALL: [Reject; 11] = [
         Reject::Denied,
         Reject::ConnsFull,
         Reject::Rate,
@@ -40,6 +46,9 @@ impl Reject {
         Reject::HalfOpenFull,
         Reject::HalfClosedFull,
         Reject::SourcesFull,
+        Reject::ProxyHeader,
+        Reject::UntrustedProxy,
+        Reject::QueueFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +61,9 @@ impl Reject {
             Reject::HalfOpenFull => "half_open_full",
             Reject::HalfClosedFull => "half_closed_full",
             Reject::SourcesFull => "sources_full",
+            Reject::ProxyHeader => "proxy_header",
+            Reject::UntrustedProxy => "untrusted_proxy",
+            Reject::QueueFull => "queue_full",
         }
     }
 }
@@ -65,16 +77,19 @@ pub enum Timeout {
     WriteStall,
     MaxLifetime,
     Connect,
+    /// Waited in a pool's queue for `queue_timeout` without a server slot.
+    Queue,
 }
 
 impl Timeout {
-    pub const ALL: [Timeout; 6] = [
+    pub const ALL: [Timeout; 7] = [
         Timeout::FirstByte,
         Timeout::Idle,
         Timeout::HalfClosed,
         Timeout::WriteStall,
         Timeout::MaxLifetime,
         Timeout::Connect,
+        Timeout::Queue,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -85,6 +100,7 @@ impl Timeout {
             Timeout::WriteStall => "write_stall",
             Timeout::MaxLifetime => "max_lifetime",
             Timeout::Connect => "connect",
+            Timeout::Queue => "queue",
         }
     }
 }

@@ -29,6 +29,47 @@ pub struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub admin: RawAdmin,
+    #[serde(default)]
+    pub backends: Vec<RawPool>,
+}
+
+/// One `[[backends]]` table: a named pool of servers.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub servers: Vec<RawServer>,
+    pub balance: Option<String>,
+    pub queue_size: Option<u32>,
+    pub queue_timeout: Option<RawDuration>,
+    pub proxy_protocol: Option<String>,
+    pub on_down: Option<String>,
+    pub resolve_interval: Option<RawDuration>,
+    pub health: Option<RawHealth>,
+}
+
+/// One server of a pool: `{ addr = "host:port", weight = 1, max_conns = 0 }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub addr: Option<String>,
+    pub weight: Option<u32>,
+    pub max_conns: Option<u32>,
+}
+
+/// `[backends.health]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub enabled: Option<bool>,
+    pub interval: Option<RawDuration>,
+    pub timeout: Option<RawDuration>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+    pub send: Option<String>,
+    pub expect: Option<String>,
+    pub cooloff: Option<RawDuration>,
 }
 
 /// One `[[listeners]]` table.
@@ -37,9 +78,13 @@ pub struct RawConfig {
 pub struct RawListener {
     pub name: Option<String>,
     pub bind: Option<String>,
-    #[serde(default)]
-    pub backends: Vec<String>,
+    /// The short form: a pool of these servers, named after the listener.
+    pub backends: Option<Vec<String>>,
+    /// The long form: the name of a `[[backends]]` pool.
+    pub backend: Option<String>,
     pub protocol: Option<String>,
+    pub accept_proxy: Option<bool>,
+    pub trusted_proxies: Option<Vec<String>>,
     /// Keys set here replace the top-level `[limits]` for this listener only.
     pub limits: Option<RawLimits>,
     /// Keys set here replace the top-level `[timeouts]` for this listener only.

@@ -11,6 +11,7 @@
 
 mod file;
 mod load;
+mod pool;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -21,6 +22,10 @@ use ipnet::IpNet;
 
 pub use file::{RawConfig, RawDuration, RawLimits, RawTimeouts};
 pub use load::{ENV_PREFIX, ENV_SEPARATOR, load, load_with_env, parse};
+pub use pool::{
+    Balance, DEFAULT_COOLOFF, DEFAULT_FALL, DEFAULT_HEALTH_INTERVAL, DEFAULT_RISE, HealthConfig,
+    OnDown, PoolConfig, ProxyVersion, ServerConfig,
+};
 
 /// Up to 64 concurrent connections per source: generous for a browser or a NATed office,
 /// small enough that one host cannot take the proxy's descriptors.
@@ -148,6 +153,15 @@ pub struct Config {
     pub tcp: TcpConfig,
     pub log: LogConfig,
     pub admin: AdminConfig,
+    /// Every pool: the `[[backends]]` tables, then one per listener using the short form.
+    pub pools: Vec<PoolConfig>,
+}
+
+impl Config {
+    /// The pool named `name`.
+    pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
+        self.pools.iter().find(|p| p.name == name)
+    }
 }
 
 /// `[admin]`: the HTTP endpoint for metrics, probes and reload.
@@ -176,9 +190,13 @@ impl Default for AdminConfig {
 pub struct ListenerConfig {
     pub name: String,
     pub bind: SocketAddr,
-    /// `host:port` strings, resolved when the listener starts.
-    pub backends: Vec<String>,
+    /// The name of the pool this listener forwards to.
+    pub backend: String,
     pub protocol: Protocol,
+    /// Expect a PROXY protocol v1/v2 header from `trusted_proxies`; caps then apply to the
+    /// address in the header.
+    pub accept_proxy: bool,
+    pub trusted_proxies: Vec<IpNet>,
     pub limits: Limits,
     pub timeouts: Timeouts,
 }
@@ -335,12 +353,12 @@ impl OnFull {
 }
 
 /// Collects the first error while keys are checked, so each check stays one line.
-struct Checker<'a> {
+pub(super) struct Checker<'a> {
     file: &'a str,
 }
 
 impl Checker<'_> {
-    fn err(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    pub(super) fn err(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             file: self.file.to_string(),
             key: key.into(),
@@ -360,6 +378,17 @@ impl Config {
         let base_timeouts = merge_timeouts(&Timeouts::default(), &raw.timeouts);
         check_timeouts(&ck, &base_timeouts, "timeouts")?;
 
+        let mut pools = Vec::new();
+        for (i, p) in raw.backends.iter().enumerate() {
+            let pool = pool::pool_from_raw(&ck, p, i)?;
+            if pools.iter().any(|q: &PoolConfig| q.name == pool.name) {
+                return Err(ck.err(
+                    format!("backends[{i}].name"),
+                    format!("{:?} is used by two pools", pool.name),
+                ));
+            }
+            pools.push(pool);
+        }
         let mut names = HashSet::new();
         let mut binds = HashSet::new();
         let mut listeners = Vec::with_capacity(raw.listeners.len());
@@ -383,11 +412,61 @@ impl Config {
             if bind.port() != 0 && !binds.insert(bind) {
                 return Err(ck.err(at("bind"), format!("{bind} is bound by two listeners")));
             }
-            if l.backends.is_empty() {
-                return Err(ck.err(at("backends"), "needs at least one \"host:port\""));
-            }
-            for (j, b) in l.backends.iter().enumerate() {
-                check_host_port(b).map_err(|r| ck.err(at(&format!("backends[{j}]")), r))?;
+            let backend = match (&l.backends, &l.backend) {
+                (Some(_), Some(_)) => {
+                    return Err(ck.err(
+                        at("backend"),
+                        "give either `backend = \"pool\"` or a `backends` list, not both",
+                    ));
+                }
+                (None, None) => {
+                    return Err(ck.err(
+                        at("backends"),
+                        "is required: a list of \"host:port\", or `backend = \"pool\"`",
+                    ));
+                }
+                (None, Some(pool)) => {
+                    if !pools.iter().any(|p| &p.name == pool) {
+                        return Err(ck.err(
+                            at("backend"),
+                            format!("no [[backends]] pool is named {pool:?}"),
+                        ));
+                    }
+                    pool.clone()
+                }
+                (Some(list), None) => {
+                    if list.is_empty() {
+                        return Err(ck.err(at("backends"), "needs at least one \"host:port\""));
+                    }
+                    for (j, b) in list.iter().enumerate() {
+                        check_host_port(b).map_err(|r| ck.err(at(&format!("backends[{j}]")), r))?;
+                    }
+                    if pools.iter().any(|p| p.name == name) {
+                        return Err(ck.err(
+                            at("name"),
+                            format!("{name:?} is also a [[backends]] pool's name; the short `backends` list makes a pool named after the listener"),
+                        ));
+                    }
+                    pools.push(PoolConfig::short(&name, list));
+                    name.clone()
+                }
+            };
+            let trusted_proxies = match &l.trusted_proxies {
+                None => Vec::new(),
+                Some(v) => v
+                    .iter()
+                    .enumerate()
+                    .map(|(j, s)| {
+                        parse_net(s).map_err(|r| ck.err(at(&format!("trusted_proxies[{j}]")), r))
+                    })
+                    .collect::<Result<_, _>>()?,
+            };
+            let accept_proxy = l.accept_proxy.unwrap_or(false);
+            if accept_proxy && trusted_proxies.is_empty() {
+                return Err(ck.err(
+                    at("trusted_proxies"),
+                    "accept_proxy needs the load balancers' CIDRs: a PROXY header from anyone would let any client choose its source address",
+                ));
             }
             let protocol = match l.protocol.as_deref() {
                 None | Some("client-first") => Protocol::ClientFirst,
@@ -414,8 +493,10 @@ impl Config {
             listeners.push(ListenerConfig {
                 name,
                 bind,
-                backends: l.backends.clone(),
+                backend,
                 protocol,
+                accept_proxy,
+                trusted_proxies,
                 limits,
                 timeouts,
             });
@@ -543,6 +624,7 @@ impl Config {
             tcp,
             log,
             admin,
+            pools,
         })
     }
 
@@ -572,11 +654,19 @@ impl fmt::Display for Config {
             let (lim, t) = (&l.limits, &l.timeouts);
             writeln!(
                 f,
-                "listener {:?} on {} ({}) -> {}",
+                "listener {:?} on {} ({}{}) -> pool {:?}",
                 l.name,
                 l.bind,
                 l.protocol.as_str(),
-                l.backends.join(", ")
+                if l.accept_proxy {
+                    format!(
+                        ", PROXY protocol from {} prefix(es)",
+                        l.trusted_proxies.len()
+                    )
+                } else {
+                    String::new()
+                },
+                l.backend
             )?;
             writeln!(
                 f,
@@ -614,6 +704,63 @@ impl fmt::Display for Config {
                 d(t.write_stall),
                 t.max_lifetime.map_or("none".into(), d),
                 d(t.drain)
+            )?;
+        }
+        for p in &self.pools {
+            let servers: Vec<String> = p
+                .servers
+                .iter()
+                .map(|s| {
+                    let mut x = s.addr.clone();
+                    if s.weight != 1 {
+                        x += &format!(" weight {}", s.weight);
+                    }
+                    if s.max_conns > 0 {
+                        x += &format!(" max_conns {}", s.max_conns);
+                    }
+                    x
+                })
+                .collect();
+            writeln!(
+                f,
+                "pool {:?}: {} [{}]; queue {} for {}; proxy_protocol {}; on_down {}",
+                p.name,
+                p.balance.as_str(),
+                servers.join(", "),
+                p.queue_size,
+                d(p.queue_timeout),
+                match p.proxy_protocol {
+                    None => "off",
+                    Some(ProxyVersion::V1) => "v1",
+                    Some(ProxyVersion::V2) => "v2",
+                },
+                match p.on_down {
+                    OnDown::Keep => "keep",
+                    OnDown::Abort => "abort",
+                }
+            )?;
+            let h = &p.health;
+            writeln!(
+                f,
+                "  health: {}; passive: down after {} failures for {}",
+                if h.enabled {
+                    format!(
+                        "every {}, timeout {}, rise {}, fall {}{}",
+                        d(h.interval),
+                        d(h.timeout),
+                        h.rise,
+                        h.fall,
+                        if h.send.is_some() || h.expect.is_some() {
+                            " (send/expect)"
+                        } else {
+                            ""
+                        }
+                    )
+                } else {
+                    "active checks off".into()
+                },
+                h.fall,
+                d(h.cooloff)
             )?;
         }
         writeln!(
@@ -662,7 +809,7 @@ fn nonzero(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
 }
 
-fn check_host_port(s: &str) -> Result<(), String> {
+pub(super) fn check_host_port(s: &str) -> Result<(), String> {
     if s.parse::<SocketAddr>().is_ok() {
         return Ok(());
     }

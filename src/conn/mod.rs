@@ -26,22 +26,25 @@ use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-pub use pump::{BUF_SIZE, Event, Pump, Side};
+pub use pump::{BUF_SIZE, Event, Pump, PumpError, Side};
 
-use crate::backend::{BackendError, Backends};
+use crate::backend::{BackendError, Lease, Pool, ProxiedAddrs};
 use crate::config::{PressureConfig, Protocol, TcpConfig, Timeouts};
 use crate::guard::{Guard, Refused, Ticket};
-use crate::sockopt;
 use crate::stats::{Reject, Stats, Timeout};
+use crate::{proxy_protocol, sockopt};
 
 /// What a reload may change for a listener's connections, swapped whole.
 #[derive(Debug)]
 pub struct Policy {
     pub protocol: Protocol,
+    /// Expect a PROXY protocol header first, from these balancers only.
+    pub accept_proxy: bool,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub timeouts: Timeouts,
     pub pressure: PressureConfig,
     pub tcp: TcpConfig,
-    pub backends: Arc<Backends>,
+    pub backends: Arc<Pool>,
 }
 
 /// What every connection of one listener shares.
@@ -73,9 +76,12 @@ enum End {
     Clean,
     Timeout(Timeout),
     Evicted,
-    Refused(Reject),
+    /// Refused after admission (counted where it was refused).
+    Refused,
     Backend,
     PeerError,
+    /// The server reset the connection before sending anything: passive health counts it.
+    PeerErrorFromServerBeforeFirstByte,
     Shutdown,
 }
 
@@ -87,18 +93,22 @@ pub async fn serve(ctx: Arc<ListenerCtx>, client: TcpStream, mut ticket: Ticket)
     let accepted = Instant::now();
     let mut server = None;
     let end = run(&ctx, &client, &mut server, &mut ticket, accepted).await;
+    if end == End::PeerErrorFromServerBeforeFirstByte
+        && let Some((_, lease)) = &server
+    {
+        lease.early_reset();
+    }
     let stats = &ctx.stats;
     match end {
         End::Clean => {
             stats.closed_clean.fetch_add(1, Relaxed);
         }
         End::Timeout(t) => stats.time_out(t),
-        End::Evicted => {} // counted by the evictor
-        End::Refused(r) => stats.reject(r),
+        End::Evicted | End::Refused => {} // counted by the evictor or refuser
         End::Backend => {
             stats.backend_unavailable.fetch_add(1, Relaxed);
         }
-        End::PeerError => {
+        End::PeerError | End::PeerErrorFromServerBeforeFirstByte => {
             stats.peer_errors.fetch_add(1, Relaxed);
         }
         End::Shutdown => {
@@ -107,11 +117,12 @@ pub async fn serve(ctx: Arc<ListenerCtx>, client: TcpStream, mut ticket: Ticket)
     }
     if end != End::Clean {
         sockopt::abort(&client);
-        if let Some(s) = &server {
+        if let Some((s, _)) = &server {
             sockopt::abort(s);
         }
     }
-    // Sockets close here, then the ticket gives the counts back.
+    // Sockets close here (the lease with the server socket), then the ticket gives the
+    // counts back.
     drop(server);
     drop(client);
     drop(ticket);
@@ -121,7 +132,7 @@ pub async fn serve(ctx: Arc<ListenerCtx>, client: TcpStream, mut ticket: Ticket)
 async fn run(
     ctx: &ListenerCtx,
     client: &TcpStream,
-    server_slot: &mut Option<TcpStream>,
+    server_slot: &mut Option<(TcpStream, Lease)>,
     ticket: &mut Ticket,
     accepted: Instant,
 ) -> End {
@@ -134,6 +145,50 @@ async fn run(
             .max_lifetime
             .map(|l| (accepted + l, Timeout::MaxLifetime))
     };
+    let first_byte = |p: &Policy, pressure: bool| {
+        if pressure {
+            p.timeouts.first_byte.min(p.pressure.first_byte)
+        } else {
+            p.timeouts.first_byte
+        }
+    };
+    let (Ok(peer), Ok(local)) = (client.peer_addr(), client.local_addr()) else {
+        return End::PeerError;
+    };
+    let mut addrs = ProxiedAddrs {
+        client: peer,
+        local,
+    };
+
+    // A trusted balancer's PROXY header, within the first-byte clock; from here on the
+    // source is the one it names.
+    if policy.accept_proxy {
+        let deadline = accepted + first_byte(&policy, *pressure.borrow_and_update());
+        let header = tokio::select! {
+            biased;
+            _ = ctl.evicted() => return End::Evicted,
+            _ = ctx.abort.cancelled() => return End::Shutdown,
+            h = proxy_protocol::read_header(client) => h,
+            _ = sleep_until(deadline) => return End::Timeout(Timeout::FirstByte),
+        };
+        match header {
+            Ok(h) => {
+                if let Some((src, dst)) = h.addrs {
+                    addrs = ProxiedAddrs {
+                        client: src,
+                        local: dst,
+                    };
+                    if ticket.assign_source(src.ip()).is_err() {
+                        return End::Refused;
+                    }
+                }
+            }
+            Err(_) => {
+                ctx.stats.reject(Reject::ProxyHeader);
+                return End::Refused;
+            }
+        }
+    }
 
     // HALF_OPEN.
     if policy.protocol == Protocol::ServerFirst {
@@ -143,11 +198,11 @@ async fn run(
             biased;
             _ = ctl.evicted() => return End::Evicted,
             _ = ctx.abort.cancelled() => return End::Shutdown,
-            r = policy.backends.connect(&policy.tcp, policy.timeouts.connect) => r,
+            r = policy.backends.connect(&policy.tcp, policy.timeouts.connect, addrs) => r,
         };
         match connect {
             Ok(s) => *server_slot = Some(s),
-            Err(e) => return backend_end(&e),
+            Err(e) => return backend_end(ctx, &e),
         }
     }
     let mut peek = [0u8; 1];
@@ -164,7 +219,7 @@ async fn run(
         );
         let server_ready = async {
             match server_slot.as_ref() {
-                Some(s) => s.readable().await,
+                Some((s, _)) => s.readable().await,
                 None => std::future::pending().await,
             }
         };
@@ -196,14 +251,14 @@ async fn run(
         let connect = tokio::select! {
             biased;
             _ = ctx.abort.cancelled() => return End::Shutdown,
-            r = policy.backends.connect(&policy.tcp, policy.timeouts.connect) => r,
+            r = policy.backends.connect(&policy.tcp, policy.timeouts.connect, addrs) => r,
         };
         match connect {
             Ok(s) => *server_slot = Some(s),
-            Err(e) => return backend_end(&e),
+            Err(e) => return backend_end(ctx, &e),
         }
     }
-    let Some(server) = server_slot.as_ref() else {
+    let Some((server, lease)) = server_slot.as_ref() else {
         return End::Backend;
     };
 
@@ -215,13 +270,23 @@ async fn run(
         &stats.bytes_downstream,
     );
     let mut watches = (pressure, epoch);
-    pump_until_end(ctx, ticket, &mut pump, &mut watches, policy, accepted).await
+    pump_until_end(
+        ctx,
+        ticket,
+        lease,
+        &mut pump,
+        &mut watches,
+        policy,
+        accepted,
+    )
+    .await
 }
 
 /// OPEN and HALF_CLOSED: moves bytes until both sides sent FIN or a clock runs out.
 async fn pump_until_end(
     ctx: &ListenerCtx,
     ticket: &mut Ticket,
+    lease: &Lease,
     pump: &mut Pump<'_>,
     (pressure, epoch): &mut (watch::Receiver<bool>, watch::Receiver<u64>),
     mut policy: Arc<Policy>,
@@ -273,6 +338,8 @@ async fn pump_until_end(
             biased;
             _ = ctl.evicted() => return End::Evicted,
             _ = ctx.abort.cancelled() => return End::Shutdown,
+            // The server was marked down and its pool aborts its connections.
+            _ = lease.aborted() => return End::Backend,
             ev = poll_fn(|cx| pump.poll_event(cx)) => match ev {
                 Ok(Event::Closed) => return End::Clean,
                 // A stall shortens the deadline: recompute it.
@@ -282,8 +349,14 @@ async fn pump_until_end(
                     match ticket.half_close() {
                         Ok(()) => {}
                         Err(Refused::Evicted) => return End::Evicted,
-                        Err(Refused::Full(r)) => return End::Refused(r),
+                        Err(Refused::Full(r)) => {
+                            ctx.stats.reject(r);
+                            return End::Refused;
+                        }
                     }
+                }
+                Err(e) if e.side == Side::Server && !pump.server_spoke() => {
+                    return End::PeerErrorFromServerBeforeFirstByte;
                 }
                 Err(_) => return End::PeerError,
             },
@@ -303,10 +376,17 @@ fn earliest(a: (Instant, Timeout), b: Option<(Instant, Timeout)>) -> (Instant, T
     }
 }
 
-fn backend_end(e: &BackendError) -> End {
+fn backend_end(ctx: &ListenerCtx, e: &BackendError) -> End {
     match e {
         BackendError::TimedOut => End::Timeout(Timeout::Connect),
-        _ => End::Backend,
+        BackendError::QueueTimeout => End::Timeout(Timeout::Queue),
+        BackendError::QueueFull => {
+            ctx.stats.reject(Reject::QueueFull);
+            End::Refused
+        }
+        BackendError::AllDown | BackendError::Unavailable | BackendError::Resolve { .. } => {
+            End::Backend
+        }
     }
 }
 

@@ -45,6 +45,10 @@ pub enum Event {
 struct Direction<'a> {
     /// The listener's byte counter for this direction, added to as bytes are written.
     counter: &'a AtomicU64,
+    /// Whose socket this direction reads.
+    from: Side,
+    /// A byte has been written in this direction.
+    moved: bool,
     buf: Option<Box<[u8]>>,
     pos: usize,
     len: usize,
@@ -61,9 +65,11 @@ struct Direction<'a> {
 }
 
 impl<'a> Direction<'a> {
-    fn new(now: Instant, counter: &'a AtomicU64) -> Direction<'a> {
+    fn new(now: Instant, counter: &'a AtomicU64, from: Side) -> Direction<'a> {
         Direction {
             counter,
+            from,
+            moved: false,
             buf: None,
             pos: 0,
             len: 0,
@@ -76,19 +82,21 @@ impl<'a> Direction<'a> {
     }
 
     /// Copies until `from` would block, `to` would block, or EOF has been forwarded
-    /// (`Ready(Ok)`), or an error.
+    /// (`Ready(Ok)`), or an error, which says whose socket failed.
     fn poll_copy(
         &mut self,
         from: &TcpStream,
         to: &TcpStream,
         cx: &mut Context<'_>,
-    ) -> Poll<io::Result<()>> {
+    ) -> Poll<Result<(), PumpError>> {
+        let (rd, wr) = (self.from, self.from.other());
+        let at = |side: Side| move |error: io::Error| PumpError { side, error };
         loop {
             if self.pos < self.len {
                 let Some(buf) = self.buf.as_deref() else {
-                    return Poll::Ready(Err(io::Error::other("pump buffer lost")));
+                    return Poll::Ready(Err(at(wr)(io::Error::other("pump buffer lost"))));
                 };
-                if to.poll_write_ready(cx)?.is_pending() {
+                if to.poll_write_ready(cx).map_err(at(wr))?.is_pending() {
                     if self.stalled_since.is_none() {
                         self.stalled_since = Some(Instant::now());
                         self.stall_started = true;
@@ -98,6 +106,7 @@ impl<'a> Direction<'a> {
                 match to.try_write(&buf[self.pos..self.len]) {
                     Ok(n) => {
                         self.pos += n;
+                        self.moved = true;
                         self.counter.fetch_add(n as u64, Relaxed);
                         self.last_progress = Instant::now();
                         self.stalled_since = None;
@@ -107,18 +116,20 @@ impl<'a> Direction<'a> {
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Poll::Ready(Err(e)),
+                    Err(e) => return Poll::Ready(Err(at(wr)(e))),
                 }
                 continue;
             }
             if self.eof {
                 // Forward the FIN exactly: the other direction keeps flowing.
-                SockRef::from(to).shutdown(Shutdown::Write)?;
+                SockRef::from(to)
+                    .shutdown(Shutdown::Write)
+                    .map_err(at(wr))?;
                 self.done = true;
                 self.buf = None;
                 return Poll::Ready(Ok(()));
             }
-            if from.poll_read_ready(cx)?.is_pending() {
+            if from.poll_read_ready(cx).map_err(at(rd))?.is_pending() {
                 // Drained and waiting: give the buffer back.
                 self.buf = None;
                 return Poll::Pending;
@@ -133,8 +144,26 @@ impl<'a> Direction<'a> {
                     self.last_progress = Instant::now();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
+                Err(e) => return Poll::Ready(Err(at(rd)(e))),
             }
+        }
+    }
+}
+
+/// A read or write failed (a reset, or a kernel timeout) on `side`'s socket.
+#[derive(Debug, thiserror::Error)]
+#[error("{side:?} socket: {error}")]
+pub struct PumpError {
+    pub side: Side,
+    #[source]
+    pub error: io::Error,
+}
+
+impl Side {
+    fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Server,
+            Side::Server => Side::Client,
         }
     }
 }
@@ -163,15 +192,15 @@ impl<'a> Pump<'a> {
         Pump {
             client,
             server,
-            up: Direction::new(now, upstream),
-            down: Direction::new(now, downstream),
+            up: Direction::new(now, upstream, Side::Client),
+            down: Direction::new(now, downstream, Side::Server),
             unacked: [None, None],
         }
     }
 
     /// Moves bytes until something the connection must act on happens. Cancel-safe: all
     /// state lives in the pump, so it can sit in a `select!` and be polled again.
-    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Event>> {
+    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
         if !self.up.done && self.up.poll_copy(self.client, self.server, cx)?.is_ready() {
             return Poll::Ready(Ok(self.closed_or(Side::Client)));
         }
@@ -211,6 +240,11 @@ impl<'a> Pump<'a> {
             Side::Client => self.down.last_progress,
             Side::Server => self.up.last_progress,
         }
+    }
+
+    /// The server has sent at least one byte to the client.
+    pub fn server_spoke(&self) -> bool {
+        self.down.moved
     }
 
     /// Since when some direction has bytes for a peer that takes none.

@@ -129,6 +129,37 @@ impl Guard {
         r
     }
 
+    /// Admits a connection from a trusted PROXY protocol balancer before its header is
+    /// read: counted per listener only, like an allow-listed source, until
+    /// [`Ticket::assign_source`] gives it its real source.
+    pub fn admit_trusted(&self) -> Result<Ticket, Reject> {
+        let sh = &self.shared;
+        let lim = &*sh.limits.load();
+        let r = (|| {
+            let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
+            if !sh.reserve_conn(id, lim) {
+                return Err(Reject::ConnsFull);
+            }
+            if !sh.reserve_state(EvictState::HalfOpen, id, lim) {
+                sh.counts.conns.fetch_sub(1, Ordering::AcqRel);
+                return Err(Reject::HalfOpenFull);
+            }
+            sh.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            sh.update_pressure();
+            Ok(Ticket {
+                shared: self.shared.clone(),
+                key: None,
+                id,
+                state: State::HalfOpen,
+                ctl: Arc::new(ConnCtl::default()),
+            })
+        })();
+        if let Err(reason) = r {
+            sh.stats.reject(reason);
+        }
+        r
+    }
+
     fn try_admit(&self, ip: IpAddr) -> Result<Ticket, Reject> {
         let sh = &self.shared;
         let lim = &*sh.limits.load();
@@ -321,6 +352,43 @@ fn check_source(e: &SourceEntry, lim: &Limits) -> Result<(), Reject> {
 }
 
 impl Shared {
+    /// The per-source half of admission for a connection already counted per listener
+    /// (a PROXY protocol connection whose header named its source): deny, allow, rate,
+    /// per-source caps, then the source's half-open list.
+    pub(crate) fn assign_source(
+        &self,
+        ip: IpAddr,
+        id: u64,
+        ctl: &Arc<ConnCtl>,
+    ) -> Result<Option<SourceKey>, Reject> {
+        let ip = ip.to_canonical();
+        let lim = &*self.limits.load();
+        let r = (|| {
+            if lim.deny.iter().any(|n| n.contains(&ip)) {
+                return Err(Reject::Denied);
+            }
+            if lim.allow.iter().any(|n| n.contains(&ip)) {
+                return Ok(None);
+            }
+            let key = SourceKey::new(ip, lim.ipv4_prefix, lim.ipv6_prefix);
+            if let Some(rate) = &*self.rate.load()
+                && !rate.check(&key)
+            {
+                return Err(Reject::Rate);
+            }
+            self.enter_source(&key, id, ctl, lim)?;
+            Ok(Some(key))
+        })();
+        if let Err(reason) = r {
+            self.stats.reject(reason);
+            if reason != Reject::Denied {
+                self.refusals
+                    .count(SourceKey::new(ip, lim.ipv4_prefix, lim.ipv6_prefix));
+            }
+        }
+        r
+    }
+
     /// Binding per-source check, then the connection joins its source's half-open list.
     fn enter_source(
         &self,

@@ -67,6 +67,15 @@ impl Ticket {
         &self.ctl
     }
 
+    /// Gives a connection admitted with `Guard::admit_trusted` its real source (from a PROXY
+    /// header) and applies the per-source checks to it. On refusal the connection must be
+    /// aborted; the refusal is counted.
+    pub fn assign_source(&mut self, ip: std::net::IpAddr) -> Result<(), Reject> {
+        debug_assert!(self.key.is_none() && self.state == State::HalfOpen);
+        self.key = self.shared.assign_source(ip, self.id, &self.ctl)?;
+        Ok(())
+    }
+
     /// HALF_OPEN -> OPEN: the first byte moved.
     pub fn open(&mut self) -> Result<(), Refused> {
         debug_assert_eq!(self.state, State::HalfOpen);

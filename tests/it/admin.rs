@@ -65,6 +65,10 @@ fn sample(scrape: &str, name_and_labels: &str) -> Option<f64> {
     })
 }
 
+async fn scrape_of(admin: SocketAddr) -> String {
+    scrape(admin).await
+}
+
 async fn scrape(admin: SocketAddr) -> String {
     let (status, body) = http(admin, "GET", "/metrics").await;
     assert_eq!(status, 200);
@@ -216,10 +220,12 @@ async fn probes_report_health_and_readiness() {
         200,
         "not known to be down yet"
     );
-    // A failed connect marks the only backend down: not ready.
-    let mut c = TcpStream::connect(p.addr).await.unwrap();
-    c.write_all(b"x").await.unwrap();
-    expect_reset(&mut c, ms(2000)).await;
+    // `fall` (3) failed connects in a row cool the only backend off: not ready.
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(p.addr).await.unwrap();
+        c.write_all(b"x").await.unwrap();
+        expect_reset(&mut c, ms(2000)).await;
+    }
     let (status, body) = http(admin, "GET", "/readyz").await;
     assert_eq!(status, 503);
     assert!(body.contains("no backend is up"), "{body}");
@@ -229,13 +235,13 @@ async fn probes_report_health_and_readiness() {
         sample(&scrape, &format!("halfguard_backend_up{{{server}}}")),
         Some(0.0)
     );
-    assert_eq!(
-        sample(
-            &scrape,
-            &format!("halfguard_backend_connect_errors_total{{{server}}}")
-        ),
-        Some(1.0)
-    );
+    let errors = format!("halfguard_backend_connect_errors_total{{{server}}}");
+    assert_eq!(sample(&scrape, &errors), Some(3.0));
+    // With every server down, a newcomer is refused at once, without a connect attempt.
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(b"x").await.unwrap();
+    expect_reset(&mut c, ms(500)).await;
+    assert_eq!(sample(&scrape_of(admin).await, &errors), Some(3.0));
     assert_eq!(http(admin, "GET", "/nope").await.0, 404);
     assert_eq!(http(admin, "POST", "/metrics").await.0, 405);
 }

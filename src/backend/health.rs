@@ -1,0 +1,122 @@
+//! A pool's background work: active health checks per server and periodic re-resolution of
+//! server names.
+//!
+//! A check is a TCP connect, optionally a `send` and a reply that must start with `expect`,
+//! within `timeout`. `rise` good checks in a row bring a server up, `fall` bad ones take it
+//! down (HAProxy's `inter 2s rise 2 fall 3` by default). Check connections are closed with
+//! RST so they leave no TIME_WAIT behind, check after check.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::task::TaskTracker;
+
+use super::{Pool, Server, resolve};
+use crate::config::{HealthConfig, OnDown};
+
+pub(super) fn start(pool: &Arc<Pool>, tasks: &TaskTracker) {
+    if pool.cfg.health.enabled {
+        for server in &pool.servers {
+            tasks.spawn(check_loop(pool.clone(), server.clone()));
+        }
+    }
+    if pool
+        .cfg
+        .servers
+        .iter()
+        .any(|s| s.addr.parse::<std::net::SocketAddr>().is_err())
+    {
+        tasks.spawn(resolve_loop(pool.clone()));
+    }
+}
+
+async fn check_loop(pool: Arc<Pool>, server: Arc<Server>) {
+    let h = &pool.cfg.health;
+    let mut tick = tokio::time::interval(h.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = pool.stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let ok = check(&server, h).await;
+        match server.check_result(ok, h.rise, h.fall) {
+            Some(true) => {
+                tracing::info!(pool = %pool.cfg.name, server = server.label(), "backend server up")
+            }
+            Some(false) => {
+                tracing::warn!(pool = %pool.cfg.name, server = server.label(), "backend server down");
+                if pool.cfg.on_down == OnDown::Abort {
+                    server.abort_all();
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+/// One check.
+pub(super) async fn check(server: &Server, h: &HealthConfig) -> bool {
+    let addr = server.addr();
+    let attempt = async {
+        let mut s = TcpStream::connect(addr).await.ok()?;
+        if let Some(send) = &h.send {
+            s.write_all(send).await.ok()?;
+        }
+        let ok = match &h.expect {
+            None => true,
+            Some(want) => {
+                let mut got = vec![0u8; want.len()];
+                s.read_exact(&mut got).await.is_ok() && &got == want
+            }
+        };
+        let _ = s.set_zero_linger();
+        Some(ok)
+    };
+    matches!(
+        tokio::time::timeout(h.timeout, attempt).await,
+        Ok(Some(true))
+    )
+}
+
+async fn resolve_loop(pool: Arc<Pool>) {
+    let mut tick = tokio::time::interval(pool.cfg.resolve_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // resolved at start already
+    let mut failing = vec![false; pool.servers.len()];
+    loop {
+        tokio::select! {
+            _ = pool.stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for (i, server) in pool.servers.iter().enumerate() {
+            if server.label().parse::<std::net::SocketAddr>().is_ok() {
+                continue;
+            }
+            match tokio::time::timeout(Duration::from_secs(5), resolve(server.label())).await {
+                Ok(Ok(addr)) => {
+                    if failing[i] {
+                        tracing::info!(server = server.label(), %addr, "backend name resolves again");
+                        failing[i] = false;
+                    }
+                    if addr != server.addr() {
+                        tracing::info!(server = server.label(), old = %server.addr(), new = %addr, "backend address changed");
+                        server.set_addr(addr);
+                    }
+                }
+                _ => {
+                    if !failing[i] {
+                        tracing::warn!(
+                            server = server.label(),
+                            kept = %server.addr(),
+                            "backend name no longer resolves; keeping its last address"
+                        );
+                        failing[i] = true;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! Backend pools: balancing, bounded waiting, retries within the connect budget, passive and
+//! active health, re-resolution, and PROXY protocol toward the servers.
+//!
+//! A backend that dies, hangs or slows down must not turn into held client sockets:
+//! - a server marked down (active checks, or `fall` consecutive failed connects) gets no new
+//!   connections; with every server down a newcomer is refused at once;
+//! - a server at its `max_conns` takes no more; when all are, a client waits in a bounded
+//!   queue for at most `queue_timeout`;
+//! - a failed connect moves on to another server, each tried at most once, and the whole
+//!   thing (queue included) never takes longer than `timeouts.connect`.
+
+mod health;
+mod server;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use server::{Lease, Server};
+
+use crate::config::{Balance, PoolConfig, ProxyVersion, TcpConfig};
+use crate::metrics::{CONNECT_BUCKETS, Histo};
+use crate::{proxy_protocol, sockopt};
+
+/// At most this many servers are tried for one connection.
+const MAX_ATTEMPTS: usize = 3;
+
+/// Why no backend connection could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot resolve backend {backend:?}: {source}")]
+    Resolve {
+        backend: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("every server of the pool is down")]
+    AllDown,
+    #[error("every server is at max_conns and the queue is full")]
+    QueueFull,
+    #[error("every server is at max_conns and the wait ran out")]
+    QueueTimeout,
+    #[error("the servers tried did not answer within the connect budget")]
+    TimedOut,
+    #[error("the servers tried refused or failed")]
+    Unavailable,
+}
+
+/// The addresses a PROXY header toward the server carries.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxiedAddrs {
+    pub client: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// A pool of servers.
+#[derive(Debug)]
+pub struct Pool {
+    cfg: PoolConfig,
+    servers: Vec<Arc<Server>>,
+    /// Weighted round-robin order: each server index appears `weight` times, interleaved.
+    schedule: Vec<usize>,
+    next: AtomicUsize,
+    rng: AtomicU64,
+    waiting: AtomicUsize,
+    freed: Arc<Notify>,
+    connect_time: Histo,
+    /// Stops this pool's health and resolve tasks (on reload or shutdown).
+    stop: CancellationToken,
+}
+
+impl Pool {
+    /// Resolves every server; fails when a name does not resolve at start.
+    pub async fn new(cfg: PoolConfig, stop: CancellationToken) -> Result<Pool, BackendError> {
+        let mut servers = Vec::with_capacity(cfg.servers.len());
+        for s in &cfg.servers {
+            let addr = resolve(&s.addr)
+                .await
+                .map_err(|source| BackendError::Resolve {
+                    backend: s.addr.clone(),
+                    source,
+                })?;
+            servers.push(Arc::new(Server::new(s, addr)));
+        }
+        let schedule = interleave(
+            &cfg.servers
+                .iter()
+                .map(|s| s.weight.max(1))
+                .collect::<Vec<_>>(),
+        );
+        Ok(Pool {
+            cfg,
+            servers,
+            schedule,
+            next: AtomicUsize::new(0),
+            rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
+            waiting: AtomicUsize::new(0),
+            freed: Arc::new(Notify::new()),
+            connect_time: Histo::new(CONNECT_BUCKETS),
+            stop,
+        })
+    }
+
+    /// Starts health checks and re-resolution on `tasks`, until the pool's stop token.
+    pub fn start(self: &Arc<Self>, tasks: &TaskTracker) {
+        health::start(self, tasks);
+    }
+
+    /// Stops the pool's background tasks (connections keep their leases).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.cfg
+    }
+
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    pub fn servers(&self) -> &[Arc<Server>] {
+        &self.servers
+    }
+
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.servers.iter().map(|s| s.addr()).collect()
+    }
+
+    /// True when at least one server takes new connections.
+    pub fn any_up(&self) -> bool {
+        self.servers.iter().any(|s| s.is_up())
+    }
+
+    pub fn connect_time(&self) -> &Histo {
+        &self.connect_time
+    }
+
+    /// Connects to a server chosen by the pool's balance, within `budget`, and writes the
+    /// PROXY header when the pool sends one.
+    pub async fn connect(
+        &self,
+        tcp: &TcpConfig,
+        budget: Duration,
+        addrs: ProxiedAddrs,
+    ) -> Result<(TcpStream, Lease), BackendError> {
+        let deadline = Instant::now() + budget;
+        let mut tried: Vec<usize> = Vec::with_capacity(MAX_ATTEMPTS);
+        let mut last = BackendError::AllDown;
+        loop {
+            if tried.len() >= MAX_ATTEMPTS.min(self.servers.len()) {
+                return Err(last);
+            }
+            let i = match self.pick(&tried) {
+                Pick::Server(i) => i,
+                Pick::AllDown => return Err(last),
+                Pick::AllFull => {
+                    self.wait_for_room(deadline).await?;
+                    continue;
+                }
+            };
+            let server = &self.servers[i];
+            if !server.try_reserve() {
+                continue; // lost a race for the last slot: pick again
+            }
+            let lease = Lease {
+                server: server.clone(),
+                freed: self.freed.clone(),
+                down: server.down_token(),
+                fall: self.cfg.health.fall,
+                cooloff: self.cfg.health.cooloff,
+            };
+            tried.push(i);
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(BackendError::TimedOut);
+            }
+            // Share what is left of the budget among the attempts still possible, so one
+            // server that swallows SYNs cannot use it all.
+            let left = MAX_ATTEMPTS.min(self.servers.len()) - tried.len() + 1;
+            let attempt = (deadline - now) / left as u32;
+            let addr = server.addr();
+            let t0 = Instant::now();
+            let result = match sockopt::backend_socket(addr, tcp) {
+                Ok(sock) => tokio::time::timeout(attempt, sock.connect(addr)).await,
+                Err(e) => Ok(Err(e)),
+            };
+            match result {
+                Ok(Ok(mut stream)) => {
+                    self.connect_time.observe(t0.elapsed());
+                    server.passive_success();
+                    if let Some(v) = self.cfg.proxy_protocol {
+                        let header = match v {
+                            ProxyVersion::V1 => {
+                                proxy_protocol::encode_v1(addrs.client, addrs.local)
+                            }
+                            ProxyVersion::V2 => {
+                                proxy_protocol::encode_v2(addrs.client, addrs.local)
+                            }
+                        };
+                        // A fresh socket's send buffer is empty: this does not wait.
+                        if stream.write_all(&header).await.is_err() {
+                            last = BackendError::Unavailable;
+                            continue;
+                        }
+                    }
+                    return Ok((stream, lease));
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%addr, error = %e, "backend connect failed");
+                    last = BackendError::Unavailable;
+                }
+                Err(_) => {
+                    tracing::debug!(%addr, "backend connect timed out");
+                    last = BackendError::TimedOut;
+                }
+            }
+            if server.passive_failure(self.cfg.health.fall, self.cfg.health.cooloff) {
+                tracing::warn!(
+                    pool = %self.cfg.name,
+                    server = server.label(),
+                    cooloff = ?self.cfg.health.cooloff,
+                    "backend server failed {} connects in a row; cooling off",
+                    self.cfg.health.fall
+                );
+            }
+            drop(lease);
+        }
+    }
+
+    /// Waits in the bounded queue until a slot frees, or refuses.
+    async fn wait_for_room(&self, deadline: Instant) -> Result<(), BackendError> {
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.cfg.queue_size as usize {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(BackendError::QueueFull);
+        }
+        let until = deadline.min(Instant::now() + self.cfg.queue_timeout);
+        let r = tokio::time::timeout_at(until, self.freed.notified()).await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        r.map_err(|_| BackendError::QueueTimeout)
+    }
+
+    fn pick(&self, tried: &[usize]) -> Pick {
+        let eligible: Vec<usize> = (0..self.servers.len())
+            .filter(|i| !tried.contains(i) && self.servers[*i].is_up())
+            .collect();
+        if eligible.is_empty() {
+            return Pick::AllDown;
+        }
+        let room: Vec<usize> = eligible
+            .into_iter()
+            .filter(|&i| self.servers[i].has_room())
+            .collect();
+        if room.is_empty() {
+            return Pick::AllFull;
+        }
+        // Load per unit of weight, compared without division.
+        let lighter = |a: usize, b: usize| {
+            let (sa, sb) = (&self.servers[a], &self.servers[b]);
+            u64::from(sa.active()) * u64::from(sb.weight)
+                < u64::from(sb.active()) * u64::from(sa.weight)
+        };
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        Pick::Server(match self.cfg.balance {
+            Balance::RoundRobin => {
+                let n = self.schedule.len();
+                (0..n)
+                    .map(|k| self.schedule[(start + k) % n])
+                    .find(|i| room.contains(i))
+                    .unwrap_or(room[0])
+            }
+            Balance::LeastConn => {
+                // Rotate the starting point so ties spread instead of piling on the first.
+                let n = room.len();
+                let mut best = room[start % n];
+                for k in 1..n {
+                    let c = room[(start + k) % n];
+                    if lighter(c, best) {
+                        best = c;
+                    }
+                }
+                best
+            }
+            Balance::RandomTwo => {
+                let r = self.random();
+                let n = room.len();
+                let a = room[(r % n as u64) as usize];
+                let b = room[((r >> 32) % n as u64) as usize];
+                if lighter(b, a) { b } else { a }
+            }
+        })
+    }
+
+    fn random(&self) -> u64 {
+        // splitmix64 over a shared counter: cheap, and good enough to spread choices.
+        let mut z = self
+            .rng
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+            .wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+enum Pick {
+    Server(usize),
+    AllDown,
+    AllFull,
+}
+
+/// `host:port` to its first address.
+async fn resolve(hostport: &str) -> io::Result<SocketAddr> {
+    if let Ok(a) = hostport.parse() {
+        return Ok(a);
+    }
+    tokio::net::lookup_host(hostport)
+        .await?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the name has no address"))
+}
+
+/// Weighted round-robin order with the servers interleaved (not `aaab` but `abaa`-like):
+/// position k of weight w goes to slot k/w on a common scale.
+fn interleave(weights: &[u32]) -> Vec<usize> {
+    let mut slots: Vec<(u64, usize)> = Vec::new();
+    for (i, &w) in weights.iter().enumerate() {
+        for k in 0..w {
+            // Spread server i's w turns evenly over [0, 1), scaled to integers.
+            slots.push(((u64::from(k) * 2 + 1) * 1_000_000 / (u64::from(w) * 2), i));
+        }
+    }
+    slots.sort();
+    slots.into_iter().map(|(_, i)| i).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn weighted_round_robin_interleaves_by_weight() {
+        let s = super::interleave(&[3, 1]);
+        assert_eq!(s.len(), 4);
+        assert_eq!(s.iter().filter(|&&i| i == 0).count(), 3);
+        assert_ne!(s, vec![0, 0, 0, 1], "interleaved, not clumped");
+        assert_eq!(super::interleave(&[1, 1, 1]), vec![0, 1, 2]);
+    }
+}

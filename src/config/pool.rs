@@ -1,0 +1,298 @@
+//! `[[backends]]`: named pools of servers with balancing, health checks, a bounded queue and
+//! PROXY protocol toward the servers. A listener's short `backends = ["host:port", ...]` is a
+//! pool of its own, named after the listener, with these defaults.
+
+use std::time::Duration;
+
+use super::file::{RawHealth, RawPool};
+use super::{Checker, ConfigError, check_host_port};
+
+/// HAProxy's defaults: a check every 2 s, up after 2 good ones, down after 3 bad ones.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_RISE: u32 = 2;
+pub const DEFAULT_FALL: u32 = 3;
+/// A server marked down by failed connects (passive health) gets no traffic this long,
+/// unless active checks bring it back first.
+pub const DEFAULT_COOLOFF: Duration = Duration::from_secs(10);
+/// Names are resolved again this often; a name that stops resolving keeps its last address.
+pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+/// Clients that may wait for a server slot when every server is at its `max_conns`.
+pub const DEFAULT_QUEUE_SIZE: u32 = 128;
+/// How long a queued client waits at most (and never longer than `timeouts.connect`).
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How a pool picks a server for a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Weighted round robin.
+    RoundRobin,
+    /// The server with the fewest active connections per unit of weight.
+    LeastConn,
+    /// Two servers at random, the less loaded of them (power of two choices).
+    RandomTwo,
+}
+
+/// PROXY protocol version sent to the servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyVersion {
+    V1,
+    V2,
+}
+
+/// What happens to a server's open connections when it is marked down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDown {
+    /// They carry on: a server that fails its checks may still serve what it has.
+    Keep,
+    /// They are aborted with RST, so clients retry elsewhere at once.
+    Abort,
+}
+
+/// One server as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// `host:port`; the host is resolved at start and every `resolve_interval`.
+    pub addr: String,
+    pub weight: u32,
+    /// Concurrent connections to this server; 0 = no cap.
+    pub max_conns: u32,
+}
+
+/// Active and passive health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Active checks on (passive marking always is).
+    pub enabled: bool,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    /// Bytes written after connecting, if any.
+    pub send: Option<Vec<u8>>,
+    /// A prefix the reply must start with, if any.
+    pub expect: Option<Vec<u8>>,
+    /// Passive down time after `fall` consecutive failed connects or early resets.
+    pub cooloff: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            enabled: true,
+            interval: DEFAULT_HEALTH_INTERVAL,
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+            rise: DEFAULT_RISE,
+            fall: DEFAULT_FALL,
+            send: None,
+            expect: None,
+            cooloff: DEFAULT_COOLOFF,
+        }
+    }
+}
+
+/// A validated pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    pub name: String,
+    pub servers: Vec<ServerConfig>,
+    pub balance: Balance,
+    pub queue_size: u32,
+    pub queue_timeout: Duration,
+    pub proxy_protocol: Option<ProxyVersion>,
+    pub on_down: OnDown,
+    pub resolve_interval: Duration,
+    pub health: HealthConfig,
+}
+
+impl PoolConfig {
+    /// The pool behind a listener's short `backends = [...]` list: passive health only, as
+    /// with nginx's or a bare HAProxy `server` line; declare a `[[backends]]` pool for active
+    /// checks.
+    pub fn short(name: &str, servers: &[String]) -> PoolConfig {
+        PoolConfig {
+            name: name.to_string(),
+            servers: servers
+                .iter()
+                .map(|a| ServerConfig {
+                    addr: a.clone(),
+                    weight: 1,
+                    max_conns: 0,
+                })
+                .collect(),
+            balance: Balance::RoundRobin,
+            queue_size: DEFAULT_QUEUE_SIZE,
+            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
+            proxy_protocol: None,
+            on_down: OnDown::Keep,
+            resolve_interval: DEFAULT_RESOLVE_INTERVAL,
+            health: HealthConfig {
+                enabled: false,
+                ..HealthConfig::default()
+            },
+        }
+    }
+}
+
+impl Balance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round-robin",
+            Balance::LeastConn => "least-conn",
+            Balance::RandomTwo => "random-two",
+        }
+    }
+}
+
+pub(super) fn pool_from_raw(
+    ck: &Checker<'_>,
+    raw: &RawPool,
+    i: usize,
+) -> Result<PoolConfig, ConfigError> {
+    let at = |k: &str| format!("backends[{i}].{k}");
+    let name = match raw.name.as_deref().map(str::trim) {
+        Some(n) if !n.is_empty() => n.to_string(),
+        _ => return Err(ck.err(at("name"), "is required")),
+    };
+    if raw.servers.is_empty() {
+        return Err(ck.err(at("servers"), "needs at least one { addr = \"host:port\" }"));
+    }
+    let mut servers = Vec::with_capacity(raw.servers.len());
+    for (j, s) in raw.servers.iter().enumerate() {
+        let key = |k: &str| at(&format!("servers[{j}].{k}"));
+        let addr = s
+            .addr
+            .clone()
+            .ok_or_else(|| ck.err(key("addr"), "is required"))?;
+        check_host_port(&addr).map_err(|r| ck.err(key("addr"), r))?;
+        let weight = s.weight.unwrap_or(1);
+        if weight == 0 || weight > 256 {
+            return Err(ck.err(key("weight"), format!("{weight} is not in 1..=256")));
+        }
+        servers.push(ServerConfig {
+            addr,
+            weight,
+            max_conns: s.max_conns.unwrap_or(0),
+        });
+    }
+    let d = PoolConfig::short(&name, &[]);
+    let balance = match raw.balance.as_deref() {
+        None | Some("round-robin") => Balance::RoundRobin,
+        Some("least-conn") => Balance::LeastConn,
+        Some("random-two") => Balance::RandomTwo,
+        Some(o) => {
+            return Err(ck.err(
+                at("balance"),
+                format!("{o:?} is not \"round-robin\", \"least-conn\" or \"random-two\""),
+            ));
+        }
+    };
+    let proxy_protocol = match raw.proxy_protocol.as_deref() {
+        None | Some("off") => None,
+        Some("v1") => Some(ProxyVersion::V1),
+        Some("v2") => Some(ProxyVersion::V2),
+        Some(o) => {
+            return Err(ck.err(
+                at("proxy_protocol"),
+                format!("{o:?} is not \"off\", \"v1\" or \"v2\""),
+            ));
+        }
+    };
+    let on_down = match raw.on_down.as_deref() {
+        None | Some("keep") => OnDown::Keep,
+        Some("abort") => OnDown::Abort,
+        Some(o) => return Err(ck.err(at("on_down"), format!("{o:?} is not \"keep\" or \"abort\""))),
+    };
+    // A declared pool has active checks unless told otherwise.
+    let hd = HealthConfig::default();
+    let h = raw
+        .health
+        .as_ref()
+        .map_or_else(RawHealth::default, |h| RawHealth {
+            enabled: h.enabled,
+            interval: h.interval,
+            timeout: h.timeout,
+            rise: h.rise,
+            fall: h.fall,
+            send: h.send.clone(),
+            expect: h.expect.clone(),
+            cooloff: h.cooloff,
+        });
+    let health = HealthConfig {
+        enabled: h.enabled.unwrap_or(hd.enabled),
+        interval: h.interval.map_or(hd.interval, |x| x.0),
+        timeout: h.timeout.map_or(hd.timeout, |x| x.0),
+        rise: h.rise.unwrap_or(hd.rise),
+        fall: h.fall.unwrap_or(hd.fall),
+        send: h.send.filter(|s| !s.is_empty()).map(unescape),
+        expect: h.expect.filter(|s| !s.is_empty()).map(unescape),
+        cooloff: h.cooloff.map_or(hd.cooloff, |x| x.0),
+    };
+    for (k, v) in [("interval", health.interval), ("timeout", health.timeout)] {
+        if v.is_zero() {
+            return Err(ck.err(at(&format!("health.{k}")), "must be greater than 0s"));
+        }
+    }
+    for (k, v) in [("rise", health.rise), ("fall", health.fall)] {
+        if v == 0 {
+            return Err(ck.err(at(&format!("health.{k}")), "must be at least 1"));
+        }
+    }
+    let resolve_interval = raw.resolve_interval.map_or(d.resolve_interval, |x| x.0);
+    if resolve_interval.is_zero() {
+        return Err(ck.err(at("resolve_interval"), "must be greater than 0s"));
+    }
+    Ok(PoolConfig {
+        name,
+        servers,
+        balance,
+        queue_size: raw.queue_size.unwrap_or(d.queue_size),
+        queue_timeout: raw.queue_timeout.map_or(d.queue_timeout, |x| x.0),
+        proxy_protocol,
+        on_down,
+        resolve_interval,
+        health,
+    })
+}
+
+/// `\r`, `\n`, `\t`, `\\` and `\xNN` in health `send`/`expect`, so a TOML basic string can
+/// carry a binary probe and a literal string can still say `\r\n`.
+fn unescape(s: String) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 1 < b.len() {
+            let (byte, used) = match b[i + 1] {
+                b'r' => (Some(b'\r'), 2),
+                b'n' => (Some(b'\n'), 2),
+                b't' => (Some(b'\t'), 2),
+                b'\\' => (Some(b'\\'), 2),
+                b'x' if i + 3 < b.len() => (
+                    std::str::from_utf8(&b[i + 2..i + 4])
+                        .ok()
+                        .and_then(|h| u8::from_str_radix(h, 16).ok()),
+                    4,
+                ),
+                _ => (None, 1),
+            };
+            if let Some(byte) = byte {
+                out.push(byte);
+                i += used;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn health_probe_escapes() {
+        assert_eq!(super::unescape(r"PING\r\n".into()), b"PING\r\n");
+        assert_eq!(super::unescape(r"\x00\x01z\q".into()), b"\x00\x01z\\q");
+    }
+}
