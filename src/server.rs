@@ -546,6 +546,21 @@ impl Handle {
         self.find(name).map(|r| r.ctx.guard.snapshot())
     }
 
+    /// The servers of pool `pool`: (label, takes new connections, active connections).
+    pub fn backend_servers(&self, pool: &str) -> Vec<(String, bool, u32)> {
+        self.state
+            .pools()
+            .iter()
+            .filter(|p| p.name() == pool)
+            .flat_map(|p| {
+                p.servers()
+                    .iter()
+                    .map(|s| (s.label().to_string(), s.is_up(), s.active()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> Arc<Config> {
         self.state.config()

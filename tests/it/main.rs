@@ -1,6 +1,7 @@
 //! Integration tests: real sockets on 127.0.0.1 port 0, real backends, one test binary.
 
 mod admin;
+mod backends;
 mod caps;
 mod cli;
 mod clocks;

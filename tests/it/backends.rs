@@ -1,0 +1,424 @@
+//! Pools: health checks that take a dead server out and bring it back, least-conn, the
+//! bounded queue, `on_down = "abort"`, and PROXY protocol in and out.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use halfguard::config::{self, Config};
+use halfguard::proxy_protocol;
+use halfguard::stats::Reject;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+use crate::support::*;
+
+fn pool_config(listener_extra: &str, pool: &str) -> Config {
+    let text = format!(
+        r#"
+[[listeners]]
+name = "{L}"
+bind = "127.0.0.1:0"
+backend = "app"
+{listener_extra}
+
+[[backends]]
+{pool}
+
+[limits]
+max_conns_per_source = 0
+max_half_open_per_source = 0
+conn_rate_per_source = 0
+
+[admin]
+bind = "off"
+"#
+    );
+    config::parse(&text, "test.toml", HashMap::new()).expect("valid test config")
+}
+
+fn servers(addrs: &[SocketAddr]) -> String {
+    let list: Vec<String> = addrs
+        .iter()
+        .map(|a| format!("{{ addr = \"{a}\" }}"))
+        .collect();
+    format!("servers = [{}]", list.join(", "))
+}
+
+/// An echo server on a fixed address that counts the connections it served.
+struct Counted {
+    addr: SocketAddr,
+    served: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn counted_echo(addr: SocketAddr) -> Counted {
+    let l = TcpListener::bind(addr).await.expect("bind echo");
+    let addr = l.local_addr().unwrap();
+    let served = Arc::new(AtomicU64::new(0));
+    let count = served.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut first = true;
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    if first {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        first = false;
+                    }
+                }
+            });
+        }
+    });
+    Counted { addr, served, task }
+}
+
+fn up(p: &Proxy, server: SocketAddr) -> bool {
+    p.handle
+        .backend_servers("app")
+        .into_iter()
+        .find(|(label, _, _)| label == &server.to_string())
+        .map(|(_, up, _)| up)
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_is_taken_out_by_checks_and_returns_after_rise() {
+    let a = counted_echo("127.0.0.1:0".parse().unwrap()).await;
+    let b = counted_echo("127.0.0.1:0".parse().unwrap()).await;
+    let a_addr = a.addr;
+    let cfg = pool_config(
+        "",
+        &format!(
+            "name = \"app\"\n{}\n[backends.health]\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 2\nfall = 3\n",
+            servers(&[a.addr, b.addr])
+        ),
+    );
+    let p = Proxy::start(cfg).await;
+
+    // Steady load in the background: one client connection every 10 ms for 3 s.
+    let addr = p.addr;
+    let load = tokio::spawn(async move {
+        let (mut ok, mut failed) = (0u32, 0u32);
+        let end = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < end {
+            let r = async {
+                let mut c = TcpStream::connect(addr).await?;
+                c.write_all(b"ping").await?;
+                let mut back = [0u8; 4];
+                c.read_exact(&mut back).await?;
+                std::io::Result::Ok(())
+            };
+            match tokio::time::timeout(ms(1000), r).await {
+                Ok(Ok(())) => ok += 1,
+                _ => failed += 1,
+            }
+            tokio::time::sleep(ms(10)).await;
+        }
+        (ok, failed)
+    });
+
+    tokio::time::sleep(ms(500)).await;
+    assert!(up(&p, a_addr));
+    let killed = Instant::now();
+    drop(a);
+    wait_for(ms(2000), || (!up(&p, a_addr)).then_some(()))
+        .await
+        .expect("the killed server is marked down");
+    let took = killed.elapsed();
+    // fall x interval = 300 ms, plus one interval of phase and the check timeout.
+    assert!(took < ms(700), "marked down after {took:?}");
+
+    tokio::time::sleep(ms(500)).await;
+    let back = counted_echo(a_addr).await;
+    let restarted = Instant::now();
+    wait_for(ms(2000), || up(&p, a_addr).then_some(()))
+        .await
+        .expect("the server returns");
+    assert!(
+        restarted.elapsed() < ms(600),
+        "back after {:?}",
+        restarted.elapsed()
+    );
+
+    let (ok, failed) = load.await.unwrap();
+    assert_eq!(failed, 0, "clients failed while a server died ({ok} ok)");
+    assert!(ok > 50, "load ran ({ok})");
+    assert!(
+        back.served.load(Ordering::Relaxed) > 0,
+        "traffic returned to the server"
+    );
+}
+
+#[tokio::test]
+async fn least_conn_spreads_held_connections() {
+    let hold: Vec<_> = futures_hold(3).await;
+    let addrs: Vec<SocketAddr> = hold.iter().map(|b| b.addr).collect();
+    let cfg = pool_config(
+        "",
+        &format!(
+            "name = \"app\"\nbalance = \"least-conn\"\n{}\n[backends.health]\nenabled = false\n",
+            servers(&addrs)
+        ),
+    );
+    let p = Proxy::start(cfg).await;
+    let mut conns = Vec::new();
+    for _ in 0..9 {
+        let mut c = TcpStream::connect(p.addr).await.unwrap();
+        c.write_all(b"x").await.unwrap();
+        conns.push(c);
+    }
+    wait_for(ms(2000), || {
+        let active: u32 = p.handle.backend_servers("app").iter().map(|s| s.2).sum();
+        (active == 9).then_some(())
+    })
+    .await
+    .expect("9 backend connections");
+    for (label, _, active) in p.handle.backend_servers("app") {
+        assert_eq!(active, 3, "{label} holds {active} of 9");
+    }
+}
+
+async fn futures_hold(n: usize) -> Vec<BackendServer> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(backend(Backend::Sink).await);
+    }
+    v
+}
+
+#[tokio::test]
+async fn a_full_server_queues_briefly_then_refuses() {
+    let b = backend(Backend::Echo).await;
+    let cfg = pool_config(
+        "",
+        &format!(
+            "name = \"app\"\nservers = [{{ addr = \"{}\", max_conns = 1 }}]\nqueue_size = 1\nqueue_timeout = \"300ms\"\n",
+            b.addr
+        ),
+    );
+    let p = Proxy::start(cfg).await;
+    let mut first = TcpStream::connect(p.addr).await.unwrap();
+    assert_eq!(roundtrip(&mut first, b"1").await, b"1");
+    // The second waits in the queue and gets the slot when the first leaves.
+    let mut second = TcpStream::connect(p.addr).await.unwrap();
+    second.write_all(b"2").await.unwrap();
+    tokio::time::sleep(ms(50)).await;
+    // The third finds the queue full: refused at once.
+    let mut third = TcpStream::connect(p.addr).await.unwrap();
+    third.write_all(b"3").await.unwrap();
+    expect_reset(&mut third, ms(1000)).await;
+    assert_eq!(p.stats().rejected(Reject::QueueFull), 1);
+    drop(first);
+    let mut back = [0u8; 1];
+    second.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"2");
+    // A queued client that never gets a slot is refused when queue_timeout runs out.
+    let mut fourth = TcpStream::connect(p.addr).await.unwrap();
+    fourth.write_all(b"4").await.unwrap();
+    let took = expect_reset(&mut fourth, ms(2000)).await;
+    assert!(took >= ms(250) && took < ms(1000), "queue wait {took:?}");
+    assert_eq!(p.stats().timed_out(halfguard::stats::Timeout::Queue), 1);
+}
+
+#[tokio::test]
+async fn on_down_abort_resets_the_dead_servers_connections() {
+    // The server accepts, then stops answering health checks (its listener closes) while
+    // the connection it already has stays open.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<TcpStream>();
+    tokio::spawn(async move {
+        if let Ok((s, _)) = l.accept().await {
+            let _ = tx.send(s);
+        }
+        // Dropping the listener: further connects (the checks) are refused.
+    });
+    let cfg = pool_config(
+        "",
+        &format!(
+            "name = \"app\"\non_down = \"abort\"\n{}\n[backends.health]\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 2\n",
+            servers(&[addr])
+        ),
+    );
+    let p = Proxy::start(cfg).await;
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(b"hello").await.unwrap();
+    let _server_side = rx.await.unwrap();
+    let took = expect_reset(&mut c, ms(3000)).await;
+    assert!(took < ms(1500), "aborted after {took:?}");
+}
+
+/// A backend that reads a PROXY header, reports its addresses, then echoes.
+async fn proxy_aware_backend() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Option<(SocketAddr, SocketAddr)>>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let Ok(h) = proxy_protocol::read_header(&s).await else {
+                    return;
+                };
+                let _ = tx.send(h.addrs);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn proxy_protocol_out_v1_and_v2_carry_the_client_address() {
+    for v in ["v1", "v2"] {
+        let (backend, mut seen) = proxy_aware_backend().await;
+        let cfg = pool_config(
+            "",
+            &format!(
+                "name = \"app\"\nproxy_protocol = \"{v}\"\n{}\n[backends.health]\nenabled = false\n",
+                servers(&[backend])
+            ),
+        );
+        let p = Proxy::start(cfg).await;
+        let mut c = connect_from("127.0.0.2", p.addr).await.unwrap();
+        assert_eq!(
+            roundtrip(&mut c, b"data after the header").await,
+            b"data after the header"
+        );
+        let (src, dst) = seen.recv().await.unwrap().expect("addresses in the header");
+        assert_eq!(src, c.local_addr().unwrap(), "{v}: client address");
+        assert_eq!(dst, p.addr, "{v}: the address the client connected to");
+    }
+}
+
+#[tokio::test]
+async fn proxy_protocol_in_keys_caps_on_the_header_source_and_round_trips() {
+    let (backend, mut seen) = proxy_aware_backend().await;
+    let text_listener = "accept_proxy = true\ntrusted_proxies = [\"127.0.0.0/8\"]\n[listeners.limits]\nmax_conns_per_source = 1\n";
+    let cfg = pool_config(
+        text_listener,
+        &format!(
+            "name = \"app\"\nproxy_protocol = \"v2\"\n{}\n[backends.health]\nenabled = false\n",
+            servers(&[backend])
+        ),
+    );
+    let p = Proxy::start(cfg).await;
+    let client: SocketAddr = "198.18.0.7:40000".parse().unwrap();
+    let vip: SocketAddr = "198.18.1.1:443".parse().unwrap();
+
+    // v1 in, v2 out: the backend sees the client from the header, not the balancer.
+    let mut one = TcpStream::connect(p.addr).await.unwrap();
+    let mut hello = proxy_protocol::encode_v1(client, vip);
+    hello.extend_from_slice(b"first");
+    one.write_all(&hello).await.unwrap();
+    let mut back = [0u8; 5];
+    one.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"first");
+    assert_eq!(seen.recv().await.unwrap(), Some((client, vip)));
+
+    // The same source through the same balancer: over its cap of 1.
+    let mut two = TcpStream::connect(p.addr).await.unwrap();
+    two.write_all(&proxy_protocol::encode_v2(client, vip))
+        .await
+        .unwrap();
+    two.write_all(b"second").await.unwrap();
+    expect_reset(&mut two, ms(2000)).await;
+    assert_eq!(p.stats().rejected(Reject::SourceConns), 1);
+
+    // Another source through the same balancer is its own source.
+    let other: SocketAddr = "198.18.0.8:40001".parse().unwrap();
+    let mut three = TcpStream::connect(p.addr).await.unwrap();
+    three
+        .write_all(&proxy_protocol::encode_v2(other, vip))
+        .await
+        .unwrap();
+    assert_eq!(roundtrip(&mut three, b"third").await, b"third");
+    assert_eq!(seen.recv().await.unwrap(), Some((other, vip)));
+    let top = p
+        .handle
+        .guard(L)
+        .unwrap()
+        .top_sources(10, halfguard::guard::SourceOrder::Conns);
+    let keys: Vec<String> = top.iter().map(|s| s.source.to_string()).collect();
+    assert!(keys.contains(&"198.18.0.7".to_string()) && keys.contains(&"198.18.0.8".to_string()));
+    assert!(
+        !keys.iter().any(|k| k.starts_with("127.")),
+        "the balancer is not a source: {keys:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_proxy_headers_cost_one_connection_each() {
+    let b = backend(Backend::Echo).await;
+    let cfg = pool_config(
+        "accept_proxy = true\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+        &format!(
+            "name = \"app\"\n{}\n[backends.health]\nenabled = false\n",
+            servers(&[b.addr])
+        ),
+    );
+    let mut cfg = cfg;
+    cfg.listeners[0].timeouts.first_byte = ms(300);
+    let p = Proxy::start(cfg).await;
+
+    // Not a header, a malformed one, an oversized one: RST each, counted.
+    for junk in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        b"PROXY TCP4 198.18.0.1 198.18.0.2 99999 1\r\n",
+        &[b'P', b'R', b'O', b'X', b'Y', b' ', b'U'].repeat(30),
+    ] {
+        let mut c = TcpStream::connect(p.addr).await.unwrap();
+        c.write_all(junk).await.unwrap();
+        expect_reset(&mut c, ms(2000)).await;
+    }
+    assert_eq!(p.stats().rejected(Reject::ProxyHeader), 3);
+    // A header that never finishes: the first-byte clock.
+    let mut slow = TcpStream::connect(p.addr).await.unwrap();
+    slow.write_all(b"PROXY TCP4 198.18").await.unwrap();
+    let took = expect_reset(&mut slow, ms(2000)).await;
+    assert!(took < ms(1000), "{took:?}");
+    assert_eq!(p.stats().timed_out(halfguard::stats::Timeout::FirstByte), 1);
+    // From an address outside trusted_proxies: refused at accept.
+    let mut untrusted = connect_from("127.0.0.2", p.addr).await.unwrap();
+    untrusted
+        .write_all(&proxy_protocol::encode_v1(
+            "198.18.0.1:1".parse().unwrap(),
+            "198.18.0.2:2".parse().unwrap(),
+        ))
+        .await
+        .unwrap_or(());
+    expect_reset(&mut untrusted, ms(2000)).await;
+    assert_eq!(p.stats().rejected(Reject::UntrustedProxy), 1);
+    // And the process carries on serving good headers.
+    let mut good = TcpStream::connect(p.addr).await.unwrap();
+    good.write_all(&proxy_protocol::encode_v2(
+        "198.18.0.1:1".parse().unwrap(),
+        "198.18.0.2:2".parse().unwrap(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(roundtrip(&mut good, b"fine").await, b"fine");
+}
