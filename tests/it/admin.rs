@@ -403,3 +403,26 @@ async fn reloaded_clocks_apply_to_live_connections_at_once() {
     let took = expect_reset(&mut c, ms(2000)).await;
     assert!(took < ms(500), "took {took:?}");
 }
+
+#[tokio::test]
+async fn the_grafana_dashboard_uses_only_metrics_we_export() {
+    let b = backend(Backend::Echo).await;
+    let (p, _path, admin) = proxy_from_file(&file_config(b.addr, "")).await;
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    assert_eq!(roundtrip(&mut c, b"x").await, b"x");
+    let scrape = scrape(admin).await;
+    let file = std::env::temp_dir().join(format!("halfguard-scrape-{}.txt", std::process::id()));
+    std::fs::write(&file, scrape).unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = std::process::Command::new("python3")
+        .arg(format!("{root}/deploy/grafana/check-dashboard.py"))
+        .arg(&file)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

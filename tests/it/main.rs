@@ -8,4 +8,5 @@ mod clocks;
 mod config;
 mod halfclose;
 mod leaks;
+mod props;
 mod support;
