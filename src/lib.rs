@@ -16,6 +16,7 @@
 //! - [`conn`]: one connection's task, its state machine and clocks, and the two-way pump.
 //! - [`backend`]: backend selection and connect (round robin, failover).
 //! - [`sockopt`]: socket options, RST aborts, the kernel send queue.
+//! - `splice` (Linux): zero-copy forwarding for bulk transfers, within a pipe budget.
 //! - [`stats`]: counters with static reasons, and the rate-limited summary log.
 //! - [`metrics`]: Prometheus text built from those counters at scrape time.
 //! - [`admin`]: the admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, `/sources`,
@@ -35,6 +36,8 @@ pub mod proxy_protocol;
 pub mod server;
 pub mod shutdown;
 pub mod sockopt;
+#[cfg(target_os = "linux")]
+pub mod splice;
 pub mod stats;
 
 pub use config::Config;

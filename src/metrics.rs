@@ -269,6 +269,17 @@ impl prometheus_client::collector::Collector for Collector {
 
         let v: Vec<_> = ls
             .iter()
+            .map(|(n, _, s)| (vec![("listener", *n)], s.spliced.load(Relaxed)))
+            .collect();
+        counter(
+            e,
+            "halfguard_spliced_directions",
+            "Connection directions that moved to zero-copy splice as bulk transfers.",
+            &v,
+        )?;
+
+        let v: Vec<_> = ls
+            .iter()
             .map(|(n, _, s)| (vec![("listener", *n)], s.accept_errors.load(Relaxed)))
             .collect();
         counter(

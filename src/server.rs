@@ -153,6 +153,7 @@ impl Server {
         });
         let pools = state.build_pools(&config).await?;
         state.switch_pools(pools.clone());
+        set_splice_budget(&config);
         for (socket, l) in sockets.into_iter().zip(&config.listeners) {
             let _ = sockopt::apply(socket2::SockRef::from(&socket), &config.tcp);
             state.start_listener(socket, new_ctx(l, &config, &pools), l.bind);
@@ -230,6 +231,29 @@ pub async fn run(
     let server = Server::bind(config).await?;
     server.run(shutdown).await;
     Ok(())
+}
+
+/// Pipes for splice: what the open-files limit leaves after two descriptors per connection
+/// under every listener's `max_conns` (and some slack), two descriptors per pipe.
+fn set_splice_budget(config: &Config) {
+    #[cfg(target_os = "linux")]
+    {
+        let budget = if config.tcp.splice {
+            let limit = sockopt::nofile().unwrap_or(1024);
+            let need: u64 = config
+                .listeners
+                .iter()
+                .map(|l| 2 * u64::from(l.limits.max_conns))
+                .sum::<u64>()
+                + 256;
+            (limit.saturating_sub(need) / 2) as usize
+        } else {
+            0
+        };
+        crate::splice::set_budget(budget);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = config;
 }
 
 fn bind_listener(l: &ListenerConfig, config: &Config) -> Result<TcpListener, ServerError> {
@@ -450,6 +474,7 @@ impl State {
             let _ = sockopt::apply(socket2::SockRef::from(&socket), &new.tcp);
             self.start_listener(socket, new_ctx(l, &new, &pools), l.bind);
         }
+        set_splice_budget(&new);
         if new.admin != self.config.load().admin {
             tracing::warn!("[admin] changes take effect at the next restart");
         }

@@ -84,6 +84,22 @@ pub fn unacked(_s: &TcpStream) -> Option<u32> {
     None
 }
 
+/// The soft open-files limit.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+pub fn nofile() -> io::Result<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Ok(r.rlim_cur as u64)
+}
+
 /// Raises the soft open-files limit to the hard one and returns the new soft limit.
 #[cfg(unix)]
 #[allow(unsafe_code)]

@@ -145,6 +145,8 @@ pub struct Stats {
     pub closed_clean: AtomicU64,
     /// Connections aborted by shutdown after the drain period.
     pub aborted_on_shutdown: AtomicU64,
+    /// Directions that switched to splice (zero-copy) as bulk transfers.
+    pub spliced: AtomicU64,
     /// Lifetime of admitted connections.
     pub duration: Histo,
 }
@@ -163,6 +165,7 @@ impl Default for Stats {
             peer_errors: AtomicU64::new(0),
             closed_clean: AtomicU64::new(0),
             aborted_on_shutdown: AtomicU64::new(0),
+            spliced: AtomicU64::new(0),
             duration: Histo::new(DURATION_BUCKETS),
         }
     }

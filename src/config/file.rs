@@ -144,6 +144,7 @@ pub struct RawTcp {
     pub keepalive_interval: Option<RawDuration>,
     pub keepalive_count: Option<u32>,
     pub user_timeout: Option<RawDuration>,
+    pub splice: Option<bool>,
 }
 
 /// `[log]`.

@@ -256,6 +256,8 @@ pub struct TcpConfig {
     pub keepalive_count: u32,
     /// `None` (configured `"0s"`) leaves TCP_USER_TIMEOUT to the kernel default.
     pub user_timeout: Option<Duration>,
+    /// Bulk transfers move with splice(2) on Linux, within a pipe budget.
+    pub splice: bool,
 }
 
 /// `[log]`.
@@ -321,6 +323,7 @@ impl Default for TcpConfig {
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
             keepalive_count: DEFAULT_KEEPALIVE_COUNT,
             user_timeout: Some(DEFAULT_USER_TIMEOUT),
+            splice: true,
         }
     }
 }
@@ -545,6 +548,7 @@ impl Config {
             keepalive_interval: t.keepalive_interval.map_or(d.keepalive_interval, |x| x.0),
             keepalive_count: t.keepalive_count.unwrap_or(d.keepalive_count),
             user_timeout: t.user_timeout.map_or(d.user_timeout, |x| nonzero(x.0)),
+            splice: t.splice.unwrap_or(d.splice),
         };
         if tcp.backlog == 0 {
             return Err(ck.err("tcp.backlog", "must be at least 1"));
@@ -774,7 +778,7 @@ impl fmt::Display for Config {
         let t = &self.tcp;
         writeln!(
             f,
-            "tcp: backlog {}, nodelay {}, keepalive {}, user_timeout {}",
+            "tcp: backlog {}, nodelay {}, keepalive {}, user_timeout {}, splice {}",
             t.backlog,
             t.nodelay,
             t.keepalive_idle.map_or("off".into(), |i| format!(
@@ -783,7 +787,8 @@ impl fmt::Display for Config {
                 d(t.keepalive_interval),
                 t.keepalive_count
             )),
-            t.user_timeout.map_or("kernel default".into(), d)
+            t.user_timeout.map_or("kernel default".into(), d),
+            if t.splice { "on" } else { "off" }
         )?;
         writeln!(
             f,

@@ -263,12 +263,7 @@ async fn run(
     };
 
     let stats = &ctx.stats;
-    let mut pump = Pump::new(
-        client,
-        server,
-        &stats.bytes_upstream,
-        &stats.bytes_downstream,
-    );
+    let mut pump = Pump::new(client, server, stats, policy.tcp.splice);
     let mut watches = (pressure, epoch);
     pump_until_end(
         ctx,

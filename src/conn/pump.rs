@@ -62,11 +62,46 @@ struct Direction<'a> {
     stalled_since: Option<Instant>,
     /// A stall began and the connection has not been told yet.
     stall_started: bool,
+    /// May this direction switch to splice once it proves to be bulk?
+    may_splice: bool,
+    /// The listener's count of directions that switched to splice.
+    spliced: &'a AtomicU64,
+    /// A read filled the whole buffer: bulk; splice when the buffer is next empty.
+    bulk: bool,
+    /// Splicing: the pipe, and how many bytes sit in it.
+    #[cfg(target_os = "linux")]
+    pipe: Option<crate::splice::Pipe>,
+    in_pipe: usize,
+}
+
+impl Drop for Direction<'_> {
+    fn drop(&mut self) {
+        // An empty pipe goes back for the next bulk connection; one that may hold bytes
+        // (an aborted transfer) is closed.
+        #[cfg(target_os = "linux")]
+        if let Some(p) = self.pipe.take()
+            && self.in_pipe == 0
+        {
+            p.put_back();
+        }
+    }
 }
 
 impl<'a> Direction<'a> {
-    fn new(now: Instant, counter: &'a AtomicU64, from: Side) -> Direction<'a> {
+    fn new(
+        now: Instant,
+        counter: &'a AtomicU64,
+        spliced: &'a AtomicU64,
+        from: Side,
+        may_splice: bool,
+    ) -> Direction<'a> {
         Direction {
+            may_splice,
+            spliced,
+            bulk: false,
+            #[cfg(target_os = "linux")]
+            pipe: None,
+            in_pipe: 0,
             counter,
             from,
             moved: false,
@@ -91,6 +126,10 @@ impl<'a> Direction<'a> {
     ) -> Poll<Result<(), PumpError>> {
         let (rd, wr) = (self.from, self.from.other());
         let at = |side: Side| move |error: io::Error| PumpError { side, error };
+        #[cfg(target_os = "linux")]
+        if self.pipe.is_some() {
+            return self.poll_splice(from, to, cx);
+        }
         loop {
             if self.pos < self.len {
                 let Some(buf) = self.buf.as_deref() else {
@@ -120,6 +159,18 @@ impl<'a> Direction<'a> {
                 }
                 continue;
             }
+            // The buffer is empty: a bulk direction switches to splice here, if a pipe is
+            // to be had.
+            #[cfg(target_os = "linux")]
+            if self.bulk && !self.eof {
+                self.bulk = false;
+                if let Some(p) = crate::splice::Pipe::get() {
+                    self.buf = None;
+                    self.pipe = Some(p);
+                    self.spliced.fetch_add(1, Relaxed);
+                    return self.poll_splice(from, to, cx);
+                }
+            }
             if self.eof {
                 // Forward the FIN exactly: the other direction keeps flowing.
                 SockRef::from(to)
@@ -141,6 +192,73 @@ impl<'a> Direction<'a> {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
                     self.len = n;
+                    self.last_progress = Instant::now();
+                    if n == BUF_SIZE && self.may_splice {
+                        self.bulk = true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(at(rd)(e))),
+            }
+        }
+    }
+
+    /// The splice path: socket -> pipe -> socket, same progress and stall bookkeeping.
+    #[cfg(target_os = "linux")]
+    fn poll_splice(
+        &mut self,
+        from: &TcpStream,
+        to: &TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), PumpError>> {
+        use std::os::fd::AsRawFd;
+        use tokio::io::Interest;
+        let (rd, wr) = (self.from, self.from.other());
+        let at = |side: Side| move |error: io::Error| PumpError { side, error };
+        let Some(pipe) = self.pipe.as_ref() else {
+            return Poll::Ready(Err(at(wr)(io::Error::other("pump pipe lost"))));
+        };
+        loop {
+            if self.in_pipe > 0 {
+                if to.poll_write_ready(cx).map_err(at(wr))?.is_pending() {
+                    if self.stalled_since.is_none() {
+                        self.stalled_since = Some(Instant::now());
+                        self.stall_started = true;
+                    }
+                    return Poll::Pending;
+                }
+                match to.try_io(Interest::WRITABLE, || {
+                    pipe.drain(to.as_raw_fd(), self.in_pipe)
+                }) {
+                    Ok(n) => {
+                        self.in_pipe -= n;
+                        self.moved = true;
+                        self.counter.fetch_add(n as u64, Relaxed);
+                        self.last_progress = Instant::now();
+                        self.stalled_since = None;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(at(wr)(e))),
+                }
+                continue;
+            }
+            if self.eof {
+                SockRef::from(to)
+                    .shutdown(Shutdown::Write)
+                    .map_err(at(wr))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            if from.poll_read_ready(cx).map_err(at(rd))?.is_pending() {
+                return Poll::Pending;
+            }
+            let fd = from.as_raw_fd();
+            match from.try_io(Interest::READABLE, || {
+                pipe.fill(fd, crate::splice::PIPE_SIZE)
+            }) {
+                Ok(0) => self.eof = true,
+                Ok(n) => {
+                    self.in_pipe = n;
                     self.last_progress = Instant::now();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -180,20 +298,22 @@ pub struct Pump<'a> {
 }
 
 impl<'a> Pump<'a> {
-    /// `upstream` and `downstream` count the bytes written toward the backend and toward
-    /// the client, as they are written, so long transfers show up in metrics while they run.
+    /// Bytes are counted in `stats` as they are written, so long transfers show up in
+    /// metrics while they run. With `splice`, a direction that proves to be bulk moves its
+    /// bytes with splice(2) while the pipe budget allows.
     pub fn new(
         client: &'a TcpStream,
         server: &'a TcpStream,
-        upstream: &'a AtomicU64,
-        downstream: &'a AtomicU64,
+        stats: &'a crate::stats::Stats,
+        splice: bool,
     ) -> Pump<'a> {
         let now = Instant::now();
+        let spliced = &stats.spliced;
         Pump {
             client,
             server,
-            up: Direction::new(now, upstream, Side::Client),
-            down: Direction::new(now, downstream, Side::Server),
+            up: Direction::new(now, &stats.bytes_upstream, spliced, Side::Client, splice),
+            down: Direction::new(now, &stats.bytes_downstream, spliced, Side::Server, splice),
             unacked: [None, None],
         }
     }

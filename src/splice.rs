@@ -1,0 +1,146 @@
+//! Zero-copy forwarding on Linux: `splice(2)` from the reading socket into a pipe and from
+//! the pipe into the writing socket, so bulk bytes never cross into user space.
+//!
+//! A pipe costs two descriptors, so pipes are a budget, like HAProxy's `maxpipes`: a
+//! direction switches to splice only once it proves to be bulk (a read fills the whole copy
+//! buffer) and a pipe is available; everything else keeps the small-buffer path. Empty pipes
+//! go back to a free list for the next bulk connection. The budget is what the open-files
+//! limit leaves after every listener's `max_conns` (two descriptors each), capped.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Bytes a pipe holds: one splice moves up to this much.
+pub const PIPE_SIZE: usize = 256 * 1024;
+/// Never more pipes than this, whatever the descriptor budget.
+pub const MAX_PIPES: usize = 4096;
+/// Empty pipes kept open for reuse.
+const KEEP_FREE: usize = 64;
+
+/// A pipe for one direction of one connection.
+#[derive(Debug)]
+pub struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+#[derive(Debug)]
+struct PipePool {
+    free: Mutex<Vec<Pipe>>,
+    /// Pipes open now, free ones included.
+    live: AtomicUsize,
+    budget: AtomicUsize,
+}
+
+static POOL: PipePool = PipePool {
+    free: Mutex::new(Vec::new()),
+    live: AtomicUsize::new(0),
+    budget: AtomicUsize::new(0),
+};
+
+/// Sets how many pipes may be open at once (0 turns splicing off).
+pub fn set_budget(n: usize) {
+    POOL.budget.store(n.min(MAX_PIPES), Ordering::Relaxed);
+}
+
+/// The budget in force.
+pub fn budget() -> usize {
+    POOL.budget.load(Ordering::Relaxed)
+}
+
+/// Pipes open now, in use or free.
+pub fn live() -> usize {
+    POOL.live.load(Ordering::Relaxed)
+}
+
+impl Pipe {
+    /// A pipe from the free list, or a new one within the budget.
+    pub fn get() -> Option<Pipe> {
+        if let Ok(mut f) = POOL.free.lock()
+            && let Some(p) = f.pop()
+        {
+            return Some(p);
+        }
+        let budget = POOL.budget.load(Ordering::Relaxed);
+        POOL.live
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |l| {
+                (l < budget).then_some(l + 1)
+            })
+            .ok()?;
+        match new_pipe() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                POOL.live.fetch_sub(1, Ordering::AcqRel);
+                None
+            }
+        }
+    }
+
+    /// Gives an empty pipe back for reuse. A pipe that may hold bytes must be dropped.
+    pub fn put_back(self) {
+        if let Ok(mut f) = POOL.free.lock()
+            && f.len() < KEEP_FREE
+        {
+            f.push(self);
+        }
+    }
+
+    /// Moves up to `len` bytes from socket `from` into the pipe.
+    pub fn fill(&self, from: RawFd, len: usize) -> io::Result<usize> {
+        splice(from, self.w.as_raw_fd(), len)
+    }
+
+    /// Moves up to `len` bytes from the pipe into socket `to`.
+    pub fn drain(&self, to: RawFd, len: usize) -> io::Result<usize> {
+        splice(self.r.as_raw_fd(), to, len)
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        POOL.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[allow(unsafe_code)]
+fn new_pipe() -> io::Result<Pipe> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own; on success they are
+    // ours to own exactly once.
+    let (r, w) = unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+    };
+    // A bigger pipe moves more per call; the kernel may refuse (pipe-max-size), which only
+    // costs speed.
+    // SAFETY: F_SETPIPE_SZ on a pipe descriptor we own.
+    unsafe {
+        libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int);
+    }
+    Ok(Pipe { r, w })
+}
+
+#[allow(unsafe_code)]
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: both descriptors are borrowed from live owners for the duration of the call;
+    // null offsets are required for sockets and pipes.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
