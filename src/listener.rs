@@ -58,7 +58,7 @@ pub async fn accept_loop(
                 };
                 match admitted {
                     Ok(ticket) => {
-                        tracker.spawn(conn::serve(ctx.clone(), stream, ticket));
+                        tracker.spawn(conn::serve(ctx.clone(), stream, peer, ticket));
                     }
                     // Refused before any buffer or task exists: RST and forget it.
                     Err(_) => sockopt::abort(&stream),

@@ -15,6 +15,7 @@
 mod pump;
 
 use std::future::poll_fn;
+use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -89,10 +90,10 @@ enum End {
 const RECHECK: Duration = Duration::from_secs(1);
 
 /// Serves one admitted connection to its end.
-pub async fn serve(ctx: Arc<ListenerCtx>, client: TcpStream, mut ticket: Ticket) {
+pub async fn serve(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr, mut ticket: Ticket) {
     let accepted = Instant::now();
     let mut server = None;
-    let end = run(&ctx, &client, &mut server, &mut ticket, accepted).await;
+    let end = run(&ctx, &client, peer, &mut server, &mut ticket, accepted).await;
     if end == End::PeerErrorFromServerBeforeFirstByte
         && let Some((_, lease)) = &server
     {
@@ -132,6 +133,7 @@ pub async fn serve(ctx: Arc<ListenerCtx>, client: TcpStream, mut ticket: Ticket)
 async fn run(
     ctx: &ListenerCtx,
     client: &TcpStream,
+    peer: SocketAddr,
     server_slot: &mut Option<(TcpStream, Lease)>,
     ticket: &mut Ticket,
     accepted: Instant,
@@ -152,8 +154,14 @@ async fn run(
             p.timeouts.first_byte
         }
     };
-    let (Ok(peer), Ok(local)) = (client.peer_addr(), client.local_addr()) else {
-        return End::PeerError;
+    // The local address costs a syscall: only a PROXY header toward the servers needs it.
+    let local = if policy.backends.config().proxy_protocol.is_some() {
+        match client.local_addr() {
+            Ok(l) => l,
+            Err(_) => return End::PeerError,
+        }
+    } else {
+        peer
     };
     let mut addrs = ProxiedAddrs {
         client: peer,
