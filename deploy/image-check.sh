@@ -62,11 +62,21 @@ stop_pid() { # stop_pid PID: SIGTERM, then SIGKILL after 3 s; only our own child
   kill -KILL "$pid" 2>/dev/null || true
 }
 
+descendants() { # descendants PID: its children, grandchildren, ... (parents first)
+  local c
+  for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do echo "$c"; descendants "$c"; done
+}
+
 cleanup() {
-  local rc=$?
+  local rc=$? pid tree
   set +e
-  stop_pid "$HG_PID"
-  stop_pid "$RUNNER_PID"   # unshare --kill-child: halfguard dies with it
+  # The runner's tree (unshare, halfguard), deepest first: halfguard does not die with
+  # unshare (a parent-death signal does not survive chroot's change of uid).
+  if [ -n "$RUNNER_PID" ]; then
+    tree=$(descendants "$RUNNER_PID" | tac)
+    for pid in $HG_PID $tree; do stop_pid "$pid"; done
+    stop_pid "$RUNNER_PID"
+  fi
   stop_pid "$BACKEND_PID"
   wait 2>/dev/null
   ip netns del "$NS_CLI" 2>/dev/null
@@ -279,10 +289,6 @@ ip netns exec "$NS_SRV" setpriv --reuid=65534 --regid=65534 --clear-groups -- \
   >"$WORK/backend.log" 2>&1 &
 BACKEND_PID=$!
 
-descendants() { # descendants PID: its children, grandchildren, ...
-  local c
-  for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do echo "$c"; descendants "$c"; done
-}
 listening() { ip netns exec "$NS_SRV" ss -Hltn "sport = :$1" | grep -q .; }
 wait_listen() { # wait_listen PORT WHAT
   local i
