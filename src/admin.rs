@@ -142,13 +142,13 @@ async fn route(req: Request<Incoming>, state: Arc<State>) -> Response<Full<Bytes
 }
 
 fn sources(query: &str, state: &State) -> Response<Full<Bytes>> {
-    let mut top = 10usize;
+    let mut top_n = 10usize;
     let mut by = SourceOrder::Conns;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
             "top" => match v.parse::<usize>() {
-                Ok(n) => top = n.min(MAX_TOP),
+                Ok(n) => top_n = n.min(MAX_TOP),
                 Err(_) => return text(StatusCode::BAD_REQUEST, "top must be a number\n"),
             },
             "by" => {
@@ -168,14 +168,26 @@ fn sources(query: &str, state: &State) -> Response<Full<Bytes>> {
             _ => {}
         }
     }
+    let census = state.kernel().census.load_full();
     let listeners: Vec<serde_json::Value> = state
         .listeners()
         .iter()
         .map(|r| {
+            let syn_recv: Vec<serde_json::Value> = census
+                .syn_recv
+                .iter()
+                .find(|(n, _)| n == &r.ctx.name)
+                .map(|(_, top)| {
+                    top.iter()
+                        .take(top_n)
+                        .map(|(k, n)| serde_json::json!({ "source": k.to_string(), "syn_recv": n }))
+                        .collect()
+                })
+                .unwrap_or_default();
             let rows: Vec<serde_json::Value> = r
                 .ctx
                 .guard
-                .top_sources(top, by)
+                .top_sources(top_n, by)
                 .into_iter()
                 .map(|l| {
                     serde_json::json!({
@@ -187,7 +199,7 @@ fn sources(query: &str, state: &State) -> Response<Full<Bytes>> {
                     })
                 })
                 .collect();
-            serde_json::json!({ "listener": r.ctx.name, "sources": rows })
+            serde_json::json!({ "listener": r.ctx.name, "sources": rows, "kernel_syn_recv": syn_recv })
         })
         .collect();
     json(

@@ -14,6 +14,7 @@
 //! - [`guard`]: source keys, the source table, admission, eviction, the RAII [`guard::Ticket`],
 //!   the per-source rate, pressure mode.
 //! - [`conn`]: one connection's task, its state machine and clocks, and the two-way pump.
+//! - [`kernel`]: the socket census (sock_diag) and halfguard's own nftables table.
 //! - [`backend`]: backend selection and connect (round robin, failover).
 //! - [`sockopt`]: socket options, RST aborts, the kernel send queue.
 //! - `splice` (Linux): zero-copy forwarding for bulk transfers, within a pipe budget.
@@ -29,6 +30,7 @@ pub mod backend;
 pub mod config;
 pub mod conn;
 pub mod guard;
+pub mod kernel;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

@@ -84,6 +84,11 @@ fn counter(
     samples: &[(Vec<(&str, &str)>, u64)],
 ) -> std::fmt::Result {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    if let [(labels, v)] = samples
+        && labels.is_empty()
+    {
+        return ConstCounter::new(*v).encode(m);
+    }
     for (labels, v) in samples {
         ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
     }
@@ -318,6 +323,48 @@ impl prometheus_client::collector::Collector for Collector {
             "halfguard_backend_connect_errors",
             "Failed or timed-out connects to the server.",
             &errs,
+        )?;
+
+        let kernel = self.state.kernel();
+        let census = kernel.census.load_full();
+        let mut v = Vec::new();
+        for (name, _, counts) in &census.sockets {
+            for ((state, _), n) in crate::kernel::census::STATES.iter().zip(counts) {
+                v.push((
+                    vec![("listener", name.as_str()), ("state", *state)],
+                    *n as i64,
+                ));
+            }
+        }
+        gauge(
+            e,
+            "halfguard_kernel_sockets",
+            "The kernel's TCP sockets on the listener's port by state, at the last census (SYN_RECV reads low while SYN cookies are sent).",
+            &v,
+        )?;
+        counter(
+            e,
+            "halfguard_kernel_syncookies_sent",
+            "SYN cookies the namespace's kernel sent (TcpExt SyncookiesSent).",
+            &[(vec![], census.syncookies_sent)],
+        )?;
+        counter(
+            e,
+            "halfguard_kernel_listen_overflows",
+            "Connections the namespace's kernel dropped because a listen queue was full (TcpExt ListenOverflows).",
+            &[(vec![], census.listen_overflows)],
+        )?;
+        gauge(
+            e,
+            "halfguard_kernel_enforcing",
+            "1 while halfguard's nftables table is installed.",
+            &[(vec![], i64::from(kernel.enforcing.load(Relaxed)))],
+        )?;
+        counter(
+            e,
+            "halfguard_kernel_bans",
+            "Sources put in the kernel drop set.",
+            &[(vec![], kernel.bans.load(Relaxed))],
         )?;
 
         let reloads = self.state.reloads();

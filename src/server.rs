@@ -94,6 +94,7 @@ pub(crate) struct State {
     /// One reload at a time.
     reload_lock: tokio::sync::Mutex<()>,
     admin_addr: Option<SocketAddr>,
+    kernel: crate::kernel::Kernel,
 }
 
 /// A bound, running server, waiting for [`Server::run`] to be told when to stop.
@@ -150,6 +151,7 @@ impl Server {
             tasks: TaskTracker::new(),
             stop_upkeep: CancellationToken::new(),
             reload_lock: tokio::sync::Mutex::new(()),
+            kernel: crate::kernel::Kernel::default(),
         });
         let pools = state.build_pools(&config).await?;
         state.switch_pools(pools.clone());
@@ -158,6 +160,9 @@ impl Server {
             let _ = sockopt::apply(socket2::SockRef::from(&socket), &config.tcp);
             state.start_listener(socket, new_ctx(l, &config, &pools), l.bind);
         }
+        crate::kernel::warn_if_no_syncookies();
+        state.kernel.apply(&state.ports(), &config.kernel);
+        state.tasks.spawn(crate::kernel::run(state.clone()));
         state.tasks.spawn(upkeep(state.clone()));
         Ok(Server { state, admin })
     }
@@ -219,6 +224,9 @@ impl Server {
         state.stop_upkeep.cancel();
         state.tasks.close();
         state.tasks.wait().await;
+        if state.kernel.enforcing.load(Ordering::Relaxed) {
+            state.kernel.remove();
+        }
         tracing::info!(aborted, "stopped");
     }
 }
@@ -307,7 +315,7 @@ impl Running {
         }
     }
 
-    fn is_retired(&self) -> bool {
+    pub(crate) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Relaxed)
     }
 }
@@ -390,6 +398,24 @@ impl State {
         self.listeners()
             .into_iter()
             .find(|r| r.ctx.name == name && !r.is_retired())
+    }
+
+    pub(crate) fn kernel(&self) -> &crate::kernel::Kernel {
+        &self.kernel
+    }
+
+    /// Resolves when the server is stopping for good.
+    pub(crate) async fn stopping(&self) {
+        self.stop_upkeep.cancelled().await
+    }
+
+    /// The bound ports of the active listeners.
+    fn ports(&self) -> Vec<u16> {
+        self.listeners()
+            .iter()
+            .filter(|r| !r.is_retired())
+            .map(|r| r.addr.port())
+            .collect()
     }
 
     /// The pools in force.
@@ -475,6 +501,7 @@ impl State {
             self.start_listener(socket, new_ctx(l, &new, &pools), l.bind);
         }
         set_splice_budget(&new);
+        self.kernel.apply(&self.ports(), &new.kernel);
         if new.admin != self.config.load().admin {
             tracing::warn!("[admin] changes take effect at the next restart");
         }

@@ -31,6 +31,21 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     #[serde(default)]
     pub backends: Vec<RawPool>,
+    #[serde(default)]
+    pub kernel: RawKernel,
+}
+
+/// `[kernel]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKernel {
+    pub census_interval: Option<RawDuration>,
+    pub enforce: Option<bool>,
+    pub syn_rate_per_source: Option<u32>,
+    pub syn_burst_per_source: Option<u32>,
+    pub max_conns_per_source: Option<u32>,
+    pub ban_after: Option<u32>,
+    pub ban_for: Option<RawDuration>,
 }
 
 /// One `[[backends]]` table: a named pool of servers.

@@ -155,6 +155,43 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Every pool: the `[[backends]]` tables, then one per listener using the short form.
     pub pools: Vec<PoolConfig>,
+    pub kernel: KernelConfig,
+}
+
+/// `[kernel]`: watching the network namespace's kernel, and (with NET_ADMIN) defending it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelConfig {
+    /// How often the sockets on the listening ports are counted; `None` = never.
+    pub census_interval: Option<Duration>,
+    /// Install halfguard's own nftables table (needs NET_ADMIN).
+    pub enforce: bool,
+    /// New SYNs per second per source before the kernel drops them; 0 = no limit.
+    pub syn_rate_per_source: u32,
+    pub syn_burst_per_source: u32,
+    /// Concurrent conntrack entries per source on the listening ports; 0 = no cap.
+    pub max_conns_per_source: u32,
+    /// A source refused this many times in one census interval, or holding this many
+    /// SYN_RECV sockets, goes into the drop set; 0 = never.
+    pub ban_after: u32,
+    pub ban_for: Duration,
+}
+
+/// Count the kernel's sockets every 5 s: cheap (one netlink dump), and fresh enough for a
+/// dashboard.
+pub const DEFAULT_CENSUS_INTERVAL: Duration = Duration::from_secs(5);
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        KernelConfig {
+            census_interval: Some(DEFAULT_CENSUS_INTERVAL),
+            enforce: false,
+            syn_rate_per_source: 20,
+            syn_burst_per_source: 40,
+            max_conns_per_source: 0,
+            ban_after: 0,
+            ban_for: Duration::from_secs(60),
+        }
+    }
 }
 
 impl Config {
@@ -621,6 +658,38 @@ impl Config {
             return Err(ck.err("admin.bind", format!("{b} is also a listener's bind")));
         }
 
+        let d = KernelConfig::default();
+        let k = &raw.kernel;
+        let kernel = KernelConfig {
+            census_interval: k
+                .census_interval
+                .map_or(d.census_interval, |x| nonzero(x.0)),
+            enforce: k.enforce.unwrap_or(d.enforce),
+            syn_rate_per_source: k.syn_rate_per_source.unwrap_or(d.syn_rate_per_source),
+            syn_burst_per_source: k.syn_burst_per_source.unwrap_or(d.syn_burst_per_source),
+            max_conns_per_source: k.max_conns_per_source.unwrap_or(d.max_conns_per_source),
+            ban_after: k.ban_after.unwrap_or(d.ban_after),
+            ban_for: k.ban_for.map_or(d.ban_for, |x| x.0),
+        };
+        if kernel.syn_rate_per_source > 0 && kernel.syn_burst_per_source == 0 {
+            return Err(ck.err(
+                "kernel.syn_burst_per_source",
+                "must be at least 1 when syn_rate_per_source is set",
+            ));
+        }
+        if kernel.ban_after > 0 && kernel.ban_for < Duration::from_secs(1) {
+            return Err(ck.err(
+                "kernel.ban_for",
+                "must be at least \"1s\" when ban_after is set",
+            ));
+        }
+        if kernel.ban_after > 0 && kernel.census_interval.is_none() {
+            return Err(ck.err(
+                "kernel.ban_after",
+                "needs kernel.census_interval: bans are fed at each census",
+            ));
+        }
+
         Ok(Config {
             file: file.to_string(),
             listeners,
@@ -629,6 +698,7 @@ impl Config {
             log,
             admin,
             pools,
+            kernel,
         })
     }
 
@@ -797,6 +867,26 @@ impl fmt::Display for Config {
             self.admin.max_conns,
             d(self.admin.header_timeout),
             d(self.admin.drain_delay)
+        )?;
+        let k = &self.kernel;
+        writeln!(
+            f,
+            "kernel: census {}; enforce {}{}",
+            k.census_interval
+                .map_or("off".into(), |i| format!("every {}", d(i))),
+            if k.enforce { "on" } else { "off" },
+            if k.enforce {
+                format!(
+                    " (syn rate {}/s burst {}, ct count {}, ban after {} for {})",
+                    cap(k.syn_rate_per_source),
+                    k.syn_burst_per_source,
+                    cap(k.max_conns_per_source),
+                    cap(k.ban_after),
+                    d(k.ban_for)
+                )
+            } else {
+                String::new()
+            }
         )?;
         write!(
             f,

@@ -7,6 +7,7 @@ mod cli;
 mod clocks;
 mod config;
 mod halfclose;
+mod kernel;
 mod leaks;
 mod props;
 mod support;

@@ -16,7 +16,7 @@ read commands, one per line, on stdin. The backend prints "READY" once it listen
 Backend protocol: the client sends one command line, then:
   ECHO        -> "HELLO <local ip:port>\\n", then echo until EOF; FIN after EOF.
   STREAM      -> "HELLO ...\\n", then 16 KiB chunks until the peer fails (or the bound).
-  REQ n       -> n bytes, a short pause, FIN; then read until the client's EOF, close.
+  REQ n [ms]  -> n bytes, an optional pause, FIN; then read until the client's EOF, close.
   REQKEEP n   -> n bytes; then read until the client's EOF, then FIN and close.
   HOLD        -> read and discard until EOF; then hold the socket open (no FIN) until an
                  error or the bound.
@@ -87,8 +87,10 @@ def serve_one(s, deadline):
             n = int(parts[1]) if len(parts) > 1 else 100
             s.sendall(b"r" * n)
             if verb == "REQ":
-                # A pause, so the FIN travels alone and not on the last data segment.
-                time.sleep(0.2)
+                # An optional pause (ms), so that the FIN travels alone and not on the
+                # last data segment.
+                if len(parts) > 2:
+                    time.sleep(int(parts[2]) / 1000)
                 s.shutdown(socket.SHUT_WR)
             end = min(deadline, mono() + 60)
             while mono() < end:
@@ -271,7 +273,7 @@ def client(args):
         emit(ev="connected", lport=lport)
         if not cmds.wait("go", args.max_time):
             return
-        s.sendall(b"REQ 100\n")
+        s.sendall(b"REQ 100 200\n")
         try:
             recv_exact(s, 100)
             emit(ev="open", lport=lport)
@@ -388,7 +390,7 @@ def probe(args):
     results = []
     start = mono()
     k = 0
-    while k < 10000 and mono() - start < args.duration:
+    while k < args.count and mono() - start < args.duration:
         due = start + k * args.interval
         if due > mono():
             time.sleep(due - mono())
@@ -414,7 +416,8 @@ def summarize(results, planned):
          connected=len(conn),
          connect_p50=pct(conn, 0.5), connect_p95=pct(conn, 0.95),
          connect_max=conn[-1] if conn else None,
-         total_p50=pct(tot, 0.5), total_p95=pct(tot, 0.95), failures=why)
+         total_p50=pct(tot, 0.5), total_p95=pct(tot, 0.95),
+         total_max=tot[-1] if tot else None, failures=why)
 
 
 # ---------------------------------------------------------------------------------------
@@ -509,6 +512,7 @@ def main():
             p.add_argument("--max-time", type=float, default=60)
         else:
             p.add_argument("--duration", type=float, required=True)
+            p.add_argument("--count", type=int, default=10000)
             p.add_argument("--interval", type=float, default=0.1)
     f = sub.add_parser("flood")
     f.add_argument("--dst", required=True)
