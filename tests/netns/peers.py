@@ -18,6 +18,7 @@ Backend protocol: the client sends one command line, then:
   STREAM      -> "HELLO ...\\n", then 16 KiB chunks until the peer fails (or the bound).
   REQ n [ms]  -> n bytes, an optional pause, FIN; then read until the client's EOF, close.
   REQKEEP n   -> n bytes; then read until the client's EOF, then FIN and close.
+  UPLOAD ms   -> read in silence until EOF, wait ms, answer "got N\\n", FIN.
   HOLD        -> read and discard until EOF; then hold the socket open (no FIN) until an
                  error or the bound.
 """
@@ -96,6 +97,19 @@ def serve_one(s, deadline):
             while mono() < end:
                 if not s.recv(65536):
                     break
+        elif verb == "UPLOAD":
+            # Take an upload in silence until EOF, "compute" for ms, answer, FIN.
+            ms = int(parts[1]) if len(parts) > 1 else 0
+            n = len(rest)
+            end = min(deadline, mono() + 60)
+            while mono() < end:
+                d = s.recv(65536)
+                if not d:
+                    break
+                n += len(d)
+            time.sleep(ms / 1000)
+            s.sendall(("got %d\n" % n).encode())
+            s.shutdown(socket.SHUT_WR)
         elif verb == "HOLD":
             end = min(deadline, mono() + 60)
             while mono() < end:
@@ -289,6 +303,26 @@ def client(args):
         s.shutdown(socket.SHUT_WR)
         emit(ev="fin")
         wait_end(s, deadline)
+    elif mode == "upload":
+        # Upload for --upload-s seconds while the server says nothing, half-close, then
+        # wait for the server's answer.
+        s.sendall(("UPLOAD %d\n" % args.answer_ms).encode())
+        emit(ev="open", lport=lport)
+        end = mono() + args.upload_s
+        sent = 0
+        while mono() < end:
+            s.sendall(b"u" * 1000)
+            sent += 1000
+            time.sleep(0.05)
+        s.shutdown(socket.SHUT_WR)
+        emit(ev="fin", sent=sent)
+        s.settimeout(10)
+        try:
+            reply = s.recv(100)
+            emit(ev="end", how="reply" if reply else "eof",
+                 reply=reply.decode(errors="replace").strip())
+        except OSError as e:
+            emit(ev="end", how="error", error=e.__class__.__name__ + ": " + str(e))
     elif mode == "echo":
         s.sendall(b"ECHO\n")
         hello, rest = recv_line(s)
@@ -499,6 +533,8 @@ def main():
     c.add_argument("--mode", required=True)
     c.add_argument("--max-time", type=float, default=60)
     c.add_argument("--read-pause", type=float, default=0.0)
+    c.add_argument("--upload-s", type=float, default=3.0)
+    c.add_argument("--answer-ms", type=int, default=1500)
     for name in ("bench", "probe"):
         p = sub.add_parser(name)
         p.add_argument("--src", required=True)
