@@ -158,7 +158,7 @@ impl Server {
         set_splice_budget(&config);
         for (socket, l) in sockets.into_iter().zip(&config.listeners) {
             let _ = sockopt::apply(socket2::SockRef::from(&socket), &config.tcp);
-            state.start_listener(socket, new_ctx(l, &config, &pools), l.bind);
+            state.start_listener(socket, new_ctx(l, &config, &pools)?, l.bind);
         }
         crate::kernel::warn_if_no_syncookies();
         state.kernel.apply(&state.ports(), &config.kernel);
@@ -284,27 +284,33 @@ fn policy(l: &ListenerConfig, config: &Config, backends: Arc<Pool>) -> Policy {
     }
 }
 
-fn pool_for(l: &ListenerConfig, pools: &[Arc<Pool>]) -> Arc<Pool> {
-    // Config validation guarantees the pool exists; fall back to the first one rather than
-    // panic if that ever broke.
+/// The pool a listener forwards to. Validation guarantees it exists; a config built by
+/// hand that names none is refused rather than trusted.
+fn pool_for(l: &ListenerConfig, pools: &[Arc<Pool>]) -> Result<Arc<Pool>, ServerError> {
     pools
         .iter()
         .find(|p| p.name() == l.backend)
-        .or_else(|| pools.first())
         .cloned()
-        .expect("a validated config has at least one pool")
+        .ok_or_else(|| ServerError::Backend {
+            pool: l.backend.clone(),
+            source: BackendError::AllDown,
+        })
 }
 
-fn new_ctx(l: &ListenerConfig, config: &Config, pools: &[Arc<Pool>]) -> Arc<ListenerCtx> {
+fn new_ctx(
+    l: &ListenerConfig,
+    config: &Config,
+    pools: &[Arc<Pool>],
+) -> Result<Arc<ListenerCtx>, ServerError> {
     let stats = Arc::new(Stats::default());
-    Arc::new(ListenerCtx {
+    Ok(Arc::new(ListenerCtx {
         name: l.name.clone(),
-        policy: ArcSwap::from_pointee(policy(l, config, pool_for(l, pools))),
+        policy: ArcSwap::from_pointee(policy(l, config, pool_for(l, pools)?)),
         epoch: watch::Sender::new(0),
         guard: Guard::new(l.limits.clone(), &config.pressure, stats.clone()),
         stats,
         abort: CancellationToken::new(),
-    })
+    }))
 }
 
 impl Running {
@@ -472,15 +478,15 @@ impl State {
         let mut adds = Vec::new();
         for l in &new.listeners {
             match self.active(&l.name) {
-                Some(r) if r.bind == l.bind => updates.push((r, l)),
-                _ => adds.push((l, bind_listener(l, &new)?)),
+                Some(r) if r.bind == l.bind => updates.push((r, l, pool_for(l, &pools)?)),
+                _ => adds.push((l, bind_listener(l, &new)?, new_ctx(l, &new, &pools)?)),
             }
         }
         // Apply.
-        self.switch_pools(pools.clone());
-        for (r, l) in updates {
+        self.switch_pools(pools);
+        for (r, l, pool) in updates {
             r.ctx.guard.reload(l.limits.clone(), &new.pressure);
-            r.ctx.set_policy(policy(l, &new, pool_for(l, &pools)));
+            r.ctx.set_policy(policy(l, &new, pool));
             if let Ok(s) = r.socket.lock()
                 && let Some(s) = s.as_ref()
             {
@@ -496,9 +502,9 @@ impl State {
                 self.retire(&r);
             }
         }
-        for (l, socket) in adds {
+        for (l, socket, ctx) in adds {
             let _ = sockopt::apply(socket2::SockRef::from(&socket), &new.tcp);
-            self.start_listener(socket, new_ctx(l, &new, &pools), l.bind);
+            self.start_listener(socket, ctx, l.bind);
         }
         set_splice_budget(&new);
         self.kernel.apply(&self.ports(), &new.kernel);

@@ -87,14 +87,9 @@ impl Pipe {
         }
     }
 
-    /// Moves up to `len` bytes from socket `from` into the pipe.
-    pub fn fill(&self, from: RawFd, len: usize) -> io::Result<usize> {
-        splice(from, self.w.as_raw_fd(), len)
-    }
-
-    /// Moves up to `len` bytes from the pipe into socket `to`.
-    pub fn drain(&self, to: RawFd, len: usize) -> io::Result<usize> {
-        splice(self.r.as_raw_fd(), to, len)
+    /// The pipe's (read end, write end), valid while the pipe lives.
+    pub fn fds(&self) -> (RawFd, RawFd) {
+        (self.r.as_raw_fd(), self.w.as_raw_fd())
     }
 }
 
@@ -124,8 +119,9 @@ fn new_pipe() -> io::Result<Pipe> {
     Ok(Pipe { r, w })
 }
 
+/// Moves up to `len` bytes from `from` to `to`, one of them a pipe, without blocking.
 #[allow(unsafe_code)]
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: both descriptors are borrowed from live owners for the duration of the call;
     // null offsets are required for sockets and pipes.
     let n = unsafe {

@@ -215,16 +215,8 @@ async fn run(
     }
     let mut peek = [0u8; 1];
     loop {
-        let t = &policy.timeouts;
-        let first_byte = if *pressure.borrow_and_update() {
-            t.first_byte.min(policy.pressure.first_byte)
-        } else {
-            t.first_byte
-        };
-        let (deadline, clock) = earliest(
-            (accepted + first_byte, Timeout::FirstByte),
-            lifetime(&policy),
-        );
+        let fb = first_byte(&policy, *pressure.borrow_and_update());
+        let (deadline, clock) = earliest((accepted + fb, Timeout::FirstByte), lifetime(&policy));
         let server_ready = async {
             match server_slot.as_ref() {
                 Some((s, _)) => s.readable().await,

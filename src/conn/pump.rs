@@ -116,6 +116,22 @@ impl<'a> Direction<'a> {
         }
     }
 
+    /// Bytes wait for a destination that is full: the write-stall clock starts, once.
+    fn waiting_to_write(&mut self) {
+        if self.stalled_since.is_none() {
+            self.stalled_since = Some(Instant::now());
+            self.stall_started = true;
+        }
+    }
+
+    /// `n` bytes reached the destination: progress, and no stall.
+    fn wrote(&mut self, n: usize) {
+        self.moved = true;
+        self.counter.fetch_add(n as u64, Relaxed);
+        self.last_progress = Instant::now();
+        self.stalled_since = None;
+    }
+
     /// Copies until `from` would block, `to` would block, or EOF has been forwarded
     /// (`Ready(Ok)`), or an error, which says whose socket failed.
     fn poll_copy(
@@ -136,19 +152,13 @@ impl<'a> Direction<'a> {
                     return Poll::Ready(Err(at(wr)(io::Error::other("pump buffer lost"))));
                 };
                 if to.poll_write_ready(cx).map_err(at(wr))?.is_pending() {
-                    if self.stalled_since.is_none() {
-                        self.stalled_since = Some(Instant::now());
-                        self.stall_started = true;
-                    }
+                    self.waiting_to_write();
                     return Poll::Pending;
                 }
                 match to.try_write(&buf[self.pos..self.len]) {
                     Ok(n) => {
                         self.pos += n;
-                        self.moved = true;
-                        self.counter.fetch_add(n as u64, Relaxed);
-                        self.last_progress = Instant::now();
-                        self.stalled_since = None;
+                        self.wrote(n);
                         if self.pos == self.len {
                             self.pos = 0;
                             self.len = 0;
@@ -211,31 +221,27 @@ impl<'a> Direction<'a> {
         to: &TcpStream,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), PumpError>> {
+        use crate::splice::{PIPE_SIZE, splice};
         use std::os::fd::AsRawFd;
         use tokio::io::Interest;
         let (rd, wr) = (self.from, self.from.other());
         let at = |side: Side| move |error: io::Error| PumpError { side, error };
-        let Some(pipe) = self.pipe.as_ref() else {
+        // Raw ends: the pipe stays in `self.pipe` for as long as this runs.
+        let Some((pipe_r, pipe_w)) = self.pipe.as_ref().map(crate::splice::Pipe::fds) else {
             return Poll::Ready(Err(at(wr)(io::Error::other("pump pipe lost"))));
         };
+        let (from_fd, to_fd) = (from.as_raw_fd(), to.as_raw_fd());
         loop {
             if self.in_pipe > 0 {
                 if to.poll_write_ready(cx).map_err(at(wr))?.is_pending() {
-                    if self.stalled_since.is_none() {
-                        self.stalled_since = Some(Instant::now());
-                        self.stall_started = true;
-                    }
+                    self.waiting_to_write();
                     return Poll::Pending;
                 }
-                match to.try_io(Interest::WRITABLE, || {
-                    pipe.drain(to.as_raw_fd(), self.in_pipe)
-                }) {
+                let len = self.in_pipe;
+                match to.try_io(Interest::WRITABLE, || splice(pipe_r, to_fd, len)) {
                     Ok(n) => {
                         self.in_pipe -= n;
-                        self.moved = true;
-                        self.counter.fetch_add(n as u64, Relaxed);
-                        self.last_progress = Instant::now();
-                        self.stalled_since = None;
+                        self.wrote(n);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Poll::Ready(Err(at(wr)(e))),
@@ -252,10 +258,7 @@ impl<'a> Direction<'a> {
             if from.poll_read_ready(cx).map_err(at(rd))?.is_pending() {
                 return Poll::Pending;
             }
-            let fd = from.as_raw_fd();
-            match from.try_io(Interest::READABLE, || {
-                pipe.fill(fd, crate::splice::PIPE_SIZE)
-            }) {
+            match from.try_io(Interest::READABLE, || splice(from_fd, pipe_w, PIPE_SIZE)) {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
                     self.in_pipe = n;

@@ -133,29 +133,9 @@ impl Guard {
     /// read: counted per listener only, like an allow-listed source, until
     /// [`Ticket::assign_source`] gives it its real source.
     pub fn admit_trusted(&self) -> Result<Ticket, Reject> {
-        let sh = &self.shared;
-        let lim = &*sh.limits.load();
-        let r = (|| {
-            let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
-            if !sh.reserve_conn(id, lim) {
-                return Err(Reject::ConnsFull);
-            }
-            if !sh.reserve_state(EvictState::HalfOpen, id, lim) {
-                sh.counts.conns.fetch_sub(1, Ordering::AcqRel);
-                return Err(Reject::HalfOpenFull);
-            }
-            sh.stats.accepted.fetch_add(1, Ordering::Relaxed);
-            sh.update_pressure();
-            Ok(Ticket {
-                shared: self.shared.clone(),
-                key: None,
-                id,
-                state: State::HalfOpen,
-                ctl: Arc::new(ConnCtl::default()),
-            })
-        })();
+        let r = self.admit_counted(None, &self.shared.limits.load());
         if let Err(reason) = r {
-            sh.stats.reject(reason);
+            self.shared.stats.reject(reason);
         }
         r
     }
@@ -190,6 +170,13 @@ impl Guard {
             }
         }
 
+        self.admit_counted(key, lim)
+    }
+
+    /// The binding part of admission: a place under the listener caps (evicting when
+    /// allowed), then one in the source's half-open list.
+    fn admit_counted(&self, key: Option<SourceKey>, lim: &Limits) -> Result<Ticket, Reject> {
+        let sh = &self.shared;
         let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
         if !sh.reserve_conn(id, lim) {
             return Err(Reject::ConnsFull);

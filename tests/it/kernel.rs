@@ -75,6 +75,11 @@ impl Net {
         net
     }
 
+    /// Sets a sysctl in the proxy namespace only (these are per-namespace).
+    fn sysctl(&self, kv: &str) {
+        sh(&["ip", "netns", "exec", &self.proxy, "sysctl", "-qw", kv]);
+    }
+
     fn exec(&self, ns: &str, args: &[&str]) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", ns]).args(args);
@@ -236,15 +241,7 @@ fn sample(scrape: &str, prefix: &str) -> f64 {
 fn census_counts_a_spoofed_syn_flood_by_source() {
     let mut net = Net::new();
     // Without cookies the kernel keeps a request socket per SYN: what the census counts.
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &net.proxy,
-        "sysctl",
-        "-qw",
-        "net.ipv4.tcp_syncookies=0",
-    ]);
+    net.sysctl("net.ipv4.tcp_syncookies=0");
     net.start_backend();
     net.start_halfguard("[kernel]\ncensus_interval = \"300ms\"\n");
     net.syn_flood(&["198.18.128.7", "198.18.128.8"], 2000);
@@ -275,24 +272,8 @@ fn enforcement_limits_a_flooding_source_and_serves_a_legit_one() {
     let mut syn_recv = Vec::new();
     for enforce in [false, true] {
         let mut net = Net::new();
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &net.proxy,
-            "sysctl",
-            "-qw",
-            "net.ipv4.tcp_syncookies=0",
-        ]);
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &net.proxy,
-            "sysctl",
-            "-qw",
-            "net.ipv4.tcp_max_syn_backlog=1024",
-        ]);
+        net.sysctl("net.ipv4.tcp_syncookies=0");
+        net.sysctl("net.ipv4.tcp_max_syn_backlog=1024");
         net.start_backend();
         net.start_halfguard(&format!(
             "[kernel]\ncensus_interval = \"300ms\"\nenforce = {enforce}\nsyn_rate_per_source = 10\nsyn_burst_per_source = 20\n"
