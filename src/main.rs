@@ -56,6 +56,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { .. } => {
             println!("{config}");
+            for w in config.warnings() {
+                println!("warning: {w}");
+            }
             println!("ok");
             ExitCode::SUCCESS
         }
@@ -93,6 +96,9 @@ fn serve(config: halfguard::Config) -> anyhow::Result<()> {
     }
     for line in config.to_string().lines() {
         tracing::info!("{line}");
+    }
+    for w in config.warnings() {
+        tracing::warn!("{w}");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -76,14 +76,17 @@ pub const DEFAULT_PRESSURE_HALF_CLOSED: Duration = Duration::from_secs(5);
 
 /// Accept queue length asked of the kernel (capped by `net.core.somaxconn`).
 pub const DEFAULT_BACKLOG: u32 = 4_096;
-/// First keepalive probe after 60 s of silence.
-pub const DEFAULT_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// First keepalive probe after 30 s of silence.
+pub const DEFAULT_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 /// Then one probe every 10 s...
 pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-/// ...and the peer is declared dead after 6 unanswered probes.
-pub const DEFAULT_KEEPALIVE_COUNT: u32 = 6;
-/// Sent data unacknowledged for 30 s means the peer is gone (TCP_USER_TIMEOUT).
-pub const DEFAULT_USER_TIMEOUT: Duration = Duration::from_secs(30);
+/// ...and the peer is declared dead after 3 unanswered probes: 60 s in all.
+pub const DEFAULT_KEEPALIVE_COUNT: u32 = 3;
+/// Sent data unacknowledged for 60 s means the peer is gone (TCP_USER_TIMEOUT). Linux also
+/// applies it to keepalive: once it has passed since the last ACK and a probe is out, the
+/// connection ends, whatever keepalive_count says. So it is kept at the keepalive total
+/// (30 s + 10 s x 3), or one lost probe would end a live idle connection.
+pub const DEFAULT_USER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The admin endpoint listens on loopback unless told otherwise: metrics and `/config` are
 /// not for the public.
@@ -705,6 +708,25 @@ impl Config {
     /// The effective configuration in a few lines, for `halfguard check` and the start log.
     pub fn summary(&self) -> String {
         self.to_string()
+    }
+
+    /// Settings that are valid but probably not what the operator means.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        let t = &self.tcp;
+        if let (Some(idle), Some(ut)) = (t.keepalive_idle, t.user_timeout) {
+            let total = idle + t.keepalive_interval * t.keepalive_count;
+            if ut < total {
+                w.push(format!(
+                    "tcp.user_timeout ({}) is below keepalive_idle + keepalive_interval x keepalive_count ({}): \
+                     Linux then ends an idle connection after one unanswered keepalive probe, \
+                     whatever keepalive_count says",
+                    humantime::format_duration(ut),
+                    humantime::format_duration(total)
+                ));
+            }
+        }
+        w
     }
 }
 

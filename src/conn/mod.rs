@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-pub use pump::{BUF_SIZE, Event, Pump, PumpError, Side};
+pub use pump::{BUF_SIZE, Event, KernelQueues, Pump, PumpError, Side};
 
 use crate::backend::{BackendError, Lease, Pool, ProxiedAddrs};
 use crate::config::{PressureConfig, Protocol, TcpConfig, Timeouts};
@@ -88,6 +88,9 @@ enum End {
 
 /// A clock expiry that a kernel send queue still moving postpones by at most this much.
 const RECHECK: Duration = Duration::from_secs(1);
+/// With bytes in flight at an expiry, the second look comes this soon, to tell a queue that
+/// moves from one that is stuck.
+const FIRST_LOOK: Duration = Duration::from_millis(200);
 
 /// Serves one admitted connection to its end.
 pub async fn serve(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr, mut ticket: Ticket) {
@@ -288,7 +291,9 @@ async fn pump_until_end(
     accepted: Instant,
 ) -> End {
     let ctl = ticket.ctl().clone();
-    let mut closed: Option<Side> = None;
+    // Who sent FIN, and when: the half-closed clock counts from the later of that moment
+    // and the last progress in the still-open direction, never from before the FIN.
+    let mut closed: Option<(Side, Instant)> = None;
     // Set when a kernel send queue was seen moving as a clock expired.
     let mut extended: Option<Instant> = None;
     let mut sleep = pin!(sleep_until(Instant::now() + policy.timeouts.idle));
@@ -297,13 +302,14 @@ async fn pump_until_end(
             let t = &policy.timeouts;
             let base = match closed {
                 None => (pump.last_activity() + t.idle, Timeout::Idle),
-                Some(side) => {
+                Some((side, at)) => {
                     let linger = if *pressure.borrow_and_update() {
                         t.half_closed.min(policy.pressure.half_closed)
                     } else {
                         t.half_closed
                     };
-                    (pump.last_open_progress(side) + linger, Timeout::HalfClosed)
+                    let since = pump.last_open_progress(side).max(at);
+                    (since + linger, Timeout::HalfClosed)
                 }
             };
             let stall = pump
@@ -320,9 +326,18 @@ async fn pump_until_end(
         if deadline <= now {
             // Out of time by the progress stamps. A peer still acknowledging our bytes is
             // slow, not gone: look again shortly rather than discard its bytes with an RST.
-            if clock != Timeout::MaxLifetime && pump.kernel_progress() {
-                extended = Some(now + RECHECK);
-                continue;
+            if clock != Timeout::MaxLifetime {
+                match pump.kernel_progress() {
+                    KernelQueues::Moving => {
+                        extended = Some(now + RECHECK);
+                        continue;
+                    }
+                    KernelQueues::FirstLook => {
+                        extended = Some(now + FIRST_LOOK);
+                        continue;
+                    }
+                    KernelQueues::Empty | KernelQueues::Stuck => {}
+                }
             }
             return End::Timeout(clock);
         }
@@ -340,7 +355,7 @@ async fn pump_until_end(
                 // A stall shortens the deadline: recompute it.
                 Ok(Event::Stalled) => {}
                 Ok(Event::HalfClosed(side)) => {
-                    closed = Some(side);
+                    closed = Some((side, Instant::now()));
                     match ticket.half_close() {
                         Ok(()) => {}
                         Err(Refused::Evicted) => return End::Evicted,

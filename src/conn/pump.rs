@@ -22,6 +22,19 @@ use tokio::time::Instant;
 /// Copy buffer per direction while bytes move.
 pub const BUF_SIZE: usize = 16 * 1024;
 
+/// What the kernel send queues say when a clock runs out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelQueues {
+    /// Nothing in flight: the clock may end the connection.
+    Empty,
+    /// Bytes in flight, first look: look again shortly to tell moving from stuck.
+    FirstLook,
+    /// Bytes in flight and acknowledged since the last look: progress.
+    Moving,
+    /// Bytes in flight, none acknowledged since the last look: stalled.
+    Stuck,
+}
+
 /// Who sent a FIN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
@@ -378,19 +391,28 @@ impl<'a> Pump<'a> {
         }
     }
 
-    /// Looks at the kernel send queues: true when one holds bytes and has changed since the
-    /// last look, i.e. a peer is still acknowledging our data, however slowly. A clock that
-    /// expires while this is true must not abort: the RST would discard those bytes.
-    pub fn kernel_progress(&mut self) -> bool {
+    /// Looks at the kernel send queues, for a clock that ran out. A peer still
+    /// acknowledging our data, however slowly, is making progress, and an RST would discard
+    /// those bytes.
+    pub fn kernel_progress(&mut self) -> KernelQueues {
         let now = [
             crate::sockopt::unacked(self.client),
             crate::sockopt::unacked(self.server),
         ];
-        let moved = now
+        let before = std::mem::replace(&mut self.unacked, now);
+        let holding = now.iter().any(|n| matches!(n, Some(q) if *q > 0));
+        if !holding {
+            KernelQueues::Empty
+        } else if before == [None, None] {
+            KernelQueues::FirstLook
+        } else if now
             .iter()
-            .zip(self.unacked)
-            .any(|(n, before)| matches!(n, Some(q) if *q > 0) && *n != before);
-        self.unacked = now;
-        moved
+            .zip(before)
+            .any(|(n, b)| matches!(n, Some(q) if *q > 0) && *n != b)
+        {
+            KernelQueues::Moving
+        } else {
+            KernelQueues::Stuck
+        }
     }
 }

@@ -323,3 +323,29 @@ async fn pressure_shortens_the_first_byte_clock_of_existing_connections() {
     p.assert_drained(ms(1000)).await;
     assert!(!p.snapshot().pressure, "pressure ends below low water");
 }
+
+#[tokio::test]
+async fn the_half_closed_clock_starts_at_the_fin_not_before() {
+    // The client uploads for longer than half_closed while the backend says nothing, then
+    // sends FIN; the backend answers after reading it all. Nothing may be aborted: the
+    // still-open direction was silent before the FIN, which the clock must not count.
+    // The answer comes 1.5 s after the FIN: within half_closed (2 s), and later than the
+    // 1 s a moving kernel send queue can buy, so only a clock started at the FIN lets it
+    // through.
+    let b = backend(Backend::CollectThenReplyAfter(1500)).await;
+    let mut cfg = base_config(&[b.addr]);
+    cfg.listeners[0].timeouts.half_closed = ms(2000);
+    cfg.listeners[0].timeouts.idle = ms(5000);
+    let p = Proxy::start(cfg).await;
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    for _ in 0..25 {
+        c.write_all(b"chunk").await.unwrap();
+        tokio::time::sleep(ms(100)).await;
+    }
+    c.shutdown().await.unwrap();
+    assert_eq!(
+        read_end(&mut c, ms(4000)).await,
+        Seen::Fin(b"got 125 bytes\n".to_vec())
+    );
+    assert_eq!(p.stats().timed_out(Timeout::HalfClosed), 0);
+}

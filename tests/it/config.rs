@@ -156,3 +156,15 @@ fn listener_overrides_apply_to_that_listener_only() {
     assert_eq!(web.timeouts.max_lifetime, None);
     assert_eq!(c.tcp.keepalive_idle, None);
 }
+
+#[test]
+fn a_user_timeout_below_the_keepalive_total_is_flagged() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid/minimal.toml");
+    let ok = config::load_with_env(&path, HashMap::new()).unwrap();
+    assert!(ok.warnings().is_empty(), "{:?}", ok.warnings());
+    let short =
+        config::load_with_env(&path, env(&[("HALFGUARD__TCP__USER_TIMEOUT", "10s")])).unwrap();
+    let w = short.warnings();
+    assert_eq!(w.len(), 1);
+    assert!(w[0].contains("tcp.user_timeout"), "{w:?}");
+}

@@ -142,6 +142,8 @@ pub enum Backend {
     Echo,
     /// Reads until EOF, then answers `got <n>` and sends FIN: data after the client's FIN.
     CollectThenReply,
+    /// The same, but thinks this many milliseconds before answering.
+    CollectThenReplyAfter(u64),
     /// Writes `HELLO\n` first, then echoes until EOF.
     Greeter,
     /// Reads and discards forever, never closes.
@@ -202,13 +204,16 @@ async fn serve_backend(kind: Backend, mut s: TcpStream) -> io::Result<u64> {
                 s.write_all(&buf[..n]).await?;
             }
         }
-        Backend::CollectThenReply => {
+        Backend::CollectThenReply | Backend::CollectThenReplyAfter(_) => {
             loop {
                 let n = s.read(&mut buf).await?;
                 if n == 0 {
                     break;
                 }
                 total += n as u64;
+            }
+            if let Backend::CollectThenReplyAfter(think) = kind {
+                tokio::time::sleep(Duration::from_millis(think)).await;
             }
             // Data after the client's FIN, in several writes with pauses.
             s.write_all(format!("got {total}").as_bytes()).await?;
