@@ -1,31 +1,61 @@
-//! Load generator for the measurements in the README: loopback only, bounded in count and
-//! time, stops by itself.
+//! Load and attack generator for the measurements in `benches/` (see `benches/README.md`):
+//! loopback only, bounded in count and time, stops by itself.
 //!
 //! ```text
-//! cargo bench --bench loadgen -- echo  --listen 127.0.0.1:18081 --secs 60
-//! cargo bench --bench loadgen -- cps   --target 127.0.0.1:18080 --conns 32 --secs 10
-//! cargo bench --bench loadgen -- hold  --target 127.0.0.1:18080 --count 5000 --secs 5 --pid PID
+//! loadgen echo   --listen 127.0.0.1:18081 --secs 60
+//! loadgen cps    --target 127.0.0.1:18080 --conns 32 --secs 10
+//! loadgen hold   --target 127.0.0.1:18080 --count 5000 --secs 5 --pid PID[,PID...] [--src IP]
+//! loadgen http   --target 127.0.0.1:17080 --src 127.0.0.2 --rate 40 --secs 30 [--path /small]
+//! loadgen attack --kind silent|halfclose|slowread|churn --target 127.0.0.1:17080
+//!                --src 127.0.0.3 --conns 4000 --rate 1000 --secs 30 [--path /big]
 //! ```
-//! `echo` is a backend; `cps` opens, exchanges `--payload` bytes with, and closes
-//! connections from `--conns` workers and prints connections per second and latency
-//! percentiles; `hold` opens `--count` silent connections and prints the RSS growth of
-//! process `--pid` per held connection. Run without arguments (as `cargo test
-//! --all-targets` does), it prints this usage and exits.
+//! - `echo` is a backend that echoes what it reads.
+//! - `cps` opens, exchanges `--payload` bytes with, and closes connections from `--conns`
+//!   workers and prints connections per second and latency percentiles.
+//! - `hold` opens `--count` silent connections and prints the RSS growth (summed over the
+//!   `--pid` list) per held connection, and the descriptors those processes hold.
+//! - `http` is a legitimate client: open loop, `--rate` requests per second, each on a new
+//!   connection (`Connection: close`), from `--src`. It prints one JSON line: requests,
+//!   successes (status 200 and the whole body within `--timeout-ms`), failures by kind, and
+//!   latency percentiles (connect to last byte).
+//! - `attack` keeps up to `--conns` attacker connections from `--src`, opening at most
+//!   `--rate` per second, and reopens one whenever the target ends it:
+//!   `silent` connects and sends nothing; `halfclose` sends a request for `--path`, then FIN,
+//!   and never reads; `slowread` sends that request and never reads (no FIN); `churn`
+//!   connects and closes at once (a connect/close rate flood). It prints one JSON line.
+//!
+//! Every address (target, listen, source) must be a loopback address. Run without
+//! arguments (as `cargo test --all-targets` does), it prints a line and exits.
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Hard caps, whatever the arguments say: the traffic rules want every loop bounded.
 const MAX_SECS: u64 = 120;
 const MAX_CONNS: usize = 256;
 const MAX_HOLD: usize = 9_000;
+/// Attacker sockets open at once, and new attacker connections per second.
+const MAX_ATTACK_CONNS: usize = 4_000;
+const MAX_ATTACK_RATE: u64 = 20_000;
+/// Legit requests per second, and requests in flight.
+const MAX_HTTP_RATE: u64 = 5_000;
+const MAX_IN_FLIGHT: usize = 512;
 
 struct Args(Vec<String>);
+
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v) => v.is_loopback(),
+        IpAddr::V6(v) => v.is_loopback(),
+    }
+}
 
 impl Args {
     fn get(&self, name: &str) -> Option<&str> {
@@ -33,35 +63,47 @@ impl Args {
         self.0.get(i + 1).map(String::as_str)
     }
     fn num(&self, name: &str, default: u64) -> u64 {
-        self.get(name)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
+        match self.get(name) {
+            None => default,
+            Some(v) => v
+                .parse()
+                .unwrap_or_else(|_| usage(&format!("{name}: not a number: {v}"))),
+        }
     }
     fn addr(&self, name: &str) -> SocketAddr {
         let a: SocketAddr = self
             .get(name)
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| usage(&format!("{name} ADDR is required")));
-        let loopback = match a.ip() {
-            IpAddr::V4(v) => v.is_loopback(),
-            IpAddr::V6(v) => v.is_loopback(),
-        };
-        if !loopback {
+        if !is_loopback(a.ip()) {
             usage("only loopback addresses are allowed");
         }
         a
     }
+    /// `--src IP`: the loopback address connections are made from (default: the kernel's).
+    fn src(&self) -> Option<IpAddr> {
+        let v = self.get("--src")?;
+        let ip: IpAddr = v
+            .parse()
+            .unwrap_or_else(|_| usage(&format!("--src: not an address: {v}")));
+        if !is_loopback(ip) {
+            usage("only loopback addresses are allowed");
+        }
+        Some(ip)
+    }
 }
 
 fn usage(why: &str) -> ! {
-    eprintln!("loadgen: {why}\nusage: loadgen echo|cps|hold ... (see benches/loadgen.rs)");
+    eprintln!(
+        "loadgen: {why}\nusage: loadgen echo|cps|hold|http|attack ... (see benches/loadgen.rs)"
+    );
     std::process::exit(2)
 }
 
 fn main() {
     let args = Args(std::env::args().skip(1).collect());
     let Some(mode) = args.0.first().cloned().filter(|m| !m.starts_with('-')) else {
-        println!("loadgen: no mode given (echo | cps | hold); nothing to do");
+        println!("loadgen: no mode given (echo | cps | hold | http | attack); nothing to do");
         return;
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -74,9 +116,67 @@ fn main() {
             "echo" => echo(args.addr("--listen"), secs).await,
             "cps" => cps(&args, secs).await,
             "hold" => hold(&args, secs).await,
+            "http" => http(&args, secs).await,
+            "attack" => attack(&args, secs).await,
             _ => usage("unknown mode"),
         }
     });
+}
+
+/// A TCP connection to `target`, from `src` when given. The port is picked at connect
+/// (`IP_BIND_ADDRESS_NO_PORT`), so a bound source does not exhaust ports as fast as a plain
+/// `bind(ip:0)` would.
+async fn connect_from(src: Option<IpAddr>, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = if target.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = src {
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt reads one c_int we own, on a socket we own.
+        let _ = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        sock.bind(SocketAddr::new(ip, 0))?;
+    }
+    sock.connect(target).await
+}
+
+/// The kernel's TCP state of a socket (`tcpi_state`: 1 established, 4/5 FIN_WAIT1/2,
+/// 7 closed, 8 CLOSE_WAIT, ...), or 0 when it cannot be read.
+fn tcp_state(s: &TcpStream) -> u8 {
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into a buffer we own.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r == 0 && len > 0 { info[0] } else { 0 }
+}
+
+/// Is the connection still held by the other side? Established, or our FIN sent and theirs
+/// not yet received.
+fn peer_holds(s: &TcpStream) -> bool {
+    matches!(tcp_state(s), 1 | 4 | 5)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+        .map_or(0.0, |d| d.as_secs_f64() * 1e6)
 }
 
 async fn echo(listen: SocketAddr, secs: u64) {
@@ -108,6 +208,7 @@ async fn echo(listen: SocketAddr, secs: u64) {
 
 async fn cps(args: &Args, secs: u64) {
     let target = args.addr("--target");
+    let src = args.src();
     let conns = (args.num("--conns", 32) as usize).clamp(1, MAX_CONNS);
     let payload = vec![b'x'; args.num("--payload", 64).clamp(1, 1 << 20) as usize];
     let stop = Arc::new(AtomicBool::new(false));
@@ -123,7 +224,7 @@ async fn cps(args: &Args, secs: u64) {
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
                 let ok = async {
-                    let mut s = TcpStream::connect(target).await?;
+                    let mut s = connect_from(src, target).await?;
                     s.set_nodelay(true)?;
                     s.write_all(&payload).await?;
                     s.read_exact(&mut back).await?;
@@ -155,17 +256,13 @@ async fn cps(args: &Args, secs: u64) {
     }
     let elapsed = start.elapsed().as_secs_f64();
     lat.sort();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
-    };
     println!(
         "cps target={target} conns={conns} payload={} secs={elapsed:.1} connections={} errors={errors} cps={:.0} p50_us={:.0} p99_us={:.0}",
         payload.len(),
         lat.len(),
         lat.len() as f64 / elapsed,
-        pct(0.50),
-        pct(0.99)
+        percentile(&lat, 0.50),
+        percentile(&lat, 0.99)
     );
 }
 
@@ -179,26 +276,53 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// RSS summed over several processes (a master and its workers), if all can be read.
+fn rss_sum_kib(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| rss_kib(p)).sum()
+}
+
+fn fds(pids: &[u32]) -> usize {
+    pids.iter()
+        .map(|p| std::fs::read_dir(format!("/proc/{p}/fd")).map_or(0, |d| d.count()))
+        .sum()
+}
+
 async fn hold(args: &Args, secs: u64) {
     let target = args.addr("--target");
+    let src = args.src();
     let count = (args.num("--count", 1000) as usize).min(MAX_HOLD);
-    let pid = args.num("--pid", 0) as u32;
-    let before = rss_kib(pid);
+    let pids: Vec<u32> = args
+        .get("--pid")
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|p| p.trim().parse().ok())
+        .collect();
+    let settle = Duration::from_millis(args.num("--settle-ms", 1500).min(10_000));
+    let before = rss_sum_kib(&pids);
+    let fds_before = fds(&pids);
     let mut held = Vec::with_capacity(count);
     for _ in 0..count {
-        match TcpStream::connect(target).await {
-            Ok(s) => held.push(s),
-            Err(e) => {
+        match tokio::time::timeout(Duration::from_secs(3), connect_from(src, target)).await {
+            Ok(Ok(s)) => held.push(s),
+            Ok(Err(e)) => {
                 eprintln!("hold: connect failed after {}: {e}", held.len());
+                break;
+            }
+            Err(_) => {
+                eprintln!("hold: connect timed out after {}", held.len());
                 break;
             }
         }
     }
     // Let the proxy accept and settle.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let during = rss_kib(pid);
+    tokio::time::sleep(settle).await;
+    let during = rss_sum_kib(&pids);
+    let alive = held.iter().filter(|s| peer_holds(s)).count();
     println!(
-        "hold target={target} held={} rss_before_kib={} rss_held_kib={} per_conn_bytes={}",
+        "hold target={target} held={} alive={alive} rss_before_kib={} rss_held_kib={} per_conn_bytes={} fds_before={fds_before} fds_held={}",
         held.len(),
         before.map_or("?".into(), |v| v.to_string()),
         during.map_or("?".into(), |v| v.to_string()),
@@ -208,7 +332,280 @@ async fn hold(args: &Args, secs: u64) {
                 .round()
                 .to_string(),
             _ => "?".into(),
-        }
+        },
+        fds(&pids)
     );
     tokio::time::sleep(Duration::from_secs(secs.saturating_sub(2))).await;
+}
+
+/// What one legit request came to.
+enum Outcome {
+    Ok(Duration),
+    Connect,
+    Reset,
+    Timeout,
+    BadResponse,
+}
+
+/// One request on a new connection: status 200 and a body as long as `Content-Length`.
+async fn one_request(src: Option<IpAddr>, target: SocketAddr, req: &[u8]) -> Outcome {
+    let t = Instant::now();
+    let mut s = match connect_from(src, target).await {
+        Ok(s) => s,
+        Err(_) => return Outcome::Connect,
+    };
+    let _ = s.set_nodelay(true);
+    if s.write_all(req).await.is_err() {
+        return Outcome::Reset;
+    }
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        match s.read(&mut chunk).await {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.len() > (1 << 20) {
+                    return Outcome::BadResponse;
+                }
+            }
+            Err(_) => return Outcome::Reset,
+        }
+    }
+    let elapsed = t.elapsed();
+    let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return if buf.is_empty() {
+            Outcome::Reset
+        } else {
+            Outcome::BadResponse
+        };
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    if !head.starts_with("http/1.1 200") {
+        return Outcome::BadResponse;
+    }
+    let body = buf.len() - head_end - 4;
+    let len_ok = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .is_none_or(|n| n == body);
+    if len_ok {
+        Outcome::Ok(elapsed)
+    } else {
+        Outcome::BadResponse
+    }
+}
+
+async fn http(args: &Args, secs: u64) {
+    let target = args.addr("--target");
+    let src = args.src();
+    let rate = args.num("--rate", 40).clamp(1, MAX_HTTP_RATE);
+    let timeout = Duration::from_millis(args.num("--timeout-ms", 3000).clamp(10, 30_000));
+    let path = args.get("--path").unwrap_or("/small").to_string();
+    let req: Arc<[u8]> = format!(
+        "GET {path} HTTP/1.1\r\nHost: bench\r\nUser-Agent: loadgen\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes()
+    .into();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let results: Arc<Mutex<Vec<Outcome>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut overloaded = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs);
+    let mut tasks = tokio::task::JoinSet::new();
+    while Instant::now() < end {
+        tick.tick().await;
+        if in_flight.load(Ordering::Relaxed) >= MAX_IN_FLIGHT {
+            overloaded += 1;
+            continue;
+        }
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        let (req, in_flight, results) = (req.clone(), in_flight.clone(), results.clone());
+        tasks.spawn(async move {
+            let o = tokio::time::timeout(timeout, one_request(src, target, &req))
+                .await
+                .unwrap_or(Outcome::Timeout);
+            results.lock().expect("results").push(o);
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+        });
+        // Reap finished tasks so the set stays small.
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    let results = std::mem::take(&mut *results.lock().expect("results"));
+    let (mut connect, mut reset, mut timed_out, mut bad) = (0u64, 0u64, 0u64, 0u64);
+    let mut lat = Vec::with_capacity(results.len());
+    for o in &results {
+        match o {
+            Outcome::Ok(d) => lat.push(*d),
+            Outcome::Connect => connect += 1,
+            Outcome::Reset => reset += 1,
+            Outcome::Timeout => timed_out += 1,
+            Outcome::BadResponse => bad += 1,
+        }
+    }
+    lat.sort();
+    let requests = results.len() as u64 + overloaded;
+    let ok = lat.len() as u64;
+    println!(
+        "{}",
+        serde_json::json!({
+            "mode": "http", "target": target.to_string(),
+            "src": src.map(|s| s.to_string()), "rate": rate, "secs": secs,
+            "requests": requests, "ok": ok,
+            "success_pct": if requests > 0 { ok as f64 * 100.0 / requests as f64 } else { 0.0 },
+            "fail_connect": connect, "fail_reset": reset, "fail_timeout": timed_out,
+            "fail_bad_response": bad, "fail_overloaded": overloaded,
+            "p50_us": percentile(&lat, 0.50).round(), "p99_us": percentile(&lat, 0.99).round(),
+            "max_us": lat.last().map_or(0.0, |d| (d.as_secs_f64() * 1e6).round()),
+        })
+    );
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Silent,
+    HalfClose,
+    SlowRead,
+    Churn,
+}
+
+#[derive(Default)]
+struct AttackStats {
+    attempts: AtomicU64,
+    connected: AtomicU64,
+    connect_errors: AtomicU64,
+    ended_by_target: AtomicU64,
+    live: AtomicUsize,
+    max_live: AtomicUsize,
+    /// Failed connects by cause (errno name, or "timeout").
+    errors: Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl AttackStats {
+    fn connect_failed(&self, cause: String) {
+        self.connect_errors.fetch_add(1, Ordering::Relaxed);
+        *self
+            .errors
+            .lock()
+            .expect("errors")
+            .entry(cause)
+            .or_default() += 1;
+    }
+}
+
+/// One attacker connection: connect, do what the kind does, then hold until the target ends
+/// the connection or the attack ends.
+async fn attack_one(
+    kind: Kind,
+    src: Option<IpAddr>,
+    target: SocketAddr,
+    req: Arc<[u8]>,
+    end: Instant,
+    st: Arc<AttackStats>,
+) {
+    st.attempts.fetch_add(1, Ordering::Relaxed);
+    let s = match tokio::time::timeout(Duration::from_secs(3), connect_from(src, target)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            st.connect_failed(format!("{:?}", e.kind()));
+            return;
+        }
+        Err(_) => {
+            st.connect_failed("timeout".into());
+            return;
+        }
+    };
+    st.connected.fetch_add(1, Ordering::Relaxed);
+    let mut s = s;
+    match kind {
+        Kind::Churn => return,
+        Kind::Silent => {}
+        Kind::HalfClose | Kind::SlowRead => {
+            if s.write_all(&req).await.is_err() {
+                st.ended_by_target.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if kind == Kind::HalfClose {
+                let _ = s.shutdown().await;
+            }
+        }
+    }
+    // Never read: look at the kernel's state of the socket once a second instead.
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            return;
+        }
+        tokio::time::sleep((end - now).min(Duration::from_secs(1))).await;
+        if !peer_holds(&s) {
+            st.ended_by_target.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
+}
+
+async fn attack(args: &Args, secs: u64) {
+    let target = args.addr("--target");
+    let src = args.src();
+    let kind = match args.get("--kind") {
+        Some("silent") => Kind::Silent,
+        Some("halfclose") => Kind::HalfClose,
+        Some("slowread") => Kind::SlowRead,
+        Some("churn") => Kind::Churn,
+        _ => usage("--kind silent|halfclose|slowread|churn is required"),
+    };
+    let conns = (args.num("--conns", 1000) as usize).clamp(1, MAX_ATTACK_CONNS);
+    let rate = args.num("--rate", 1000).clamp(1, MAX_ATTACK_RATE);
+    let path = args.get("--path").unwrap_or("/big").to_string();
+    let req: Arc<[u8]> = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n")
+        .into_bytes()
+        .into();
+    let st = Arc::new(AttackStats::default());
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs);
+    let mut started = 0u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    while Instant::now() < end {
+        // Token bucket without a burst: at most `rate` new connections per elapsed second.
+        let allowed = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+        while started < allowed && st.live.load(Ordering::Relaxed) < conns {
+            started += 1;
+            let live = st.live.fetch_add(1, Ordering::Relaxed) + 1;
+            st.max_live.fetch_max(live, Ordering::Relaxed);
+            let (st, req) = (st.clone(), req.clone());
+            tasks.spawn(async move {
+                attack_one(kind, src, target, req, end, st.clone()).await;
+                st.live.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
+        // Do not bank unused tokens while at the connection cap.
+        if st.live.load(Ordering::Relaxed) >= conns {
+            started = started.max(allowed);
+        }
+        while tasks.try_join_next().is_some() {}
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Every connection task ends by `end` (connects are bounded to 3 s).
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+    println!(
+        "{}",
+        serde_json::json!({
+            "mode": "attack",
+            "kind": args.get("--kind"), "target": target.to_string(),
+            "src": src.map(|s| s.to_string()), "conns": conns, "rate": rate, "secs": secs,
+            "attempts": st.attempts.load(Ordering::Relaxed),
+            "connected": st.connected.load(Ordering::Relaxed),
+            "connect_errors": st.connect_errors.load(Ordering::Relaxed),
+            "ended_by_target": st.ended_by_target.load(Ordering::Relaxed),
+            "max_live": st.max_live.load(Ordering::Relaxed),
+            "connect_errors_by": *st.errors.lock().expect("errors"),
+        })
+    );
 }
