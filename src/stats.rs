@@ -22,6 +22,8 @@ pub enum Reject {
     SourceConns,
     /// The source is at `max_half_open_per_source`.
     SourceHalfOpen,
+    /// The source holds `max_half_closed_per_source` half-closed connections.
+    SourceHalfClosed,
     /// The listener is at `max_half_open` and nothing could be evicted.
     HalfOpenFull,
     /// The listener is at `max_half_closed` and nothing could be evicted.
@@ -37,12 +39,13 @@ pub enum Reject {
 }
 
 impl Reject {
-    pub const ALL: [Reject; 11] = [
+    pub const ALL: [Reject; 12] = [
         Reject::Denied,
         Reject::ConnsFull,
         Reject::Rate,
         Reject::SourceConns,
         Reject::SourceHalfOpen,
+        Reject::SourceHalfClosed,
         Reject::HalfOpenFull,
         Reject::HalfClosedFull,
         Reject::SourcesFull,
@@ -58,6 +61,7 @@ impl Reject {
             Reject::Rate => "rate",
             Reject::SourceConns => "source_conns",
             Reject::SourceHalfOpen => "source_half_open",
+            Reject::SourceHalfClosed => "source_half_closed",
             Reject::HalfOpenFull => "half_open_full",
             Reject::HalfClosedFull => "half_closed_full",
             Reject::SourcesFull => "sources_full",

@@ -154,13 +154,13 @@ impl Pool {
         addrs: ProxiedAddrs,
     ) -> Result<(TcpStream, Lease), BackendError> {
         let deadline = Instant::now() + budget;
-        let mut tried: Vec<usize> = Vec::with_capacity(MAX_ATTEMPTS);
+        let mut tried = Tried::default();
         let mut last = BackendError::AllDown;
         loop {
             if tried.len() >= MAX_ATTEMPTS.min(self.servers.len()) {
                 return Err(last);
             }
-            let i = match self.pick(&tried) {
+            let i = match self.pick(tried.as_slice()) {
                 Pick::Server(i) => i,
                 Pick::AllDown => return Err(last),
                 Pick::AllFull => {
@@ -175,7 +175,8 @@ impl Pool {
             let lease = Lease {
                 server: server.clone(),
                 freed: self.freed.clone(),
-                down: server.down_token(),
+                // Its own child: each connection waits on its own list, not the server's.
+                down: server.down_token().child_token(),
                 fall: self.cfg.health.fall,
                 cooloff: self.cfg.health.cooloff,
             };
@@ -249,18 +250,16 @@ impl Pool {
         r.map_err(|_| BackendError::QueueTimeout)
     }
 
+    /// Chooses a server without allocating: it runs for every new connection.
     fn pick(&self, tried: &[usize]) -> Pick {
-        let eligible: Vec<usize> = (0..self.servers.len())
-            .filter(|i| !tried.contains(i) && self.servers[*i].is_up())
-            .collect();
-        if eligible.is_empty() {
+        let up = |i: &usize| !tried.contains(i) && self.servers[*i].is_up();
+        let room = |i: &usize| up(i) && self.servers[*i].has_room();
+        let n = self.servers.len();
+        if !(0..n).any(|i| up(&i)) {
             return Pick::AllDown;
         }
-        let room: Vec<usize> = eligible
-            .into_iter()
-            .filter(|&i| self.servers[i].has_room())
-            .collect();
-        if room.is_empty() {
+        let rooms = (0..n).filter(room).count();
+        if rooms == 0 {
             return Pick::AllFull;
         }
         // Load per unit of weight, compared without division.
@@ -269,21 +268,21 @@ impl Pool {
             u64::from(sa.active()) * u64::from(sb.weight)
                 < u64::from(sb.active()) * u64::from(sa.weight)
         };
+        let nth_room = |k: usize| (0..n).filter(room).nth(k % rooms).unwrap_or(0);
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         Pick::Server(match self.cfg.balance {
             Balance::RoundRobin => {
-                let n = self.schedule.len();
-                (0..n)
-                    .map(|k| self.schedule[(start + k) % n])
-                    .find(|i| room.contains(i))
-                    .unwrap_or(room[0])
+                let len = self.schedule.len();
+                (0..len)
+                    .map(|k| self.schedule[(start + k) % len])
+                    .find(room)
+                    .unwrap_or_else(|| nth_room(0))
             }
             Balance::LeastConn => {
                 // Rotate the starting point so ties spread instead of piling on the first.
-                let n = room.len();
-                let mut best = room[start % n];
-                for k in 1..n {
-                    let c = room[(start + k) % n];
+                let mut best = nth_room(start);
+                for k in 1..rooms {
+                    let c = nth_room(start + k);
                     if lighter(c, best) {
                         best = c;
                     }
@@ -292,9 +291,8 @@ impl Pool {
             }
             Balance::RandomTwo => {
                 let r = self.random();
-                let n = room.len();
-                let a = room[(r % n as u64) as usize];
-                let b = room[((r >> 32) % n as u64) as usize];
+                let a = nth_room(r as usize);
+                let b = nth_room((r >> 32) as usize);
                 if lighter(b, a) { b } else { a }
             }
         })
@@ -309,6 +307,28 @@ impl Pool {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+}
+
+/// The servers tried for one connection (at most [`MAX_ATTEMPTS`]), without a heap.
+#[derive(Default)]
+struct Tried {
+    ids: [usize; MAX_ATTEMPTS],
+    len: usize,
+}
+
+impl Tried {
+    fn push(&mut self, i: usize) {
+        if self.len < MAX_ATTEMPTS {
+            self.ids[self.len] = i;
+            self.len += 1;
+        }
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn as_slice(&self) -> &[usize] {
+        &self.ids[..self.len]
     }
 }
 

@@ -142,6 +142,9 @@ async fn run(
     accepted: Instant,
 ) -> End {
     let ctl = ticket.ctl().clone();
+    // A child token of its own: polling it locks this connection's waiter list, not the
+    // listener's, which every connection would share.
+    let abort = ctx.abort.child_token();
     let mut pressure = ctx.guard.pressure_watch();
     let mut epoch = ctx.epoch.subscribe();
     let mut policy = ctx.policy.load_full();
@@ -178,8 +181,9 @@ async fn run(
         let header = tokio::select! {
             biased;
             _ = ctl.evicted() => return End::Evicted,
-            _ = ctx.abort.cancelled() => return End::Shutdown,
-            h = proxy_protocol::read_header(client) => h,
+            _ = abort.cancelled() => return End::Shutdown,
+            // Boxed: its buffers would otherwise sit in every connection's task.
+            h = Box::pin(proxy_protocol::read_header(client)) => h,
             _ = sleep_until(deadline) => return End::Timeout(Timeout::FirstByte),
         };
         match header {
@@ -208,41 +212,52 @@ async fn run(
         let connect = tokio::select! {
             biased;
             _ = ctl.evicted() => return End::Evicted,
-            _ = ctx.abort.cancelled() => return End::Shutdown,
-            r = policy.backends.connect(&policy.tcp, policy.timeouts.connect, addrs) => r,
+            _ = abort.cancelled() => return End::Shutdown,
+            r = Box::pin(policy.backends.connect(&policy.tcp, policy.timeouts.connect, addrs)) => r,
         };
         match connect {
             Ok(s) => *server_slot = Some(s),
             Err(e) => return backend_end(ctx, &e),
         }
     }
-    let mut peek = [0u8; 1];
-    loop {
-        let fb = first_byte(&policy, *pressure.borrow_and_update());
-        let (deadline, clock) = earliest((accepted + fb, Timeout::FirstByte), lifetime(&policy));
-        let server_ready = async {
-            match server_slot.as_ref() {
-                Some((s, _)) => s.readable().await,
-                None => std::future::pending().await,
+    {
+        // Registered once for the whole silent phase, not once per wake-up.
+        let mut evicted = pin!(ctl.evicted());
+        let mut aborted = pin!(abort.cancelled());
+        let mut peek = [0u8; 1];
+        loop {
+            let fb = first_byte(&policy, *pressure.borrow_and_update());
+            let (deadline, clock) =
+                earliest((accepted + fb, Timeout::FirstByte), lifetime(&policy));
+            let server_ready = async {
+                match server_slot.as_ref() {
+                    Some((s, _)) => s.readable().await,
+                    None => std::future::pending().await,
+                }
+            };
+            // Wait for readiness first: a peek on a fresh socket would only say EAGAIN.
+            let client_spoke = async {
+                client.readable().await?;
+                client.peek(&mut peek).await
+            };
+            tokio::select! {
+                biased;
+                _ = &mut evicted => return End::Evicted,
+                _ = &mut aborted => return End::Shutdown,
+                r = client_spoke => match r {
+                    // Closed before saying anything, and nothing was asked of a backend.
+                    Ok(0) if server_slot.is_none() => return End::Clean,
+                    Ok(_) => break,
+                    Err(_) => return End::PeerError,
+                },
+                r = server_ready => match r {
+                    Ok(()) => break,
+                    Err(_) => return End::PeerError,
+                },
+                _ = sleep_until(deadline) => return End::Timeout(clock),
+                _ = changed(&mut pressure) => {}
+                _ = changed(&mut epoch) => policy = ctx.policy.load_full(),
             }
-        };
-        tokio::select! {
-            biased;
-            _ = ctl.evicted() => return End::Evicted,
-            _ = ctx.abort.cancelled() => return End::Shutdown,
-            r = client.peek(&mut peek) => match r {
-                // Closed before saying anything, and nothing was asked of a backend.
-                Ok(0) if server_slot.is_none() => return End::Clean,
-                Ok(_) => break,
-                Err(_) => return End::PeerError,
-            },
-            r = server_ready => match r {
-                Ok(()) => break,
-                Err(_) => return End::PeerError,
-            },
-            _ = sleep_until(deadline) => return End::Timeout(clock),
-            _ = changed(&mut pressure) => {}
-            _ = changed(&mut epoch) => policy = ctx.policy.load_full(),
         }
     }
 
@@ -253,8 +268,8 @@ async fn run(
     if server_slot.is_none() {
         let connect = tokio::select! {
             biased;
-            _ = ctx.abort.cancelled() => return End::Shutdown,
-            r = policy.backends.connect(&policy.tcp, policy.timeouts.connect, addrs) => r,
+            _ = abort.cancelled() => return End::Shutdown,
+            r = Box::pin(policy.backends.connect(&policy.tcp, policy.timeouts.connect, addrs)) => r,
         };
         match connect {
             Ok(s) => *server_slot = Some(s),
@@ -265,32 +280,56 @@ async fn run(
         return End::Backend;
     };
 
-    let stats = &ctx.stats;
-    let mut pump = Pump::new(client, server, stats, policy.tcp.splice);
-    let mut watches = (pressure, epoch);
-    pump_until_end(
-        ctx,
+    // Boxed: the pump and its clocks go on the heap only once bytes move, so a silent
+    // connection's task stays small.
+    let open = Open {
         ticket,
+        abort: &abort,
         lease,
-        &mut pump,
-        &mut watches,
+        client,
+        server,
+    };
+    Box::pin(pump_until_end(
+        ctx,
+        open,
+        (pressure, epoch),
         policy,
         accepted,
-    )
+    ))
     .await
+}
+
+/// What the OPEN and HALF_CLOSED phases work on.
+struct Open<'a> {
+    ticket: &'a mut Ticket,
+    /// This connection's child of the listener's abort token.
+    abort: &'a CancellationToken,
+    lease: &'a Lease,
+    client: &'a TcpStream,
+    server: &'a TcpStream,
 }
 
 /// OPEN and HALF_CLOSED: moves bytes until both sides sent FIN or a clock runs out.
 async fn pump_until_end(
     ctx: &ListenerCtx,
-    ticket: &mut Ticket,
-    lease: &Lease,
-    pump: &mut Pump<'_>,
-    (pressure, epoch): &mut (watch::Receiver<bool>, watch::Receiver<u64>),
+    open: Open<'_>,
+    (mut pressure, mut epoch): (watch::Receiver<bool>, watch::Receiver<u64>),
     mut policy: Arc<Policy>,
     accepted: Instant,
 ) -> End {
+    let Open {
+        ticket,
+        abort,
+        lease,
+        client,
+        server,
+    } = open;
+    let mut pump = Pump::new(client, server, &ctx.stats, policy.tcp.splice);
     let ctl = ticket.ctl().clone();
+    // Registered once for the connection, not once per wake-up.
+    let mut evicted = pin!(ctl.evicted());
+    let mut aborted = pin!(abort.cancelled());
+    let mut lease_down = pin!(lease.aborted());
     // Who sent FIN, and when: the half-closed clock counts from the later of that moment
     // and the last progress in the still-open direction, never from before the FIN.
     let mut closed: Option<(Side, Instant)> = None;
@@ -346,10 +385,10 @@ async fn pump_until_end(
         }
         tokio::select! {
             biased;
-            _ = ctl.evicted() => return End::Evicted,
-            _ = ctx.abort.cancelled() => return End::Shutdown,
+            _ = &mut evicted => return End::Evicted,
+            _ = &mut aborted => return End::Shutdown,
             // The server was marked down and its pool aborts its connections.
-            _ = lease.aborted() => return End::Backend,
+            _ = &mut lease_down => return End::Backend,
             ev = poll_fn(|cx| pump.poll_event(cx)) => match ev {
                 Ok(Event::Closed) => return End::Clean,
                 // A stall shortens the deadline: recompute it.
@@ -372,8 +411,8 @@ async fn pump_until_end(
             },
             // Progress may have moved the deadline since: the loop recomputes it.
             _ = &mut sleep => {}
-            _ = changed(pressure), if closed.is_some() => {}
-            _ = changed(epoch) => policy = ctx.policy.load_full(),
+            _ = changed(&mut pressure), if closed.is_some() => {}
+            _ = changed(&mut epoch) => policy = ctx.policy.load_full(),
         }
     }
 }

@@ -21,6 +21,27 @@ use tokio::time::Instant;
 
 /// Copy buffer per direction while bytes move.
 pub const BUF_SIZE: usize = 16 * 1024;
+/// Free copy buffers kept per worker thread, so a request/response exchange reuses one
+/// instead of going to the allocator twice per message.
+const POOLED_BUFS: usize = 64;
+
+thread_local! {
+    static BUFS: std::cell::RefCell<Vec<Box<[u8]>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn take_buf() -> Box<[u8]> {
+    BUFS.with(|b| b.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice())
+}
+
+fn give_buf(buf: Box<[u8]>) {
+    BUFS.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < POOLED_BUFS {
+            b.push(buf);
+        }
+    });
+}
 
 /// What the kernel send queues say when a clock runs out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +90,8 @@ struct Direction<'a> {
     eof: bool,
     /// EOF forwarded: the direction is over.
     done: bool,
+    /// The other direction is over (set by the pump before each poll).
+    other_done: bool,
     /// Last time a byte was read or written in this direction.
     last_progress: Instant,
     /// Since when bytes wait for a destination that takes none, if they do.
@@ -89,6 +112,7 @@ struct Direction<'a> {
 
 impl Drop for Direction<'_> {
     fn drop(&mut self) {
+        self.release_buf();
         // An empty pipe goes back for the next bulk connection; one that may hold bytes
         // (an aborted transfer) is closed.
         #[cfg(target_os = "linux")]
@@ -123,9 +147,27 @@ impl<'a> Direction<'a> {
             len: 0,
             eof: false,
             done: false,
+            other_done: false,
             last_progress: now,
             stalled_since: None,
             stall_started: false,
+        }
+    }
+
+    /// Forwards the source's FIN exactly: `shutdown(Write)` toward the other side, whose
+    /// direction keeps flowing. When that other direction is already over, the close that
+    /// follows sends the FIN, so the call is saved.
+    fn forward_fin(&mut self, to: &TcpStream) -> io::Result<()> {
+        if !self.other_done {
+            SockRef::from(to).shutdown(Shutdown::Write)?;
+        }
+        self.done = true;
+        Ok(())
+    }
+
+    fn release_buf(&mut self) {
+        if let Some(b) = self.buf.take() {
+            give_buf(b);
         }
     }
 
@@ -188,29 +230,23 @@ impl<'a> Direction<'a> {
             if self.bulk && !self.eof {
                 self.bulk = false;
                 if let Some(p) = crate::splice::Pipe::get() {
-                    self.buf = None;
+                    self.release_buf();
                     self.pipe = Some(p);
                     self.spliced.fetch_add(1, Relaxed);
                     return self.poll_splice(from, to, cx);
                 }
             }
             if self.eof {
-                // Forward the FIN exactly: the other direction keeps flowing.
-                SockRef::from(to)
-                    .shutdown(Shutdown::Write)
-                    .map_err(at(wr))?;
-                self.done = true;
-                self.buf = None;
+                self.forward_fin(to).map_err(at(wr))?;
+                self.release_buf();
                 return Poll::Ready(Ok(()));
             }
             if from.poll_read_ready(cx).map_err(at(rd))?.is_pending() {
                 // Drained and waiting: give the buffer back.
-                self.buf = None;
+                self.release_buf();
                 return Poll::Pending;
             }
-            let buf = self
-                .buf
-                .get_or_insert_with(|| vec![0u8; BUF_SIZE].into_boxed_slice());
+            let buf = self.buf.get_or_insert_with(take_buf);
             match from.try_read(buf) {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
@@ -262,10 +298,7 @@ impl<'a> Direction<'a> {
                 continue;
             }
             if self.eof {
-                SockRef::from(to)
-                    .shutdown(Shutdown::Write)
-                    .map_err(at(wr))?;
-                self.done = true;
+                self.forward_fin(to).map_err(at(wr))?;
                 return Poll::Ready(Ok(()));
             }
             if from.poll_read_ready(cx).map_err(at(rd))?.is_pending() {
@@ -337,6 +370,8 @@ impl<'a> Pump<'a> {
     /// Moves bytes until something the connection must act on happens. Cancel-safe: all
     /// state lives in the pump, so it can sit in a `select!` and be polled again.
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
+        self.up.other_done = self.down.done;
+        self.down.other_done = self.up.done;
         if !self.up.done && self.up.poll_copy(self.client, self.server, cx)?.is_ready() {
             return Poll::Ready(Ok(self.closed_or(Side::Client)));
         }

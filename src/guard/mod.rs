@@ -335,6 +335,15 @@ fn check_source(e: &SourceEntry, lim: &Limits) -> Result<(), Reject> {
     {
         return Err(Reject::SourceHalfOpen);
     }
+    // A source whose half-closed connections fill its cap gets no new connection until one
+    // ends: otherwise each newcomer, once it half-closes, evicts the source's oldest, and a
+    // client that sends FIN and never reads churns through connections (and backend bytes)
+    // as fast as its rate allows.
+    if lim.max_half_closed_per_source > 0
+        && e.half_closed.len() >= lim.max_half_closed_per_source as usize
+    {
+        return Err(Reject::SourceHalfClosed);
+    }
     Ok(())
 }
 

@@ -34,7 +34,7 @@ impl ConnCtl {
     }
 
     /// Resolves when the connection is evicted. Cancel-safe: the flag is checked first, and
-    /// `notify_one` stores a permit when nobody waits.
+    /// `notify_waiters` also reaches a waiter created but not yet polled.
     pub async fn evicted(&self) {
         while !self.is_evicted() {
             self.notify.notified().await;
@@ -48,7 +48,8 @@ impl ConnCtl {
 
     /// Wakes the victim's task. Call after the entry lock is released.
     pub(crate) fn wake(&self) {
-        self.notify.notify_one();
+        // Every waiter: a connection may hold more than one (one per phase).
+        self.notify.notify_waiters();
     }
 }
 

@@ -139,10 +139,20 @@ async fn per_source_half_closed_cap_evicts_the_sources_oldest_half_closed() {
     cfg.listeners[0].limits.max_half_closed_per_source = 2;
     let p = Proxy::start(cfg).await;
 
+    // Three open connections from one source...
     let mut conns = Vec::new();
-    for i in 0..3 {
+    for _ in 0..3 {
         let mut c = connect_from("127.0.0.2", p.addr).await.unwrap();
-        c.write_all(b"bye").await.unwrap();
+        c.write_all(b"hello").await.unwrap();
+        conns.push(c);
+    }
+    wait_for(ms(2000), || {
+        (p.snapshot().conns == 3 && p.snapshot().half_open == 0).then_some(())
+    })
+    .await
+    .expect("three open connections");
+    // ...half-close one after another: the third to enter the state evicts the oldest.
+    for (i, c) in conns.iter_mut().enumerate() {
         c.shutdown().await.unwrap();
         let want = (i + 1).min(2);
         wait_for(ms(2000), || {
@@ -150,12 +160,15 @@ async fn per_source_half_closed_cap_evicts_the_sources_oldest_half_closed() {
         })
         .await
         .expect("half-closed counted");
-        conns.push(c);
     }
     expect_reset(&mut conns[0], ms(2000)).await;
     expect_open(&mut conns[1], ms(200)).await;
     expect_open(&mut conns[2], ms(10)).await;
     assert_eq!(p.stats().evicted(EvictState::HalfClosed), 1);
+    // At its cap, the source gets no new connection until one ends: no churn.
+    let mut refused = connect_from("127.0.0.2", p.addr).await.unwrap();
+    expect_reset(&mut refused, ms(2000)).await;
+    assert_eq!(p.stats().rejected(Reject::SourceHalfClosed), 1);
     // Another source has its own allowance.
     let mut other = connect_from("127.0.0.3", p.addr).await.unwrap();
     other.write_all(b"bye").await.unwrap();
