@@ -8,12 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
-cargo build --release --bin halfguard --bench loadgen >/dev/null 2>&1
-HG=target/release/halfguard
-LOADGEN=$(ls -t target/release/deps/loadgen-* | grep -v '\.d$' | head -1)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
+. benches/common.sh
 
 cfg=$(mktemp --suffix=.toml)
 cat >"$cfg" <<TOML

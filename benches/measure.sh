@@ -12,12 +12,7 @@ SECS=${1:-10}
 HOLD=${2:-5000}
 CONNS=${CONNS:-32}
 
-cargo build --release --bin halfguard --bench loadgen >/dev/null 2>&1
-HG=target/release/halfguard
-LOADGEN=$(ls -t target/release/deps/loadgen-* | grep -v '\.d$' | head -1)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
+. benches/common.sh
 
 ulimit -n "$(ulimit -Hn)"
 "$LOADGEN" echo --listen 127.0.0.1:18081 --secs 600 >/dev/null & pids+=($!)

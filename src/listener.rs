@@ -31,10 +31,12 @@ pub async fn accept_loop(
     tracker: TaskTracker,
 ) {
     let mut backoff = Duration::ZERO;
+    // Registered once, not once per accepted connection.
+    let mut stopped = std::pin::pin!(stop.cancelled());
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = stop.cancelled() => break,
+            _ = &mut stopped => break,
             r = listener.accept() => r,
         };
         match accepted {
@@ -69,7 +71,7 @@ pub async fn accept_loop(
                 ctx.stats.accept_errors.fetch_add(1, Relaxed);
                 backoff = (backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
                 tokio::select! {
-                    _ = stop.cancelled() => break,
+                    _ = &mut stopped => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
             }

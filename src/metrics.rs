@@ -16,7 +16,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
 use crate::server::State;
-use crate::stats::{EvictState, Reject, Timeout};
+use crate::stats::{EvictState, Reject, Stats, Timeout};
 
 /// Seconds; connections live from milliseconds to hours.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -77,11 +77,14 @@ pub(crate) struct Collector {
     pub state: std::sync::Arc<State>,
 }
 
+/// A label set and its value.
+type Sample<'a, T> = (Vec<(&'a str, &'a str)>, T);
+
 fn counter(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    samples: &[(Vec<(&str, &str)>, u64)],
+    samples: &[Sample<'_, u64>],
 ) -> std::fmt::Result {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
     if let [(labels, v)] = samples
@@ -99,7 +102,7 @@ fn gauge(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    samples: &[(Vec<(&str, &str)>, i64)],
+    samples: &[Sample<'_, i64>],
 ) -> std::fmt::Result {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
     if let [(labels, v)] = samples
@@ -118,7 +121,7 @@ fn histogram(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    samples: &[(Vec<(&str, &str)>, &Histo)],
+    samples: &[Sample<'_, &Histo>],
 ) -> std::fmt::Result {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
     for (labels, h) in samples {
@@ -158,10 +161,23 @@ impl prometheus_client::collector::Collector for Collector {
             &v,
         )?;
 
-        let v: Vec<_> = ls
-            .iter()
-            .map(|(n, _, s)| (vec![("listener", *n)], s.accepted.load(Relaxed)))
-            .collect();
+        // One sample per listener, or per listener and label value, read from its Stats.
+        let one = |get: &dyn Fn(&Stats) -> u64| -> Vec<Sample<'_, u64>> {
+            ls.iter()
+                .map(|(n, _, s)| (vec![("listener", *n)], get(s)))
+                .collect()
+        };
+        let by = |key: &'static str, get: &dyn Fn(&Stats) -> Vec<(&'static str, u64)>| {
+            let mut v: Vec<Sample<'_, u64>> = Vec::new();
+            for (n, _, s) in &ls {
+                for (label, x) in get(s) {
+                    v.push((vec![("listener", *n), (key, label)], x));
+                }
+            }
+            v
+        };
+
+        let v = one(&|s| s.accepted.load(Relaxed));
         counter(
             e,
             "halfguard_connections_accepted",
@@ -169,15 +185,9 @@ impl prometheus_client::collector::Collector for Collector {
             &v,
         )?;
 
-        let mut v = Vec::new();
-        for (n, _, s) in &ls {
-            for r in Reject::ALL {
-                v.push((
-                    vec![("listener", *n), ("reason", r.as_str())],
-                    s.rejected(r),
-                ));
-            }
-        }
+        let v = by("reason", &|s| {
+            Reject::ALL.map(|r| (r.as_str(), s.rejected(r))).to_vec()
+        });
         counter(
             e,
             "halfguard_connections_rejected",
@@ -185,15 +195,11 @@ impl prometheus_client::collector::Collector for Collector {
             &v,
         )?;
 
-        let mut v = Vec::new();
-        for (n, _, s) in &ls {
-            for st in EvictState::ALL {
-                v.push((
-                    vec![("listener", *n), ("state", st.as_str())],
-                    s.evicted(st),
-                ));
-            }
-        }
+        let v = by("state", &|s| {
+            EvictState::ALL
+                .map(|st| (st.as_str(), s.evicted(st)))
+                .to_vec()
+        });
         counter(
             e,
             "halfguard_connections_evicted",
@@ -201,15 +207,9 @@ impl prometheus_client::collector::Collector for Collector {
             &v,
         )?;
 
-        let mut v = Vec::new();
-        for (n, _, s) in &ls {
-            for t in Timeout::ALL {
-                v.push((
-                    vec![("listener", *n), ("timeout", t.as_str())],
-                    s.timed_out(t),
-                ));
-            }
-        }
+        let v = by("timeout", &|s| {
+            Timeout::ALL.map(|t| (t.as_str(), s.timed_out(t))).to_vec()
+        });
         counter(
             e,
             "halfguard_connections_timed_out",
@@ -217,17 +217,14 @@ impl prometheus_client::collector::Collector for Collector {
             &v,
         )?;
 
-        let mut v = Vec::new();
-        for (n, _, s) in &ls {
-            for (end, c) in [
-                ("clean", &s.closed_clean),
-                ("peer_error", &s.peer_errors),
-                ("backend_unavailable", &s.backend_unavailable),
-                ("shutdown", &s.aborted_on_shutdown),
-            ] {
-                v.push((vec![("listener", *n), ("end", end)], c.load(Relaxed)));
-            }
-        }
+        let v = by("end", &|s| {
+            vec![
+                ("clean", s.closed_clean.load(Relaxed)),
+                ("peer_error", s.peer_errors.load(Relaxed)),
+                ("backend_unavailable", s.backend_unavailable.load(Relaxed)),
+                ("shutdown", s.aborted_on_shutdown.load(Relaxed)),
+            ]
+        });
         counter(
             e,
             "halfguard_connections_closed",
@@ -254,17 +251,12 @@ impl prometheus_client::collector::Collector for Collector {
             &v,
         )?;
 
-        let mut v = Vec::new();
-        for (n, _, s) in &ls {
-            v.push((
-                vec![("listener", *n), ("direction", "upstream")],
-                s.bytes_upstream.load(Relaxed),
-            ));
-            v.push((
-                vec![("listener", *n), ("direction", "downstream")],
-                s.bytes_downstream.load(Relaxed),
-            ));
-        }
+        let v = by("direction", &|s| {
+            vec![
+                ("upstream", s.bytes_upstream.load(Relaxed)),
+                ("downstream", s.bytes_downstream.load(Relaxed)),
+            ]
+        });
         counter(
             e,
             "halfguard_bytes",
@@ -272,10 +264,7 @@ impl prometheus_client::collector::Collector for Collector {
             &v,
         )?;
 
-        let v: Vec<_> = ls
-            .iter()
-            .map(|(n, _, s)| (vec![("listener", *n)], s.spliced.load(Relaxed)))
-            .collect();
+        let v = one(&|s| s.spliced.load(Relaxed));
         counter(
             e,
             "halfguard_spliced_directions",
@@ -283,10 +272,7 @@ impl prometheus_client::collector::Collector for Collector {
             &v,
         )?;
 
-        let v: Vec<_> = ls
-            .iter()
-            .map(|(n, _, s)| (vec![("listener", *n)], s.accept_errors.load(Relaxed)))
-            .collect();
+        let v = one(&|s| s.accept_errors.load(Relaxed));
         counter(
             e,
             "halfguard_accept_errors",

@@ -62,6 +62,35 @@ pub struct ListenerCtx {
     pub abort: CancellationToken,
 }
 
+impl Policy {
+    /// The silent clock, shortened under pressure.
+    fn first_byte(&self, pressure: bool) -> Duration {
+        let t = self.timeouts.first_byte;
+        if pressure {
+            t.min(self.pressure.first_byte)
+        } else {
+            t
+        }
+    }
+
+    /// The half-closed clock, shortened under pressure.
+    fn half_closed(&self, pressure: bool) -> Duration {
+        let t = self.timeouts.half_closed;
+        if pressure {
+            t.min(self.pressure.half_closed)
+        } else {
+            t
+        }
+    }
+
+    /// When `max_lifetime` ends a connection accepted at `accepted`, if it is set.
+    fn lifetime(&self, accepted: Instant) -> Option<(Instant, Timeout)> {
+        self.timeouts
+            .max_lifetime
+            .map(|l| (accepted + l, Timeout::MaxLifetime))
+    }
+}
+
 impl ListenerCtx {
     /// Installs a new policy; live connections switch to its clocks at once.
     pub fn set_policy(&self, policy: Policy) {
@@ -148,18 +177,6 @@ async fn run(
     let mut pressure = ctx.guard.pressure_watch();
     let mut epoch = ctx.epoch.subscribe();
     let mut policy = ctx.policy.load_full();
-    let lifetime = |p: &Policy| {
-        p.timeouts
-            .max_lifetime
-            .map(|l| (accepted + l, Timeout::MaxLifetime))
-    };
-    let first_byte = |p: &Policy, pressure: bool| {
-        if pressure {
-            p.timeouts.first_byte.min(p.pressure.first_byte)
-        } else {
-            p.timeouts.first_byte
-        }
-    };
     // The local address costs a syscall: only a PROXY header toward the servers needs it.
     let local = if policy.backends.config().proxy_protocol.is_some() {
         match client.local_addr() {
@@ -177,7 +194,7 @@ async fn run(
     // A trusted balancer's PROXY header, within the first-byte clock; from here on the
     // source is the one it names.
     if policy.accept_proxy {
-        let deadline = accepted + first_byte(&policy, *pressure.borrow_and_update());
+        let deadline = accepted + policy.first_byte(*pressure.borrow_and_update());
         let header = tokio::select! {
             biased;
             _ = ctl.evicted() => return End::Evicted,
@@ -226,9 +243,11 @@ async fn run(
         let mut aborted = pin!(abort.cancelled());
         let mut peek = [0u8; 1];
         loop {
-            let fb = first_byte(&policy, *pressure.borrow_and_update());
-            let (deadline, clock) =
-                earliest((accepted + fb, Timeout::FirstByte), lifetime(&policy));
+            let fb = policy.first_byte(*pressure.borrow_and_update());
+            let (deadline, clock) = earliest(
+                (accepted + fb, Timeout::FirstByte),
+                policy.lifetime(accepted),
+            );
             let server_ready = async {
                 match server_slot.as_ref() {
                     Some((s, _)) => s.readable().await,
@@ -342,11 +361,7 @@ async fn pump_until_end(
             let base = match closed {
                 None => (pump.last_activity() + t.idle, Timeout::Idle),
                 Some((side, at)) => {
-                    let linger = if *pressure.borrow_and_update() {
-                        t.half_closed.min(policy.pressure.half_closed)
-                    } else {
-                        t.half_closed
-                    };
+                    let linger = policy.half_closed(*pressure.borrow_and_update());
                     let since = pump.last_open_progress(side).max(at);
                     (since + linger, Timeout::HalfClosed)
                 }
@@ -358,8 +373,7 @@ async fn pump_until_end(
             if let Some(e) = extended {
                 at = at.max(e);
             }
-            let lifetime = t.max_lifetime.map(|l| (accepted + l, Timeout::MaxLifetime));
-            earliest((at, clock), lifetime)
+            earliest((at, clock), policy.lifetime(accepted))
         };
         let now = Instant::now();
         if deadline <= now {

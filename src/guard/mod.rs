@@ -118,13 +118,7 @@ impl Guard {
         let ip = peer.to_canonical();
         let r = self.try_admit(ip);
         if let Err(reason) = r {
-            self.shared.stats.reject(reason);
-            if reason != Reject::Denied {
-                let lim = self.shared.limits.load();
-                self.shared
-                    .refusals
-                    .count(SourceKey::new(ip, lim.ipv4_prefix, lim.ipv6_prefix));
-            }
+            self.shared.refused(ip, reason);
         }
         r
     }
@@ -143,22 +137,13 @@ impl Guard {
     fn try_admit(&self, ip: IpAddr) -> Result<Ticket, Reject> {
         let sh = &self.shared;
         let lim = &*sh.limits.load();
-        if lim.deny.iter().any(|n| n.contains(&ip)) {
-            return Err(Reject::Denied);
-        }
-        let exempt = lim.allow.iter().any(|n| n.contains(&ip));
         if lim.on_full == OnFull::Reject
             && sh.counts.conns.load(Ordering::Relaxed) >= lim.max_conns as usize
         {
             return Err(Reject::ConnsFull);
         }
-        let key = (!exempt).then(|| SourceKey::new(ip, lim.ipv4_prefix, lim.ipv6_prefix));
+        let key = sh.source_of(ip, lim)?;
         if let Some(key) = &key {
-            if let Some(rate) = &*sh.rate.load()
-                && !rate.check(key)
-            {
-                return Err(Reject::Rate);
-            }
             // Non-binding look first, so a source at its cap is refused before it can cost
             // anyone an eviction.
             match sh.table.map.get(key) {
@@ -359,30 +344,45 @@ impl Shared {
     ) -> Result<Option<SourceKey>, Reject> {
         let ip = ip.to_canonical();
         let lim = &*self.limits.load();
-        let r = (|| {
-            if lim.deny.iter().any(|n| n.contains(&ip)) {
-                return Err(Reject::Denied);
+        let r = self.source_of(ip, lim).and_then(|key| {
+            if let Some(key) = &key {
+                self.enter_source(key, id, ctl, lim)?;
             }
-            if lim.allow.iter().any(|n| n.contains(&ip)) {
-                return Ok(None);
-            }
-            let key = SourceKey::new(ip, lim.ipv4_prefix, lim.ipv6_prefix);
-            if let Some(rate) = &*self.rate.load()
-                && !rate.check(&key)
-            {
-                return Err(Reject::Rate);
-            }
-            self.enter_source(&key, id, ctl, lim)?;
-            Ok(Some(key))
-        })();
+            Ok(key)
+        });
         if let Err(reason) = r {
-            self.stats.reject(reason);
-            if reason != Reject::Denied {
-                self.refusals
-                    .count(SourceKey::new(ip, lim.ipv4_prefix, lim.ipv6_prefix));
-            }
+            self.refused(ip, reason);
         }
         r
+    }
+
+    /// The per-source checks that need no table entry: deny list, allow list (exempt:
+    /// `None`), then the source's new-connection rate. Returns the key to count under.
+    fn source_of(&self, ip: IpAddr, lim: &Limits) -> Result<Option<SourceKey>, Reject> {
+        if lim.deny.iter().any(|n| n.contains(&ip)) {
+            return Err(Reject::Denied);
+        }
+        if lim.allow.iter().any(|n| n.contains(&ip)) {
+            return Ok(None);
+        }
+        let key = SourceKey::new(ip, lim.ipv4_prefix, lim.ipv6_prefix);
+        if let Some(rate) = &*self.rate.load()
+            && !rate.check(&key)
+        {
+            return Err(Reject::Rate);
+        }
+        Ok(Some(key))
+    }
+
+    /// Counts a refusal, and tallies it against its source for `/sources` (a denied source
+    /// is refused by the operator's choice, not by its behaviour).
+    fn refused(&self, ip: IpAddr, reason: Reject) {
+        self.stats.reject(reason);
+        if reason != Reject::Denied {
+            let lim = self.limits.load();
+            self.refusals
+                .count(SourceKey::new(ip, lim.ipv4_prefix, lim.ipv6_prefix));
+        }
     }
 
     /// Binding per-source check, then the connection joins its source's half-open list.

@@ -72,10 +72,10 @@ impl SourceEntry {
         }
     }
 
-    fn count(&self, s: EvictState) -> usize {
+    fn slots_ref(&self, s: EvictState) -> &Slots {
         match s {
-            EvictState::HalfOpen => self.half_open.len(),
-            EvictState::HalfClosed => self.half_closed.len(),
+            EvictState::HalfOpen => &self.half_open,
+            EvictState::HalfClosed => &self.half_closed,
         }
     }
 
@@ -122,14 +122,8 @@ impl SourceTable {
     pub fn heaviest(&self, s: EvictState, spare: u64) -> Option<SourceKey> {
         let mut best: Option<(SourceKey, usize)> = None;
         for r in self.map.iter() {
-            let mut n = r.count(s);
-            let slots = match s {
-                EvictState::HalfOpen => &r.half_open,
-                EvictState::HalfClosed => &r.half_closed,
-            };
-            if slots.contains_key(&spare) {
-                n -= 1;
-            }
+            let slots = r.slots_ref(s);
+            let n = slots.len() - usize::from(slots.contains_key(&spare));
             if n > 0 && best.is_none_or(|(_, b)| n > b) {
                 best = Some((*r.key(), n));
             }

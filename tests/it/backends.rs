@@ -165,40 +165,49 @@ async fn a_killed_server_is_taken_out_by_checks_and_returns_after_rise() {
 }
 
 #[tokio::test]
-async fn least_conn_spreads_held_connections() {
-    let hold: Vec<_> = futures_hold(3).await;
-    let addrs: Vec<SocketAddr> = hold.iter().map(|b| b.addr).collect();
+async fn least_conn_sends_new_connections_to_the_less_loaded_server() {
+    // Server "hold" keeps every connection; server "quick" closes each at once. Round robin
+    // would give "hold" every other connection; least-conn gives it one, then sends the rest
+    // to "quick", whose connections end as they come.
+    let hold = backend(Backend::Sink).await;
+    let quick = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let quick_addr = quick.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = quick.accept().await {
+            drop(s);
+        }
+    });
     let cfg = pool_config(
         "",
         &format!(
             "name = \"app\"\nbalance = \"least-conn\"\n{}\n[backends.health]\nenabled = false\n",
-            servers(&addrs)
+            servers(&[hold.addr, quick_addr])
         ),
     );
     let p = Proxy::start(cfg).await;
-    let mut conns = Vec::new();
-    for _ in 0..9 {
+    let mut held = Vec::new();
+    for _ in 0..10 {
         let mut c = TcpStream::connect(p.addr).await.unwrap();
         c.write_all(b"x").await.unwrap();
-        conns.push(c);
+        match read_end(&mut c, ms(150)).await {
+            // "quick" closed it: the client closes too, and the lease comes back.
+            Seen::Fin(_) | Seen::Reset => drop(c),
+            Seen::Open => held.push(c),
+        }
     }
-    wait_for(ms(2000), || {
-        let active: u32 = p.handle.backend_servers("app").iter().map(|s| s.2).sum();
-        (active == 9).then_some(())
-    })
-    .await
-    .expect("9 backend connections");
-    for (label, _, active) in p.handle.backend_servers("app") {
-        assert_eq!(active, 3, "{label} holds {active} of 9");
-    }
-}
-
-async fn futures_hold(n: usize) -> Vec<BackendServer> {
-    let mut v = Vec::new();
-    for _ in 0..n {
-        v.push(backend(Backend::Sink).await);
-    }
-    v
+    let active = |label: SocketAddr| {
+        p.handle
+            .backend_servers("app")
+            .into_iter()
+            .find(|s| s.0 == label.to_string())
+            .map_or(0, |s| s.2)
+    };
+    assert_eq!(
+        held.len(),
+        1,
+        "only the first connection (a tie) went to hold"
+    );
+    assert_eq!(active(hold.addr), 1);
 }
 
 #[tokio::test]
