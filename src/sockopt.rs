@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::TcpConfig;
 
@@ -49,15 +49,34 @@ pub fn listen(addr: SocketAddr, tcp: &TcpConfig) -> io::Result<TcpListener> {
     TcpListener::from_std(sock.into())
 }
 
-/// A backend socket, options set, ready to connect.
-pub fn backend_socket(addr: SocketAddr, tcp: &TcpConfig) -> io::Result<TcpSocket> {
-    let sock = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+/// Connects to a backend. On loopback and most local links the kernel completes the
+/// handshake inside connect() itself; the stream is then used at once, not after a trip
+/// through the event loop for a writability event that says what is already known.
+pub async fn connect(addr: SocketAddr, tcp: &TcpConfig) -> io::Result<TcpStream> {
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
     apply(SockRef::from(&sock), tcp)?;
-    Ok(sock)
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    // A refused or unreachable connect is reported by getpeername's ENOTCONN, then the
+    // writability event and SO_ERROR say why.
+    let connected = sock.peer_addr().is_ok();
+    let stream = TcpStream::from_std(sock.into())?;
+    if connected {
+        return Ok(stream);
+    }
+    stream.writable().await?;
+    if let Some(e) = stream.take_error()? {
+        return Err(e);
+    }
+    stream.peer_addr()?;
+    Ok(stream)
 }
 
 /// Makes the next close() send RST and skip FIN_WAIT/TIME_WAIT. Errors are ignored: the

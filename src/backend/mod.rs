@@ -191,10 +191,7 @@ impl Pool {
             let attempt = (deadline - now) / left as u32;
             let addr = server.addr();
             let t0 = Instant::now();
-            let result = match sockopt::backend_socket(addr, tcp) {
-                Ok(sock) => tokio::time::timeout(attempt, sock.connect(addr)).await,
-                Err(e) => Ok(Err(e)),
-            };
+            let result = tokio::time::timeout(attempt, sockopt::connect(addr, tcp)).await;
             match result {
                 Ok(Ok(mut stream)) => {
                     self.connect_time.observe(t0.elapsed());

@@ -237,7 +237,16 @@ async fn run(
             Err(e) => return backend_end(ctx, &e),
         }
     }
-    {
+    // Most clients have spoken by the time they are accepted: look once, straight away,
+    // rather than wait for the event loop to say the socket is readable.
+    let mut first = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    let spoke = match socket2::SockRef::from(client).peek(&mut first) {
+        Ok(0) if server_slot.is_none() => return End::Clean,
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(_) => return End::PeerError,
+    };
+    if !spoke {
         // Registered once for the whole silent phase, not once per wake-up.
         let mut evicted = pin!(ctl.evicted());
         let mut aborted = pin!(abort.cancelled());

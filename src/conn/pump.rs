@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -102,6 +103,12 @@ struct Direction<'a> {
     may_splice: bool,
     /// The listener's count of directions that switched to splice.
     spliced: &'a AtomicU64,
+    /// No readiness event has been seen yet on this direction's sockets, though they are
+    /// known to be ready (the client spoke; the backend connect completed at once): the
+    /// first read and the first write go straight to the kernel instead of waiting a turn of
+    /// the event loop for what is already known.
+    fresh_read: bool,
+    fresh_write: bool,
     /// A read filled the whole buffer: bulk; splice when the buffer is next empty.
     bulk: bool,
     /// Splicing: the pipe, and how many bytes sit in it.
@@ -132,7 +139,10 @@ impl<'a> Direction<'a> {
         from: Side,
         may_splice: bool,
     ) -> Direction<'a> {
+        let fresh = from == Side::Client;
         Direction {
+            fresh_read: fresh,
+            fresh_write: fresh,
             may_splice,
             spliced,
             bulk: false,
@@ -206,11 +216,30 @@ impl<'a> Direction<'a> {
                 let Some(buf) = self.buf.as_deref() else {
                     return Poll::Ready(Err(at(wr)(io::Error::other("pump buffer lost"))));
                 };
-                if to.poll_write_ready(cx).map_err(at(wr))?.is_pending() {
+                let fresh = std::mem::take(&mut self.fresh_write);
+                if !fresh && to.poll_write_ready(cx).map_err(at(wr))?.is_pending() {
                     self.waiting_to_write();
                     return Poll::Pending;
                 }
-                match to.try_write(&buf[self.pos..self.len]) {
+                // The source's EOF is already read and the FIN goes out right after this
+                // write: MSG_MORE holds the bytes so the FIN leaves in the same segment
+                // (one segment less per exchange, and one ACK less from the peer).
+                let fin_follows = self.eof && !self.other_done;
+                let wrote = if fin_follows {
+                    to.try_io(Interest::WRITABLE, || {
+                        SockRef::from(to).send_with_flags(
+                            &buf[self.pos..self.len],
+                            libc::MSG_MORE | libc::MSG_NOSIGNAL,
+                        )
+                    })
+                } else if fresh {
+                    // No readiness event yet: straight to the kernel, which says if it
+                    // would block (then the next turn waits for readiness).
+                    SockRef::from(to).send_with_flags(&buf[self.pos..self.len], libc::MSG_NOSIGNAL)
+                } else {
+                    to.try_write(&buf[self.pos..self.len])
+                };
+                match wrote {
                     Ok(n) => {
                         self.pos += n;
                         self.wrote(n);
@@ -241,13 +270,20 @@ impl<'a> Direction<'a> {
                 self.release_buf();
                 return Poll::Ready(Ok(()));
             }
-            if from.poll_read_ready(cx).map_err(at(rd))?.is_pending() {
+            let fresh = std::mem::take(&mut self.fresh_read);
+            if !fresh && from.poll_read_ready(cx).map_err(at(rd))?.is_pending() {
                 // Drained and waiting: give the buffer back.
                 self.release_buf();
                 return Poll::Pending;
             }
             let buf = self.buf.get_or_insert_with(take_buf);
-            match from.try_read(buf) {
+            let read = if fresh {
+                // No readiness event yet, but the bytes are there: straight to the kernel.
+                std::io::Read::read(&mut &*SockRef::from(from), buf)
+            } else {
+                from.try_read(buf)
+            };
+            match read {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
                     self.len = n;
@@ -258,6 +294,17 @@ impl<'a> Direction<'a> {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(at(rd)(e))),
+            }
+            // Read on until the source would block before writing: the read that says
+            // "would block" is made either way, and made first it also finds a FIN that came
+            // with the data, so the write can carry it (see `fin_follows`).
+            while 0 < self.len && self.len < BUF_SIZE && !self.eof {
+                match from.try_read(&mut buf[self.len..]) {
+                    Ok(0) => self.eof = true,
+                    Ok(n) => self.len += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Poll::Ready(Err(at(rd)(e))),
+                }
             }
         }
     }

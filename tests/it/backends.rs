@@ -452,3 +452,50 @@ async fn bad_proxy_headers_cost_one_connection_each() {
     .unwrap();
     assert_eq!(roundtrip(&mut good, b"fine").await, b"fine");
 }
+
+#[tokio::test]
+async fn a_backend_that_answers_its_syn_late_is_still_reached() {
+    // Most connects complete inside connect() (loopback); this one does not: the backend's
+    // accept queue is full, so its first SYN is dropped and only the retransmit (about 1 s
+    // later) gets through, after the queue has been drained.
+    let late = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    late.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    late.listen(0).unwrap();
+    let late_addr = late.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(ms(200), TcpStream::connect(late_addr)).await {
+            fillers.push(s);
+        }
+    }
+    let mut cfg = pool_config("", &format!("name = \"app\"\n{}", servers(&[late_addr])));
+    cfg.listeners[0].timeouts.connect = ms(5000);
+    let p = Proxy::start(cfg).await;
+
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(b"late?").await.unwrap();
+    tokio::time::sleep(ms(300)).await;
+    // Drain the queue, then serve: echo on whatever arrives from now on.
+    late.set_nonblocking(true).unwrap();
+    let late = TcpListener::from_std(late.into()).unwrap();
+    drop(fillers);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = late.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut back = [0u8; 5];
+    tokio::time::timeout(ms(4000), c.read_exact(&mut back))
+        .await
+        .expect("the late backend answered within the connect budget")
+        .expect("bytes came back");
+    assert_eq!(&back, b"late?");
+}
