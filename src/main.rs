@@ -101,6 +101,7 @@ fn serve(config: halfguard::Config) -> anyhow::Result<()> {
         tracing::warn!("{w}");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.runtime.worker_threads())
         .enable_all()
         .build()
         .context("cannot start the runtime")?;

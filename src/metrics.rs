@@ -353,6 +353,16 @@ impl prometheus_client::collector::Collector for Collector {
             &[(vec![], kernel.bans.load(Relaxed))],
         )?;
 
+        // What the process runs on, so a dashboard can tell a CPU limit from a slow backend.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            gauge(
+                e,
+                "halfguard_runtime_workers",
+                "Worker threads running connections ([runtime] workers).",
+                &[(vec![], rt.metrics().num_workers() as i64)],
+            )?;
+        }
+
         let reloads = self.state.reloads();
         counter(
             e,

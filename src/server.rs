@@ -508,8 +508,15 @@ impl State {
         }
         set_splice_budget(&new);
         self.kernel.apply(&self.ports(), &new.kernel);
-        if new.admin != self.config.load().admin {
-            tracing::warn!("[admin] changes take effect at the next restart");
+        let old = self.config.load();
+        for (changed, section) in [
+            (new.admin != old.admin, "[admin]"),
+            (new.log != old.log, "[log]"),
+            (new.runtime != old.runtime, "[runtime]"),
+        ] {
+            if changed {
+                tracing::warn!("{section} changes take effect at the next restart");
+            }
         }
         self.config.store(Arc::new(new));
         Ok(())

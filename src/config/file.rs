@@ -33,6 +33,15 @@ pub struct RawConfig {
     pub backends: Vec<RawPool>,
     #[serde(default)]
     pub kernel: RawKernel,
+    #[serde(default)]
+    pub runtime: RawRuntime,
+}
+
+/// `[runtime]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuntime {
+    pub workers: Option<u32>,
 }
 
 /// `[kernel]`.

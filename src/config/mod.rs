@@ -76,6 +76,8 @@ pub const DEFAULT_PRESSURE_HALF_CLOSED: Duration = Duration::from_secs(5);
 
 /// Accept queue length asked of the kernel (capped by `net.core.somaxconn`).
 pub const DEFAULT_BACKLOG: u32 = 4_096;
+/// More worker threads than this is a typo, not a machine.
+pub const MAX_WORKERS: u32 = 1_024;
 /// First keepalive probe after 30 s of silence.
 pub const DEFAULT_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 /// Then one probe every 10 s...
@@ -159,6 +161,25 @@ pub struct Config {
     /// Every pool: the `[[backends]]` tables, then one per listener using the short form.
     pub pools: Vec<PoolConfig>,
     pub kernel: KernelConfig,
+    pub runtime: RuntimeConfig,
+}
+
+/// `[runtime]`: read at start only.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RuntimeConfig {
+    /// Threads that run connections; `None` = one per CPU this process may use (the
+    /// cgroup's CPU quota counts, so a sidecar limited to one CPU gets one).
+    pub workers: Option<u32>,
+}
+
+impl RuntimeConfig {
+    /// The worker count in force: the configured one, or one per usable CPU.
+    pub fn worker_threads(&self) -> usize {
+        match self.workers {
+            Some(n) => n as usize,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
 }
 
 /// `[kernel]`: watching the network namespace's kernel, and (with NET_ADMIN) defending it.
@@ -693,6 +714,19 @@ impl Config {
             ));
         }
 
+        let runtime = RuntimeConfig {
+            workers: match raw.runtime.workers {
+                None | Some(0) => None,
+                Some(n) if n > MAX_WORKERS => {
+                    return Err(ck.err(
+                        "runtime.workers",
+                        format!("{n} is more than {MAX_WORKERS}; 0 means one per CPU"),
+                    ));
+                }
+                Some(n) => Some(n),
+            },
+        };
+
         Ok(Config {
             file: file.to_string(),
             listeners,
@@ -702,6 +736,7 @@ impl Config {
             admin,
             pools,
             kernel,
+            runtime,
         })
     }
 
@@ -910,7 +945,7 @@ impl fmt::Display for Config {
                 String::new()
             }
         )?;
-        write!(
+        writeln!(
             f,
             "log: level {}, format {}",
             self.log.level,
@@ -918,7 +953,15 @@ impl fmt::Display for Config {
                 LogFormat::Pretty => "pretty",
                 LogFormat::Json => "json",
             }
-        )
+        )?;
+        match self.runtime.workers {
+            Some(n) => write!(f, "runtime: {n} worker threads"),
+            None => write!(
+                f,
+                "runtime: one worker thread per usable CPU ({} here)",
+                self.runtime.worker_threads()
+            ),
+        }
     }
 }
 

@@ -294,3 +294,48 @@ async fn accept_loop_survives_running_out_of_descriptors() {
         .unwrap();
     assert_eq!(code, Some(0));
 }
+
+#[tokio::test]
+async fn runtime_workers_sets_the_worker_threads_and_check_reports_them() {
+    let b = backend(Backend::Echo).await;
+    for (workers, env) in [("3", None), ("0", Some("1"))] {
+        let admin_port = free_port();
+        let (cfg, port) = temp_config(
+            b.addr,
+            &format!("bind = \"127.0.0.1:{admin_port}\""),
+            &format!("[runtime]\nworkers = {workers}\n"),
+        );
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "-c"]).arg(&cfg);
+        if let Some(n) = env {
+            cmd.env("HALFGUARD__RUNTIME__WORKERS", n);
+        }
+        let mut child = start(cmd);
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(roundtrip(&mut c, b"hi").await, b"hi");
+        let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+        let (status, body) = http(admin, "GET", "/metrics").await;
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(status, 200);
+        let want = format!("halfguard_runtime_workers {}", env.unwrap_or(workers));
+        assert!(
+            body.lines().any(|l| l == want),
+            "workers = {workers}, env {env:?}: no `{want}` in\n{body}"
+        );
+
+        let out = Command::new(BIN)
+            .args(["check", "-c"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let want = if workers == "3" {
+            "runtime: 3 worker threads"
+        } else {
+            "runtime: one worker thread per usable CPU"
+        };
+        assert!(text.contains(want), "{text}");
+    }
+}
