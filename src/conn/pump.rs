@@ -109,7 +109,7 @@ struct Direction<'a> {
     /// the event loop for what is already known.
     fresh_read: bool,
     fresh_write: bool,
-    /// A read filled the whole buffer: bulk; splice when the buffer is next empty.
+    /// Reads filled the whole buffer: bulk; splice when the buffer is next empty.
     bulk: bool,
     /// Splicing: the pipe, and how many bytes sit in it.
     #[cfg(target_os = "linux")]
@@ -288,9 +288,6 @@ impl<'a> Direction<'a> {
                 Ok(n) => {
                     self.len = n;
                     self.last_progress = Instant::now();
-                    if n == BUF_SIZE && self.may_splice {
-                        self.bulk = true;
-                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(at(rd)(e))),
@@ -305,6 +302,9 @@ impl<'a> Direction<'a> {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => return Poll::Ready(Err(at(rd)(e))),
                 }
+            }
+            if self.len == BUF_SIZE && self.may_splice {
+                self.bulk = true;
             }
         }
     }
