@@ -6,6 +6,7 @@
 #
 #   bash benches/compare/run.sh --only rate   # once, to install the peers and wrk
 #   bash benches/newconn-cost.sh [ROUNDS] [SECS]
+#   THREADS=1 bash benches/newconn-cost.sh    # halfguard workers = HAProxy nbthread = 1
 #
 # Uses the perf profiles in benches/peers/ (same ports: backend 17201, halfguard 17080,
 # HAProxy 17081). Loopback only; every process it starts is stopped by PID on exit.
@@ -26,7 +27,18 @@ mkdir -p "$work/www" "$work/tmp"
 head -c 127 /dev/zero | tr '\0' . >"$work/www/small" && echo >>"$work/www/small"
 cp benches/peers/nginx-backend.conf benches/peers/haproxy-perf.cfg \
   benches/peers/halfguard-perf.toml "$work/"
+if [ -n "${THREADS:-}" ]; then
+  sed -i "s/^    nbthread .*/    nbthread $THREADS/" "$work/haproxy-perf.cfg"
+  printf '\n[runtime]\nworkers = %s\n' "$THREADS" >>"$work/halfguard-perf.toml"
+fi
 
+# A proxy from an earlier run may still be draining on these ports.
+for port in 17201 17080 17081; do
+  for _ in $(seq 50); do
+    ss -Htln "sport = :$port" | grep -q . || break
+    sleep 0.2
+  done
+done
 nginx -p "$work/" -c "$work/nginx-backend.conf" -e stderr >"$work/nginx.log" 2>&1 &
 pids+=($!)
 haproxy -f "$work/haproxy-perf.cfg" >"$work/haproxy.log" 2>&1 &
