@@ -281,11 +281,12 @@ impl prometheus_client::collector::Collector for Collector {
         )?;
 
         let pools = self.state.pools();
+        let sets: Vec<_> = pools.iter().map(|p| (p, p.servers())).collect();
         let mut up = Vec::new();
         let mut active = Vec::new();
         let mut errs = Vec::new();
-        for p in &pools {
-            for s in p.servers() {
+        for (p, set) in &sets {
+            for s in &set.list {
                 let labels = vec![("backend", p.name()), ("server", s.label())];
                 up.push((labels.clone(), i64::from(s.is_up())));
                 active.push((labels.clone(), i64::from(s.active())));

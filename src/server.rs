@@ -619,6 +619,7 @@ impl Handle {
             .filter(|p| p.name() == pool)
             .flat_map(|p| {
                 p.servers()
+                    .list
                     .iter()
                     .map(|s| (s.label().to_string(), s.is_up(), s.active()))
                     .collect::<Vec<_>>()

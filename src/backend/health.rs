@@ -1,5 +1,5 @@
 //! A pool's background work: active health checks per server and periodic re-resolution of
-//! server names.
+//! server names, which adds and removes servers as a name's addresses change.
 //!
 //! A check is a TCP connect, optionally a `send` and a reply that must start with `expect`,
 //! within `timeout`. `rise` good checks in a row bring a server up, `fall` bad ones take it
@@ -18,7 +18,7 @@ use crate::config::{HealthConfig, OnDown};
 
 pub(super) fn start(pool: &Arc<Pool>, tasks: &TaskTracker) {
     if pool.cfg.health.enabled {
-        for server in &pool.servers {
+        for server in &pool.servers().list {
             tasks.spawn(check_loop(pool.clone(), server.clone()));
         }
     }
@@ -28,7 +28,7 @@ pub(super) fn start(pool: &Arc<Pool>, tasks: &TaskTracker) {
         .iter()
         .any(|s| s.addr.parse::<std::net::SocketAddr>().is_err())
     {
-        tasks.spawn(resolve_loop(pool.clone()));
+        tasks.spawn(resolve_loop(pool.clone(), tasks.clone()));
     }
 }
 
@@ -38,7 +38,8 @@ async fn check_loop(pool: Arc<Pool>, server: Arc<Server>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = pool.stop.cancelled() => return,
+            // Cancelled with the pool's, or when the server is removed.
+            _ = server.stop.cancelled() => return,
             _ = tick.tick() => {}
         }
         let ok = check(&server, h).await;
@@ -81,39 +82,39 @@ pub(super) async fn check(server: &Server, h: &HealthConfig) -> bool {
     )
 }
 
-async fn resolve_loop(pool: Arc<Pool>) {
+async fn resolve_loop(pool: Arc<Pool>, tasks: TaskTracker) {
     let mut tick = tokio::time::interval(pool.cfg.resolve_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await; // resolved at start already
-    let mut failing = vec![false; pool.servers.len()];
+    let mut failing = vec![false; pool.cfg.servers.len()];
     loop {
         tokio::select! {
             _ = pool.stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        for (i, server) in pool.servers.iter().enumerate() {
-            if server.label().parse::<std::net::SocketAddr>().is_ok() {
+        for (entry, cfg) in pool.cfg.servers.iter().enumerate() {
+            if cfg.addr.parse::<std::net::SocketAddr>().is_ok() {
                 continue;
             }
-            match tokio::time::timeout(Duration::from_secs(5), resolve(server.label())).await {
-                Ok(Ok(addr)) => {
-                    if failing[i] {
-                        tracing::info!(server = server.label(), %addr, "backend name resolves again");
-                        failing[i] = false;
+            match tokio::time::timeout(Duration::from_secs(5), resolve(&cfg.addr)).await {
+                Ok(Ok(addrs)) => {
+                    if failing[entry] {
+                        tracing::info!(server = %cfg.addr, ?addrs, "backend name resolves again");
+                        failing[entry] = false;
                     }
-                    if addr != server.addr() {
-                        tracing::info!(server = server.label(), old = %server.addr(), new = %addr, "backend address changed");
-                        server.set_addr(addr);
+                    for new in pool.follow(entry, &addrs) {
+                        if pool.cfg.health.enabled {
+                            tasks.spawn(check_loop(pool.clone(), new));
+                        }
                     }
                 }
                 _ => {
-                    if !failing[i] {
+                    if !failing[entry] {
                         tracing::warn!(
-                            server = server.label(),
-                            kept = %server.addr(),
-                            "backend name no longer resolves; keeping its last address"
+                            server = %cfg.addr,
+                            "backend name no longer resolves; keeping its last addresses"
                         );
-                        failing[i] = true;
+                        failing[entry] = true;
                     }
                 }
             }

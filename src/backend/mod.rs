@@ -8,6 +8,10 @@
 //!   queue for at most `queue_timeout`;
 //! - a failed connect moves on to another server, each tried at most once, and the whole
 //!   thing (queue included) never takes longer than `timeouts.connect`.
+//!
+//! A server given by name is every address the name resolves to (a headless Kubernetes
+//! service, DNS round robin), each a server of its own with its own checks; the set follows
+//! the name at every `resolve_interval`.
 
 mod health;
 mod server;
@@ -18,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -62,13 +67,27 @@ pub struct ProxiedAddrs {
     pub local: SocketAddr,
 }
 
+/// The servers a pool balances over at one moment; replaced whole when a name's addresses
+/// change, so a connection picks from one consistent set.
+#[derive(Debug)]
+pub struct ServerSet {
+    pub list: Vec<Arc<Server>>,
+    /// Weighted round-robin order: each server index appears `weight` times, interleaved.
+    schedule: Vec<usize>,
+}
+
+impl ServerSet {
+    fn new(list: Vec<Arc<Server>>) -> ServerSet {
+        let schedule = interleave(&list.iter().map(|s| s.weight).collect::<Vec<_>>());
+        ServerSet { list, schedule }
+    }
+}
+
 /// A pool of servers.
 #[derive(Debug)]
 pub struct Pool {
     cfg: PoolConfig,
-    servers: Vec<Arc<Server>>,
-    /// Weighted round-robin order: each server index appears `weight` times, interleaved.
-    schedule: Vec<usize>,
+    servers: ArcSwap<ServerSet>,
     next: AtomicUsize,
     rng: AtomicU64,
     waiting: AtomicUsize,
@@ -82,25 +101,20 @@ impl Pool {
     /// Resolves every server; fails when a name does not resolve at start.
     pub async fn new(cfg: PoolConfig, stop: CancellationToken) -> Result<Pool, BackendError> {
         let mut servers = Vec::with_capacity(cfg.servers.len());
-        for s in &cfg.servers {
-            let addr = resolve(&s.addr)
+        for (entry, s) in cfg.servers.iter().enumerate() {
+            let addrs = resolve(&s.addr)
                 .await
                 .map_err(|source| BackendError::Resolve {
                     backend: s.addr.clone(),
                     source,
                 })?;
-            servers.push(Arc::new(Server::new(s, addr)));
+            for addr in addrs {
+                servers.push(Arc::new(Server::new(s, entry, addr, stop.child_token())));
+            }
         }
-        let schedule = interleave(
-            &cfg.servers
-                .iter()
-                .map(|s| s.weight.max(1))
-                .collect::<Vec<_>>(),
-        );
         Ok(Pool {
             cfg,
-            servers,
-            schedule,
+            servers: ArcSwap::from_pointee(ServerSet::new(servers)),
             next: AtomicUsize::new(0),
             rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
             waiting: AtomicUsize::new(0),
@@ -128,17 +142,61 @@ impl Pool {
         &self.cfg.name
     }
 
-    pub fn servers(&self) -> &[Arc<Server>] {
-        &self.servers
+    /// The servers now.
+    pub fn servers(&self) -> Arc<ServerSet> {
+        self.servers.load_full()
     }
 
     pub fn addrs(&self) -> Vec<SocketAddr> {
-        self.servers.iter().map(|s| s.addr()).collect()
+        self.servers.load().list.iter().map(|s| s.addr()).collect()
     }
 
     /// True when at least one server takes new connections.
     pub fn any_up(&self) -> bool {
-        self.servers.iter().any(|s| s.is_up())
+        self.servers.load().list.iter().any(|s| s.is_up())
+    }
+
+    /// Follows `entry`'s name to `addrs`: servers at addresses it still resolves to are
+    /// kept with their health and load, new addresses become new servers, and servers at
+    /// addresses it no longer has stop their checks and take no new connections (their
+    /// connections run on). Returns the new servers, whose checks the caller starts.
+    fn follow(&self, entry: usize, addrs: &[SocketAddr]) -> Vec<Arc<Server>> {
+        let cur = self.servers.load_full();
+        let Some(cfg) = self.cfg.servers.get(entry) else {
+            return Vec::new();
+        };
+        let mut list = Vec::with_capacity(cur.list.len() + addrs.len());
+        let mut added = Vec::new();
+        let mut changed = false;
+        for (i, s) in cfg_entries(&cur.list, self.cfg.servers.len()) {
+            if i != entry {
+                list.extend(s.iter().cloned());
+                continue;
+            }
+            for old in &s {
+                if !addrs.contains(&old.addr()) {
+                    tracing::info!(pool = %self.cfg.name, server = old.label(), "backend name no longer resolves to this address; removed");
+                    old.stop.cancel();
+                    changed = true;
+                }
+            }
+            for &addr in addrs {
+                match s.iter().find(|o| o.addr() == addr) {
+                    Some(old) => list.push(old.clone()),
+                    None => {
+                        let new = Arc::new(Server::new(cfg, entry, addr, self.stop.child_token()));
+                        tracing::info!(pool = %self.cfg.name, server = new.label(), "backend name resolves to a new address; added");
+                        added.push(new.clone());
+                        list.push(new);
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if changed {
+            self.servers.store(Arc::new(ServerSet::new(list)));
+        }
+        added
     }
 
     pub fn connect_time(&self) -> &Histo {
@@ -156,11 +214,13 @@ impl Pool {
         let deadline = Instant::now() + budget;
         let mut tried = Tried::default();
         let mut last = BackendError::AllDown;
+        let set = self.servers.load_full();
+        let servers = &set.list;
         loop {
-            if tried.len() >= MAX_ATTEMPTS.min(self.servers.len()) {
+            if tried.len() >= MAX_ATTEMPTS.min(servers.len()) {
                 return Err(last);
             }
-            let i = match self.pick(tried.as_slice()) {
+            let i = match self.pick(&set, tried.as_slice()) {
                 Pick::Server(i) => i,
                 Pick::AllDown => return Err(last),
                 Pick::AllFull => {
@@ -168,7 +228,7 @@ impl Pool {
                     continue;
                 }
             };
-            let server = &self.servers[i];
+            let server = &servers[i];
             if !server.try_reserve() {
                 continue; // lost a race for the last slot: pick again
             }
@@ -187,7 +247,7 @@ impl Pool {
             }
             // Share what is left of the budget among the attempts still possible, so one
             // server that swallows SYNs cannot use it all.
-            let left = MAX_ATTEMPTS.min(self.servers.len()) - tried.len() + 1;
+            let left = MAX_ATTEMPTS.min(servers.len()) - tried.len() + 1;
             let attempt = (deadline - now) / left as u32;
             let addr = server.addr();
             let t0 = Instant::now();
@@ -248,10 +308,11 @@ impl Pool {
     }
 
     /// Chooses a server without allocating: it runs for every new connection.
-    fn pick(&self, tried: &[usize]) -> Pick {
-        let up = |i: &usize| !tried.contains(i) && self.servers[*i].is_up();
-        let room = |i: &usize| up(i) && self.servers[*i].has_room();
-        let n = self.servers.len();
+    fn pick(&self, set: &ServerSet, tried: &[usize]) -> Pick {
+        let servers = &set.list;
+        let up = |i: &usize| !tried.contains(i) && servers[*i].is_up();
+        let room = |i: &usize| up(i) && servers[*i].has_room();
+        let n = servers.len();
         if !(0..n).any(|i| up(&i)) {
             return Pick::AllDown;
         }
@@ -261,7 +322,7 @@ impl Pool {
         }
         // Load per unit of weight, compared without division.
         let lighter = |a: usize, b: usize| {
-            let (sa, sb) = (&self.servers[a], &self.servers[b]);
+            let (sa, sb) = (&servers[a], &servers[b]);
             u64::from(sa.active()) * u64::from(sb.weight)
                 < u64::from(sb.active()) * u64::from(sa.weight)
         };
@@ -269,9 +330,9 @@ impl Pool {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         Pick::Server(match self.cfg.balance {
             Balance::RoundRobin => {
-                let len = self.schedule.len();
+                let len = set.schedule.len();
                 (0..len)
-                    .map(|k| self.schedule[(start + k) % len])
+                    .map(|k| set.schedule[(start + k) % len])
                     .find(room)
                     .unwrap_or_else(|| nth_room(0))
             }
@@ -335,15 +396,31 @@ enum Pick {
     AllFull,
 }
 
-/// `host:port` to its first address.
-async fn resolve(hostport: &str) -> io::Result<SocketAddr> {
+/// `host:port` to every address of the name, each once, in the resolver's order.
+async fn resolve(hostport: &str) -> io::Result<Vec<SocketAddr>> {
     if let Ok(a) = hostport.parse() {
-        return Ok(a);
+        return Ok(vec![a]);
     }
-    tokio::net::lookup_host(hostport)
-        .await?
-        .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the name has no address"))
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    for a in tokio::net::lookup_host(hostport).await? {
+        if !addrs.contains(&a) {
+            addrs.push(a);
+        }
+    }
+    if addrs.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "the name has no address",
+        ));
+    }
+    Ok(addrs)
+}
+
+/// `list` grouped by the `servers` entry each came from, in entry order.
+fn cfg_entries(list: &[Arc<Server>], entries: usize) -> Vec<(usize, Vec<Arc<Server>>)> {
+    (0..entries)
+        .map(|i| (i, list.iter().filter(|s| s.entry == i).cloned().collect()))
+        .collect()
 }
 
 /// Weighted round-robin order with the servers interleaved (not `aaab` but `abaa`-like):

@@ -1,5 +1,6 @@
-//! One backend server's state: its address (re-resolved), health, load, and the lease a
-//! connection holds on it.
+//! One backend server's state: its address, health, load, and the lease a connection holds
+//! on it. A configured name with several addresses is one `Server` per address, so each
+//! has its own health and load.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
@@ -14,9 +15,15 @@ use crate::config::ServerConfig;
 /// A server of a pool.
 #[derive(Debug)]
 pub struct Server {
-    /// As configured (`host:port`): the metric label and what is re-resolved.
+    /// The metric label: the address as configured, or `host:port@address` for one of
+    /// a name's addresses.
     label: String,
-    addr: Mutex<SocketAddr>,
+    addr: SocketAddr,
+    /// Which `servers` entry of the pool this came from.
+    pub(super) entry: usize,
+    /// Stops this server's health checks: the pool stops, or its name no longer resolves
+    /// to this address.
+    pub(super) stop: CancellationToken,
     pub(super) weight: u32,
     pub(super) max_conns: u32,
     /// Connections holding a lease.
@@ -36,10 +43,22 @@ pub struct Server {
 }
 
 impl Server {
-    pub(super) fn new(cfg: &ServerConfig, addr: SocketAddr) -> Server {
+    pub(super) fn new(
+        cfg: &ServerConfig,
+        entry: usize,
+        addr: SocketAddr,
+        stop: CancellationToken,
+    ) -> Server {
+        let label = if cfg.addr.parse::<SocketAddr>().is_ok() {
+            cfg.addr.clone()
+        } else {
+            format!("{}@{}", cfg.addr, addr.ip())
+        };
         Server {
-            label: cfg.addr.clone(),
-            addr: Mutex::new(addr),
+            label,
+            addr,
+            entry,
+            stop,
             weight: cfg.weight.max(1),
             max_conns: cfg.max_conns,
             active: AtomicU32::new(0),
@@ -60,15 +79,6 @@ impl Server {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
-            .lock()
-            .map(|a| *a)
-            .unwrap_or_else(|e| *e.into_inner())
-    }
-
-    pub(super) fn set_addr(&self, addr: SocketAddr) {
-        if let Ok(mut a) = self.addr.lock() {
-            *a = addr;
-        }
     }
 
     /// Eligible for new connections: up by active checks and not cooling off.

@@ -64,7 +64,7 @@ fn version_is_printed() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("halfguard "));
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -94,7 +94,7 @@ fn temp_config(
 }
 
 /// Starts `cmd` and waits until its log says it listens.
-fn start(mut cmd: Command) -> Child {
+pub(crate) fn start(mut cmd: Command) -> Child {
     let mut child = cmd
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())

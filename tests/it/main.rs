@@ -10,4 +10,5 @@ mod halfclose;
 mod kernel;
 mod leaks;
 mod props;
+mod resolve;
 mod support;
