@@ -3,8 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use halfguard::config::{self, Config};
@@ -46,45 +45,6 @@ fn servers(addrs: &[SocketAddr]) -> String {
         .map(|a| format!("{{ addr = \"{a}\" }}"))
         .collect();
     format!("servers = [{}]", list.join(", "))
-}
-
-/// An echo server on a fixed address that counts the connections it served.
-struct Counted {
-    addr: SocketAddr,
-    served: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn counted_echo(addr: SocketAddr) -> Counted {
-    let l = TcpListener::bind(addr).await.expect("bind echo");
-    let addr = l.local_addr().unwrap();
-    let served = Arc::new(AtomicU64::new(0));
-    let count = served.clone();
-    let task = tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let mut first = true;
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                    if first {
-                        count.fetch_add(1, Ordering::Relaxed);
-                        first = false;
-                    }
-                }
-            });
-        }
-    });
-    Counted { addr, served, task }
 }
 
 fn up(p: &Proxy, server: SocketAddr) -> bool {
@@ -458,17 +418,7 @@ async fn a_backend_that_answers_its_syn_late_is_still_reached() {
     // Most connects complete inside connect() (loopback); this one does not: the backend's
     // accept queue is full, so its first SYN is dropped and only the retransmit (about 1 s
     // later) gets through, after the queue has been drained.
-    let late = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    late.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-        .unwrap();
-    late.listen(0).unwrap();
-    let late_addr = late.local_addr().unwrap().as_socket().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..4 {
-        if let Ok(Ok(s)) = tokio::time::timeout(ms(200), TcpStream::connect(late_addr)).await {
-            fillers.push(s);
-        }
-    }
+    let (late, late_addr, fillers) = full_listener().await;
     let mut cfg = pool_config("", &format!("name = \"app\"\n{}", servers(&[late_addr])));
     cfg.listeners[0].timeouts.connect = ms(5000);
     let p = Proxy::start(cfg).await;
@@ -480,18 +430,7 @@ async fn a_backend_that_answers_its_syn_late_is_still_reached() {
     late.set_nonblocking(true).unwrap();
     let late = TcpListener::from_std(late.into()).unwrap();
     drop(fillers);
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = late.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 64];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let _echo = echo_on(late);
     let mut back = [0u8; 5];
     tokio::time::timeout(ms(4000), c.read_exact(&mut back))
         .await

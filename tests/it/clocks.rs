@@ -249,22 +249,7 @@ async fn max_lifetime_ends_even_a_busy_connection() {
 #[tokio::test]
 async fn connect_clock_aborts_when_the_backend_does_not_answer() {
     // A listener whose accept queue is full drops SYNs: connects to it hang.
-    let hung = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    hung.bind(
-        &"127.0.0.1:0"
-            .parse::<std::net::SocketAddr>()
-            .unwrap()
-            .into(),
-    )
-    .unwrap();
-    hung.listen(0).unwrap();
-    let hung_addr = hung.local_addr().unwrap().as_socket().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..4 {
-        if let Ok(Ok(s)) = tokio::time::timeout(ms(200), TcpStream::connect(hung_addr)).await {
-            fillers.push(s);
-        }
-    }
+    let (_hung, hung_addr, _fillers) = full_listener().await;
     let mut cfg = base_config(&[hung_addr]);
     cfg.listeners[0].timeouts.connect = ms(300);
     let p = Proxy::start(cfg).await;

@@ -5,11 +5,9 @@
 
 use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::cli::{free_port, start};
@@ -17,48 +15,27 @@ use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_halfguard");
 
-/// Echo servers on 127.0.0.2:port and 127.0.0.3:port, each counting the connections that
-/// send bytes (health checks connect and send nothing).
-async fn two_echoes() -> (u16, [Arc<AtomicU64>; 2]) {
+/// Counted echo servers on 127.0.0.2:port and 127.0.0.3:port.
+async fn two_echoes() -> (u16, [Counted; 2]) {
     for _ in 0..20 {
         let a = TcpListener::bind("127.0.0.2:0").await.unwrap();
         let port = a.local_addr().unwrap().port();
-        let Ok(b) = TcpListener::bind(("127.0.0.3", port)).await else {
-            continue;
-        };
-        let counts = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
-        for (l, n) in [(a, counts[0].clone()), (b, counts[1].clone())] {
-            tokio::spawn(async move {
-                while let Ok((mut s, _)) = l.accept().await {
-                    let n = n.clone();
-                    tokio::spawn(async move {
-                        let mut buf = [0u8; 64];
-                        let mut first = true;
-                        while let Ok(k) = s.read(&mut buf).await {
-                            if k == 0 || s.write_all(&buf[..k]).await.is_err() {
-                                break;
-                            }
-                            if std::mem::take(&mut first) {
-                                n.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                    });
-                }
-            });
+        if let Ok(b) = TcpListener::bind(("127.0.0.3", port)).await {
+            return (port, [echo_on(a), echo_on(b)]);
         }
-        return (port, counts);
     }
     panic!("no port free on both 127.0.0.2 and 127.0.0.3");
 }
 
 /// `n` round trips through the proxy; returns how many connections each server gained.
-async fn traffic(proxy: SocketAddr, n: usize, counts: &[Arc<AtomicU64>; 2]) -> [u64; 2] {
-    let before = counts.each_ref().map(|c| c.load(Ordering::Relaxed));
+async fn traffic(proxy: SocketAddr, n: usize, echoes: &[Counted; 2]) -> [u64; 2] {
+    let served = || echoes.each_ref().map(|e| e.served.load(Ordering::Relaxed));
+    let before = served();
     for _ in 0..n {
         let mut c = TcpStream::connect(proxy).await.unwrap();
         assert_eq!(roundtrip(&mut c, b"hi").await, b"hi");
     }
-    let after = counts.each_ref().map(|c| c.load(Ordering::Relaxed));
+    let after = served();
     [after[0] - before[0], after[1] - before[1]]
 }
 
@@ -88,7 +65,7 @@ async fn wait_servers(admin: SocketAddr, want: &[String]) -> Vec<String> {
 
 #[tokio::test]
 async fn a_name_is_every_address_it_resolves_to_and_the_set_follows_the_name() {
-    let (port, counts) = two_echoes().await;
+    let (port, echoes) = two_echoes().await;
     let name = format!("halfguard-it-{}", std::process::id());
     let dir = std::env::temp_dir().join(format!("{name}-resolve"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -143,14 +120,14 @@ bind = "127.0.0.1:{admin}"
             wait_servers(admin, &[label("127.0.0.2")]).await,
             [label("127.0.0.2")]
         );
-        assert_eq!(traffic(proxy, 6, &counts).await, [6, 0]);
+        assert_eq!(traffic(proxy, 6, &echoes).await, [6, 0]);
 
         // The name gains an address: a second server, and round robin spreads over both.
         // Rewritten in place: the bind mount holds the file, not the name.
         std::fs::write(&hosts, format!("127.0.0.2 {name}\n127.0.0.3 {name}\n")).unwrap();
         let both = vec![label("127.0.0.2"), label("127.0.0.3")];
         assert_eq!(wait_servers(admin, &both).await, both);
-        assert_eq!(traffic(proxy, 10, &counts).await, [5, 5]);
+        assert_eq!(traffic(proxy, 10, &echoes).await, [5, 5]);
 
         // The name loses its first address: that server is gone, the other takes it all.
         std::fs::write(&hosts, format!("127.0.0.3 {name}\n")).unwrap();
@@ -158,7 +135,7 @@ bind = "127.0.0.1:{admin}"
             wait_servers(admin, &[label("127.0.0.3")]).await,
             [label("127.0.0.3")]
         );
-        assert_eq!(traffic(proxy, 6, &counts).await, [0, 6]);
+        assert_eq!(traffic(proxy, 6, &echoes).await, [0, 6]);
     };
     let outcome = tokio::time::timeout(Duration::from_secs(30), result).await;
     let _ = std::fs::remove_dir_all(&dir);

@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use halfguard::config::{self, Config};
@@ -133,6 +135,67 @@ pub async fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> 
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// An echo server that counts the connections that sent it bytes (health checks, which
+/// connect and send nothing, are not counted).
+pub struct Counted {
+    pub addr: SocketAddr,
+    pub served: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves echo on `l` until dropped.
+pub fn echo_on(l: TcpListener) -> Counted {
+    let addr = l.local_addr().expect("addr");
+    let served = Arc::new(AtomicU64::new(0));
+    let count = served.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut first = true;
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    if std::mem::take(&mut first) {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    Counted { addr, served, task }
+}
+
+/// A counted echo server on `addr` (port 0 picks one).
+pub async fn counted_echo(addr: SocketAddr) -> Counted {
+    echo_on(TcpListener::bind(addr).await.expect("bind echo"))
+}
+
+/// A listener on 127.0.0.1 whose accept queue is full, so the kernel drops the SYNs sent to
+/// it: connects hang until it accepts. The fillers keep it full while they are held.
+pub async fn full_listener() -> (socket2::Socket, SocketAddr, Vec<TcpStream>) {
+    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    l.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    l.listen(0).unwrap();
+    let addr = l.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(ms(200), TcpStream::connect(addr)).await {
+            fillers.push(s);
+        }
+    }
+    (l, addr, fillers)
 }
 
 /// What a backend does with each connection.
