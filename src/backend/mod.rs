@@ -161,39 +161,29 @@ impl Pool {
     /// addresses it no longer has stop their checks and take no new connections (their
     /// connections run on). Returns the new servers, whose checks the caller starts.
     fn follow(&self, entry: usize, addrs: &[SocketAddr]) -> Vec<Arc<Server>> {
-        let cur = self.servers.load_full();
         let Some(cfg) = self.cfg.servers.get(entry) else {
             return Vec::new();
         };
-        let mut list = Vec::with_capacity(cur.list.len() + addrs.len());
-        let mut added = Vec::new();
-        let mut changed = false;
-        for (i, s) in cfg_entries(&cur.list, self.cfg.servers.len()) {
-            if i != entry {
-                list.extend(s.iter().cloned());
-                continue;
-            }
-            for old in &s {
-                if !addrs.contains(&old.addr()) {
-                    tracing::info!(pool = %self.cfg.name, server = old.label(), "backend name no longer resolves to this address; removed");
-                    old.stop.cancel();
-                    changed = true;
-                }
-            }
-            for &addr in addrs {
-                match s.iter().find(|o| o.addr() == addr) {
-                    Some(old) => list.push(old.clone()),
-                    None => {
-                        let new = Arc::new(Server::new(cfg, entry, addr, self.stop.child_token()));
-                        tracing::info!(pool = %self.cfg.name, server = new.label(), "backend name resolves to a new address; added");
-                        added.push(new.clone());
-                        list.push(new);
-                        changed = true;
-                    }
-                }
-            }
+        let cur = self.servers.load_full();
+        let (mut list, gone): (Vec<_>, Vec<_>) = cur
+            .list
+            .iter()
+            .cloned()
+            .partition(|s| s.entry != entry || addrs.contains(&s.addr()));
+        for old in &gone {
+            tracing::info!(pool = %self.cfg.name, server = old.label(), "backend name no longer resolves to this address; removed");
+            old.stop.cancel();
         }
-        if changed {
+        let added: Vec<_> = addrs
+            .iter()
+            .filter(|a| !list.iter().any(|s| s.entry == entry && s.addr() == **a))
+            .map(|&a| Arc::new(Server::new(cfg, entry, a, self.stop.child_token())))
+            .collect();
+        for new in &added {
+            tracing::info!(pool = %self.cfg.name, server = new.label(), "backend name resolves to a new address; added");
+        }
+        if !gone.is_empty() || !added.is_empty() {
+            list.extend(added.iter().cloned());
             self.servers.store(Arc::new(ServerSet::new(list)));
         }
         added
@@ -414,13 +404,6 @@ async fn resolve(hostport: &str) -> io::Result<Vec<SocketAddr>> {
         ));
     }
     Ok(addrs)
-}
-
-/// `list` grouped by the `servers` entry each came from, in entry order.
-fn cfg_entries(list: &[Arc<Server>], entries: usize) -> Vec<(usize, Vec<Arc<Server>>)> {
-    (0..entries)
-        .map(|i| (i, list.iter().filter(|s| s.entry == i).cloned().collect()))
-        .collect()
 }
 
 /// Weighted round-robin order with the servers interleaved (not `aaab` but `abaa`-like):

@@ -221,23 +221,24 @@ impl<'a> Direction<'a> {
                     self.waiting_to_write();
                     return Poll::Pending;
                 }
-                // The source's EOF is already read and the FIN goes out right after this
+                // When the source's EOF is already read, the FIN goes out right after this
                 // write: MSG_MORE holds the bytes so the FIN leaves in the same segment
                 // (one segment less per exchange, and one ACK less from the peer).
-                let fin_follows = self.eof && !self.other_done;
-                let wrote = if fin_follows {
-                    to.try_io(Interest::WRITABLE, || {
-                        SockRef::from(to).send_with_flags(
-                            &buf[self.pos..self.len],
-                            libc::MSG_MORE | libc::MSG_NOSIGNAL,
-                        )
-                    })
-                } else if fresh {
-                    // No readiness event yet: straight to the kernel, which says if it
-                    // would block (then the next turn waits for readiness).
-                    SockRef::from(to).send_with_flags(&buf[self.pos..self.len], libc::MSG_NOSIGNAL)
+                let more = if self.eof && !self.other_done {
+                    libc::MSG_MORE
                 } else {
-                    to.try_write(&buf[self.pos..self.len])
+                    0
+                };
+                let send = || {
+                    SockRef::from(to)
+                        .send_with_flags(&buf[self.pos..self.len], more | libc::MSG_NOSIGNAL)
+                };
+                // Fresh: no readiness event yet, so straight to the kernel, which says if it
+                // would block (then the next turn waits for readiness).
+                let wrote = if fresh {
+                    send()
+                } else {
+                    to.try_io(Interest::WRITABLE, send)
                 };
                 match wrote {
                     Ok(n) => {
@@ -279,7 +280,7 @@ impl<'a> Direction<'a> {
             let buf = self.buf.get_or_insert_with(take_buf);
             let read = if fresh {
                 // No readiness event yet, but the bytes are there: straight to the kernel.
-                std::io::Read::read(&mut &*SockRef::from(from), buf)
+                io::Read::read(&mut &*SockRef::from(from), buf)
             } else {
                 from.try_read(buf)
             };
