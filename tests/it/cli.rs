@@ -93,6 +93,17 @@ fn temp_config(
     (path, port)
 }
 
+/// A started halfguard, killed however the test ends, so a failed assertion leaves no
+/// process behind.
+pub(crate) struct Reap(pub Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `cmd` and waits until its log says it listens.
 pub(crate) fn start(mut cmd: Command) -> Child {
     let mut child = cmd
@@ -310,14 +321,13 @@ async fn runtime_workers_sets_the_worker_threads_and_check_reports_them() {
         if let Some(n) = env {
             cmd.env("HALFGUARD__RUNTIME__WORKERS", n);
         }
-        let mut child = start(cmd);
+        let child = Reap(start(cmd));
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut c = TcpStream::connect(addr).await.unwrap();
         assert_eq!(roundtrip(&mut c, b"hi").await, b"hi");
         let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
         let (status, body) = http(admin, "GET", "/metrics").await;
-        let _ = child.kill();
-        let _ = child.wait();
+        drop(child);
         assert_eq!(status, 200);
         let want = format!("halfguard_runtime_workers {}", env.unwrap_or(workers));
         assert!(

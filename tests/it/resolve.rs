@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::cli::{free_port, start};
+use crate::cli::{Reap, free_port, start};
 use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_halfguard");
@@ -101,14 +101,6 @@ bind = "127.0.0.1:{admin}"
         hosts.display(),
         cfg.display()
     ));
-    // Killed however the test ends, so a failed assertion leaves no halfguard behind.
-    struct Reap(std::process::Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let _child = Reap(start(cmd));
     let proxy: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
