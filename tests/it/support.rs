@@ -21,8 +21,18 @@ use tokio::time::Instant;
 /// The listener name every test proxy uses.
 pub const L: &str = "t";
 
+/// `limits.grace` in [`base_config`]: a connection counts against its source's half-open or
+/// half-closed cap (and becomes evictable) this long after entering the state.
+pub const GRACE: Duration = Duration::from_millis(50);
+
+/// Waits until connections that just entered a state are past the grace.
+pub async fn past_grace() {
+    tokio::time::sleep(GRACE * 3).await;
+}
+
 /// A config with one listener on 127.0.0.1:0 toward `backends`, every per-source cap and the
-/// rate limit off, so a test turns on exactly what it tests.
+/// rate limit off, so a test turns on exactly what it tests. The grace before a state counts
+/// per source is [`GRACE`].
 pub fn base_config(backends: &[SocketAddr]) -> Config {
     let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
     let text = format!(
@@ -37,6 +47,8 @@ max_conns_per_source = 0
 max_half_open_per_source = 0
 max_half_closed_per_source = 0
 conn_rate_per_source = 0
+# Short, so tests of the per-source state caps need not wait a second.
+grace = "50ms"
 
 [tcp]
 keepalive_idle = "0s"
@@ -99,7 +111,7 @@ impl Proxy {
         let guard = self.handle.guard(L).expect("listener t");
         assert_eq!(
             guard.table_totals(),
-            (0, 0, 0),
+            (0, 0, 0, 0),
             "source table entries left behind"
         );
     }
