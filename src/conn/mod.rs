@@ -15,8 +15,9 @@
 //! since a peer still acknowledging our bytes is slow, not gone. The `request` clock is the
 //! exchange that never starts: before the backend's first byte, a client that keeps
 //! trickling (no pause of 5 s) gets `request` plus one second per `min_rate` bytes it sends.
-//! Every `STALL_WINDOW` an OPEN connection compares the bytes it moved with `min_rate`: below
-//! it, it joins its source's stalled list, where a full listener finds its victims.
+//! Every `STALL_WINDOW` (the first time sooner) an OPEN connection compares the bytes it
+//! moved with `min_rate`: below it, it joins its source's stalled list, where a full listener
+//! finds its victims.
 //!
 //! In observe mode a clock that runs out is counted and disarmed for that connection, which
 //! goes on.
@@ -161,9 +162,13 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// moves from one that is stuck.
 const FIRST_LOOK: Duration = Duration::from_millis(200);
 /// How often an OPEN connection weighs its progress against `min_rate`.
-pub const STALL_WINDOW: Duration = Duration::from_secs(2);
+pub const STALL_WINDOW: Duration = Duration::from_secs(1);
+/// The first look comes sooner: a flood of connections that trickle fills a listener at once,
+/// and they must be evictable before legit newcomers are refused for long. An ordinary
+/// exchange is over before it.
+pub const FIRST_STALL_CHECK: Duration = Duration::from_millis(250);
 /// How long a connection admitted over its source's connection cap waits for a slot.
-pub const CONFIRM_WAIT: Duration = Duration::from_millis(250);
+pub const CONFIRM_WAIT: Duration = Duration::from_secs(1);
 
 /// Clocks that observe mode already counted for this connection, and so no longer arms.
 #[derive(Clone, Copy, Debug, Default)]
@@ -520,7 +525,8 @@ async fn pump_until_end(
     // Set when a kernel send queue was seen moving as a clock expired.
     let mut extended: Option<Instant> = None;
     // The progress check: when it comes next, and the bytes moved at the last one.
-    let mut next_check = Instant::now() + STALL_WINDOW;
+    let mut next_check = Instant::now() + FIRST_STALL_CHECK;
+    let mut last_check = Instant::now();
     let mut moved_at_check = 0u64;
     let mut sleep = pin!(sleep_until(Instant::now() + policy.timeouts.idle));
     loop {
@@ -594,8 +600,9 @@ async fn pump_until_end(
         // The progress check, and a half-closed connection's grace.
         if closed.is_none() && next_check <= now {
             let total = pump.total();
-            let rate = u64::from(policy.min_rate) * STALL_WINDOW.as_secs();
-            let r = if total - moved_at_check < rate {
+            let window = now.saturating_duration_since(last_check).as_secs_f64();
+            let floor = f64::from(policy.min_rate) * window;
+            let r = if ((total - moved_at_check) as f64) < floor {
                 ticket.stall()
             } else {
                 ticket.unstall()
@@ -604,6 +611,7 @@ async fn pump_until_end(
                 return End::Evicted;
             }
             moved_at_check = total;
+            last_check = now;
             next_check = now + STALL_WINDOW;
         }
         if let Some((_, at)) = closed

@@ -178,7 +178,7 @@ impl Guard {
     /// [`Ticket::assign_source`] gives it its real source.
     pub fn admit_trusted(&self) -> Result<Ticket, Reject> {
         let r = self
-            .admit_counted(None, false, &self.shared.limits.load())
+            .admit_counted(None, false, 0, &self.shared.limits.load())
             .map(|mut t| {
                 t.trusted = true;
                 t
@@ -199,42 +199,49 @@ impl Guard {
         }
         let key = sh.source_of(ip, lim)?;
         let mut provisional = false;
-        if let Some(key) = &key
-            && lim.mode == Mode::Enforce
-        {
+        let mut weight = 0;
+        if let Some(key) = &key {
             // Non-binding look first, so a source at its cap is refused before it can cost
             // anyone an eviction. (Observing, the binding check counts it.)
             match sh.table.map.get(key) {
-                Some(e) => match check_source(&e, lim) {
-                    Ok(p) => provisional = p,
-                    Err(r) => {
-                        drop(e);
-                        sh.enforce_or_observe(*key, r, lim)?;
+                Some(e) => {
+                    weight = e.going_nowhere();
+                    if lim.mode == Mode::Enforce {
+                        match check_source(&e, lim) {
+                            Ok(p) => provisional = p,
+                            Err(r) => {
+                                drop(e);
+                                sh.enforce_or_observe(*key, r, lim)?;
+                            }
+                        }
                     }
-                },
+                }
                 None if sh.table.len.load(Ordering::Relaxed) >= lim.max_sources as usize => {
                     return Err(Reject::SourcesFull);
                 }
                 None => {}
             }
         }
-        self.admit_counted(key, provisional, lim)
+        self.admit_counted(key, provisional, weight, lim)
     }
 
     /// The binding part of admission: a place under the listener caps (evicting when
     /// allowed), then one in the source's entry.
+    /// `weight`: how many connections going nowhere the newcomer's source holds already; it
+    /// may only take the place of one from a source holding more.
     fn admit_counted(
         &self,
         key: Option<SourceKey>,
         provisional: bool,
+        weight: usize,
         lim: &Limits,
     ) -> Result<Ticket, Reject> {
         let sh = &self.shared;
         let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
-        if !sh.reserve_conn(lim) {
+        if !sh.reserve_conn(lim, weight) {
             return Err(Reject::ConnsFull);
         }
-        if !sh.reserve_state(EvictState::HalfOpen, lim) {
+        if !sh.reserve_state(EvictState::HalfOpen, lim, weight) {
             sh.counts.conns.fetch_sub(1, Ordering::AcqRel);
             return Err(Reject::HalfOpenFull);
         }
@@ -428,9 +435,11 @@ fn check_source(e: &SourceEntry, lim: &Limits) -> Result<bool, Reject> {
 }
 
 /// How many connections a source at its connection cap may have waiting for a slot: a
-/// client pool that closes and reconnects at once is that far ahead of our tasks.
+/// client pool that closes and reconnects at once can be a whole pool ahead of our tasks.
+/// Each waits at most `conn::CONFIRM_WAIT`, so a source holds at most twice its cap for that
+/// long.
 fn provisional_slack(cap: u32) -> u32 {
-    (cap / 4).max(2)
+    cap.max(2)
 }
 
 impl Shared {
@@ -585,21 +594,27 @@ impl Shared {
     /// goes nowhere makes room: from the source holding the most of one kind (silent past the
     /// grace, half-closed past the grace, OPEN and stalled), the one longest in that state. A
     /// connection moving data at a healthy rate is never evicted.
-    fn reserve_conn(&self, lim: &Limits) -> bool {
+    ///
+    /// Only a lighter source may take a heavier one's place (`weight`: the newcomer's source's
+    /// connections going nowhere): a flood from many sources that holds the listener full
+    /// cannot churn through its own connections, so the room it leaves goes to newcomers
+    /// from sources that hold nothing useless, the clients.
+    fn reserve_conn(&self, lim: &Limits, weight: usize) -> bool {
         let max = lim.max_conns as usize;
         for _ in 0..4 {
             if try_inc(&self.counts.conns, max) {
                 return true;
             }
-            if lim.on_full == OnFull::Reject || !self.evict_heaviest_of(&EvictState::ALL) {
+            if lim.on_full == OnFull::Reject || !self.evict_heaviest_of(&EvictState::ALL, weight) {
                 return false;
             }
         }
         false
     }
 
-    /// Takes a place under the listener cap for state `s`, evicting when full and allowed.
-    fn reserve_state(&self, s: EvictState, lim: &Limits) -> bool {
+    /// Takes a place under the listener cap for state `s`, evicting (from a source heavier
+    /// than `weight`) when full and allowed.
+    fn reserve_state(&self, s: EvictState, lim: &Limits, weight: usize) -> bool {
         let (count, max) = match s {
             EvictState::HalfOpen => (&self.counts.half_open, lim.max_half_open),
             EvictState::HalfClosed => (&self.counts.half_closed, lim.max_half_closed),
@@ -609,7 +624,7 @@ impl Shared {
             if try_inc(count, max as usize) {
                 return true;
             }
-            if lim.on_full == OnFull::Reject || !self.evict_heaviest_of(&[s]) {
+            if lim.on_full == OnFull::Reject || !self.evict_heaviest_of(&[s], weight) {
                 return false;
             }
         }
@@ -617,8 +632,9 @@ impl Shared {
     }
 
     /// Aborts the connection longest in its state of the source holding the most
-    /// connections in one of `states` (ties go to the earlier state in `states`).
-    fn evict_heaviest_of(&self, states: &[EvictState]) -> bool {
+    /// connections in one of `states` (ties go to the earlier state in `states`), if that
+    /// source holds more than `weight`.
+    fn evict_heaviest_of(&self, states: &[EvictState], weight: usize) -> bool {
         for _ in 0..3 {
             let mut best: Option<(SourceKey, usize, EvictState)> = None;
             for &s in states {
@@ -628,9 +644,12 @@ impl Shared {
                     best = Some((key, n, s));
                 }
             }
-            let Some((key, _, s)) = best else {
+            let Some((key, n, s)) = best else {
                 return false;
             };
+            if n <= weight {
+                return false;
+            }
             if let Some(victim) = self.table.evict_from(&key, s) {
                 self.give_back_evicted(s);
                 victim.wake();

@@ -88,6 +88,11 @@ impl SourceEntry {
     pub fn is_empty(&self) -> bool {
         self.conns == 0
     }
+
+    /// Connections in a list: silent or half-closed past the grace, or stalled.
+    pub fn going_nowhere(&self) -> usize {
+        self.half_open.len() + self.half_closed.len() + self.stalled.len()
+    }
 }
 
 /// The table, with a counter kept beside it so the bound check is one atomic load, and one

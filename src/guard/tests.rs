@@ -396,10 +396,12 @@ fn a_source_at_its_cap_gets_a_provisional_slot_that_a_closing_connection_confirm
         ..open_limits()
     });
     let mut held: Vec<_> = (0..4).map(|_| g.admit(ip("198.18.0.1")).unwrap()).collect();
-    // Over the cap by at most the slack (max(2, cap/4) = 2), provisionally.
+    // Over the cap by at most the slack (the cap again), provisionally.
     let mut p1 = g.admit(ip("198.18.0.1")).unwrap();
     let mut p2 = g.admit(ip("198.18.0.1")).unwrap();
+    let more: Vec<_> = (0..2).map(|_| g.admit(ip("198.18.0.1")).unwrap()).collect();
     assert!(p1.is_provisional() && p2.is_provisional());
+    assert!(more.iter().all(Ticket::is_provisional));
     assert_eq!(g.admit(ip("198.18.0.1")).unwrap_err(), Reject::SourceConns);
     assert_eq!(p1.confirm(), Ok(false), "no slot yet");
     // One ends: one provisional connection gets its slot, the other still waits.
@@ -408,6 +410,7 @@ fn a_source_at_its_cap_gets_a_provisional_slot_that_a_closing_connection_confirm
     assert_eq!(p2.confirm(), Ok(false));
     assert!(p2.refuse_provisional(), "enforced: the connection ends");
     drop(p2);
+    drop(more);
     assert_eq!(g.stats().rejected(Reject::SourceConns), 2);
     drop((held, p1));
     assert_eq!(g.snapshot(), GuardSnapshot::default());
@@ -459,4 +462,23 @@ fn a_keyed_ticket_cannot_be_rekeyed() {
     assert_eq!(t.assign_source(ip("198.18.0.4")), Err(Reject::ProxyHeader));
     drop(t);
     assert_eq!(g.snapshot(), GuardSnapshot::default());
+}
+
+#[test]
+fn a_source_cannot_take_the_place_of_one_no_heavier_than_itself() {
+    let g = guard(Limits {
+        max_conns: 6,
+        ..open_limits()
+    });
+    // Three sources hold two stalled connections each: the listener is full.
+    let held: Vec<_> = ["198.18.0.1", "198.18.0.2", "198.18.0.3"]
+        .into_iter()
+        .flat_map(|s| open_from(&g, s, 2, 2))
+        .collect();
+    // One of them asks for more: nobody is heavier than it, so it is refused...
+    assert_eq!(g.admit(ip("198.18.0.1")).unwrap_err(), Reject::ConnsFull);
+    assert!(held.iter().all(|t| !t.ctl().is_evicted()));
+    // ...while a source that holds nothing useless takes the place of a stalled one.
+    let _client = g.admit(ip("198.18.0.9")).unwrap();
+    assert_eq!(g.stats().evicted(EvictState::Stalled), 1);
 }

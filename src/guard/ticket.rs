@@ -271,7 +271,7 @@ impl Ticket {
         let lim = sh.limits.load();
         // An OPEN connection out of every list cannot be evicted; count it listener-wide
         // first, so an evictor never finds it in a list before it is counted.
-        if !sh.reserve_state(EvictState::HalfClosed, &lim) {
+        if !sh.reserve_state(EvictState::HalfClosed, &lim, 0) {
             return Err(Refused::Full(Reject::HalfClosedFull));
         }
         self.state = State::HalfClosed;

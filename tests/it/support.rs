@@ -227,7 +227,14 @@ pub enum Backend {
     Flood,
     /// Sends `bye\n` then FIN at once, and keeps reading: the server half-closes first.
     FinFirst,
+    /// HTTP/1.0-like: reads until an empty line, answers `HTTP/1.0 200 OK` with a short
+    /// body after this many milliseconds, then FIN. Bytes that never finish a request get
+    /// no answer.
+    Http(u64),
 }
+
+/// What [`Backend::Http`] answers.
+pub const HTTP_OK: &[u8] = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok";
 
 /// A running backend and the results its connections reported.
 pub struct BackendServer {
@@ -312,6 +319,20 @@ async fn serve_backend(kind: Backend, mut s: TcpStream) -> io::Result<u64> {
         Backend::Flood => loop {
             s.write_all(&buf).await?;
         },
+        Backend::Http(think) => {
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(got.len() as u64);
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            tokio::time::sleep(Duration::from_millis(think)).await;
+            s.write_all(HTTP_OK).await?;
+            s.shutdown().await?;
+            Ok(got.len() as u64)
+        }
         Backend::FinFirst => {
             s.write_all(b"bye\n").await?;
             s.shutdown().await?;
