@@ -50,12 +50,9 @@ impl std::fmt::Display for Endpoint {
 /// Why one GET gave nothing to show.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("cannot reach the admin endpoint at {at}: {source}")]
-    Connect {
-        at: String,
-        #[source]
-        source: std::io::Error,
-    },
+    // The io error is in the message, not a `source`, so a chain printer says it once.
+    #[error("cannot reach the admin endpoint at {at}: {err}")]
+    Connect { at: String, err: std::io::Error },
     #[error("no answer from the admin endpoint at {at} within {}", humantime::format_duration(*.within))]
     Timeout { at: String, within: Duration },
     #[error(
@@ -174,9 +171,9 @@ impl Endpoint {
         let at = self.to_string();
         let stream = tokio::net::TcpStream::connect(&self.authority)
             .await
-            .map_err(|source| FetchError::Connect {
+            .map_err(|err| FetchError::Connect {
                 at: at.clone(),
-                source,
+                err,
             })?;
         let http = |e: &dyn std::fmt::Display| FetchError::Http {
             at: at.clone(),

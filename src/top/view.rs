@@ -233,7 +233,8 @@ fn bars(l: &Listener, at: Layout) -> Vec<Line<'static>> {
         .iter()
         .map(|(state, n)| {
             let cap = l.cap_of(state);
-            let mut spans = vec![Span::raw(format!("  {state:<TITLE$}"))];
+            let name: String = state.chars().take(TITLE - 1).collect();
+            let mut spans = vec![Span::raw(format!("  {name:<TITLE$}"))];
             match cap {
                 Some(c) if c > 0.0 => {
                     let share = (n / c).clamp(0.0, 1.0);
@@ -285,9 +286,14 @@ fn counters(l: &Listener, at: Layout) -> Vec<Line<'static>> {
         .families
         .iter()
         .any(|f| f.counters.iter().any(|c| c.rate.is_some()));
-    let per = if rates_known { "/s" } else { " (total)" };
+    // Before the second scrape there are only totals.
+    let (first, per) = if rates_known {
+        ("rate/s", "/s")
+    } else {
+        ("totals", "")
+    };
     if !items.is_empty() {
-        out.extend(wrap(&format!("  rate{per}"), items, at, 2));
+        out.extend(wrap(&format!("  {first}"), items, at, 2));
     }
     for f in &l.families {
         if f.metric == "halfguard_connections_accepted_total" || f.metric == "halfguard_bytes_total"
@@ -531,6 +537,11 @@ fn wrap(title: &str, items: Vec<Vec<Span<'static>>>, at: Layout, max: usize) -> 
     let width = |item: &Vec<Span<'static>>| -> usize { item.iter().map(|s| s.width()).sum() };
     // Items per line, then laid out.
     let mut rows: Vec<Vec<Vec<Span<'static>>>> = vec![Vec::new()];
+    let title = if title.len() >= indent {
+        format!("{title} ")
+    } else {
+        title.to_string()
+    };
     let mut used = title.len().max(indent);
     let total = items.len();
     let mut placed = 0;
