@@ -33,7 +33,9 @@ pub enum Action {
 #[derive(Debug)]
 pub struct Fetched {
     pub at: Instant,
-    pub metrics: Result<String, FetchError>,
+    /// `None`: not asked this time. A new sort column asks only for `/sources`, so rates
+    /// stay measured over whole intervals.
+    pub metrics: Option<Result<String, FetchError>>,
     pub sources: Result<String, FetchError>,
 }
 
@@ -70,7 +72,8 @@ impl App {
     /// next refresh tries again.
     pub fn update(&mut self, f: Fetched) {
         match f.metrics {
-            Ok(text) => {
+            None => {}
+            Some(Ok(text)) => {
                 let snap = Snapshot::from_samples(&exposition::parse(&text), f.at);
                 self.snapshot = Some(match &self.snapshot {
                     Some(prev) => snap.with_rates_from(prev),
@@ -78,7 +81,7 @@ impl App {
                 });
                 self.metrics_error = None;
             }
-            Err(e) => self.metrics_error = Some(e.to_string()),
+            Some(Err(e)) => self.metrics_error = Some(e.to_string()),
         }
         match f
             .sources
@@ -206,7 +209,7 @@ mod tests {
     fn fetched(at: Instant, metrics: &str) -> Fetched {
         Fetched {
             at,
-            metrics: Ok(metrics.to_string()),
+            metrics: Some(Ok(metrics.to_string())),
             sources: Ok(SOURCES.to_string()),
         }
     }
@@ -261,9 +264,9 @@ mod tests {
         let t0 = a.snapshot.as_ref().unwrap().at;
         a.update(Fetched {
             at: t0 + Duration::from_secs(1),
-            metrics: Err(FetchError::Missing {
+            metrics: Some(Err(FetchError::Missing {
                 path: "/metrics".into(),
-            }),
+            })),
             sources: Err(FetchError::Missing {
                 path: "/sources".into(),
             }),
@@ -283,6 +286,25 @@ mod tests {
         assert!(a.metrics_error.is_none() && a.sources_error.is_none());
         let s = a.snapshot.as_ref().unwrap();
         assert_eq!(s.listeners[0].families[0].counters[0].rate, Some(10.0));
+    }
+
+    #[test]
+    fn a_sources_only_refresh_leaves_the_scrape_and_its_rates_alone() {
+        let mut a = app();
+        let t0 = a.snapshot.as_ref().unwrap().at;
+        a.update(fetched(
+            t0 + Duration::from_secs(1),
+            &METRICS.replace("} 10", "} 20"),
+        ));
+        let before = a.snapshot.clone();
+        a.update(Fetched {
+            at: t0 + Duration::from_millis(1050),
+            metrics: None,
+            sources: Ok(SOURCES.replace("\"refused\":7", "\"refused\":70")),
+        });
+        assert_eq!(a.snapshot, before);
+        let t = a.table("a").unwrap();
+        assert_eq!(t.value(&t.rows[1], "refused"), Some(70.0));
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub struct Options {
 pub enum TopError {
     #[error(transparent)]
     Fetch(#[from] FetchError),
-    #[error("halfguard top needs a terminal; --once prints a plain-text snapshot")]
+    #[error("needs a terminal on stdin and stdout; --once prints a plain-text snapshot")]
     NoTerminal,
     #[error("the terminal: {0}")]
     Terminal(#[from] std::io::Error),
@@ -76,7 +76,7 @@ async fn fetch(endpoint: &Endpoint, sort: &str, within: Duration) -> Fetched {
     let ((metrics, at), sources) = tokio::join!(metrics, fetch_sources(endpoint, sort, within));
     Fetched {
         at,
-        metrics,
+        metrics: Some(metrics),
         sources,
     }
 }
@@ -106,12 +106,12 @@ pub async fn once(opts: &Options) -> Result<String, TopError> {
     let within = fetch_timeout(opts.interval);
     let mut app = App::new(opts.endpoint.to_string(), opts.interval, opts.sort.clone());
     let first = fetch(&opts.endpoint, &opts.sort, within).await;
-    let first = match first.metrics {
-        Err(e) => return Err(e.into()),
-        Ok(m) => Fetched {
-            metrics: Ok(m),
-            ..first
-        },
+    let first = match first {
+        Fetched {
+            metrics: Some(Err(e)),
+            ..
+        } => return Err(e.into()),
+        f => f,
     };
     app.update(first);
     tokio::time::sleep(opts.interval).await;

@@ -17,7 +17,7 @@ use ratatui::widgets::Paragraph;
 use super::app::{Action, App, Fetched, Key};
 use super::endpoint::Endpoint;
 use super::view::{self, Layout};
-use super::{Options, TopError, fetch, fetch_timeout};
+use super::{Options, TopError, fetch, fetch_sources, fetch_timeout};
 
 /// How often keys and signals are looked at.
 const TICK: Duration = Duration::from_millis(100);
@@ -159,12 +159,21 @@ async fn fetch_loop(
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            changed = sort.changed() => if changed.is_err() { return },
-        }
+        let resort = tokio::select! {
+            _ = tick.tick() => false,
+            changed = sort.changed() => if changed.is_err() { return } else { true },
+        };
         let by = sort.borrow_and_update().clone();
-        if tx.send(fetch(&endpoint, &by, within).await).is_err() {
+        let f = if resort {
+            Fetched {
+                sources: fetch_sources(&endpoint, &by, within).await,
+                metrics: None,
+                at: std::time::Instant::now(),
+            }
+        } else {
+            fetch(&endpoint, &by, within).await
+        };
+        if tx.send(f).is_err() {
             return;
         }
     }

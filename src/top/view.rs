@@ -776,7 +776,7 @@ mod tests {
         for (i, (acc, refd)) in [(1000, 10), (1600, 5000)].into_iter().enumerate() {
             a.update(Fetched {
                 at: t0 + Duration::from_secs(i as u64),
-                metrics: Ok(metrics(acc, refd)),
+                metrics: Some(Ok(metrics(acc, refd))),
                 sources: Ok(sources_json()),
             });
         }
