@@ -288,6 +288,29 @@ impl prometheus_client::collector::Collector for Collector {
             &v,
         )?;
 
+        // The caps the state gauges are drawn against (`halfguard top`, dashboards): `all` is
+        // the listener's connection cap, which every state counts toward.
+        let mut v = Vec::new();
+        let limits: Vec<_> = listeners
+            .iter()
+            .map(|l| (l.ctx.name.as_str(), l.ctx.guard.limits()))
+            .collect();
+        for (name, lim) in &limits {
+            for (state, cap) in [
+                ("all", lim.max_conns),
+                ("half_open", lim.max_half_open),
+                ("half_closed", lim.max_half_closed),
+            ] {
+                v.push((vec![("listener", *name), ("state", state)], i64::from(cap)));
+            }
+        }
+        gauge(
+            e,
+            "halfguard_connections_limit",
+            "The listener's cap on connections in the state (all: on every connection).",
+            &v,
+        )?;
+
         let v = by("direction", &|s| {
             vec![
                 ("upstream", s.bytes_upstream.load(Relaxed)),

@@ -14,3 +14,4 @@ mod props;
 mod resolve;
 mod stalled;
 mod support;
+mod top;
