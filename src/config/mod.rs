@@ -57,6 +57,13 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(1);
 pub const DEFAULT_IPV4_PREFIX: u8 = 32;
 /// IPv6 sources are counted per /64: one host usually owns a whole /64.
 pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+/// The coarser level: an IPv4 /24 (one organisation's block, a carrier NAT pool)...
+pub const DEFAULT_NETWORK_IPV4_PREFIX: u8 = 24;
+/// ...and an IPv6 /48 (one site: a home gets a /56 or /48, so 256 or 65,536 /64 sources).
+pub const DEFAULT_NETWORK_IPV6_PREFIX: u8 = 48;
+/// Connections of one network: 16 sources' worth at the per-source cap, an eighth of
+/// `max_conns`, so one home /56 cannot fill the listener with OPEN connections.
+pub const DEFAULT_MAX_CONNS_PER_NETWORK: u32 = 1_024;
 /// Hard bound on tracked sources, so a spread-out attack cannot grow memory without end.
 pub const DEFAULT_MAX_SOURCES: u32 = 65_536;
 /// Concurrent connections per listener; each costs two descriptors.
@@ -316,6 +323,11 @@ pub struct Limits {
     pub conn_burst_per_source: u32,
     pub ipv4_prefix: u8,
     pub ipv6_prefix: u8,
+    /// The coarser per-source level: prefixes that make a network of sources...
+    pub network_ipv4_prefix: u8,
+    pub network_ipv6_prefix: u8,
+    /// ...and its connection cap (0 = none).
+    pub max_conns_per_network: u32,
     pub max_sources: u32,
     pub max_conns: u32,
     pub max_half_open: u32,
@@ -394,6 +406,9 @@ impl Default for Limits {
             conn_burst_per_source: DEFAULT_CONN_BURST_PER_SOURCE,
             ipv4_prefix: DEFAULT_IPV4_PREFIX,
             ipv6_prefix: DEFAULT_IPV6_PREFIX,
+            network_ipv4_prefix: DEFAULT_NETWORK_IPV4_PREFIX,
+            network_ipv6_prefix: DEFAULT_NETWORK_IPV6_PREFIX,
+            max_conns_per_network: DEFAULT_MAX_CONNS_PER_NETWORK,
             max_sources: DEFAULT_MAX_SOURCES,
             max_conns: DEFAULT_MAX_CONNS,
             max_half_open: DEFAULT_MAX_HALF_OPEN,
@@ -876,14 +891,17 @@ impl fmt::Display for Config {
             )?;
             writeln!(
                 f,
-                "  caps per source (/{} v4, /{} v6): conns {}, half-open {}, half-closed {}, rate {}/s burst {}",
+                "  caps per source (/{} v4, /{} v6): conns {}, half-open {}, half-closed {}, rate {}/s burst {}; per network (/{} v4, /{} v6): conns {}",
                 lim.ipv4_prefix,
                 lim.ipv6_prefix,
                 cap(lim.max_conns_per_source),
                 cap(lim.max_half_open_per_source),
                 cap(lim.max_half_closed_per_source),
                 cap(lim.conn_rate_per_source),
-                lim.conn_burst_per_source
+                lim.conn_burst_per_source,
+                lim.network_ipv4_prefix,
+                lim.network_ipv6_prefix,
+                cap(lim.max_conns_per_network)
             )?;
             writeln!(
                 f,
@@ -1114,6 +1132,11 @@ fn merge_limits(
             .unwrap_or(base.conn_burst_per_source),
         ipv4_prefix: raw.ipv4_prefix.unwrap_or(base.ipv4_prefix),
         ipv6_prefix: raw.ipv6_prefix.unwrap_or(base.ipv6_prefix),
+        network_ipv4_prefix: raw.network_ipv4_prefix.unwrap_or(base.network_ipv4_prefix),
+        network_ipv6_prefix: raw.network_ipv6_prefix.unwrap_or(base.network_ipv6_prefix),
+        max_conns_per_network: raw
+            .max_conns_per_network
+            .unwrap_or(base.max_conns_per_network),
         max_sources: raw.max_sources.unwrap_or(base.max_sources),
         max_conns: raw.max_conns.unwrap_or(base.max_conns),
         max_half_open: raw.max_half_open.unwrap_or(base.max_half_open),
@@ -1135,6 +1158,24 @@ fn merge_limits(
         return Err(ck.err(
             key("ipv4_prefix"),
             format!("{} is not in 1..=32", l.ipv4_prefix),
+        ));
+    }
+    if l.network_ipv4_prefix == 0 || l.network_ipv4_prefix > l.ipv4_prefix {
+        return Err(ck.err(
+            key("network_ipv4_prefix"),
+            format!(
+                "{} is not in 1..={} (ipv4_prefix): a network holds sources",
+                l.network_ipv4_prefix, l.ipv4_prefix
+            ),
+        ));
+    }
+    if l.network_ipv6_prefix == 0 || l.network_ipv6_prefix > l.ipv6_prefix {
+        return Err(ck.err(
+            key("network_ipv6_prefix"),
+            format!(
+                "{} is not in 1..={} (ipv6_prefix): a network holds sources",
+                l.network_ipv6_prefix, l.ipv6_prefix
+            ),
         ));
     }
     if l.ipv6_prefix == 0 || l.ipv6_prefix > 128 {
