@@ -829,6 +829,17 @@ impl Config {
     /// Settings that are valid but probably not what the operator means.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
+        for l in &self.listeners {
+            if l.limits.max_half_open_per_source > 0 && l.limits.grace >= l.timeouts.first_byte {
+                w.push(format!(
+                    "listener {:?}: limits.grace ({}) is not below timeouts.first_byte ({}): a silent \
+                     connection times out before it counts against max_half_open_per_source",
+                    l.name,
+                    humantime::format_duration(l.limits.grace),
+                    humantime::format_duration(l.timeouts.first_byte)
+                ));
+            }
+        }
         let t = &self.tcp;
         if let (Some(idle), Some(ut)) = (t.keepalive_idle, t.user_timeout) {
             let total = idle + t.keepalive_interval * t.keepalive_count;
