@@ -73,24 +73,17 @@ pub(crate) fn free_port() -> u16 {
 }
 
 /// A config file in a fresh temp dir, with a listener on a free port toward `backend`;
-/// `admin` is the body of the `[admin]` table.
-fn temp_config(
-    backend: std::net::SocketAddr,
-    admin: &str,
-    extra: &str,
-) -> (std::path::PathBuf, u16) {
+/// `admin` is the body of the `[admin]` table. The dir goes when the file does.
+fn temp_config(backend: std::net::SocketAddr, admin: &str, extra: &str) -> (TempFile, u16) {
     let port = free_port();
-    let dir = std::env::temp_dir().join(format!("halfguard-it-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("halfguard.toml");
-    std::fs::write(
-        &path,
-        format!(
+    let file = TempDir::file(
+        "cli",
+        "halfguard.toml",
+        &format!(
             "[[listeners]]\nname = \"cli\"\nbind = \"127.0.0.1:{port}\"\nbackends = [\"{backend}\"]\n[admin]\n{admin}\n{extra}\n"
         ),
-    )
-    .unwrap();
-    (path, port)
+    );
+    (file, port)
 }
 
 /// A started halfguard, killed however the test ends, so a failed assertion leaves no
@@ -104,7 +97,8 @@ impl Drop for Reap {
     }
 }
 
-/// Starts `cmd` and waits until its log says it listens.
+/// Starts `cmd` and waits until its log says it listens. If it exits first, the test fails
+/// with what it said, so the real cause (a bind, a mount, a permission) shows.
 pub(crate) fn start(mut cmd: Command) -> Child {
     let mut child = cmd
         .env("RUST_LOG", "info")
@@ -114,12 +108,24 @@ pub(crate) fn start(mut cmd: Command) -> Child {
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     let deadline = Instant::now() + Duration::from_secs(10);
+    let mut said = String::new();
+    let mut listening = false;
     for line in lines.by_ref() {
         let line = line.unwrap_or_default();
         if line.contains("listening") {
+            listening = true;
             break;
         }
-        assert!(Instant::now() < deadline, "halfguard did not start");
+        said.push_str(&line);
+        said.push('\n');
+        assert!(
+            Instant::now() < deadline,
+            "halfguard did not start:\n{said}"
+        );
+    }
+    if !listening {
+        let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+        panic!("halfguard exited before listening ({status}):\n{said}");
     }
     // Keep draining stderr so the child never blocks on a full pipe; keep what it says.
     let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
