@@ -416,3 +416,48 @@ async fn the_grafana_dashboard_uses_only_metrics_we_export() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn config_shows_what_runs_and_what_waits_for_a_restart() {
+    let b = backend(Backend::Echo).await;
+    let (p, path, admin) = proxy_from_file(&format!(
+        "{}\n[runtime]\nworkers = 2\n",
+        file_config(b.addr, "")
+    ))
+    .await;
+    let (_, body) = http(admin, "GET", "/config").await;
+    assert!(
+        body.contains("runtime: 2 worker threads") && !body.contains("waiting for a restart"),
+        "{body}"
+    );
+
+    std::fs::write(
+        &path,
+        format!(
+            "{}\n[runtime]\nworkers = 1\n",
+            file_config(b.addr, "max_conns = 100")
+        ),
+    )
+    .unwrap();
+    let (status, body) = http(admin, "POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with(
+            "reloaded; changed: listener \"t\": limits; [runtime] (at the next restart)\n"
+        ),
+        "the reload says what changed: {body}"
+    );
+    let (_, body) = http(admin, "GET", "/config").await;
+    let (running, waiting) = body
+        .split_once("waiting for a restart")
+        .unwrap_or_else(|| panic!("no restart-only section: {body}"));
+    assert!(
+        running.contains("runtime: 2 worker threads") && running.contains("conns 100,"),
+        "what runs: {running}"
+    );
+    assert!(
+        waiting.contains("runtime: 1 worker thread") && !waiting.contains("conns 100"),
+        "what waits: {waiting}"
+    );
+    drop(p);
+}
