@@ -173,6 +173,7 @@ fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
+    let _ = child.wait();
     None
 }
 
@@ -478,15 +479,22 @@ fn a_backend_name_that_does_not_resolve_is_a_warning_in_check_and_one_line_in_ru
 fn a_rust_log_that_would_silence_the_process_is_refused() {
     let cfg = small_config("127.0.0.1:0", "127.0.0.1:9");
     for filter in ["verbos", "halfgaurd=debug"] {
-        let out = Command::new(BIN)
-            .args(["run", "-c"])
-            .arg(&cfg)
-            .env("RUST_LOG", filter)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{filter}: {stderr}");
-        assert!(stderr.contains("RUST_LOG"), "{filter}: {stderr}");
+        for command in ["check", "run"] {
+            let mut child = Command::new(BIN)
+                .args([command, "-c"])
+                .arg(&cfg)
+                .env("RUST_LOG", filter)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            // A `run` that accepted the filter would serve on, silently: bounded wait.
+            let code = wait_exit(&mut child, Duration::from_secs(5));
+            let mut stderr = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+            assert_eq!(code, Some(2), "{command} with RUST_LOG={filter}: {stderr}");
+            assert!(stderr.contains("RUST_LOG"), "{command} {filter}: {stderr}");
+        }
     }
 }
 
