@@ -25,7 +25,7 @@
 //!   connects and closes at once (a connect/close rate flood). It prints one JSON line.
 //!
 //! Every address (target, listen, source) must be a loopback address. Run without
-//! arguments (as `cargo test --all-targets` does), it prints a line and exits.
+//! arguments (as `cargo test --all-targets` does), it exits at once, silently.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -102,8 +102,9 @@ fn usage(why: &str) -> ! {
 
 fn main() {
     let args = Args(std::env::args().skip(1).collect());
+    // `cargo test --all-targets` and `cargo bench` run every bench target with no mode (or
+    // only cargo's own flags): there is nothing to do, and nothing worth saying.
     let Some(mode) = args.0.first().cloned().filter(|m| !m.starts_with('-')) else {
-        println!("loadgen: no mode given (echo | cps | hold | http | attack); nothing to do");
         return;
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

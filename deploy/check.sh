@@ -13,7 +13,8 @@
 # 5. deploy/image-check.sh: builds the image's runtime stage with podman and passes traffic
 #    through it (SKIP_IMAGE_CHECK=1 skips it).
 #
-# HALFGUARD_BIN=path uses that binary instead of `cargo build --release --locked`.
+# HALFGUARD_BIN=path uses that binary instead of `cargo build --release --locked`; the build
+# goes where cargo puts it (CARGO_TARGET_DIR or build.target-dir are honoured).
 # Installs what it needs with apt-get. Exits non-zero if anything disagrees.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +56,10 @@ if [ -n "${HALFGUARD_BIN:-}" ]; then
 else
   say "cargo build --release --locked --bin halfguard"
   cargo build --release --locked --bin halfguard
-  BIN=$ROOT/target/release/halfguard
+  # Where cargo put it: CARGO_TARGET_DIR, a build.target-dir setting, or ./target.
+  TARGET_DIR=$(cargo metadata --format-version 1 --no-deps --locked \
+    | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+  BIN=$TARGET_DIR/release/halfguard
 fi
 [ -x "$BIN" ] || { echo "no halfguard binary at $BIN" >&2; exit 1; }
 say "binary: $BIN ($("$BIN" --version))"

@@ -104,7 +104,9 @@ if [ -n "${HALFGUARD_BIN:-}" ]; then
 else
   say "cargo build --release --locked --bin halfguard"
   cargo build --release --locked --bin halfguard
-  BIN=target/release/halfguard
+  # Where cargo put it: CARGO_TARGET_DIR, a build.target-dir setting, or ./target.
+  BIN=$(cargo metadata --format-version 1 --no-deps --locked \
+    | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/release/halfguard
 fi
 [ -x "$BIN" ] || fail "no binary at $BIN"
 

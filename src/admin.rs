@@ -123,11 +123,14 @@ async fn route(req: Request<Incoming>, state: Arc<State>) -> Response<Full<Bytes
             ),
         },
         (&Method::GET, "/sources") => sources(req.uri().query().unwrap_or(""), &state),
-        (&Method::GET, "/config") => text(StatusCode::OK, format!("{}\n", state.config())),
+        (&Method::GET, "/config") => text(StatusCode::OK, format!("{}\n", state.config_text())),
         (&Method::POST, "/reload") => {
             let handle = Handle::from_state(state.clone());
             match handle.reload().await {
-                Ok(()) => text(StatusCode::OK, format!("reloaded\n{}\n", state.config())),
+                Ok(changed) => text(
+                    StatusCode::OK,
+                    format!("reloaded; changed: {changed}\n{}\n", state.config_text()),
+                ),
                 Err(e) => text(StatusCode::BAD_REQUEST, format!("reload refused: {e}\n")),
             }
         }

@@ -13,12 +13,44 @@ const DEFAULT_CONFIG: &str = "config/halfguard.toml";
 
 /// Exit code for a config that does not load or validate.
 const EXIT_BAD_CONFIG: u8 = 2;
+/// Exit code for a valid config that could not start: a port in use, an address not on
+/// this host, a backend name that does not resolve, no runtime.
+const EXIT_START_FAILED: u8 = 3;
+/// Exit code when a second SIGINT or SIGTERM cut the drain short (128 + SIGINT, as shells
+/// report an interrupted program).
+const EXIT_FORCED: u8 = 130;
+
+const AFTER_HELP: &str = "\
+Signals (run):
+  SIGTERM  /readyz fails for admin.drain_delay (still accepting), then accepting stops,
+           connections get timeouts.drain to finish, the rest are aborted with RST; exit 0
+  SIGINT   (Ctrl-C) the same without the delay
+  a second SIGTERM or SIGINT during the drain aborts what is left at once; exit 130
+  SIGHUP   reload the config file (also POST /reload on the admin endpoint)
+
+Admin endpoint (admin.bind, default 127.0.0.1:9901; \"off\" disables it):
+  GET /metrics /healthz /readyz /sources /config, POST /reload
+
+Environment:
+  HALFGUARD_CONFIG          the config file when -c is not given
+  HALFGUARD__SECTION__KEY   overrides one key of the file, e.g.
+                            HALFGUARD__TIMEOUTS__FIRST_BYTE=2s
+                            HALFGUARD__LIMITS__ALLOW=10.0.0.0/8,192.0.2.7
+                            ([[listeners]] and [[backends]] are set in the file only)
+  RUST_LOG                  replaces log.level (a level, or halfguard::module=level)
+
+Exit codes:
+  0    check: the config is valid; run: stopped after the drain
+  2    invalid config (the file, a HALFGUARD__* variable or RUST_LOG; the message names it)
+  3    run could not start (a port in use, a backend name that does not resolve, ...)
+  130  run: a second stop signal cut the drain short";
 
 #[derive(Parser)]
 #[command(
     name = "halfguard",
     version,
-    about = "A reverse TCP proxy where every connection state has a cap and a clock"
+    about = "A reverse TCP proxy where every connection state has a cap and a clock",
+    after_help = AFTER_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -95,20 +127,30 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
+    // RUST_LOG replaces log.level: a typo there would silence the process just the same.
+    if let Some(filter) = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|f| !f.trim().is_empty())
+        && let Err(why) = halfguard::config::check_filter(&filter)
+    {
+        eprintln!("halfguard: invalid config: environment variable RUST_LOG: {why}");
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
     match cli.command {
         Command::Check { .. } => {
             println!("{config}");
-            for w in config.warnings() {
+            for w in config.warnings().into_iter().chain(unresolved(&config)) {
                 println!("warning: {w}");
             }
             println!("ok");
             ExitCode::SUCCESS
         }
         Command::Run { .. } => match serve(config) {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(halfguard::server::Stopped::Drained) => ExitCode::SUCCESS,
+            Ok(halfguard::server::Stopped::Forced) => ExitCode::from(EXIT_FORCED),
             Err(e) => {
-                eprintln!("halfguard: {e:#}");
-                ExitCode::FAILURE
+                eprintln!("halfguard: cannot start: {}", one_line(&e));
+                ExitCode::from(EXIT_START_FAILED)
             }
         },
         Command::Top { .. } => unreachable!("handled above"),
@@ -183,7 +225,45 @@ fn top(
     }
 }
 
-fn serve(config: halfguard::Config) -> anyhow::Result<()> {
+/// The error and its causes on one line, each said once: a cause whose text its parent
+/// already quotes (`cannot bind ...: Address already in use`) is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !line.contains(&c) {
+            line.push_str(": ");
+            line.push_str(&c);
+        }
+    }
+    line
+}
+
+/// Backend names that do not resolve now: `run` would refuse to start on them, so `check`
+/// says so (a warning: the name may well resolve where the config is deployed).
+fn unresolved(config: &halfguard::Config) -> Vec<String> {
+    use std::net::{SocketAddr, ToSocketAddrs};
+    let mut out = Vec::new();
+    for p in &config.pools {
+        for s in &p.servers {
+            if s.addr.parse::<SocketAddr>().is_ok() {
+                continue;
+            }
+            let why = match s.addr.to_socket_addrs().map(|mut a| a.next()) {
+                Ok(Some(_)) => continue,
+                Ok(None) => "it has no address".to_string(),
+                Err(e) => e.to_string(),
+            };
+            out.push(format!(
+                "pool {:?}: backend {:?} does not resolve here now ({why}); `run` refuses to start until it does",
+                p.name, s.addr
+            ));
+        }
+    }
+    out
+}
+
+fn serve(config: halfguard::Config) -> anyhow::Result<halfguard::server::Stopped> {
     halfguard::logging::init(&config.log);
     match halfguard::sockopt::raise_nofile() {
         Ok(limit) => {
@@ -205,21 +285,16 @@ fn serve(config: halfguard::Config) -> anyhow::Result<()> {
         }
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
     }
-    for line in config.to_string().lines() {
-        tracing::info!("{line}");
-    }
-    for w in config.warnings() {
-        tracing::warn!("{w}");
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.runtime.worker_threads())
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
     runtime.block_on(async {
+        let (first, second) = halfguard::shutdown::signals();
+        // The summary and the warnings are logged once binding and resolving succeeded.
         let server = halfguard::Server::bind(config).await?;
         tokio::spawn(halfguard::shutdown::reload_on_sighup(server.handle()));
-        server.run(halfguard::shutdown::signal()).await;
-        anyhow::Ok(())
+        anyhow::Ok(server.run_until(first, second).await)
     })
 }

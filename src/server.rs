@@ -79,7 +79,12 @@ pub(crate) struct Running {
 /// Everything the server, the admin endpoint and handles share.
 #[derive(Debug)]
 pub(crate) struct State {
+    /// The configuration in force. `[admin]`, `[log]` and `[runtime]` are read at start
+    /// only, so here they stay as they were at start, whatever a reload brought.
     config: ArcSwap<Config>,
+    /// The configuration as the file and environment last gave it: what `config` becomes
+    /// at the next restart.
+    loaded: ArcSwap<Config>,
     listeners: Mutex<Vec<Arc<Running>>>,
     /// The pools in force; listeners hold theirs through their policy.
     pools: Mutex<Vec<Arc<Pool>>>,
@@ -142,6 +147,7 @@ impl Server {
         let state = Arc::new(State {
             admin_addr: admin.as_ref().and_then(|a| a.local_addr().ok()),
             config: ArcSwap::from_pointee(config.clone()),
+            loaded: ArcSwap::from_pointee(config.clone()),
             listeners: Mutex::new(Vec::new()),
             pools: Mutex::new(Vec::new()),
             reloads_ok: AtomicU64::new(0),
@@ -154,11 +160,24 @@ impl Server {
             kernel: crate::kernel::Kernel::default(),
         });
         let pools = state.build_pools(&config).await?;
-        state.switch_pools(pools.clone());
+        let ctxs = config
+            .listeners
+            .iter()
+            .map(|l| new_ctx(l, &config, &pools))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Everything that can fail has passed: a start that fails says one thing (the
+        // error), not a summary of a config that never ran.
+        for line in config.to_string().lines() {
+            tracing::info!("{line}");
+        }
+        for w in config.warnings() {
+            tracing::warn!("{w}");
+        }
+        state.switch_pools(pools);
         set_splice_budget(&config);
-        for (socket, l) in sockets.into_iter().zip(&config.listeners) {
+        for ((socket, l), ctx) in sockets.into_iter().zip(&config.listeners).zip(ctxs) {
             let _ = sockopt::apply(socket2::SockRef::from(&socket), &config.tcp);
-            state.start_listener(socket, new_ctx(l, &config, &pools)?, l.bind);
+            state.start_listener(socket, ctx, l.bind);
         }
         crate::kernel::warn_if_no_syncookies();
         state.kernel.apply(&state.ports(), &config.kernel);
@@ -175,6 +194,17 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then drains and returns.
     pub async fn run(self, shutdown: impl Future<Output = Signal>) {
+        self.run_until(shutdown, std::future::pending()).await;
+    }
+
+    /// Serves until `shutdown` resolves, then drains; if `force` resolves before the drain
+    /// is over (a second Ctrl-C: whoever asked does not want to wait), what is left is
+    /// aborted with RST at once.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = Signal>,
+        force: impl Future<Output = Signal>,
+    ) -> Stopped {
         let state = self.state;
         if let Some(admin) = self.admin {
             let cfg = state.config.load().admin.clone();
@@ -187,36 +217,63 @@ impl Server {
         }
 
         let signal = shutdown.await;
+        tokio::pin!(force);
+        let mut forced = false;
         state.draining.store(true, Ordering::SeqCst);
         let delay = state.config.load().admin.drain_delay;
         if signal == Signal::Terminate && !delay.is_zero() {
             tracing::info!(
-                ?delay,
-                "not ready; still accepting while load balancers catch up"
+                "not ready; still accepting for {} while load balancers catch up",
+                humantime::format_duration(delay)
             );
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = &mut force => forced = true,
+            }
         }
         let listeners = state.listeners();
         for r in &listeners {
             r.stop_accepting();
         }
         state.conns.close();
-        tracing::info!(
-            open = state.conns.len(),
-            "no longer accepting; draining connections"
-        );
-        for r in &listeners {
-            let ctx = r.ctx.clone();
-            let conns = state.conns.clone();
-            let drain = ctx.policy.load().timeouts.drain;
-            state.tasks.spawn(async move {
-                tokio::select! {
-                    _ = conns.wait() => {}
-                    _ = tokio::time::sleep(drain) => ctx.abort.cancel(),
-                }
-            });
+        if !forced {
+            let longest = listeners
+                .iter()
+                .map(|r| r.ctx.policy.load().timeouts.drain)
+                .max()
+                .unwrap_or_default();
+            tracing::info!(
+                open = state.conns.len(),
+                "no longer accepting; draining connections for up to {} (timeouts.drain), \
+                 then aborting what is left; a second SIGINT or SIGTERM aborts them now",
+                humantime::format_duration(longest)
+            );
+            for r in &listeners {
+                let ctx = r.ctx.clone();
+                let conns = state.conns.clone();
+                let drain = ctx.policy.load().timeouts.drain;
+                state.tasks.spawn(async move {
+                    tokio::select! {
+                        _ = conns.wait() => {}
+                        _ = tokio::time::sleep(drain) => ctx.abort.cancel(),
+                    }
+                });
+            }
+            tokio::select! {
+                _ = state.conns.wait() => {}
+                _ = &mut force => forced = true,
+            }
         }
-        state.conns.wait().await;
+        if forced {
+            tracing::warn!(
+                open = state.conns.len(),
+                "second stop signal: aborting the connections left and exiting"
+            );
+            for r in state.listeners() {
+                r.ctx.abort.cancel();
+            }
+            state.conns.wait().await;
+        }
         let aborted: u64 = listeners
             .iter()
             .map(|r| r.ctx.stats.aborted_on_shutdown.load(Ordering::Relaxed))
@@ -228,7 +285,21 @@ impl Server {
             state.kernel.remove();
         }
         tracing::info!(aborted, "stopped");
+        if forced {
+            Stopped::Forced
+        } else {
+            Stopped::Drained
+        }
     }
+}
+
+/// How [`Server::run_until`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Every connection finished, or was aborted when its drain ran out.
+    Drained,
+    /// A second signal cut the drain short.
+    Forced,
 }
 
 /// Binds `config`'s listeners and serves until `shutdown`.
@@ -456,14 +527,14 @@ impl State {
         Ok(())
     }
 
-    /// Applies `new` as described in the module docs.
-    pub(crate) async fn reload(&self, new: Config) -> Result<(), ServerError> {
+    /// Applies `new` as described in the module docs; returns what changed, in words.
+    pub(crate) async fn reload(&self, new: Config) -> Result<String, ServerError> {
         let _one = self.reload_lock.lock().await;
         let r = self.try_reload(new).await;
         match &r {
-            Ok(()) => {
+            Ok(changed) => {
                 self.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                tracing::info!("config reloaded");
+                tracing::info!(changed = changed.as_str(), "config reloaded");
             }
             Err(e) => {
                 self.reloads_failed.fetch_add(1, Ordering::Relaxed);
@@ -473,7 +544,8 @@ impl State {
         r
     }
 
-    async fn try_reload(&self, new: Config) -> Result<(), ServerError> {
+    /// Applies `new`; returns what changed, in words, for the log.
+    async fn try_reload(&self, new: Config) -> Result<String, ServerError> {
         // Plan and do everything fallible first.
         let pools = self.build_pools(&new).await?;
         let mut updates = Vec::new();
@@ -510,7 +582,7 @@ impl State {
         }
         set_splice_budget(&new);
         self.kernel.apply(&self.ports(), &new.kernel);
-        let old = self.config.load();
+        let old = self.config.load_full();
         for (changed, section) in [
             (new.admin != old.admin, "[admin]"),
             (new.log != old.log, "[log]"),
@@ -520,8 +592,36 @@ impl State {
                 tracing::warn!("{section} changes take effect at the next restart");
             }
         }
-        self.config.store(Arc::new(new));
-        Ok(())
+        let changed = changes(&self.loaded.load(), &new);
+        // What runs keeps the start-time sections; what waits for a restart is `loaded`.
+        let mut running = new.clone();
+        running.admin = old.admin.clone();
+        running.log = old.log.clone();
+        running.runtime = old.runtime.clone();
+        self.config.store(Arc::new(running));
+        self.loaded.store(Arc::new(new));
+        Ok(changed)
+    }
+
+    /// The effective configuration for `/config`: what runs, then the settings the file
+    /// now holds that wait for a restart.
+    pub(crate) fn config_text(&self) -> String {
+        let running = self.config.load().to_string();
+        let loaded = self.loaded.load().to_string();
+        let waiting: Vec<&str> = loaded
+            .lines()
+            .filter(|l| !running.lines().any(|r| r == *l))
+            .collect();
+        if waiting.is_empty() {
+            return running;
+        }
+        let mut out = running;
+        out.push_str("\nwaiting for a restart (the file now says):");
+        for l in waiting {
+            out.push_str("\n  ");
+            out.push_str(l);
+        }
+        out
     }
 
     /// Stops accepting on a listener removed by a reload; its connections drain for its
@@ -544,6 +644,75 @@ impl State {
 
 /// Upkeep ticks between two lines about stalled connections (while there are some).
 const STALLED_SUMMARY_EVERY: u64 = 10;
+
+/// What a reload from `old` to `new` changes, in words: `listener "web": limits, timeouts;
+/// pool "app"; [tcp]`, or `nothing`.
+fn changes(old: &Config, new: &Config) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for l in &new.listeners {
+        let Some(o) = old.listeners.iter().find(|o| o.name == l.name) else {
+            out.push(format!("listener {:?} added", l.name));
+            continue;
+        };
+        if o.bind != l.bind {
+            out.push(format!("listener {:?} moved to {}", l.name, l.bind));
+            continue;
+        }
+        let parts: Vec<&str> = [
+            (o.backend != l.backend, "backend"),
+            (o.protocol != l.protocol, "protocol"),
+            (
+                o.accept_proxy != l.accept_proxy || o.trusted_proxies != l.trusted_proxies,
+                "PROXY protocol",
+            ),
+            (o.limits != l.limits, "limits"),
+            (o.timeouts != l.timeouts, "timeouts"),
+        ]
+        .into_iter()
+        .filter_map(|(c, what)| c.then_some(what))
+        .collect();
+        if !parts.is_empty() {
+            out.push(format!("listener {:?}: {}", l.name, parts.join(", ")));
+        }
+    }
+    for o in &old.listeners {
+        if !new.listeners.iter().any(|l| l.name == o.name) {
+            out.push(format!("listener {:?} removed", o.name));
+        }
+    }
+    for p in &new.pools {
+        match old.pool(&p.name) {
+            None => out.push(format!("pool {:?} added", p.name)),
+            Some(o) if o != p => out.push(format!("pool {:?}", p.name)),
+            Some(_) => {}
+        }
+    }
+    for o in &old.pools {
+        if new.pool(&o.name).is_none() {
+            out.push(format!("pool {:?} removed", o.name));
+        }
+    }
+    for (changed, what) in [
+        (old.pressure != new.pressure, "[pressure]"),
+        (old.tcp != new.tcp, "[tcp]"),
+        (old.kernel != new.kernel, "[kernel]"),
+        (old.admin != new.admin, "[admin] (at the next restart)"),
+        (old.log != new.log, "[log] (at the next restart)"),
+        (
+            old.runtime != new.runtime,
+            "[runtime] (at the next restart)",
+        ),
+    ] {
+        if changed {
+            out.push(what.to_string());
+        }
+    }
+    if out.is_empty() {
+        "nothing".to_string()
+    } else {
+        out.join("; ")
+    }
+}
 
 /// Once a second: sweep rate-limiter keys, log what changed, drop drained retired listeners.
 async fn upkeep(state: Arc<State>) {
@@ -665,9 +834,10 @@ impl Handle {
         self.state.config()
     }
 
-    /// Re-reads the config file (and `HALFGUARD__*` overrides) and applies it. On error the
-    /// running configuration stays.
-    pub async fn reload(&self) -> Result<(), ServerError> {
+    /// Re-reads the config file (and `HALFGUARD__*` overrides) and applies it, returning
+    /// what changed in words (`listener "web": limits; pool "app"`, or `nothing`). On error
+    /// the running configuration stays.
+    pub async fn reload(&self) -> Result<String, ServerError> {
         let path = std::path::PathBuf::from(&self.state.config.load().file);
         match crate::config::load(&path) {
             Ok(c) => self.reload_with(c).await,
@@ -679,8 +849,8 @@ impl Handle {
         }
     }
 
-    /// Applies `config` as a reload would.
-    pub async fn reload_with(&self, config: Config) -> Result<(), ServerError> {
+    /// Applies `config` as a reload would; returns what changed.
+    pub async fn reload_with(&self, config: Config) -> Result<String, ServerError> {
         self.state.reload(config).await
     }
 

@@ -5,6 +5,11 @@
 //! within `timeout`. `rise` good checks in a row bring a server up, `fall` bad ones take it
 //! down (HAProxy's `inter 2s rise 2 fall 3` by default). Check connections are closed with
 //! RST so they leave no TIME_WAIT behind, check after check.
+//!
+//! A passive cool-off after failed connects is probed with the same check every `interval`:
+//! a server that answers again (it was started after halfguard, or restarted) takes
+//! connections at once instead of after the whole `cooloff`. Either way its return is
+//! logged.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,6 +61,45 @@ async fn check_loop(pool: Arc<Pool>, server: Arc<Server>) {
             None => {}
         }
     }
+}
+
+/// Watches `server`'s cool-off until it ends, and logs its end. With `probe`, the check runs
+/// every `interval` meanwhile and a good one ends the cool-off early. Bounded by the
+/// cool-off itself, and stops with the server.
+pub(super) fn watch_cooloff(server: Arc<Server>, probe: Option<HealthConfig>) {
+    let Some((_, until)) = server.cooloff_left() else {
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            let left = match server.cooloff_left() {
+                Some((left, u)) if u == until => left,
+                // Ended by someone else (active checks), or over: over is worth saying.
+                _ => break,
+            };
+            let wait = probe.as_ref().map_or(left, |h| h.interval.min(left));
+            tokio::select! {
+                _ = server.stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if let Some(h) = &probe
+                && check(&server, h).await
+                && server.end_cooloff(until)
+            {
+                tracing::info!(
+                    server = server.label(),
+                    "backend server answers again; cool-off ended early"
+                );
+                return;
+            }
+        }
+        if server.cooloff_left().is_none() && server.is_up() {
+            tracing::info!(
+                server = server.label(),
+                "backend server cool-off over; it takes new connections again"
+            );
+        }
+    });
 }
 
 /// One check.

@@ -280,6 +280,7 @@ impl Pool {
                     "backend server failed {} connects in a row; cooling off",
                     self.cfg.health.fall
                 );
+                health::watch_cooloff(server.clone(), Some(self.cfg.health.clone()));
             }
             drop(lease);
         }

@@ -135,6 +135,22 @@ impl Server {
         false
     }
 
+    /// What is left of the running cool-off, and its end (to tell it from a later one).
+    pub(super) fn cooloff_left(&self) -> Option<(std::time::Duration, u64)> {
+        let until = self.cool_until_ms.load(Relaxed);
+        let now = self.now_ms();
+        (until != 0 && now < until).then(|| (std::time::Duration::from_millis(until - now), until))
+    }
+
+    /// Ends the cool-off that ends at `until`, if it still runs. Returns true when it did.
+    pub(super) fn end_cooloff(&self, until: u64) -> bool {
+        until > self.now_ms()
+            && self
+                .cool_until_ms
+                .compare_exchange(until, 0, Relaxed, Relaxed)
+                .is_ok()
+    }
+
     pub(super) fn passive_success(&self) {
         self.failures.store(0, Relaxed);
     }
@@ -203,6 +219,8 @@ impl Lease {
     pub fn early_reset(&self) {
         if self.server.passive_failure(self.fall, self.cooloff) {
             tracing::warn!(server = %self.server.label, "backend server resets connections; cooling off");
+            // A connect that succeeds proves nothing against a server that resets: no probe.
+            super::health::watch_cooloff(self.server.clone(), None);
         }
     }
 }

@@ -42,6 +42,23 @@ pub fn parse(
     origin: &str,
     env: HashMap<String, String>,
 ) -> Result<Config, ConfigError> {
+    let overrides = overrides(&env);
+    if let Some((var, key)) = overrides.iter().find(|(_, key)| {
+        TABLE_LISTS
+            .iter()
+            .any(|t| key.split('.').next() == Some(*t))
+    }) {
+        let list = key.split('.').next().unwrap_or_default();
+        return Err(ConfigError::Env {
+            var: var.clone(),
+            key: key.clone(),
+            reason: format!(
+                "[[{list}]] is a list of tables and cannot be set from the environment; \
+                 set it in the file"
+            ),
+        });
+    }
+    let blame = |e: ConfigError| blame_env(e, &overrides);
     let envsrc = Environment::with_prefix(ENV_PREFIX)
         .prefix_separator(ENV_SEPARATOR)
         .separator(ENV_SEPARATOR)
@@ -56,8 +73,65 @@ pub fn parse(
         .add_source(envsrc)
         .build()
         .and_then(|c| c.try_deserialize())
-        .map_err(|e| describe(e, origin))?;
-    Config::from_raw(raw, origin)
+        .map_err(|e| blame(describe(e, origin)))?;
+    Config::from_raw(raw, origin).map_err(blame)
+}
+
+/// Sections the environment cannot set: each is an array of tables, which a flat
+/// `SECTION__KEY` cannot address.
+const TABLE_LISTS: [&str; 2] = ["listeners", "backends"];
+
+/// The overrides in `env`: (variable, dotted key), `HALFGUARD__LIMITS__MAX_CONNS` ->
+/// `limits.max_conns`. Empty values are ignored by the loader, so they are left out here.
+fn overrides(env: &HashMap<String, String>) -> Vec<(String, String)> {
+    let prefix = format!("{ENV_PREFIX}{ENV_SEPARATOR}");
+    let mut out: Vec<(String, String)> = env
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .filter_map(|(k, _)| {
+            let rest = k.strip_prefix(&prefix)?;
+            let key = rest
+                .split(ENV_SEPARATOR)
+                .map(str::to_lowercase)
+                .collect::<Vec<_>>()
+                .join(".");
+            Some((k.clone(), key))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// An error about a key an environment variable set names that variable, not the file.
+fn blame_env(e: ConfigError, overrides: &[(String, String)]) -> ConfigError {
+    let ConfigError::Invalid { file, key, reason } = e else {
+        return e;
+    };
+    // `limits.allow[0]` was set by `limits.allow`.
+    let bare: String = {
+        let mut out = String::with_capacity(key.len());
+        let mut depth = 0;
+        for c in key.chars() {
+            match c {
+                '[' => depth += 1,
+                ']' => depth -= 1,
+                _ if depth == 0 => out.push(c),
+                _ => {}
+            }
+        }
+        out
+    };
+    match overrides
+        .iter()
+        .find(|(_, k)| *k == bare || bare.starts_with(&format!("{k}.")))
+    {
+        Some((var, _)) => ConfigError::Env {
+            var: var.clone(),
+            key,
+            reason,
+        },
+        None => ConfigError::Invalid { file, key, reason },
+    }
 }
 
 /// Turns the `config` crate's error into one that names the full key, so `halfguard check`

@@ -11,6 +11,7 @@
 
 mod file;
 mod load;
+mod log;
 mod pool;
 
 use std::collections::HashSet;
@@ -22,6 +23,7 @@ use ipnet::IpNet;
 
 pub use file::{RawConfig, RawDuration, RawLimits, RawTimeouts};
 pub use load::{ENV_PREFIX, ENV_SEPARATOR, load, load_with_env, parse};
+pub use log::check_filter;
 pub use pool::{
     Balance, DEFAULT_COOLOFF, DEFAULT_FALL, DEFAULT_HEALTH_INTERVAL, DEFAULT_RISE, HealthConfig,
     OnDown, PoolConfig, ProxyVersion, ServerConfig,
@@ -132,7 +134,8 @@ pub const DEFAULT_ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Kubernetes endpoints stop sending first.
 pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
 
-/// A configuration that failed to load or validate. Every variant names the file.
+/// A configuration that failed to load or validate. Every variant names the file, or the
+/// environment variable that holds the bad value.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read or parsed, or a value has the wrong type or an unknown key.
@@ -146,6 +149,14 @@ pub enum ConfigError {
     #[error("{file}: `{key}`: {reason}")]
     Invalid {
         file: String,
+        key: String,
+        reason: String,
+    },
+    /// A `HALFGUARD__*` override holds a bad value, or sets what the environment cannot
+    /// (`[[listeners]]`, `[[backends]]`): the variable is named, not the file it overrides.
+    #[error("environment variable {var}: `{key}`: {reason}")]
+    Env {
+        var: String,
         key: String,
         reason: String,
     },
@@ -727,12 +738,7 @@ impl Config {
                 }
             },
         };
-        if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
-            return Err(ck.err(
-                "log.level",
-                format!("{:?} is not a level or filter such as \"info\"", log.level),
-            ));
-        }
+        check_filter(&log.level).map_err(|r| ck.err("log.level", r))?;
 
         let d = AdminConfig::default();
         let a = &raw.admin;
@@ -1058,6 +1064,7 @@ impl fmt::Display for Config {
             }
         )?;
         match self.runtime.workers {
+            Some(1) => write!(f, "runtime: 1 worker thread"),
             Some(n) => write!(f, "runtime: {n} worker threads"),
             None => write!(
                 f,

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use halfguard::config;
@@ -12,23 +11,15 @@ use tokio::net::TcpStream;
 
 use crate::support::*;
 
-/// Writes `text` to a fresh config file and starts a proxy from it, admin on port 0.
-async fn proxy_from_file(text: &str) -> (Proxy, PathBuf, SocketAddr) {
-    let dir = std::env::temp_dir().join(format!(
-        "halfguard-admin-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("halfguard.toml");
-    std::fs::write(&path, text).unwrap();
+/// Writes `text` to a fresh config file and starts a proxy from it, admin on port 0. The
+/// file (and its dir) goes when the returned `TempFile` does.
+async fn proxy_from_file(text: &str) -> (Proxy, TempFile, SocketAddr) {
+    let path = TempDir::file("admin", "halfguard.toml", text);
     let cfg = config::load_with_env(&path, HashMap::new()).expect("valid test config");
     let p = Proxy::start(cfg).await;
     let admin = p.handle.admin_addr().expect("admin is on");
     (p, path, admin)
 }
-
-static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn file_config(backend: SocketAddr, limits: &str) -> String {
     format!(
@@ -416,8 +407,7 @@ async fn the_grafana_dashboard_uses_only_metrics_we_export() {
     let mut c = TcpStream::connect(p.addr).await.unwrap();
     assert_eq!(roundtrip(&mut c, b"x").await, b"x");
     let scrape = scrape(admin).await;
-    let file = std::env::temp_dir().join(format!("halfguard-scrape-{}.txt", std::process::id()));
-    std::fs::write(&file, scrape).unwrap();
+    let file = TempDir::file("scrape", "scrape.txt", &scrape);
     let root = env!("CARGO_MANIFEST_DIR");
     let out = std::process::Command::new("python3")
         .arg(format!("{root}/deploy/grafana/check-dashboard.py"))
@@ -430,4 +420,52 @@ async fn the_grafana_dashboard_uses_only_metrics_we_export() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[tokio::test]
+async fn config_shows_what_runs_and_what_waits_for_a_restart() {
+    let b = backend(Backend::Echo).await;
+    let (p, path, admin) = proxy_from_file(&format!(
+        "{}\n[runtime]\nworkers = 2\n",
+        file_config(b.addr, "")
+    ))
+    .await;
+    let (_, body) = http(admin, "GET", "/config").await;
+    assert!(
+        body.contains("runtime: 2 worker threads") && !body.contains("waiting for a restart"),
+        "{body}"
+    );
+
+    std::fs::write(
+        &path,
+        format!(
+            "{}\n[runtime]\nworkers = 1\n",
+            file_config(b.addr, "max_conns = 100")
+        ),
+    )
+    .unwrap();
+    let (status, body) = http(admin, "POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with(
+            "reloaded; changed: listener \"t\": limits; [runtime] (at the next restart)\n"
+        ),
+        "the reload says what changed: {body}"
+    );
+    let (_, body) = http(admin, "GET", "/config").await;
+    let (running, waiting) = body
+        .split_once("waiting for a restart")
+        .unwrap_or_else(|| panic!("no restart-only section: {body}"));
+    assert!(
+        running.contains("runtime: 2 worker threads") && running.contains("conns 100,"),
+        "what runs: {running}"
+    );
+    assert!(
+        waiting
+            .lines()
+            .any(|l| l.trim() == "runtime: 1 worker thread")
+            && !waiting.contains("conns 100"),
+        "what waits: {waiting}"
+    );
+    drop(p);
 }

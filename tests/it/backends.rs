@@ -438,3 +438,36 @@ async fn a_backend_that_answers_its_syn_late_is_still_reached() {
         .expect("bytes came back");
     assert_eq!(&back, b"late?");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_comes_back_ends_its_cooloff_at_the_next_probe() {
+    // Nothing listens there yet: halfguard started before its backend.
+    let late = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let cfg = pool_config(
+        "",
+        &format!(
+            "name = \"app\"\n{}\n[backends.health]\nenabled = false\ninterval = \"200ms\"\ntimeout = \"200ms\"\nfall = 2\ncooloff = \"60s\"\n",
+            servers(&[late])
+        ),
+    );
+    let p = Proxy::start(cfg).await;
+    // `fall` failed connects: the server cools off for a minute.
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(p.addr).await.unwrap();
+        c.write_all(b"x").await.unwrap();
+        expect_reset(&mut c, ms(2000)).await;
+    }
+    assert!(!up(&p, late), "cooling off after `fall` failures");
+
+    // The backend starts: the next probe finds it, long before the minute is over.
+    let back = counted_echo(late).await;
+    wait_for(ms(3000), || up(&p, late).then_some(()))
+        .await
+        .expect("a good probe ends the cool-off");
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    assert_eq!(roundtrip(&mut c, b"back").await, b"back");
+    assert_eq!(back.served.load(Ordering::Relaxed), 1);
+}

@@ -73,24 +73,21 @@ pub(crate) fn free_port() -> u16 {
 }
 
 /// A config file in a fresh temp dir, with a listener on a free port toward `backend`;
-/// `admin` is the body of the `[admin]` table.
+/// `admin` is the body of the `[admin]` table. The dir goes when the file does.
 pub(crate) fn temp_config(
     backend: std::net::SocketAddr,
     admin: &str,
     extra: &str,
-) -> (std::path::PathBuf, u16) {
+) -> (TempFile, u16) {
     let port = free_port();
-    let dir = std::env::temp_dir().join(format!("halfguard-it-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("halfguard.toml");
-    std::fs::write(
-        &path,
-        format!(
+    let file = TempDir::file(
+        "cli",
+        "halfguard.toml",
+        &format!(
             "[[listeners]]\nname = \"cli\"\nbind = \"127.0.0.1:{port}\"\nbackends = [\"{backend}\"]\n[admin]\n{admin}\n{extra}\n"
         ),
-    )
-    .unwrap();
-    (path, port)
+    );
+    (file, port)
 }
 
 /// A started halfguard, killed however the test ends, so a failed assertion leaves no
@@ -104,7 +101,8 @@ impl Drop for Reap {
     }
 }
 
-/// Starts `cmd` and waits until its log says it listens.
+/// Starts `cmd` and waits until its log says it listens. If it exits first, the test fails
+/// with what it said, so the real cause (a bind, a mount, a permission) shows.
 pub(crate) fn start(mut cmd: Command) -> Child {
     let mut child = cmd
         .env("RUST_LOG", "info")
@@ -114,12 +112,24 @@ pub(crate) fn start(mut cmd: Command) -> Child {
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     let deadline = Instant::now() + Duration::from_secs(10);
+    let mut said = String::new();
+    let mut listening = false;
     for line in lines.by_ref() {
         let line = line.unwrap_or_default();
         if line.contains("listening") {
+            listening = true;
             break;
         }
-        assert!(Instant::now() < deadline, "halfguard did not start");
+        said.push_str(&line);
+        said.push('\n');
+        assert!(
+            Instant::now() < deadline,
+            "halfguard did not start:\n{said}"
+        );
+    }
+    if !listening {
+        let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+        panic!("halfguard exited before listening ({status}):\n{said}");
     }
     // Keep draining stderr so the child never blocks on a full pipe; keep what it says.
     let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
@@ -167,6 +177,7 @@ fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
+    let _ = child.wait();
     None
 }
 
@@ -347,5 +358,162 @@ async fn runtime_workers_sets_the_worker_threads_and_check_reports_them() {
             "runtime: one worker thread per usable CPU"
         };
         assert!(text.contains(want), "{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_aborts_the_drain_and_exits_130() {
+    let b = backend(Backend::Echo).await;
+    let (cfg, port) = temp_config(b.addr, "bind = \"off\"", "[timeouts]\ndrain = \"30s\"\n");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "-c"]).arg(&cfg);
+    let mut child = Reap(start(cmd));
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut open = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(roundtrip(&mut open, b"x").await, b"x");
+
+    // The first Ctrl-C drains, and says for how long...
+    signal(&child.0, "INT");
+    tokio::time::sleep(ms(500)).await;
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "the first SIGINT drains"
+    );
+    let log = logs();
+    assert!(
+        log.contains("draining connections for up to 30s"),
+        "the drain line says how long: {log}"
+    );
+    // ...the second one ends it: the connection left is aborted, and halfguard exits.
+    signal(&child.0, "INT");
+    expect_reset(&mut open, Duration::from_secs(5)).await;
+    let code = tokio::task::spawn_blocking(move || wait_exit(&mut child.0, Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(130), "{}", logs());
+}
+
+fn signal(child: &Child, sig: &str) {
+    let rc = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(rc.success());
+}
+
+/// A config with one listener on `bind` toward `backend`, no admin, small caps (so no
+/// open-files warning adds a line).
+fn small_config(bind: &str, backend: &str) -> TempFile {
+    TempDir::file(
+        "cli",
+        "halfguard.toml",
+        &format!(
+            "[[listeners]]\nname = \"web\"\nbind = \"{bind}\"\nbackends = [\"{backend}\"]\n\
+             [limits]\nmax_conns = 16\n[admin]\nbind = \"off\"\n"
+        ),
+    )
+}
+
+#[test]
+fn a_port_in_use_is_one_line_and_exit_3() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let bind = taken.local_addr().unwrap().to_string();
+    let cfg = small_config(&bind, "127.0.0.1:9");
+    let out = Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains(&format!("cannot bind {bind}")), "{stderr}");
+    assert_eq!(
+        stderr.matches("Address already in use").count(),
+        1,
+        "{stderr}"
+    );
+}
+
+/// `args` run in a network namespace of their own (loopback up, no route out), so a name
+/// lookup fails at once and no query leaves the machine.
+fn offline(args: &[&str]) -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.arg(if is_root() { "-n" } else { "-rn" })
+        .args(["sh", "-c", "ip link set lo up && exec \"$@\"", "sh", BIN])
+        .args(args);
+    cmd
+}
+
+#[test]
+fn a_backend_name_that_does_not_resolve_is_a_warning_in_check_and_one_line_in_run() {
+    crate::require!("a network namespace"; Need::Tool("unshare"), Need::Tool("ip"));
+    if !is_root() {
+        crate::require!("a network namespace"; Need::UserNamespace);
+    }
+    let cfg = small_config("127.0.0.1:0", "halfguard-test.invalid:80");
+    let path = cfg.to_str().unwrap();
+
+    let out = offline(&["check", "-c", path]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains(
+            "warning: pool \"web\": backend \"halfguard-test.invalid:80\" does not resolve"
+        ) && stdout.trim_end().ends_with("ok"),
+        "{stdout}"
+    );
+
+    let out = offline(&["run", "-c", path])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert_eq!(
+        stderr.matches("halfguard-test.invalid").count(),
+        1,
+        "said once: {stderr}"
+    );
+}
+
+#[test]
+fn a_rust_log_that_would_silence_the_process_is_refused() {
+    let cfg = small_config("127.0.0.1:0", "127.0.0.1:9");
+    for filter in ["verbos", "halfgaurd=debug"] {
+        for command in ["check", "run"] {
+            let mut child = Command::new(BIN)
+                .args([command, "-c"])
+                .arg(&cfg)
+                .env("RUST_LOG", filter)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            // A `run` that accepted the filter would serve on, silently: bounded wait.
+            let code = wait_exit(&mut child, Duration::from_secs(5));
+            let mut stderr = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+            assert_eq!(code, Some(2), "{command} with RUST_LOG={filter}: {stderr}");
+            assert!(stderr.contains("RUST_LOG"), "{command} {filter}: {stderr}");
+        }
+    }
+}
+
+#[test]
+fn help_tells_signals_admin_environment_and_exit_codes() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "SIGHUP",
+        "second SIGTERM or SIGINT",
+        "127.0.0.1:9901",
+        "HALFGUARD__SECTION__KEY",
+        "Exit codes",
+        "130",
+    ] {
+        assert!(help.contains(want), "--help lacks {want:?}:\n{help}");
     }
 }

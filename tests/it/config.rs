@@ -110,7 +110,7 @@ fn environment_overrides_the_file() {
 }
 
 #[test]
-fn a_bad_environment_override_names_its_key() {
+fn a_bad_environment_override_names_the_variable_not_the_file() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid/minimal.toml");
     for (k, v, key) in [
         (
@@ -124,12 +124,59 @@ fn a_bad_environment_override_names_its_key() {
             "timeouts.frist_byte",
         ),
         ("HALFGUARD__LIMITS__MAX_CONNS", "lots", "limits.max_conns"),
+        ("HALFGUARD__LIMITS__MAX_CONNS", "0", "limits.max_conns"),
+        ("HALFGUARD__LIMITS__ALLOW", "10.0.0.0/99", "limits.allow[0]"),
+        ("HALFGUARD__LOG__LEVEL", "verbos", "log.level"),
     ] {
         let err = config::load_with_env(&path, env(&[(k, v)])).unwrap_err();
+        let text = err.to_string();
         assert!(
-            matches!(err, ConfigError::Invalid { .. }) && err.to_string().contains(key),
-            "{k}={v}: {err}"
+            matches!(&err, ConfigError::Env { var, .. } if var == k)
+                && text.contains(&format!("environment variable {k}"))
+                && text.contains(&format!("`{key}`"))
+                && !text.contains("minimal.toml"),
+            "{k}={v}: {text}"
         );
+    }
+    // The same bad value in the file still names the file.
+    let err = config::parse(
+        "[[listeners]]\nname = \"w\"\nbind = \"127.0.0.1:0\"\nbackends = [\"127.0.0.1:9\"]\n[limits]\nmax_conns = 0\n",
+        "f.toml",
+        env(&[("HALFGUARD__LIMITS__MAX_SOURCES", "10")]),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, ConfigError::Invalid { .. })
+            && err.to_string().starts_with("f.toml: `limits.max_conns`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn listeners_and_pools_cannot_come_from_the_environment_and_say_so() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid/minimal.toml");
+    for k in ["HALFGUARD__LISTENERS__BIND", "HALFGUARD__BACKENDS__NAME"] {
+        let err = config::load_with_env(&path, env(&[(k, "x")])).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(k) && text.contains("cannot be set from the environment"),
+            "{k}: {text}"
+        );
+    }
+}
+
+#[test]
+fn a_log_level_that_would_silence_the_process_is_refused() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid/minimal.toml");
+    for level in ["verbose", "halfgaurd=debug", "info,halfguard=loud"] {
+        let err = config::load_with_env(&path, env(&[("HALFGUARD__LOG__LEVEL", level)]))
+            .expect_err(level)
+            .to_string();
+        assert!(err.contains("`log.level`"), "{level}: {err}");
+    }
+    for level in ["warn", "info,halfguard::stats=debug", "halfguard=trace"] {
+        let c = config::load_with_env(&path, env(&[("HALFGUARD__LOG__LEVEL", level)]));
+        assert!(c.is_ok(), "{level}: {:?}", c.err());
     }
 }
 

@@ -1,12 +1,15 @@
 //! The kernel layer in network namespaces the test makes itself: the census sees a
 //! spoofed-source SYN flood, enforcement limits the flooding sources while a legit client
 //! connects, and halfguard's nftables table is gone after exit, also after SIGKILL and a
-//! restart. Needs root, iproute2, nftables and hping3 (CI installs them). Addresses are from
+//! restart. Needs root, iproute2, nftables, hping3 and python3 (CI installs them, and runs
+//! as root); without them each test says what it lacks and is skipped. Addresses are from
 //! 198.18.0.0/15 only; the namespaces are linked only to each other and removed on drop.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use crate::support::{Need, TempDir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_halfguard");
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -31,6 +34,8 @@ struct Net {
     proxy: String,
     attacker: String,
     children: Vec<Child>,
+    /// halfguard's config files.
+    dir: TempDir,
 }
 
 impl Net {
@@ -45,6 +50,7 @@ impl Net {
             proxy: proxy.clone(),
             attacker: attacker.clone(),
             children: Vec::new(),
+            dir: TempDir::new("kernel"),
         };
         let (vp, va) = (format!("hk{id}p"), format!("hk{id}a"));
         sh(&["ip", "netns", "add", &proxy]);
@@ -88,9 +94,7 @@ impl Net {
 
     /// Starts halfguard in the proxy namespace with `extra` config; waits for its admin.
     fn start_halfguard(&mut self, extra: &str) -> u32 {
-        let dir = std::env::temp_dir().join(format!("halfguard-kernel-{}", self.proxy));
-        std::fs::create_dir_all(&dir).unwrap();
-        let cfg = dir.join("halfguard.toml");
+        let cfg = self.dir.path().join("halfguard.toml");
         std::fs::write(
             &cfg,
             format!(
@@ -239,6 +243,7 @@ fn sample(scrape: &str, prefix: &str) -> f64 {
 
 #[test]
 fn census_counts_a_spoofed_syn_flood_by_source() {
+    crate::require!("ip netns"; Need::Root, Need::Tool("ip"), Need::Tool("hping3"), Need::Tool("python3"));
     let mut net = Net::new();
     // Without cookies the kernel keeps a request socket per SYN: what the census counts.
     net.sysctl("net.ipv4.tcp_syncookies=0");
@@ -268,6 +273,10 @@ fn census_counts_a_spoofed_syn_flood_by_source() {
 
 #[test]
 fn enforcement_limits_a_flooding_source_and_serves_a_legit_one() {
+    crate::require!(
+        "ip netns, nftables";
+        Need::Root, Need::Tool("ip"), Need::Tool("nft"), Need::Tool("hping3"), Need::Tool("python3")
+    );
     let mut report = Vec::new();
     let mut syn_recv = Vec::new();
     for enforce in [false, true] {
@@ -312,6 +321,7 @@ fn enforcement_limits_a_flooding_source_and_serves_a_legit_one() {
 
 #[test]
 fn the_table_is_removed_on_exit_and_replaced_after_a_crash() {
+    crate::require!("ip netns, nftables"; Need::Root, Need::Tool("ip"), Need::Tool("nft"), Need::Tool("python3"));
     let mut net = Net::new();
     net.start_backend();
     let extra = "[kernel]\nenforce = true\n";

@@ -1,7 +1,9 @@
 //! Backend names: every address a name resolves to is a server of its own, and the set
 //! follows the name. The name lives in a hosts file bind-mounted over /etc/hosts in a mount
-//! namespace of halfguard's own (`unshare -m`), so the test changes what it resolves to
-//! while it runs. Needs root and util-linux, as the kernel tests do.
+//! namespace of halfguard's own, so the test changes what it resolves to while it runs.
+//! As root that is `unshare -m`; otherwise `unshare -rm` (a user namespace of its own, which
+//! most distributions allow). Needs util-linux; without either way the test is skipped and
+//! says why.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -65,10 +67,18 @@ async fn wait_servers(admin: SocketAddr, want: &[String]) -> Vec<String> {
 
 #[tokio::test]
 async fn a_name_is_every_address_it_resolves_to_and_the_set_follows_the_name() {
+    crate::require!("a mount namespace"; Need::Tool("unshare"), Need::Tool("mount"));
+    // Root makes the namespace itself; anyone else needs a user namespace for it.
+    let unshare = if is_root() {
+        "-m"
+    } else {
+        crate::require!("a mount namespace"; Need::UserNamespace);
+        "-rm"
+    };
     let (port, echoes) = two_echoes().await;
     let name = format!("halfguard-it-{}", std::process::id());
-    let dir = std::env::temp_dir().join(format!("{name}-resolve"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = TempDir::new("resolve");
+    let dir = tmp.path();
     let hosts = dir.join("hosts");
     std::fs::write(&hosts, format!("127.0.0.2 {name}\n")).unwrap();
     let (listen, admin) = (free_port(), free_port());
@@ -96,7 +106,7 @@ bind = "127.0.0.1:{admin}"
     )
     .unwrap();
     let mut cmd = Command::new("unshare");
-    cmd.args(["-m", "sh", "-c"]).arg(format!(
+    cmd.args([unshare, "sh", "-c"]).arg(format!(
         "mount --bind '{}' /etc/hosts && exec '{BIN}' run -c '{}'",
         hosts.display(),
         cfg.display()
@@ -130,6 +140,5 @@ bind = "127.0.0.1:{admin}"
         assert_eq!(traffic(proxy, 6, &echoes).await, [0, 6]);
     };
     let outcome = tokio::time::timeout(Duration::from_secs(30), result).await;
-    let _ = std::fs::remove_dir_all(&dir);
     outcome.expect("the test ran within 30 s");
 }

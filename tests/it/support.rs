@@ -1,9 +1,12 @@
 //! Shared helpers: a proxy on 127.0.0.1:0, real backends, clients from chosen loopback
-//! addresses, and assertions on RST versus FIN.
+//! addresses, assertions on RST versus FIN, temp dirs that clean up after themselves, and
+//! the visible skip of a test that needs root or a tool this machine lacks.
 
 use std::collections::HashMap;
-use std::io;
+use std::ffi::OsStr;
+use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -72,6 +75,7 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(config: Config) -> Proxy {
+        raise_nofile();
         let server = Server::bind(config).await.expect("proxy binds");
         let handle = server.handle();
         let addr = handle.addr(L).expect("listener t");
@@ -442,4 +446,167 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Raises this process's soft open-files limit to the hard one, once, as `halfguard run`
+/// does for itself: an in-process proxy sizes its splice pipes from that limit, so a test
+/// must not depend on the caller's `ulimit -Sn` (1024 on most desktops).
+pub fn raise_nofile() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = halfguard::sockopt::raise_nofile();
+    });
+}
+
+/// A directory under the system temp dir, removed with its contents when dropped, so a
+/// test run (passed or failed) leaves nothing in /tmp.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// `$TMPDIR/halfguard-it-<pid>-<tag>-<n>`.
+    pub fn new(tag: &str) -> TempDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "halfguard-it-{}-{tag}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create a temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// A file written into a fresh temp dir; the dir goes when the returned value does.
+    pub fn file(tag: &str, name: &str, text: &str) -> TempFile {
+        let dir = TempDir::new(tag);
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write a temp file");
+        TempFile { path, _dir: dir }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A file in a [`TempDir`] of its own; use it as a path.
+#[derive(Debug)]
+pub struct TempFile {
+    path: PathBuf,
+    _dir: TempDir,
+}
+
+impl std::ops::Deref for TempFile {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for TempFile {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<OsStr> for TempFile {
+    fn as_ref(&self) -> &OsStr {
+        self.path.as_os_str()
+    }
+}
+
+/// Something a test needs that an unprivileged user, or a machine without the tool, lacks.
+#[derive(Debug, Clone, Copy)]
+pub enum Need {
+    /// Effective uid 0 (network namespaces, nftables, mounts).
+    Root,
+    /// A program on `PATH`.
+    Tool(&'static str),
+    /// `unshare -rm`: a user and mount namespace of our own without root (most distributions
+    /// allow it; some turn unprivileged user namespaces off).
+    UserNamespace,
+}
+
+/// Set (CI does) to turn a skip into a failure, so a test that should run never passes by
+/// skipping.
+pub const REQUIRE_ALL: &str = "HALFGUARD_TEST_REQUIRE_ALL";
+
+/// What of `needs` is missing here, in words ("root (ip netns)", "hping3"), or `None`.
+pub fn missing(needs: &[Need], why: &str) -> Option<String> {
+    let lacking: Vec<String> = needs
+        .iter()
+        .filter(|n| !have(**n))
+        .map(|n| match n {
+            Need::Root => format!("root ({why})"),
+            Need::Tool(t) => format!("`{t}` on PATH"),
+            Need::UserNamespace => "unprivileged user namespaces (`unshare -rm`)".to_string(),
+        })
+        .collect();
+    (!lacking.is_empty()).then(|| lacking.join(", "))
+}
+
+fn have(need: Need) -> bool {
+    match need {
+        Need::Root => is_root(),
+        Need::Tool(t) => on_path(t),
+        Need::UserNamespace => std::process::Command::new("unshare")
+            .args(["-rm", "true"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success()),
+    }
+}
+
+/// The owner of `/proc/self` is the effective uid: root without an unsafe `geteuid`.
+pub fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p).any(|d| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(d.join(tool))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// Reports a skipped test on the real stderr (libtest captures `eprintln!`, so a passing
+/// test's message would never be seen), or fails it when [`REQUIRE_ALL`] is set.
+pub fn skip(test: &str, what: &str) {
+    let test = test
+        .trim_start_matches("it::")
+        .split("::{{closure}}")
+        .next()
+        .unwrap_or(test)
+        .trim_end_matches("::here");
+    if std::env::var_os(REQUIRE_ALL).is_some() {
+        panic!("{test}: needs {what}, and {REQUIRE_ALL} is set");
+    }
+    let _ = writeln!(io::stderr(), "SKIPPED {test}: needs {what}");
+}
+
+/// Returns from the calling test, after saying so, when something it needs is missing:
+/// `require!("ip netns, nftables"; Need::Root, Need::Tool("nft"));`
+#[macro_export]
+macro_rules! require {
+    ($why:expr; $($need:expr),+ $(,)?) => {
+        if let Some(what) = $crate::support::missing(&[$($need),+], $why) {
+            fn here() {}
+            fn name_of<T>(_: T) -> &'static str {
+                std::any::type_name::<T>()
+            }
+            $crate::support::skip(name_of(here), &what);
+            return;
+        }
+    };
 }

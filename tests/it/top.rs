@@ -17,12 +17,12 @@ const BIN: &str = env!("CARGO_BIN_EXE_halfguard");
 /// Per-source caps that a silent flood from one address runs into, and a first-byte clock
 /// long enough that the flood is still there when `top` looks.
 const FLOOD_LIMITS: &str = "[limits]\nmax_half_open_per_source = 5\nmax_conns_per_source = 0\n\
-     conn_rate_per_source = 0\n[timeouts]\nfirst_byte = \"60s\"\nidle = \"60s\"\n";
+     conn_rate_per_source = 0\ngrace = \"100ms\"\n[timeouts]\nfirst_byte = \"60s\"\nidle = \"60s\"\n";
 
 /// A halfguard started from a file with its admin endpoint on loopback.
 struct Live {
     _child: Reap,
-    cfg: std::path::PathBuf,
+    cfg: crate::support::TempFile,
     addr: SocketAddr,
     admin: SocketAddr,
 }
@@ -65,6 +65,9 @@ async fn silent_flood(h: &Live) -> Vec<TcpStream> {
         }
         tokio::time::sleep(ms(50)).await;
     }
+    // The connections opened within the grace are counted half-open at once but judged only
+    // after it: let it pass, so the listener's count and the source's agree.
+    tokio::time::sleep(ms(400)).await;
     held
 }
 

@@ -1,0 +1,78 @@
+//! What `log.level` (and `RUST_LOG`) may say.
+//!
+//! tracing's filter syntax takes any word as a target, so `"verbose"` or
+//! `"halfgaurd=debug"` parse fine and then match nothing: the process runs silent, errors
+//! included. halfguard logs only under its own crate name, so a filter is held to what can
+//! match: levels, and `halfguard` or `halfguard::module` targets.
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
+
+/// The crate every halfguard event is logged under.
+const TARGET: &str = "halfguard";
+
+const LEVELS: &str = "off, error, warn, info, debug or trace";
+
+/// `Ok` when `filter` is a level or a list of `level` and `halfguard[::module]=level`
+/// directives; otherwise what is wrong with it, in words.
+pub fn check_filter(filter: &str) -> Result<(), String> {
+    if filter.trim().is_empty() {
+        return Err(format!("is empty; give a level ({LEVELS})"));
+    }
+    for directive in filter.split(',').map(str::trim) {
+        if directive.is_empty() {
+            continue;
+        }
+        let (target, level) = match directive.rsplit_once('=') {
+            Some((t, l)) => (Some(t.trim()), l.trim()),
+            None => (None, directive),
+        };
+        if level.parse::<LevelFilter>().is_err() {
+            return Err(match target {
+                None => format!("{directive:?} is not a level ({LEVELS})"),
+                Some(_) => format!("{directive:?}: {level:?} is not a level ({LEVELS})"),
+            });
+        }
+        if let Some(t) = target {
+            // A span filter (`target[span{field}]`) is tracing's; the target before it is ours.
+            let name = t.split('[').next().unwrap_or(t).trim();
+            if !name.is_empty() && name != TARGET && !name.starts_with("halfguard::") {
+                return Err(format!(
+                    "{directive:?}: halfguard logs nothing under {name:?}; targets are \
+                     \"{TARGET}\" or \"{TARGET}::module\""
+                ));
+            }
+        }
+    }
+    EnvFilter::try_new(filter)
+        .map(drop)
+        .map_err(|e| format!("{filter:?} is not a filter: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_filter;
+
+    #[test]
+    fn levels_and_our_own_targets_pass_typos_do_not() {
+        for ok in [
+            "info",
+            "WARN",
+            "debug,halfguard::stats=trace",
+            "halfguard=debug",
+            "off",
+        ] {
+            assert!(check_filter(ok).is_ok(), "{ok}: {:?}", check_filter(ok));
+        }
+        for bad in [
+            "verbose",
+            "verbos",
+            "halfgaurd=debug",
+            "halfguard=loud",
+            "",
+            "info,hyper=debug",
+        ] {
+            assert!(check_filter(bad).is_err(), "{bad} passed");
+        }
+    }
+}
