@@ -387,6 +387,16 @@ impl prometheus_client::collector::Collector for Collector {
         )?;
         let v: Vec<_> = pools
             .iter()
+            .map(|p| (vec![("backend", p.name())], p.local_errors()))
+            .collect();
+        counter(
+            e,
+            "halfguard_backend_local_errors",
+            "Backend connects that failed on this host (descriptors, ephemeral ports, socket options), not held against any server.",
+            &v,
+        )?;
+        let v: Vec<_> = pools
+            .iter()
             .map(|p| (vec![("backend", p.name())], p.connect_time()))
             .collect();
         histogram(

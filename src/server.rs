@@ -337,12 +337,18 @@ impl State {
                 out.push(p.clone());
                 continue;
             }
-            let pool = Pool::new(cfg.clone(), self.stop_upkeep.child_token())
-                .await
-                .map_err(|source| ServerError::Backend {
-                    pool: cfg.name.clone(),
-                    source,
-                })?;
+            // A changed pool: its servers that stay carry their load and health on.
+            let previous = current.iter().find(|p| p.name() == cfg.name);
+            let pool = Pool::new(
+                cfg.clone(),
+                self.stop_upkeep.child_token(),
+                previous.map(|p| &**p),
+            )
+            .await
+            .map_err(|source| ServerError::Backend {
+                pool: cfg.name.clone(),
+                source,
+            })?;
             out.push(Arc::new(pool));
         }
         Ok(out)

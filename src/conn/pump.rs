@@ -466,6 +466,11 @@ impl<'a> Pump<'a> {
         self.down.moved
     }
 
+    /// At least one byte of the client's has reached the server.
+    pub fn client_spoke(&self) -> bool {
+        self.up.moved
+    }
+
     /// Since when some direction has bytes for a peer that takes none.
     pub fn stalled_since(&self) -> Option<Instant> {
         match (self.up.stalled_since, self.down.stalled_since) {

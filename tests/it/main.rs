@@ -9,6 +9,7 @@ mod config;
 mod halfclose;
 mod kernel;
 mod leaks;
+mod passive;
 mod props;
 mod resolve;
 mod support;
