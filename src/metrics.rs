@@ -137,10 +137,23 @@ fn histogram(
 impl prometheus_client::collector::Collector for Collector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let listeners = self.state.listeners();
-        let ls: Vec<_> = listeners
-            .iter()
-            .map(|l| (l.ctx.name.as_str(), l.ctx.guard.snapshot(), &l.ctx.stats))
-            .collect();
+        // A listener a reload moved to a new bind runs beside its retiring predecessor until
+        // that one drains: one name, one set of counters (shared), one series. Their
+        // connections add up.
+        let mut ls: Vec<(&str, crate::guard::GuardSnapshot, &Stats)> = Vec::new();
+        for l in &listeners {
+            let snap = l.ctx.guard.snapshot();
+            match ls.iter_mut().find(|(n, _, _)| *n == l.ctx.name) {
+                Some((_, s, _)) => {
+                    s.conns += snap.conns;
+                    s.half_open += snap.half_open;
+                    s.half_closed += snap.half_closed;
+                    s.sources += snap.sources;
+                    s.pressure |= snap.pressure;
+                }
+                None => ls.push((l.ctx.name.as_str(), snap, &l.ctx.stats)),
+            }
+        }
         let e = &mut enc;
 
         let mut v = Vec::new();

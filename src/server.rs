@@ -8,7 +8,9 @@
 //!
 //! Shutdown: `/readyz` fails first (for `admin.drain_delay` on SIGTERM, so load balancers
 //! stop sending), then accepting stops, connections drain for their listener's
-//! `timeouts.drain`, and what is left is aborted with RST.
+//! `timeouts.drain`, and what is left is aborted with RST. From the shutdown signal on,
+//! reloads are refused (one under way is waited for), and every accept loop, whenever it
+//! was started, stops with the server: nothing can keep a draining process alive.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -56,6 +58,10 @@ pub enum ServerError {
     Config(#[from] Box<ConfigError>),
     #[error("{given} listening sockets given for {configured} configured listeners")]
     ListenerCount { given: usize, configured: usize },
+    #[error("[tcp]: {0}")]
+    TcpOptions(#[from] sockopt::SockoptError),
+    #[error("shutting down: reloads are refused while draining")]
+    Draining,
 }
 
 /// How often rate-limiter keys are swept, summaries logged and retired listeners reaped.
@@ -91,6 +97,8 @@ pub(crate) struct State {
     /// Accept loops and upkeep.
     tasks: TaskTracker,
     stop_upkeep: CancellationToken,
+    /// The parent of every accept loop's stop token, cancelled at shutdown.
+    accepting: CancellationToken,
     /// One reload at a time.
     reload_lock: tokio::sync::Mutex<()>,
     admin_addr: Option<SocketAddr>,
@@ -113,6 +121,8 @@ impl Server {
     /// Binds every configured listener and the admin endpoint, resolves backends, and starts
     /// accepting.
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        // Options the kernel refuses are named as such, not as "cannot bind".
+        sockopt::probe(&config.tcp)?;
         let mut sockets = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
             sockets.push(bind_listener(l, &config)?);
@@ -150,15 +160,18 @@ impl Server {
             conns: TaskTracker::new(),
             tasks: TaskTracker::new(),
             stop_upkeep: CancellationToken::new(),
+            accepting: CancellationToken::new(),
             reload_lock: tokio::sync::Mutex::new(()),
             kernel: crate::kernel::Kernel::default(),
         });
+        for socket in &sockets {
+            sockopt::apply(socket2::SockRef::from(socket), &config.tcp)?;
+        }
         let pools = state.build_pools(&config).await?;
         state.switch_pools(pools.clone());
         set_splice_budget(&config);
         for (socket, l) in sockets.into_iter().zip(&config.listeners) {
-            let _ = sockopt::apply(socket2::SockRef::from(&socket), &config.tcp);
-            state.start_listener(socket, new_ctx(l, &config, &pools)?, l.bind);
+            state.start_listener(socket, new_ctx(l, &config, &pools, None)?, l.bind);
         }
         crate::kernel::warn_if_no_syncookies();
         state.kernel.apply(&state.ports(), &config.kernel);
@@ -188,6 +201,9 @@ impl Server {
 
         let signal = shutdown.await;
         state.draining.store(true, Ordering::SeqCst);
+        // A reload under way finishes first (every later one is refused), so no listener
+        // it adds can escape the stop below.
+        drop(state.reload_lock.lock().await);
         let delay = state.config.load().admin.drain_delay;
         if signal == Signal::Terminate && !delay.is_zero() {
             tracing::info!(
@@ -197,6 +213,7 @@ impl Server {
             tokio::time::sleep(delay).await;
         }
         let listeners = state.listeners();
+        state.accepting.cancel();
         for r in &listeners {
             r.stop_accepting();
         }
@@ -297,12 +314,15 @@ fn pool_for(l: &ListenerConfig, pools: &[Arc<Pool>]) -> Result<Arc<Pool>, Server
         })
 }
 
+/// A listener's context. `stats` carries the counters of the listener it replaces (same
+/// name, new bind), so its metric series go on rather than appear twice or start over.
 fn new_ctx(
     l: &ListenerConfig,
     config: &Config,
     pools: &[Arc<Pool>],
+    stats: Option<Arc<Stats>>,
 ) -> Result<Arc<ListenerCtx>, ServerError> {
-    let stats = Arc::new(Stats::default());
+    let stats = stats.unwrap_or_default();
     Ok(Arc::new(ListenerCtx {
         name: l.name.clone(),
         policy: ArcSwap::from_pointee(policy(l, config, pool_for(l, pools)?)),
@@ -375,7 +395,8 @@ impl State {
     fn start_listener(&self, socket: TcpListener, ctx: Arc<ListenerCtx>, bind: SocketAddr) {
         let socket = Arc::new(socket);
         let addr = socket.local_addr().unwrap_or(bind);
-        let stop = CancellationToken::new();
+        // A child of the server's: cancelled at shutdown even if started after it began.
+        let stop = self.accepting.child_token();
         tracing::info!(
             listener = %ctx.name,
             %addr,
@@ -463,7 +484,11 @@ impl State {
     /// Applies `new` as described in the module docs.
     pub(crate) async fn reload(&self, new: Config) -> Result<(), ServerError> {
         let _one = self.reload_lock.lock().await;
-        let r = self.try_reload(new).await;
+        let r = if self.draining.load(Ordering::SeqCst) {
+            Err(ServerError::Draining)
+        } else {
+            self.try_reload(new).await
+        };
         match &r {
             Ok(()) => {
                 self.reloads_ok.fetch_add(1, Ordering::Relaxed);
@@ -479,13 +504,19 @@ impl State {
 
     async fn try_reload(&self, new: Config) -> Result<(), ServerError> {
         // Plan and do everything fallible first.
+        sockopt::probe(&new.tcp)?;
         let pools = self.build_pools(&new).await?;
         let mut updates = Vec::new();
         let mut adds = Vec::new();
         for l in &new.listeners {
             match self.active(&l.name) {
                 Some(r) if r.bind == l.bind => updates.push((r, l, pool_for(l, &pools)?)),
-                _ => adds.push((l, bind_listener(l, &new)?, new_ctx(l, &new, &pools)?)),
+                replaced => {
+                    let socket = bind_listener(l, &new)?;
+                    sockopt::apply(socket2::SockRef::from(&socket), &new.tcp)?;
+                    let stats = replaced.map(|r| r.ctx.stats.clone());
+                    adds.push((l, socket, new_ctx(l, &new, &pools, stats)?));
+                }
             }
         }
         // Apply.
@@ -495,8 +526,10 @@ impl State {
             r.ctx.set_policy(policy(l, &new, pool));
             if let Ok(s) = r.socket.lock()
                 && let Some(s) = s.as_ref()
+                && let Err(e) = sockopt::apply(socket2::SockRef::from(&**s), &new.tcp)
             {
-                let _ = sockopt::apply(socket2::SockRef::from(&**s), &new.tcp);
+                // The probe took these options: this is not expected, and too late to refuse.
+                tracing::warn!(listener = %r.ctx.name, error = %e, "cannot apply [tcp] to the listening socket");
             }
         }
         for r in self.listeners() {
@@ -509,7 +542,6 @@ impl State {
             }
         }
         for (l, socket, ctx) in adds {
-            let _ = sockopt::apply(socket2::SockRef::from(&socket), &new.tcp);
             self.start_listener(socket, ctx, l.bind);
         }
         set_splice_budget(&new);
@@ -548,7 +580,9 @@ impl State {
 
 /// Once a second: sweep rate-limiter keys, log what changed, drop drained retired listeners.
 async fn upkeep(state: Arc<State>) {
-    let mut summaries: Vec<(Arc<ListenerCtx>, Summary)> = Vec::new();
+    // One per set of counters: a listener and its replacement (same name, new bind) share
+    // theirs, and must not log the same events twice.
+    let mut summaries: Vec<(String, Arc<Stats>, Summary)> = Vec::new();
     let mut tick = tokio::time::interval(UPKEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -558,17 +592,21 @@ async fn upkeep(state: Arc<State>) {
         };
         let listeners = state.listeners();
         for r in &listeners {
-            if !summaries.iter().any(|(c, _)| Arc::ptr_eq(c, &r.ctx)) {
-                summaries.push((r.ctx.clone(), Summary::new(&r.ctx.stats)));
+            if !summaries
+                .iter()
+                .any(|(_, s, _)| Arc::ptr_eq(s, &r.ctx.stats))
+            {
+                let stats = r.ctx.stats.clone();
+                summaries.push((r.ctx.name.clone(), stats.clone(), Summary::new(&stats)));
             }
             r.ctx.guard.housekeep();
         }
-        for (ctx, summary) in &mut summaries {
-            summary.tick(&ctx.name, &ctx.stats);
+        for (name, stats, summary) in &mut summaries {
+            summary.tick(name, stats);
         }
         if let Ok(mut l) = state.listeners.lock() {
             l.retain(|r| !(r.is_retired() && r.ctx.guard.snapshot().conns == 0));
-            summaries.retain(|(c, _)| l.iter().any(|r| Arc::ptr_eq(c, &r.ctx)));
+            summaries.retain(|(_, s, _)| l.iter().any(|r| Arc::ptr_eq(s, &r.ctx.stats)));
         }
         if stopping {
             break;
@@ -641,6 +679,10 @@ impl Handle {
     /// Re-reads the config file (and `HALFGUARD__*` overrides) and applies it. On error the
     /// running configuration stays.
     pub async fn reload(&self) -> Result<(), ServerError> {
+        if self.state.draining.load(Ordering::SeqCst) {
+            // Said without reading the file: whatever it holds, it will not be applied.
+            return self.state.reload(Config::clone(&self.state.config())).await;
+        }
         let path = std::path::PathBuf::from(&self.state.config.load().file);
         match crate::config::load(&path) {
             Ok(c) => self.reload_with(c).await,

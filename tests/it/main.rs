@@ -11,5 +11,6 @@ mod kernel;
 mod leaks;
 mod passive;
 mod props;
+mod reload;
 mod resolve;
 mod support;
