@@ -295,6 +295,8 @@ fn policy(l: &ListenerConfig, config: &Config, backends: Arc<Pool>) -> Policy {
         accept_proxy: l.accept_proxy,
         trusted_proxies: l.trusted_proxies.clone(),
         timeouts: l.timeouts.clone(),
+        min_rate: l.limits.min_rate,
+        grace: l.limits.grace,
         pressure: config.pressure.clone(),
         tcp: config.tcp.clone(),
         backends,
@@ -578,11 +580,15 @@ impl State {
     }
 }
 
+/// Upkeep ticks between two lines about stalled connections (while there are some).
+const STALLED_SUMMARY_EVERY: u64 = 10;
+
 /// Once a second: sweep rate-limiter keys, log what changed, drop drained retired listeners.
 async fn upkeep(state: Arc<State>) {
     // One per set of counters: a listener and its replacement (same name, new bind) share
-    // theirs, and must not log the same events twice.
-    let mut summaries: Vec<(String, Arc<Stats>, Summary)> = Vec::new();
+    // theirs, and must not log the same events twice. Read through the one still accepting.
+    let mut summaries: Vec<(Arc<ListenerCtx>, Summary)> = Vec::new();
+    let mut ticks = 0u64;
     let mut tick = tokio::time::interval(UPKEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -592,21 +598,49 @@ async fn upkeep(state: Arc<State>) {
         };
         let listeners = state.listeners();
         for r in &listeners {
-            if !summaries
-                .iter()
-                .any(|(_, s, _)| Arc::ptr_eq(s, &r.ctx.stats))
+            match summaries
+                .iter_mut()
+                .find(|(c, _)| Arc::ptr_eq(&c.stats, &r.ctx.stats))
             {
-                let stats = r.ctx.stats.clone();
-                summaries.push((r.ctx.name.clone(), stats.clone(), Summary::new(&stats)));
+                Some((c, _)) if !r.is_retired() => *c = r.ctx.clone(),
+                Some(_) => {}
+                None => summaries.push((r.ctx.clone(), Summary::new(&r.ctx.stats))),
             }
             r.ctx.guard.housekeep();
         }
-        for (name, stats, summary) in &mut summaries {
-            summary.tick(name, stats);
+        for (ctx, summary) in &mut summaries {
+            let top = || {
+                let l = ctx
+                    .guard
+                    .top_sources(1, crate::guard::SourceOrder::Refused)
+                    .into_iter()
+                    .next()?;
+                Some(crate::stats::TopRefused {
+                    source: l.source.to_string(),
+                    refused: l.refused,
+                    conns: l.conns,
+                    going_nowhere: l.going_nowhere(),
+                    verdict: l.verdict(),
+                })
+            };
+            summary.tick(&ctx.name, &ctx.stats, &top);
+            if ticks.is_multiple_of(STALLED_SUMMARY_EVERY) {
+                let snap = ctx.guard.snapshot();
+                if snap.stalled > 0 {
+                    tracing::info!(
+                        listener = %ctx.name,
+                        stalled = snap.stalled,
+                        sources = snap.stalled_sources,
+                        conns = snap.conns,
+                        "connections stalled: OPEN below limits.min_rate (evictable when the listener is full)"
+                    );
+                }
+            }
         }
+        ticks += 1;
         if let Ok(mut l) = state.listeners.lock() {
             l.retain(|r| !(r.is_retired() && r.ctx.guard.snapshot().conns == 0));
-            summaries.retain(|(_, s, _)| l.iter().any(|r| Arc::ptr_eq(s, &r.ctx.stats)));
+            summaries.retain(|(c, _)| l.iter().any(|r| Arc::ptr_eq(&c.stats, &r.ctx.stats)));
         }
         if stopping {
             break;

@@ -95,6 +95,12 @@ struct Direction<'a> {
     other_done: bool,
     /// Last time a byte was read or written in this direction.
     last_progress: Instant,
+    /// Bytes written in this direction, for the progress-rate check.
+    total: u64,
+    /// The current burst of reads (bytes read with no pause of `BURST_GAP` or more): when it
+    /// began, how many bytes it holds, and the last read. The request clock judges the
+    /// client's burst before the backend's first byte.
+    burst: Option<Burst>,
     /// Since when bytes wait for a destination that takes none, if they do.
     stalled_since: Option<Instant>,
     /// A stall began and the connection has not been told yet.
@@ -159,6 +165,8 @@ impl<'a> Direction<'a> {
             done: false,
             other_done: false,
             last_progress: now,
+            total: 0,
+            burst: None,
             stalled_since: None,
             stall_started: false,
         }
@@ -192,9 +200,29 @@ impl<'a> Direction<'a> {
     /// `n` bytes reached the destination: progress, and no stall.
     fn wrote(&mut self, n: usize) {
         self.moved = true;
+        self.total += n as u64;
         self.counter.fetch_add(n as u64, Relaxed);
         self.last_progress = Instant::now();
         self.stalled_since = None;
+    }
+
+    /// `n` bytes were read from the source at `now`: progress, and the burst grows (or a
+    /// new one starts after a pause).
+    fn read(last_progress: &mut Instant, burst: &mut Option<Burst>, n: usize, now: Instant) {
+        *last_progress = now;
+        match burst {
+            Some(b) if now.saturating_duration_since(b.last) < BURST_GAP => {
+                b.bytes += n as u64;
+                b.last = now;
+            }
+            _ => {
+                *burst = Some(Burst {
+                    start: now,
+                    bytes: n as u64,
+                    last: now,
+                });
+            }
+        }
     }
 
     /// Copies until `from` would block, `to` would block, or EOF has been forwarded
@@ -288,18 +316,23 @@ impl<'a> Direction<'a> {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
                     self.len = n;
-                    self.last_progress = Instant::now();
+                    Self::read(&mut self.last_progress, &mut self.burst, n, Instant::now());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(at(rd)(e))),
             }
             // Read on until the source would block before writing: the read that says
             // "would block" is made either way, and made first it also finds a FIN that came
-            // with the data, so the write can carry it (see `fin_follows`).
+            // with the data, so the write can carry it (MSG_MORE above).
             while 0 < self.len && self.len < BUF_SIZE && !self.eof {
                 match from.try_read(&mut buf[self.len..]) {
                     Ok(0) => self.eof = true,
-                    Ok(n) => self.len += n,
+                    Ok(n) => {
+                        self.len += n;
+                        if let Some(b) = &mut self.burst {
+                            b.bytes += n as u64;
+                        }
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => return Poll::Ready(Err(at(rd)(e))),
                 }
@@ -356,13 +389,25 @@ impl<'a> Direction<'a> {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
                     self.in_pipe = n;
-                    self.last_progress = Instant::now();
+                    Self::read(&mut self.last_progress, &mut self.burst, n, Instant::now());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(at(rd)(e))),
             }
         }
     }
+}
+
+/// A pause in a direction's reads this long ends its burst: the sender has said what it had
+/// to say and waits. A drip sends more often than this; a heartbeat less often.
+pub const BURST_GAP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads with no pause of [`BURST_GAP`] or more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Burst {
+    pub start: Instant,
+    pub bytes: u64,
+    pub last: Instant,
 }
 
 /// A read or write failed (a reset, or a kernel timeout) on `side`'s socket.
@@ -464,6 +509,17 @@ impl<'a> Pump<'a> {
     /// The server has sent at least one byte to the client.
     pub fn server_spoke(&self) -> bool {
         self.down.moved
+    }
+
+    /// The client's current burst, while the server has said nothing yet: what the request
+    /// clock judges.
+    pub fn request_burst(&self) -> Option<Burst> {
+        if self.down.moved { None } else { self.up.burst }
+    }
+
+    /// Bytes moved both ways so far.
+    pub fn total(&self) -> u64 {
+        self.up.total + self.down.total
     }
 
     /// At least one byte of the client's has reached the server.
