@@ -36,10 +36,12 @@ pub enum Reject {
     UntrustedProxy,
     /// Every backend server was at `max_conns` and the pool's queue was full.
     QueueFull,
+    /// The source's network (a coarser prefix) is at `max_conns_per_network`.
+    NetworkConns,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 12] = [
+    pub const ALL: [Reject; 13] = [
         Reject::Denied,
         Reject::ConnsFull,
         Reject::Rate,
@@ -52,6 +54,7 @@ impl Reject {
         Reject::ProxyHeader,
         Reject::UntrustedProxy,
         Reject::QueueFull,
+        Reject::NetworkConns,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -68,6 +71,7 @@ impl Reject {
             Reject::ProxyHeader => "proxy_header",
             Reject::UntrustedProxy => "untrusted_proxy",
             Reject::QueueFull => "queue_full",
+            Reject::NetworkConns => "network_conns",
         }
     }
 }
@@ -180,6 +184,7 @@ impl Observed {
             Reject::SourceConns,
             Reject::SourceHalfOpen,
             Reject::SourceHalfClosed,
+            Reject::NetworkConns,
         ]
         .into_iter()
         .map(Observed::Reject)

@@ -62,6 +62,13 @@ pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 /// service by configuration. /16 and /32 are a large organisation or a whole provider.
 pub const MIN_IPV4_PREFIX: u8 = 16;
 pub const MIN_IPV6_PREFIX: u8 = 32;
+/// The coarser level: an IPv4 /24 (one organisation's block, a carrier NAT pool)...
+pub const DEFAULT_NETWORK_IPV4_PREFIX: u8 = 24;
+/// ...and an IPv6 /48 (one site: a home gets a /56 or /48, so 256 or 65,536 /64 sources).
+pub const DEFAULT_NETWORK_IPV6_PREFIX: u8 = 48;
+/// Connections of one network: 16 sources' worth at the per-source cap, an eighth of
+/// `max_conns`, so one home /56 cannot fill the listener with OPEN connections.
+pub const DEFAULT_MAX_CONNS_PER_NETWORK: u32 = 1_024;
 /// Hard bound on tracked sources, so a spread-out attack cannot grow memory without end.
 pub const DEFAULT_MAX_SOURCES: u32 = 65_536;
 /// Concurrent connections per listener; each costs two descriptors.
@@ -332,6 +339,11 @@ pub struct Limits {
     pub conn_burst_per_source: u32,
     pub ipv4_prefix: u8,
     pub ipv6_prefix: u8,
+    /// The coarser per-source level: prefixes that make a network of sources...
+    pub network_ipv4_prefix: u8,
+    pub network_ipv6_prefix: u8,
+    /// ...and its connection cap (0 = none).
+    pub max_conns_per_network: u32,
     pub max_sources: u32,
     pub max_conns: u32,
     pub max_half_open: u32,
@@ -410,6 +422,9 @@ impl Default for Limits {
             conn_burst_per_source: DEFAULT_CONN_BURST_PER_SOURCE,
             ipv4_prefix: DEFAULT_IPV4_PREFIX,
             ipv6_prefix: DEFAULT_IPV6_PREFIX,
+            network_ipv4_prefix: DEFAULT_NETWORK_IPV4_PREFIX,
+            network_ipv6_prefix: DEFAULT_NETWORK_IPV6_PREFIX,
+            max_conns_per_network: DEFAULT_MAX_CONNS_PER_NETWORK,
             max_sources: DEFAULT_MAX_SOURCES,
             max_conns: DEFAULT_MAX_CONNS,
             max_half_open: DEFAULT_MAX_HALF_OPEN,
@@ -864,6 +879,17 @@ impl Config {
     /// Settings that are valid but probably not what the operator means.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
+        for l in &self.listeners {
+            if l.limits.max_half_open_per_source > 0 && l.limits.grace >= l.timeouts.first_byte {
+                w.push(format!(
+                    "listener {:?}: limits.grace ({}) is not below timeouts.first_byte ({}): a silent \
+                     connection times out before it counts against max_half_open_per_source",
+                    l.name,
+                    humantime::format_duration(l.limits.grace),
+                    humantime::format_duration(l.timeouts.first_byte)
+                ));
+            }
+        }
         let t = &self.tcp;
         if let (Some(idle), Some(ut)) = (t.keepalive_idle, t.user_timeout) {
             let total = idle + t.keepalive_interval * t.keepalive_count;
@@ -926,14 +952,17 @@ impl fmt::Display for Config {
             )?;
             writeln!(
                 f,
-                "  caps per source (/{} v4, /{} v6): conns {}, half-open {}, half-closed {}, rate {}/s burst {}",
+                "  caps per source (/{} v4, /{} v6): conns {}, half-open {}, half-closed {}, rate {}/s burst {}; per network (/{} v4, /{} v6): conns {}",
                 lim.ipv4_prefix,
                 lim.ipv6_prefix,
                 cap(lim.max_conns_per_source),
                 cap(lim.max_half_open_per_source),
                 cap(lim.max_half_closed_per_source),
                 cap(lim.conn_rate_per_source),
-                lim.conn_burst_per_source
+                lim.conn_burst_per_source,
+                lim.network_ipv4_prefix,
+                lim.network_ipv6_prefix,
+                cap(lim.max_conns_per_network)
             )?;
             writeln!(
                 f,
@@ -1164,6 +1193,11 @@ fn merge_limits(
             .unwrap_or(base.conn_burst_per_source),
         ipv4_prefix: raw.ipv4_prefix.unwrap_or(base.ipv4_prefix),
         ipv6_prefix: raw.ipv6_prefix.unwrap_or(base.ipv6_prefix),
+        network_ipv4_prefix: raw.network_ipv4_prefix.unwrap_or(base.network_ipv4_prefix),
+        network_ipv6_prefix: raw.network_ipv6_prefix.unwrap_or(base.network_ipv6_prefix),
+        max_conns_per_network: raw
+            .max_conns_per_network
+            .unwrap_or(base.max_conns_per_network),
         max_sources: raw.max_sources.unwrap_or(base.max_sources),
         max_conns: raw.max_conns.unwrap_or(base.max_conns),
         max_half_open: raw.max_half_open.unwrap_or(base.max_half_open),
@@ -1196,6 +1230,24 @@ fn merge_limits(
             format!(
                 "{} is not in {MIN_IPV6_PREFIX}..=128 (a coarser source makes everyone behind it share one cap)",
                 l.ipv6_prefix
+            ),
+        ));
+    }
+    if !(MIN_IPV4_PREFIX..=l.ipv4_prefix).contains(&l.network_ipv4_prefix) {
+        return Err(ck.err(
+            key("network_ipv4_prefix"),
+            format!(
+                "{} is not in {MIN_IPV4_PREFIX}..={} (ipv4_prefix): a network holds sources, and everyone in it shares its cap",
+                l.network_ipv4_prefix, l.ipv4_prefix
+            ),
+        ));
+    }
+    if !(MIN_IPV6_PREFIX..=l.ipv6_prefix).contains(&l.network_ipv6_prefix) {
+        return Err(ck.err(
+            key("network_ipv6_prefix"),
+            format!(
+                "{} is not in {MIN_IPV6_PREFIX}..={} (ipv6_prefix): a network holds sources, and everyone in it shares its cap",
+                l.network_ipv6_prefix, l.ipv6_prefix
             ),
         ));
     }

@@ -162,6 +162,10 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// With bytes in flight at an expiry, the second look comes this soon, to tell a queue that
 /// moves from one that is stuck.
 const FIRST_LOOK: Duration = Duration::from_millis(200);
+/// However well its queue drains, a clock that ran out is put off by the kernel send-queue
+/// look for at most this long in all: a reader draining at `min_rate` wakes the pump (which
+/// resets the clocks) long before, so only a peer that keeps the queue barely moving meets it.
+const MAX_EXTENSION: Duration = Duration::from_secs(300);
 /// How often an OPEN connection weighs its progress against `min_rate`.
 pub const STALL_WINDOW: Duration = Duration::from_secs(1);
 /// The first look comes sooner: a flood of connections that trickle fills a listener at once,
@@ -523,8 +527,10 @@ async fn pump_until_end(
     let mut closed: Option<(Side, Instant)> = None;
     // Half-closed past the grace: counted against the source's cap.
     let mut lingering = false;
-    // Set when a kernel send queue was seen moving as a clock expired.
+    // Set when a kernel send queue was seen moving as a clock expired; `since`: when the
+    // first of those extensions began, for `MAX_EXTENSION`.
     let mut extended: Option<Instant> = None;
+    let mut extended_since: Option<Instant> = None;
     // The progress check: when it comes next, and the bytes moved at the last one.
     let mut next_check = Instant::now() + FIRST_STALL_CHECK;
     let mut last_check = Instant::now();
@@ -570,7 +576,14 @@ async fn pump_until_end(
                 .map(|s| (s + t.write_stall, Timeout::WriteStall)),
         );
         if let (Some(e), Some((at, c))) = (extended, clocks.best) {
-            clocks.best = Some((at.max(e), c));
+            if at > now {
+                // Progress moved the clock past now by itself: the extension is over.
+                extended = None;
+                extended_since = None;
+                pump.forget_looks();
+            } else {
+                clocks.best = Some((at.max(e), c));
+            }
         }
         clocks.arm(policy.lifetime(accepted));
         let clock = clocks.best;
@@ -579,23 +592,25 @@ async fn pump_until_end(
         {
             // Out of time by the progress stamps. A peer still acknowledging our bytes is
             // slow, not gone: look again shortly rather than discard its bytes with an RST.
-            if clock != Timeout::MaxLifetime && clock != Timeout::Request {
-                match pump.kernel_progress() {
-                    KernelQueues::Moving => {
-                        extended = Some(now + RECHECK);
-                        continue;
-                    }
-                    KernelQueues::FirstLook => {
-                        extended = Some(now + FIRST_LOOK);
-                        continue;
-                    }
-                    KernelQueues::Empty | KernelQueues::Stuck => {}
+            let within = extended_since.is_none_or(|s| now.duration_since(s) < MAX_EXTENSION);
+            if clock != Timeout::MaxLifetime && clock != Timeout::Request && within {
+                let look = match pump.kernel_progress(policy.min_rate) {
+                    KernelQueues::Moving => Some(RECHECK),
+                    KernelQueues::FirstLook => Some(FIRST_LOOK),
+                    KernelQueues::Empty | KernelQueues::Stuck => None,
+                };
+                if let Some(after) = look {
+                    extended = Some(now + after);
+                    extended_since.get_or_insert(now);
+                    continue;
                 }
             }
             if expire(ticket, &mut observed, clock) {
                 return End::Timeout(clock);
             }
             extended = None;
+            extended_since = None;
+            pump.forget_looks();
             continue;
         }
         // The progress check, and a half-closed connection's grace.

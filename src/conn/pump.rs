@@ -22,6 +22,11 @@ use tokio::time::Instant;
 
 /// Copy buffer per direction while bytes move.
 pub const BUF_SIZE: usize = 16 * 1024;
+/// A spliced direction whose destination kept it waiting this long gives its pipe (256 KiB of
+/// kernel memory and two descriptors) back once the pipe is empty: a slow reader does not
+/// need zero copy, and the pipe budget is for bulk.
+#[cfg(target_os = "linux")]
+const SLOW_FOR_A_PIPE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Free copy buffers kept per worker thread, so a request/response exchange reuses one
 /// instead of going to the allocator twice per message.
 const POOLED_BUFS: usize = 64;
@@ -55,6 +60,30 @@ pub enum KernelQueues {
     Moving,
     /// Bytes in flight, none acknowledged since the last look: stalled.
     Stuck,
+}
+
+/// What two looks at the send queues (client, server), `elapsed` apart, say: a queue that
+/// drained at least `min_rate` bytes per second (and at least a byte) is moving.
+fn judge(
+    before: [Option<u32>; 2],
+    now: [Option<u32>; 2],
+    elapsed: std::time::Duration,
+    min_rate: u32,
+) -> KernelQueues {
+    let holding = now.iter().any(|n| matches!(n, Some(q) if *q > 0));
+    let floor = (f64::from(min_rate) * elapsed.as_secs_f64()).max(1.0) as u64;
+    if !holding {
+        KernelQueues::Empty
+    } else if before == [None, None] {
+        KernelQueues::FirstLook
+    } else if now.iter().zip(before).any(|(n, b)| match (n, b) {
+        (Some(n), Some(b)) if *n > 0 => u64::from(b.saturating_sub(*n)) >= floor,
+        _ => false,
+    }) {
+        KernelQueues::Moving
+    } else {
+        KernelQueues::Stuck
+    }
 }
 
 /// Who sent a FIN.
@@ -285,7 +314,7 @@ impl<'a> Direction<'a> {
             // The buffer is empty: a bulk direction switches to splice here, if a pipe is
             // to be had.
             #[cfg(target_os = "linux")]
-            if self.bulk && !self.eof {
+            if self.bulk && self.may_splice && !self.eof {
                 self.bulk = false;
                 if let Some(p) = crate::splice::Pipe::get() {
                     self.release_buf();
@@ -371,7 +400,23 @@ impl<'a> Direction<'a> {
                 match to.try_io(Interest::WRITABLE, || splice(pipe_r, to_fd, len)) {
                     Ok(n) => {
                         self.in_pipe -= n;
+                        // A destination that kept us waiting this long is a slow reader:
+                        // once the pipe is empty, it goes back and the direction copies
+                        // through the small buffer (see below).
+                        if self
+                            .stalled_since
+                            .is_some_and(|s| s.elapsed() >= SLOW_FOR_A_PIPE)
+                        {
+                            self.may_splice = false;
+                        }
                         self.wrote(n);
+                        if self.in_pipe == 0
+                            && !self.may_splice
+                            && let Some(p) = self.pipe.take()
+                        {
+                            p.put_back();
+                            return self.poll_copy(from, to, cx);
+                        }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Poll::Ready(Err(at(wr)(e))),
@@ -435,8 +480,9 @@ pub struct Pump<'a> {
     server: &'a TcpStream,
     up: Direction<'a>,
     down: Direction<'a>,
-    /// The kernel send queues seen at the last look (client, server).
+    /// The kernel send queues seen at the last look (client, server), and when.
     unacked: [Option<u32>; 2],
+    looked: Instant,
 }
 
 impl<'a> Pump<'a> {
@@ -457,6 +503,7 @@ impl<'a> Pump<'a> {
             up: Direction::new(now, &stats.bytes_upstream, spliced, Side::Client, splice),
             down: Direction::new(now, &stats.bytes_downstream, spliced, Side::Server, splice),
             unacked: [None, None],
+            looked: now,
         }
     }
 
@@ -506,6 +553,11 @@ impl<'a> Pump<'a> {
         }
     }
 
+    /// Forgets the send queues seen at earlier looks: the next look is a first look again.
+    pub fn forget_looks(&mut self) {
+        self.unacked = [None, None];
+    }
+
     /// The server has sent at least one byte to the client.
     pub fn server_spoke(&self) -> bool {
         self.down.moved
@@ -535,28 +587,47 @@ impl<'a> Pump<'a> {
         }
     }
 
-    /// Looks at the kernel send queues, for a clock that ran out. A peer still
-    /// acknowledging our data, however slowly, is making progress, and an RST would discard
-    /// those bytes.
-    pub fn kernel_progress(&mut self) -> KernelQueues {
+    /// Looks at the kernel send queues, for a clock that ran out. A peer still taking our
+    /// data at `min_rate` bytes per second or more is making progress, and an RST would
+    /// discard those bytes; one that acknowledges a few bytes now and then is a slow reader
+    /// holding a socket, and is stuck.
+    pub fn kernel_progress(&mut self, min_rate: u32) -> KernelQueues {
         let now = [
             crate::sockopt::unacked(self.client),
             crate::sockopt::unacked(self.server),
         ];
+        let at = Instant::now();
         let before = std::mem::replace(&mut self.unacked, now);
-        let holding = now.iter().any(|n| matches!(n, Some(q) if *q > 0));
-        if !holding {
-            KernelQueues::Empty
-        } else if before == [None, None] {
+        let since = std::mem::replace(&mut self.looked, at);
+        judge(before, now, at.saturating_duration_since(since), min_rate)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_queue_that_drains_below_the_minimum_rate_is_stuck() {
+        let s = Duration::from_secs(1);
+        let q = |c: u32| [Some(c), Some(0)];
+        assert_eq!(
+            judge([None, None], q(9000), s, 500),
             KernelQueues::FirstLook
-        } else if now
-            .iter()
-            .zip(before)
-            .any(|(n, b)| matches!(n, Some(q) if *q > 0) && *n != b)
-        {
-            KernelQueues::Moving
-        } else {
-            KernelQueues::Stuck
-        }
+        );
+        assert_eq!(judge(q(9000), q(0), s, 500), KernelQueues::Empty);
+        // 600 bytes acknowledged in a second: a slow reader, but a reader.
+        assert_eq!(judge(q(9000), q(8400), s, 500), KernelQueues::Moving);
+        // A few bytes a second: it moves, but that is a socket held, not progress.
+        assert_eq!(judge(q(9000), q(8990), s, 500), KernelQueues::Stuck);
+        assert_eq!(judge(q(9000), q(9000), s, 500), KernelQueues::Stuck);
+        // Queues that grew (we wrote more) are not a drain.
+        assert_eq!(judge(q(9000), q(9500), s, 500), KernelQueues::Stuck);
+        // The 200 ms first look needs a fifth of that.
+        let fifth = Duration::from_millis(200);
+        assert_eq!(judge(q(9000), q(8850), fifth, 500), KernelQueues::Moving);
+        // min_rate 0: any byte counts, as before.
+        assert_eq!(judge(q(9000), q(8999), s, 0), KernelQueues::Moving);
     }
 }

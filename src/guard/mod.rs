@@ -73,13 +73,18 @@ pub(crate) struct Shared {
     table: SourceTable,
     rate: ArcSwapOption<SourceRate>,
     counts: Counts,
-    next_id: AtomicU64,
+    next_slot: AtomicU64,
     pressure: PressureGate,
     stats: Arc<Stats>,
     refusals: Refusals,
     /// What observe mode let pass, per source.
     observed: Refusals,
+    /// Connections per network (the coarser prefix of `max_conns_per_network`).
+    networks: dashmap::DashMap<SourceKey, u32>,
 }
+
+/// A trusted connection's source and network, once its PROXY header named them.
+pub(crate) type AssignedSource = (Option<SourceKey>, Option<SourceKey>);
 
 /// One source's load, for `/sources`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,10 +159,11 @@ impl Guard {
                 table: SourceTable::new(),
                 rate: ArcSwapOption::new(rate),
                 counts: Counts::default(),
-                next_id: AtomicU64::new(0),
+                next_slot: AtomicU64::new(0),
                 stats,
                 refusals: Refusals::default(),
                 observed: Refusals::default(),
+                networks: dashmap::DashMap::new(),
             }),
         }
     }
@@ -237,12 +243,23 @@ impl Guard {
         lim: &Limits,
     ) -> Result<Ticket, Reject> {
         let sh = &self.shared;
-        let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
+        // The coarser level first: a network at its cap costs nobody an eviction.
+        let net = match &key {
+            Some(_) => sh.enter_network(key_ip(&key), lim)?,
+            None => None,
+        };
+        let undo_net = |sh: &Shared| {
+            if let Some(n) = &net {
+                sh.leave_network(n);
+            }
+        };
         if !sh.reserve_conn(lim, weight) {
+            undo_net(sh);
             return Err(Reject::ConnsFull);
         }
         if !sh.reserve_state(EvictState::HalfOpen, lim, weight) {
             sh.counts.conns.fetch_sub(1, Ordering::AcqRel);
+            undo_net(sh);
             return Err(Reject::HalfOpenFull);
         }
         let ctl = Arc::new(ConnCtl::default());
@@ -252,6 +269,7 @@ impl Guard {
                 Ok(p) => provisional = p,
                 Err(reason) => {
                     sh.give_back(Some(EvictState::HalfOpen));
+                    undo_net(sh);
                     return Err(reason);
                 }
             }
@@ -261,7 +279,7 @@ impl Guard {
         Ok(Ticket {
             shared: self.shared.clone(),
             key,
-            id,
+            net,
             state: State::HalfOpen,
             ctl,
             listed: None,
@@ -446,24 +464,31 @@ impl Shared {
     /// The per-source half of admission for a connection already counted per listener
     /// (a PROXY protocol connection whose header named its source): deny, allow, rate,
     /// per-source caps, then the source's half-open list.
-    pub(crate) fn assign_source(
-        &self,
-        ip: IpAddr,
-        _id: u64,
-        _ctl: &Arc<ConnCtl>,
-    ) -> Result<Option<SourceKey>, Reject> {
+    /// Returns the source and network keys to count under.
+    pub(crate) fn assign_source(&self, ip: IpAddr) -> Result<AssignedSource, Reject> {
         let ip = ip.to_canonical();
         let lim = &*self.limits.load();
         // A PROXY connection is past accept: no provisional wait, the cap is strict.
         let r = self.source_of(ip, lim).and_then(|key| {
-            if let Some(key) = &key
-                && self.enter_source(key, lim)?
-            {
-                self.undo_provisional(key);
-                self.enforce_or_observe(*key, Reject::SourceConns, lim)?;
-                self.enter_source_unchecked(key);
+            let Some(key) = key else {
+                return Ok((None, None));
+            };
+            let net = self.enter_network(ip, lim)?;
+            let entered = self.enter_source(&key, lim).and_then(|provisional| {
+                if provisional {
+                    self.undo_provisional(&key);
+                    self.enforce_or_observe(key, Reject::SourceConns, lim)?;
+                    self.enter_source_unchecked(&key);
+                }
+                Ok(())
+            });
+            if let Err(r) = entered {
+                if let Some(n) = &net {
+                    self.leave_network(n);
+                }
+                return Err(r);
             }
-            Ok(key)
+            Ok((Some(key), net))
         });
         if let Err(reason) = r {
             self.refused(ip, reason);
@@ -562,6 +587,41 @@ impl Shared {
                 Ok(false)
             }
         }
+    }
+
+    /// Counts a connection in its source's network (a coarser prefix), refusing it at
+    /// `max_conns_per_network` (observed only, in observe mode). `None` when the cap is off.
+    fn enter_network(&self, ip: IpAddr, lim: &Limits) -> Result<Option<SourceKey>, Reject> {
+        if lim.max_conns_per_network == 0 {
+            return Ok(None);
+        }
+        let net = SourceKey::new(ip, lim.network_ipv4_prefix, lim.network_ipv6_prefix);
+        let mut n = match self.networks.get_mut(&net) {
+            Some(n) => n,
+            None => {
+                // Networks are fewer than sources: the same bound keeps memory bounded.
+                if self.networks.len() >= lim.max_sources as usize {
+                    return Err(Reject::SourcesFull);
+                }
+                self.networks.entry(net).or_insert(0)
+            }
+        };
+        if *n >= lim.max_conns_per_network {
+            drop(n);
+            let source = SourceKey::new(ip, lim.ipv4_prefix, lim.ipv6_prefix);
+            self.enforce_or_observe(source, Reject::NetworkConns, lim)?;
+            n = self.networks.entry(net).or_insert(0);
+        }
+        *n += 1;
+        Ok(Some(net))
+    }
+
+    /// A connection counted in `net` ends.
+    pub(crate) fn leave_network(&self, net: &SourceKey) {
+        if let Some(mut n) = self.networks.get_mut(net) {
+            *n = n.saturating_sub(1);
+        }
+        self.networks.remove_if(net, |_, n| *n == 0);
     }
 
     /// Takes back a provisional admission counted by [`Shared::enter_source`].
@@ -681,6 +741,12 @@ impl Shared {
             self.counts.half_closed.load(Ordering::Relaxed),
         ]);
     }
+}
+
+/// The address a source key was made from, as far as the network prefix needs it (the key
+/// keeps the leading bits, which are the ones a coarser prefix looks at).
+fn key_ip(key: &Option<SourceKey>) -> IpAddr {
+    key.map_or(IpAddr::from([0, 0, 0, 0]), |k| k.addr())
 }
 
 /// Increments `c` unless it is already at `max`.

@@ -482,3 +482,35 @@ fn a_source_cannot_take_the_place_of_one_no_heavier_than_itself() {
     let _client = g.admit(ip("198.18.0.9")).unwrap();
     assert_eq!(g.stats().evicted(EvictState::Stalled), 1);
 }
+
+#[test]
+fn a_network_of_sources_has_its_own_cap() {
+    let g = guard(Limits {
+        max_conns_per_source: 4,
+        max_conns_per_network: 6,
+        ..open_limits()
+    });
+    // Three addresses of one /24: four each would be twelve; the network holds six.
+    let mut held = Vec::new();
+    for host in 1..=3 {
+        for _ in 0..2 {
+            held.push(g.admit(ip(&format!("198.18.0.{host}"))).unwrap());
+        }
+    }
+    assert_eq!(g.admit(ip("198.18.0.4")).unwrap_err(), Reject::NetworkConns);
+    // Another /24 is another network; a connection that ends frees its network's place.
+    let _other = g.admit(ip("198.18.1.1")).unwrap();
+    held.pop();
+    let _again = g.admit(ip("198.18.0.4")).unwrap();
+    // IPv6: a home /56 is 256 sources of /64, one network of /48.
+    let v6: Vec<_> = (0..6)
+        .map(|i| g.admit(ip(&format!("2001:db8:0:{i}::1"))).unwrap())
+        .collect();
+    assert_eq!(
+        g.admit(ip("2001:db8:0:ff::1")).unwrap_err(),
+        Reject::NetworkConns
+    );
+    drop((held, v6, _other, _again));
+    assert_eq!(g.snapshot(), GuardSnapshot::default());
+    assert!(g.shared.networks.is_empty());
+}

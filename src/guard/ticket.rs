@@ -46,7 +46,8 @@ pub struct Ticket {
     /// `None` for allow-listed sources and for a trusted balancer's connection before its
     /// PROXY header named the source: counted only listener-wide.
     pub(super) key: Option<SourceKey>,
-    pub(super) id: u64,
+    /// The source's network, when `max_conns_per_network` counts it.
+    pub(super) net: Option<SourceKey>,
     pub(super) state: State,
     pub(super) ctl: Arc<ConnCtl>,
     /// The source list this connection sits in, and its place there.
@@ -97,7 +98,7 @@ impl Ticket {
             self.shared.stats.reject(Reject::ProxyHeader);
             return Err(Reject::ProxyHeader);
         }
-        self.key = self.shared.assign_source(ip, self.id, &self.ctl)?;
+        (self.key, self.net) = self.shared.assign_source(ip)?;
         self.trusted = false;
         Ok(())
     }
@@ -179,7 +180,7 @@ impl Ticket {
                 }
                 sh.observed_key(key, Observed::Reject(Reject::SourceHalfOpen));
             }
-            let slot = sh.next_id.fetch_add(1, Ordering::Relaxed);
+            let slot = sh.next_slot.fetch_add(1, Ordering::Relaxed);
             sh.table
                 .list(&mut e, &key, EvictState::HalfOpen, slot, &self.ctl);
             self.listed = Some((EvictState::HalfOpen, slot));
@@ -214,7 +215,7 @@ impl Ticket {
         if self.ctl.is_evicted() {
             return Err(Refused::Evicted);
         }
-        let slot = sh.next_id.fetch_add(1, Ordering::Relaxed);
+        let slot = sh.next_slot.fetch_add(1, Ordering::Relaxed);
         sh.table
             .list(&mut e, &key, EvictState::Stalled, slot, &self.ctl);
         self.listed = Some((EvictState::Stalled, slot));
@@ -300,7 +301,7 @@ impl Ticket {
             if self.ctl.is_evicted() {
                 return Err(Refused::Evicted);
             }
-            let slot = sh.next_id.fetch_add(1, Ordering::Relaxed);
+            let slot = sh.next_slot.fetch_add(1, Ordering::Relaxed);
             sh.table
                 .list(&mut e, &key, EvictState::HalfClosed, slot, &self.ctl);
             self.listed = Some((EvictState::HalfClosed, slot));
@@ -341,6 +342,10 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         let sh = &self.shared;
+        // Not part of what an evictor gives back: the ticket always returns it.
+        if let Some(net) = &self.net {
+            sh.leave_network(net);
+        }
         if self.ctl.is_evicted() {
             return;
         }

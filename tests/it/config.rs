@@ -180,7 +180,7 @@ fn with(section: &str) -> Result<halfguard::Config, String> {
 #[test]
 fn values_at_the_kernel_and_clock_bounds_are_accepted() {
     let c = with(
-        "[tcp]\nkeepalive_idle = \"32767s\"\nkeepalive_interval = \"32767s\"\nkeepalive_count = 127\nuser_timeout = \"2147483647ms\"\n[timeouts]\nidle = \"1y\"\n[limits]\nipv4_prefix = 16\nipv6_prefix = 32\n",
+        "[tcp]\nkeepalive_idle = \"32767s\"\nkeepalive_interval = \"32767s\"\nkeepalive_count = 127\nuser_timeout = \"2147483647ms\"\n[timeouts]\nidle = \"1y\"\n[limits]\nipv4_prefix = 16\nipv6_prefix = 32\nnetwork_ipv4_prefix = 16\nnetwork_ipv6_prefix = 32\n",
     )
     .unwrap();
     assert_eq!(c.tcp.keepalive_count, 127);

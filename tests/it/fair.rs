@@ -67,7 +67,7 @@ async fn busy_address_is_not_refused(workers: usize) {
     let refused: u64 = Reject::ALL.iter().map(|&r| stats.rejected(r)).sum();
     let total = ok + failed;
     eprintln!("concurrency {workers}: {ok} served, {failed} failed, {refused} refused");
-    assert!(total > 500, "too few exchanges to judge: {total}");
+    assert!(total > 100, "too few exchanges to judge: {total}");
     // Fewer than 0.1% refused.
     assert!(
         refused * 1000 < total,
