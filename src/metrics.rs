@@ -137,10 +137,26 @@ fn histogram(
 impl prometheus_client::collector::Collector for Collector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let listeners = self.state.listeners();
-        let ls: Vec<_> = listeners
-            .iter()
-            .map(|l| (l.ctx.name.as_str(), l.ctx.guard.snapshot(), &l.ctx.stats))
-            .collect();
+        // A listener a reload moved to a new bind runs beside its retiring predecessor until
+        // that one drains: one name, one set of counters (shared), one series. Their
+        // connections add up.
+        let mut ls: Vec<(&str, crate::guard::GuardSnapshot, &Stats)> = Vec::new();
+        for l in &listeners {
+            let snap = l.ctx.guard.snapshot();
+            match ls.iter_mut().find(|(n, _, _)| *n == l.ctx.name) {
+                Some((_, s, _)) => {
+                    s.conns += snap.conns;
+                    s.half_open += snap.half_open;
+                    s.half_closed += snap.half_closed;
+                    s.stalled += snap.stalled;
+                    s.stalled_sources += snap.stalled_sources;
+                    s.sources += snap.sources;
+                    s.rate_keys += snap.rate_keys;
+                    s.pressure |= snap.pressure;
+                }
+                None => ls.push((l.ctx.name.as_str(), snap, &l.ctx.stats)),
+            }
+        }
         let e = &mut enc;
 
         let mut v = Vec::new();
@@ -291,11 +307,17 @@ impl prometheus_client::collector::Collector for Collector {
         // The caps the state gauges are drawn against (`halfguard top`, dashboards): `all` is
         // the listener's connection cap, which every state counts toward.
         let mut v = Vec::new();
-        let limits: Vec<_> = listeners
-            .iter()
-            .map(|l| (l.ctx.name.as_str(), l.ctx.guard.limits()))
-            .collect();
-        for (name, lim) in &limits {
+        // One per name: the caps of the listener still accepting, not of one draining.
+        let mut limits: Vec<(&str, bool, _)> = Vec::new();
+        for l in &listeners {
+            let (name, retired) = (l.ctx.name.as_str(), l.is_retired());
+            match limits.iter_mut().find(|(n, _, _)| *n == name) {
+                Some(x) if x.1 && !retired => *x = (name, retired, l.ctx.guard.limits()),
+                Some(_) => {}
+                None => limits.push((name, retired, l.ctx.guard.limits())),
+            }
+        }
+        for (name, _, lim) in &limits {
             for (state, cap) in [
                 ("all", lim.max_conns),
                 ("half_open", lim.max_half_open),
@@ -443,6 +465,16 @@ impl prometheus_client::collector::Collector for Collector {
             e,
             "halfguard_connection_duration_seconds",
             "Lifetime of admitted connections, from accept to close.",
+            &v,
+        )?;
+        let v: Vec<_> = pools
+            .iter()
+            .map(|p| (vec![("backend", p.name())], p.local_errors()))
+            .collect();
+        counter(
+            e,
+            "halfguard_backend_local_errors",
+            "Backend connects that failed on this host (descriptors, ephemeral ports, socket options), not held against any server.",
             &v,
         )?;
         let v: Vec<_> = pools

@@ -8,7 +8,9 @@
 //!
 //! Shutdown: `/readyz` fails first (for `admin.drain_delay` on SIGTERM, so load balancers
 //! stop sending), then accepting stops, connections drain for their listener's
-//! `timeouts.drain`, and what is left is aborted with RST.
+//! `timeouts.drain`, and what is left is aborted with RST. From the shutdown signal on,
+//! reloads are refused (one under way is waited for), and every accept loop, whenever it
+//! was started, stops with the server: nothing can keep a draining process alive.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -56,6 +58,10 @@ pub enum ServerError {
     Config(#[from] Box<ConfigError>),
     #[error("{given} listening sockets given for {configured} configured listeners")]
     ListenerCount { given: usize, configured: usize },
+    #[error("[tcp]: {0}")]
+    TcpOptions(#[from] sockopt::SockoptError),
+    #[error("shutting down: reloads are refused while draining")]
+    Draining,
 }
 
 /// How often rate-limiter keys are swept, summaries logged and retired listeners reaped.
@@ -96,6 +102,8 @@ pub(crate) struct State {
     /// Accept loops and upkeep.
     tasks: TaskTracker,
     stop_upkeep: CancellationToken,
+    /// The parent of every accept loop's stop token, cancelled at shutdown.
+    accepting: CancellationToken,
     /// One reload at a time.
     reload_lock: tokio::sync::Mutex<()>,
     admin_addr: Option<SocketAddr>,
@@ -118,6 +126,8 @@ impl Server {
     /// Binds every configured listener and the admin endpoint, resolves backends, and starts
     /// accepting.
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        // Options the kernel refuses are named as such, not as "cannot bind".
+        sockopt::probe(&config.tcp)?;
         let mut sockets = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
             sockets.push(bind_listener(l, &config)?);
@@ -156,14 +166,18 @@ impl Server {
             conns: TaskTracker::new(),
             tasks: TaskTracker::new(),
             stop_upkeep: CancellationToken::new(),
+            accepting: CancellationToken::new(),
             reload_lock: tokio::sync::Mutex::new(()),
             kernel: crate::kernel::Kernel::default(),
         });
+        for socket in &sockets {
+            sockopt::apply(socket2::SockRef::from(socket), &config.tcp)?;
+        }
         let pools = state.build_pools(&config).await?;
         let ctxs = config
             .listeners
             .iter()
-            .map(|l| new_ctx(l, &config, &pools))
+            .map(|l| new_ctx(l, &config, &pools, None))
             .collect::<Result<Vec<_>, _>>()?;
         // Everything that can fail has passed: a start that fails says one thing (the
         // error), not a summary of a config that never ran.
@@ -176,7 +190,6 @@ impl Server {
         state.switch_pools(pools);
         set_splice_budget(&config);
         for ((socket, l), ctx) in sockets.into_iter().zip(&config.listeners).zip(ctxs) {
-            let _ = sockopt::apply(socket2::SockRef::from(&socket), &config.tcp);
             state.start_listener(socket, ctx, l.bind);
         }
         crate::kernel::warn_if_no_syncookies();
@@ -220,6 +233,9 @@ impl Server {
         tokio::pin!(force);
         let mut forced = false;
         state.draining.store(true, Ordering::SeqCst);
+        // A reload under way finishes first (every later one is refused), so no listener
+        // it adds can escape the stop below.
+        drop(state.reload_lock.lock().await);
         let delay = state.config.load().admin.drain_delay;
         if signal == Signal::Terminate && !delay.is_zero() {
             tracing::info!(
@@ -232,6 +248,7 @@ impl Server {
             }
         }
         let listeners = state.listeners();
+        state.accepting.cancel();
         for r in &listeners {
             r.stop_accepting();
         }
@@ -370,12 +387,15 @@ fn pool_for(l: &ListenerConfig, pools: &[Arc<Pool>]) -> Result<Arc<Pool>, Server
         })
 }
 
+/// A listener's context. `stats` carries the counters of the listener it replaces (same
+/// name, new bind), so its metric series go on rather than appear twice or start over.
 fn new_ctx(
     l: &ListenerConfig,
     config: &Config,
     pools: &[Arc<Pool>],
+    stats: Option<Arc<Stats>>,
 ) -> Result<Arc<ListenerCtx>, ServerError> {
-    let stats = Arc::new(Stats::default());
+    let stats = stats.unwrap_or_default();
     Ok(Arc::new(ListenerCtx {
         name: l.name.clone(),
         policy: ArcSwap::from_pointee(policy(l, config, pool_for(l, pools)?)),
@@ -410,12 +430,18 @@ impl State {
                 out.push(p.clone());
                 continue;
             }
-            let pool = Pool::new(cfg.clone(), self.stop_upkeep.child_token())
-                .await
-                .map_err(|source| ServerError::Backend {
-                    pool: cfg.name.clone(),
-                    source,
-                })?;
+            // A changed pool: its servers that stay carry their load and health on.
+            let previous = current.iter().find(|p| p.name() == cfg.name);
+            let pool = Pool::new(
+                cfg.clone(),
+                self.stop_upkeep.child_token(),
+                previous.map(|p| &**p),
+            )
+            .await
+            .map_err(|source| ServerError::Backend {
+                pool: cfg.name.clone(),
+                source,
+            })?;
             out.push(Arc::new(pool));
         }
         Ok(out)
@@ -442,7 +468,8 @@ impl State {
     fn start_listener(&self, socket: TcpListener, ctx: Arc<ListenerCtx>, bind: SocketAddr) {
         let socket = Arc::new(socket);
         let addr = socket.local_addr().unwrap_or(bind);
-        let stop = CancellationToken::new();
+        // A child of the server's: cancelled at shutdown even if started after it began.
+        let stop = self.accepting.child_token();
         tracing::info!(
             listener = %ctx.name,
             %addr,
@@ -530,7 +557,11 @@ impl State {
     /// Applies `new` as described in the module docs; returns what changed, in words.
     pub(crate) async fn reload(&self, new: Config) -> Result<String, ServerError> {
         let _one = self.reload_lock.lock().await;
-        let r = self.try_reload(new).await;
+        let r = if self.draining.load(Ordering::SeqCst) {
+            Err(ServerError::Draining)
+        } else {
+            self.try_reload(new).await
+        };
         match &r {
             Ok(changed) => {
                 self.reloads_ok.fetch_add(1, Ordering::Relaxed);
@@ -547,13 +578,19 @@ impl State {
     /// Applies `new`; returns what changed, in words, for the log.
     async fn try_reload(&self, new: Config) -> Result<String, ServerError> {
         // Plan and do everything fallible first.
+        sockopt::probe(&new.tcp)?;
         let pools = self.build_pools(&new).await?;
         let mut updates = Vec::new();
         let mut adds = Vec::new();
         for l in &new.listeners {
             match self.active(&l.name) {
                 Some(r) if r.bind == l.bind => updates.push((r, l, pool_for(l, &pools)?)),
-                _ => adds.push((l, bind_listener(l, &new)?, new_ctx(l, &new, &pools)?)),
+                replaced => {
+                    let socket = bind_listener(l, &new)?;
+                    sockopt::apply(socket2::SockRef::from(&socket), &new.tcp)?;
+                    let stats = replaced.map(|r| r.ctx.stats.clone());
+                    adds.push((l, socket, new_ctx(l, &new, &pools, stats)?));
+                }
             }
         }
         // Apply.
@@ -563,8 +600,10 @@ impl State {
             r.ctx.set_policy(policy(l, &new, pool));
             if let Ok(s) = r.socket.lock()
                 && let Some(s) = s.as_ref()
+                && let Err(e) = sockopt::apply(socket2::SockRef::from(&**s), &new.tcp)
             {
-                let _ = sockopt::apply(socket2::SockRef::from(&**s), &new.tcp);
+                // The probe took these options: this is not expected, and too late to refuse.
+                tracing::warn!(listener = %r.ctx.name, error = %e, "cannot apply [tcp] to the listening socket");
             }
         }
         for r in self.listeners() {
@@ -577,7 +616,6 @@ impl State {
             }
         }
         for (l, socket, ctx) in adds {
-            let _ = sockopt::apply(socket2::SockRef::from(&socket), &new.tcp);
             self.start_listener(socket, ctx, l.bind);
         }
         set_splice_budget(&new);
@@ -716,6 +754,8 @@ fn changes(old: &Config, new: &Config) -> String {
 
 /// Once a second: sweep rate-limiter keys, log what changed, drop drained retired listeners.
 async fn upkeep(state: Arc<State>) {
+    // One per set of counters: a listener and its replacement (same name, new bind) share
+    // theirs, and must not log the same events twice. Read through the one still accepting.
     let mut summaries: Vec<(Arc<ListenerCtx>, Summary)> = Vec::new();
     let mut ticks = 0u64;
     let mut tick = tokio::time::interval(UPKEEP_EVERY);
@@ -727,8 +767,13 @@ async fn upkeep(state: Arc<State>) {
         };
         let listeners = state.listeners();
         for r in &listeners {
-            if !summaries.iter().any(|(c, _)| Arc::ptr_eq(c, &r.ctx)) {
-                summaries.push((r.ctx.clone(), Summary::new(&r.ctx.stats)));
+            match summaries
+                .iter_mut()
+                .find(|(c, _)| Arc::ptr_eq(&c.stats, &r.ctx.stats))
+            {
+                Some((c, _)) if !r.is_retired() => *c = r.ctx.clone(),
+                Some(_) => {}
+                None => summaries.push((r.ctx.clone(), Summary::new(&r.ctx.stats))),
             }
             r.ctx.guard.housekeep();
         }
@@ -764,7 +809,7 @@ async fn upkeep(state: Arc<State>) {
         ticks += 1;
         if let Ok(mut l) = state.listeners.lock() {
             l.retain(|r| !(r.is_retired() && r.ctx.guard.snapshot().conns == 0));
-            summaries.retain(|(c, _)| l.iter().any(|r| Arc::ptr_eq(c, &r.ctx)));
+            summaries.retain(|(c, _)| l.iter().any(|r| Arc::ptr_eq(&c.stats, &r.ctx.stats)));
         }
         if stopping {
             break;
@@ -838,6 +883,10 @@ impl Handle {
     /// what changed in words (`listener "web": limits; pool "app"`, or `nothing`). On error
     /// the running configuration stays.
     pub async fn reload(&self) -> Result<String, ServerError> {
+        if self.state.draining.load(Ordering::SeqCst) {
+            // Said without reading the file: whatever it holds, it will not be applied.
+            return self.state.reload(Config::clone(&self.state.config())).await;
+        }
         let path = std::path::PathBuf::from(&self.state.config.load().file);
         match crate::config::load(&path) {
             Ok(c) => self.reload_with(c).await,

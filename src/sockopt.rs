@@ -15,21 +15,124 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::TcpConfig;
 
+/// A `[tcp]` option the kernel refused, named by its config key, so the operator is told
+/// which line to fix rather than a bare "invalid argument".
+#[derive(Debug, thiserror::Error)]
+#[error("the kernel refuses {option} = {value}: {source}")]
+pub struct SockoptError {
+    pub option: &'static str,
+    pub value: String,
+    #[source]
+    pub source: io::Error,
+}
+
+impl From<SockoptError> for io::Error {
+    fn from(e: SockoptError) -> io::Error {
+        // Not the kernel's errno any more: a connect failing here is our doing, not the
+        // server's.
+        io::Error::new(e.source.kind(), e)
+    }
+}
+
+fn secs(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// The error for `option` refused. `apply` runs for every backend connect: the value is
+/// only formatted on a refusal.
+fn refused(
+    option: &'static str,
+    value: impl FnOnce() -> String,
+) -> impl FnOnce(io::Error) -> SockoptError {
+    move |source| SockoptError {
+        option,
+        value: value(),
+        source,
+    }
+}
+
 /// Applies keepalive, TCP_USER_TIMEOUT and TCP_NODELAY from `[tcp]`.
-pub fn apply(sock: SockRef<'_>, tcp: &TcpConfig) -> io::Result<()> {
-    sock.set_tcp_nodelay(tcp.nodelay)?;
+pub fn apply(sock: SockRef<'_>, tcp: &TcpConfig) -> Result<(), SockoptError> {
+    sock.set_tcp_nodelay(tcp.nodelay)
+        .map_err(refused("tcp.nodelay", || tcp.nodelay.to_string()))?;
     match tcp.keepalive_idle {
         Some(idle) => {
             let ka = TcpKeepalive::new()
                 .with_time(idle)
                 .with_interval(tcp.keepalive_interval)
                 .with_retries(tcp.keepalive_count);
-            sock.set_tcp_keepalive(&ka)?;
+            // One call on the connect path; only a failure pays to find the culprit.
+            if let Err(e) = sock.set_tcp_keepalive(&ka) {
+                return Err(keepalive_culprit(&sock, tcp, idle, e));
+            }
         }
-        None => sock.set_keepalive(false)?,
+        None => sock
+            .set_keepalive(false)
+            .map_err(refused("tcp.keepalive_idle", || "0s".into()))?,
     }
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    sock.set_tcp_user_timeout(tcp.user_timeout)?;
+    sock.set_tcp_user_timeout(tcp.user_timeout)
+        .map_err(refused("tcp.user_timeout", || {
+            tcp.user_timeout.map_or("0s".into(), secs)
+        }))?;
+    Ok(())
+}
+
+/// Sets the keepalive options one at a time to name the one the kernel refuses.
+fn keepalive_culprit(
+    sock: &SockRef<'_>,
+    tcp: &TcpConfig,
+    idle: Duration,
+    e: io::Error,
+) -> SockoptError {
+    let tries = [
+        (
+            "tcp.keepalive_idle",
+            secs(idle),
+            TcpKeepalive::new().with_time(idle),
+        ),
+        (
+            "tcp.keepalive_interval",
+            secs(tcp.keepalive_interval),
+            TcpKeepalive::new().with_interval(tcp.keepalive_interval),
+        ),
+        (
+            "tcp.keepalive_count",
+            tcp.keepalive_count.to_string(),
+            TcpKeepalive::new().with_retries(tcp.keepalive_count),
+        ),
+    ];
+    for (option, value, ka) in tries {
+        if let Err(source) = sock.set_tcp_keepalive(&ka) {
+            return SockoptError {
+                option,
+                value,
+                source,
+            };
+        }
+    }
+    SockoptError {
+        option: "tcp.keepalive_*",
+        value: format!(
+            "{} / {} / {}",
+            secs(idle),
+            secs(tcp.keepalive_interval),
+            tcp.keepalive_count
+        ),
+        source: e,
+    }
+}
+
+/// Tries the `[tcp]` options on a throwaway socket of each address family, so a config the
+/// kernel would refuse is refused before anything is bound or applied, rather than failing
+/// every backend connect after a reload said yes.
+pub fn probe(tcp: &TcpConfig) -> Result<(), SockoptError> {
+    for domain in [Domain::IPV4, Domain::IPV6] {
+        // No socket of a family (IPv6 off): nothing will use the options on it either.
+        if let Ok(sock) = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)) {
+            apply(SockRef::from(&sock), tcp)?;
+        }
+    }
     Ok(())
 }
 
@@ -150,6 +253,41 @@ pub fn raise_nofile() -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_option_the_kernel_refuses_is_named_by_its_key() {
+        let ka = TcpConfig {
+            keepalive_idle: Some(Duration::from_secs(30)),
+            ..TcpConfig::default()
+        };
+        for (key, tcp) in [
+            (
+                "tcp.keepalive_idle",
+                TcpConfig {
+                    keepalive_idle: Some(Duration::from_secs(40_000)),
+                    ..ka.clone()
+                },
+            ),
+            (
+                "tcp.keepalive_interval",
+                TcpConfig {
+                    keepalive_interval: Duration::from_secs(40_000),
+                    ..ka.clone()
+                },
+            ),
+            (
+                "tcp.keepalive_count",
+                TcpConfig {
+                    keepalive_count: 128,
+                    ..ka.clone()
+                },
+            ),
+        ] {
+            let e = probe(&tcp).expect_err(key);
+            assert_eq!(e.option, key, "{e}");
+        }
+        probe(&ka).expect("the defaults are taken");
+    }
 
     #[tokio::test]
     async fn accepted_sockets_inherit_the_listeners_options() {

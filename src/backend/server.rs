@@ -1,13 +1,17 @@
 //! One backend server's state: its address, health, load, and the lease a connection holds
 //! on it. A configured name with several addresses is one `Server` per address, so each
 //! has its own health and load.
+//!
+//! Health and load live in a [`ServerState`] of their own, shared by every `Server` value
+//! that stands for the same address: a reload that changes a pool builds new `Server`s, and
+//! those that stay carry the state on, so connections still open on the old pool count
+//! against `max_conns`, and a server that is down stays down until its checks say otherwise.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerConfig;
@@ -26,50 +30,82 @@ pub struct Server {
     pub(super) stop: CancellationToken,
     pub(super) weight: u32,
     pub(super) max_conns: u32,
+    pub(super) state: Arc<ServerState>,
+}
+
+/// What a server is and carries across reloads: load, health, counters.
+#[derive(Debug)]
+pub(super) struct ServerState {
     /// Connections holding a lease.
     active: AtomicU32,
     /// Active health: flipped by `rise`/`fall` consecutive check results.
     up: AtomicBool,
     checks_ok: AtomicU32,
     checks_bad: AtomicU32,
-    /// Passive health: consecutive failed connects or early resets.
+    /// Passive health: failed connects in a row (a connect that works ends the run)...
     failures: AtomicU32,
+    /// ...and resets before any byte moved in a row (a connection that gets further, or
+    /// ends any other way, ends the run). Counted apart because a connect that works
+    /// says nothing about what the server does next.
+    early_resets: AtomicU32,
     /// Passive cool-off end, in ms since `epoch`; 0 = none.
     cool_until_ms: AtomicU64,
     epoch: Instant,
     connect_errors: AtomicU64,
+    /// When keeping the last server up in rotation was last said, in ms since `epoch`
+    /// (0 = never): at most once a minute, however often it happens.
+    held_said_ms: AtomicU64,
+    /// A check confirming passive failures is under way.
+    confirming: AtomicBool,
     /// Cancelled when the server goes down and the pool aborts its connections.
     down: Mutex<CancellationToken>,
 }
 
-impl Server {
-    pub(super) fn new(
-        cfg: &ServerConfig,
-        entry: usize,
-        addr: SocketAddr,
-        stop: CancellationToken,
-    ) -> Server {
-        let label = if cfg.addr.parse::<SocketAddr>().is_ok() {
-            cfg.addr.clone()
-        } else {
-            format!("{}@{}", cfg.addr, addr.ip())
-        };
-        Server {
-            label,
-            addr,
-            entry,
-            stop,
-            weight: cfg.weight.max(1),
-            max_conns: cfg.max_conns,
+impl ServerState {
+    fn new() -> ServerState {
+        ServerState {
             active: AtomicU32::new(0),
             up: AtomicBool::new(true),
             checks_ok: AtomicU32::new(0),
             checks_bad: AtomicU32::new(0),
             failures: AtomicU32::new(0),
+            early_resets: AtomicU32::new(0),
             cool_until_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             connect_errors: AtomicU64::new(0),
+            held_said_ms: AtomicU64::new(0),
+            confirming: AtomicBool::new(false),
             down: Mutex::new(CancellationToken::new()),
+        }
+    }
+}
+
+/// The metric label of `addr` reached through the configured `cfg.addr`.
+pub(super) fn label(cfg: &ServerConfig, addr: SocketAddr) -> String {
+    if cfg.addr.parse::<SocketAddr>().is_ok() {
+        cfg.addr.clone()
+    } else {
+        format!("{}@{}", cfg.addr, addr.ip())
+    }
+}
+
+impl Server {
+    /// A server at `addr`; with `carried`, the state of the server it replaces.
+    pub(super) fn new(
+        cfg: &ServerConfig,
+        entry: usize,
+        addr: SocketAddr,
+        stop: CancellationToken,
+        carried: Option<Arc<ServerState>>,
+    ) -> Server {
+        Server {
+            label: label(cfg, addr),
+            addr,
+            entry,
+            stop,
+            weight: cfg.weight.max(1),
+            max_conns: cfg.max_conns,
+            state: carried.unwrap_or_else(|| Arc::new(ServerState::new())),
         }
     }
 
@@ -83,24 +119,24 @@ impl Server {
 
     /// Eligible for new connections: up by active checks and not cooling off.
     pub fn is_up(&self) -> bool {
-        self.up.load(Relaxed) && !self.cooling()
+        self.state.up.load(Relaxed) && !self.cooling()
     }
 
     fn cooling(&self) -> bool {
-        let until = self.cool_until_ms.load(Relaxed);
+        let until = self.state.cool_until_ms.load(Relaxed);
         until != 0 && self.now_ms() < until
     }
 
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
+        self.state.epoch.elapsed().as_millis() as u64 + 1
     }
 
     pub fn active(&self) -> u32 {
-        self.active.load(Relaxed)
+        self.state.active.load(Relaxed)
     }
 
     pub fn connect_errors(&self) -> u64 {
-        self.connect_errors.load(Relaxed)
+        self.state.connect_errors.load(Relaxed)
     }
 
     /// Room for one more connection under `max_conns`.
@@ -110,7 +146,8 @@ impl Server {
 
     /// Takes a slot if there is room.
     pub(super) fn try_reserve(&self) -> bool {
-        self.active
+        self.state
+            .active
             .fetch_update(Relaxed, Relaxed, |a| {
                 (self.max_conns == 0 || a < self.max_conns).then_some(a + 1)
             })
@@ -118,26 +155,34 @@ impl Server {
     }
 
     pub(super) fn release(&self) {
-        self.active.fetch_sub(1, Relaxed);
+        self.state.active.fetch_sub(1, Relaxed);
     }
 
-    /// A failed connect or a reset before the server's first byte. Returns true when this
-    /// failure started a cool-off.
-    pub(super) fn passive_failure(&self, fall: u32, cooloff: std::time::Duration) -> bool {
-        self.connect_errors.fetch_add(1, Relaxed);
-        let n = self.failures.fetch_add(1, Relaxed) + 1;
-        if n >= fall && !self.cooling() {
-            let until = self.now_ms() + cooloff.as_millis() as u64;
-            self.cool_until_ms.store(until, Relaxed);
-            self.failures.store(0, Relaxed);
-            return true;
+    /// One failure that was the server's doing: a refused or timed-out connect, or (with
+    /// `early`) a reset before any byte either way. Returns true when it makes `fall` of
+    /// its kind in a row.
+    pub(super) fn count_failure(&self, fall: u32, early: bool) -> bool {
+        self.state.connect_errors.fetch_add(1, Relaxed);
+        let run = if early {
+            &self.state.early_resets
+        } else {
+            &self.state.failures
+        };
+        let n = run.fetch_add(1, Relaxed) + 1;
+        n >= fall && !self.cooling()
+    }
+
+    /// A connection to the server ended other than by an early reset.
+    pub(super) fn not_reset_early(&self) {
+        // Read first: the common case writes nothing to a line every connection shares.
+        if self.state.early_resets.load(Relaxed) != 0 {
+            self.state.early_resets.store(0, Relaxed);
         }
-        false
     }
 
     /// What is left of the running cool-off, and its end (to tell it from a later one).
     pub(super) fn cooloff_left(&self) -> Option<(std::time::Duration, u64)> {
-        let until = self.cool_until_ms.load(Relaxed);
+        let until = self.state.cool_until_ms.load(Relaxed);
         let now = self.now_ms();
         (until != 0 && now < until).then(|| (std::time::Duration::from_millis(until - now), until))
     }
@@ -146,31 +191,86 @@ impl Server {
     pub(super) fn end_cooloff(&self, until: u64) -> bool {
         until > self.now_ms()
             && self
+                .state
                 .cool_until_ms
                 .compare_exchange(until, 0, Relaxed, Relaxed)
                 .is_ok()
     }
 
+    /// Takes the server out of rotation for `cooloff`.
+    pub(super) fn cool_off(&self, cooloff: Duration) {
+        let until = self
+            .now_ms()
+            .saturating_add(u64::try_from(cooloff.as_millis()).unwrap_or(u64::MAX));
+        self.state.cool_until_ms.store(until, Relaxed);
+        self.state.failures.store(0, Relaxed);
+        self.state.early_resets.store(0, Relaxed);
+    }
+
+    /// Keeps the last server up in rotation despite `fall` failures; true when that is to
+    /// be said (not within a minute of the last time).
+    pub(super) fn hold(&self) -> bool {
+        const SAY_EVERY_MS: u64 = 60_000;
+        self.state.failures.store(0, Relaxed);
+        self.state.early_resets.store(0, Relaxed);
+        let now = self.now_ms() + SAY_EVERY_MS;
+        let last = self.state.held_said_ms.load(Relaxed);
+        now >= last + SAY_EVERY_MS
+            && self
+                .state
+                .held_said_ms
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+    }
+
+    /// Starts a confirming check unless one is under way.
+    pub(super) fn start_confirming(&self) -> bool {
+        !self.state.confirming.swap(true, Relaxed)
+    }
+
+    pub(super) fn done_confirming(&self) {
+        self.state.confirming.store(false, Relaxed);
+    }
+
+    /// A connect that worked ends a run of failed connects.
     pub(super) fn passive_success(&self) {
-        self.failures.store(0, Relaxed);
+        // Read first: the common case writes nothing to a line every connect shares.
+        if self.state.failures.load(Relaxed) != 0 {
+            self.state.failures.store(0, Relaxed);
+        }
+    }
+
+    /// The same server (the same address, carried across a reload), whichever `Server`
+    /// value stands for it.
+    pub(super) fn same(&self, other: &Server) -> bool {
+        Arc::ptr_eq(&self.state, &other.state)
+    }
+
+    /// Forgets the active checks' verdict: a pool whose checks were turned off must not
+    /// keep a server down that nothing would ever bring back.
+    pub(super) fn forget_checks(&self) {
+        self.state.up.store(true, Relaxed);
+        self.state.checks_ok.store(0, Relaxed);
+        self.state.checks_bad.store(0, Relaxed);
     }
 
     /// One active check result. Returns `Some(new_up)` when the server changed state.
     pub(super) fn check_result(&self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+        let s = &self.state;
         if ok {
-            self.checks_bad.store(0, Relaxed);
-            let n = self.checks_ok.fetch_add(1, Relaxed) + 1;
-            if !self.up.load(Relaxed) && n >= rise {
-                self.up.store(true, Relaxed);
+            s.checks_bad.store(0, Relaxed);
+            let n = s.checks_ok.fetch_add(1, Relaxed) + 1;
+            if !s.up.load(Relaxed) && n >= rise {
+                s.up.store(true, Relaxed);
                 // Back by active checks: forget the passive cool-off too.
-                self.cool_until_ms.store(0, Relaxed);
+                s.cool_until_ms.store(0, Relaxed);
                 return Some(true);
             }
         } else {
-            self.checks_ok.store(0, Relaxed);
-            let n = self.checks_bad.fetch_add(1, Relaxed) + 1;
-            if self.up.load(Relaxed) && n >= fall {
-                self.up.store(false, Relaxed);
+            s.checks_ok.store(0, Relaxed);
+            let n = s.checks_bad.fetch_add(1, Relaxed) + 1;
+            if s.up.load(Relaxed) && n >= fall {
+                s.up.store(false, Relaxed);
                 return Some(false);
             }
         }
@@ -179,7 +279,8 @@ impl Server {
 
     /// The token connections to this server watch; cancelled by [`Server::abort_all`].
     pub(super) fn down_token(&self) -> CancellationToken {
-        self.down
+        self.state
+            .down
             .lock()
             .map(|t| t.clone())
             .unwrap_or_else(|_| CancellationToken::new())
@@ -187,7 +288,7 @@ impl Server {
 
     /// Aborts every connection to this server (`on_down = "abort"`).
     pub(super) fn abort_all(&self) {
-        if let Ok(mut t) = self.down.lock() {
+        if let Ok(mut t) = self.state.down.lock() {
             t.cancel();
             *t = CancellationToken::new();
         }
@@ -199,10 +300,10 @@ impl Server {
 #[derive(Debug)]
 pub struct Lease {
     pub(super) server: Arc<Server>,
-    pub(super) freed: Arc<Notify>,
+    pub(super) pool: Arc<super::Shared>,
     pub(super) down: CancellationToken,
-    pub(super) fall: u32,
-    pub(super) cooloff: std::time::Duration,
+    /// Set by [`Lease::early_reset`], so the drop does not count the connection as fine.
+    pub(super) reset_early: AtomicBool,
 }
 
 impl Lease {
@@ -215,19 +316,22 @@ impl Lease {
         self.down.cancelled().await
     }
 
-    /// The server reset the connection before sending a byte: passive health counts it.
+    /// The server reset the connection before sending a byte and before any byte of the
+    /// client reached it: nothing the client did can have caused that, so passive health
+    /// counts it. (A reset after client bytes is not counted: a client could provoke it.)
     pub fn early_reset(&self) {
-        if self.server.passive_failure(self.fall, self.cooloff) {
-            tracing::warn!(server = %self.server.label, "backend server resets connections; cooling off");
-            // A connect that succeeds proves nothing against a server that resets: no probe.
-            super::health::watch_cooloff(self.server.clone(), None);
-        }
+        self.reset_early.store(true, Relaxed);
+        // The check, if one starts, concludes on its own.
+        let _ = self.pool.passive_failure(&self.server, true);
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        if !*self.reset_early.get_mut() {
+            self.server.not_reset_early();
+        }
         self.server.release();
-        self.freed.notify_one();
+        self.pool.freed.notify_one();
     }
 }

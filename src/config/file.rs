@@ -203,6 +203,7 @@ pub struct RawAdmin {
 ///
 /// A bare number is refused on purpose: `first_byte = 5` could mean seconds or milliseconds,
 /// and guessing wrong by a factor of 1000 is how a proxy ends up holding sockets for hours.
+/// So is anything over [`super::MAX_DURATION`]: `now + clock` must never overflow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RawDuration(pub Duration);
 
@@ -215,13 +216,17 @@ impl<'de> Deserialize<'de> for RawDuration {
                 f.write_str("a duration with a unit, such as \"250ms\", \"5s\" or \"5m\"")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<RawDuration, E> {
-                humantime::parse_duration(s.trim())
-                    .map(RawDuration)
-                    .map_err(|e| {
-                        E::custom(format!(
-                            "invalid duration {s:?}: {e} (write e.g. \"250ms\", \"5s\", \"5m\")"
-                        ))
-                    })
+                let d = humantime::parse_duration(s.trim()).map_err(|e| {
+                    E::custom(format!(
+                        "invalid duration {s:?}: {e} (write e.g. \"250ms\", \"5s\", \"5m\")"
+                    ))
+                })?;
+                if d > super::MAX_DURATION {
+                    return Err(E::custom(format!(
+                        "{s:?} is longer than a year (\"1y\"): no clock needs that, and a deadline that far overflows the clock"
+                    )));
+                }
+                Ok(RawDuration(d))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawDuration, E> {
                 Err(E::custom(format!(

@@ -59,6 +59,11 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(1);
 pub const DEFAULT_IPV4_PREFIX: u8 = 32;
 /// IPv6 sources are counted per /64: one host usually owns a whole /64.
 pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+/// Coarser source prefixes than these are refused: a per-source cap shared by a /8 (or a
+/// typo such as `ipv6_prefix = 6`) caps everyone behind it together, which is a denial of
+/// service by configuration. /16 and /32 are a large organisation or a whole provider.
+pub const MIN_IPV4_PREFIX: u8 = 16;
+pub const MIN_IPV6_PREFIX: u8 = 32;
 /// The coarser level: an IPv4 /24 (one organisation's block, a carrier NAT pool)...
 pub const DEFAULT_NETWORK_IPV4_PREFIX: u8 = 24;
 /// ...and an IPv6 /48 (one site: a home gets a /56 or /48, so 256 or 65,536 /64 sources).
@@ -122,6 +127,17 @@ pub const DEFAULT_KEEPALIVE_COUNT: u32 = 3;
 /// connection ends, whatever keepalive_count says. So it is kept at the keepalive total
 /// (30 s + 10 s x 3), or one lost probe would end a live idle connection.
 pub const DEFAULT_USER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The kernel's bounds for the `[tcp]` options (include/net/tcp.h: MAX_TCP_KEEPIDLE,
+/// MAX_TCP_KEEPINTVL, MAX_TCP_KEEPCNT; TCP_USER_TIMEOUT is an int of milliseconds). Past
+/// them setsockopt says EINVAL, which would fail every listen and every backend connect.
+pub const MAX_KEEPALIVE_TIME: Duration = Duration::from_secs(32_767);
+pub const MAX_KEEPALIVE_COUNT: u32 = 127;
+pub const MAX_USER_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+/// No duration in the config may be longer than a year (humantime's `"1y"`, 365.25 days):
+/// deadlines are `now + clock`, and one far enough out overflows the monotonic clock, which
+/// would panic every connection.
+pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
 
 /// The admin endpoint listens on loopback unless told otherwise: metrics and `/config` are
 /// not for the public.
@@ -722,6 +738,40 @@ impl Config {
             if tcp.keepalive_count == 0 {
                 return Err(ck.err("tcp.keepalive_count", "must be at least 1"));
             }
+            if tcp.keepalive_count > MAX_KEEPALIVE_COUNT {
+                return Err(ck.err(
+                    "tcp.keepalive_count",
+                    format!(
+                        "{} is more than the kernel allows ({MAX_KEEPALIVE_COUNT})",
+                        tcp.keepalive_count
+                    ),
+                ));
+            }
+            for (key, v) in [
+                ("tcp.keepalive_idle", tcp.keepalive_idle.unwrap_or_default()),
+                ("tcp.keepalive_interval", tcp.keepalive_interval),
+            ] {
+                if v > MAX_KEEPALIVE_TIME {
+                    return Err(ck.err(
+                        key,
+                        format!(
+                            "{} is more than the kernel allows (\"32767s\", about 9 hours)",
+                            humantime::format_duration(v)
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(ut) = tcp.user_timeout
+            && ut > MAX_USER_TIMEOUT
+        {
+            return Err(ck.err(
+                "tcp.user_timeout",
+                format!(
+                    "{} is more than the kernel allows (\"2147483647ms\", about 24.8 days)",
+                    humantime::format_duration(ut)
+                ),
+            ));
         }
 
         let d = LogConfig::default();
@@ -1172,34 +1222,40 @@ fn merge_limits(
             "is at most \"60s\": it is how long ordinary traffic may sit in a state, not a clock",
         ));
     }
-    if l.ipv4_prefix == 0 || l.ipv4_prefix > 32 {
+    if !(MIN_IPV4_PREFIX..=32).contains(&l.ipv4_prefix) {
         return Err(ck.err(
             key("ipv4_prefix"),
-            format!("{} is not in 1..=32", l.ipv4_prefix),
+            format!(
+                "{} is not in {MIN_IPV4_PREFIX}..=32 (a coarser source makes everyone behind it share one cap)",
+                l.ipv4_prefix
+            ),
         ));
     }
-    if l.network_ipv4_prefix == 0 || l.network_ipv4_prefix > l.ipv4_prefix {
+    if !(MIN_IPV6_PREFIX..=128).contains(&l.ipv6_prefix) {
+        return Err(ck.err(
+            key("ipv6_prefix"),
+            format!(
+                "{} is not in {MIN_IPV6_PREFIX}..=128 (a coarser source makes everyone behind it share one cap)",
+                l.ipv6_prefix
+            ),
+        ));
+    }
+    if !(MIN_IPV4_PREFIX..=l.ipv4_prefix).contains(&l.network_ipv4_prefix) {
         return Err(ck.err(
             key("network_ipv4_prefix"),
             format!(
-                "{} is not in 1..={} (ipv4_prefix): a network holds sources",
+                "{} is not in {MIN_IPV4_PREFIX}..={} (ipv4_prefix): a network holds sources, and everyone in it shares its cap",
                 l.network_ipv4_prefix, l.ipv4_prefix
             ),
         ));
     }
-    if l.network_ipv6_prefix == 0 || l.network_ipv6_prefix > l.ipv6_prefix {
+    if !(MIN_IPV6_PREFIX..=l.ipv6_prefix).contains(&l.network_ipv6_prefix) {
         return Err(ck.err(
             key("network_ipv6_prefix"),
             format!(
-                "{} is not in 1..={} (ipv6_prefix): a network holds sources",
+                "{} is not in {MIN_IPV6_PREFIX}..={} (ipv6_prefix): a network holds sources, and everyone in it shares its cap",
                 l.network_ipv6_prefix, l.ipv6_prefix
             ),
-        ));
-    }
-    if l.ipv6_prefix == 0 || l.ipv6_prefix > 128 {
-        return Err(ck.err(
-            key("ipv6_prefix"),
-            format!("{} is not in 1..=128", l.ipv6_prefix),
         ));
     }
     for (k, v) in [
@@ -1228,14 +1284,38 @@ fn merge_limits(
     Ok(l)
 }
 
+/// A CIDR or an address from an allow, deny or trusted list.
+///
+/// Host bits set (`10.1.2.3/8`) are refused: the operator meant either the network or the
+/// address, and guessing the wider one would exempt, deny or trust a whole /8 by a typo.
+/// IPv4-mapped IPv6 (`::ffff:10.1.2.0/120`) becomes the IPv4 prefix it names, since
+/// incoming addresses are matched in their IPv4 form; left as IPv6 it would never match.
 fn parse_net(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
-    if let Ok(n) = s.parse::<IpNet>() {
-        return Ok(n.trunc());
+    let net = match s.parse::<IpNet>() {
+        Ok(n) => n,
+        Err(_) => s
+            .parse::<IpAddr>()
+            .map(IpNet::from)
+            .map_err(|_| format!("{s:?} is not a CIDR such as \"192.0.2.0/24\" or an address"))?,
+    };
+    let net = match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(IpNet::V4)
+                .map_err(|e| format!("{s:?}: {e}"))?,
+            None => net,
+        },
+        _ => net,
+    };
+    if net.trunc() != net {
+        return Err(format!(
+            "{s:?} has host bits set: write {:?} for the network, or {:?} for the one address",
+            net.trunc().to_string(),
+            IpNet::from(net.addr()).to_string()
+        ));
     }
-    s.parse::<IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| format!("{s:?} is not a CIDR such as \"192.0.2.0/24\" or an address"))
+    Ok(net)
 }
 
 fn merge_timeouts(base: &Timeouts, raw: &RawTimeouts) -> Timeouts {

@@ -151,7 +151,8 @@ enum End {
     Refused,
     Backend,
     PeerError,
-    /// The server reset the connection before sending anything: passive health counts it.
+    /// The server reset the connection before any byte moved either way: passive health
+    /// counts it (after a client byte, the client may have provoked it).
     PeerErrorFromServerBeforeFirstByte,
     Shutdown,
 }
@@ -671,7 +672,7 @@ async fn pump_until_end(
                         }
                     }
                 }
-                Err(e) if e.side == Side::Server && !pump.server_spoke() => {
+                Err(e) if e.side == Side::Server && !pump.server_spoke() && !pump.client_spoke() => {
                     return End::PeerErrorFromServerBeforeFirstByte;
                 }
                 Err(_) => return End::PeerError,

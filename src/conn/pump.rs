@@ -574,6 +574,11 @@ impl<'a> Pump<'a> {
         self.up.total + self.down.total
     }
 
+    /// At least one byte of the client's has reached the server.
+    pub fn client_spoke(&self) -> bool {
+        self.up.moved
+    }
+
     /// Since when some direction has bytes for a peer that takes none.
     pub fn stalled_since(&self) -> Option<Instant> {
         match (self.up.stalled_since, self.down.stalled_since) {

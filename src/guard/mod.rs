@@ -655,10 +655,11 @@ impl Shared {
     /// grace, half-closed past the grace, OPEN and stalled), the one longest in that state. A
     /// connection moving data at a healthy rate is never evicted.
     ///
-    /// Only a lighter source may take a heavier one's place (`weight`: the newcomer's source's
-    /// connections going nowhere): a flood from many sources that holds the listener full
-    /// cannot churn through its own connections, so the room it leaves goes to newcomers
-    /// from sources that hold nothing useless, the clients.
+    /// Only a much lighter source may take a heavier one's place (`weight`: the newcomer's
+    /// source's connections going nowhere; the victim's must hold more than twice that): a
+    /// flood from many sources that holds the listener full cannot churn through its own
+    /// connections, so the room it leaves goes to newcomers from sources that hold nothing
+    /// useless, the clients.
     fn reserve_conn(&self, lim: &Limits, weight: usize) -> bool {
         let max = lim.max_conns as usize;
         for _ in 0..4 {
@@ -693,7 +694,7 @@ impl Shared {
 
     /// Aborts the connection longest in its state of the source holding the most
     /// connections in one of `states` (ties go to the earlier state in `states`), if that
-    /// source holds more than `weight`.
+    /// source holds more than twice `weight`.
     fn evict_heaviest_of(&self, states: &[EvictState], weight: usize) -> bool {
         for _ in 0..3 {
             let mut best: Option<(SourceKey, usize, EvictState)> = None;
@@ -707,7 +708,10 @@ impl Shared {
             let Some((key, n, s)) = best else {
                 return false;
             };
-            if n <= weight {
+            // Twice as heavy: among the sources of a flood, whose counts differ by one or
+            // two, nobody may evict anybody (each eviction is a reconnect, an accept and a
+            // backend connect more); a client, holding none, may always.
+            if n <= weight.saturating_mul(2) {
                 return false;
             }
             if let Some(victim) = self.table.evict_from(&key, s) {

@@ -266,3 +266,34 @@ async fn deny_list_refuses_and_allow_list_exempts_from_per_source_caps() {
     drop(allowed);
     p.assert_drained(ms(2000)).await;
 }
+
+#[tokio::test]
+async fn ipv4_mapped_entries_in_the_deny_and_allow_lists_match_ipv4_clients() {
+    // Clients are matched in their IPv4 form (a dual-stack listener's ::ffff:a.b.c.d too):
+    // a list entry written in the mapped form must match them all the same.
+    let b = backend(Backend::Echo).await;
+    let text = format!(
+        "[[listeners]]\nname = \"{L}\"\nbind = \"127.0.0.1:0\"\nbackends = [\"{}\"]\n\
+         [limits]\nmax_conns_per_source = 1\nconn_rate_per_source = 0\n\
+         deny = [\"::ffff:127.0.0.5\"]\nallow = [\"::ffff:127.0.0.6/128\"]\n\
+         [admin]\nbind = \"off\"\n",
+        b.addr
+    );
+    let cfg = halfguard::config::parse(&text, "mapped.toml", Default::default()).unwrap();
+    let p = Proxy::start(cfg).await;
+
+    let mut denied = connect_from("127.0.0.5", p.addr).await.unwrap();
+    expect_reset(&mut denied, ms(2000)).await;
+    assert_eq!(p.stats().rejected(Reject::Denied), 1);
+    let mut allowed = Vec::new();
+    for _ in 0..2 {
+        let mut c = connect_from("127.0.0.6", p.addr).await.unwrap();
+        assert_eq!(roundtrip(&mut c, b"vip").await, b"vip");
+        allowed.push(c);
+    }
+    assert_eq!(
+        p.snapshot().sources,
+        0,
+        "allow-listed: not tracked per source"
+    );
+}

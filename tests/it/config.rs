@@ -215,3 +215,49 @@ fn a_user_timeout_below_the_keepalive_total_is_flagged() {
     assert_eq!(w.len(), 1);
     assert!(w[0].contains("tcp.user_timeout"), "{w:?}");
 }
+
+/// `section` under a minimal listener, parsed; the error as its message.
+fn with(section: &str) -> Result<halfguard::Config, String> {
+    let text = format!(
+        "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:17080\"\nbackends = [\"127.0.0.1:17081\"]\n{section}\n"
+    );
+    config::parse(&text, "edge.toml", HashMap::new()).map_err(|e| e.to_string())
+}
+
+#[test]
+fn values_at_the_kernel_and_clock_bounds_are_accepted() {
+    let c = with(
+        "[tcp]\nkeepalive_idle = \"32767s\"\nkeepalive_interval = \"32767s\"\nkeepalive_count = 127\nuser_timeout = \"2147483647ms\"\n[timeouts]\nidle = \"1y\"\n[limits]\nipv4_prefix = 16\nipv6_prefix = 32\nnetwork_ipv4_prefix = 16\nnetwork_ipv6_prefix = 32\n",
+    )
+    .unwrap();
+    assert_eq!(c.tcp.keepalive_count, 127);
+    assert_eq!(c.listeners[0].timeouts.idle, config::MAX_DURATION);
+    // Just past each bound: refused, naming the key (the fixtures cover the rest).
+    for (section, key) in [
+        ("[tcp]\nuser_timeout = \"2147484s\"", "tcp.user_timeout"),
+        ("[timeouts]\nidle = \"367d\"", "timeouts.idle"),
+        ("[limits]\nipv4_prefix = 15", "limits.ipv4_prefix"),
+    ] {
+        let err = with(section).unwrap_err();
+        assert!(err.contains(&format!("`{key}`")), "{section}: {err}");
+    }
+    // Also through the environment.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid/minimal.toml");
+    let err = config::load_with_env(&path, env(&[("HALFGUARD__TCP__KEEPALIVE_COUNT", "200")]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`tcp.keepalive_count`"), "{err}");
+}
+
+#[test]
+fn ipv4_mapped_entries_are_the_ipv4_prefixes_they_name() {
+    let c = with(
+        "accept_proxy = true\ntrusted_proxies = [\"::ffff:10.0.0.0/104\"]\n[limits]\nallow = [\"::ffff:192.0.2.0/120\"]\ndeny = [\"::ffff:198.18.0.7\", \"2001:db8::/32\"]\n",
+    )
+    .unwrap();
+    let l = &c.listeners[0];
+    let nets = |v: &[ipnet::IpNet]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    assert_eq!(nets(&l.trusted_proxies), ["10.0.0.0/8"]);
+    assert_eq!(nets(&l.limits.allow), ["192.0.2.0/24"]);
+    assert_eq!(nets(&l.limits.deny), ["198.18.0.7/32", "2001:db8::/32"]);
+}
