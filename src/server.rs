@@ -510,7 +510,7 @@ impl State {
         self.kernel.apply(&self.ports(), &new.kernel);
         let old = self.config.load();
         for (changed, section) in [
-            (new.admin != old.admin, "[admin]"),
+            (new.admin.needs_restart_for(&old.admin), "[admin]"),
             (new.log != old.log, "[log]"),
             (new.runtime != old.runtime, "[runtime]"),
         ] {

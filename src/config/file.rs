@@ -185,6 +185,9 @@ pub struct RawLog {
 pub struct RawAdmin {
     pub bind: Option<String>,
     pub max_conns: Option<u32>,
+    pub probe_conns: Option<u32>,
+    pub token_file: Option<String>,
+    pub trust_loopback: Option<bool>,
     pub header_timeout: Option<RawDuration>,
     pub drain_delay: Option<RawDuration>,
 }

@@ -9,6 +9,7 @@
 //! Every default is a documented constant below; `config/halfguard.toml` repeats them with
 //! the reasoning an operator needs.
 
+mod admin;
 mod file;
 mod load;
 mod pool;
@@ -16,10 +17,12 @@ mod pool;
 use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
 
+pub use admin::{ADMIN_TOKEN_ENV, AdminToken, MIN_TOKEN_LEN, TokenSource};
 pub use file::{RawConfig, RawDuration, RawLimits, RawTimeouts};
 pub use load::{ENV_PREFIX, ENV_SEPARATOR, load, load_with_env, parse};
 pub use pool::{
@@ -95,6 +98,9 @@ pub const DEFAULT_USER_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_ADMIN_BIND: &str = "127.0.0.1:9901";
 /// Concurrent admin connections: enough for scrapers and probes, too few to matter.
 pub const DEFAULT_ADMIN_MAX_CONNS: u32 = 16;
+/// Admin connections kept for `/healthz` and `/readyz` on top of `max_conns`, so a flood of
+/// admin connections cannot fail the kubelet's probes and restart the pod.
+pub const DEFAULT_ADMIN_PROBE_CONNS: u32 = 4;
 /// An admin client gets this long to send its request headers (no slowloris on scrapes).
 pub const DEFAULT_ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// After SIGTERM, `/readyz` fails this long before accepting stops, so load balancers and
@@ -226,13 +232,24 @@ impl Config {
 }
 
 /// `[admin]`: the HTTP endpoint for metrics, probes and reload.
+///
+/// Seeing is public, steering is private: `/healthz`, `/readyz` and `/metrics` answer anyone
+/// who reaches the port; `/sources`, `/config` and `POST /reload` need the token or (unless
+/// `trust_loopback` is off) a loopback client.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     /// `None` when configured as `"off"`.
     pub bind: Option<SocketAddr>,
     pub max_conns: u32,
+    /// Connections reserved for `/healthz` and `/readyz`, on top of `max_conns`.
+    pub probe_conns: u32,
     pub header_timeout: Duration,
     pub drain_delay: Duration,
+    /// As configured; the token read from it (or from the environment) is `token`.
+    pub token_file: Option<PathBuf>,
+    pub token: Option<AdminToken>,
+    /// A loopback client needs no token for the private endpoints.
+    pub trust_loopback: bool,
 }
 
 impl Default for AdminConfig {
@@ -240,9 +257,32 @@ impl Default for AdminConfig {
         AdminConfig {
             bind: DEFAULT_ADMIN_BIND.parse().ok(),
             max_conns: DEFAULT_ADMIN_MAX_CONNS,
+            probe_conns: DEFAULT_ADMIN_PROBE_CONNS,
             header_timeout: DEFAULT_ADMIN_HEADER_TIMEOUT,
             drain_delay: DEFAULT_DRAIN_DELAY,
+            token_file: None,
+            token: None,
+            trust_loopback: true,
         }
+    }
+}
+
+impl AdminConfig {
+    /// True when `other` differs in what is fixed at start (the socket and its connection
+    /// slots). The token, `trust_loopback` and `drain_delay` are read per request or per
+    /// signal, so a reload changes them at once.
+    pub fn needs_restart_for(&self, other: &AdminConfig) -> bool {
+        (
+            self.bind,
+            self.max_conns,
+            self.probe_conns,
+            self.header_timeout,
+        ) != (
+            other.bind,
+            other.max_conns,
+            other.probe_conns,
+            other.header_timeout,
+        )
     }
 }
 
@@ -667,8 +707,16 @@ impl Config {
                 })?),
             },
             max_conns: a.max_conns.unwrap_or(d.max_conns),
+            probe_conns: a.probe_conns.unwrap_or(d.probe_conns),
             header_timeout: a.header_timeout.map_or(d.header_timeout, |x| x.0),
             drain_delay: a.drain_delay.map_or(d.drain_delay, |x| x.0),
+            token_file: match a.token_file.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some(p) => Some(PathBuf::from(p)),
+            },
+            // Read by `load::parse`, which sees the environment; `from_raw` does no I/O.
+            token: None,
+            trust_loopback: a.trust_loopback.unwrap_or(d.trust_loopback),
         };
         if admin.max_conns == 0 {
             return Err(ck.err("admin.max_conns", "must be at least 1"));
@@ -919,11 +967,28 @@ impl fmt::Display for Config {
         )?;
         writeln!(
             f,
-            "admin: {}, max_conns {}, header_timeout {}, drain_delay {}",
+            "admin: {}, max_conns {} (+{} for probes), header_timeout {}, drain_delay {}",
             self.admin.bind.map_or("off".into(), |b| b.to_string()),
             self.admin.max_conns,
+            self.admin.probe_conns,
             d(self.admin.header_timeout),
             d(self.admin.drain_delay)
+        )?;
+        writeln!(
+            f,
+            "  /sources, /config, POST /reload: {}{}",
+            self.admin
+                .token
+                .as_ref()
+                .map_or("no token".to_string(), |t| format!(
+                    "Bearer token from the {}",
+                    t.source
+                )),
+            if self.admin.trust_loopback {
+                ", or a loopback client"
+            } else {
+                " (loopback not trusted)"
+            }
         )?;
         let k = &self.kernel;
         writeln!(
