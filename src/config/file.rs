@@ -53,6 +53,7 @@ pub struct RawKernel {
     pub syn_rate_per_source: Option<u32>,
     pub syn_burst_per_source: Option<u32>,
     pub max_conns_per_source: Option<u32>,
+    pub untracked_syn_rate: Option<u32>,
     pub ban_after: Option<u32>,
     pub ban_for: Option<RawDuration>,
 }

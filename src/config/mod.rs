@@ -200,8 +200,12 @@ pub struct KernelConfig {
     pub syn_burst_per_source: u32,
     /// Concurrent conntrack entries per source on the listening ports; 0 = no cap.
     pub max_conns_per_source: u32,
-    /// A source refused this many times in one census interval, or holding this many
-    /// SYN_RECV sockets, goes into the drop set; 0 = never.
+    /// SYNs per second, per listener, shared by the sources a full per-source set has no
+    /// room for (a set holds the listener's `max_sources`); 0 = let them through.
+    pub untracked_syn_rate: u32,
+    /// A source refused this many times by its own caps in one census interval goes into
+    /// the drop set; 0 = never. SYN_RECV counts (spoofable) and listener-wide refusals
+    /// (which hit whoever comes next) never ban anyone.
     pub ban_after: u32,
     pub ban_for: Duration,
 }
@@ -209,6 +213,11 @@ pub struct KernelConfig {
 /// Count the kernel's sockets every 5 s: cheap (one netlink dump), and fresh enough for a
 /// dashboard.
 pub const DEFAULT_CENSUS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// When a listener's per-source sets are full (a spoofed flood from more addresses than
+/// `max_sources` within a few seconds), new sources share this many SYNs per second rather
+/// than pass unlimited. SYN cookies keep answering the SYNs that pass.
+pub const DEFAULT_UNTRACKED_SYN_RATE: u32 = 1000;
 
 impl Default for KernelConfig {
     fn default() -> Self {
@@ -218,6 +227,7 @@ impl Default for KernelConfig {
             syn_rate_per_source: 20,
             syn_burst_per_source: 40,
             max_conns_per_source: 0,
+            untracked_syn_rate: DEFAULT_UNTRACKED_SYN_RATE,
             ban_after: 0,
             ban_for: Duration::from_secs(60),
         }
@@ -740,6 +750,7 @@ impl Config {
             syn_rate_per_source: k.syn_rate_per_source.unwrap_or(d.syn_rate_per_source),
             syn_burst_per_source: k.syn_burst_per_source.unwrap_or(d.syn_burst_per_source),
             max_conns_per_source: k.max_conns_per_source.unwrap_or(d.max_conns_per_source),
+            untracked_syn_rate: k.untracked_syn_rate.unwrap_or(d.untracked_syn_rate),
             ban_after: k.ban_after.unwrap_or(d.ban_after),
             ban_for: k.ban_for.map_or(d.ban_for, |x| x.0),
         };
@@ -999,10 +1010,11 @@ impl fmt::Display for Config {
             if k.enforce { "on" } else { "off" },
             if k.enforce {
                 format!(
-                    " (syn rate {}/s burst {}, ct count {}, ban after {} for {})",
+                    " (syn rate {}/s burst {}, ct count {}, untracked sources {}/s, ban after {} for {})",
                     cap(k.syn_rate_per_source),
                     k.syn_burst_per_source,
                     cap(k.max_conns_per_source),
+                    cap(k.untracked_syn_rate),
                     cap(k.ban_after),
                     d(k.ban_for)
                 )
