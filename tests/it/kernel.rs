@@ -701,3 +701,47 @@ fn a_failed_reinstall_is_retried_and_nft_never_blocks_the_workers() {
         !net.table_exists()
     });
 }
+
+#[test]
+fn syn_entries_live_after_the_last_syn_not_after_the_first() {
+    let mut net = Net::new();
+    net.start_backend();
+    net.attacker_addr("198.18.0.3/24");
+    // rate 1/s, burst 2: an entry is worth keeping for 3 s after its source's last SYN.
+    net.start_halfguard(
+        "[limits]\nconn_rate_per_source = 0\nmax_conns_per_source = 0\n\
+         [kernel]\nenforce = true\nsyn_rate_per_source = 1\nsyn_burst_per_source = 2\n",
+    );
+    // .3 connects once; .2 once a second for 5 s.
+    assert_eq!(net.connects("198.18.0.1", 1, &["198.18.0.3"]), [1]);
+    for i in 0..6 {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(1000));
+        }
+        assert_eq!(net.connects("198.18.0.1", 1, &["198.18.0.2"]), [1]);
+    }
+    let out = net
+        .exec(
+            &net.proxy,
+            &["nft", "list", "set", "inet", "halfguard", "syn4_0"],
+        )
+        .output()
+        .unwrap();
+    let set = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        !set.contains("198.18.0.3"),
+        "a one-shot source is forgotten: {set}"
+    );
+    // .2's entry was refreshed by its last SYN just now: nearly 3 s left (counted from its
+    // first SYN, 5 s ago, it would have expired and come back with about 1 s left).
+    let left = set
+        .split("198.18.0.2")
+        .nth(1)
+        .and_then(|r| r.split("expires ").nth(1))
+        .and_then(|r| r.split([',', ' ', '}']).next())
+        .and_then(|t| humantime::parse_duration(t).ok());
+    assert!(
+        left.is_some_and(|d| d >= Duration::from_millis(2000)),
+        "a busy source's entry lives on from its last SYN: {left:?} {set}"
+    );
+}
