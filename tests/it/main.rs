@@ -12,3 +12,4 @@ mod leaks;
 mod props;
 mod resolve;
 mod support;
+mod timewait;
