@@ -55,14 +55,16 @@ pub struct Census {
 }
 
 /// What the table should be, and what is known of the kernel's.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Table {
     /// `None`: no table wanted.
     want: Option<(Vec<Target>, KernelConfig)>,
     /// The kernel has what `want` says.
     in_sync: bool,
-    /// A table of ours may be in the kernel.
+    /// A table of ours may be in the kernel (at start: one a crashed run left).
     maybe_present: bool,
+    /// This process installed a table at some point.
+    installed_once: bool,
     /// The last attempt failed (warned once per streak).
     failing: bool,
     /// Live bans, carried into every reinstall.
@@ -70,6 +72,20 @@ struct Table {
     /// Counter values at the last read, to turn the table's counters (reset by every
     /// reinstall) into totals that only grow.
     last_counters: [u64; nft::COUNTERS.len()],
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Table {
+            want: None,
+            in_sync: false,
+            maybe_present: true,
+            installed_once: false,
+            failing: false,
+            banned_until: HashMap::new(),
+            last_counters: [0; nft::COUNTERS.len()],
+        }
+    }
 }
 
 /// The kernel layer's state.
@@ -154,6 +170,7 @@ impl Kernel {
                 match blocking(move || nft::install(&targets, &k, &bans)).await {
                     Ok(()) => {
                         t.maybe_present = true;
+                        t.installed_once = true;
                         t.in_sync = true;
                         t.failing = false;
                         t.last_counters = [0; nft::COUNTERS.len()];
@@ -182,11 +199,20 @@ impl Kernel {
                     return;
                 }
                 match blocking(nft::remove).await {
-                    Ok(()) => {
-                        tracing::info!("nftables table inet halfguard removed");
+                    Ok(removed) => {
+                        if removed {
+                            tracing::info!("nftables table inet halfguard removed");
+                        }
                         t.maybe_present = false;
                         t.in_sync = true;
                         t.failing = false;
+                    }
+                    Err(e) if !t.installed_once => {
+                        // A look for a table a crashed run left, by a process that never
+                        // enforced: most have no NET_ADMIN or no nft, and that is fine.
+                        tracing::debug!(error = %e, "no stale nftables table inet halfguard removed");
+                        t.maybe_present = false;
+                        t.in_sync = true;
                     }
                     Err(e) => {
                         if !std::mem::replace(&mut t.failing, true) {

@@ -190,6 +190,8 @@ fn nft(script: &str) -> io::Result<String> {
 fn nft_args(args: &[&str], script: &str) -> io::Result<String> {
     let mut child = Command::new("nft")
         .args(args)
+        // Errors are matched on (a missing table): keep them in English.
+        .env("LC_ALL", "C")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -212,9 +214,14 @@ pub fn install(targets: &[Target], k: &KernelConfig, bans: &[(SourceKey, u64)]) 
     nft(&ruleset(targets, k, bans)).map(|_| ())
 }
 
-/// Deletes the table, if there is one. Blocking.
-pub fn remove() -> io::Result<()> {
-    nft(&format!("table inet {TABLE}\ndelete table inet {TABLE}\n")).map(|_| ())
+/// Deletes the table: `Ok(true)` when there was one, `Ok(false)` when there was none.
+/// Blocking.
+pub fn remove() -> io::Result<bool> {
+    match nft(&format!("delete table inet {TABLE}\n")) {
+        Ok(_) => Ok(true),
+        Err(e) if e.to_string().contains("No such file or directory") => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 fn ban_script(bans: &[(SourceKey, u64)]) -> String {

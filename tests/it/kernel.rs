@@ -745,3 +745,86 @@ fn syn_entries_live_after_the_last_syn_not_after_the_first() {
         "a busy source's entry lives on from its last SYN: {left:?} {set}"
     );
 }
+
+#[test]
+fn a_crashed_runs_table_goes_when_the_next_run_does_not_enforce() {
+    let mut net = Net::new();
+    net.start_backend();
+    let pid = net.start_halfguard("[kernel]\nenforce = true\n");
+    sh(&["kill", "-KILL", &pid.to_string()]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(net.table_exists(), "SIGKILL leaves the table behind");
+    // The next run has enforcement off: the stale rules must not stay in force.
+    net.start_halfguard("[kernel]\nenforce = false\n");
+    wait_until(Duration::from_secs(5), "the stale table is removed", || {
+        !net.table_exists()
+    });
+}
+
+#[test]
+fn the_admin_port_on_the_pod_address_shows_probes_and_hides_the_rest() {
+    let mut net = Net::new();
+    net.start_backend();
+    let cfg = net.write_config("");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("bind = \"127.0.0.1:18090\"", "bind = \"0.0.0.0:18090\"");
+    std::fs::write(&cfg, text).unwrap();
+    net.start_with(&cfg, None);
+    // From another host (198.18.0.2), as the kubelet, Prometheus or anyone else would.
+    let code = r#"import sys,urllib.request,urllib.error
+def get(path, method="GET", token=None):
+    r = urllib.request.Request("http://198.18.0.1:18090" + path, method=method)
+    if token: r.add_header("Authorization", "Bearer " + token)
+    try: return urllib.request.urlopen(r, timeout=2).status
+    except urllib.error.HTTPError as e: return e.code
+print(get("/healthz"), get("/readyz"), get("/metrics"), get("/sources"), get("/config"), get("/reload", "POST"), get("/sources", token=sys.argv[1]))
+"#;
+    let out = net
+        .exec(
+            &net.attacker,
+            &["python3", "-c", code, "0123456789abcdef-token"],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "200 200 200 403 403 403 401",
+        "no token configured: the private endpoints answer loopback only (a token given is wrong)"
+    );
+    // The same pod with a token in its environment: the token opens them from anywhere.
+    let mut net = Net::new();
+    net.start_backend();
+    let cfg = net.write_config("");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("bind = \"127.0.0.1:18090\"", "bind = \"0.0.0.0:18090\"");
+    std::fs::write(&cfg, text).unwrap();
+    let mut cmd = net.exec(
+        &net.proxy.clone(),
+        &[BIN, "run", "-c", cfg.to_str().unwrap()],
+    );
+    let child = cmd
+        .env("HALFGUARD_ADMIN_TOKEN", "0123456789abcdef-token")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    net.children.push(child);
+    wait_until(Duration::from_secs(10), "halfguard starts", || {
+        net.metrics().is_some()
+    });
+    let out = net
+        .exec(
+            &net.attacker,
+            &["python3", "-c", code, "0123456789abcdef-token"],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "200 200 200 401 401 401 200",
+        "with a token: 401 without it, 200 with it"
+    );
+}
