@@ -985,20 +985,15 @@ impl fmt::Display for Config {
             d(self.admin.header_timeout),
             d(self.admin.drain_delay)
         )?;
+        let token = self.admin.token.as_ref().map(|t| t.source.to_string());
         writeln!(
             f,
-            "  /sources, /config, POST /reload: {}{}",
-            self.admin
-                .token
-                .as_ref()
-                .map_or("no token".to_string(), |t| format!(
-                    "Bearer token from the {}",
-                    t.source
-                )),
-            if self.admin.trust_loopback {
-                ", or a loopback client"
-            } else {
-                " (loopback not trusted)"
+            "  /sources, /config, POST /reload: {}",
+            match (token, self.admin.trust_loopback) {
+                (Some(src), true) => format!("Bearer token from the {src}, or a loopback client"),
+                (Some(src), false) => format!("Bearer token from the {src} only"),
+                (None, true) => "loopback clients only (no token set)".to_string(),
+                (None, false) => "nobody (no token set, loopback not trusted)".to_string(),
             }
         )?;
         let k = &self.kernel;
