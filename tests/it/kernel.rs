@@ -1,9 +1,13 @@
 //! The kernel layer in network namespaces the test makes itself: the census sees a
-//! spoofed-source SYN flood, enforcement limits the flooding sources while a legit client
-//! connects, and halfguard's nftables table is gone after exit, also after SIGKILL and a
-//! restart. Needs root, iproute2, nftables and hping3 (CI installs them; without them each
-//! test says it skips). Addresses are from
-//! 198.18.0.0/15 only; the namespaces are linked only to each other and removed on drop.
+//! spoofed-source SYN flood; enforcement limits the flooding sources while a legit client
+//! connects; the rules agree with the proxy (allow-listed sources exempt, IPv6 per /64, a
+//! full set still limits newcomers, entries live from the last SYN); bans come only from a
+//! source's own refusals and survive a reload; a slow or failing nft neither blocks the
+//! workers nor leaves a table behind; and the admin port on a pod address shows probes to
+//! another host and hides the rest. Needs root, iproute2, nftables, hping3 and python3 (CI
+//! installs them; without them each test says it skips). Addresses are from 198.18.0.0/15
+//! and the IPv6 benchmarking prefix 2001:2::/48 only; the namespaces are linked only to
+//! each other and removed on drop.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
