@@ -576,7 +576,7 @@ fn a_full_source_set_still_limits_new_sources() {
     let untracked = sample(&m, "halfguard_kernel_dropped_total{rule=\"untracked\"}");
     eprintln!("fill {fill:?}, heavy {heavy:?}/20, untracked drops {untracked}");
     assert!(
-        heavy[0] <= 8,
+        heavy[0] <= 12,
         "a full set lets a new source through unlimited: {heavy:?}/20"
     );
 }
