@@ -566,15 +566,21 @@ fn a_full_source_set_still_limits_new_sources() {
     // Room for 4 sources per set; the SYN entries live 11 s after their last SYN.
     net.start_halfguard(
         "[limits]\nmax_sources = 4\nconn_rate_per_source = 0\nmax_conns_per_source = 0\n\
-         [kernel]\nenforce = true\nsyn_rate_per_source = 1\nsyn_burst_per_source = 10\nuntracked_syn_rate = 1\n",
+         [kernel]\ncensus_interval = \"300ms\"\nenforce = true\nsyn_rate_per_source = 1\nsyn_burst_per_source = 10\nuntracked_syn_rate = 1\n",
     );
     let refs: Vec<&str> = many.iter().map(String::as_str).collect();
     let fill = net.connects("198.18.0.1", 1, &refs);
     // A heavy source that arrives once the set is full shares the untracked limit.
     let heavy = net.connects("198.18.0.1", 20, &["198.18.0.30"]);
+    // The drops are counted, by rule, at the next census.
+    std::thread::sleep(Duration::from_millis(700));
     let m = net.metrics().unwrap();
     let untracked = sample(&m, "halfguard_kernel_dropped_total{rule=\"untracked\"}");
     eprintln!("fill {fill:?}, heavy {heavy:?}/20, untracked drops {untracked}");
+    assert!(
+        untracked >= 1.0,
+        "drops of the shared limit are counted\n{m}"
+    );
     assert!(
         heavy[0] <= 12,
         "a full set lets a new source through unlimited: {heavy:?}/20"
