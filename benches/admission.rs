@@ -81,6 +81,51 @@ fn admission(c: &mut Criterion) {
     );
     stop.store(true, Ordering::Relaxed);
     let _ = other.join();
+
+    full_listener(c);
+}
+
+/// A listener full of connections that go nowhere, one from each of 100,000 sources: every
+/// admission must find the heaviest source and evict from it. With a scan of the source
+/// table this cost grew with the number of sources; the per-state index keeps it flat.
+fn full_listener(c: &mut Criterion) {
+    const SOURCES: u32 = 100_000;
+    let many = |i: u32| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | (i & 0x00ff_ffff)));
+    let limits = Limits {
+        conn_rate_per_source: 0,
+        max_conns: SOURCES,
+        max_half_open: SOURCES,
+        max_sources: 4 * SOURCES,
+        ..Limits::default()
+    };
+    for (name, stalled) in [("silent", false), ("stalled", true)] {
+        let g = guard(limits.clone());
+        let hold = |g: &Guard, i: u32| {
+            let mut t = g.admit(many(i)).expect("admitted");
+            if stalled {
+                t.open().expect("opened");
+                t.stall().expect("stalled");
+            } else {
+                t.silent().expect("listed");
+            }
+            t
+        };
+        let mut held: Vec<_> = (0..SOURCES).map(|i| hold(&g, i)).collect();
+        assert_eq!(g.snapshot().conns, SOURCES as usize);
+        let mut next = SOURCES;
+        c.bench_function(
+            &format!("admit on a full listener, 100k sources each with one {name} connection"),
+            |b| {
+                b.iter(|| {
+                    next = next.wrapping_add(1);
+                    let t = hold(&g, next);
+                    // The newcomer keeps its place; an evicted ticket it replaces is a no-op.
+                    held[(next % SOURCES) as usize] = t;
+                })
+            },
+        );
+        drop(held);
+    }
 }
 
 criterion_group!(benches, admission);

@@ -369,11 +369,13 @@ fn sources(query: &str, state: &State) -> Response<Full<Bytes>> {
                     "conns" => SourceOrder::Conns,
                     "half_open" => SourceOrder::HalfOpen,
                     "half_closed" => SourceOrder::HalfClosed,
+                    "stalled" => SourceOrder::Stalled,
                     "refused" => SourceOrder::Refused,
+                    "observed" => SourceOrder::Observed,
                     _ => {
                         return text(
                             StatusCode::BAD_REQUEST,
-                            "by must be conns, half_open, half_closed or refused\n",
+                            "by must be conns, half_open, half_closed, stalled, refused or observed\n",
                         );
                     }
                 }
@@ -408,7 +410,10 @@ fn sources(query: &str, state: &State) -> Response<Full<Bytes>> {
                         "conns": l.conns,
                         "half_open": l.half_open,
                         "half_closed": l.half_closed,
+                        "stalled": l.stalled,
                         "refused": l.refused,
+                        "observed": l.observed,
+                        "verdict": l.verdict(),
                     })
                 })
                 .collect();

@@ -23,6 +23,7 @@
 //! - [`admin`]: the admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, `/sources`,
 //!   `/config`, `POST /reload`).
 //! - [`shutdown`], [`logging`]: signals and log setup.
+//! - [`top`]: `halfguard top`, the live terminal view, a client of the admin endpoint.
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -41,6 +42,7 @@ pub mod sockopt;
 #[cfg(target_os = "linux")]
 pub mod splice;
 pub mod stats;
+pub mod top;
 
 pub use config::Config;
 pub use server::{Handle, Server, ServerError, run};

@@ -1,8 +1,9 @@
-//! The `halfguard` command: `run`, `check`, `--version`. Thin on purpose: everything it
-//! does is a library call that tests make too.
+//! The `halfguard` command: `run`, `check`, `top`, `--version`. Thin on purpose: everything
+//! it does is a library call that tests make too.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -39,12 +40,53 @@ enum Command {
         #[arg(short, long, env = "HALFGUARD_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Watch a running halfguard: connections by state against their caps, rates, the
+    /// heaviest sources, the kernel's view and the backends, from its admin endpoint.
+    Top {
+        /// The admin endpoint: host:port, host, [v6]:port, optionally http://... and a path
+        /// prefix. Default: the `[admin] bind` of the config, else 127.0.0.1:9901.
+        #[arg(long, value_name = "URL")]
+        admin: Option<String>,
+        /// Refresh interval (at least 100ms); `--once` measures rates over one interval.
+        #[arg(long, default_value = "1s", value_parser = interval)]
+        interval: Duration,
+        /// Print one plain-text snapshot and exit (no terminal control): for scripts, logs
+        /// and bug reports.
+        #[arg(long)]
+        once: bool,
+        /// The sources column to sort by at start (conns, half_open, half_closed, refused, or
+        /// any other column the endpoint lists).
+        #[arg(long, default_value = "conns")]
+        sort: String,
+        /// Sent as `Authorization: Bearer <token>` to an admin endpoint that wants one.
+        #[arg(long, env = "HALFGUARD_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// The config whose `[admin] bind` says where the endpoint is, when --admin does not.
+        #[arg(short, long, env = "HALFGUARD_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < halfguard::top::MIN_INTERVAL {
+        return Err("must be at least 100ms".into());
+    }
+    Ok(d)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let path = match &cli.command {
-        Command::Run { config } | Command::Check { config } => config,
+    let path = match cli.command {
+        Command::Run { ref config } | Command::Check { ref config } => config,
+        Command::Top {
+            admin,
+            interval,
+            once,
+            sort,
+            token,
+            config,
+        } => return top(admin, interval, once, sort, token, config),
     };
     let config = match halfguard::config::load(path) {
         Ok(c) => c,
@@ -69,6 +111,75 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Top { .. } => unreachable!("handled above"),
+    }
+}
+
+fn top(
+    admin: Option<String>,
+    interval: Duration,
+    once: bool,
+    sort: String,
+    token: Option<String>,
+    config: Option<PathBuf>,
+) -> ExitCode {
+    use halfguard::top::endpoint::Endpoint;
+    let endpoint = match admin {
+        Some(a) => match Endpoint::parse(&a, token) {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("halfguard top: {e}");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+        },
+        None => {
+            // An explicit config that does not load is an error; the default one may simply
+            // not be here (another container in the pod).
+            let bind = match &config {
+                Some(path) => match halfguard::config::load(path) {
+                    Ok(c) => c.admin.bind,
+                    Err(e) => {
+                        eprintln!("halfguard top: invalid config: {e}");
+                        return ExitCode::from(EXIT_BAD_CONFIG);
+                    }
+                },
+                None => halfguard::config::load(std::path::Path::new(DEFAULT_CONFIG))
+                    .ok()
+                    .and_then(|c| c.admin.bind),
+            };
+            let bind = bind.unwrap_or_else(|| {
+                halfguard::config::DEFAULT_ADMIN_BIND
+                    .parse()
+                    .expect("the default admin bind is an address")
+            });
+            Endpoint::from_addr(bind, token)
+        }
+    };
+    let opts = halfguard::top::Options {
+        endpoint,
+        interval,
+        sort,
+        colour: halfguard::top::colour_wanted(),
+    };
+    let run = || -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .context("cannot start the runtime")?;
+        if once {
+            print!("{}", rt.block_on(halfguard::top::once(&opts))?);
+        } else {
+            halfguard::top::live(opts, &rt)?;
+        }
+        Ok(())
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("halfguard top: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

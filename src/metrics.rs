@@ -16,7 +16,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
 use crate::server::State;
-use crate::stats::{EvictState, Reject, Stats, Timeout};
+use crate::stats::{EvictState, Observed, Reject, Stats, Timeout};
 
 /// Seconds; connections live from milliseconds to hours.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -145,10 +145,13 @@ impl prometheus_client::collector::Collector for Collector {
 
         let mut v = Vec::new();
         for (name, snap, _) in &ls {
-            let open = snap.conns.saturating_sub(snap.half_open + snap.half_closed);
+            let open = snap
+                .conns
+                .saturating_sub(snap.half_open + snap.half_closed + snap.stalled);
             for (state, n) in [
                 ("half_open", snap.half_open),
                 ("open", open),
+                ("stalled", snap.stalled),
                 ("half_closed", snap.half_closed),
             ] {
                 v.push((vec![("listener", *name), ("state", state)], n as i64));
@@ -157,7 +160,21 @@ impl prometheus_client::collector::Collector for Collector {
         gauge(
             e,
             "halfguard_connections",
-            "Connections by accounted state.",
+            "Connections by accounted state; open and stalled are OPEN at or below limits.min_rate.",
+            &v,
+        )?;
+
+        let mut v = Vec::new();
+        for (name, snap, _) in &ls {
+            v.push((
+                vec![("listener", *name), ("state", "stalled")],
+                snap.stalled_sources as i64,
+            ));
+        }
+        gauge(
+            e,
+            "halfguard_sources_in_state",
+            "Sources holding at least one connection in the state.",
             &v,
         )?;
 
@@ -217,6 +234,26 @@ impl prometheus_client::collector::Collector for Collector {
             &v,
         )?;
 
+        let mut v: Vec<Sample<'_, u64>> = Vec::new();
+        for (n, _, s) in &ls {
+            for o in Observed::all() {
+                v.push((
+                    vec![
+                        ("listener", *n),
+                        ("action", o.action()),
+                        ("reason", o.reason()),
+                    ],
+                    s.observed(o),
+                ));
+            }
+        }
+        counter(
+            e,
+            "halfguard_observed",
+            "Observe mode: what per-source caps, rates and clocks would have done, and did not.",
+            &v,
+        )?;
+
         let v = by("end", &|s| {
             vec![
                 ("clean", s.closed_clean.load(Relaxed)),
@@ -248,6 +285,29 @@ impl prometheus_client::collector::Collector for Collector {
             e,
             "halfguard_pressure",
             "1 while the listener is in pressure mode.",
+            &v,
+        )?;
+
+        // The caps the state gauges are drawn against (`halfguard top`, dashboards): `all` is
+        // the listener's connection cap, which every state counts toward.
+        let mut v = Vec::new();
+        let limits: Vec<_> = listeners
+            .iter()
+            .map(|l| (l.ctx.name.as_str(), l.ctx.guard.limits()))
+            .collect();
+        for (name, lim) in &limits {
+            for (state, cap) in [
+                ("all", lim.max_conns),
+                ("half_open", lim.max_half_open),
+                ("half_closed", lim.max_half_closed),
+            ] {
+                v.push((vec![("listener", *name), ("state", state)], i64::from(cap)));
+            }
+        }
+        gauge(
+            e,
+            "halfguard_connections_limit",
+            "The listener's cap on connections in the state (all: on every connection).",
             &v,
         )?;
 

@@ -280,6 +280,8 @@ fn policy(l: &ListenerConfig, config: &Config, backends: Arc<Pool>) -> Policy {
         accept_proxy: l.accept_proxy,
         trusted_proxies: l.trusted_proxies.clone(),
         timeouts: l.timeouts.clone(),
+        min_rate: l.limits.min_rate,
+        grace: l.limits.grace,
         pressure: config.pressure.clone(),
         tcp: config.tcp.clone(),
         backends,
@@ -535,9 +537,13 @@ impl State {
     }
 }
 
+/// Upkeep ticks between two lines about stalled connections (while there are some).
+const STALLED_SUMMARY_EVERY: u64 = 10;
+
 /// Once a second: sweep rate-limiter keys, log what changed, drop drained retired listeners.
 async fn upkeep(state: Arc<State>) {
     let mut summaries: Vec<(Arc<ListenerCtx>, Summary)> = Vec::new();
+    let mut ticks = 0u64;
     let mut tick = tokio::time::interval(UPKEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -553,8 +559,35 @@ async fn upkeep(state: Arc<State>) {
             r.ctx.guard.housekeep();
         }
         for (ctx, summary) in &mut summaries {
-            summary.tick(&ctx.name, &ctx.stats);
+            let top = || {
+                let l = ctx
+                    .guard
+                    .top_sources(1, crate::guard::SourceOrder::Refused)
+                    .into_iter()
+                    .next()?;
+                Some(crate::stats::TopRefused {
+                    source: l.source.to_string(),
+                    refused: l.refused,
+                    conns: l.conns,
+                    going_nowhere: l.going_nowhere(),
+                    verdict: l.verdict(),
+                })
+            };
+            summary.tick(&ctx.name, &ctx.stats, &top);
+            if ticks.is_multiple_of(STALLED_SUMMARY_EVERY) {
+                let snap = ctx.guard.snapshot();
+                if snap.stalled > 0 {
+                    tracing::info!(
+                        listener = %ctx.name,
+                        stalled = snap.stalled,
+                        sources = snap.stalled_sources,
+                        conns = snap.conns,
+                        "connections stalled: OPEN below limits.min_rate (evictable when the listener is full)"
+                    );
+                }
+            }
         }
+        ticks += 1;
         if let Ok(mut l) = state.listeners.lock() {
             l.retain(|r| !(r.is_retired() && r.ctx.guard.snapshot().conns == 0));
             summaries.retain(|(c, _)| l.iter().any(|r| Arc::ptr_eq(c, &r.ctx)));

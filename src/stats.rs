@@ -2,7 +2,7 @@
 //!
 //! Under attack a log line per refused connection is itself a denial of service (on the proxy
 //! and on the log pipeline), so every refusal, eviction and clock expiry is an atomic add
-//! here, and [`summarise`] logs at most one line per category per interval. The reasons are
+//! here, and [`Summary`] logs at most one line per category per interval. The reasons are
 //! closed enums with static names, ready to become metric labels; a source address never is.
 
 use crate::metrics::{DURATION_BUCKETS, Histo};
@@ -83,10 +83,13 @@ pub enum Timeout {
     Connect,
     /// Waited in a pool's queue for `queue_timeout` without a server slot.
     Queue,
+    /// The client kept trickling bytes, below `limits.min_rate`, longer than the `request`
+    /// allowance before the backend's first byte: an exchange that never starts.
+    Request,
 }
 
 impl Timeout {
-    pub const ALL: [Timeout; 7] = [
+    pub const ALL: [Timeout; 8] = [
         Timeout::FirstByte,
         Timeout::Idle,
         Timeout::HalfClosed,
@@ -94,6 +97,7 @@ impl Timeout {
         Timeout::MaxLifetime,
         Timeout::Connect,
         Timeout::Queue,
+        Timeout::Request,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -105,27 +109,105 @@ impl Timeout {
             Timeout::MaxLifetime => "max_lifetime",
             Timeout::Connect => "connect",
             Timeout::Queue => "queue",
+            Timeout::Request => "request",
         }
     }
 }
 
-/// The accounted states a connection can be evicted from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The accounted states a connection can be evicted from: silent for a while, half-closed
+/// for a while, and OPEN but stalled (moving less than `limits.min_rate`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EvictState {
     HalfOpen,
     HalfClosed,
+    Stalled,
 }
 
 impl EvictState {
-    pub const ALL: [EvictState; 2] = [EvictState::HalfOpen, EvictState::HalfClosed];
+    pub const ALL: [EvictState; 3] = [
+        EvictState::HalfOpen,
+        EvictState::HalfClosed,
+        EvictState::Stalled,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             EvictState::HalfOpen => "half_open",
             EvictState::HalfClosed => "half_closed",
+            EvictState::Stalled => "stalled",
         }
     }
 }
+
+/// What observe mode would have done to a connection (and did not).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Observed {
+    /// Refused at accept, or when it matured into a capped state.
+    Reject(Reject),
+    /// Evicted by its own source's cap.
+    Evict(EvictState),
+    /// Ended by a clock.
+    TimeOut(Timeout),
+}
+
+impl Observed {
+    /// The `action` label.
+    pub fn action(self) -> &'static str {
+        match self {
+            Observed::Reject(_) => "reject",
+            Observed::Evict(_) => "evict",
+            Observed::TimeOut(_) => "time_out",
+        }
+    }
+
+    /// The `reason` label: the refusal reason, the cap that would evict, or the clock.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Observed::Reject(r) => r.as_str(),
+            Observed::Evict(EvictState::HalfClosed) => "source_half_closed",
+            Observed::Evict(EvictState::HalfOpen) => "source_half_open",
+            Observed::Evict(EvictState::Stalled) => "stalled",
+            Observed::TimeOut(t) => t.as_str(),
+        }
+    }
+
+    /// Every (action, reason) pair observe mode can count, in a fixed order. Listener-wide
+    /// caps and the backend's clocks always act, so they never appear here.
+    pub fn all() -> impl Iterator<Item = Observed> {
+        [
+            Reject::Denied,
+            Reject::Rate,
+            Reject::SourceConns,
+            Reject::SourceHalfOpen,
+            Reject::SourceHalfClosed,
+        ]
+        .into_iter()
+        .map(Observed::Reject)
+        .chain(std::iter::once(Observed::Evict(EvictState::HalfClosed)))
+        .chain(
+            [
+                Timeout::FirstByte,
+                Timeout::Request,
+                Timeout::Idle,
+                Timeout::HalfClosed,
+                Timeout::WriteStall,
+                Timeout::MaxLifetime,
+            ]
+            .into_iter()
+            .map(Observed::TimeOut),
+        )
+    }
+
+    fn slot(self) -> usize {
+        match self {
+            Observed::Reject(r) => r as usize,
+            Observed::Evict(e) => Reject::ALL.len() + e as usize,
+            Observed::TimeOut(t) => Reject::ALL.len() + EvictState::ALL.len() + t as usize,
+        }
+    }
+}
+
+const OBSERVED_SLOTS: usize = Reject::ALL.len() + EvictState::ALL.len() + Timeout::ALL.len();
 
 /// Counters for one listener. Every field only ever grows.
 #[derive(Debug)]
@@ -134,6 +216,8 @@ pub struct Stats {
     rejected: [AtomicU64; Reject::ALL.len()],
     evicted: [AtomicU64; EvictState::ALL.len()],
     timed_out: [AtomicU64; Timeout::ALL.len()],
+    /// What observe mode let pass, by what it would have done.
+    observed: [AtomicU64; OBSERVED_SLOTS],
     /// Client to backend bytes.
     pub bytes_upstream: AtomicU64,
     /// Backend to client bytes.
@@ -162,6 +246,7 @@ impl Default for Stats {
             rejected: Default::default(),
             evicted: Default::default(),
             timed_out: Default::default(),
+            observed: Default::default(),
             bytes_upstream: AtomicU64::new(0),
             bytes_downstream: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
@@ -194,6 +279,12 @@ impl Stats {
     pub fn timed_out(&self, t: Timeout) -> u64 {
         self.timed_out[t as usize].load(Relaxed)
     }
+    pub fn observe(&self, o: Observed) {
+        self.observed[o.slot()].fetch_add(1, Relaxed);
+    }
+    pub fn observed(&self, o: Observed) -> u64 {
+        self.observed[o.slot()].load(Relaxed)
+    }
 }
 
 /// Remembers what was last logged for one listener, so each tick logs only what changed:
@@ -210,18 +301,32 @@ impl Summary {
         }
     }
 
-    /// Logs what changed since the previous tick.
-    pub fn tick(&mut self, listener: &str, stats: &Stats) {
+    /// Logs what changed since the previous tick. `top` names the most refused source, asked
+    /// only when something was refused.
+    pub fn tick(&mut self, listener: &str, stats: &Stats, top: &dyn Fn() -> Option<TopRefused>) {
         let now = Snapshot::of(stats);
-        log_diff(listener, &self.last, &now);
+        log_diff(listener, &self.last, &now, top);
         self.last = now;
     }
+}
+
+/// The most refused source of the last window, for the refusal summary: enough to tell a busy
+/// address at its cap (its connections move data) from a flooding one (they go nowhere).
+#[derive(Debug, Clone)]
+pub struct TopRefused {
+    pub source: String,
+    pub refused: u64,
+    pub conns: usize,
+    /// Of `conns`: silent or half-closed past the grace, or stalled.
+    pub going_nowhere: usize,
+    pub verdict: &'static str,
 }
 
 struct Snapshot {
     rejected: [u64; Reject::ALL.len()],
     evicted: [u64; EvictState::ALL.len()],
     timed_out: [u64; Timeout::ALL.len()],
+    observed: [u64; OBSERVED_SLOTS],
     accept_errors: u64,
 }
 
@@ -231,6 +336,7 @@ impl Snapshot {
             rejected: Reject::ALL.map(|r| s.rejected(r)),
             evicted: EvictState::ALL.map(|e| s.evicted(e)),
             timed_out: Timeout::ALL.map(|t| s.timed_out(t)),
+            observed: std::array::from_fn(|i| s.observed[i].load(Relaxed)),
             accept_errors: s.accept_errors.load(Relaxed),
         }
     }
@@ -244,13 +350,25 @@ fn diff_line<const N: usize>(last: &[u64; N], now: &[u64; N], names: [&str; N]) 
     (!parts.is_empty()).then(|| parts.join(" "))
 }
 
-fn log_diff(listener: &str, last: &Snapshot, now: &Snapshot) {
+fn log_diff(listener: &str, last: &Snapshot, now: &Snapshot, top: &dyn Fn() -> Option<TopRefused>) {
     if let Some(l) = diff_line(
         &last.rejected,
         &now.rejected,
         Reject::ALL.map(Reject::as_str),
     ) {
-        tracing::info!(listener, counts = %l, "connections refused");
+        match top() {
+            Some(t) => tracing::info!(
+                listener,
+                counts = %l,
+                top_source = %t.source,
+                top_refused = t.refused,
+                top_conns = t.conns,
+                top_going_nowhere = t.going_nowhere,
+                top_verdict = t.verdict,
+                "connections refused"
+            ),
+            None => tracing::info!(listener, counts = %l, "connections refused"),
+        }
     }
     if let Some(l) = diff_line(
         &last.evicted,
@@ -265,6 +383,20 @@ fn log_diff(listener: &str, last: &Snapshot, now: &Snapshot) {
         Timeout::ALL.map(Timeout::as_str),
     ) {
         tracing::info!(listener, counts = %l, "connections timed out");
+    }
+    let observed: Vec<String> = Observed::all()
+        .filter(|o| now.observed[o.slot()] > last.observed[o.slot()])
+        .map(|o| {
+            let n = now.observed[o.slot()] - last.observed[o.slot()];
+            format!("{}:{}={n}", o.action(), o.reason())
+        })
+        .collect();
+    if !observed.is_empty() {
+        tracing::info!(
+            listener,
+            counts = %observed.join(" "),
+            "observe mode: would have refused, evicted or timed out (and did not)"
+        );
     }
     if now.accept_errors > last.accept_errors {
         tracing::warn!(

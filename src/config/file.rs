@@ -134,6 +134,9 @@ pub struct RawLimits {
     pub on_full: Option<String>,
     pub allow: Option<Vec<String>>,
     pub deny: Option<Vec<String>>,
+    pub min_rate: Option<u32>,
+    pub grace: Option<RawDuration>,
+    pub mode: Option<String>,
 }
 
 /// `[timeouts]`, also the shape of `[listeners.timeouts]`.
@@ -147,6 +150,8 @@ pub struct RawTimeouts {
     pub write_stall: Option<RawDuration>,
     pub max_lifetime: Option<RawDuration>,
     pub drain: Option<RawDuration>,
+    pub request: Option<RawDuration>,
+    pub request_max: Option<RawDuration>,
 }
 
 /// `[pressure]`.
@@ -157,6 +162,8 @@ pub struct RawPressure {
     pub low_water: Option<f64>,
     pub first_byte: Option<RawDuration>,
     pub half_closed: Option<RawDuration>,
+    pub request: Option<RawDuration>,
+    pub idle: Option<RawDuration>,
 }
 
 /// `[tcp]`.

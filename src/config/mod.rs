@@ -33,14 +33,29 @@ pub use pool::{
 /// Up to 64 concurrent connections per source: generous for a browser or a NATed office,
 /// small enough that one host cannot take the proxy's descriptors.
 pub const DEFAULT_MAX_CONNS_PER_SOURCE: u32 = 64;
-/// Silent connections per source: a legit client speaks at once, so a handful is plenty.
-pub const DEFAULT_MAX_HALF_OPEN_PER_SOURCE: u32 = 8;
-/// Half-closed connections per source: ordinary closes pass through this state briefly.
-pub const DEFAULT_MAX_HALF_CLOSED_PER_SOURCE: u32 = 8;
-/// New connections per second per source (GCRA).
-pub const DEFAULT_CONN_RATE_PER_SOURCE: u32 = 50;
+/// Connections of one source silent for longer than the grace. A client speaks at once, so
+/// only a connection that has said nothing for `grace` counts; 16 leaves room for a NAT
+/// whose users' first bytes are slow, and is still a quarter of the connection cap.
+pub const DEFAULT_MAX_HALF_OPEN_PER_SOURCE: u32 = 16;
+/// Connections of one source half-closed for longer than the grace: an ordinary close in
+/// flight takes milliseconds and never counts; a client that half-closes and waits for a slow
+/// answer does, so a NAT gets some room.
+pub const DEFAULT_MAX_HALF_CLOSED_PER_SOURCE: u32 = 16;
+/// New connections per second per source (GCRA). A browser opens a handful per page; 200/s
+/// is a busy NAT or a client pool with connection-per-request, and still stops one address
+/// from churning through the backend. Service-to-service traffic or a carrier NAT may need
+/// more (or an `allow` entry).
+pub const DEFAULT_CONN_RATE_PER_SOURCE: u32 = 200;
 /// Burst of new connections a source may open at once before the rate applies.
-pub const DEFAULT_CONN_BURST_PER_SOURCE: u32 = 100;
+pub const DEFAULT_CONN_BURST_PER_SOURCE: u32 = 400;
+/// Bytes per second (both directions together) below which an OPEN connection is making no
+/// progress: mod_reqtimeout's MinRate. A slow mobile link moves 2 kB/s; a drip moves bytes
+/// per second.
+pub const DEFAULT_MIN_RATE: u32 = 500;
+/// How long a connection must stay silent, or half-closed, before it counts against its
+/// source's half-open or half-closed cap. Ordinary traffic passes through those states in
+/// well under a round trip; a flood that stays in them is held at its cap after this.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(1);
 /// IPv4 sources are counted per address.
 pub const DEFAULT_IPV4_PREFIX: u8 = 32;
 /// IPv6 sources are counted per /64: one host usually owns a whole /64.
@@ -67,6 +82,11 @@ pub const DEFAULT_HALF_CLOSED: Duration = Duration::from_secs(30);
 pub const DEFAULT_WRITE_STALL: Duration = Duration::from_secs(30);
 /// How long connections may finish after SIGTERM before they are aborted.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
+/// The client's request before the backend's first byte: 10 s of allowance, plus one second
+/// per `min_rate` bytes the client sends, while it keeps sending. mod_reqtimeout's
+/// `header=20-40,MinRate=500` is the model; 10 s is already far more than a 2 kB request
+/// needs at 2 kB/s, and the rate extension carries uploads of any size at any sane speed.
+pub const DEFAULT_REQUEST: Duration = Duration::from_secs(10);
 
 /// Pressure mode starts when a per-listener count passes 80% of its cap...
 pub const DEFAULT_HIGH_WATER: f64 = 0.8;
@@ -76,6 +96,10 @@ pub const DEFAULT_LOW_WATER: f64 = 0.6;
 pub const DEFAULT_PRESSURE_FIRST_BYTE: Duration = Duration::from_secs(2);
 /// Under pressure a half-closed connection gets 5 s without progress.
 pub const DEFAULT_PRESSURE_HALF_CLOSED: Duration = Duration::from_secs(5);
+/// Under pressure a trickling client gets 3 s of allowance before the backend answers.
+pub const DEFAULT_PRESSURE_REQUEST: Duration = Duration::from_secs(3);
+/// Under pressure an OPEN connection with no byte either way for 30 s is ended.
+pub const DEFAULT_PRESSURE_IDLE: Duration = Duration::from_secs(30);
 
 /// Accept queue length asked of the kernel (capped by `net.core.somaxconn`).
 pub const DEFAULT_BACKLOG: u32 = 4_096;
@@ -145,6 +169,25 @@ pub enum OnFull {
     Evict,
     /// Refuse the newcomer.
     Reject,
+}
+
+/// Whether per-source decisions act or are only counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Refuse, evict and time out as configured.
+    Enforce,
+    /// Count what would have been refused, evicted or timed out per source, and let the
+    /// connection go on; listener-wide caps still act, since they protect halfguard itself.
+    Observe,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Observe => "observe",
+        }
+    }
 }
 
 /// Log output format.
@@ -332,6 +375,12 @@ pub struct Limits {
     pub allow: Vec<IpNet>,
     /// Sources refused at accept.
     pub deny: Vec<IpNet>,
+    /// Bytes per second below which an OPEN connection is stalled (evictable when the
+    /// listener is full) and a client's request stops earning allowance.
+    pub min_rate: u32,
+    /// How long a state must last before it counts against a per-source cap.
+    pub grace: Duration,
+    pub mode: Mode,
 }
 
 /// The clocks. See the state diagram in README.md.
@@ -345,6 +394,10 @@ pub struct Timeouts {
     /// `None` when configured as `"0s"`.
     pub max_lifetime: Option<Duration>,
     pub drain: Duration,
+    /// The request clock's allowance; `None` when configured as `"0s"` (off).
+    pub request: Option<Duration>,
+    /// A hard bound on the request clock whatever the rate; `None` = none.
+    pub request_max: Option<Duration>,
 }
 
 /// Shorter clocks while a listener is under pressure.
@@ -354,6 +407,8 @@ pub struct PressureConfig {
     pub low_water: f64,
     pub first_byte: Duration,
     pub half_closed: Duration,
+    pub request: Duration,
+    pub idle: Duration,
 }
 
 /// Socket options applied to client and backend sockets alike.
@@ -396,6 +451,9 @@ impl Default for Limits {
             on_full: OnFull::Evict,
             allow: Vec::new(),
             deny: Vec::new(),
+            min_rate: DEFAULT_MIN_RATE,
+            grace: DEFAULT_GRACE,
+            mode: Mode::Enforce,
         }
     }
 }
@@ -410,6 +468,8 @@ impl Default for Timeouts {
             write_stall: DEFAULT_WRITE_STALL,
             max_lifetime: None,
             drain: DEFAULT_DRAIN,
+            request: Some(DEFAULT_REQUEST),
+            request_max: None,
         }
     }
 }
@@ -421,6 +481,8 @@ impl Default for PressureConfig {
             low_water: DEFAULT_LOW_WATER,
             first_byte: DEFAULT_PRESSURE_FIRST_BYTE,
             half_closed: DEFAULT_PRESSURE_HALF_CLOSED,
+            request: DEFAULT_PRESSURE_REQUEST,
+            idle: DEFAULT_PRESSURE_IDLE,
         }
     }
 }
@@ -623,6 +685,8 @@ impl Config {
             low_water: p.low_water.unwrap_or(d.low_water),
             first_byte: p.first_byte.map_or(d.first_byte, |x| x.0),
             half_closed: p.half_closed.map_or(d.half_closed, |x| x.0),
+            request: p.request.map_or(d.request, |x| x.0),
+            idle: p.idle.map_or(d.idle, |x| x.0),
         };
         for (key, v) in [
             ("pressure.high_water", pressure.high_water),
@@ -644,6 +708,8 @@ impl Config {
         for (key, v) in [
             ("pressure.first_byte", pressure.first_byte),
             ("pressure.half_closed", pressure.half_closed),
+            ("pressure.request", pressure.request),
+            ("pressure.idle", pressure.idle),
         ] {
             if v.is_zero() {
                 return Err(ck.err(key, "must be greater than 0s"));
@@ -880,15 +946,21 @@ impl fmt::Display for Config {
             )?;
             writeln!(
                 f,
-                "  allow {} prefix(es), deny {} prefix(es)",
+                "  allow {} prefix(es), deny {} prefix(es); min_rate {} B/s, grace {}; mode {}",
                 lim.allow.len(),
-                lim.deny.len()
+                lim.deny.len(),
+                lim.min_rate,
+                d(lim.grace),
+                lim.mode.as_str()
             )?;
             writeln!(
                 f,
-                "  clocks: connect {}, first_byte {}, idle {}, half_closed {}, write_stall {}, max_lifetime {}, drain {}",
+                "  clocks: connect {}, first_byte {}, request {}{}, idle {}, half_closed {}, write_stall {}, max_lifetime {}, drain {}",
                 d(t.connect),
                 d(t.first_byte),
+                t.request.map_or("off".into(), d),
+                t.request_max
+                    .map_or(String::new(), |m| format!(" (at most {})", d(m))),
                 d(t.idle),
                 d(t.half_closed),
                 d(t.write_stall),
@@ -955,10 +1027,12 @@ impl fmt::Display for Config {
         }
         writeln!(
             f,
-            "pressure: above {:.0}% of a cap until below {:.0}%: first_byte {}, half_closed {}",
+            "pressure: above {:.0}% of a cap until below {:.0}%: first_byte {}, request {}, idle {}, half_closed {}",
             self.pressure.high_water * 100.0,
             self.pressure.low_water * 100.0,
             d(self.pressure.first_byte),
+            d(self.pressure.request),
+            d(self.pressure.idle),
             d(self.pressure.half_closed)
         )?;
         let t = &self.tcp;
@@ -1075,6 +1149,17 @@ fn merge_limits(
             ));
         }
     };
+    let mode = match raw.mode.as_deref() {
+        None => base.mode,
+        Some("enforce") => Mode::Enforce,
+        Some("observe") => Mode::Observe,
+        Some(other) => {
+            return Err(ck.err(
+                key("mode"),
+                format!("{other:?} is not \"enforce\" or \"observe\""),
+            ));
+        }
+    };
     let nets = |list: &Option<Vec<String>>, k: &str, base: &Vec<IpNet>| match list {
         None => Ok(base.clone()),
         Some(v) => v
@@ -1108,7 +1193,16 @@ fn merge_limits(
         on_full,
         allow: nets(&raw.allow, "allow", &base.allow)?,
         deny: nets(&raw.deny, "deny", &base.deny)?,
+        min_rate: raw.min_rate.unwrap_or(base.min_rate),
+        grace: raw.grace.map_or(base.grace, |x| x.0),
+        mode,
     };
+    if l.grace > Duration::from_secs(60) {
+        return Err(ck.err(
+            key("grace"),
+            "is at most \"60s\": it is how long ordinary traffic may sit in a state, not a clock",
+        ));
+    }
     if l.ipv4_prefix == 0 || l.ipv4_prefix > 32 {
         return Err(ck.err(
             key("ipv4_prefix"),
@@ -1167,6 +1261,8 @@ fn merge_timeouts(base: &Timeouts, raw: &RawTimeouts) -> Timeouts {
         write_stall: pick(raw.write_stall, base.write_stall),
         max_lifetime: raw.max_lifetime.map_or(base.max_lifetime, |x| nonzero(x.0)),
         drain: pick(raw.drain, base.drain),
+        request: raw.request.map_or(base.request, |x| nonzero(x.0)),
+        request_max: raw.request_max.map_or(base.request_max, |x| nonzero(x.0)),
     }
 }
 
@@ -1184,6 +1280,18 @@ fn check_timeouts(ck: &Checker<'_>, t: &Timeouts, at: &str) -> Result<(), Config
                 "must be greater than 0s: every state needs a clock",
             ));
         }
+    }
+    if let (Some(r), Some(m)) = (t.request, t.request_max)
+        && m < r
+    {
+        return Err(ck.err(
+            format!("{at}.request_max"),
+            format!(
+                "{} is below request ({}): the allowance could never be used",
+                humantime::format_duration(m),
+                humantime::format_duration(r)
+            ),
+        ));
     }
     Ok(())
 }

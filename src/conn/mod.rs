@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! HALF_OPEN --first byte--> OPEN --FIN from one side--> HALF_CLOSED(side) --FIN--> CLOSED
-//!   first_byte              idle, write_stall           half_closed, write_stall
+//!   first_byte              request, idle, write_stall  half_closed, write_stall
+//!   (silent past grace:     (below min_rate: stalled,   (past grace: counts against
+//!    counts per source)      evictable when full)         the source's cap)
 //! ```
 //! plus `connect` while a backend connects and `max_lifetime` throughout. Whatever ends a
 //! connection other than a FIN both ways (clock, eviction, reset, backend failure, shutdown)
@@ -10,7 +12,15 @@
 //!
 //! Clocks measure lack of progress: they are rearmed lazily from the pump's progress stamps
 //! (no timer reset per read), and before a clock aborts it looks at the kernel send queues,
-//! since a peer still acknowledging our bytes is slow, not gone.
+//! since a peer still acknowledging our bytes is slow, not gone. The `request` clock is the
+//! exchange that never starts: before the backend's first byte, a client that keeps
+//! trickling (no pause of 5 s) gets `request` plus one second per `min_rate` bytes it sends.
+//! Every `STALL_WINDOW` (the first time sooner) an OPEN connection compares the bytes it
+//! moved with `min_rate`: below it, it joins its source's stalled list, where a full listener
+//! finds its victims.
+//!
+//! In observe mode a clock that runs out is counted and disarmed for that connection, which
+//! goes on.
 
 mod pump;
 
@@ -43,6 +53,10 @@ pub struct Policy {
     pub accept_proxy: bool,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub timeouts: Timeouts,
+    /// `limits.min_rate`: bytes per second that count as progress.
+    pub min_rate: u32,
+    /// `limits.grace`: how long a state lasts before it counts against the source's cap.
+    pub grace: Duration,
     pub pressure: PressureConfig,
     pub tcp: TcpConfig,
     pub backends: Arc<Pool>,
@@ -83,6 +97,33 @@ impl Policy {
         }
     }
 
+    /// The idle clock, shortened under pressure.
+    fn idle(&self, pressure: bool) -> Duration {
+        let t = self.timeouts.idle;
+        if pressure {
+            t.min(self.pressure.idle)
+        } else {
+            t
+        }
+    }
+
+    /// When the request clock ends the client's `burst` (before the backend's first byte):
+    /// the allowance, plus a second per `min_rate` bytes, within `request_max`. `None` when
+    /// the clock is off.
+    fn request_deadline(&self, pressure: bool, burst: pump::Burst) -> Option<Instant> {
+        let mut allow = self.timeouts.request?;
+        if pressure {
+            allow = allow.min(self.pressure.request);
+        }
+        if self.min_rate > 0 {
+            allow += Duration::from_secs_f64(burst.bytes as f64 / f64::from(self.min_rate));
+        }
+        if let Some(max) = self.timeouts.request_max {
+            allow = allow.min(max);
+        }
+        Some(burst.start + allow)
+    }
+
     /// When `max_lifetime` ends a connection accepted at `accepted`, if it is set.
     fn lifetime(&self, accepted: Instant) -> Option<(Instant, Timeout)> {
         self.timeouts
@@ -120,6 +161,68 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// With bytes in flight at an expiry, the second look comes this soon, to tell a queue that
 /// moves from one that is stuck.
 const FIRST_LOOK: Duration = Duration::from_millis(200);
+/// However well its queue drains, a clock that ran out is put off by the kernel send-queue
+/// look for at most this long in all: a reader draining at `min_rate` wakes the pump (which
+/// resets the clocks) long before, so only a peer that keeps the queue barely moving meets it.
+const MAX_EXTENSION: Duration = Duration::from_secs(300);
+/// How often an OPEN connection weighs its progress against `min_rate`.
+pub const STALL_WINDOW: Duration = Duration::from_secs(1);
+/// The first look comes sooner: a flood of connections that trickle fills a listener at once,
+/// and they must be evictable before legit newcomers are refused for long. An ordinary
+/// exchange is over before it.
+pub const FIRST_STALL_CHECK: Duration = Duration::from_millis(250);
+/// How long a connection admitted over its source's connection cap waits for a slot.
+pub const CONFIRM_WAIT: Duration = Duration::from_secs(1);
+
+/// Clocks that observe mode already counted for this connection, and so no longer arms.
+#[derive(Clone, Copy, Debug, Default)]
+struct Observed(u16);
+
+impl Observed {
+    fn has(self, t: Timeout) -> bool {
+        self.0 & (1 << t as u16) != 0
+    }
+    fn set(&mut self, t: Timeout) {
+        self.0 |= 1 << t as u16;
+    }
+}
+
+/// The earliest of the clocks that are armed: those not already observed, when observing.
+struct Clocks {
+    observing: bool,
+    observed: Observed,
+    best: Option<(Instant, Timeout)>,
+}
+
+impl Clocks {
+    fn new(ctx: &ListenerCtx, observed: Observed) -> Clocks {
+        Clocks {
+            observing: ctx.guard.limits().mode == crate::config::Mode::Observe,
+            observed,
+            best: None,
+        }
+    }
+
+    fn arm(&mut self, c: Option<(Instant, Timeout)>) {
+        if let Some((at, t)) = c
+            && !(self.observing && self.observed.has(t))
+            && self.best.is_none_or(|(b, _)| at < b)
+        {
+            self.best = Some((at, t));
+        }
+    }
+}
+
+/// A clock ran out: `true` when the connection must end, `false` when observe mode counted
+/// it (and it is now disarmed for this connection).
+fn expire(ticket: &Ticket, observed: &mut Observed, clock: Timeout) -> bool {
+    if ticket.observe(crate::stats::Observed::TimeOut(clock)) {
+        observed.set(clock);
+        false
+    } else {
+        true
+    }
+}
 
 /// Serves one admitted connection to its end.
 pub async fn serve(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr, mut ticket: Ticket) {
@@ -162,6 +265,34 @@ pub async fn serve(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr, m
     stats.duration.observe(accepted.elapsed());
 }
 
+/// A connection admitted over its source's connection cap waits for a connection of its
+/// source to end (usually one that already ended on the wire and whose task has not run
+/// yet); none does within `CONFIRM_WAIT`: refused.
+async fn confirm_slot(ticket: &mut Ticket, abort: &CancellationToken) -> Result<(), End> {
+    let until = Instant::now() + CONFIRM_WAIT;
+    let mut nap = Duration::from_millis(1);
+    loop {
+        match ticket.confirm() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(_) => return Err(End::Evicted),
+        }
+        let now = Instant::now();
+        if now >= until {
+            if ticket.refuse_provisional() {
+                return Err(End::Refused);
+            }
+            return Ok(());
+        }
+        tokio::select! {
+            biased;
+            _ = abort.cancelled() => return Err(End::Shutdown),
+            _ = sleep_until((now + nap).min(until)) => {}
+        }
+        nap = (nap * 2).min(Duration::from_millis(64));
+    }
+}
+
 async fn run(
     ctx: &ListenerCtx,
     client: &TcpStream,
@@ -174,9 +305,15 @@ async fn run(
     // A child token of its own: polling it locks this connection's waiter list, not the
     // listener's, which every connection would share.
     let abort = ctx.abort.child_token();
+    if ticket.is_provisional()
+        && let Err(end) = confirm_slot(ticket, &abort).await
+    {
+        return end;
+    }
     let mut pressure = ctx.guard.pressure_watch();
     let mut epoch = ctx.epoch.subscribe();
     let mut policy = ctx.policy.load_full();
+    let mut observed = Observed::default();
     // The local address costs a syscall: only a PROXY header toward the servers needs it.
     let local = if policy.backends.config().proxy_protocol.is_some() {
         match client.local_addr() {
@@ -192,8 +329,9 @@ async fn run(
     };
 
     // A trusted balancer's PROXY header, within the first-byte clock; from here on the
-    // source is the one it names.
-    if policy.accept_proxy {
+    // source is the one it names. Whether a header comes was decided at accept and travels
+    // with the ticket: a reload in between cannot change it.
+    if ticket.is_trusted() {
         let deadline = accepted + policy.first_byte(*pressure.borrow_and_update());
         let header = tokio::select! {
             biased;
@@ -251,12 +389,21 @@ async fn run(
         let mut evicted = pin!(ctl.evicted());
         let mut aborted = pin!(abort.cancelled());
         let mut peek = [0u8; 1];
+        // Silent past the grace: counted against the source's half-open cap from then on.
+        let mut counted = ticket.source().is_none();
         loop {
             let fb = policy.first_byte(*pressure.borrow_and_update());
-            let (deadline, clock) = earliest(
-                (accepted + fb, Timeout::FirstByte),
-                policy.lifetime(accepted),
-            );
+            let mut clocks = Clocks::new(ctx, observed);
+            clocks.arm(Some((accepted + fb, Timeout::FirstByte)));
+            clocks.arm(policy.lifetime(accepted));
+            let clock = clocks.best;
+            let grace = (!counted).then_some(accepted + policy.grace);
+            let wake = match (clock.map(|c| c.0), grace) {
+                (Some(c), Some(g)) => c.min(g),
+                (Some(c), None) => c,
+                (None, Some(g)) => g,
+                (None, None) => Instant::now() + Duration::from_secs(3600),
+            };
             let server_ready = async {
                 match server_slot.as_ref() {
                     Some((s, _)) => s.readable().await,
@@ -282,7 +429,23 @@ async fn run(
                     Ok(()) => break,
                     Err(_) => return End::PeerError,
                 },
-                _ = sleep_until(deadline) => return End::Timeout(clock),
+                _ = sleep_until(wake) => {
+                    let now = Instant::now();
+                    if let Some((at, c)) = clock
+                        && at <= now
+                        && expire(ticket, &mut observed, c)
+                    {
+                        return End::Timeout(c);
+                    }
+                    if grace.is_some_and(|g| g <= now) {
+                        counted = true;
+                        match ticket.silent() {
+                            Ok(()) => {}
+                            Err(Refused::Evicted) => return End::Evicted,
+                            Err(Refused::Full(_)) => return End::Refused,
+                        }
+                    }
+                }
                 _ = changed(&mut pressure) => {}
                 _ = changed(&mut epoch) => policy = ctx.policy.load_full(),
             }
@@ -321,7 +484,7 @@ async fn run(
         ctx,
         open,
         (pressure, epoch),
-        policy,
+        (policy, observed),
         accepted,
     ))
     .await
@@ -342,7 +505,7 @@ async fn pump_until_end(
     ctx: &ListenerCtx,
     open: Open<'_>,
     (mut pressure, mut epoch): (watch::Receiver<bool>, watch::Receiver<u64>),
-    mut policy: Arc<Policy>,
+    (mut policy, mut observed): (Arc<Policy>, Observed),
     accepted: Instant,
 ) -> End {
     let Open {
@@ -361,50 +524,131 @@ async fn pump_until_end(
     // Who sent FIN, and when: the half-closed clock counts from the later of that moment
     // and the last progress in the still-open direction, never from before the FIN.
     let mut closed: Option<(Side, Instant)> = None;
-    // Set when a kernel send queue was seen moving as a clock expired.
+    // Half-closed past the grace: counted against the source's cap.
+    let mut lingering = false;
+    // Set when a kernel send queue was seen moving as a clock expired; `since`: when the
+    // first of those extensions began, for `MAX_EXTENSION`.
     let mut extended: Option<Instant> = None;
+    let mut extended_since: Option<Instant> = None;
+    // The progress check: when it comes next, and the bytes moved at the last one.
+    let mut next_check = Instant::now() + FIRST_STALL_CHECK;
+    let mut last_check = Instant::now();
+    let mut moved_at_check = 0u64;
     let mut sleep = pin!(sleep_until(Instant::now() + policy.timeouts.idle));
     loop {
-        let (deadline, clock) = {
-            let t = &policy.timeouts;
-            let base = match closed {
-                None => (pump.last_activity() + t.idle, Timeout::Idle),
-                Some((side, at)) => {
-                    let linger = policy.half_closed(*pressure.borrow_and_update());
-                    let since = pump.last_open_progress(side).max(at);
-                    (since + linger, Timeout::HalfClosed)
-                }
-            };
-            let stall = pump
-                .stalled_since()
-                .map(|s| (s + t.write_stall, Timeout::WriteStall));
-            let (mut at, clock) = earliest(base, stall);
-            if let Some(e) = extended {
-                at = at.max(e);
-            }
-            earliest((at, clock), policy.lifetime(accepted))
-        };
+        let under_pressure = *pressure.borrow_and_update();
         let now = Instant::now();
-        if deadline <= now {
+        let mut clocks = Clocks::new(ctx, observed);
+        let t = &policy.timeouts;
+        // The request clock: the client's burst before the backend's first byte. A burst
+        // still going after its allowance ends the connection; one that paused before it
+        // (the client waits for the backend) is looked at again soon, in case it resumes.
+        let mut request_wake = None;
+        if closed.is_none()
+            && let Some(burst) = pump.request_burst()
+            && let Some(deadline) = policy.request_deadline(under_pressure, burst)
+        {
+            if burst.last > deadline {
+                clocks.arm(Some((now, Timeout::Request)));
+            } else if deadline > now {
+                request_wake = Some(deadline);
+            } else if now.saturating_duration_since(burst.last) < pump::BURST_GAP {
+                request_wake = Some(now + RECHECK);
+            } else {
+                // The burst is over; a new one cannot run out before a whole allowance.
+                request_wake = Some(now + t.request.unwrap_or(RECHECK).max(RECHECK));
+            }
+        }
+        match closed {
+            None => clocks.arm(Some((
+                pump.last_activity() + policy.idle(under_pressure),
+                Timeout::Idle,
+            ))),
+            Some((side, at)) => {
+                let linger = policy.half_closed(under_pressure);
+                let since = pump.last_open_progress(side).max(at);
+                clocks.arm(Some((since + linger, Timeout::HalfClosed)));
+            }
+        }
+        clocks.arm(
+            pump.stalled_since()
+                .map(|s| (s + t.write_stall, Timeout::WriteStall)),
+        );
+        if let (Some(e), Some((at, c))) = (extended, clocks.best) {
+            if at > now {
+                // Progress moved the clock past now by itself: the extension is over.
+                extended = None;
+                extended_since = None;
+                pump.forget_looks();
+            } else {
+                clocks.best = Some((at.max(e), c));
+            }
+        }
+        clocks.arm(policy.lifetime(accepted));
+        let clock = clocks.best;
+        if let Some((deadline, clock)) = clock
+            && deadline <= now
+        {
             // Out of time by the progress stamps. A peer still acknowledging our bytes is
             // slow, not gone: look again shortly rather than discard its bytes with an RST.
-            if clock != Timeout::MaxLifetime {
-                match pump.kernel_progress() {
-                    KernelQueues::Moving => {
-                        extended = Some(now + RECHECK);
-                        continue;
-                    }
-                    KernelQueues::FirstLook => {
-                        extended = Some(now + FIRST_LOOK);
-                        continue;
-                    }
-                    KernelQueues::Empty | KernelQueues::Stuck => {}
+            let within = extended_since.is_none_or(|s| now.duration_since(s) < MAX_EXTENSION);
+            if clock != Timeout::MaxLifetime && clock != Timeout::Request && within {
+                let look = match pump.kernel_progress(policy.min_rate) {
+                    KernelQueues::Moving => Some(RECHECK),
+                    KernelQueues::FirstLook => Some(FIRST_LOOK),
+                    KernelQueues::Empty | KernelQueues::Stuck => None,
+                };
+                if let Some(after) = look {
+                    extended = Some(now + after);
+                    extended_since.get_or_insert(now);
+                    continue;
                 }
             }
-            return End::Timeout(clock);
+            if expire(ticket, &mut observed, clock) {
+                return End::Timeout(clock);
+            }
+            extended = None;
+            extended_since = None;
+            pump.forget_looks();
+            continue;
         }
-        if sleep.deadline() != deadline {
-            sleep.as_mut().reset(deadline);
+        // The progress check, and a half-closed connection's grace.
+        if closed.is_none() && next_check <= now {
+            let total = pump.total();
+            let window = now.saturating_duration_since(last_check).as_secs_f64();
+            let floor = f64::from(policy.min_rate) * window;
+            let r = if ((total - moved_at_check) as f64) < floor {
+                ticket.stall()
+            } else {
+                ticket.unstall()
+            };
+            if r.is_err() {
+                return End::Evicted;
+            }
+            moved_at_check = total;
+            last_check = now;
+            next_check = now + STALL_WINDOW;
+        }
+        if let Some((_, at)) = closed
+            && !lingering
+            && at + policy.grace <= now
+        {
+            lingering = true;
+            if ticket.lingering().is_err() {
+                return End::Evicted;
+            }
+        }
+        let mut wake = clock.map_or(now + Duration::from_secs(3600), |c| c.0);
+        if let Some(r) = request_wake {
+            wake = wake.min(r);
+        }
+        match closed {
+            None => wake = wake.min(next_check),
+            Some((_, at)) if !lingering => wake = wake.min(at + policy.grace),
+            Some(_) => {}
+        }
+        if sleep.deadline() != wake {
+            sleep.as_mut().reset(wake);
         }
         tokio::select! {
             biased;
@@ -434,17 +678,9 @@ async fn pump_until_end(
             },
             // Progress may have moved the deadline since: the loop recomputes it.
             _ = &mut sleep => {}
-            _ = changed(&mut pressure), if closed.is_some() => {}
+            _ = changed(&mut pressure) => {}
             _ = changed(&mut epoch) => policy = ctx.policy.load_full(),
         }
-    }
-}
-
-/// The clock that runs out first.
-fn earliest(a: (Instant, Timeout), b: Option<(Instant, Timeout)>) -> (Instant, Timeout) {
-    match b {
-        Some(b) if b.0 < a.0 => b,
-        _ => a,
     }
 }
 

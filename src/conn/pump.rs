@@ -22,6 +22,11 @@ use tokio::time::Instant;
 
 /// Copy buffer per direction while bytes move.
 pub const BUF_SIZE: usize = 16 * 1024;
+/// A spliced direction whose destination kept it waiting this long gives its pipe (256 KiB of
+/// kernel memory and two descriptors) back once the pipe is empty: a slow reader does not
+/// need zero copy, and the pipe budget is for bulk.
+#[cfg(target_os = "linux")]
+const SLOW_FOR_A_PIPE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Free copy buffers kept per worker thread, so a request/response exchange reuses one
 /// instead of going to the allocator twice per message.
 const POOLED_BUFS: usize = 64;
@@ -55,6 +60,30 @@ pub enum KernelQueues {
     Moving,
     /// Bytes in flight, none acknowledged since the last look: stalled.
     Stuck,
+}
+
+/// What two looks at the send queues (client, server), `elapsed` apart, say: a queue that
+/// drained at least `min_rate` bytes per second (and at least a byte) is moving.
+fn judge(
+    before: [Option<u32>; 2],
+    now: [Option<u32>; 2],
+    elapsed: std::time::Duration,
+    min_rate: u32,
+) -> KernelQueues {
+    let holding = now.iter().any(|n| matches!(n, Some(q) if *q > 0));
+    let floor = (f64::from(min_rate) * elapsed.as_secs_f64()).max(1.0) as u64;
+    if !holding {
+        KernelQueues::Empty
+    } else if before == [None, None] {
+        KernelQueues::FirstLook
+    } else if now.iter().zip(before).any(|(n, b)| match (n, b) {
+        (Some(n), Some(b)) if *n > 0 => u64::from(b.saturating_sub(*n)) >= floor,
+        _ => false,
+    }) {
+        KernelQueues::Moving
+    } else {
+        KernelQueues::Stuck
+    }
 }
 
 /// Who sent a FIN.
@@ -95,6 +124,12 @@ struct Direction<'a> {
     other_done: bool,
     /// Last time a byte was read or written in this direction.
     last_progress: Instant,
+    /// Bytes written in this direction, for the progress-rate check.
+    total: u64,
+    /// The current burst of reads (bytes read with no pause of `BURST_GAP` or more): when it
+    /// began, how many bytes it holds, and the last read. The request clock judges the
+    /// client's burst before the backend's first byte.
+    burst: Option<Burst>,
     /// Since when bytes wait for a destination that takes none, if they do.
     stalled_since: Option<Instant>,
     /// A stall began and the connection has not been told yet.
@@ -159,6 +194,8 @@ impl<'a> Direction<'a> {
             done: false,
             other_done: false,
             last_progress: now,
+            total: 0,
+            burst: None,
             stalled_since: None,
             stall_started: false,
         }
@@ -192,9 +229,29 @@ impl<'a> Direction<'a> {
     /// `n` bytes reached the destination: progress, and no stall.
     fn wrote(&mut self, n: usize) {
         self.moved = true;
+        self.total += n as u64;
         self.counter.fetch_add(n as u64, Relaxed);
         self.last_progress = Instant::now();
         self.stalled_since = None;
+    }
+
+    /// `n` bytes were read from the source at `now`: progress, and the burst grows (or a
+    /// new one starts after a pause).
+    fn read(last_progress: &mut Instant, burst: &mut Option<Burst>, n: usize, now: Instant) {
+        *last_progress = now;
+        match burst {
+            Some(b) if now.saturating_duration_since(b.last) < BURST_GAP => {
+                b.bytes += n as u64;
+                b.last = now;
+            }
+            _ => {
+                *burst = Some(Burst {
+                    start: now,
+                    bytes: n as u64,
+                    last: now,
+                });
+            }
+        }
     }
 
     /// Copies until `from` would block, `to` would block, or EOF has been forwarded
@@ -257,7 +314,7 @@ impl<'a> Direction<'a> {
             // The buffer is empty: a bulk direction switches to splice here, if a pipe is
             // to be had.
             #[cfg(target_os = "linux")]
-            if self.bulk && !self.eof {
+            if self.bulk && self.may_splice && !self.eof {
                 self.bulk = false;
                 if let Some(p) = crate::splice::Pipe::get() {
                     self.release_buf();
@@ -288,18 +345,23 @@ impl<'a> Direction<'a> {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
                     self.len = n;
-                    self.last_progress = Instant::now();
+                    Self::read(&mut self.last_progress, &mut self.burst, n, Instant::now());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(at(rd)(e))),
             }
             // Read on until the source would block before writing: the read that says
             // "would block" is made either way, and made first it also finds a FIN that came
-            // with the data, so the write can carry it (see `fin_follows`).
+            // with the data, so the write can carry it (MSG_MORE above).
             while 0 < self.len && self.len < BUF_SIZE && !self.eof {
                 match from.try_read(&mut buf[self.len..]) {
                     Ok(0) => self.eof = true,
-                    Ok(n) => self.len += n,
+                    Ok(n) => {
+                        self.len += n;
+                        if let Some(b) = &mut self.burst {
+                            b.bytes += n as u64;
+                        }
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => return Poll::Ready(Err(at(rd)(e))),
                 }
@@ -338,7 +400,23 @@ impl<'a> Direction<'a> {
                 match to.try_io(Interest::WRITABLE, || splice(pipe_r, to_fd, len)) {
                     Ok(n) => {
                         self.in_pipe -= n;
+                        // A destination that kept us waiting this long is a slow reader:
+                        // once the pipe is empty, it goes back and the direction copies
+                        // through the small buffer (see below).
+                        if self
+                            .stalled_since
+                            .is_some_and(|s| s.elapsed() >= SLOW_FOR_A_PIPE)
+                        {
+                            self.may_splice = false;
+                        }
                         self.wrote(n);
+                        if self.in_pipe == 0
+                            && !self.may_splice
+                            && let Some(p) = self.pipe.take()
+                        {
+                            p.put_back();
+                            return self.poll_copy(from, to, cx);
+                        }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Poll::Ready(Err(at(wr)(e))),
@@ -356,13 +434,25 @@ impl<'a> Direction<'a> {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
                     self.in_pipe = n;
-                    self.last_progress = Instant::now();
+                    Self::read(&mut self.last_progress, &mut self.burst, n, Instant::now());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(at(rd)(e))),
             }
         }
     }
+}
+
+/// A pause in a direction's reads this long ends its burst: the sender has said what it had
+/// to say and waits. A drip sends more often than this; a heartbeat less often.
+pub const BURST_GAP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads with no pause of [`BURST_GAP`] or more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Burst {
+    pub start: Instant,
+    pub bytes: u64,
+    pub last: Instant,
 }
 
 /// A read or write failed (a reset, or a kernel timeout) on `side`'s socket.
@@ -390,8 +480,9 @@ pub struct Pump<'a> {
     server: &'a TcpStream,
     up: Direction<'a>,
     down: Direction<'a>,
-    /// The kernel send queues seen at the last look (client, server).
+    /// The kernel send queues seen at the last look (client, server), and when.
     unacked: [Option<u32>; 2],
+    looked: Instant,
 }
 
 impl<'a> Pump<'a> {
@@ -412,6 +503,7 @@ impl<'a> Pump<'a> {
             up: Direction::new(now, &stats.bytes_upstream, spliced, Side::Client, splice),
             down: Direction::new(now, &stats.bytes_downstream, spliced, Side::Server, splice),
             unacked: [None, None],
+            looked: now,
         }
     }
 
@@ -461,9 +553,25 @@ impl<'a> Pump<'a> {
         }
     }
 
+    /// Forgets the send queues seen at earlier looks: the next look is a first look again.
+    pub fn forget_looks(&mut self) {
+        self.unacked = [None, None];
+    }
+
     /// The server has sent at least one byte to the client.
     pub fn server_spoke(&self) -> bool {
         self.down.moved
+    }
+
+    /// The client's current burst, while the server has said nothing yet: what the request
+    /// clock judges.
+    pub fn request_burst(&self) -> Option<Burst> {
+        if self.down.moved { None } else { self.up.burst }
+    }
+
+    /// Bytes moved both ways so far.
+    pub fn total(&self) -> u64 {
+        self.up.total + self.down.total
     }
 
     /// Since when some direction has bytes for a peer that takes none.
@@ -474,28 +582,47 @@ impl<'a> Pump<'a> {
         }
     }
 
-    /// Looks at the kernel send queues, for a clock that ran out. A peer still
-    /// acknowledging our data, however slowly, is making progress, and an RST would discard
-    /// those bytes.
-    pub fn kernel_progress(&mut self) -> KernelQueues {
+    /// Looks at the kernel send queues, for a clock that ran out. A peer still taking our
+    /// data at `min_rate` bytes per second or more is making progress, and an RST would
+    /// discard those bytes; one that acknowledges a few bytes now and then is a slow reader
+    /// holding a socket, and is stuck.
+    pub fn kernel_progress(&mut self, min_rate: u32) -> KernelQueues {
         let now = [
             crate::sockopt::unacked(self.client),
             crate::sockopt::unacked(self.server),
         ];
+        let at = Instant::now();
         let before = std::mem::replace(&mut self.unacked, now);
-        let holding = now.iter().any(|n| matches!(n, Some(q) if *q > 0));
-        if !holding {
-            KernelQueues::Empty
-        } else if before == [None, None] {
+        let since = std::mem::replace(&mut self.looked, at);
+        judge(before, now, at.saturating_duration_since(since), min_rate)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_queue_that_drains_below_the_minimum_rate_is_stuck() {
+        let s = Duration::from_secs(1);
+        let q = |c: u32| [Some(c), Some(0)];
+        assert_eq!(
+            judge([None, None], q(9000), s, 500),
             KernelQueues::FirstLook
-        } else if now
-            .iter()
-            .zip(before)
-            .any(|(n, b)| matches!(n, Some(q) if *q > 0) && *n != b)
-        {
-            KernelQueues::Moving
-        } else {
-            KernelQueues::Stuck
-        }
+        );
+        assert_eq!(judge(q(9000), q(0), s, 500), KernelQueues::Empty);
+        // 600 bytes acknowledged in a second: a slow reader, but a reader.
+        assert_eq!(judge(q(9000), q(8400), s, 500), KernelQueues::Moving);
+        // A few bytes a second: it moves, but that is a socket held, not progress.
+        assert_eq!(judge(q(9000), q(8990), s, 500), KernelQueues::Stuck);
+        assert_eq!(judge(q(9000), q(9000), s, 500), KernelQueues::Stuck);
+        // Queues that grew (we wrote more) are not a drain.
+        assert_eq!(judge(q(9000), q(9500), s, 500), KernelQueues::Stuck);
+        // The 200 ms first look needs a fifth of that.
+        let fifth = Duration::from_millis(200);
+        assert_eq!(judge(q(9000), q(8850), fifth, 500), KernelQueues::Moving);
+        // min_rate 0: any byte counts, as before.
+        assert_eq!(judge(q(9000), q(8999), s, 0), KernelQueues::Moving);
     }
 }

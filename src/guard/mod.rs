@@ -1,15 +1,30 @@
 //! The guard: admission, per-source and listener-wide accounting, eviction, pressure.
 //!
-//! One [`Guard`] per listener. Admission runs the cheapest check first (DESIGN.md):
-//! deny list -> allow list (exempt from per-source caps, still counted listener-wide) ->
-//! listener connection cap -> per-source new-connection rate -> per-source concurrent cap ->
-//! per-source half-open cap -> listener half-open cap (evict or reject, by `on_full`).
+//! One [`Guard`] per listener. Admission runs the cheapest check first (the design's
+//! admission order): deny list -> allow list (exempt from per-source caps, still counted
+//! listener-wide) -> listener connection cap -> per-source new-connection rate -> per-source
+//! concurrent cap -> per-source half-open and half-closed caps -> listener half-open cap
+//! (evict or reject, by `on_full`).
+//!
+//! Per-source caps judge behaviour over time, not a state at an instant: a connection counts
+//! against its source's half-open or half-closed cap only once it has stayed in that state
+//! past `limits.grace`, and a newcomer from a source at its connection cap is admitted
+//! provisionally for a moment, since the connection it replaces has often ended on the wire
+//! already and only its task has not run yet. In observe mode (`limits.mode`) every
+//! per-source decision is counted and not acted on; listener-wide caps always act.
+//!
+//! When a listener cap is full and `on_full = "evict"`, the victim comes from the source
+//! holding the most connections that go nowhere (silent, lingering half-closed, or OPEN and
+//! stalled below `limits.min_rate`), longest in that state first; a connection that moves
+//! data at a healthy rate is never a victim. The heaviest source comes from an index, not a
+//! scan ([`heaviest`]).
 //!
 //! The listener-wide counts are atomics; a source's counts live in its [`table`] entry. A
 //! connection is counted listener-wide *before* it is put in its source's eviction list, so
 //! an evictor (which gives counts back on the victim's behalf) can never drive a count
 //! below zero.
 
+mod heaviest;
 mod pressure;
 mod rate;
 mod refusals;
@@ -28,8 +43,8 @@ pub use source::SourceKey;
 pub use table::ConnCtl;
 pub use ticket::{Refused, State, Ticket};
 
-use crate::config::{Limits, OnFull, PressureConfig};
-use crate::stats::{EvictState, Reject, Stats};
+use crate::config::{Limits, Mode, OnFull, PressureConfig};
+use crate::stats::{EvictState, Observed, Reject, Stats};
 use pressure::PressureGate;
 use rate::SourceRate;
 use refusals::Refusals;
@@ -47,6 +62,8 @@ struct Counts {
     conns: AtomicUsize,
     half_open: AtomicUsize,
     half_closed: AtomicUsize,
+    /// OPEN connections in their source's stalled list (allow-listed ones are never listed).
+    stalled: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -60,6 +77,8 @@ pub(crate) struct Shared {
     pressure: PressureGate,
     stats: Arc<Stats>,
     refusals: Refusals,
+    /// What observe mode let pass, per source.
+    observed: Refusals,
 }
 
 /// One source's load, for `/sources`.
@@ -69,8 +88,32 @@ pub struct SourceLoad {
     pub conns: usize,
     pub half_open: usize,
     pub half_closed: usize,
+    /// OPEN connections moving less than `limits.min_rate`.
+    pub stalled: usize,
     /// Refusals in the current tally window (about a minute).
     pub refused: u64,
+    /// Would-be refusals, evictions and expiries in observe mode, same window.
+    pub observed: u64,
+}
+
+impl SourceLoad {
+    /// Connections that go nowhere: silent or half-closed past the grace, or stalled.
+    pub fn going_nowhere(&self) -> usize {
+        self.half_open + self.half_closed + self.stalled
+    }
+
+    /// A word for the operator: "flooding" when most of its connections go nowhere, "busy"
+    /// when it is refused while its connections move data (a NAT or a client pool at its
+    /// cap: raise the cap or allow-list it), else "ok".
+    pub fn verdict(&self) -> &'static str {
+        if self.going_nowhere() * 2 > self.conns {
+            "flooding"
+        } else if self.refused > 0 {
+            "busy"
+        } else {
+            "ok"
+        }
+    }
 }
 
 /// What `/sources` sorts by.
@@ -79,15 +122,21 @@ pub enum SourceOrder {
     Conns,
     HalfOpen,
     HalfClosed,
+    Stalled,
     Refused,
+    Observed,
 }
 
-/// A point-in-time view of a guard's counts, for tests, `check` and (later) metrics.
+/// A point-in-time view of a guard's counts, for tests and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct GuardSnapshot {
     pub conns: usize,
     pub half_open: usize,
     pub half_closed: usize,
+    /// Of the OPEN connections, those stalled (below `min_rate`).
+    pub stalled: usize,
+    /// Sources holding at least one stalled connection.
+    pub stalled_sources: usize,
     /// Entries in the source table.
     pub sources: usize,
     /// Keys in the rate limiter.
@@ -108,6 +157,7 @@ impl Guard {
                 next_id: AtomicU64::new(0),
                 stats,
                 refusals: Refusals::default(),
+                observed: Refusals::default(),
             }),
         }
     }
@@ -127,7 +177,12 @@ impl Guard {
     /// read: counted per listener only, like an allow-listed source, until
     /// [`Ticket::assign_source`] gives it its real source.
     pub fn admit_trusted(&self) -> Result<Ticket, Reject> {
-        let r = self.admit_counted(None, &self.shared.limits.load());
+        let r = self
+            .admit_counted(None, false, 0, &self.shared.limits.load())
+            .map(|mut t| {
+                t.trusted = true;
+                t
+            });
         if let Err(reason) = r {
             self.shared.stats.reject(reason);
         }
@@ -143,39 +198,63 @@ impl Guard {
             return Err(Reject::ConnsFull);
         }
         let key = sh.source_of(ip, lim)?;
+        let mut provisional = false;
+        let mut weight = 0;
         if let Some(key) = &key {
             // Non-binding look first, so a source at its cap is refused before it can cost
-            // anyone an eviction.
+            // anyone an eviction. (Observing, the binding check counts it.)
             match sh.table.map.get(key) {
-                Some(e) => check_source(&e, lim)?,
+                Some(e) => {
+                    weight = e.going_nowhere();
+                    if lim.mode == Mode::Enforce {
+                        match check_source(&e, lim) {
+                            Ok(p) => provisional = p,
+                            Err(r) => {
+                                drop(e);
+                                sh.enforce_or_observe(*key, r, lim)?;
+                            }
+                        }
+                    }
+                }
                 None if sh.table.len.load(Ordering::Relaxed) >= lim.max_sources as usize => {
                     return Err(Reject::SourcesFull);
                 }
                 None => {}
             }
         }
-
-        self.admit_counted(key, lim)
+        self.admit_counted(key, provisional, weight, lim)
     }
 
     /// The binding part of admission: a place under the listener caps (evicting when
-    /// allowed), then one in the source's half-open list.
-    fn admit_counted(&self, key: Option<SourceKey>, lim: &Limits) -> Result<Ticket, Reject> {
+    /// allowed), then one in the source's entry.
+    /// `weight`: how many connections going nowhere the newcomer's source holds already; it
+    /// may only take the place of one from a source holding more.
+    fn admit_counted(
+        &self,
+        key: Option<SourceKey>,
+        provisional: bool,
+        weight: usize,
+        lim: &Limits,
+    ) -> Result<Ticket, Reject> {
         let sh = &self.shared;
         let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
-        if !sh.reserve_conn(id, lim) {
+        if !sh.reserve_conn(lim, weight) {
             return Err(Reject::ConnsFull);
         }
-        if !sh.reserve_state(EvictState::HalfOpen, id, lim) {
+        if !sh.reserve_state(EvictState::HalfOpen, lim, weight) {
             sh.counts.conns.fetch_sub(1, Ordering::AcqRel);
             return Err(Reject::HalfOpenFull);
         }
         let ctl = Arc::new(ConnCtl::default());
-        if let Some(key) = &key
-            && let Err(reason) = sh.enter_source(key, id, &ctl, lim)
-        {
-            sh.give_back(Some(EvictState::HalfOpen));
-            return Err(reason);
+        let mut provisional = provisional;
+        if let Some(key) = &key {
+            match sh.enter_source(key, lim) {
+                Ok(p) => provisional = p,
+                Err(reason) => {
+                    sh.give_back(Some(EvictState::HalfOpen));
+                    return Err(reason);
+                }
+            }
         }
         sh.stats.accepted.fetch_add(1, Ordering::Relaxed);
         sh.update_pressure();
@@ -185,6 +264,9 @@ impl Guard {
             id,
             state: State::HalfOpen,
             ctl,
+            listed: None,
+            provisional,
+            trusted: false,
         })
     }
 
@@ -195,24 +277,28 @@ impl Guard {
             conns: sh.counts.conns.load(Ordering::Relaxed),
             half_open: sh.counts.half_open.load(Ordering::Relaxed),
             half_closed: sh.counts.half_closed.load(Ordering::Relaxed),
+            stalled: sh.counts.stalled.load(Ordering::Relaxed),
+            stalled_sources: sh.table.sources_in(EvictState::Stalled),
             sources: sh.table.len.load(Ordering::Relaxed),
             rate_keys: sh.rate.load().as_ref().map_or(0, |r| r.len()),
             pressure: sh.pressure.is_on(),
         }
     }
 
-    /// Sums of the source table's entries (conns, half-open, half-closed), walked entry by
-    /// entry: tests compare them with the snapshot to prove the two views agree.
-    pub fn table_totals(&self) -> (usize, usize, usize) {
+    /// Sums of the source table's entries (conns, listed half-open, listed half-closed,
+    /// stalled), walked entry by entry: tests compare them with the snapshot to prove the two
+    /// views agree.
+    pub fn table_totals(&self) -> (usize, usize, usize, usize) {
         self.shared
             .table
             .map
             .iter()
-            .fold((0, 0, 0), |(c, o, h), e| {
+            .fold((0, 0, 0, 0), |(c, o, h, st), e| {
                 (
                     c + e.conns as usize,
                     o + e.half_open.len(),
                     h + e.half_closed.len(),
+                    st + e.stalled.len(),
                 )
             })
     }
@@ -231,28 +317,36 @@ impl Guard {
                     conns: e.conns as usize,
                     half_open: e.half_open.len(),
                     half_closed: e.half_closed.len(),
+                    stalled: e.stalled.len(),
                     refused: 0,
+                    observed: 0,
                 };
                 (*e.key(), load)
             })
             .collect();
+        let blank = |source| SourceLoad {
+            source,
+            conns: 0,
+            half_open: 0,
+            half_closed: 0,
+            stalled: 0,
+            refused: 0,
+            observed: 0,
+        };
         for (key, refused) in self.shared.refusals.snapshot() {
-            all.entry(key)
-                .or_insert(SourceLoad {
-                    source: key,
-                    conns: 0,
-                    half_open: 0,
-                    half_closed: 0,
-                    refused: 0,
-                })
-                .refused = refused;
+            all.entry(key).or_insert(blank(key)).refused = refused;
+        }
+        for (key, observed) in self.shared.observed.snapshot() {
+            all.entry(key).or_insert(blank(key)).observed = observed;
         }
         let mut v: Vec<SourceLoad> = all.into_values().collect();
         let key = |l: &SourceLoad| match by {
             SourceOrder::Conns => l.conns as u64,
             SourceOrder::HalfOpen => l.half_open as u64,
             SourceOrder::HalfClosed => l.half_closed as u64,
+            SourceOrder::Stalled => l.stalled as u64,
             SourceOrder::Refused => l.refused,
+            SourceOrder::Observed => l.observed,
         };
         v.sort_by(|a, b| key(b).cmp(&key(a)).then(a.source.cmp(&b.source)));
         v.retain(|l| key(l) > 0);
@@ -277,6 +371,7 @@ impl Guard {
             r.housekeep();
         }
         self.shared.refusals.housekeep();
+        self.shared.observed.housekeep();
     }
 
     /// The limits in force.
@@ -311,25 +406,40 @@ impl Guard {
     }
 }
 
-fn check_source(e: &SourceEntry, lim: &Limits) -> Result<(), Reject> {
-    if lim.max_conns_per_source > 0 && e.conns >= lim.max_conns_per_source {
-        return Err(Reject::SourceConns);
+/// The per-source caps against a source's entry. `Ok(true)`: admitted provisionally, over
+/// the connection cap by less than the slack, waiting for a slot.
+fn check_source(e: &SourceEntry, lim: &Limits) -> Result<bool, Reject> {
+    let mut provisional = false;
+    let cap = lim.max_conns_per_source;
+    if cap > 0 && e.conns - e.provisional >= cap {
+        if e.provisional >= provisional_slack(cap) {
+            return Err(Reject::SourceConns);
+        }
+        provisional = true;
     }
     if lim.max_half_open_per_source > 0
         && e.half_open.len() >= lim.max_half_open_per_source as usize
     {
         return Err(Reject::SourceHalfOpen);
     }
-    // A source whose half-closed connections fill its cap gets no new connection until one
-    // ends: otherwise each newcomer, once it half-closes, evicts the source's oldest, and a
-    // client that sends FIN and never reads churns through connections (and backend bytes)
-    // as fast as its rate allows.
+    // A source whose lingering half-closed connections fill its cap gets no new connection
+    // until one ends: otherwise each newcomer, once it lingers, evicts the source's oldest,
+    // and a client that sends FIN and never reads churns through connections (and backend
+    // bytes) as fast as its rate allows.
     if lim.max_half_closed_per_source > 0
         && e.half_closed.len() >= lim.max_half_closed_per_source as usize
     {
         return Err(Reject::SourceHalfClosed);
     }
-    Ok(())
+    Ok(provisional)
+}
+
+/// How many connections a source at its connection cap may have waiting for a slot: a
+/// client pool that closes and reconnects at once can be a whole pool ahead of our tasks.
+/// Each waits at most `conn::CONFIRM_WAIT`, so a source holds at most twice its cap for that
+/// long.
+fn provisional_slack(cap: u32) -> u32 {
+    cap.max(2)
 }
 
 impl Shared {
@@ -339,14 +449,19 @@ impl Shared {
     pub(crate) fn assign_source(
         &self,
         ip: IpAddr,
-        id: u64,
-        ctl: &Arc<ConnCtl>,
+        _id: u64,
+        _ctl: &Arc<ConnCtl>,
     ) -> Result<Option<SourceKey>, Reject> {
         let ip = ip.to_canonical();
         let lim = &*self.limits.load();
+        // A PROXY connection is past accept: no provisional wait, the cap is strict.
         let r = self.source_of(ip, lim).and_then(|key| {
-            if let Some(key) = &key {
-                self.enter_source(key, id, ctl, lim)?;
+            if let Some(key) = &key
+                && self.enter_source(key, lim)?
+            {
+                self.undo_provisional(key);
+                self.enforce_or_observe(*key, Reject::SourceConns, lim)?;
+                self.enter_source_unchecked(key);
             }
             Ok(key)
         });
@@ -357,116 +472,185 @@ impl Shared {
     }
 
     /// The per-source checks that need no table entry: deny list, allow list (exempt:
-    /// `None`), then the source's new-connection rate. Returns the key to count under.
+    /// `None`), then the source's new-connection rate. Returns the key to count under. In
+    /// observe mode a deny or rate refusal is counted and the connection goes on.
     fn source_of(&self, ip: IpAddr, lim: &Limits) -> Result<Option<SourceKey>, Reject> {
+        let key = || SourceKey::new(ip, lim.ipv4_prefix, lim.ipv6_prefix);
         if lim.deny.iter().any(|n| n.contains(&ip)) {
-            return Err(Reject::Denied);
+            if lim.mode == Mode::Observe {
+                self.observed_key(key(), Observed::Reject(Reject::Denied));
+            } else {
+                return Err(Reject::Denied);
+            }
         }
         if lim.allow.iter().any(|n| n.contains(&ip)) {
             return Ok(None);
         }
-        let key = SourceKey::new(ip, lim.ipv4_prefix, lim.ipv6_prefix);
+        let key = key();
         if let Some(rate) = &*self.rate.load()
             && !rate.check(&key)
         {
-            return Err(Reject::Rate);
+            self.enforce_or_observe(key, Reject::Rate, lim)?;
         }
         Ok(Some(key))
+    }
+
+    /// A per-source refusal: `Err` (to act on) when enforcing, counted and `Ok` when only
+    /// observing. The refusal itself is counted by the caller.
+    fn enforce_or_observe(&self, key: SourceKey, r: Reject, lim: &Limits) -> Result<(), Reject> {
+        match lim.mode {
+            Mode::Enforce => Err(r),
+            Mode::Observe => {
+                self.observed_key(key, Observed::Reject(r));
+                Ok(())
+            }
+        }
+    }
+
+    /// Counts what observe mode let pass, and tallies it against its source.
+    fn observed_key(&self, key: SourceKey, what: Observed) {
+        self.stats.observe(what);
+        self.observed.count(key);
     }
 
     /// Counts a refusal, and tallies it against its source for `/sources` (a denied source
     /// is refused by the operator's choice, not by its behaviour).
     fn refused(&self, ip: IpAddr, reason: Reject) {
-        self.stats.reject(reason);
-        if reason != Reject::Denied {
-            let lim = self.limits.load();
-            self.refusals
-                .count(SourceKey::new(ip, lim.ipv4_prefix, lim.ipv6_prefix));
+        if reason == Reject::Denied {
+            self.stats.reject(reason);
+            return;
         }
+        let lim = self.limits.load();
+        self.refused_key(SourceKey::new(ip, lim.ipv4_prefix, lim.ipv6_prefix), reason);
     }
 
-    /// Binding per-source check, then the connection joins its source's half-open list.
-    fn enter_source(
-        &self,
-        key: &SourceKey,
-        id: u64,
-        ctl: &Arc<ConnCtl>,
-        lim: &Limits,
-    ) -> Result<(), Reject> {
+    /// Counts a refusal of a connection from `key`.
+    fn refused_key(&self, key: SourceKey, reason: Reject) {
+        self.stats.reject(reason);
+        self.refusals.count(key);
+    }
+
+    /// Binding per-source check, then the connection is counted in its source's entry.
+    /// `Ok(true)`: admitted provisionally (see [`Ticket::confirm`]). In observe mode a cap is
+    /// counted and not acted on.
+    fn enter_source(&self, key: &SourceKey, lim: &Limits) -> Result<bool, Reject> {
         use dashmap::mapref::entry::Entry;
         match self.table.map.entry(*key) {
             Entry::Occupied(mut o) => {
                 let e = o.get_mut();
-                check_source(e, lim)?;
+                let provisional = match check_source(e, lim) {
+                    Ok(p) => p,
+                    Err(r) if lim.mode == Mode::Observe => {
+                        self.observed_key(*key, Observed::Reject(r));
+                        false
+                    }
+                    Err(r) => return Err(r),
+                };
                 e.conns += 1;
-                e.half_open.insert(id, ctl.clone());
+                e.provisional += u32::from(provisional);
+                Ok(provisional)
             }
             Entry::Vacant(v) => {
                 if self.table.len.fetch_add(1, Ordering::Relaxed) >= lim.max_sources as usize {
                     self.table.len.fetch_sub(1, Ordering::Relaxed);
                     return Err(Reject::SourcesFull);
                 }
-                let mut e = SourceEntry {
+                v.insert(SourceEntry {
                     conns: 1,
                     ..SourceEntry::default()
-                };
-                e.half_open.insert(id, ctl.clone());
-                v.insert(e);
+                });
+                Ok(false)
             }
         }
-        Ok(())
+    }
+
+    /// Takes back a provisional admission counted by [`Shared::enter_source`].
+    fn undo_provisional(&self, key: &SourceKey) {
+        if let Some(mut e) = self.table.map.get_mut(key) {
+            e.provisional = e.provisional.saturating_sub(1);
+            e.conns = e.conns.saturating_sub(1);
+        }
+        self.table.remove_if_empty(key);
+    }
+
+    /// Counts a connection in its source's entry whatever the caps (observe mode).
+    fn enter_source_unchecked(&self, key: &SourceKey) {
+        let mut e = self.table.map.entry(*key).or_insert_with(|| {
+            self.table.len.fetch_add(1, Ordering::Relaxed);
+            SourceEntry::default()
+        });
+        e.conns += 1;
     }
 
     fn state_count(&self, s: EvictState) -> &AtomicUsize {
         match s {
             EvictState::HalfOpen => &self.counts.half_open,
             EvictState::HalfClosed => &self.counts.half_closed,
+            EvictState::Stalled => &self.counts.stalled,
         }
     }
 
-    /// Takes a place under `max_conns`. When full and `on_full = "evict"`, a silent
-    /// connection, else a half-closed one, of the heaviest source makes room: an open
-    /// connection is never evicted.
-    fn reserve_conn(&self, spare: u64, lim: &Limits) -> bool {
+    /// Takes a place under `max_conns`. When full and `on_full = "evict"`, a connection that
+    /// goes nowhere makes room: from the source holding the most of one kind (silent past the
+    /// grace, half-closed past the grace, OPEN and stalled), the one longest in that state. A
+    /// connection moving data at a healthy rate is never evicted.
+    ///
+    /// Only a lighter source may take a heavier one's place (`weight`: the newcomer's source's
+    /// connections going nowhere): a flood from many sources that holds the listener full
+    /// cannot churn through its own connections, so the room it leaves goes to newcomers
+    /// from sources that hold nothing useless, the clients.
+    fn reserve_conn(&self, lim: &Limits, weight: usize) -> bool {
         let max = lim.max_conns as usize;
         for _ in 0..4 {
             if try_inc(&self.counts.conns, max) {
                 return true;
             }
-            if lim.on_full == OnFull::Reject
-                || !(self.evict_heaviest(EvictState::HalfOpen, spare)
-                    || self.evict_heaviest(EvictState::HalfClosed, spare))
-            {
+            if lim.on_full == OnFull::Reject || !self.evict_heaviest_of(&EvictState::ALL, weight) {
                 return false;
             }
         }
         false
     }
 
-    /// Takes a place under the listener cap for state `s`, evicting when full and allowed.
-    fn reserve_state(&self, s: EvictState, spare: u64, lim: &Limits) -> bool {
+    /// Takes a place under the listener cap for state `s`, evicting (from a source heavier
+    /// than `weight`) when full and allowed.
+    fn reserve_state(&self, s: EvictState, lim: &Limits, weight: usize) -> bool {
         let (count, max) = match s {
             EvictState::HalfOpen => (&self.counts.half_open, lim.max_half_open),
             EvictState::HalfClosed => (&self.counts.half_closed, lim.max_half_closed),
+            EvictState::Stalled => return true,
         };
         for _ in 0..4 {
             if try_inc(count, max as usize) {
                 return true;
             }
-            if lim.on_full == OnFull::Reject || !self.evict_heaviest(s, spare) {
+            if lim.on_full == OnFull::Reject || !self.evict_heaviest_of(&[s], weight) {
                 return false;
             }
         }
         false
     }
 
-    /// Aborts the oldest connection in state `s` of the source holding the most of them.
-    fn evict_heaviest(&self, s: EvictState, spare: u64) -> bool {
+    /// Aborts the connection longest in its state of the source holding the most
+    /// connections in one of `states` (ties go to the earlier state in `states`), if that
+    /// source holds more than `weight`.
+    fn evict_heaviest_of(&self, states: &[EvictState], weight: usize) -> bool {
         for _ in 0..3 {
-            let Some(key) = self.table.heaviest(s, spare) else {
+            let mut best: Option<(SourceKey, usize, EvictState)> = None;
+            for &s in states {
+                if let Some((key, n)) = self.table.heaviest(s)
+                    && best.is_none_or(|(_, b, _)| n > b)
+                {
+                    best = Some((key, n, s));
+                }
+            }
+            let Some((key, n, s)) = best else {
                 return false;
             };
-            if let Some(victim) = self.table.evict_from(&key, s, spare) {
+            if n <= weight {
+                return false;
+            }
+            if let Some(victim) = self.table.evict_from(&key, s) {
                 self.give_back_evicted(s);
                 victim.wake();
                 return true;

@@ -1,14 +1,17 @@
 //! The source table: live connections per source, and who to evict.
 //!
 //! An entry exists only while its source holds a connection, so memory follows live
-//! connections and the table has a hard bound (`max_sources`). Each entry keeps its
-//! half-open and half-closed connections in arrival order: eviction aborts the **oldest**,
-//! because the newest half-closed connection is usually an ordinary close in flight while the
-//! oldest is the one lingering.
+//! connections and the table has a hard bound (`max_sources`). Each entry keeps the
+//! connections that may be evicted in three lists, in the order they entered: silent and
+//! half-closed connections once past their grace (ordinary traffic passes through those
+//! states faster and is never listed), and OPEN connections that stalled. Eviction aborts the
+//! one longest in its state: the newest half-closed connection is usually an ordinary close in
+//! flight, the oldest is the one lingering; the longest stalled is the one making least
+//! progress.
 //!
 //! Locking rule (dashmap can deadlock across shards, xacrimon/dashmap#369): never hold an
-//! entry guard while touching another entry. Victim search iterates with no guard held, then
-//! locks the one victim entry.
+//! entry guard while touching another entry. Victim search asks the heaviest-source index
+//! with no guard held, then locks the one victim entry.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,6 +21,7 @@ use dashmap::DashMap;
 use tokio::sync::Notify;
 
 use super::SourceKey;
+use super::heaviest::Heaviest;
 use crate::stats::EvictState;
 
 /// The handle another task uses to abort a connection it evicts.
@@ -53,15 +57,23 @@ impl ConnCtl {
     }
 }
 
-/// Connections of one source in one state, oldest (lowest id) first.
+/// Connections of one source in one state, longest in that state first (keyed by a sequence
+/// number taken when the connection entered the list).
 pub(crate) type Slots = BTreeMap<u64, Arc<ConnCtl>>;
 
 /// One source's live connections.
 #[derive(Debug, Default)]
 pub(crate) struct SourceEntry {
     pub conns: u32,
+    /// Of `conns`, admitted over `max_conns_per_source` and waiting for a slot to free (a
+    /// connection of this source that ended on the wire but whose task has not yet run).
+    pub provisional: u32,
+    /// Silent for longer than the grace.
     pub half_open: Slots,
+    /// Half-closed for longer than the grace.
     pub half_closed: Slots,
+    /// OPEN and moving less than `min_rate`.
+    pub stalled: Slots,
 }
 
 impl SourceEntry {
@@ -69,37 +81,27 @@ impl SourceEntry {
         match s {
             EvictState::HalfOpen => &mut self.half_open,
             EvictState::HalfClosed => &mut self.half_closed,
+            EvictState::Stalled => &mut self.stalled,
         }
-    }
-
-    fn slots_ref(&self, s: EvictState) -> &Slots {
-        match s {
-            EvictState::HalfOpen => &self.half_open,
-            EvictState::HalfClosed => &self.half_closed,
-        }
-    }
-
-    /// Removes the oldest connection in state `s` other than `spare`, marking it evicted.
-    /// The caller gives back the global counts and wakes the victim.
-    pub fn evict_oldest(&mut self, s: EvictState, spare: u64) -> Option<Arc<ConnCtl>> {
-        let slots = self.slots(s);
-        let id = *slots.keys().find(|&&id| id != spare)?;
-        let ctl = slots.remove(&id)?;
-        self.conns -= 1;
-        ctl.mark();
-        Some(ctl)
     }
 
     pub fn is_empty(&self) -> bool {
         self.conns == 0
     }
+
+    /// Connections in a list: silent or half-closed past the grace, or stalled.
+    pub fn going_nowhere(&self) -> usize {
+        self.half_open.len() + self.half_closed.len() + self.stalled.len()
+    }
 }
 
-/// The table, with a counter kept beside it so the bound check is one atomic load.
+/// The table, with a counter kept beside it so the bound check is one atomic load, and one
+/// heaviest-source index per evictable state.
 #[derive(Debug)]
 pub(crate) struct SourceTable {
     pub map: DashMap<SourceKey, SourceEntry>,
     pub len: AtomicUsize,
+    heaviest: [Heaviest; EvictState::ALL.len()],
 }
 
 impl SourceTable {
@@ -107,7 +109,52 @@ impl SourceTable {
         SourceTable {
             map: DashMap::new(),
             len: AtomicUsize::new(0),
+            heaviest: Default::default(),
         }
+    }
+
+    /// Puts a connection in `key`'s list for state `s`. Call with `key`'s entry locked (`e`).
+    pub fn list(
+        &self,
+        e: &mut SourceEntry,
+        key: &SourceKey,
+        s: EvictState,
+        slot: u64,
+        ctl: &Arc<ConnCtl>,
+    ) {
+        if e.slots(s).insert(slot, ctl.clone()).is_none() {
+            self.heaviest[s as usize].inc(key);
+        }
+    }
+
+    /// Takes a connection out of `key`'s list for state `s`. Call with `key`'s entry locked.
+    pub fn unlist(
+        &self,
+        e: &mut SourceEntry,
+        key: &SourceKey,
+        s: EvictState,
+        slot: u64,
+    ) -> Option<Arc<ConnCtl>> {
+        let ctl = e.slots(s).remove(&slot)?;
+        self.heaviest[s as usize].dec(key);
+        Some(ctl)
+    }
+
+    /// Evicts the connection longest in state `s` of the source `e` (locked), other than
+    /// `spare`: marks it and takes its place in the source. The caller gives back the
+    /// listener-wide counts and wakes the victim once the lock is released.
+    pub fn evict_oldest_of(
+        &self,
+        e: &mut SourceEntry,
+        key: &SourceKey,
+        s: EvictState,
+        spare: u64,
+    ) -> Option<Arc<ConnCtl>> {
+        let slot = *e.slots(s).keys().find(|&&slot| slot != spare)?;
+        let ctl = self.unlist(e, key, s, slot)?;
+        e.conns -= 1;
+        ctl.mark();
+        Some(ctl)
     }
 
     /// Drops the entry for `key` if it holds nothing. Call with no guard held.
@@ -117,25 +164,21 @@ impl SourceTable {
         }
     }
 
-    /// The source holding the most connections in state `s`, not counting connection
-    /// `spare`. O(sources): it runs only when a listener-wide cap is full.
-    pub fn heaviest(&self, s: EvictState, spare: u64) -> Option<SourceKey> {
-        let mut best: Option<(SourceKey, usize)> = None;
-        for r in self.map.iter() {
-            let slots = r.slots_ref(s);
-            let n = slots.len() - usize::from(slots.contains_key(&spare));
-            if n > 0 && best.is_none_or(|(_, b)| n > b) {
-                best = Some((*r.key(), n));
-            }
-        }
-        best.map(|(k, _)| k)
+    /// The source holding the most connections in state `s`, and how many. O(1).
+    pub fn heaviest(&self, s: EvictState) -> Option<(SourceKey, usize)> {
+        self.heaviest[s as usize].top()
     }
 
-    /// Evicts the oldest connection in state `s` of `key`, other than `spare`.
-    pub fn evict_from(&self, key: &SourceKey, s: EvictState, spare: u64) -> Option<Arc<ConnCtl>> {
+    /// Sources holding at least one connection in state `s`.
+    pub fn sources_in(&self, s: EvictState) -> usize {
+        self.heaviest[s as usize].len()
+    }
+
+    /// Evicts the connection longest in state `s` of `key`.
+    pub fn evict_from(&self, key: &SourceKey, s: EvictState) -> Option<Arc<ConnCtl>> {
         let victim = {
             let mut e = self.map.get_mut(key)?;
-            e.evict_oldest(s, spare)?
+            self.evict_oldest_of(&mut e, key, s, u64::MAX)?
         };
         self.remove_if_empty(key);
         Some(victim)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::config::{Limits, OnFull, PressureConfig};
-use crate::stats::{EvictState, Reject, Stats};
+use crate::stats::{EvictState, Observed, Reject, Stats};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -32,12 +32,13 @@ fn guard(limits: Limits) -> Guard {
 
 fn assert_consistent(g: &Guard) {
     let s = g.snapshot();
-    let (c, o, h) = g.table_totals();
-    // Allow-listed connections are counted listener-wide only, so the table may hold less.
+    let (c, o, h, st) = g.table_totals();
+    // Allow-listed connections are counted listener-wide only, and only connections past
+    // their grace are listed, so the table may hold less.
     assert!(
-        c <= s.conns && o <= s.half_open && h <= s.half_closed,
+        c <= s.conns && o <= s.half_open && h <= s.half_closed && st == s.stalled,
         "{s:?} vs {:?}",
-        (c, o, h)
+        (c, o, h, st)
     );
 }
 
@@ -72,6 +73,11 @@ fn ipv4_mapped_clients_share_the_ipv4_cap() {
     });
     let _a = g.admit(ip("198.18.0.1")).unwrap();
     let _b = g.admit(ip("::ffff:198.18.0.1")).unwrap();
+    // Over the cap only provisionally (a slack of 2), then refused.
+    let p: Vec<_> = (0..2)
+        .map(|_| g.admit(ip("::ffff:198.18.0.1")).unwrap())
+        .collect();
+    assert!(p.iter().all(Ticket::is_provisional));
     assert_eq!(
         g.admit(ip("::ffff:198.18.0.1")).unwrap_err(),
         Reject::SourceConns
@@ -85,8 +91,12 @@ fn listener_half_open_cap_evicts_the_oldest_of_the_heaviest_source() {
         max_half_open: 4,
         ..open_limits()
     });
-    let a: Vec<_> = (0..3).map(|_| g.admit(ip("198.18.0.1")).unwrap()).collect();
-    let b1 = g.admit(ip("198.18.0.2")).unwrap();
+    let mut a: Vec<_> = (0..3).map(|_| g.admit(ip("198.18.0.1")).unwrap()).collect();
+    let mut b1 = g.admit(ip("198.18.0.2")).unwrap();
+    // Only connections silent past the grace are evictable.
+    for t in a.iter_mut().chain(std::iter::once(&mut b1)) {
+        t.silent().unwrap();
+    }
     let b2 = g.admit(ip("198.18.0.2")).unwrap();
     assert!(a[0].ctl().is_evicted(), "oldest of the heaviest");
     assert!(!a[1].ctl().is_evicted() && !a[2].ctl().is_evicted());
@@ -108,6 +118,7 @@ fn an_evicted_ticket_cannot_change_state() {
         ..open_limits()
     });
     let mut first = g.admit(ip("198.18.0.1")).unwrap();
+    first.silent().unwrap();
     let _second = g.admit(ip("198.18.0.2")).unwrap();
     assert_eq!(first.open(), Err(Refused::Evicted));
 }
@@ -142,8 +153,14 @@ fn entering_half_closed_over_the_source_cap_evicts_the_sources_oldest() {
         x.open().unwrap();
     }
     other.half_close().unwrap();
+    other.lingering().unwrap();
     for x in t.iter_mut() {
         x.half_close().unwrap();
+    }
+    // An ordinary close in flight counts against nothing: the source is not at its cap yet.
+    assert!(t.iter().all(|x| !x.ctl().is_evicted()));
+    for x in t.iter_mut() {
+        x.lingering().unwrap();
     }
     assert!(t[0].ctl().is_evicted());
     assert!(!t[1].ctl().is_evicted() && !t[2].ctl().is_evicted());
@@ -252,7 +269,15 @@ fn counts_return_to_zero_under_concurrent_use_from_both_cores() {
                         }
                         3 if !held.is_empty() => {
                             let i = (r >> 16) as usize % held.len();
-                            if held[i].state() == State::Open && held[i].half_close().is_err() {
+                            let t = &mut held[i];
+                            let r = match (t.state(), r >> 40 & 3) {
+                                (State::HalfOpen, _) => t.silent(),
+                                (State::Open, 0) => t.half_close(),
+                                (State::Open, 1) => t.stall(),
+                                (State::Open, _) => t.unstall(),
+                                (State::HalfClosed, _) => t.lingering(),
+                            };
+                            if r.is_err() {
                                 held.swap_remove(i);
                             }
                         }
@@ -272,5 +297,188 @@ fn counts_return_to_zero_under_concurrent_use_from_both_cores() {
     }
     assert_eq!(g.snapshot().conns, 0, "{:?}", g.snapshot());
     assert_eq!(g.snapshot(), GuardSnapshot::default());
-    assert_eq!(g.table_totals(), (0, 0, 0));
+    assert_eq!(g.table_totals(), (0, 0, 0, 0));
+}
+
+/// A source's OPEN connections, `stalled` of them stalled.
+fn open_from(g: &Guard, src: &str, n: usize, stalled: usize) -> Vec<Ticket> {
+    (0..n)
+        .map(|i| {
+            let mut t = g.admit(ip(src)).unwrap();
+            t.open().unwrap();
+            if i < stalled {
+                t.stall().unwrap();
+            }
+            t
+        })
+        .collect()
+}
+
+#[test]
+fn a_full_listener_evicts_the_heaviest_sources_longest_stalled_and_never_a_healthy_one() {
+    let g = guard(Limits {
+        max_conns: 10,
+        ..open_limits()
+    });
+    let heavy = open_from(&g, "198.18.0.1", 4, 4);
+    let light = open_from(&g, "198.18.0.2", 2, 2);
+    let healthy = open_from(&g, "198.18.0.3", 4, 0);
+    assert_eq!(g.snapshot().stalled, 6);
+    assert_eq!(g.snapshot().stalled_sources, 2);
+    // Full: each newcomer takes the place of the heaviest source's longest stalled.
+    let n1 = g.admit(ip("198.18.0.9")).unwrap();
+    assert!(heavy[0].ctl().is_evicted());
+    let n2 = g.admit(ip("198.18.0.9")).unwrap();
+    assert!(heavy[1].ctl().is_evicted());
+    assert!(light.iter().all(|t| !t.ctl().is_evicted()));
+    // Now both hold two stalled: either may go, but never a healthy connection.
+    let _n3 = g.admit(ip("198.18.0.9")).unwrap();
+    let _n4 = g.admit(ip("198.18.0.9")).unwrap();
+    let _n5 = g.admit(ip("198.18.0.9")).unwrap();
+    let _n6 = g.admit(ip("198.18.0.9")).unwrap();
+    assert!(healthy.iter().all(|t| !t.ctl().is_evicted()));
+    assert_eq!(g.snapshot().stalled, 0);
+    assert_eq!(g.stats().evicted(EvictState::Stalled), 6);
+    // Nothing stalled is left: the next newcomer is refused, the healthy keep going.
+    assert_eq!(g.admit(ip("198.18.0.9")).unwrap_err(), Reject::ConnsFull);
+    assert!(healthy.iter().all(|t| !t.ctl().is_evicted()));
+    drop((heavy, light, healthy, n1, n2));
+    assert_consistent(&g);
+}
+
+#[test]
+fn a_connection_moving_again_leaves_the_stalled_list() {
+    let g = guard(Limits {
+        max_conns: 2,
+        ..open_limits()
+    });
+    let mut a = open_from(&g, "198.18.0.1", 2, 2);
+    a[0].unstall().unwrap();
+    a[1].unstall().unwrap();
+    assert_eq!(g.snapshot().stalled, 0);
+    assert_eq!(g.admit(ip("198.18.0.2")).unwrap_err(), Reject::ConnsFull);
+    drop(a);
+    assert_eq!(g.snapshot(), GuardSnapshot::default());
+}
+
+#[test]
+fn a_fresh_silent_connection_does_not_count_against_its_sources_cap() {
+    let g = guard(Limits {
+        max_half_open_per_source: 2,
+        ..open_limits()
+    });
+    // Ten accepted at once, none silent past the grace yet: all admitted.
+    let mut t: Vec<_> = (0..10)
+        .map(|_| g.admit(ip("198.18.0.1")).unwrap())
+        .collect();
+    // Past the grace, two are counted; the third silent one is refused.
+    t[0].silent().unwrap();
+    t[1].silent().unwrap();
+    assert_eq!(t[2].silent(), Err(Refused::Full(Reject::SourceHalfOpen)));
+    assert_eq!(g.stats().rejected(Reject::SourceHalfOpen), 1);
+    // The source is at its cap: a newcomer is refused at once.
+    assert_eq!(
+        g.admit(ip("198.18.0.1")).unwrap_err(),
+        Reject::SourceHalfOpen
+    );
+    // The others spoke in time: they never counted.
+    for x in &mut t[3..] {
+        x.open().unwrap();
+    }
+    drop(t);
+    assert_eq!(g.snapshot(), GuardSnapshot::default());
+}
+
+#[test]
+fn a_source_at_its_cap_gets_a_provisional_slot_that_a_closing_connection_confirms() {
+    let g = guard(Limits {
+        max_conns_per_source: 4,
+        ..open_limits()
+    });
+    let mut held: Vec<_> = (0..4).map(|_| g.admit(ip("198.18.0.1")).unwrap()).collect();
+    // Over the cap by at most the slack (the cap again), provisionally.
+    let mut p1 = g.admit(ip("198.18.0.1")).unwrap();
+    let mut p2 = g.admit(ip("198.18.0.1")).unwrap();
+    let more: Vec<_> = (0..2).map(|_| g.admit(ip("198.18.0.1")).unwrap()).collect();
+    assert!(p1.is_provisional() && p2.is_provisional());
+    assert!(more.iter().all(Ticket::is_provisional));
+    assert_eq!(g.admit(ip("198.18.0.1")).unwrap_err(), Reject::SourceConns);
+    assert_eq!(p1.confirm(), Ok(false), "no slot yet");
+    // One ends: one provisional connection gets its slot, the other still waits.
+    held.pop();
+    assert_eq!(p1.confirm(), Ok(true));
+    assert_eq!(p2.confirm(), Ok(false));
+    assert!(p2.refuse_provisional(), "enforced: the connection ends");
+    drop(p2);
+    drop(more);
+    assert_eq!(g.stats().rejected(Reject::SourceConns), 2);
+    drop((held, p1));
+    assert_eq!(g.snapshot(), GuardSnapshot::default());
+    assert_eq!(g.table_totals(), (0, 0, 0, 0));
+}
+
+#[test]
+fn observe_mode_counts_per_source_refusals_and_admits() {
+    let g = guard(Limits {
+        max_conns_per_source: 2,
+        max_half_open_per_source: 1,
+        deny: vec!["198.18.0.66/32".parse().unwrap()],
+        mode: crate::config::Mode::Observe,
+        ..open_limits()
+    });
+    let mut t: Vec<_> = (0..6).map(|_| g.admit(ip("198.18.0.1")).unwrap()).collect();
+    t.push(g.admit(ip("198.18.0.66")).unwrap());
+    // Six from one source against a cap of 2: the 3rd and 4th wait for a slot (none comes:
+    // they go on, counted), the 5th and 6th are past the slack.
+    assert!(t[2].is_provisional() && t[3].is_provisional());
+    for x in &mut t[2..4] {
+        assert!(!x.refuse_provisional(), "observe mode lets it go on");
+        assert!(!x.is_provisional());
+    }
+    t[0].silent().unwrap();
+    t[1].silent().unwrap();
+    assert_eq!(g.snapshot().conns, 7);
+    let o = |r| g.stats().observed(Observed::Reject(r));
+    assert_eq!(o(Reject::SourceConns), 4);
+    assert_eq!(o(Reject::SourceHalfOpen), 1);
+    assert_eq!(o(Reject::Denied), 1);
+    assert_eq!(g.stats().rejected(Reject::SourceConns), 0);
+    let top = g.top_sources(1, SourceOrder::Observed);
+    assert_eq!(top[0].observed, 5);
+    // Listener-wide caps still act.
+    drop(t);
+    assert_eq!(g.snapshot(), GuardSnapshot::default());
+}
+
+#[test]
+fn a_keyed_ticket_cannot_be_rekeyed() {
+    let g = guard(open_limits());
+    let mut t = g.admit(ip("198.18.0.1")).unwrap();
+    assert_eq!(t.assign_source(ip("198.18.0.2")), Err(Reject::ProxyHeader));
+    assert_eq!(t.source().unwrap().to_string(), "198.18.0.1");
+    drop(t);
+    let mut t = g.admit_trusted().unwrap();
+    t.assign_source(ip("198.18.0.3")).unwrap();
+    assert_eq!(t.assign_source(ip("198.18.0.4")), Err(Reject::ProxyHeader));
+    drop(t);
+    assert_eq!(g.snapshot(), GuardSnapshot::default());
+}
+
+#[test]
+fn a_source_cannot_take_the_place_of_one_no_heavier_than_itself() {
+    let g = guard(Limits {
+        max_conns: 6,
+        ..open_limits()
+    });
+    // Three sources hold two stalled connections each: the listener is full.
+    let held: Vec<_> = ["198.18.0.1", "198.18.0.2", "198.18.0.3"]
+        .into_iter()
+        .flat_map(|s| open_from(&g, s, 2, 2))
+        .collect();
+    // One of them asks for more: nobody is heavier than it, so it is refused...
+    assert_eq!(g.admit(ip("198.18.0.1")).unwrap_err(), Reject::ConnsFull);
+    assert!(held.iter().all(|t| !t.ctl().is_evicted()));
+    // ...while a source that holds nothing useless takes the place of a stalled one.
+    let _client = g.admit(ip("198.18.0.9")).unwrap();
+    assert_eq!(g.stats().evicted(EvictState::Stalled), 1);
 }

@@ -4,12 +4,20 @@
 //! path the connection's task ends on (error, cancel, panic, clock). An evicted ticket's
 //! counts were already given back by the evictor, under the victim's entry lock, so that the
 //! newcomer can take the room at once; the ticket then only notices and does nothing.
+//!
+//! A connection is counted listener-wide in its state from the moment it enters it, but it
+//! joins its source's list for that state (what the per-source caps count and what eviction
+//! picks from) only once it has stayed there a while: silent past the grace, half-closed past
+//! the grace, OPEN below the minimum rate. Ordinary traffic passes through those states and
+//! never costs its source a refusal.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use super::table::ConnCtl;
 use super::{Shared, SourceKey};
-use crate::stats::{EvictState, Reject};
+use crate::config::Mode;
+use crate::stats::{EvictState, Observed, Reject};
 
 /// The accounted states (CLOSED is the ticket's drop).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,16 +28,6 @@ pub enum State {
     Open,
     /// One side has sent FIN.
     HalfClosed,
-}
-
-impl State {
-    fn evict_state(self) -> Option<EvictState> {
-        match self {
-            State::HalfOpen => Some(EvictState::HalfOpen),
-            State::Open => None,
-            State::HalfClosed => Some(EvictState::HalfClosed),
-        }
-    }
 }
 
 /// Why a state change was refused: the connection must be aborted.
@@ -45,11 +43,19 @@ pub enum Refused {
 #[derive(Debug)]
 pub struct Ticket {
     pub(super) shared: Arc<Shared>,
-    /// `None` for allow-listed sources, which are counted only listener-wide.
+    /// `None` for allow-listed sources and for a trusted balancer's connection before its
+    /// PROXY header named the source: counted only listener-wide.
     pub(super) key: Option<SourceKey>,
     pub(super) id: u64,
     pub(super) state: State,
     pub(super) ctl: Arc<ConnCtl>,
+    /// The source list this connection sits in, and its place there.
+    pub(super) listed: Option<(EvictState, u64)>,
+    /// Admitted over the source's connection cap, waiting for a slot.
+    pub(super) provisional: bool,
+    /// Admitted from a trusted PROXY protocol balancer: its source comes from the header.
+    /// Decided at accept, so a reload cannot make a keyed connection read a header.
+    pub(super) trusted: bool,
 }
 
 impl Ticket {
@@ -67,18 +73,172 @@ impl Ticket {
         &self.ctl
     }
 
+    /// Admitted from a trusted balancer: a PROXY header comes first.
+    pub fn is_trusted(&self) -> bool {
+        self.trusted
+    }
+
+    /// Admitted over its source's connection cap: [`Ticket::confirm`] must succeed soon.
+    pub fn is_provisional(&self) -> bool {
+        self.provisional
+    }
+
+    /// Is this listener's per-source policy only observed?
+    fn observing(&self) -> bool {
+        self.shared.limits.load().mode == Mode::Observe
+    }
+
     /// Gives a connection admitted with `Guard::admit_trusted` its real source (from a PROXY
     /// header) and applies the per-source checks to it. On refusal the connection must be
-    /// aborted; the refusal is counted.
+    /// aborted; the refusal is counted. Only a trusted ticket that has no source yet may be
+    /// keyed: re-keying would give back counts under the wrong source.
     pub fn assign_source(&mut self, ip: std::net::IpAddr) -> Result<(), Reject> {
-        debug_assert!(self.key.is_none() && self.state == State::HalfOpen);
+        if !self.trusted || self.key.is_some() || self.state != State::HalfOpen {
+            self.shared.stats.reject(Reject::ProxyHeader);
+            return Err(Reject::ProxyHeader);
+        }
         self.key = self.shared.assign_source(ip, self.id, &self.ctl)?;
+        self.trusted = false;
+        Ok(())
+    }
+
+    /// A provisional connection asks again for a slot under its source's cap. `Ok(true)`:
+    /// confirmed; `Ok(false)`: the source is still full.
+    pub fn confirm(&mut self) -> Result<bool, Refused> {
+        if !self.provisional {
+            return Ok(true);
+        }
+        let Some(key) = &self.key else {
+            self.provisional = false;
+            return Ok(true);
+        };
+        let sh = &self.shared;
+        let cap = sh.limits.load().max_conns_per_source;
+        let Some(mut e) = sh.table.map.get_mut(key) else {
+            return Err(Refused::Evicted);
+        };
+        if self.ctl.is_evicted() {
+            return Err(Refused::Evicted);
+        }
+        if cap == 0 || e.conns - e.provisional < cap {
+            e.provisional -= 1;
+            self.provisional = false;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// A provisional connection found no slot in time: counted as refused at its source's
+    /// cap, and `true`: the connection must be aborted. In observe mode it is counted as a
+    /// would-be refusal and goes on as an ordinary connection (`false`).
+    pub fn refuse_provisional(&mut self) -> bool {
+        let Some(key) = self.key else {
+            return false;
+        };
+        let sh = &self.shared;
+        if sh.limits.load().mode == Mode::Observe {
+            sh.observed_key(key, Observed::Reject(Reject::SourceConns));
+            if let Some(mut e) = sh.table.map.get_mut(&key)
+                && !self.ctl.is_evicted()
+            {
+                e.provisional = e.provisional.saturating_sub(1);
+                self.provisional = false;
+            }
+            return false;
+        }
+        sh.refused_key(key, Reject::SourceConns);
+        true
+    }
+
+    /// HALF_OPEN past the grace with nothing said: the connection now counts against its
+    /// source's half-open cap. At the cap it is refused (the source has enough silent
+    /// connections already), unless the listener only observes.
+    pub fn silent(&mut self) -> Result<(), Refused> {
+        debug_assert_eq!(self.state, State::HalfOpen);
+        let sh = self.shared.clone();
+        let Some(key) = self.key else {
+            return Ok(());
+        };
+        if self.listed.is_some() {
+            return Ok(());
+        }
+        let lim = sh.limits.load();
+        let cap = lim.max_half_open_per_source as usize;
+        {
+            let Some(mut e) = sh.table.map.get_mut(&key) else {
+                return Err(Refused::Evicted);
+            };
+            if self.ctl.is_evicted() {
+                return Err(Refused::Evicted);
+            }
+            if cap > 0 && e.half_open.len() >= cap {
+                if lim.mode == Mode::Enforce {
+                    drop(e);
+                    sh.refused_key(key, Reject::SourceHalfOpen);
+                    return Err(Refused::Full(Reject::SourceHalfOpen));
+                }
+                sh.observed_key(key, Observed::Reject(Reject::SourceHalfOpen));
+            }
+            let slot = sh.next_id.fetch_add(1, Ordering::Relaxed);
+            sh.table
+                .list(&mut e, &key, EvictState::HalfOpen, slot, &self.ctl);
+            self.listed = Some((EvictState::HalfOpen, slot));
+        }
         Ok(())
     }
 
     /// HALF_OPEN -> OPEN: the first byte moved.
     pub fn open(&mut self) -> Result<(), Refused> {
         debug_assert_eq!(self.state, State::HalfOpen);
+        self.leave_list()?;
+        self.shared.counts.half_open.fetch_sub(1, Ordering::AcqRel);
+        self.state = State::Open;
+        self.shared.update_pressure();
+        Ok(())
+    }
+
+    /// OPEN, and moving less than `min_rate`: the connection joins its source's stalled list
+    /// (evictable when the listener is full, longest stalled first).
+    pub fn stall(&mut self) -> Result<(), Refused> {
+        debug_assert_eq!(self.state, State::Open);
+        if self.listed.is_some() {
+            return Ok(());
+        }
+        let sh = self.shared.clone();
+        let Some(key) = self.key else {
+            return Ok(());
+        };
+        let Some(mut e) = sh.table.map.get_mut(&key) else {
+            return Err(Refused::Evicted);
+        };
+        if self.ctl.is_evicted() {
+            return Err(Refused::Evicted);
+        }
+        let slot = sh.next_id.fetch_add(1, Ordering::Relaxed);
+        sh.table
+            .list(&mut e, &key, EvictState::Stalled, slot, &self.ctl);
+        self.listed = Some((EvictState::Stalled, slot));
+        sh.counts.stalled.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// OPEN and moving again at a healthy rate: out of the stalled list.
+    pub fn unstall(&mut self) -> Result<(), Refused> {
+        if !matches!(self.listed, Some((EvictState::Stalled, _))) {
+            return Ok(());
+        }
+        self.leave_list()?;
+        self.shared.counts.stalled.fetch_sub(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Is this connection in its source's stalled list?
+    pub fn is_stalled(&self) -> bool {
+        matches!(self.listed, Some((EvictState::Stalled, _)))
+    }
+
+    /// Leaves whatever source list the connection is in, noticing an eviction first.
+    fn leave_list(&mut self) -> Result<(), Refused> {
         let sh = &self.shared;
         if let Some(key) = &self.key {
             let Some(mut e) = sh.table.map.get_mut(key) else {
@@ -87,51 +247,94 @@ impl Ticket {
             if self.ctl.is_evicted() {
                 return Err(Refused::Evicted);
             }
-            e.half_open.remove(&self.id);
+            if let Some((s, slot)) = self.listed.take() {
+                sh.table.unlist(&mut e, key, s, slot);
+            }
         } else if self.ctl.is_evicted() {
             return Err(Refused::Evicted);
         }
-        sh.counts
-            .half_open
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-        self.state = State::Open;
+        Ok(())
+    }
+
+    /// OPEN -> HALF_CLOSED: one side sent FIN. Counted listener-wide at once (over the
+    /// listener's cap, the oldest lingering connection of the heaviest source is evicted, or
+    /// this one refused with `on_full = "reject"`); counted against the source's cap only if
+    /// it is still half-closed after the grace ([`Ticket::lingering`]).
+    pub fn half_close(&mut self) -> Result<(), Refused> {
+        debug_assert_eq!(self.state, State::Open);
+        let was_stalled = self.is_stalled();
+        self.leave_list()?;
+        let sh = self.shared.clone();
+        if was_stalled {
+            sh.counts.stalled.fetch_sub(1, Ordering::AcqRel);
+        }
+        let lim = sh.limits.load();
+        // An OPEN connection out of every list cannot be evicted; count it listener-wide
+        // first, so an evictor never finds it in a list before it is counted.
+        if !sh.reserve_state(EvictState::HalfClosed, &lim, 0) {
+            return Err(Refused::Full(Reject::HalfClosedFull));
+        }
+        self.state = State::HalfClosed;
         sh.update_pressure();
         Ok(())
     }
 
-    /// OPEN -> HALF_CLOSED: one side sent FIN. Over the source's cap, the source's oldest
-    /// half-closed connection is evicted; over the listener's cap, the oldest of the heaviest
-    /// source (`on_full = "evict"`) or this one (`"reject"`).
-    pub fn half_close(&mut self) -> Result<(), Refused> {
-        debug_assert_eq!(self.state, State::Open);
-        // An OPEN connection is in no eviction list, so nobody can have evicted it; count it
-        // listener-wide first, so an evictor never finds it in a list before it is counted.
-        let sh = self.shared.clone();
-        let lim = sh.limits.load();
-        if !sh.reserve_state(EvictState::HalfClosed, self.id, &lim) {
-            return Err(Refused::Full(Reject::HalfClosedFull));
+    /// HALF_CLOSED past the grace: the connection now counts against its source's cap. Over
+    /// it, the source's connection longest half-closed is evicted (the newest is usually an
+    /// ordinary close in flight; the oldest is the one lingering).
+    pub fn lingering(&mut self) -> Result<(), Refused> {
+        debug_assert_eq!(self.state, State::HalfClosed);
+        if self.listed.is_some() {
+            return Ok(());
         }
-        self.state = State::HalfClosed;
+        let sh = self.shared.clone();
+        let Some(key) = self.key else {
+            return Ok(());
+        };
+        let lim = sh.limits.load();
         let cap = lim.max_half_closed_per_source as usize;
-        if let Some(key) = &self.key {
-            let victim = {
-                let Some(mut e) = sh.table.map.get_mut(key) else {
-                    return Ok(());
-                };
-                e.half_closed.insert(self.id, self.ctl.clone());
-                if cap > 0 && e.half_closed.len() > cap {
-                    e.evict_oldest(EvictState::HalfClosed, self.id)
+        let victim = {
+            let Some(mut e) = sh.table.map.get_mut(&key) else {
+                return Err(Refused::Evicted);
+            };
+            if self.ctl.is_evicted() {
+                return Err(Refused::Evicted);
+            }
+            let slot = sh.next_id.fetch_add(1, Ordering::Relaxed);
+            sh.table
+                .list(&mut e, &key, EvictState::HalfClosed, slot, &self.ctl);
+            self.listed = Some((EvictState::HalfClosed, slot));
+            if cap > 0 && e.half_closed.len() > cap {
+                if lim.mode == Mode::Enforce {
+                    sh.table
+                        .evict_oldest_of(&mut e, &key, EvictState::HalfClosed, slot)
                 } else {
+                    drop(e);
+                    sh.observed_key(key, Observed::Evict(EvictState::HalfClosed));
                     None
                 }
-            };
-            if let Some(v) = victim {
-                sh.give_back_evicted(EvictState::HalfClosed);
-                v.wake();
+            } else {
+                None
             }
+        };
+        if let Some(v) = victim {
+            sh.give_back_evicted(EvictState::HalfClosed);
+            v.wake();
         }
-        sh.update_pressure();
         Ok(())
+    }
+
+    /// The listener observes, and a clock or cap would have ended this connection: counted,
+    /// and the connection goes on. `false` when the listener enforces: act.
+    pub fn observe(&self, what: Observed) -> bool {
+        if !self.observing() {
+            return false;
+        }
+        match self.key {
+            Some(key) => self.shared.observed_key(key, what),
+            None => self.shared.stats.observe(what),
+        }
+        true
     }
 }
 
@@ -147,13 +350,22 @@ impl Drop for Ticket {
                 if self.ctl.is_evicted() {
                     return;
                 }
-                if let Some(s) = self.state.evict_state() {
-                    e.slots(s).remove(&self.id);
+                if let Some((s, slot)) = self.listed {
+                    sh.table.unlist(&mut e, key, s, slot);
+                }
+                if self.provisional {
+                    e.provisional = e.provisional.saturating_sub(1);
                 }
                 e.conns = e.conns.saturating_sub(1);
             }
             sh.table.remove_if_empty(key);
         }
-        sh.give_back(self.state.evict_state());
+        let state = match self.state {
+            State::HalfOpen => Some(EvictState::HalfOpen),
+            State::HalfClosed => Some(EvictState::HalfClosed),
+            State::Open if self.is_stalled() => Some(EvictState::Stalled),
+            State::Open => None,
+        };
+        sh.give_back(state);
     }
 }

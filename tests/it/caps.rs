@@ -20,6 +20,8 @@ async fn silent(p: &Proxy, from: &str, n: usize) -> Vec<TcpStream> {
     })
     .await
     .expect("silent connections counted");
+    // Silent for a while: now they count against their source, and are evictable.
+    past_grace().await;
     v
 }
 
@@ -111,6 +113,9 @@ async fn full_listener_connection_cap_evicts_a_silent_connection_never_an_open_o
     let b = backend(Backend::Echo).await;
     let mut cfg = base_config(&[b.addr]);
     cfg.listeners[0].limits.max_conns = 3;
+    // Every OPEN connection counts as moving data here (a stalled one is evictable: see
+    // `stalled::`).
+    cfg.listeners[0].limits.min_rate = 0;
     let p = Proxy::start(cfg).await;
 
     let mut open = connect_from("127.0.0.4", p.addr).await.unwrap();
@@ -195,6 +200,7 @@ async fn full_listener_half_closed_cap_evicts_from_the_heaviest_source() {
         })
         .await
         .expect("half-closed counted");
+        past_grace().await;
         c
     }
     let mut h1 = half_close(&p, "127.0.0.2", 1).await;

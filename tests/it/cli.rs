@@ -74,7 +74,7 @@ pub(crate) fn free_port() -> u16 {
 
 /// A config file in a fresh temp dir, with a listener on a free port toward `backend`;
 /// `admin` is the body of the `[admin]` table.
-fn temp_config(
+pub(crate) fn temp_config(
     backend: std::net::SocketAddr,
     admin: &str,
     extra: &str,

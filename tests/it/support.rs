@@ -21,8 +21,18 @@ use tokio::time::Instant;
 /// The listener name every test proxy uses.
 pub const L: &str = "t";
 
+/// `limits.grace` in [`base_config`]: a connection counts against its source's half-open or
+/// half-closed cap (and becomes evictable) this long after entering the state.
+pub const GRACE: Duration = Duration::from_millis(50);
+
+/// Waits until connections that just entered a state are past the grace.
+pub async fn past_grace() {
+    tokio::time::sleep(GRACE * 3).await;
+}
+
 /// A config with one listener on 127.0.0.1:0 toward `backends`, every per-source cap and the
-/// rate limit off, so a test turns on exactly what it tests.
+/// rate limit off, so a test turns on exactly what it tests. The grace before a state counts
+/// per source is [`GRACE`].
 pub fn base_config(backends: &[SocketAddr]) -> Config {
     let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
     let text = format!(
@@ -37,6 +47,8 @@ max_conns_per_source = 0
 max_half_open_per_source = 0
 max_half_closed_per_source = 0
 conn_rate_per_source = 0
+# Short, so tests of the per-source state caps need not wait a second.
+grace = "50ms"
 
 [tcp]
 keepalive_idle = "0s"
@@ -99,7 +111,7 @@ impl Proxy {
         let guard = self.handle.guard(L).expect("listener t");
         assert_eq!(
             guard.table_totals(),
-            (0, 0, 0),
+            (0, 0, 0, 0),
             "source table entries left behind"
         );
     }
@@ -215,7 +227,14 @@ pub enum Backend {
     Flood,
     /// Sends `bye\n` then FIN at once, and keeps reading: the server half-closes first.
     FinFirst,
+    /// HTTP/1.0-like: reads until an empty line, answers `HTTP/1.0 200 OK` with a short
+    /// body after this many milliseconds, then FIN. Bytes that never finish a request get
+    /// no answer.
+    Http(u64),
 }
+
+/// What [`Backend::Http`] answers.
+pub const HTTP_OK: &[u8] = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok";
 
 /// A running backend and the results its connections reported.
 pub struct BackendServer {
@@ -300,6 +319,20 @@ async fn serve_backend(kind: Backend, mut s: TcpStream) -> io::Result<u64> {
         Backend::Flood => loop {
             s.write_all(&buf).await?;
         },
+        Backend::Http(think) => {
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(got.len() as u64);
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            tokio::time::sleep(Duration::from_millis(think)).await;
+            s.write_all(HTTP_OK).await?;
+            s.shutdown().await?;
+            Ok(got.len() as u64)
+        }
         Backend::FinFirst => {
             s.write_all(b"bye\n").await?;
             s.shutdown().await?;
