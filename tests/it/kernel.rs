@@ -599,7 +599,7 @@ fn bans_come_from_a_sources_own_refusals_and_survive_a_reload() {
         net.attacker_addr(a);
     }
     net.start_halfguard(
-        "[limits]\nconn_rate_per_source = 0\nmax_conns_per_source = 0\nmax_half_open_per_source = 2\nmax_conns = 4\non_full = \"reject\"\n\
+        "[limits]\nconn_rate_per_source = 1\nconn_burst_per_source = 4\nmax_conns_per_source = 0\nmax_conns = 4\non_full = \"reject\"\n\
          [kernel]\ncensus_interval = \"300ms\"\nenforce = true\nsyn_rate_per_source = 0\nban_after = 5\nban_for = \"60s\"\n",
     );
     // Spoofed SYNs "from" 198.18.128.7 sit in SYN_RECV: no evidence against anyone.
@@ -625,10 +625,19 @@ time.sleep(1)\n";
         sources.contains("\"source\":\"198.18.0.3\""),
         ".3 was refused (conns_full): {sources}"
     );
-    // A source's own cap: .2 opens 20 silent connections, 2 get in, 18 are refused.
+    wait_until(Duration::from_secs(5), "the held connections end", || {
+        net.metrics().is_some_and(|m| {
+            m.lines()
+                .filter(|l| l.starts_with("halfguard_connections{listener=\"edge\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+                == 0.0
+        })
+    });
+    // A source's own cap: .2 opens 20 connections at once; its rate lets 4 in and refuses
+    // the other 16 (`rate`).
     let code = "import socket,time\n\
-held=[]\n\
-for i in range(20):\n  s=socket.socket();s.bind(('198.18.0.2',0))\n  try:\n    s.connect(('198.18.0.1',18080));held.append(s)\n  except OSError: pass\n\
+for i in range(20):\n  s=socket.socket();s.bind(('198.18.0.2',0))\n  try:\n    s.connect(('198.18.0.1',18080))\n  except OSError: pass\n  s.close()\n\
 time.sleep(1.5)\n";
     net.exec(&net.attacker, &["python3", "-c", code])
         .output()
