@@ -363,6 +363,12 @@ if [ -n "$ADMIN_PORT" ] && listening "$ADMIN_PORT"; then
     [ "$code" = 200 ] || fail "GET $path on the admin port from outside the pod: HTTP $code"
   done
   say "admin :$ADMIN_PORT from 198.18.0.1: /healthz, /readyz and /metrics answer 200 ($(grep -c '^halfguard' "$WORK/admin.out" || true) halfguard metric lines)"
+  # Steering is private: without a token, what reveals clients or reloads is loopback-only.
+  for req in "GET /sources" "GET /config" "POST /reload"; do
+    code=$(cli curl -s -o /dev/null -w '%{http_code}' --max-time 5 -X "${req% *}" "http://$SRV:$ADMIN_PORT${req#* }") || true
+    [ "$code" = 403 ] || fail "$req on the admin port from outside the pod: HTTP $code, expected 403"
+  done
+  say "admin :$ADMIN_PORT from 198.18.0.1: /sources, /config and POST /reload answer 403 (no token set)"
 else
   say "SKIP admin checks: nothing listens on :${ADMIN_PORT:-off} (this build has no admin server yet)"
 fi

@@ -1,19 +1,34 @@
 //! The admin endpoint: `GET /metrics`, `/healthz`, `/readyz`, `/sources?top=N&by=...`,
 //! `/config`, and `POST /reload`.
 //!
+//! Seeing is public, steering is private. Probes and scrapers (`/healthz`, `/readyz`,
+//! `/metrics`) answer anyone who reaches the port, so it can be bound to the pod address for
+//! the kubelet. What reveals clients or changes behaviour (`/sources`, `/config`,
+//! `POST /reload`) needs `Authorization: Bearer <token>` (the token from
+//! `HALFGUARD_ADMIN_TOKEN` or `[admin] token_file`) or, unless `trust_loopback` is off, a
+//! loopback client that names the host by address or `localhost` (a page whose name was
+//! rebound to 127.0.0.1 sends its own name). `POST /reload` also refuses anything a browser
+//! sends cross-site: an `Origin`, a `Sec-Fetch-Site` other than `none`, a form content
+//! type, a body.
+//!
 //! It must stay reachable while the data port is under attack, and must not become a target
-//! itself: it has its own header clock (`admin.header_timeout`) and its own connection cap
-//! (`admin.max_conns`). At the cap, the oldest admin connection is dropped to make room,
-//! the same rule the proxy applies to silent connections, so a slowloris on the admin port
-//! cannot keep a scrape out.
+//! itself: it has its own header clock (`admin.header_timeout`) and connection caps. The
+//! socket hands over connections only once their request arrived (TCP_DEFER_ACCEPT), so a
+//! connection is sorted at accept by its first bytes: `GET /healthz` and `GET /readyz` take
+//! one of `admin.probe_conns` reserved slots (one request each), everything else one of
+//! `admin.max_conns`. At a cap, the oldest connection of the client address holding the
+//! most slots of that kind is dropped for the newcomer, so a flood, however fast, evicts
+//! itself and not the kubelet's probe.
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -22,9 +37,88 @@ use tokio_util::sync::CancellationToken;
 use crate::config::AdminConfig;
 use crate::guard::SourceOrder;
 use crate::server::{Handle, State};
+use crate::sockopt;
 
 /// `/sources` never lists more than this many sources per listener.
 const MAX_TOP: usize = 1000;
+
+/// What an admin connection is, by its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// Opened with a liveness or readiness probe: a reserved slot, one request.
+    Probe,
+    General,
+}
+
+/// Sorts a connection by the bytes it has sent so far.
+fn classify(first: &[u8]) -> Class {
+    for path in [&b"GET /healthz"[..], b"GET /readyz"] {
+        if let Some(rest) = first.strip_prefix(path)
+            && matches!(rest.first(), Some(b' ' | b'?'))
+        {
+            return Class::Probe;
+        }
+    }
+    Class::General
+}
+
+struct Slot {
+    id: u64,
+    class: Class,
+    peer: IpAddr,
+    stop: CancellationToken,
+}
+
+/// The admin connections open now, each in its class's slots.
+struct Slots {
+    open: Mutex<Vec<Slot>>,
+    general: usize,
+    probes: usize,
+}
+
+impl Slots {
+    /// Takes a slot of `class` for connection `id` from `peer`. At the class's cap, the
+    /// oldest connection of the address holding the most slots of that class gives its up.
+    fn enter(&self, id: u64, class: Class, peer: IpAddr, stop: CancellationToken) {
+        let cap = match class {
+            Class::Probe => self.probes,
+            Class::General => self.general,
+        };
+        let Ok(mut open) = self.open.lock() else {
+            return;
+        };
+        if open.iter().filter(|s| s.class == class).count() >= cap {
+            // Per address: (slots held, its oldest connection's id). Ids grow with time.
+            let mut by_peer: HashMap<IpAddr, (usize, u64)> = HashMap::new();
+            for s in open.iter().filter(|s| s.class == class) {
+                let e = by_peer.entry(s.peer).or_insert((0, s.id));
+                e.0 += 1;
+                e.1 = e.1.min(s.id);
+            }
+            let victim = by_peer
+                .values()
+                .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
+                .map(|(_, oldest)| *oldest);
+            if let Some(i) = victim.and_then(|v| open.iter().position(|s| s.id == v)) {
+                open.swap_remove(i).stop.cancel();
+            }
+        }
+        open.push(Slot {
+            id,
+            class,
+            peer,
+            stop,
+        });
+    }
+
+    fn leave(&self, id: u64) {
+        if let Ok(mut open) = self.open.lock()
+            && let Some(i) = open.iter().position(|s| s.id == id)
+        {
+            open.swap_remove(i);
+        }
+    }
+}
 
 /// Serves the admin endpoint until `stop`.
 pub(crate) async fn serve(
@@ -33,53 +127,155 @@ pub(crate) async fn serve(
     cfg: AdminConfig,
     stop: CancellationToken,
 ) {
-    let open: Arc<Mutex<VecDeque<(u64, CancellationToken)>>> = Arc::default();
+    let slots = Arc::new(Slots {
+        open: Mutex::new(Vec::new()),
+        general: cfg.max_conns as usize,
+        probes: cfg.probe_conns as usize,
+    });
     let mut next_id = 0u64;
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "admin endpoint listening");
+    }
+    let defer = cfg.header_timeout.as_secs().clamp(1, 60) as u32;
+    if let Err(e) = sockopt::defer_accept(&listener, defer) {
+        tracing::debug!(error = %e, "admin: TCP_DEFER_ACCEPT unavailable");
     }
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
             r = listener.accept() => r,
         };
-        let Ok((stream, _)) = accepted else {
+        let Ok((stream, peer)) = accepted else {
             // EMFILE and friends: the data path's accept loop logs and counts them.
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             continue;
         };
+        let mut first = [0u8; 16];
+        let n = sockopt::peek_now(&stream, &mut first);
+        let class = match classify(&first[..n]) {
+            Class::Probe if slots.probes > 0 => Class::Probe,
+            _ => Class::General,
+        };
         let id = next_id;
         next_id += 1;
         let token = stop.child_token();
-        if let Ok(mut q) = open.lock() {
-            if q.len() >= cfg.max_conns as usize
-                && let Some((_, oldest)) = q.pop_front()
-            {
-                oldest.cancel();
-            }
-            q.push_back((id, token.clone()));
-        }
+        let peer_ip = peer.ip().to_canonical();
+        slots.enter(id, class, peer_ip, token.clone());
         let state = state.clone();
-        let open = open.clone();
+        let slots = slots.clone();
         let header_timeout = cfg.header_timeout;
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(req, state).await) }
+                async move { Ok::<_, Infallible>(route(req, state, peer_ip).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
+                .keep_alive(class == Class::General)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = conn => {}
                 _ = token.cancelled() => {}
             }
-            if let Ok(mut q) = open.lock() {
-                q.retain(|(i, _)| *i != id);
-            }
+            slots.leave(id);
         });
     }
+}
+
+/// The answer refusing a private endpoint to this request, or `None` when it may pass.
+fn refusal(
+    req: &Request<Incoming>,
+    peer: IpAddr,
+    cfg: &AdminConfig,
+) -> Option<Response<Full<Bytes>>> {
+    let headers = req.headers();
+    if let Some(auth) = headers.get(hyper::header::AUTHORIZATION) {
+        let given = auth.as_bytes();
+        let ok = given.len() > 7
+            && given[..7].eq_ignore_ascii_case(b"bearer ")
+            && cfg.token.as_ref().is_some_and(|t| t.matches(&given[7..]));
+        return (!ok).then(|| unauthorized("the token is not the admin token"));
+    }
+    if cfg.trust_loopback && peer.is_loopback() {
+        return (!host_is_an_address(headers)).then(|| {
+            text(
+                StatusCode::FORBIDDEN,
+                "forbidden: a loopback client must name the host by address or as localhost\n",
+            )
+        });
+    }
+    Some(if cfg.token.is_some() {
+        unauthorized("this endpoint needs Authorization: Bearer <token>")
+    } else {
+        text(
+            StatusCode::FORBIDDEN,
+            "forbidden: this endpoint answers loopback clients only; set [admin] token_file or HALFGUARD_ADMIN_TOKEN to reach it from elsewhere\n",
+        )
+    })
+}
+
+fn unauthorized(why: &str) -> Response<Full<Bytes>> {
+    let mut r = text(StatusCode::UNAUTHORIZED, format!("unauthorized: {why}\n"));
+    r.headers_mut().insert(
+        hyper::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"halfguard admin\""),
+    );
+    r
+}
+
+/// True when the Host header (if any) is an IP address or `localhost`, with or without a
+/// port: what curl, probes and scripts send, and never what a rebound name sends.
+fn host_is_an_address(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(hyper::header::HOST) else {
+        return true;
+    };
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok()
+}
+
+/// A reload must come from a script, not from a page: browsers mark cross-site requests
+/// (`Origin`, `Sec-Fetch-Site`) and HTML forms can only send bodies of the CORS "simple"
+/// content types. A reload takes no body at all.
+fn cross_site(headers: &HeaderMap) -> Option<&'static str> {
+    if headers.contains_key(hyper::header::ORIGIN) {
+        return Some("a request with an Origin header");
+    }
+    if headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes() != b"none")
+    {
+        return Some("a request a browser marked as from a page");
+    }
+    if let Some(ct) = headers.get(hyper::header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+        if [
+            "application/x-www-form-urlencoded",
+            "multipart/form-data",
+            "text/plain",
+        ]
+        .iter()
+        .any(|f| ct.starts_with(f))
+        {
+            return Some("a form");
+        }
+    }
+    let length = headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    if length > 0 || headers.contains_key(hyper::header::TRANSFER_ENCODING) {
+        return Some("a request with a body");
+    }
+    None
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -101,8 +297,25 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
     r
 }
 
-async fn route(req: Request<Incoming>, state: Arc<State>) -> Response<Full<Bytes>> {
+async fn route(req: Request<Incoming>, state: Arc<State>, peer: IpAddr) -> Response<Full<Bytes>> {
     let path = req.uri().path();
+    let private = matches!(
+        (req.method(), path),
+        (&Method::GET, "/sources" | "/config") | (&Method::POST, "/reload")
+    );
+    if private {
+        if req.method() == Method::POST
+            && let Some(what) = cross_site(req.headers())
+        {
+            return text(
+                StatusCode::FORBIDDEN,
+                format!("forbidden: {what} cannot reload; use curl -X POST without a body\n"),
+            );
+        }
+        if let Some(refused) = refusal(&req, peer, &state.config().admin) {
+            return refused;
+        }
+    }
     match (req.method(), path) {
         (&Method::GET, "/metrics") => {
             let mut r = text(StatusCode::OK, crate::metrics::render(state));

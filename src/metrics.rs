@@ -435,6 +435,17 @@ impl prometheus_client::collector::Collector for Collector {
             "Sources put in the kernel drop set.",
             &[(vec![], kernel.bans.load(Relaxed))],
         )?;
+        let dropped: Vec<_> = crate::kernel::nft::COUNTERS
+            .iter()
+            .zip(&kernel.dropped)
+            .map(|(rule, n)| (vec![("rule", *rule)], n.load(Relaxed)))
+            .collect();
+        counter(
+            e,
+            "halfguard_kernel_dropped",
+            "Packets halfguard's nftables rules dropped, by rule: ban (the drop set), syn_rate and conns (a source over its limit), untracked (the shared limit of sources a full per-source set has no room for). Read at each census.",
+            &dropped,
+        )?;
 
         // What the process runs on, so a dashboard can tell a CPU limit from a slow backend.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {

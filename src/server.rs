@@ -193,7 +193,10 @@ impl Server {
             state.start_listener(socket, ctx, l.bind);
         }
         crate::kernel::warn_if_no_syncookies();
-        state.kernel.apply(&state.ports(), &config.kernel);
+        state
+            .kernel
+            .apply(crate::kernel::targets(&state), &config.kernel)
+            .await;
         state.tasks.spawn(crate::kernel::run(state.clone()));
         state.tasks.spawn(upkeep(state.clone()));
         Ok(Server { state, admin })
@@ -298,9 +301,8 @@ impl Server {
         state.stop_upkeep.cancel();
         state.tasks.close();
         state.tasks.wait().await;
-        if state.kernel.enforcing.load(Ordering::Relaxed) {
-            state.kernel.remove();
-        }
+        // Also after a failed reinstall: the table left from before must not outlive us.
+        state.kernel.remove().await;
         tracing::info!(aborted, "stopped");
         if forced {
             Stopped::Forced
@@ -515,15 +517,6 @@ impl State {
         self.stop_upkeep.cancelled().await
     }
 
-    /// The bound ports of the active listeners.
-    fn ports(&self) -> Vec<u16> {
-        self.listeners()
-            .iter()
-            .filter(|r| !r.is_retired())
-            .map(|r| r.addr.port())
-            .collect()
-    }
-
     /// The pools in force.
     pub(crate) fn pools(&self) -> Vec<Arc<Pool>> {
         self.pools.lock().map(|p| p.clone()).unwrap_or_default()
@@ -619,10 +612,12 @@ impl State {
             self.start_listener(socket, ctx, l.bind);
         }
         set_splice_budget(&new);
-        self.kernel.apply(&self.ports(), &new.kernel);
+        self.kernel
+            .apply(crate::kernel::targets(self), &new.kernel)
+            .await;
         let old = self.config.load_full();
         for (changed, section) in [
-            (new.admin != old.admin, "[admin]"),
+            (new.admin.needs_restart_for(&old.admin), "[admin]"),
             (new.log != old.log, "[log]"),
             (new.runtime != old.runtime, "[runtime]"),
         ] {

@@ -182,6 +182,56 @@ pub async fn connect(addr: SocketAddr, tcp: &TcpConfig) -> io::Result<TcpStream>
     Ok(stream)
 }
 
+/// Asks the kernel to hand over accepted connections only once their first bytes arrived
+/// (TCP_DEFER_ACCEPT), waiting at most about `secs` for them. A connection that never sends
+/// stays in the kernel meanwhile, and what accept() returns can be looked at at once.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn defer_accept(l: &TcpListener, secs: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_int = secs.min(i32::MAX as u32) as libc::c_int;
+    // SAFETY: setsockopt reads one c_int from a live local; the fd is borrowed from a live
+    // listener.
+    let rc = unsafe {
+        libc::setsockopt(
+            l.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn defer_accept(_l: &TcpListener, _secs: u32) -> io::Result<()> {
+    Ok(())
+}
+
+/// Copies the bytes already received on `s` into `buf` without consuming them, without
+/// waiting: 0 when nothing has arrived yet (or the peer closed).
+#[cfg(unix)]
+#[allow(unsafe_code)]
+pub fn peek_now(s: &TcpStream, buf: &mut [u8]) -> usize {
+    use std::os::fd::AsRawFd;
+    // SAFETY: recv writes at most buf.len() bytes into buf, which we own; the fd is borrowed
+    // from a live stream.
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n.max(0) as usize
+}
+
 /// Makes the next close() send RST and skip FIN_WAIT/TIME_WAIT. Errors are ignored: the
 /// socket is being thrown away either way.
 pub fn abort(s: &TcpStream) {

@@ -53,6 +53,7 @@ pub struct RawKernel {
     pub syn_rate_per_source: Option<u32>,
     pub syn_burst_per_source: Option<u32>,
     pub max_conns_per_source: Option<u32>,
+    pub untracked_syn_rate: Option<u32>,
     pub ban_after: Option<u32>,
     pub ban_for: Option<RawDuration>,
 }
@@ -195,6 +196,9 @@ pub struct RawLog {
 pub struct RawAdmin {
     pub bind: Option<String>,
     pub max_conns: Option<u32>,
+    pub probe_conns: Option<u32>,
+    pub token_file: Option<String>,
+    pub trust_loopback: Option<bool>,
     pub header_timeout: Option<RawDuration>,
     pub drain_delay: Option<RawDuration>,
 }

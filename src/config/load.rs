@@ -9,17 +9,19 @@ use std::path::Path;
 
 use config::{Environment, File, FileFormat};
 
-use super::{Config, ConfigError, RawConfig};
+use super::{ADMIN_TOKEN_ENV, AdminToken, Config, ConfigError, RawConfig, TokenSource};
 
 /// Environment variables that override the file start with this prefix...
 pub const ENV_PREFIX: &str = "HALFGUARD";
 /// ...and use this between prefix, section and key: `HALFGUARD__TIMEOUTS__FIRST_BYTE=2s`.
 pub const ENV_SEPARATOR: &str = "__";
 
-/// Loads `path` with overrides from the process environment.
+/// Loads `path` with overrides (and the admin token) from the process environment.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let env: HashMap<String, String> = std::env::vars()
-        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}{ENV_SEPARATOR}")))
+        .filter(|(k, _)| {
+            k.starts_with(&format!("{ENV_PREFIX}{ENV_SEPARATOR}")) || k == ADMIN_TOKEN_ENV
+        })
         .collect();
     load_with_env(path, env)
 }
@@ -36,12 +38,14 @@ pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Config
     parse(&text, &file, env)
 }
 
-/// Parses TOML `text` (named `origin` in messages) with overrides from `env`.
+/// Parses TOML `text` (named `origin` in messages) with overrides from `env`, and reads the
+/// admin token from `env` or `admin.token_file`.
 pub fn parse(
     text: &str,
     origin: &str,
-    env: HashMap<String, String>,
+    mut env: HashMap<String, String>,
 ) -> Result<Config, ConfigError> {
+    let env_token = env.remove(ADMIN_TOKEN_ENV).filter(|t| !t.is_empty());
     let overrides = overrides(&env);
     if let Some((var, key)) = overrides.iter().find(|(_, key)| {
         TABLE_LISTS
@@ -74,7 +78,30 @@ pub fn parse(
         .build()
         .and_then(|c| c.try_deserialize())
         .map_err(|e| blame(describe(e, origin)))?;
-    Config::from_raw(raw, origin).map_err(blame)
+    let mut config = Config::from_raw(raw, origin).map_err(blame)?;
+    let invalid = |key: &str, reason: String| ConfigError::Invalid {
+        file: origin.to_string(),
+        key: key.to_string(),
+        reason,
+    };
+    config.admin.token = match (env_token, &config.admin.token_file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "admin.token_file",
+                format!(
+                    "the environment variable {ADMIN_TOKEN_ENV} is set too; give the token one way"
+                ),
+            ));
+        }
+        (Some(t), None) => {
+            Some(AdminToken::new(&t, TokenSource::Env).map_err(|r| invalid(ADMIN_TOKEN_ENV, r))?)
+        }
+        (None, Some(path)) => {
+            Some(AdminToken::from_file(path, origin).map_err(|r| invalid("admin.token_file", r))?)
+        }
+        (None, None) => None,
+    };
+    Ok(config)
 }
 
 /// Sections the environment cannot set: each is an array of tables, which a flat

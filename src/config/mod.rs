@@ -9,6 +9,7 @@
 //! Every default is a documented constant below; `config/halfguard.toml` repeats them with
 //! the reasoning an operator needs.
 
+mod admin;
 mod file;
 mod load;
 mod log;
@@ -17,10 +18,12 @@ mod pool;
 use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
 
+pub use admin::{ADMIN_TOKEN_ENV, AdminToken, MIN_TOKEN_LEN, TokenSource};
 pub use file::{RawConfig, RawDuration, RawLimits, RawTimeouts};
 pub use load::{ENV_PREFIX, ENV_SEPARATOR, load, load_with_env, parse};
 pub use log::check_filter;
@@ -144,6 +147,9 @@ pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
 pub const DEFAULT_ADMIN_BIND: &str = "127.0.0.1:9901";
 /// Concurrent admin connections: enough for scrapers and probes, too few to matter.
 pub const DEFAULT_ADMIN_MAX_CONNS: u32 = 16;
+/// Admin connections kept for `/healthz` and `/readyz` on top of `max_conns`, so a flood of
+/// admin connections cannot fail the kubelet's probes and restart the pod.
+pub const DEFAULT_ADMIN_PROBE_CONNS: u32 = 4;
 /// An admin client gets this long to send its request headers (no slowloris on scrapes).
 pub const DEFAULT_ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// After SIGTERM, `/readyz` fails this long before accepting stops, so load balancers and
@@ -271,8 +277,12 @@ pub struct KernelConfig {
     pub syn_burst_per_source: u32,
     /// Concurrent conntrack entries per source on the listening ports; 0 = no cap.
     pub max_conns_per_source: u32,
-    /// A source refused this many times in one census interval, or holding this many
-    /// SYN_RECV sockets, goes into the drop set; 0 = never.
+    /// SYNs per second, per listener, shared by the sources a full per-source set has no
+    /// room for (a set holds the listener's `max_sources`); 0 = let them through.
+    pub untracked_syn_rate: u32,
+    /// A source refused this many times by its own caps in one census interval goes into
+    /// the drop set; 0 = never. SYN_RECV counts (spoofable) and listener-wide refusals
+    /// (which hit whoever comes next) never ban anyone.
     pub ban_after: u32,
     pub ban_for: Duration,
 }
@@ -280,6 +290,11 @@ pub struct KernelConfig {
 /// Count the kernel's sockets every 5 s: cheap (one netlink dump), and fresh enough for a
 /// dashboard.
 pub const DEFAULT_CENSUS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// When a listener's per-source sets are full (a spoofed flood from more addresses than
+/// `max_sources` within a few seconds), new sources share this many SYNs per second rather
+/// than pass unlimited. SYN cookies keep answering the SYNs that pass.
+pub const DEFAULT_UNTRACKED_SYN_RATE: u32 = 1000;
 
 impl Default for KernelConfig {
     fn default() -> Self {
@@ -289,6 +304,7 @@ impl Default for KernelConfig {
             syn_rate_per_source: 20,
             syn_burst_per_source: 40,
             max_conns_per_source: 0,
+            untracked_syn_rate: DEFAULT_UNTRACKED_SYN_RATE,
             ban_after: 0,
             ban_for: Duration::from_secs(60),
         }
@@ -303,13 +319,24 @@ impl Config {
 }
 
 /// `[admin]`: the HTTP endpoint for metrics, probes and reload.
+///
+/// Seeing is public, steering is private: `/healthz`, `/readyz` and `/metrics` answer anyone
+/// who reaches the port; `/sources`, `/config` and `POST /reload` need the token or (unless
+/// `trust_loopback` is off) a loopback client.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     /// `None` when configured as `"off"`.
     pub bind: Option<SocketAddr>,
     pub max_conns: u32,
+    /// Connections reserved for `/healthz` and `/readyz`, on top of `max_conns`.
+    pub probe_conns: u32,
     pub header_timeout: Duration,
     pub drain_delay: Duration,
+    /// As configured; the token read from it (or from the environment) is `token`.
+    pub token_file: Option<PathBuf>,
+    pub token: Option<AdminToken>,
+    /// A loopback client needs no token for the private endpoints.
+    pub trust_loopback: bool,
 }
 
 impl Default for AdminConfig {
@@ -317,9 +344,32 @@ impl Default for AdminConfig {
         AdminConfig {
             bind: DEFAULT_ADMIN_BIND.parse().ok(),
             max_conns: DEFAULT_ADMIN_MAX_CONNS,
+            probe_conns: DEFAULT_ADMIN_PROBE_CONNS,
             header_timeout: DEFAULT_ADMIN_HEADER_TIMEOUT,
             drain_delay: DEFAULT_DRAIN_DELAY,
+            token_file: None,
+            token: None,
+            trust_loopback: true,
         }
+    }
+}
+
+impl AdminConfig {
+    /// True when `other` differs in what is fixed at start (the socket and its connection
+    /// slots). The token, `trust_loopback` and `drain_delay` are read per request or per
+    /// signal, so a reload changes them at once.
+    pub fn needs_restart_for(&self, other: &AdminConfig) -> bool {
+        (
+            self.bind,
+            self.max_conns,
+            self.probe_conns,
+            self.header_timeout,
+        ) != (
+            other.bind,
+            other.max_conns,
+            other.probe_conns,
+            other.header_timeout,
+        )
     }
 }
 
@@ -804,8 +854,16 @@ impl Config {
                 })?),
             },
             max_conns: a.max_conns.unwrap_or(d.max_conns),
+            probe_conns: a.probe_conns.unwrap_or(d.probe_conns),
             header_timeout: a.header_timeout.map_or(d.header_timeout, |x| x.0),
             drain_delay: a.drain_delay.map_or(d.drain_delay, |x| x.0),
+            token_file: match a.token_file.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some(p) => Some(PathBuf::from(p)),
+            },
+            // Read by `load::parse`, which sees the environment; `from_raw` does no I/O.
+            token: None,
+            trust_loopback: a.trust_loopback.unwrap_or(d.trust_loopback),
         };
         if admin.max_conns == 0 {
             return Err(ck.err("admin.max_conns", "must be at least 1"));
@@ -829,6 +887,7 @@ impl Config {
             syn_rate_per_source: k.syn_rate_per_source.unwrap_or(d.syn_rate_per_source),
             syn_burst_per_source: k.syn_burst_per_source.unwrap_or(d.syn_burst_per_source),
             max_conns_per_source: k.max_conns_per_source.unwrap_or(d.max_conns_per_source),
+            untracked_syn_rate: k.untracked_syn_rate.unwrap_or(d.untracked_syn_rate),
             ban_after: k.ban_after.unwrap_or(d.ban_after),
             ban_for: k.ban_for.map_or(d.ban_for, |x| x.0),
         };
@@ -1078,11 +1137,23 @@ impl fmt::Display for Config {
         )?;
         writeln!(
             f,
-            "admin: {}, max_conns {}, header_timeout {}, drain_delay {}",
+            "admin: {}, max_conns {} (+{} for probes), header_timeout {}, drain_delay {}",
             self.admin.bind.map_or("off".into(), |b| b.to_string()),
             self.admin.max_conns,
+            self.admin.probe_conns,
             d(self.admin.header_timeout),
             d(self.admin.drain_delay)
+        )?;
+        let token = self.admin.token.as_ref().map(|t| t.source.to_string());
+        writeln!(
+            f,
+            "  /sources, /config, POST /reload: {}",
+            match (token, self.admin.trust_loopback) {
+                (Some(src), true) => format!("Bearer token from the {src}, or a loopback client"),
+                (Some(src), false) => format!("Bearer token from the {src} only"),
+                (None, true) => "loopback clients only (no token set)".to_string(),
+                (None, false) => "nobody (no token set, loopback not trusted)".to_string(),
+            }
         )?;
         let k = &self.kernel;
         writeln!(
@@ -1093,10 +1164,11 @@ impl fmt::Display for Config {
             if k.enforce { "on" } else { "off" },
             if k.enforce {
                 format!(
-                    " (syn rate {}/s burst {}, ct count {}, ban after {} for {})",
+                    " (syn rate {}/s burst {}, ct count {}, untracked sources {}/s, ban after {} for {})",
                     cap(k.syn_rate_per_source),
                     k.syn_burst_per_source,
                     cap(k.max_conns_per_source),
+                    cap(k.untracked_syn_rate),
                     cap(k.ban_after),
                     d(k.ban_for)
                 )

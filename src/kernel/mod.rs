@@ -5,8 +5,14 @@
 //! `kernel.census_interval` halfguard counts its namespace's sockets on its listening ports
 //! by state and SYN_RECV sources by prefix ([`census`]). With `kernel.enforce` and
 //! NET_ADMIN it also installs its own nftables table ([`nft`]): per-source SYN rate and
-//! concurrent caps, and a timed drop set fed with sources that keep hitting caps. Without the
-//! privilege it says so once and runs without it.
+//! concurrent caps that follow each listener's prefixes and exemptions, and a timed drop set
+//! fed with sources that keep hitting their own caps. Without the privilege it says so once
+//! and runs without it.
+//!
+//! What the kernel has is reconciled with what the config asks: a failed install is retried
+//! at every census (the old table keeps protecting meanwhile; `halfguard_kernel_enforcing`
+//! says 0), the table is removed on exit whenever one may exist, and the drop set's live
+//! entries are carried into every reinstall. `nft` runs on the blocking pool, one at a time.
 
 pub mod census;
 pub mod nft;
@@ -21,9 +27,20 @@ use arc_swap::ArcSwap;
 use crate::config::KernelConfig;
 use crate::guard::{SourceKey, SourceOrder};
 use crate::server::State;
+use crate::stats::Reject;
+use nft::Target;
 
 /// SYN_RECV sources kept per listener in a census.
 const TOP: usize = 20;
+
+/// Refusals that a listener-wide cap makes: they fall on whoever comes next, so they are
+/// no evidence against a source.
+const LISTENER_WIDE: [Reject; 4] = [
+    Reject::ConnsFull,
+    Reject::HalfOpenFull,
+    Reject::HalfClosedFull,
+    Reject::SourcesFull,
+];
 
 /// One census.
 #[derive(Debug, Default, Clone)]
@@ -37,53 +54,226 @@ pub struct Census {
     pub listen_overflows: u64,
 }
 
+/// What the table should be, and what is known of the kernel's.
+#[derive(Debug)]
+struct Table {
+    /// `None`: no table wanted.
+    want: Option<(Vec<Target>, KernelConfig)>,
+    /// The kernel has what `want` says.
+    in_sync: bool,
+    /// A table of ours may be in the kernel (at start: one a crashed run left).
+    maybe_present: bool,
+    /// This process installed a table at some point.
+    installed_once: bool,
+    /// The last attempt failed (warned once per streak).
+    failing: bool,
+    /// Live bans, carried into every reinstall.
+    banned_until: HashMap<SourceKey, Instant>,
+    /// Counter values at the last read, to turn the table's counters (reset by every
+    /// reinstall) into totals that only grow.
+    last_counters: [u64; nft::COUNTERS.len()],
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Table {
+            want: None,
+            in_sync: false,
+            maybe_present: true,
+            installed_once: false,
+            failing: false,
+            banned_until: HashMap::new(),
+            last_counters: [0; nft::COUNTERS.len()],
+        }
+    }
+}
+
 /// The kernel layer's state.
 #[derive(Debug, Default)]
 pub(crate) struct Kernel {
     pub census: ArcSwap<Census>,
-    /// Our nftables table is installed.
+    /// Our nftables table is installed as the config says.
     pub enforcing: AtomicBool,
     /// Sources put in the drop set.
     pub bans: AtomicU64,
-    /// The one "cannot enforce" warning was logged.
-    warned: AtomicBool,
+    /// Packets dropped by our rules, per [`nft::COUNTERS`] name, since start.
+    pub dropped: [AtomicU64; nft::COUNTERS.len()],
+    /// One nft run at a time; holds what the table should be.
+    table: tokio::sync::Mutex<Table>,
+}
+
+/// The kernel's view of the active listeners: port, prefixes, size and exemptions.
+pub(crate) fn targets(state: &State) -> Vec<Target> {
+    state
+        .listeners()
+        .iter()
+        .filter(|r| !r.is_retired())
+        .map(|r| {
+            let lim = r.ctx.guard.limits();
+            let policy = r.ctx.policy.load();
+            let mut exempt = lim.allow.clone();
+            if policy.accept_proxy {
+                exempt.extend(policy.trusted_proxies.iter().copied());
+            }
+            Target {
+                port: r.addr.port(),
+                ipv4_prefix: lim.ipv4_prefix,
+                ipv6_prefix: lim.ipv6_prefix,
+                max_sources: lim.max_sources,
+                exempt,
+            }
+        })
+        .collect()
+}
+
+/// Runs blocking `f` on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
 }
 
 impl Kernel {
-    /// Applies `k` for listening `ports`: installs or replaces the table when enforcing,
-    /// removes ours when no longer asked to.
-    pub fn apply(&self, ports: &[u16], k: &KernelConfig) {
-        if k.enforce {
-            match nft::install(ports, k) {
-                Ok(()) => {
-                    if !self.enforcing.swap(true, Ordering::Relaxed) {
-                        tracing::info!(
-                            ?ports,
-                            "kernel enforcement on: nftables table inet halfguard installed"
-                        );
-                    }
-                }
-                Err(e) => {
-                    self.enforcing.store(false, Ordering::Relaxed);
-                    if !self.warned.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(
-                            error = %e,
-                            "kernel enforcement unavailable (it needs NET_ADMIN and the nft tool); running without it"
-                        );
-                    }
-                }
-            }
-        } else if self.enforcing.swap(false, Ordering::Relaxed) {
-            self.remove();
+    /// Asks for the table `k` describes for `targets` (none when not enforcing) and brings
+    /// the kernel there; a failure is retried at every census.
+    pub async fn apply(&self, targets: Vec<Target>, k: &KernelConfig) {
+        let mut t = self.table.lock().await;
+        let want = k.enforce.then(|| (targets, k.clone()));
+        if t.want != want || !t.in_sync {
+            t.want = want;
+            t.in_sync = false;
+            self.reconcile(&mut t).await;
         }
     }
 
-    /// Removes our table (on exit, or when enforcement is turned off).
-    pub fn remove(&self) {
-        match nft::remove() {
-            Ok(()) => tracing::info!("nftables table inet halfguard removed"),
-            Err(e) => tracing::warn!(error = %e, "cannot remove the nftables table inet halfguard"),
+    /// Retries what did not go in.
+    async fn retry(&self) {
+        let mut t = self.table.lock().await;
+        if !t.in_sync {
+            self.reconcile(&mut t).await;
         }
+    }
+
+    async fn reconcile(&self, t: &mut Table) {
+        let now = Instant::now();
+        t.banned_until.retain(|_, until| *until > now);
+        match t.want.clone() {
+            Some((targets, k)) => {
+                let bans: Vec<(SourceKey, u64)> = t
+                    .banned_until
+                    .iter()
+                    .map(|(s, until)| (*s, (*until - now).as_secs().max(1)))
+                    .collect();
+                let ports: Vec<u16> = targets.iter().map(|t| t.port).collect();
+                match blocking(move || nft::install(&targets, &k, &bans)).await {
+                    Ok(()) => {
+                        t.maybe_present = true;
+                        t.installed_once = true;
+                        t.in_sync = true;
+                        t.failing = false;
+                        t.last_counters = [0; nft::COUNTERS.len()];
+                        if !self.enforcing.swap(true, Ordering::Relaxed) {
+                            tracing::info!(
+                                ?ports,
+                                "kernel enforcement on: nftables table inet halfguard installed"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        self.enforcing.store(false, Ordering::Relaxed);
+                        if !std::mem::replace(&mut t.failing, true) {
+                            tracing::warn!(
+                                error = %e,
+                                "kernel enforcement unavailable (it needs NET_ADMIN and the nft tool); running without it, retrying at each census"
+                            );
+                        }
+                    }
+                }
+            }
+            None => {
+                self.enforcing.store(false, Ordering::Relaxed);
+                if !t.maybe_present {
+                    t.in_sync = true;
+                    return;
+                }
+                match blocking(nft::remove).await {
+                    Ok(removed) => {
+                        if removed {
+                            tracing::info!("nftables table inet halfguard removed");
+                        }
+                        t.maybe_present = false;
+                        t.in_sync = true;
+                        t.failing = false;
+                    }
+                    Err(e) if !t.installed_once => {
+                        // A look for a table a crashed run left, by a process that never
+                        // enforced: most have no NET_ADMIN or no nft, and that is fine.
+                        tracing::debug!(error = %e, "no stale nftables table inet halfguard removed");
+                        t.maybe_present = false;
+                        t.in_sync = true;
+                    }
+                    Err(e) => {
+                        if !std::mem::replace(&mut t.failing, true) {
+                            tracing::warn!(error = %e, "cannot remove the nftables table inet halfguard; retrying at each census");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes our table on exit, whenever one may be there.
+    pub async fn remove(&self) {
+        let mut t = self.table.lock().await;
+        t.want = None;
+        t.in_sync = false;
+        self.reconcile(&mut t).await;
+    }
+
+    /// Puts `sources` in the drop set for `ban_for`, and remembers them for reinstalls.
+    async fn ban(&self, mut sources: Vec<SourceKey>, ban_for: Duration) {
+        let mut t = self.table.lock().await;
+        let now = Instant::now();
+        t.banned_until.retain(|_, until| *until > now);
+        sources.retain(|s| !t.banned_until.contains_key(s));
+        if sources.is_empty() || !self.enforcing.load(Ordering::Relaxed) {
+            return;
+        }
+        let secs = ban_for.as_secs().max(1);
+        let list = sources.clone();
+        match blocking(move || nft::ban(&list, secs)).await {
+            Ok(()) => {
+                self.bans.fetch_add(sources.len() as u64, Ordering::Relaxed);
+                tracing::warn!(
+                    count = sources.len(),
+                    ?ban_for,
+                    "sources put in the kernel drop set"
+                );
+                for s in sources {
+                    t.banned_until.insert(s, now + ban_for);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot add to the kernel drop set"),
+        }
+    }
+
+    /// Adds what the table's counters gained since the last read to the totals.
+    async fn read_counters(&self) {
+        let mut t = self.table.lock().await;
+        if !self.enforcing.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(now) = blocking(nft::counters).await else {
+            return;
+        };
+        for (i, n) in now.iter().enumerate() {
+            // A reinstall starts the table's counters at zero.
+            let gained = n.checked_sub(t.last_counters[i]).unwrap_or(*n);
+            self.dropped[i].fetch_add(gained, Ordering::Relaxed);
+        }
+        t.last_counters = now;
     }
 }
 
@@ -96,11 +286,15 @@ pub fn warn_if_no_syncookies() {
     }
 }
 
-/// Counts, every census interval, until the server stops; feeds the drop set.
+/// Counts, every census interval, until the server stops; feeds the drop set and retries
+/// the table.
 pub(crate) async fn run(state: Arc<State>) {
+    // Per (listener, source): refusals in the guard's tally at the last census.
     let mut last_refused: HashMap<(String, SourceKey), u64> = HashMap::new();
-    let mut banned_until: HashMap<SourceKey, Instant> = HashMap::new();
+    // Per listener: listener-wide refusals at the last census.
+    let mut last_wide: HashMap<String, u64> = HashMap::new();
     loop {
+        state.kernel().retry().await;
         let k = state.config().kernel.clone();
         let Some(every) = k.census_interval else {
             // Off for now; a reload may turn it on.
@@ -113,7 +307,16 @@ pub(crate) async fn run(state: Arc<State>) {
             .listeners()
             .into_iter()
             .filter(|r| !r.is_retired())
-            .map(|r| (r.ctx.name.clone(), r.addr.port(), r.ctx.guard.clone()))
+            .map(|r| {
+                let proxied = r.ctx.policy.load().accept_proxy;
+                (
+                    r.ctx.name.clone(),
+                    r.addr.port(),
+                    r.ctx.guard.clone(),
+                    r.ctx.stats.clone(),
+                    proxied,
+                )
+            })
             .collect();
         let ports: Vec<u16> = listeners.iter().map(|l| l.1).collect();
         let seen = tokio::task::spawn_blocking(move || census::dump(&ports)).await;
@@ -127,7 +330,7 @@ pub(crate) async fn run(state: Arc<State>) {
         };
         let mut census = Census::default();
         let mut ban: Vec<SourceKey> = Vec::new();
-        for (name, port, guard) in &listeners {
+        for (name, port, guard, stats, proxied) in &listeners {
             let mut counts = [0u64; census::STATES.len()];
             let mut syn: HashMap<SourceKey, u64> = HashMap::new();
             let lim = guard.limits();
@@ -142,20 +345,32 @@ pub(crate) async fn run(state: Arc<State>) {
             }
             let mut top: Vec<(SourceKey, u64)> = syn.into_iter().collect();
             top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-            if k.ban_after > 0 {
-                ban.extend(
-                    top.iter()
-                        .filter(|(_, n)| *n >= u64::from(k.ban_after))
-                        .map(|(key, _)| *key),
-                );
-                // Sources the guard keeps refusing: refusals since the last census.
-                for l in guard.top_sources(usize::MAX, SourceOrder::Refused) {
-                    let prev = last_refused
-                        .insert((name.clone(), l.source), l.refused)
-                        .unwrap_or(0);
-                    if l.refused.saturating_sub(prev) >= u64::from(k.ban_after) {
-                        ban.push(l.source);
-                    }
+            // Bans only on refusals the source earned with its own caps, after a completed
+            // handshake: SYN_RECV sources can be spoofed (a flood "from" a victim would get
+            // the victim banned), and listener-wide refusals fall on whoever comes next.
+            // The guard tallies refusals per source without their reason, so up to
+            // `wide` of a source's refusals in this interval may be listener-wide: only what
+            // is beyond that counts. Behind a PROXY-protocol balancer the kernel sees the
+            // balancer, not the source: no bans there.
+            let wide_now: u64 = LISTENER_WIDE.iter().map(|r| stats.rejected(*r)).sum();
+            let wide_before = last_wide.insert(name.clone(), wide_now).unwrap_or(wide_now);
+            let wide = wide_now.saturating_sub(wide_before);
+            for l in guard.top_sources(usize::MAX, SourceOrder::Refused) {
+                let prev = last_refused
+                    .insert((name.clone(), l.source), l.refused)
+                    .unwrap_or(0);
+                // The tally starts afresh every minute: a smaller count is a new window.
+                let delta = if l.refused >= prev {
+                    l.refused - prev
+                } else {
+                    l.refused
+                };
+                if k.ban_after > 0
+                    && !proxied
+                    && delta.saturating_sub(wide) >= u64::from(k.ban_after)
+                    && !lim.allow.iter().any(|n| n.contains(&l.source.addr()))
+                {
+                    ban.push(l.source);
                 }
             }
             top.truncate(TOP);
@@ -168,26 +383,16 @@ pub(crate) async fn run(state: Arc<State>) {
         }
         state.kernel().census.store(Arc::new(census));
 
-        let now = Instant::now();
-        banned_until.retain(|_, until| *until > now);
-        ban.sort();
-        ban.dedup();
-        ban.retain(|s| !banned_until.contains_key(s));
-        if !ban.is_empty() && state.kernel().enforcing.load(Ordering::Relaxed) {
-            match nft::ban(&ban, k.ban_for.as_secs().max(1)) {
-                Ok(()) => {
-                    state
-                        .kernel()
-                        .bans
-                        .fetch_add(ban.len() as u64, Ordering::Relaxed);
-                    tracing::warn!(count = ban.len(), ban_for = ?k.ban_for, "sources put in the kernel drop set");
-                    for s in ban {
-                        banned_until.insert(s, now + k.ban_for);
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot add to the kernel drop set"),
-            }
+        if !ban.is_empty() {
+            // Never a source another listener exempts (its allow list, its balancers).
+            let exempt: Vec<ipnet::IpNet> =
+                targets(&state).into_iter().flat_map(|t| t.exempt).collect();
+            ban.retain(|s| !exempt.iter().any(|n| n.contains(&s.addr())));
+            ban.sort();
+            ban.dedup();
+            state.kernel().ban(ban, k.ban_for).await;
         }
+        state.kernel().read_counters().await;
         if last_refused.len() > 65_536 {
             last_refused.clear();
         }

@@ -1,13 +1,26 @@
 //! halfguard's own nftables table: per-source SYN rate and concurrent caps on the listening
-//! ports, and a timed drop set fed with sources that keep hitting caps.
+//! ports, and a timed drop set fed with sources that keep hitting their own caps.
+//!
+//! The rules agree with the proxy: each listener's rules count sources by the listener's
+//! `ipv4_prefix` and `ipv6_prefix`, its `limits.allow` (and, with `accept_proxy`, its
+//! `trusted_proxies`) are exempt from every rule, and a source tracker holds as many
+//! sources as the listener's `max_sources`. A SYN-rate entry lives until its bucket would be
+//! full again after the source's last SYN (no longer has nothing to remember), so one-shot
+//! spoofed SYNs leave the set within seconds. When a set is full all the same, the sources
+//! it has no room for share one limit (`untracked_syn_rate`) instead of passing unlimited.
 //!
 //! Rules go in as text through `nft -f -` (no C library, no GPL crate). Loading is one
 //! transaction that first declares and deletes the table, so a stale table left by a
-//! crashed run is replaced, and a reload swaps the rules atomically. The table is deleted on
-//! exit. Only this table is ever touched.
+//! crashed run is replaced, and a reload swaps the rules atomically; the drop set's live
+//! entries are written into the same transaction, so a reload never lifts a ban. Only this
+//! table is ever touched. `nft` is a child process that blocks: callers run it off the
+//! async workers.
 
 use std::io::{self, Write};
+use std::net::IpAddr;
 use std::process::{Command, Stdio};
+
+use ipnet::IpNet;
 
 use crate::config::KernelConfig;
 use crate::guard::SourceKey;
@@ -15,66 +28,172 @@ use crate::guard::SourceKey;
 /// The table's name, in the `inet` family (IPv4 and IPv6 at once).
 pub const TABLE: &str = "halfguard";
 
-/// The ruleset for listening `ports`.
-pub fn ruleset(ports: &[u16], k: &KernelConfig) -> String {
-    let ports = if ports.is_empty() {
-        "0".to_string()
+/// The named counters the drop rules count into, read back for the metrics.
+pub const COUNTERS: [&str; 4] = ["ban", "syn_rate", "conns", "untracked"];
+
+/// One listening port as the rules see it: the listener's source prefixes and exemptions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub port: u16,
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    /// The size of each per-source set.
+    pub max_sources: u32,
+    /// `limits.allow`, and `trusted_proxies` when the listener accepts the PROXY protocol.
+    pub exempt: Vec<IpNet>,
+}
+
+/// An IPv4-mapped IPv6 prefix as the IPv4 prefix it is (packets carry IPv4 addresses).
+fn unmapped(n: &IpNet) -> IpNet {
+    if let IpNet::V6(v6) = n
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+        && v6.prefix_len() >= 96
+        && let Ok(net) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+    {
+        return IpNet::V4(net);
+    }
+    *n
+}
+
+/// `ip saddr`, masked to `prefix` when it is shorter than the address.
+fn key(v6: bool, prefix: u8) -> String {
+    let (field, bits) = if v6 {
+        ("ip6 saddr", 128)
     } else {
-        ports
-            .iter()
-            .map(u16::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
+        ("ip saddr", 32)
     };
-    let mut rules = vec![
-        format!("tcp dport {{ {ports} }} ip saddr @ban4 counter drop"),
-        format!("tcp dport {{ {ports} }} ip6 saddr @ban6 counter drop"),
+    if prefix >= bits {
+        return field.to_string();
+    }
+    let mask: IpAddr = if v6 {
+        IpAddr::V6((u128::MAX << (128 - u32::from(prefix))).into())
+    } else {
+        IpAddr::V4((u32::MAX << (32 - u32::from(prefix))).into())
+    };
+    format!("{field} & {mask}")
+}
+
+/// How long a SYN-rate entry outlives its source's last SYN: until its bucket would be full
+/// again, after which a fresh entry is the same thing.
+pub fn syn_entry_secs(k: &KernelConfig) -> u64 {
+    let rate = u64::from(k.syn_rate_per_source.max(1));
+    u64::from(k.syn_burst_per_source).div_ceil(rate) + 1
+}
+
+/// The ruleset for `targets`, with `bans` (source, seconds left) already in the drop set.
+pub fn ruleset(targets: &[Target], k: &KernelConfig, bans: &[(SourceKey, u64)]) -> String {
+    const SYN: &str = "tcp flags & (fin | syn | rst | ack) == syn";
+    let mut sets = vec![
+        "set ban4 { type ipv4_addr; flags interval, timeout; }".to_string(),
+        "set ban6 { type ipv6_addr; flags interval, timeout; }".to_string(),
     ];
-    if k.syn_rate_per_source > 0 {
-        for (set, addr) in [("syn4", "ip saddr"), ("syn6", "ip6 saddr")] {
+    let mut rules = Vec::new();
+    let untracked = (k.untracked_syn_rate > 0).then(|| {
+        format!(
+            "limit rate over {}/second burst {} packets counter name \"untracked\" drop",
+            k.untracked_syn_rate,
+            u64::from(k.untracked_syn_rate) * 2
+        )
+    });
+    for (i, t) in targets.iter().enumerate() {
+        let dport = format!("tcp dport {}", t.port);
+        for (v6, family, addr) in [(false, "ipv4_addr", "ip"), (true, "ipv6_addr", "ip6")] {
+            let f = if v6 { 6 } else { 4 };
+            let exempt: Vec<String> = t
+                .exempt
+                .iter()
+                .map(unmapped)
+                .filter(|n| matches!(n, IpNet::V6(_)) == v6)
+                .map(|n| n.trunc().to_string())
+                .collect();
+            if !exempt.is_empty() {
+                sets.push(format!(
+                    "set allow{f}_{i} {{ type {family}; flags interval; auto-merge; elements = {{ {} }}; }}",
+                    exempt.join(", ")
+                ));
+                rules.push(format!("{dport} {addr} saddr @allow{f}_{i} return"));
+            }
             rules.push(format!(
-                "tcp dport {{ {ports} }} tcp flags & (fin | syn | rst | ack) == syn add @{set} {{ {addr} limit rate over {}/second burst {} packets }} counter drop",
-                k.syn_rate_per_source, k.syn_burst_per_source
+                "{dport} {addr} saddr @ban{f} counter name \"ban\" drop"
             ));
+            let src = key(v6, if v6 { t.ipv6_prefix } else { t.ipv4_prefix });
+            let size = t.max_sources.max(1);
+            if k.syn_rate_per_source > 0 {
+                sets.push(format!(
+                    "set syn{f}_{i} {{ type {family}; size {size}; flags dynamic, timeout; timeout {}s; }}",
+                    syn_entry_secs(k)
+                ));
+                // `update` restarts the entry's timeout at every SYN.
+                rules.push(format!(
+                    "{dport} {SYN} update @syn{f}_{i} {{ {src} limit rate over {}/second burst {} packets }} counter name \"syn_rate\" drop",
+                    k.syn_rate_per_source, k.syn_burst_per_source
+                ));
+                if let Some(u) = &untracked {
+                    rules.push(format!("{dport} {SYN} {src} != @syn{f}_{i} {u}"));
+                }
+            }
+            if k.max_conns_per_source > 0 {
+                sets.push(format!(
+                    "set conn{f}_{i} {{ type {family}; size {size}; flags dynamic; }}"
+                ));
+                rules.push(format!(
+                    "{dport} ct state new add @conn{f}_{i} {{ {src} ct count over {} }} counter name \"conns\" drop",
+                    k.max_conns_per_source
+                ));
+                if let Some(u) = &untracked {
+                    rules.push(format!(
+                        "{dport} {SYN} ct state new {src} != @conn{f}_{i} {u}"
+                    ));
+                }
+            }
         }
     }
-    if k.max_conns_per_source > 0 {
-        for (set, addr) in [("conn4", "ip saddr"), ("conn6", "ip6 saddr")] {
-            rules.push(format!(
-                "tcp dport {{ {ports} }} ct state new add @{set} {{ {addr} ct count over {} }} counter drop",
-                k.max_conns_per_source
-            ));
-        }
-    }
-    format!(
+    let counters: Vec<String> = COUNTERS
+        .iter()
+        .map(|c| format!("counter {c} {{ }}"))
+        .collect();
+    let mut script = format!(
         "table inet {TABLE}\n\
          delete table inet {TABLE}\n\
          table inet {TABLE} {{\n\
-         \x20 set ban4 {{ type ipv4_addr; flags interval, timeout; }}\n\
-         \x20 set ban6 {{ type ipv6_addr; flags interval, timeout; }}\n\
-         \x20 set syn4 {{ type ipv4_addr; size 65535; flags dynamic, timeout; timeout 60s; }}\n\
-         \x20 set syn6 {{ type ipv6_addr; size 65535; flags dynamic, timeout; timeout 60s; }}\n\
-         \x20 set conn4 {{ type ipv4_addr; size 65535; flags dynamic; }}\n\
-         \x20 set conn6 {{ type ipv6_addr; size 65535; flags dynamic; }}\n\
+         {}\n\
+         {}\n\
          \x20 chain input {{\n\
          \x20   type filter hook input priority filter - 5; policy accept;\n\
          {}\n\
          \x20 }}\n\
          }}\n",
+        counters
+            .iter()
+            .map(|c| format!("  {c}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        sets.iter()
+            .map(|s| format!("  {s}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
         rules
             .iter()
             .map(|r| format!("    {r}"))
             .collect::<Vec<_>>()
             .join("\n")
-    )
+    );
+    script.push_str(&ban_script(bans));
+    script
 }
 
-/// Runs `nft -f -` with `script`.
-fn nft(script: &str) -> io::Result<()> {
+/// Runs `nft -f -` with `script`. Blocking.
+fn nft(script: &str) -> io::Result<String> {
+    nft_args(&["-f", "-"], script)
+}
+
+fn nft_args(args: &[&str], script: &str) -> io::Result<String> {
     let mut child = Command::new("nft")
-        .args(["-f", "-"])
+        .args(args)
+        // Errors are matched on (a missing table): keep them in English.
+        .env("LC_ALL", "C")
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
     if let Some(mut stdin) = child.stdin.take() {
@@ -82,7 +201,7 @@ fn nft(script: &str) -> io::Result<()> {
     }
     let out = child.wait_with_output()?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(io::Error::other(
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
@@ -90,61 +209,141 @@ fn nft(script: &str) -> io::Result<()> {
     }
 }
 
-/// Installs (or atomically replaces) the table.
-pub fn install(ports: &[u16], k: &KernelConfig) -> io::Result<()> {
-    nft(&ruleset(ports, k))
+/// Installs (or atomically replaces) the table, bans included. Blocking.
+pub fn install(targets: &[Target], k: &KernelConfig, bans: &[(SourceKey, u64)]) -> io::Result<()> {
+    nft(&ruleset(targets, k, bans)).map(|_| ())
 }
 
-/// Deletes the table, if there is one.
-pub fn remove() -> io::Result<()> {
-    nft(&format!("table inet {TABLE}\ndelete table inet {TABLE}\n"))
-}
-
-/// Puts `sources` in the drop set for `secs` seconds.
-pub fn ban(sources: &[SourceKey], secs: u64) -> io::Result<()> {
-    let (v4, v6): (Vec<&SourceKey>, Vec<&SourceKey>) =
-        sources.iter().partition(|k| k.addr().is_ipv4());
-    let mut script = String::new();
-    for (set, keys) in [("ban4", v4), ("ban6", v6)] {
-        if keys.is_empty() {
-            continue;
-        }
-        let elems: Vec<String> = keys
-            .iter()
-            .map(|k| format!("{}/{} timeout {secs}s", k.addr(), k.prefix()))
-            .collect();
-        script.push_str(&format!(
-            "add element inet {TABLE} {set} {{ {} }}\n",
-            elems.join(", ")
-        ));
+/// Deletes the table: `Ok(true)` when there was one, `Ok(false)` when there was none.
+/// Blocking.
+pub fn remove() -> io::Result<bool> {
+    match nft(&format!("delete table inet {TABLE}\n")) {
+        Ok(_) => Ok(true),
+        Err(e) if e.to_string().contains("No such file or directory") => Ok(false),
+        Err(e) => Err(e),
     }
+}
+
+fn ban_script(bans: &[(SourceKey, u64)]) -> String {
+    let mut script = String::new();
+    for (set, v4) in [("ban4", true), ("ban6", false)] {
+        let elems: Vec<String> = bans
+            .iter()
+            .filter(|(k, _)| k.addr().is_ipv4() == v4)
+            .map(|(k, secs)| format!("{}/{} timeout {}s", k.addr(), k.prefix(), secs.max(&1)))
+            .collect();
+        if !elems.is_empty() {
+            script.push_str(&format!(
+                "add element inet {TABLE} {set} {{ {} }}\n",
+                elems.join(", ")
+            ));
+        }
+    }
+    script
+}
+
+/// Puts `sources` in the drop set for `secs` seconds. Blocking.
+pub fn ban(sources: &[SourceKey], secs: u64) -> io::Result<()> {
+    let bans: Vec<(SourceKey, u64)> = sources.iter().map(|s| (*s, secs)).collect();
+    let script = ban_script(&bans);
     if script.is_empty() {
         return Ok(());
     }
-    nft(&script)
+    nft(&script).map(|_| ())
+}
+
+/// The named counters' packet counts, in [`COUNTERS`] order. Blocking.
+pub fn counters() -> io::Result<[u64; COUNTERS.len()]> {
+    let out = nft_args(&["-j", "list", "counters", "table", "inet", TABLE], "")?;
+    Ok(parse_counters(&out))
+}
+
+fn parse_counters(json: &str) -> [u64; COUNTERS.len()] {
+    let mut got = [0u64; COUNTERS.len()];
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return got;
+    };
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        let c = &item["counter"];
+        if let (Some(name), Some(packets)) = (c["name"].as_str(), c["packets"].as_u64())
+            && let Some(i) = COUNTERS.iter().position(|n| *n == name)
+        {
+            got[i] = packets;
+        }
+    }
+    got
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn target(exempt: &[&str]) -> Target {
+        Target {
+            port: 18080,
+            ipv4_prefix: 24,
+            ipv6_prefix: 64,
+            max_sources: 1000,
+            exempt: exempt.iter().map(|s| s.parse().unwrap()).collect(),
+        }
+    }
+
     #[test]
-    fn the_ruleset_replaces_itself_and_covers_the_ports() {
+    fn the_ruleset_agrees_with_the_listener() {
         let k = KernelConfig {
             enforce: true,
             max_conns_per_source: 32,
             ..KernelConfig::default()
         };
-        let r = ruleset(&[18080, 18443], &k);
+        let t = [target(&[
+            "198.18.0.0/24",
+            "::ffff:198.18.1.0/120",
+            "2001:2::/48",
+        ])];
+        let ban: SourceKey = SourceKey::new("198.18.9.9".parse().unwrap(), 32, 64);
+        let r = ruleset(&t, &k, &[(ban, 30)]);
         assert!(r.starts_with("table inet halfguard\ndelete table inet halfguard\n"));
-        assert!(r.contains("tcp dport { 18080, 18443 } ip saddr @ban4 counter drop"));
-        assert!(r.contains("limit rate over 20/second burst 40 packets"));
+        // Exempt first, in both families (the mapped prefix as IPv4).
+        assert!(
+            r.contains("elements = { 198.18.0.0/24, 198.18.1.0/24 }"),
+            "{r}"
+        );
+        assert!(r.contains("elements = { 2001:2::/48 }"), "{r}");
+        let allow = r.find("@allow4_0 return").unwrap();
+        assert!(allow < r.find("@ban4").unwrap());
+        // Counted per /24 and per /64, refreshed per SYN, sized by max_sources.
+        assert!(r.contains("update @syn4_0 { ip saddr & 255.255.255.0 limit rate over 20/second burst 40 packets }"), "{r}");
+        assert!(
+            r.contains("ip6 saddr & ffff:ffff:ffff:ffff:: limit rate"),
+            "{r}"
+        );
+        assert!(
+            r.contains("size 1000; flags dynamic, timeout; timeout 3s;"),
+            "{r}"
+        );
         assert!(r.contains("ct count over 32"));
+        // Sources a full set has no room for share one limit.
+        assert!(
+            r.contains("ip saddr & 255.255.255.0 != @syn4_0 limit rate over 1000/second"),
+            "{r}"
+        );
+        // Live bans go into the same transaction.
+        assert!(
+            r.ends_with("add element inet halfguard ban4 { 198.18.9.9/32 timeout 30s }\n"),
+            "{r}"
+        );
         let off = KernelConfig {
             syn_rate_per_source: 0,
             ..KernelConfig::default()
         };
-        assert!(!ruleset(&[1], &off).contains("limit rate"));
-        assert!(!ruleset(&[1], &off).contains("ct count"));
+        let r = ruleset(&[target(&[])], &off, &[]);
+        assert!(!r.contains("limit rate") && !r.contains("ct count") && !r.contains("@allow"));
+    }
+
+    #[test]
+    fn counters_are_read_by_name() {
+        let json = r#"{"nftables": [{"metainfo": {}}, {"counter": {"family": "inet", "name": "syn_rate", "table": "halfguard", "packets": 12, "bytes": 720}}, {"counter": {"name": "ban", "packets": 3, "bytes": 1}}]}"#;
+        assert_eq!(parse_counters(json), [3, 12, 0, 0]);
+        assert_eq!(parse_counters("garbage"), [0; 4]);
     }
 }

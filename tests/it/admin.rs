@@ -469,3 +469,320 @@ async fn config_shows_what_runs_and_what_waits_for_a_restart() {
     );
     drop(p);
 }
+
+/// A token long enough to be accepted.
+const TOKEN: &str = "test-admin-token-0123456789";
+
+/// Sends `head` (request line and headers, without the blank line) plus `body` from the
+/// loopback address `from`: (status, headers and body).
+async fn raw_http(admin: SocketAddr, from: &str, head: &str, body: &str) -> (u16, String) {
+    raw_http_after(admin, from, Duration::ZERO, head, body).await
+}
+
+/// The same, `think` after the connection is made (a busy prober, a long path).
+async fn raw_http_after(
+    admin: SocketAddr,
+    from: &str,
+    think: Duration,
+    head: &str,
+    body: &str,
+) -> (u16, String) {
+    let mut s = connect_from(from, admin).await.expect("connect to admin");
+    tokio::time::sleep(think).await;
+    let req = format!(
+        "{head}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("send request");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        use tokio::io::AsyncReadExt;
+        let _ = s.read_to_end(&mut raw).await;
+    })
+    .await
+    .expect("admin answers in time");
+    let raw = String::from_utf8_lossy(&raw).to_string();
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, raw)
+}
+
+/// A request from 127.0.0.1 with an address for Host, plus `extra` header lines.
+async fn req(admin: SocketAddr, method: &str, path: &str, extra: &str) -> (u16, String) {
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!("\r\n{extra}")
+    };
+    raw_http(
+        admin,
+        "127.0.0.1",
+        &format!("{method} {path} HTTP/1.1\r\nHost: {admin}{extra}"),
+        "",
+    )
+    .await
+}
+
+fn bearer(t: &str) -> String {
+    format!("Authorization: Bearer {t}")
+}
+
+#[tokio::test]
+async fn private_endpoints_need_the_token_and_probes_do_not() {
+    let b = backend(Backend::Echo).await;
+    let dir = std::env::temp_dir().join(format!("halfguard-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("admin-token"), format!("{TOKEN}\n")).unwrap();
+    // Loopback not trusted: every client is treated as a remote one.
+    let text = file_config(b.addr, "").replace(
+        "[admin]\n",
+        &format!(
+            "[admin]\ntoken_file = \"{}\"\ntrust_loopback = false\n",
+            dir.join("admin-token").display()
+        ),
+    );
+    let (p, path, admin) = proxy_from_file(&text).await;
+
+    for probe in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(
+            req(admin, "GET", probe, "").await.0,
+            200,
+            "{probe} is public"
+        );
+    }
+    for private in ["/sources", "/config"] {
+        let (status, raw) = req(admin, "GET", private, "").await;
+        assert_eq!(status, 401, "{private} without a token: {raw}");
+        assert!(
+            raw.contains("WWW-Authenticate: Bearer") || raw.contains("www-authenticate: Bearer"),
+            "{raw}"
+        );
+        let wrong = bearer("test-admin-token-0123456788");
+        assert_eq!(req(admin, "GET", private, &wrong).await.0, 401, "{private}");
+        let (status, raw) = req(admin, "GET", private, &bearer(TOKEN)).await;
+        assert_eq!(status, 200, "{private} with the token: {raw}");
+        assert!(!raw.contains(TOKEN), "the token is never echoed");
+    }
+    let (_, config) = req(admin, "GET", "/config", &bearer(TOKEN)).await;
+    assert!(config.contains("Bearer token from the file"), "{config}");
+
+    // Reload: refused without the token, and nothing was re-read.
+    std::fs::write(
+        &path,
+        file_config(b.addr, "max_half_open_per_source = 1").replace(
+            "[admin]\n",
+            &format!(
+                "[admin]\ntoken_file = \"{}\"\ntrust_loopback = false\n",
+                dir.join("admin-token").display()
+            ),
+        ),
+    )
+    .unwrap();
+    assert_eq!(req(admin, "POST", "/reload", "").await.0, 401);
+    let scrape = scrape(admin).await;
+    assert_eq!(
+        sample(
+            &scrape,
+            "halfguard_config_reloads_total{result=\"success\"}"
+        ),
+        Some(0.0)
+    );
+    let (status, raw) = req(admin, "POST", "/reload", &bearer(TOKEN)).await;
+    assert_eq!(status, 200, "{raw}");
+    assert_eq!(
+        p.handle.config().listeners[0]
+            .limits
+            .max_half_open_per_source,
+        1
+    );
+}
+
+#[tokio::test]
+async fn loopback_needs_no_token_but_a_rebound_name_gets_nothing() {
+    let b = backend(Backend::Echo).await;
+    let (_p, _path, admin) = proxy_from_file(&file_config(b.addr, "")).await;
+    assert_eq!(req(admin, "GET", "/sources", "").await.0, 200);
+    // A browser page whose name was rebound to 127.0.0.1 sends its own name as Host.
+    let (status, _) = raw_http(
+        admin,
+        "127.0.0.1",
+        "GET /sources HTTP/1.1\r\nHost: rebind.example:9901",
+        "",
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) = raw_http(
+        admin,
+        "127.0.0.1",
+        "GET /config HTTP/1.1\r\nHost: localhost:9901",
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_cross_site_request_cannot_reload() {
+    let b = backend(Backend::Echo).await;
+    let (_p, _path, admin) = proxy_from_file(&file_config(b.addr, "")).await;
+    let host = format!("POST /reload HTTP/1.1\r\nHost: {admin}");
+    for (extra, body) in [
+        ("Origin: https://evil.example", ""),
+        ("Origin: null", ""),
+        ("Sec-Fetch-Site: cross-site", ""),
+        ("Content-Type: application/x-www-form-urlencoded", "a=b"),
+        ("Content-Type: text/plain", "x"),
+        ("Content-Type: multipart/form-data; boundary=x", "--x--"),
+    ] {
+        let (status, raw) = raw_http(admin, "127.0.0.1", &format!("{host}\r\n{extra}"), body).await;
+        assert_eq!(status, 403, "{extra}: {raw}");
+    }
+    let scrape = scrape(admin).await;
+    assert_eq!(
+        sample(
+            &scrape,
+            "halfguard_config_reloads_total{result=\"success\"}"
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(
+            &scrape,
+            "halfguard_config_reloads_total{result=\"failure\"}"
+        ),
+        Some(0.0)
+    );
+    // What curl -X POST sends still works.
+    assert_eq!(raw_http(admin, "127.0.0.1", &host, "").await.0, 200);
+}
+
+#[tokio::test]
+async fn the_token_comes_from_the_environment_or_a_file_never_the_config() {
+    let text =
+        "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\nbackends = [\"127.0.0.1:1\"]\n";
+    let env = |k: &str, v: &str| HashMap::from([(k.to_string(), v.to_string())]);
+    let c = config::parse(text, "t.toml", env("HALFGUARD_ADMIN_TOKEN", TOKEN)).unwrap();
+    assert!(
+        c.admin
+            .token
+            .as_ref()
+            .is_some_and(|t| t.matches(TOKEN.as_bytes()))
+    );
+    assert!(!c.to_string().contains(TOKEN) && !format!("{c:?}").contains(TOKEN));
+    // Too short: refused, naming the variable, without printing it.
+    let e = config::parse(text, "t.toml", env("HALFGUARD_ADMIN_TOKEN", "hunter2"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("HALFGUARD_ADMIN_TOKEN") && !e.contains("hunter2"),
+        "{e}"
+    );
+    // A token is not a config key: in the file or as an override it is an unknown key.
+    let e = config::parse(
+        &format!("{text}[admin]\ntoken = \"{TOKEN}\"\n"),
+        "t.toml",
+        HashMap::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("admin.token") && e.contains("unknown key"),
+        "{e}"
+    );
+    let e = config::parse(text, "t.toml", env("HALFGUARD__ADMIN__TOKEN", TOKEN))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown key"), "{e}");
+    // A missing token file names the key and the file.
+    let e = config::parse(
+        &format!("{text}[admin]\ntoken_file = \"/nonexistent/admin-token\"\n"),
+        "t.toml",
+        HashMap::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("admin.token_file") && e.contains("/nonexistent/admin-token"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_answer_under_an_admin_connection_flood() {
+    let b = backend(Backend::Echo).await;
+    let (_p, _path, admin) = proxy_from_file(&file_config(b.addr, "")).await;
+    // A flood from 127.0.0.2: as many admin connections as it can open for 3 s, each with
+    // a request that never ends, held until the flood stops (bounded in count and time).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flooders = Vec::new();
+    for _ in 0..4 {
+        let stop = stop.clone();
+        flooders.push(tokio::spawn(async move {
+            let mut held = Vec::new();
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 20_000 {
+                n += 1;
+                if let Ok(Ok(mut s)) =
+                    tokio::time::timeout(ms(200), connect_from("127.0.0.2", admin)).await
+                {
+                    let _ = s
+                        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX: ")
+                        .await;
+                    held.push(s);
+                    if held.len() > 200 {
+                        held.remove(0);
+                    }
+                }
+            }
+            n
+        }));
+    }
+    tokio::time::sleep(ms(200)).await;
+    let mut failed = Vec::new();
+    let t0 = tokio::time::Instant::now();
+    let mut probes = 0;
+    while t0.elapsed() < Duration::from_secs(3) {
+        probes += 1;
+        let path = if probes % 2 == 0 {
+            "/healthz"
+        } else {
+            "/readyz"
+        };
+        let r = tokio::time::timeout(
+            Duration::from_secs(1),
+            // The request follows the handshake by 20 ms, as from a busy kubelet.
+            raw_http_after(
+                admin,
+                "127.0.0.3",
+                ms(20),
+                &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1"),
+                "",
+            ),
+        )
+        .await;
+        match r {
+            Ok((200, _)) => {}
+            Ok((s, raw)) => failed.push(format!("{path}: {s} {raw}")),
+            Err(_) => failed.push(format!("{path}: no answer within 1 s")),
+        }
+        tokio::time::sleep(ms(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut opened = 0;
+    for f in flooders {
+        opened += f.await.unwrap();
+    }
+    eprintln!(
+        "flood opened {opened} admin connections; {probes} probes, {} failed",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {probes} probes failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+}

@@ -16,4 +16,5 @@ mod reload;
 mod resolve;
 mod stalled;
 mod support;
+mod timewait;
 mod top;

@@ -423,11 +423,12 @@ pub fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-/// One HTTP/1.1 request with `Connection: close`: (status, body).
+/// One HTTP/1.1 request with `Connection: close`: (status, body). The Host is the address,
+/// as curl sends it.
 pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect to admin");
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await.expect("send request");
     let mut raw = Vec::new();
