@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::backend::{BackendError, Pool};
 use crate::config::{Config, ConfigError, ListenerConfig};
 use crate::conn::{ListenerCtx, Policy};
+use crate::fds::Budget;
 use crate::guard::{Guard, GuardSnapshot};
 use crate::shutdown::Signal;
 use crate::stats::{Stats, Summary};
@@ -95,6 +96,8 @@ pub(crate) struct State {
     reload_lock: tokio::sync::Mutex<()>,
     admin_addr: Option<SocketAddr>,
     kernel: crate::kernel::Kernel,
+    /// The descriptor budget in force: effective listener caps and the pipe budget.
+    fds: ArcSwap<Budget>,
 }
 
 /// A bound, running server, waiting for [`Server::run`] to be told when to stop.
@@ -152,13 +155,16 @@ impl Server {
             stop_upkeep: CancellationToken::new(),
             reload_lock: tokio::sync::Mutex::new(()),
             kernel: crate::kernel::Kernel::default(),
+            fds: ArcSwap::from_pointee(Budget::current(&config)),
         });
         let pools = state.build_pools(&config).await?;
         state.switch_pools(pools.clone());
-        set_splice_budget(&config);
+        let fds = state.fds.load_full();
+        announce(&fds);
+        set_splice_budget(&fds);
         for (socket, l) in sockets.into_iter().zip(&config.listeners) {
             let _ = sockopt::apply(socket2::SockRef::from(&socket), &config.tcp);
-            state.start_listener(socket, new_ctx(l, &config, &pools)?, l.bind);
+            state.start_listener(socket, new_ctx(l, &config, &pools, &fds)?, l.bind);
         }
         crate::kernel::warn_if_no_syncookies();
         state.kernel.apply(&state.ports(), &config.kernel);
@@ -241,27 +247,20 @@ pub async fn run(
     Ok(())
 }
 
-/// Pipes for splice: what the open-files limit leaves after two descriptors per connection
-/// under every listener's `max_conns` (and some slack), two descriptors per pipe.
-fn set_splice_budget(config: &Config) {
+/// Pipes for splice: the share of the descriptor budget set aside for them.
+fn set_splice_budget(fds: &Budget) {
     #[cfg(target_os = "linux")]
-    {
-        let budget = if config.tcp.splice {
-            let limit = sockopt::nofile().unwrap_or(1024);
-            let need: u64 = config
-                .listeners
-                .iter()
-                .map(|l| 2 * u64::from(l.limits.max_conns))
-                .sum::<u64>()
-                + 256;
-            (limit.saturating_sub(need) / 2) as usize
-        } else {
-            0
-        };
-        crate::splice::set_budget(budget);
-    }
+    crate::splice::set_budget(fds.pipes);
     #[cfg(not(target_os = "linux"))]
-    let _ = config;
+    let _ = fds;
+}
+
+/// Says how the descriptors are cut, and warns for every cap lowered to fit.
+fn announce(fds: &Budget) {
+    tracing::info!("{fds}");
+    for w in fds.warnings() {
+        tracing::warn!("{w}");
+    }
 }
 
 fn bind_listener(l: &ListenerConfig, config: &Config) -> Result<TcpListener, ServerError> {
@@ -303,13 +302,14 @@ fn new_ctx(
     l: &ListenerConfig,
     config: &Config,
     pools: &[Arc<Pool>],
+    fds: &Budget,
 ) -> Result<Arc<ListenerCtx>, ServerError> {
     let stats = Arc::new(Stats::default());
     Ok(Arc::new(ListenerCtx {
         name: l.name.clone(),
         policy: ArcSwap::from_pointee(policy(l, config, pool_for(l, pools)?)),
         epoch: watch::Sender::new(0),
-        guard: Guard::new(l.limits.clone(), &config.pressure, stats.clone()),
+        guard: Guard::new(fds.limits(l), &config.pressure, stats.clone()),
         stats,
         abort: CancellationToken::new(),
     }))
@@ -443,6 +443,11 @@ impl State {
         self.config.load_full()
     }
 
+    /// The descriptor budget in force.
+    pub(crate) fn fds(&self) -> Arc<Budget> {
+        self.fds.load_full()
+    }
+
     /// Ready: not draining, and every active listener has a backend that is up.
     pub(crate) fn readiness(&self) -> Result<(), String> {
         if self.draining.load(Ordering::SeqCst) {
@@ -475,19 +480,20 @@ impl State {
 
     async fn try_reload(&self, new: Config) -> Result<(), ServerError> {
         // Plan and do everything fallible first.
+        let fds = Budget::current(&new);
         let pools = self.build_pools(&new).await?;
         let mut updates = Vec::new();
         let mut adds = Vec::new();
         for l in &new.listeners {
             match self.active(&l.name) {
                 Some(r) if r.bind == l.bind => updates.push((r, l, pool_for(l, &pools)?)),
-                _ => adds.push((l, bind_listener(l, &new)?, new_ctx(l, &new, &pools)?)),
+                _ => adds.push((l, bind_listener(l, &new)?, new_ctx(l, &new, &pools, &fds)?)),
             }
         }
         // Apply.
         self.switch_pools(pools);
         for (r, l, pool) in updates {
-            r.ctx.guard.reload(l.limits.clone(), &new.pressure);
+            r.ctx.guard.reload(fds.limits(l), &new.pressure);
             r.ctx.set_policy(policy(l, &new, pool));
             if let Ok(s) = r.socket.lock()
                 && let Some(s) = s.as_ref()
@@ -508,7 +514,11 @@ impl State {
             let _ = sockopt::apply(socket2::SockRef::from(&socket), &new.tcp);
             self.start_listener(socket, ctx, l.bind);
         }
-        set_splice_budget(&new);
+        set_splice_budget(&fds);
+        if fds.listeners != self.fds.load().listeners {
+            announce(&fds);
+        }
+        self.fds.store(Arc::new(fds));
         self.kernel.apply(&self.ports(), &new.kernel);
         let old = self.config.load();
         for (changed, section) in [
@@ -663,6 +673,11 @@ impl Handle {
     /// The configuration in force.
     pub fn config(&self) -> Arc<Config> {
         self.state.config()
+    }
+
+    /// The descriptor budget in force: effective listener caps and the pipe budget.
+    pub fn fds(&self) -> Arc<Budget> {
+        self.state.fds()
     }
 
     /// Re-reads the config file (and `HALFGUARD__*` overrides) and applies it. On error the
