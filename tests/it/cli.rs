@@ -276,7 +276,7 @@ async fn accept_loop_survives_running_out_of_descriptors() {
     // run out of.
     let mut cmd = Command::new("bash");
     cmd.arg("-c").arg(format!(
-        "ulimit -n 4096 && exec {BIN} run -c {}",
+        "ulimit -n 1024 && exec {BIN} run -c {}",
         cfg.display()
     ));
     let mut child = start(cmd);
