@@ -112,12 +112,19 @@ class Hg:
         return self.drain_delay + self.drain
 
     def nofile_needed(self):
-        """What halfguard's start-up check wants: 2 per connection per listener, +64."""
-        total = 64
-        for l in self.listeners:
-            mc = l.get("limits", {}).get("max_conns", self.limits.get("max_conns", 8192))
-            total += 2 * int(mc) + 1
-        return total
+        """The open-files limit that keeps every max_conns as configured (src/fds.rs):
+        2 per connection, 2 per splice pipe for a quarter of them (at most 4096), and the
+        reserve (64, a listener's socket, the admin endpoint, health checks)."""
+        conns = sum(int(l.get("limits", {}).get("max_conns", self.limits.get("max_conns", 8192)))
+                    for l in self.listeners)
+        splice = self.raw.get("tcp", {}).get("splice", True)
+        pipes = min(conns // 4, 4096) if splice else 0
+        reserve = 64 + len(self.listeners)
+        if self.admin_bind != "off":
+            reserve += 1 + int(self.admin.get("max_conns", 16))
+        for p in self.raw.get("backends", []):
+            reserve += 4 * len(p.get("servers", [])) + 4
+        return reserve + 2 * conns + 2 * pipes
 
     def backends(self):
         """(host, port) of every server: a listener's short `backends` list, or the servers

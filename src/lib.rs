@@ -17,6 +17,8 @@
 //! - [`kernel`]: the socket census (sock_diag) and halfguard's own nftables table.
 //! - [`backend`]: backend selection and connect (round robin, failover).
 //! - [`sockopt`]: socket options, RST aborts, the kernel send queue.
+//! - [`fds`]: the descriptor budget: listener caps and splice pipes cut to fit the
+//!   open-files limit.
 //! - `splice` (Linux): zero-copy forwarding for bulk transfers, within a pipe budget.
 //! - [`stats`]: counters with static reasons, and the rate-limited summary log.
 //! - [`metrics`]: Prometheus text built from those counters at scrape time.
@@ -30,6 +32,7 @@ pub mod admin;
 pub mod backend;
 pub mod config;
 pub mod conn;
+pub mod fds;
 pub mod guard;
 pub mod kernel;
 pub mod listener;

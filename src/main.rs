@@ -139,7 +139,16 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { .. } => {
             println!("{config}");
-            for w in config.warnings().into_iter().chain(unresolved(&config)) {
+            // The caps `run` would apply here: it raises the limit the same way first.
+            let _ = halfguard::sockopt::raise_nofile();
+            let fds = halfguard::fds::Budget::current(&config);
+            println!("{fds}");
+            for w in config
+                .warnings()
+                .into_iter()
+                .chain(fds.warnings())
+                .chain(unresolved(&config))
+            {
                 println!("warning: {w}");
             }
             println!("ok");
@@ -265,25 +274,10 @@ fn unresolved(config: &halfguard::Config) -> Vec<String> {
 
 fn serve(config: halfguard::Config) -> anyhow::Result<halfguard::server::Stopped> {
     halfguard::logging::init(&config.log);
-    match halfguard::sockopt::raise_nofile() {
-        Ok(limit) => {
-            // Two descriptors per proxied connection, plus listeners and slack.
-            let need: u64 = config
-                .listeners
-                .iter()
-                .map(|l| 2 * u64::from(l.limits.max_conns) + 1)
-                .sum::<u64>()
-                + 64;
-            if need > limit {
-                tracing::warn!(
-                    open_files_limit = limit,
-                    needed = need,
-                    "max_conns needs more descriptors than the open-files limit allows; \
-                     raise LimitNOFILE / ulimit -n or lower limits.max_conns"
-                );
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    // The server cuts the limit into listener caps and pipes, and says so when a cap is
+    // lowered to fit.
+    if let Err(e) = halfguard::sockopt::raise_nofile() {
+        tracing::warn!(error = %e, "cannot raise the open-files limit");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.runtime.worker_threads())

@@ -329,9 +329,48 @@ impl prometheus_client::collector::Collector for Collector {
         gauge(
             e,
             "halfguard_connections_limit",
-            "The listener's cap on connections in the state (all: on every connection).",
+            "The listener's cap on connections in the state (all: on every connection), as applied: max_conns lowered to fit the open-files limit when it does not.",
             &v,
         )?;
+
+        // The descriptor budget: what the caps above were cut from, and the pipes splice
+        // takes on demand within their own share.
+        let fds = self.state.fds();
+        let v: Vec<_> = fds
+            .listeners
+            .iter()
+            .map(|l| (vec![("listener", l.name.as_str())], i64::from(l.configured)))
+            .collect();
+        gauge(
+            e,
+            "halfguard_connections_limit_configured",
+            "limits.max_conns as configured; above halfguard_connections_limit{state=\"all\"} when it was lowered to fit the open-files limit.",
+            &v,
+        )?;
+        gauge(
+            e,
+            "halfguard_open_files_limit",
+            "The soft open-files limit the listener caps and the pipe budget were cut from.",
+            &[(vec![], i64::try_from(fds.limit).unwrap_or(i64::MAX))],
+        )?;
+        #[cfg(target_os = "linux")]
+        {
+            gauge(
+                e,
+                "halfguard_splice_pipes",
+                "Splice pipes open: in_use held by bulk directions, free kept for the next one.",
+                &[
+                    (vec![("state", "in_use")], crate::splice::in_use() as i64),
+                    (vec![("state", "free")], crate::splice::free() as i64),
+                ],
+            )?;
+            gauge(
+                e,
+                "halfguard_splice_pipes_limit",
+                "Pipes splice may hold at once (two descriptors each); a bulk direction that finds none keeps copying.",
+                &[(vec![], crate::splice::budget() as i64)],
+            )?;
+        }
 
         let v = by("direction", &|s| {
             vec![

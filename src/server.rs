@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use crate::backend::{BackendError, Pool};
 use crate::config::{Config, ConfigError, ListenerConfig};
 use crate::conn::{ListenerCtx, Policy};
+use crate::fds::Budget;
 use crate::guard::{Guard, GuardSnapshot};
 use crate::shutdown::Signal;
 use crate::stats::{Stats, Summary};
@@ -108,6 +109,8 @@ pub(crate) struct State {
     reload_lock: tokio::sync::Mutex<()>,
     admin_addr: Option<SocketAddr>,
     kernel: crate::kernel::Kernel,
+    /// The descriptor budget in force: effective listener caps and the pipe budget.
+    fds: ArcSwap<Budget>,
 }
 
 /// A bound, running server, waiting for [`Server::run`] to be told when to stop.
@@ -169,15 +172,17 @@ impl Server {
             accepting: CancellationToken::new(),
             reload_lock: tokio::sync::Mutex::new(()),
             kernel: crate::kernel::Kernel::default(),
+            fds: ArcSwap::from_pointee(Budget::current(&config)),
         });
         for socket in &sockets {
             sockopt::apply(socket2::SockRef::from(socket), &config.tcp)?;
         }
         let pools = state.build_pools(&config).await?;
+        let fds = state.fds.load_full();
         let ctxs = config
             .listeners
             .iter()
-            .map(|l| new_ctx(l, &config, &pools, None))
+            .map(|l| new_ctx(l, &config, &pools, None, &fds))
             .collect::<Result<Vec<_>, _>>()?;
         // Everything that can fail has passed: a start that fails says one thing (the
         // error), not a summary of a config that never ran.
@@ -188,7 +193,8 @@ impl Server {
             tracing::warn!("{w}");
         }
         state.switch_pools(pools);
-        set_splice_budget(&config);
+        announce(&fds);
+        set_splice_budget(&fds);
         for ((socket, l), ctx) in sockets.into_iter().zip(&config.listeners).zip(ctxs) {
             state.start_listener(socket, ctx, l.bind);
         }
@@ -331,27 +337,20 @@ pub async fn run(
     Ok(())
 }
 
-/// Pipes for splice: what the open-files limit leaves after two descriptors per connection
-/// under every listener's `max_conns` (and some slack), two descriptors per pipe.
-fn set_splice_budget(config: &Config) {
+/// Pipes for splice: the share of the descriptor budget set aside for them.
+fn set_splice_budget(fds: &Budget) {
     #[cfg(target_os = "linux")]
-    {
-        let budget = if config.tcp.splice {
-            let limit = sockopt::nofile().unwrap_or(1024);
-            let need: u64 = config
-                .listeners
-                .iter()
-                .map(|l| 2 * u64::from(l.limits.max_conns))
-                .sum::<u64>()
-                + 256;
-            (limit.saturating_sub(need) / 2) as usize
-        } else {
-            0
-        };
-        crate::splice::set_budget(budget);
-    }
+    crate::splice::set_budget(fds.pipes);
     #[cfg(not(target_os = "linux"))]
-    let _ = config;
+    let _ = fds;
+}
+
+/// Says how the descriptors are cut, and warns for every cap lowered to fit.
+fn announce(fds: &Budget) {
+    tracing::info!("{fds}");
+    for w in fds.warnings() {
+        tracing::warn!("{w}");
+    }
 }
 
 fn bind_listener(l: &ListenerConfig, config: &Config) -> Result<TcpListener, ServerError> {
@@ -396,13 +395,14 @@ fn new_ctx(
     config: &Config,
     pools: &[Arc<Pool>],
     stats: Option<Arc<Stats>>,
+    fds: &Budget,
 ) -> Result<Arc<ListenerCtx>, ServerError> {
     let stats = stats.unwrap_or_default();
     Ok(Arc::new(ListenerCtx {
         name: l.name.clone(),
         policy: ArcSwap::from_pointee(policy(l, config, pool_for(l, pools)?)),
         epoch: watch::Sender::new(0),
-        guard: Guard::new(l.limits.clone(), &config.pressure, stats.clone()),
+        guard: Guard::new(fds.limits(l), &config.pressure, stats.clone()),
         stats,
         abort: CancellationToken::new(),
     }))
@@ -534,6 +534,11 @@ impl State {
         self.config.load_full()
     }
 
+    /// The descriptor budget in force.
+    pub(crate) fn fds(&self) -> Arc<Budget> {
+        self.fds.load_full()
+    }
+
     /// Ready: not draining, and every active listener has a backend that is up.
     pub(crate) fn readiness(&self) -> Result<(), String> {
         if self.draining.load(Ordering::SeqCst) {
@@ -572,6 +577,7 @@ impl State {
     async fn try_reload(&self, new: Config) -> Result<String, ServerError> {
         // Plan and do everything fallible first.
         sockopt::probe(&new.tcp)?;
+        let fds = Budget::current(&new);
         let pools = self.build_pools(&new).await?;
         let mut updates = Vec::new();
         let mut adds = Vec::new();
@@ -582,14 +588,14 @@ impl State {
                     let socket = bind_listener(l, &new)?;
                     sockopt::apply(socket2::SockRef::from(&socket), &new.tcp)?;
                     let stats = replaced.map(|r| r.ctx.stats.clone());
-                    adds.push((l, socket, new_ctx(l, &new, &pools, stats)?));
+                    adds.push((l, socket, new_ctx(l, &new, &pools, stats, &fds)?));
                 }
             }
         }
         // Apply.
         self.switch_pools(pools);
         for (r, l, pool) in updates {
-            r.ctx.guard.reload(l.limits.clone(), &new.pressure);
+            r.ctx.guard.reload(fds.limits(l), &new.pressure);
             r.ctx.set_policy(policy(l, &new, pool));
             if let Ok(s) = r.socket.lock()
                 && let Some(s) = s.as_ref()
@@ -611,7 +617,11 @@ impl State {
         for (l, socket, ctx) in adds {
             self.start_listener(socket, ctx, l.bind);
         }
-        set_splice_budget(&new);
+        set_splice_budget(&fds);
+        if fds.listeners != self.fds.load().listeners {
+            announce(&fds);
+        }
+        self.fds.store(Arc::new(fds));
         self.kernel
             .apply(crate::kernel::targets(self), &new.kernel)
             .await;
@@ -872,6 +882,11 @@ impl Handle {
     /// The configuration in force.
     pub fn config(&self) -> Arc<Config> {
         self.state.config()
+    }
+
+    /// The descriptor budget in force: effective listener caps and the pipe budget.
+    pub fn fds(&self) -> Arc<Budget> {
+        self.state.fds()
     }
 
     /// Re-reads the config file (and `HALFGUARD__*` overrides) and applies it, returning

@@ -3,9 +3,11 @@
 //!
 //! A pipe costs two descriptors, so pipes are a budget, like HAProxy's `maxpipes`: a
 //! direction switches to splice only once it proves to be bulk (a read fills the whole copy
-//! buffer) and a pipe is available; everything else keeps the small-buffer path. Empty pipes
-//! go back to a free list for the next bulk connection. The budget is what the open-files
-//! limit leaves after every listener's `max_conns` (two descriptors each), capped.
+//! buffer) and a pipe is available; everything else keeps the small-buffer path. Pipes are
+//! opened on demand and empty ones go back to a free list for the next bulk connection. The
+//! budget is set aside inside the descriptor budget ([`crate::fds`]), beside the listener
+//! caps, so a pipe never takes a descriptor an accept needs, and splice has pipes whatever
+//! `max_conns` says.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -15,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// Bytes a pipe holds: one splice moves up to this much.
 pub const PIPE_SIZE: usize = 256 * 1024;
 /// Never more pipes than this, whatever the descriptor budget.
-pub const MAX_PIPES: usize = 4096;
+pub use crate::fds::MAX_PIPES;
 /// Empty pipes kept open for reuse.
 const KEEP_FREE: usize = 64;
 
@@ -42,7 +44,12 @@ static POOL: PipePool = PipePool {
 
 /// Sets how many pipes may be open at once (0 turns splicing off).
 pub fn set_budget(n: usize) {
-    POOL.budget.store(n.min(MAX_PIPES), Ordering::Relaxed);
+    let n = n.min(MAX_PIPES);
+    POOL.budget.store(n, Ordering::Relaxed);
+    // A smaller budget closes free pipes beyond it at once; pipes in use close as they end.
+    if let Ok(mut f) = POOL.free.lock() {
+        while live() > n && f.pop().is_some() {}
+    }
 }
 
 /// The budget in force.
@@ -53,6 +60,16 @@ pub fn budget() -> usize {
 /// Pipes open now, in use or free.
 pub fn live() -> usize {
     POOL.live.load(Ordering::Relaxed)
+}
+
+/// Empty pipes open on the free list, waiting for the next bulk direction.
+pub fn free() -> usize {
+    POOL.free.lock().map(|f| f.len()).unwrap_or(0)
+}
+
+/// Pipes held by connections now.
+pub fn in_use() -> usize {
+    live().saturating_sub(free())
 }
 
 impl Pipe {

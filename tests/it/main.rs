@@ -7,6 +7,7 @@ mod cli;
 mod clocks;
 mod config;
 mod fair;
+mod fds;
 mod halfclose;
 mod kernel;
 mod leaks;

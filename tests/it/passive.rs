@@ -282,6 +282,7 @@ fn sample(scrape: &str, name_and_labels: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_descriptors_is_not_the_servers_fault() {
+    crate::require!("prlimit to lower a running process's limit"; crate::support::Need::Tool("prlimit"));
     // halfguard with few descriptors, and a server-first listener, which connects to a
     // server as soon as it accepts: with one descriptor left, the accept takes it and the
     // backend socket() fails with EMFILE. The parity of what is left depends on what the
@@ -308,13 +309,24 @@ async fn running_out_of_descriptors_is_not_the_servers_fault() {
             ),
         )
         .unwrap();
+        // Started with room (halfguard cuts its caps to the limit it starts with), then the
+        // limit is lowered under it, so the backend socket() can meet EMFILE.
         let mut cmd = Command::new("bash");
         cmd.arg("-c").arg(format!(
-            "ulimit -n {limit} && exec {} run -c {}",
+            "ulimit -n 1024 && exec {} run -c {}",
             env!("CARGO_BIN_EXE_halfguard"),
             cfg.display()
         ));
         let child = Reap(start(cmd));
+        let lowered = Command::new("prlimit")
+            .args([
+                "--pid",
+                &child.0.id().to_string(),
+                &format!("--nofile={limit}:{limit}"),
+            ])
+            .status()
+            .expect("prlimit");
+        assert!(lowered.success(), "prlimit --pid");
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         // Hold connections until one is reset (EMFILE at the backend socket) or hangs
         // (EMFILE at accept: the other parity).
