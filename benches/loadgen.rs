@@ -6,8 +6,9 @@
 //! loadgen cps    --target 127.0.0.1:18080 --conns 32 --secs 10
 //! loadgen hold   --target 127.0.0.1:18080 --count 5000 --secs 5 --pid PID[,PID...] [--src IP]
 //! loadgen http   --target 127.0.0.1:17080 --src 127.0.0.2 --rate 40 --secs 30 [--path /small]
-//! loadgen attack --kind silent|halfclose|slowread|churn --target 127.0.0.1:17080
-//!                --src 127.0.0.3 --conns 4000 --rate 1000 --secs 30 [--path /big]
+//! loadgen attack --kind silent|halfclose|slowread|churn|drip --target 127.0.0.1:17080
+//!                (--src 127.0.0.3 | --sources 200) --conns 4000 --rate 1000 --secs 30
+//!                [--path /big] [--every 2000]
 //! ```
 //! - `echo` is a backend that echoes what it reads.
 //! - `cps` opens, exchanges `--payload` bytes with, and closes connections from `--conns`
@@ -22,7 +23,11 @@
 //!   `--rate` per second, and reopens one whenever the target ends it:
 //!   `silent` connects and sends nothing; `halfclose` sends a request for `--path`, then FIN,
 //!   and never reads; `slowread` sends that request and never reads (no FIN); `churn`
-//!   connects and closes at once (a connect/close rate flood). It prints one JSON line.
+//!   connects and closes at once (a connect/close rate flood); `drip` sends a request line
+//!   (`GET / HTTP/1.1`) and then a header that never ends, one byte every `--every`
+//!   milliseconds (the slow-drip or slowloris attack). `--sources N` spreads the connections
+//!   evenly over N addresses, 127.0.1.1 to 127.0.1.N (a many-source flood), instead of one
+//!   `--src`. It prints one JSON line.
 //!
 //! Every address (target, listen, source) must be a loopback address. Run without
 //! arguments (as `cargo test --all-targets` does), it exits at once, silently.
@@ -41,12 +46,18 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 const MAX_SECS: u64 = 120;
 const MAX_CONNS: usize = 256;
 const MAX_HOLD: usize = 9_000;
-/// Attacker sockets open at once, and new attacker connections per second.
+/// Attacker sockets open at once (200 sources x 20 for the many-source drip), and new
+/// attacker connections per second.
 const MAX_ATTACK_CONNS: usize = 4_000;
 const MAX_ATTACK_RATE: u64 = 20_000;
 /// Legit requests per second, and requests in flight.
 const MAX_HTTP_RATE: u64 = 5_000;
 const MAX_IN_FLIGHT: usize = 512;
+/// Attacker source addresses (`--sources`), 127.0.1.1 to 127.0.1.254 at most.
+const MAX_SOURCES: u64 = 254;
+/// Drip interval bounds (`--every`, milliseconds).
+const MIN_EVERY_MS: u64 = 10;
+const MAX_EVERY_MS: u64 = 60_000;
 
 struct Args(Vec<String>);
 
@@ -471,6 +482,7 @@ enum Kind {
     HalfClose,
     SlowRead,
     Churn,
+    Drip,
 }
 
 #[derive(Default)]
@@ -481,6 +493,10 @@ struct AttackStats {
     ended_by_target: AtomicU64,
     live: AtomicUsize,
     max_live: AtomicUsize,
+    /// Bytes the drip sent after its request line.
+    dripped: AtomicU64,
+    /// How long each connection the target ended had lived, in milliseconds.
+    lifetimes_ms: Mutex<Vec<u32>>,
     /// Failed connects by cause (errno name, or "timeout").
     errors: Mutex<std::collections::BTreeMap<String, u64>>,
 }
@@ -495,6 +511,45 @@ impl AttackStats {
             .entry(cause)
             .or_default() += 1;
     }
+
+    fn ended(&self, born: Instant) {
+        self.ended_by_target.fetch_add(1, Ordering::Relaxed);
+        let ms = born.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
+        self.lifetimes_ms.lock().expect("lifetimes").push(ms);
+    }
+}
+
+/// The drip's endless header: a name, then the same byte for ever, never a line end.
+const DRIP_HEADER: &[u8] = b"X-Drip: ";
+
+/// A drip connection after its request line: one header byte every `every` until the target
+/// ends the connection (a read sees its FIN or RST, or a write fails) or the attack ends.
+/// Whatever the target answers is read and dropped. Returns true when the target ended it.
+async fn drip(s: &mut TcpStream, every: Duration, end: Instant, st: &AttackStats) -> bool {
+    let mut next = Instant::now() + every;
+    let mut sent = 0usize;
+    let mut sink = [0u8; 4096];
+    loop {
+        let wake = next.min(end);
+        tokio::select! {
+            r = s.read(&mut sink) => match r {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {}
+            },
+            () = tokio::time::sleep_until(wake.into()) => {
+                if Instant::now() >= end {
+                    return false;
+                }
+                let byte = DRIP_HEADER.get(sent).copied().unwrap_or(b'a');
+                if s.write_all(&[byte]).await.is_err() {
+                    return true;
+                }
+                sent += 1;
+                st.dripped.fetch_add(1, Ordering::Relaxed);
+                next += every;
+            }
+        }
+    }
 }
 
 /// One attacker connection: connect, do what the kind does, then hold until the target ends
@@ -504,6 +559,7 @@ async fn attack_one(
     src: Option<IpAddr>,
     target: SocketAddr,
     req: Arc<[u8]>,
+    every: Duration,
     end: Instant,
     st: Arc<AttackStats>,
 ) {
@@ -520,17 +576,24 @@ async fn attack_one(
         }
     };
     st.connected.fetch_add(1, Ordering::Relaxed);
+    let born = Instant::now();
     let mut s = s;
     match kind {
         Kind::Churn => return,
         Kind::Silent => {}
-        Kind::HalfClose | Kind::SlowRead => {
+        Kind::HalfClose | Kind::SlowRead | Kind::Drip => {
             if s.write_all(&req).await.is_err() {
-                st.ended_by_target.fetch_add(1, Ordering::Relaxed);
+                st.ended(born);
                 return;
             }
             if kind == Kind::HalfClose {
                 let _ = s.shutdown().await;
+            }
+            if kind == Kind::Drip {
+                if drip(&mut s, every, end, &st).await {
+                    st.ended(born);
+                }
+                return;
             }
         }
     }
@@ -542,7 +605,7 @@ async fn attack_one(
         }
         tokio::time::sleep((end - now).min(Duration::from_secs(1))).await;
         if !peer_holds(&s) {
-            st.ended_by_target.fetch_add(1, Ordering::Relaxed);
+            st.ended(born);
             return;
         }
     }
@@ -550,20 +613,44 @@ async fn attack_one(
 
 async fn attack(args: &Args, secs: u64) {
     let target = args.addr("--target");
-    let src = args.src();
     let kind = match args.get("--kind") {
         Some("silent") => Kind::Silent,
         Some("halfclose") => Kind::HalfClose,
         Some("slowread") => Kind::SlowRead,
         Some("churn") => Kind::Churn,
-        _ => usage("--kind silent|halfclose|slowread|churn is required"),
+        Some("drip") => Kind::Drip,
+        _ => usage("--kind silent|halfclose|slowread|churn|drip is required"),
+    };
+    // One source (`--src`, or the kernel's pick), or `--sources N` addresses 127.0.1.1..N.
+    let sources: Vec<Option<IpAddr>> = match args.get("--sources") {
+        None => vec![args.src()],
+        Some(_) if args.get("--src").is_some() => usage("--src and --sources exclude each other"),
+        Some(_) => {
+            let n = args.num("--sources", 1);
+            if !(1..=MAX_SOURCES).contains(&n) {
+                usage(&format!("--sources: 1 to {MAX_SOURCES}"));
+            }
+            (1..=n as u8)
+                .map(|i| Some(IpAddr::from([127, 0, 1, i])))
+                .collect()
+        }
     };
     let conns = (args.num("--conns", 1000) as usize).clamp(1, MAX_ATTACK_CONNS);
     let rate = args.num("--rate", 1000).clamp(1, MAX_ATTACK_RATE);
+    let every = Duration::from_millis(args.num("--every", 2000).clamp(MIN_EVERY_MS, MAX_EVERY_MS));
     let path = args.get("--path").unwrap_or("/big").to_string();
-    let req: Arc<[u8]> = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n")
-        .into_bytes()
-        .into();
+    let req: Arc<[u8]> = match kind {
+        Kind::Drip => b"GET / HTTP/1.1\r\n".as_slice().into(),
+        _ => format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n")
+            .into_bytes()
+            .into(),
+    };
+    // Each source holds at most its share of `conns`; a connection the target ends is
+    // reopened from a source below its share, so every source stays at its share.
+    let share = conns.div_ceil(sources.len());
+    let per_source: Arc<Vec<AtomicUsize>> =
+        Arc::new(sources.iter().map(|_| AtomicUsize::new(0)).collect());
+    let mut cursor = 0usize;
     let st = Arc::new(AttackStats::default());
     let start = Instant::now();
     let end = start + Duration::from_secs(secs);
@@ -573,12 +660,24 @@ async fn attack(args: &Args, secs: u64) {
         // Token bucket without a burst: at most `rate` new connections per elapsed second.
         let allowed = (start.elapsed().as_secs_f64() * rate as f64) as u64;
         while started < allowed && st.live.load(Ordering::Relaxed) < conns {
+            // The next source below its share; there is one, since the shares add up to
+            // `conns` or more and fewer than `conns` are live.
+            let Some(i) = (0..sources.len())
+                .map(|k| (cursor + k) % sources.len())
+                .find(|&i| per_source[i].load(Ordering::Relaxed) < share)
+            else {
+                break;
+            };
+            cursor = i + 1;
+            per_source[i].fetch_add(1, Ordering::Relaxed);
             started += 1;
             let live = st.live.fetch_add(1, Ordering::Relaxed) + 1;
             st.max_live.fetch_max(live, Ordering::Relaxed);
-            let (st, req) = (st.clone(), req.clone());
+            let (st, req, per_source, src) =
+                (st.clone(), req.clone(), per_source.clone(), sources[i]);
             tasks.spawn(async move {
-                attack_one(kind, src, target, req, end, st.clone()).await;
+                attack_one(kind, src, target, req, every, end, st.clone()).await;
+                per_source[i].fetch_sub(1, Ordering::Relaxed);
                 st.live.fetch_sub(1, Ordering::Relaxed);
             });
         }
@@ -595,17 +694,29 @@ async fn attack(args: &Args, secs: u64) {
     })
     .await;
     tasks.abort_all();
+    let mut life = std::mem::take(&mut *st.lifetimes_ms.lock().expect("lifetimes"));
+    life.sort_unstable();
+    let life_pct = |p: f64| -> u32 {
+        life.get(((life.len() as f64 * p) as usize).min(life.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
     println!(
         "{}",
         serde_json::json!({
             "mode": "attack",
             "kind": args.get("--kind"), "target": target.to_string(),
-            "src": src.map(|s| s.to_string()), "conns": conns, "rate": rate, "secs": secs,
+            "src": if sources.len() == 1 { sources[0].map(|s| s.to_string()) } else { None },
+            "sources": sources.len(),
+            "conns": conns, "rate": rate, "secs": secs,
+            "every_ms": (kind == Kind::Drip).then_some(every.as_millis() as u64),
             "attempts": st.attempts.load(Ordering::Relaxed),
             "connected": st.connected.load(Ordering::Relaxed),
             "connect_errors": st.connect_errors.load(Ordering::Relaxed),
             "ended_by_target": st.ended_by_target.load(Ordering::Relaxed),
             "max_live": st.max_live.load(Ordering::Relaxed),
+            "dripped_bytes": st.dripped.load(Ordering::Relaxed),
+            "lifetime_ms_p50": life_pct(0.50), "lifetime_ms_p90": life_pct(0.90),
             "connect_errors_by": *st.errors.lock().expect("errors"),
         })
     );

@@ -2,7 +2,7 @@
 """halfguard side by side with HAProxy and nginx, on loopback. Started by run.sh.
 
     python3 benches/compare/compare.py --halfguard BIN --loadgen BIN [--reps 3]
-        [--only bulk,rate,memory,attack] [--attack-secs 30] [--json FILE]
+        [--only bulk,rate,memory,attack,drip,busy] [--attack-secs 30] [--json FILE]
 
 Writes the peers' configs into benches/peers/ (the reference configs, committed), starts
 the backends (nginx serving static files, iperf3 -s), then runs every workload against
@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 PEERS = os.path.join(ROOT, "benches", "peers")
@@ -36,26 +37,51 @@ HTTP_BACKEND = 17201
 IPERF_BACKEND = 17202
 PROXIES = {
     "halfguard": {"http": 17080, "bulk": 17180, "admin": 17090},
-    "haproxy": {"http": 17081, "bulk": 17181},
+    # The stats page (CSV) is in the drip and busy profiles only: their refusal counts.
+    "haproxy": {"http": 17081, "bulk": 17181, "stats": 17091},
     "nginx": {"http": 17082, "bulk": 17182},
 }
 NAMES = ["halfguard", "haproxy", "nginx"]
 LEGIT_SRC = "127.0.0.2"
 ATTACK_SRC = "127.0.0.3"
 
-# The policy, in halfguard's terms: the defaults of config/halfguard.toml. The peers get
-# the same numbers wherever they have the same knob.
-GUARD = {
-    "max_conns_per_source": 64,
-    "max_half_open_per_source": 8,
-    "max_half_closed_per_source": 8,
-    "conn_rate_per_source": 50,
-    "conn_burst_per_source": 100,
-    "first_byte": "10s",
-    "idle": "5m",
-    "half_closed": "30s",
-    "connect": "3s",
+# The policy, in halfguard's terms: the defaults, read from config/halfguard.toml (the
+# guard profile of halfguard sets none of these, so it runs with exactly these). The peers
+# get the same numbers wherever they have the same knob.
+SHIPPED_CONFIG = os.path.join(ROOT, "config", "halfguard.toml")
+LIMIT_KEYS = ("max_conns_per_source", "max_half_open_per_source", "max_half_closed_per_source",
+              "conn_rate_per_source", "conn_burst_per_source", "grace", "min_rate", "max_conns",
+              "on_full")
+TIMEOUT_KEYS = ("first_byte", "request", "idle", "half_closed", "connect")
+# What config/halfguard.toml said when this script was last changed; used only when Python
+# has no tomllib (before 3.11).
+GUARD_FALLBACK = {
+    "max_conns_per_source": 64, "max_half_open_per_source": 16,
+    "max_half_closed_per_source": 16, "conn_rate_per_source": 200,
+    "conn_burst_per_source": 400, "grace": "1s", "min_rate": 500, "max_conns": 8192,
+    "on_full": "evict", "first_byte": "10s", "request": "10s", "idle": "5m",
+    "half_closed": "30s", "connect": "3s",
 }
+
+
+def shipped_defaults():
+    try:
+        import tomllib
+    except ImportError:
+        print("compare: no tomllib (Python < 3.11): using the defaults this script knows",
+              file=sys.stderr)
+        return dict(GUARD_FALLBACK)
+    try:
+        with open(SHIPPED_CONFIG, "rb") as f:
+            c = tomllib.load(f)
+        limits, timeouts = c.get("limits", {}), c.get("timeouts", {})
+        return {**{k: limits.get(k, GUARD_FALLBACK[k]) for k in LIMIT_KEYS},
+                **{k: timeouts.get(k, GUARD_FALLBACK[k]) for k in TIMEOUT_KEYS}}
+    except (OSError, ValueError) as e:
+        sys.exit(f"compare: cannot read the shipped defaults in {SHIPPED_CONFIG}: {e}")
+
+
+GUARD = shipped_defaults()
 # The performance profile: the same mechanisms and clocks, with the per-source numbers
 # raised so that one load generator on one address is not throttled (8000 held connections
 # from one source in the memory workload), and no connection rate limit (nginx has none).
@@ -64,6 +90,28 @@ PERF_SOURCE_CAP = 9000
 MAX_CONNS = 9000
 HAPROXY_MAXPIPES = 400
 BULK_MAX_CONNS = 64
+
+# The many-source slow drip (issue 11): 200 sources x 20 connections, each a request line and
+# then a header that never ends, one byte every `--drip-every` ms, against a listener that
+# holds 3000 connections; halfguard's defaults must stop it on their own (no request or
+# min_rate set). The legit client is alone on 127.0.0.3.
+DRIP = {
+    "sources": 200, "per_source": 20, "rate": 1000,
+    "max_conns": 3000, "max_conns_per_source": 50,
+    "first_byte": "5s", "idle": "30s", "on_full": "evict",
+}
+DRIP_LEGIT_SRC = "127.0.0.3"
+# A probe straight to the HTTP backend during each drip run, at a rate that adds nothing:
+# what the backend and the machine alone do to a request's latency then.
+DRIP_PROBE_SRC = "127.0.0.4"
+DRIP_PROBE_RATE = 10
+DRIP_ATTACK_PREFIX = "127.0.1."
+DRIP_P99_US = 50_000  # target: legit p99 under 50 ms
+
+# A busy legit address (issue 16): one client address, a new connection per request, at
+# these concurrencies, with the per-source caps (64 concurrent; halfguard's shipped state
+# caps) and no per-source rate limit.
+BUSY_CONCURRENCY = (16, 32, 64)
 
 SMALL_BODY = b"halfguard bench: a small static body of 128 bytes, served by nginx as the HTTP backend of every proxy in the comparison.\n"
 SMALL_BODY = SMALL_BODY.ljust(128, b".")[:127] + b"\n"
@@ -76,7 +124,7 @@ ATTACKS = [
     ("slowread", 4000, 1000),
     ("churn", 256, 5000),
 ]
-LEGIT_RATE = 40  # requests/s, each on a new connection: under the 50/s per-source rate
+LEGIT_RATE = 40  # requests/s, each on a new connection: under the per-source rate (200/s)
 
 
 def log(*a):
@@ -93,6 +141,15 @@ def halfguard_toml(profile):
 """
     if profile == "guard":
         head += """# The attack runs: halfguard's defaults (config/halfguard.toml) for every cap and clock.
+"""
+    elif profile == "drip":
+        head += f"""# The many-source slow drip: a listener of {DRIP['max_conns']} connections, {DRIP['max_conns_per_source']} per source,
+# evict when full, first byte {DRIP['first_byte']}, idle {DRIP['idle']}; everything else (the request clock,
+# min_rate, grace, the state caps, the rate limit, pressure) at halfguard's defaults.
+"""
+    elif profile == "busy":
+        head += """# A busy legit address: halfguard's defaults (64 connections per source, the shipped
+# half-open and half-closed caps and grace) with the per-source rate limit lifted.
 """
     else:
         head += f"""# The happy-path runs: halfguard's default clocks; the per-source caps raised to
@@ -112,6 +169,18 @@ backends = ["127.0.0.1:{IPERF_BACKEND}"]
 # Few connections here, so that the descriptor budget leaves pipes for splice.
 max_conns = {BULK_MAX_CONNS}
 """
+    if profile == "drip":
+        s += f"""
+[limits]
+max_conns = {DRIP['max_conns']}
+max_conns_per_source = {DRIP['max_conns_per_source']}
+on_full = "{DRIP['on_full']}"
+"""
+    if profile == "busy":
+        s += """
+[limits]
+conn_rate_per_source = 0
+"""
     if profile == "perf":
         s += f"""
 [limits]
@@ -128,9 +197,12 @@ max_half_closed = {MAX_CONNS}
 high_water = 0.95
 low_water = 0.9
 """
-    s += f"""
-[timeouts]
-drain = "1s"
+    s += "\n[timeouts]\n"
+    if profile == "drip":
+        s += f"""first_byte = "{DRIP['first_byte']}"
+idle = "{DRIP['idle']}"
+"""
+    s += f"""drain = "1s"
 
 [admin]
 bind = "127.0.0.1:{p['admin']}"
@@ -141,19 +213,41 @@ level = "warn"
     return s
 
 
+def profile_policy(profile):
+    """The numbers a profile gives every proxy: per-source cap and rate (0 = none), the
+    HTTP listener's connection cap, and the first-byte and idle clocks."""
+    p = {"source_cap": GUARD["max_conns_per_source"], "rate": GUARD["conn_rate_per_source"],
+         "http_max_conns": MAX_CONNS, "first_byte": GUARD["first_byte"], "idle": GUARD["idle"]}
+    if profile == "perf":
+        p.update(source_cap=PERF_SOURCE_CAP, rate=0)
+    elif profile == "busy":
+        p.update(rate=0)
+    elif profile == "drip":
+        p.update(source_cap=DRIP["max_conns_per_source"], http_max_conns=DRIP["max_conns"],
+                 first_byte=DRIP["first_byte"], idle=DRIP["idle"])
+    return p
+
+
 def haproxy_cfg(profile):
     p = PROXIES["haproxy"]
-    if profile == "guard":
-        rules = f"""    # Per-source concurrent cap and connection rate (halfguard: max_conns_per_source,
-    # conn_rate_per_source; HAProxy has no burst, and no cap by TCP state).
-    tcp-request connection reject if {{ sc0_conn_cur gt {GUARD['max_conns_per_source']} }}
-    tcp-request connection reject if {{ sc0_conn_rate gt {GUARD['conn_rate_per_source']} }}"""
-    else:
+    pol = profile_policy(profile)
+    if profile == "perf":
         rules = f"""    # Per-source concurrent cap, raised like halfguard's perf profile; no rate limit.
-    tcp-request connection reject if {{ sc0_conn_cur gt {PERF_SOURCE_CAP} }}"""
+    tcp-request connection reject if {{ sc0_conn_cur gt {pol['source_cap']} }}"""
+    else:
+        rules = f"""    # Per-source concurrent cap (halfguard: max_conns_per_source); HAProxy has no cap by
+    # TCP state.
+    tcp-request connection reject if {{ sc0_conn_cur gt {pol['source_cap']} }}"""
+        if pol["rate"]:
+            rules += f"""
+    # Per-source connection rate (halfguard: conn_rate_per_source; HAProxy has no burst).
+    tcp-request connection reject if {{ sc0_conn_rate gt {pol['rate']} }}"""
+        else:
+            rules += """
+    # No per-source connection rate limit (lifted for halfguard too)."""
     fe = ""
     for name, port, backend_port, maxconn in (
-        ("http", p["http"], HTTP_BACKEND, MAX_CONNS),
+        ("http", p["http"], HTTP_BACKEND, pol["http_max_conns"]),
         ("bulk", p["bulk"], IPERF_BACKEND, BULK_MAX_CONNS),
     ):
         fe += f"""
@@ -163,14 +257,25 @@ frontend {name}
     stick-table type ip size 100k expire 60s store conn_cur,conn_rate(1s)
     tcp-request connection track-sc0 src
 {rules}
-    # First-byte clock: a connection that sends nothing within 10 s is refused.
-    tcp-request inspect-delay {GUARD['first_byte']}
+    # First-byte clock: a connection that sends nothing within {pol['first_byte']} is refused.
+    tcp-request inspect-delay {pol['first_byte']}
     tcp-request content accept if {{ req.len gt 0 }}
     tcp-request content reject
     default_backend {name}
 
 backend {name}
     server s1 127.0.0.1:{backend_port} tcp-ut 30s
+"""
+    if profile in ("drip", "busy"):
+        fe += f"""
+# Counters for the comparison (denied connections, current sessions): GET /stats;csv.
+frontend stats
+    mode http
+    bind 127.0.0.1:{p['stats']}
+    maxconn 16
+    timeout client 5s
+    stats enable
+    stats uri /stats
 """
     return f"""# HAProxy 2.6, {profile} profile, for benches/compare (generated by compare.py; do not edit).
 # Tuned to go fast: 2 threads (2 cores), splice-auto with a pipe budget that fits the
@@ -185,8 +290,8 @@ defaults
     option splice-auto
     # Idle clock (halfguard: timeouts.idle) and connect budget (timeouts.connect).
     timeout connect {GUARD['connect']}
-    timeout client {GUARD['idle']}
-    timeout server {GUARD['idle']}
+    timeout client {pol['idle']}
+    timeout server {pol['idle']}
     # Half-close clock (halfguard: timeouts.half_closed).
     timeout client-fin {GUARD['half_closed']}
     timeout server-fin {GUARD['half_closed']}
@@ -204,19 +309,33 @@ defaults
 
 def nginx_proxy_conf(profile):
     p = PROXIES["nginx"]
-    cap = GUARD["max_conns_per_source"] if profile == "guard" else PERF_SOURCE_CAP
+    pol = profile_policy(profile)
+    zones = ""
+    listener_cap = ""
+    if pol["http_max_conns"] != MAX_CONNS:
+        # worker_connections is per worker and counts both sides of a proxied connection
+        # and the listeners, so it cannot say "3000 client connections on this listener"
+        # with 2 workers; limit_conn on a key that is the same for every client (the
+        # server's port) can, exactly, shared by the workers.
+        zones = """
+    # The HTTP listener's connection cap (halfguard: max_conns; HAProxy: maxconn on the
+    # frontend): limit_conn on a key every client of the server shares.
+    limit_conn_zone $server_port zone=listener:1m;"""
+        listener_cap = f"""
+        limit_conn listener {pol['http_max_conns']};"""
     servers = ""
-    for port, backend_port in ((p["http"], HTTP_BACKEND), (p["bulk"], IPERF_BACKEND)):
+    for port, backend_port, cap in ((p["http"], HTTP_BACKEND, listener_cap),
+                                    (p["bulk"], IPERF_BACKEND, "")):
         servers += f"""
     server {{
         listen 127.0.0.1:{port} backlog=4096 so_keepalive=60s:10s:6;
         # Per-source concurrent cap (halfguard: max_conns_per_source).
-        limit_conn src {cap};
+        limit_conn src {pol['source_cap']};{cap}
         proxy_pass 127.0.0.1:{backend_port};
         proxy_connect_timeout {GUARD['connect']};
         # Idle clock (halfguard: timeouts.idle). nginx has no half-close clock and no
         # first-byte clock in plain stream proxying; proxy_timeout covers both.
-        proxy_timeout {GUARD['idle']};
+        proxy_timeout {pol['idle']};
         # Forward half-closes as halfguard and HAProxy do (off would end both sides at the
         # first FIN, which breaks protocols that half-close).
         proxy_half_close on;
@@ -239,7 +358,7 @@ events {{
 
 stream {{
     # No per-source connection rate limit exists in nginx stream (limit_req is HTTP only).
-    limit_conn_zone $binary_remote_addr zone=src:10m;
+    limit_conn_zone $binary_remote_addr zone=src:10m;{zones}
     tcp_nodelay on;
 {servers}}}
 """
@@ -289,6 +408,12 @@ def write_configs():
         "haproxy-guard.cfg": haproxy_cfg("guard"),
         "nginx-perf.conf": nginx_proxy_conf("perf"),
         "nginx-guard.conf": nginx_proxy_conf("guard"),
+        "halfguard-drip.toml": halfguard_toml("drip"),
+        "haproxy-drip.cfg": haproxy_cfg("drip"),
+        "nginx-drip.conf": nginx_proxy_conf("drip"),
+        "halfguard-busy.toml": halfguard_toml("busy"),
+        "haproxy-busy.cfg": haproxy_cfg("busy"),
+        "nginx-busy.conf": nginx_proxy_conf("busy"),
         "nginx-backend.conf": nginx_backend_conf(),
     }
     for name, text in files.items():
@@ -369,6 +494,49 @@ def fd_count(pids):
         except OSError:
             pass
     return n
+
+
+def cpu_secs(pids):
+    """User + system CPU seconds the processes have used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def runq_wait_secs(pids):
+    """Seconds the processes' threads spent runnable but waiting for a CPU (schedstat), so
+    far: how much a busy machine held the proxy back."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total / 1e9
+
+
+def accept_queue(port):
+    """Connections the kernel completed on the listener and the proxy has not accepted yet
+    (Recv-Q of the LISTEN socket), or None."""
+    rc, out, err = run(["ss", "-ltnH", "sport", "=", f":{port}"], timeout=30)
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[0] == "LISTEN" and parts[3].endswith(f":{port}"):
+            return int(parts[1])
+    return None
 
 
 def wait_port(port, timeout=10.0, proc=None):
@@ -472,6 +640,8 @@ def wrk(port, close, secs, conns):
     r["requests"] = int(m.group(1)) if m else 0
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     r["socket_errors"] = sum(map(int, m.groups())) if m else 0
+    r["socket_errors_by"] = (dict(zip(("connect", "read", "write", "timeout"),
+                                      map(int, m.groups()))) if m else {})
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     r["non_2xx"] = int(m.group(1)) if m else 0
     if r["rps"] is None:
@@ -496,15 +666,16 @@ def hold(loadgen, port, count, pids):
 
 
 def sockets_held(port, pids, peer_ip):
-    """Sockets on the proxy's listening port whose peer is `peer_ip`: those a proxy process
-    holds a descriptor for, and all that the kernel keeps (accept queue, orphans), without
-    TIME-WAIT."""
+    """Sockets on the proxy's listening port whose peer is `peer_ip` (an address, or a
+    prefix ending in "." such as "127.0.1."): those a proxy process holds a descriptor for,
+    and all that the kernel keeps (accept queue, orphans), without TIME-WAIT."""
+    peer = peer_ip if peer_ip.endswith(".") else peer_ip + ":"
     rc, out, err = run(["ss", "-tanpH", "sport", "=", f":{port}"], timeout=30)
     held = kernel = 0
     marks = [f"pid={p}," for p in pids]
     for line in out.splitlines():
         parts = line.split()
-        if len(parts) < 5 or not parts[4].startswith(peer_ip + ":"):
+        if len(parts) < 5 or not parts[4].startswith(peer):
             continue
         if parts[0] in ("TIME-WAIT", "SYN-RECV", "LISTEN"):
             continue
@@ -579,8 +750,8 @@ def phase_memory(env, res):
     res["memory"] = out
 
 
-def legit(env, port, secs):
-    return start_loadgen(env, ["http", "--target", f"127.0.0.1:{port}", "--src", LEGIT_SRC,
+def legit(env, port, secs, src=LEGIT_SRC):
+    return start_loadgen(env, ["http", "--target", f"127.0.0.1:{port}", "--src", src,
                                "--rate", str(LEGIT_RATE), "--secs", str(secs),
                                "--timeout-ms", "3000", "--path", "/small"], "legit")
 
@@ -661,6 +832,241 @@ def phase_attack(env, res):
                 f"fds {[s['fds'] for s in samples]}; attacker {a}")
             time.sleep(1)
     res["attack"] = out
+
+
+def prom(port):
+    """halfguard's /metrics as {name: [(labels, value)]}, or None when it cannot be read."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError as e:
+        log(f"  /metrics on {port}: {e}")
+        return None
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^([A-Za-z_:][\w:]*)(\{[^}]*\})?\s+(\S+)", line)
+        if not m or line.startswith("#"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        try:
+            out.setdefault(m.group(1), []).append((labels, float(m.group(3))))
+        except ValueError:
+            pass
+    return out
+
+
+def prom_sum(metrics, name, **want):
+    if metrics is None:
+        return None
+    return sum(v for labels, v in metrics.get(name, [])
+               if all(labels.get(k) == w for k, w in want.items()))
+
+
+def prom_by(metrics, name, key, **want):
+    """{label value: sample} of one metric, for the samples matching `want`."""
+    if metrics is None:
+        return None
+    return {labels.get(key): v for labels, v in metrics.get(name, [])
+            if all(labels.get(k) == w for k, w in want.items())}
+
+
+def prom_delta(after, before):
+    if after is None or before is None:
+        return None
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+def haproxy_stats(frontend="http"):
+    """The frontend's row of HAProxy's stats CSV (dcon: denied by tcp-request connection
+    rules; scur: current sessions), or None."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{PROXIES['haproxy']['stats']}/stats;csv",
+                                    timeout=5) as r:
+            text = r.read().decode()
+    except OSError as e:
+        log(f"  HAProxy stats: {e}")
+        return None
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith("# "):
+        return None
+    head = lines[0][2:].split(",")
+    for line in lines[1:]:
+        row = dict(zip(head, line.split(",")))
+        if row.get("pxname") == frontend and row.get("svname") == "FRONTEND":
+            return {k: int(v) for k, v in row.items() if v.isdigit()}
+    return None
+
+
+def nginx_limited(profile):
+    """How many connections nginx refused by limit_conn so far (its error log has a line for
+    each, at the default limit_conn_log_level, error), by zone."""
+    counts = {}
+    for path in (os.path.join(WORK, f"nginx-{profile}", "error.log"),
+                 os.path.join(WORK, "logs", f"nginx-{profile}.log")):
+        try:
+            with open(path, errors="replace") as f:
+                for line in f:
+                    m = re.search(r'limiting connections by zone "(\w+)"', line)
+                    if m:
+                        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+        except OSError:
+            pass
+    return counts
+
+
+def refusals(name, profile):
+    """The proxy's own count of refused connections on the HTTP listener so far, by reason
+    (halfguard: halfguard_connections_rejected_total; HAProxy: dcon, denied by the
+    tcp-request connection rules; nginx: limit_conn lines in its error log), or None."""
+    if name == "halfguard":
+        return prom_by(prom(PROXIES["halfguard"]["admin"]), "halfguard_connections_rejected_total",
+                       "reason", listener="http")
+    if name == "haproxy":
+        st = haproxy_stats()
+        return None if st is None else {"dcon": st.get("dcon", 0)}
+    return nginx_limited(profile)
+
+
+def phase_drip(env, res):
+    """The many-source slow drip (issue 11), one run per drip interval and proxy."""
+    secs = env.args.attack_secs
+    conns = DRIP["sources"] * DRIP["per_source"]
+    out = {}
+    for every in env.args.drip_every:
+        for name in NAMES:
+            port = PROXIES[name]["http"]
+            p = env.start_proxy(name, "drip")
+            pids = pids_of(p)
+            idle = {"fds": fd_count(pids), "rss_kib": rss_kib(pids)}
+            before = prom(PROXIES["halfguard"]["admin"]) if name == "halfguard" else None
+            load = os.getloadavg()[0]
+            cpu0, wait0 = cpu_secs(pids), runq_wait_secs(pids)
+            t0 = time.monotonic()
+            atk = start_loadgen(env, ["attack", "--kind", "drip", "--target",
+                                      f"127.0.0.1:{port}", "--sources", str(DRIP["sources"]),
+                                      "--conns", str(conns), "--rate", str(DRIP["rate"]),
+                                      "--every", str(every), "--secs", str(secs)], "attacker")
+            lg = legit(env, port, secs, src=DRIP_LEGIT_SRC)
+            probe = start_loadgen(env, ["http", "--target", f"127.0.0.1:{HTTP_BACKEND}", "--src",
+                                        DRIP_PROBE_SRC, "--rate", str(DRIP_PROBE_RATE),
+                                        "--secs", str(secs), "--timeout-ms", "3000",
+                                        "--path", "/small"], "probe")
+            # Once a second: the proxy's descriptors, RSS and accept queue (halfguard: its
+            # stalled gauge); at 5 s, 10 s and 2 s before the end, the attacker's sockets
+            # (ss). Everything is read before the attacker stops.
+            marks = [5, 10, secs - 2]
+            samples, series = [], []
+            while time.monotonic() < t0 + secs - 1.5:
+                t = time.monotonic() - t0
+                pids = pids_of(p)  # nginx workers, if one was restarted
+                pt = {"t": round(t, 1), "fds": fd_count(pids), "rss_kib": rss_kib(pids),
+                      "accept_queue": accept_queue(port)}
+                if name == "halfguard":
+                    m = prom(PROXIES["halfguard"]["admin"])
+                    pt["stalled"] = prom_sum(m, "halfguard_connections", listener="http",
+                                             state="stalled")
+                    pt["conns"] = prom_sum(m, "halfguard_connections", listener="http")
+                    pt["pressure"] = prom_sum(m, "halfguard_pressure", listener="http")
+                elif name == "haproxy":
+                    st = haproxy_stats()
+                    pt["conns"] = st and st.get("scur")
+                series.append(pt)
+                if marks and t >= marks[0]:
+                    marks.pop(0)
+                    held, kernel = sockets_held(port, pids, DRIP_ATTACK_PREFIX)
+                    samples.append({**pt, "held": held, "kernel": kernel})
+                time.sleep(max(0.05, 1 - (time.monotonic() - t0 - t)))
+            if marks:
+                held, kernel = sockets_held(port, pids, DRIP_ATTACK_PREFIX)
+                samples.append({**series[-1], "held": held, "kernel": kernel})
+            cpu, waited = cpu_secs(pids) - cpu0, runq_wait_secs(pids) - wait0
+            wall = time.monotonic() - t0
+            extra = {}
+            if name == "halfguard":
+                after = prom(PROXIES["halfguard"]["admin"])
+                for metric, key in (("halfguard_connections_evicted_total", "state"),
+                                    ("halfguard_connections_timed_out_total", "timeout"),
+                                    ("halfguard_connections_rejected_total", "reason"),
+                                    ("halfguard_accept_errors_total", "listener")):
+                    extra[metric] = prom_delta(prom_by(after, metric, key, listener="http"),
+                                               prom_by(before, metric, key, listener="http"))
+                extra["halfguard_observed_total"] = prom_sum(after, "halfguard_observed_total",
+                                                             listener="http")
+            elif name == "haproxy":
+                extra["stats"] = haproxy_stats()
+            else:
+                extra["limit_conn_refusals"] = nginx_limited("drip")
+            a = finish_loadgen(atk, secs + 20)
+            l = finish_loadgen(lg, secs + 20)
+            pr = finish_loadgen(probe, secs + 20)
+            alive = p.poll() is None
+            env.stop_proxy(p)
+            fds_max = max((x["fds"] for x in series), default=None)
+            out[f"{every}/{name}"] = {
+                "every_ms": every, "legit": l, "attacker": a, "backend_probe": pr,
+                "samples": samples,
+                "series": series, "idle": idle, "fds_max": fds_max,
+                "load_at_start": round(load, 2), "cpu_pct": round(100 * cpu / wall, 1),
+                "runq_wait_pct": round(100 * waited / wall, 1),
+                "accept_queue_max": max((x["accept_queue"] or 0 for x in series), default=None),
+                "fds_cap": idle["fds"] + 2 * DRIP["max_conns"],
+                "stalled_max": max((x.get("stalled") or 0 for x in series), default=None)
+                if name == "halfguard" else None,
+                "proxy_alive": alive, **extra}
+            ev = (extra.get("halfguard_connections_evicted_total") or {}).get("stalled")
+            to = (extra.get("halfguard_connections_timed_out_total") or {}).get("request")
+            log(f"  drip {every:5} ms {name:9}: legit {l and round(l['success_pct'], 3)}% "
+                f"p50 {l and l['p50_us']} p99 {l and l['p99_us']} us "
+                f"(failed: {l and {k: v for k, v in l.items() if k.startswith('fail_') and v}}); "
+                f"backend probe p50 {pr and pr['p50_us']} p99 {pr and pr['p99_us']} us; "
+                f"held {[x['held'] for x in samples]}; fds max {fds_max} "
+                f"(idle {idle['fds']}); accept queue max {out[f'{every}/{name}']['accept_queue_max']}; "
+                f"CPU {out[f'{every}/{name}']['cpu_pct']}% of a core, waited for one "
+                f"{out[f'{every}/{name}']['runq_wait_pct']}% (load {load:.1f} at start); "
+                + (f"evicted stalled {ev}, timed out request {to}, "
+                   f"{ {k: v for k, v in extra.items() if k != 'halfguard_observed_total'} }; "
+                   if name == "halfguard" else f"{extra}; ")
+                + f"attacker {a}")
+            if not alive:
+                log(f"  {name} died during the drip; see {WORK}/logs/")
+            time.sleep(1)
+    res["drip"] = out
+
+
+def phase_busy(env, res):
+    """A busy legit address (issue 16): wrk, a new connection per request, from one address
+    (127.0.0.1) at each concurrency; the refusals each proxy counts, and what wrk saw."""
+    secs = env.args.busy_secs
+    procs = {n: env.start_proxy(n, "busy") for n in NAMES}
+    runs = {f"{n}/{c}": [] for n in NAMES for c in BUSY_CONCURRENCY}
+    for rep in range(env.args.reps):
+        for c in BUSY_CONCURRENCY:
+            for name in NAMES:
+                before = refusals(name, "busy")
+                load = os.getloadavg()[0]
+                r = wrk(PROXIES[name]["http"], True, secs, c)
+                r["load_at_start"] = round(load, 2)
+                time.sleep(0.3)
+                after = refusals(name, "busy")
+                d = prom_delta(after, before)
+                r["refused_by"] = d
+                r["refused"] = None if d is None else sum(d.values())
+                r["client_failed"] = r["socket_errors"] + r["non_2xx"]
+                runs[f"{name}/{c}"].append(r)
+                log(f"  busy c={c:<3} rep {rep + 1} {name:9}: {r.get('rps')} req/s, refused "
+                    f"{r['refused']} {d or ''}, client saw {r['client_failed']} failed "
+                    f"{r['socket_errors_by']} non-2xx {r['non_2xx']} (load {load:.1f} at start)")
+                # Let the address's connections drain before the next run.
+                time.sleep(1.5)
+    alive = {n: p.poll() is None for n, p in procs.items()}
+    for p in procs.values():
+        env.stop_proxy(p)
+    res["busy"] = {k: {"runs": v,
+                       "median_rps": median([r.get("rps") for r in v]),
+                       "median_refused": median([r["refused"] for r in v]),
+                       "median_client_failed": median([r["client_failed"] for r in v])}
+                   for k, v in runs.items()}
+    res["busy_alive"] = alive
 
 
 # ------------------------------------------------------------------------------------------
@@ -748,6 +1154,66 @@ def table(res):
                 better="lower")
             add(f"{kind}: attacker connections made",
                 {n: (e[n]["attacker"] or {}).get("connected") for n in NAMES}, digits=0)
+    if "drip" in res:
+        d = res["drip"]
+        for every in sorted({v["every_ms"] for v in d.values()}, reverse=True):
+            e = {n: d.get(f"{every}/{n}") for n in NAMES}
+            if not all(e.values()):
+                continue
+            k = f"drip, a byte every {every / 1000:g} s"
+            add(f"{k}: legit success (%)",
+                {n: (e[n]["legit"] or {}).get("success_pct") for n in NAMES}, digits=2,
+                better="higher")
+            add(f"{k}: legit p50 (µs)",
+                {n: (e[n]["legit"] or {}).get("p50_us") for n in NAMES}, better="lower")
+            add(f"{k}: legit p99 (µs)",
+                {n: (e[n]["legit"] or {}).get("p99_us") for n in NAMES}, better="lower")
+            add(f"{k}: straight to the backend meanwhile (no proxy, {DRIP_PROBE_RATE}/s): p99 (µs)",
+                {n: (e[n].get("backend_probe") or {}).get("p99_us") for n in NAMES},
+                better="lower")
+            for i, t in enumerate(("5 s", "10 s", "the end")):
+                add(f"{k}: attacker connections held at {t}",
+                    {n: (e[n]["samples"][i]["held"] if len(e[n]["samples"]) > i else None)
+                     for n in NAMES}, digits=0, better="lower")
+            add(f"{k}: proxy descriptors, most seen",
+                {n: e[n]["fds_max"] for n in NAMES}, digits=0, better="lower")
+            add(f"{k}: descriptor cap (idle + 2 x {DRIP['max_conns']})",
+                {n: e[n]["fds_cap"] for n in NAMES}, digits=0)
+            add(f"{k}: accept queue, most seen",
+                {n: e[n].get("accept_queue_max") for n in NAMES}, digits=0, better="lower")
+            add(f"{k}: proxy CPU (% of one core)",
+                {n: e[n].get("cpu_pct") for n in NAMES}, digits=0)
+            add(f"{k}: proxy threads waiting for a CPU (% of the run, summed)",
+                {n: e[n].get("runq_wait_pct") for n in NAMES}, digits=0, better="lower")
+            add(f"{k}: machine load (1-minute average) at the start",
+                {n: e[n].get("load_at_start") for n in NAMES}, digits=1)
+            hg = e["halfguard"]
+            add(f"{k}: stalled connections, most seen",
+                {"halfguard": hg.get("stalled_max")}, digits=0)
+            add(f"{k}: evicted while stalled",
+                {"halfguard": (hg.get("halfguard_connections_evicted_total") or {}).get(
+                    "stalled", 0)}, digits=0)
+            add(f"{k}: timed out by the request clock",
+                {"halfguard": (hg.get("halfguard_connections_timed_out_total") or {}).get(
+                    "request", 0)}, digits=0)
+            add(f"{k}: attacker connections made",
+                {n: (e[n]["attacker"] or {}).get("connected") for n in NAMES}, digits=0)
+            add(f"{k}: attacker connection lifetime, median (s)",
+                {n: ((e[n]["attacker"] or {}).get("lifetime_ms_p50") or 0) / 1000
+                 if (e[n]["attacker"] or {}).get("ended_by_target") else None for n in NAMES},
+                digits=1)
+    if "busy" in res:
+        b = res["busy"]
+        for c in BUSY_CONCURRENCY:
+            e = {n: b.get(f"{n}/{c}") for n in NAMES}
+            if not all(e.values()):
+                continue
+            k = f"busy address, {c} at once"
+            add(f"{k}: requests/s", {n: e[n]["median_rps"] for n in NAMES}, better="higher")
+            add(f"{k}: refused (the proxy's count)",
+                {n: e[n]["median_refused"] for n in NAMES}, digits=0, better="lower")
+            add(f"{k}: failed requests (wrk)",
+                {n: e[n]["median_client_failed"] for n in NAMES}, digits=0, better="lower")
     head = ["figure", "no proxy", "halfguard", "HAProxy", "nginx", "hg/HAProxy", "hg/nginx",
             "better"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -803,6 +1269,37 @@ def targets(res):
             held = [s["held"] for s in e["samples"]]
             out.append((f"{kind}: attacker sockets held <= cap", max(held) <= e["cap"],
                         f"held {held} at 5/10/30 s, cap {e['cap']}"))
+    if "drip" in res:
+        for key, e in sorted(res["drip"].items(), key=lambda kv: -kv[1]["every_ms"]):
+            if not key.endswith("/halfguard"):
+                continue
+            k = f"drip every {e['every_ms'] / 1000:g} s"
+            l = e["legit"] or {}
+            succ = l.get("success_pct")
+            out.append((f"{k}: legit success >= 99.9%", succ is not None and succ >= 99.9,
+                        f"{fmt(succ, 2)}% of {l.get('requests')}"))
+            p99 = l.get("p99_us")
+            out.append((f"{k}: legit p99 < {DRIP_P99_US // 1000} ms",
+                        p99 is not None and p99 < DRIP_P99_US, f"{fmt(p99)} µs"))
+            out.append((f"{k}: descriptors within the listener cap",
+                        e["fds_max"] is not None and e["fds_max"] <= e["fds_cap"],
+                        f"at most {e['fds_max']} vs {e['idle']['fds']} idle + 2 x "
+                        f"{DRIP['max_conns']} = {e['fds_cap']}"))
+    if "busy" in res:
+        b = res["busy"]
+        for c in BUSY_CONCURRENCY:
+            hg, ha = b.get(f"halfguard/{c}"), b.get(f"haproxy/{c}")
+            if not hg or not ha:
+                continue
+            # The proxy's own count where it has one, else what the client saw.
+            h = hg["median_refused"] if hg["median_refused"] is not None \
+                else hg["median_client_failed"]
+            a = ha["median_refused"] if ha["median_refused"] is not None \
+                else ha["median_client_failed"]
+            out.append((f"busy address at {c}: refusals <= 2x HAProxy's + 100",
+                        h is not None and a is not None and h <= 2 * a + 100,
+                        f"{fmt(h, 0)} vs {fmt(a, 0)} (limit {fmt(None if a is None else 2 * a + 100, 0)}); "
+                        f"{fmt(hg['median_rps'])} vs {fmt(ha['median_rps'])} req/s"))
     return out
 
 
@@ -811,16 +1308,28 @@ def main():
     ap.add_argument("--halfguard", required=True)
     ap.add_argument("--loadgen", required=True)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--only", default="bulk,rate,memory,attack")
+    ap.add_argument("--only", default="bulk,rate,memory,attack,drip,busy")
     ap.add_argument("--bulk-secs", type=int, default=4)
     ap.add_argument("--wrk-secs", type=int, default=5)
     ap.add_argument("--wrk-conns", type=int, default=64)
     ap.add_argument("--attack-secs", type=int, default=30)
     ap.add_argument("--baseline-secs", type=int, default=10)
+    ap.add_argument("--drip-every", default="2000,200",
+                    help="drip intervals in ms, one run each (comma-separated)")
+    ap.add_argument("--busy-secs", type=int, default=5)
     ap.add_argument("--json", default=os.path.join(ROOT, "benches", "compare", "results.json"))
     args = ap.parse_args()
     phases = set(args.only.split(","))
+    unknown = phases - {"bulk", "rate", "memory", "attack", "drip", "busy"}
+    if unknown:
+        sys.exit(f"compare: unknown phase(s) {sorted(unknown)}: "
+                 f"--only takes bulk,rate,memory,attack,drip,busy")
     args.attack_secs = max(12, min(args.attack_secs, 60))
+    args.busy_secs = max(1, min(args.busy_secs, 30))
+    try:
+        args.drip_every = [max(10, min(int(x), 10_000)) for x in args.drip_every.split(",") if x]
+    except ValueError:
+        sys.exit(f"compare: --drip-every: milliseconds, comma-separated: {args.drip_every}")
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -843,6 +1352,7 @@ def main():
                                   text=True).stdout.splitlines()[0],
         "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
         "reps": args.reps, "legit_rate": LEGIT_RATE, "attacks": ATTACKS, "guard": GUARD,
+        "drip": DRIP, "busy_concurrency": BUSY_CONCURRENCY,
     }}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
@@ -881,6 +1391,16 @@ def main():
             log(f"== legit service under attack (guard profile; legit {LEGIT_SRC} at "
                 f"{LEGIT_RATE}/s, attacker {ATTACK_SRC}, {args.attack_secs} s)")
             phase_attack(env, res)
+        if "drip" in phases:
+            log(f"== many-source slow drip (drip profile; {DRIP['sources']} sources x "
+                f"{DRIP['per_source']} from {DRIP_ATTACK_PREFIX}1-{DRIP['sources']}, a byte every "
+                f"{args.drip_every} ms; legit {DRIP_LEGIT_SRC} at {LEGIT_RATE}/s; "
+                f"{args.attack_secs} s)")
+            phase_drip(env, res)
+        if "busy" in phases:
+            log(f"== a busy legit address (busy profile; wrk, Connection: close, "
+                f"{BUSY_CONCURRENCY} at once, {args.busy_secs} s, {args.reps} reps)")
+            phase_busy(env, res)
     finally:
         stop_all()
     res["meta"]["seconds"] = round(time.time() - t_start)

@@ -2,13 +2,15 @@
 # halfguard side by side with HAProxy and nginx, on loopback: one command from a clean clone
 # on Debian.
 #
-#   bash benches/compare/run.sh [--reps N] [--only bulk,rate,memory,attack] [--attack-secs S]
+#   bash benches/compare/run.sh [--reps N] [--only bulk,rate,memory,attack,drip,busy]
+#       [--attack-secs S] [--drip-every MS,MS] [--busy-secs S]
 #
 # Installs what is missing (haproxy, nginx with the stream module, iperf3, wrk, iproute2,
 # python3) with apt-get, builds halfguard and the load generator (benches/loadgen.rs) in
 # release, writes the peers' configs into benches/peers/, runs every workload against each
 # proxy in turn and prints one table; the JSON goes to benches/compare/results.json.
-# About 15 minutes on 2 cores. Loopback only (127.0.0.1-3), ports 17000-17299.
+# About 23 minutes on 2 cores. Loopback only (127.0.0.1-3 and 127.0.1.1-200), ports
+# 17000-17299.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
