@@ -348,3 +348,24 @@ async fn a_reload_fits_a_raised_max_conns_to_the_limit_too() {
     assert_eq!(said, 1, "{}", logs());
     drop(child);
 }
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_gives_its_pipe_back() {
+    let b = backend(Backend::Flood).await;
+    let (_child, addr, admin, _plan) = bulk_proxy(b.addr, 1024, 100).await;
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"go").await.unwrap();
+    assert!(download(&mut c, 4 << 20).await >= 4 << 20);
+    let in_use = |m: &str| sum(m, "halfguard_splice_pipes", &["state=\"in_use\""]);
+    assert!(in_use(&scrape(admin).await) >= 1.0, "bulk took a pipe");
+    // A reader that keeps the pipe waiting over a second is slow: once what the pipe holds
+    // is delivered, the pipe goes back and the direction copies through its small buffer.
+    tokio::time::sleep(ms(1500)).await;
+    assert!(download(&mut c, 8 << 20).await >= 8 << 20);
+    let m = scrape(admin).await;
+    assert_eq!(in_use(&m), 0.0, "the slow direction kept its pipe:\n{m}");
+    // The bytes keep coming, without a pipe.
+    assert!(download(&mut c, 4 << 20).await >= 4 << 20);
+    assert_eq!(in_use(&scrape(admin).await), 0.0);
+}
