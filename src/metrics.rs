@@ -176,7 +176,7 @@ impl prometheus_client::collector::Collector for Collector {
         gauge(
             e,
             "halfguard_connections",
-            "Connections by accounted state; open and stalled are OPEN at or below limits.min_rate.",
+            "Connections by accounted state; open and stalled are both OPEN, stalled moving less than limits.min_rate.",
             &v,
         )?;
 
