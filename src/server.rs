@@ -369,6 +369,7 @@ fn policy(l: &ListenerConfig, config: &Config, backends: Arc<Pool>) -> Policy {
         timeouts: l.timeouts.clone(),
         min_rate: l.limits.min_rate,
         grace: l.limits.grace,
+        observe: l.limits.mode == crate::config::Mode::Observe,
         pressure: config.pressure.clone(),
         tcp: config.tcp.clone(),
         backends,

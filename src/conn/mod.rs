@@ -57,6 +57,8 @@ pub struct Policy {
     pub min_rate: u32,
     /// `limits.grace`: how long a state lasts before it counts against the source's cap.
     pub grace: Duration,
+    /// `limits.mode = "observe"`: clocks are counted, not acted on.
+    pub observe: bool,
     pub pressure: PressureConfig,
     pub tcp: TcpConfig,
     pub backends: Arc<Pool>,
@@ -196,9 +198,10 @@ struct Clocks {
 }
 
 impl Clocks {
-    fn new(ctx: &ListenerCtx, observed: Observed) -> Clocks {
+    /// The mode comes with the policy the connection already holds: no shared load per turn.
+    fn new(policy: &Policy, observed: Observed) -> Clocks {
         Clocks {
-            observing: ctx.guard.limits().mode == crate::config::Mode::Observe,
+            observing: policy.observe,
             observed,
             best: None,
         }
@@ -394,7 +397,7 @@ async fn run(
         let mut counted = ticket.source().is_none();
         loop {
             let fb = policy.first_byte(*pressure.borrow_and_update());
-            let mut clocks = Clocks::new(ctx, observed);
+            let mut clocks = Clocks::new(&policy, observed);
             clocks.arm(Some((accepted + fb, Timeout::FirstByte)));
             clocks.arm(policy.lifetime(accepted));
             let clock = clocks.best;
@@ -539,7 +542,7 @@ async fn pump_until_end(
     loop {
         let under_pressure = *pressure.borrow_and_update();
         let now = Instant::now();
-        let mut clocks = Clocks::new(ctx, observed);
+        let mut clocks = Clocks::new(&policy, observed);
         let t = &policy.timeouts;
         // The request clock: the client's burst before the backend's first byte. A burst
         // still going after its allowance ends the connection; one that paused before it
