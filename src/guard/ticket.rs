@@ -115,12 +115,7 @@ impl Ticket {
         };
         let sh = &self.shared;
         let cap = sh.limits.load().max_conns_per_source;
-        let Some(mut e) = sh.table.map.get_mut(key) else {
-            return Err(Refused::Evicted);
-        };
-        if self.ctl.is_evicted() {
-            return Err(Refused::Evicted);
-        }
+        let mut e = entry(sh, key, &self.ctl)?;
         if cap == 0 || e.conns - e.provisional < cap {
             e.provisional -= 1;
             self.provisional = false;
@@ -166,12 +161,7 @@ impl Ticket {
         let lim = sh.limits.load();
         let cap = lim.max_half_open_per_source as usize;
         {
-            let Some(mut e) = sh.table.map.get_mut(&key) else {
-                return Err(Refused::Evicted);
-            };
-            if self.ctl.is_evicted() {
-                return Err(Refused::Evicted);
-            }
+            let mut e = entry(&sh, &key, &self.ctl)?;
             if cap > 0 && e.half_open.len() >= cap {
                 if lim.mode == Mode::Enforce {
                     drop(e);
@@ -209,12 +199,7 @@ impl Ticket {
         let Some(key) = self.key else {
             return Ok(());
         };
-        let Some(mut e) = sh.table.map.get_mut(&key) else {
-            return Err(Refused::Evicted);
-        };
-        if self.ctl.is_evicted() {
-            return Err(Refused::Evicted);
-        }
+        let mut e = entry(&sh, &key, &self.ctl)?;
         let slot = sh.next_slot.fetch_add(1, Ordering::Relaxed);
         sh.table
             .list(&mut e, &key, EvictState::Stalled, slot, &self.ctl);
@@ -242,12 +227,7 @@ impl Ticket {
     fn leave_list(&mut self) -> Result<(), Refused> {
         let sh = &self.shared;
         if let Some(key) = &self.key {
-            let Some(mut e) = sh.table.map.get_mut(key) else {
-                return Err(Refused::Evicted);
-            };
-            if self.ctl.is_evicted() {
-                return Err(Refused::Evicted);
-            }
+            let mut e = entry(sh, key, &self.ctl)?;
             if let Some((s, slot)) = self.listed.take() {
                 sh.table.unlist(&mut e, key, s, slot);
             }
@@ -295,12 +275,7 @@ impl Ticket {
         let lim = sh.limits.load();
         let cap = lim.max_half_closed_per_source as usize;
         let victim = {
-            let Some(mut e) = sh.table.map.get_mut(&key) else {
-                return Err(Refused::Evicted);
-            };
-            if self.ctl.is_evicted() {
-                return Err(Refused::Evicted);
-            }
+            let mut e = entry(&sh, &key, &self.ctl)?;
             let slot = sh.next_slot.fetch_add(1, Ordering::Relaxed);
             sh.table
                 .list(&mut e, &key, EvictState::HalfClosed, slot, &self.ctl);
@@ -337,6 +312,20 @@ impl Ticket {
         }
         true
     }
+}
+
+/// `key`'s entry, locked, unless this connection was evicted (checked under the lock, so an
+/// evictor that won the race is seen): every state change starts here.
+fn entry<'a>(
+    sh: &'a Shared,
+    key: &SourceKey,
+    ctl: &ConnCtl,
+) -> Result<dashmap::mapref::one::RefMut<'a, SourceKey, super::table::SourceEntry>, Refused> {
+    let e = sh.table.map.get_mut(key).ok_or(Refused::Evicted)?;
+    if ctl.is_evicted() {
+        return Err(Refused::Evicted);
+    }
+    Ok(e)
 }
 
 impl Drop for Ticket {
