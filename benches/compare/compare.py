@@ -1100,7 +1100,7 @@ def table(res):
     rows = []  # (figure, none, hg, haproxy, nginx, better)
 
     def add(label, vals, none=None, digits=None, better=""):
-        hg, ha, ng = (vals.get(n) for n in NAMES)
+        hg, ha, ng = (vals.get(n) for n in ("halfguard", "haproxy", "nginx"))
         rows.append([label, fmt(none, digits), fmt(hg, digits), fmt(ha, digits), fmt(ng, digits),
                      fmt(ratio(hg, ha), 2) + ("x" if ratio(hg, ha) is not None else ""),
                      fmt(ratio(hg, ng), 2) + ("x" if ratio(hg, ng) is not None else ""),
@@ -1320,8 +1320,15 @@ def main():
     ap.add_argument("--drip-every", default="2000,200",
                     help="drip intervals in ms, one run each (comma-separated)")
     ap.add_argument("--busy-secs", type=int, default=5)
+    ap.add_argument("--proxies", default=",".join(NAMES),
+                    help="a subset of halfguard,haproxy,nginx, for a quick look at one "
+                         "(the table compares only what ran)")
     ap.add_argument("--json", default=os.path.join(ROOT, "benches", "compare", "results.json"))
     args = ap.parse_args()
+    chosen = [n for n in args.proxies.split(",") if n]
+    if not chosen or set(chosen) - set(NAMES):
+        sys.exit(f"compare: --proxies takes a subset of {','.join(NAMES)}: {args.proxies}")
+    NAMES[:] = [n for n in NAMES if n in chosen]
     phases = set(args.only.split(","))
     unknown = phases - {"bulk", "rate", "memory", "attack", "drip", "busy"}
     if unknown:

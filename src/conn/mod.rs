@@ -17,7 +17,8 @@
 //! trickling (no pause of 5 s) gets `request` plus one second per `min_rate` bytes it sends.
 //! Every `STALL_WINDOW` (the first time sooner) an OPEN connection compares the bytes it
 //! moved with `min_rate`: below it, it joins its source's stalled list, where a full listener
-//! finds its victims.
+//! finds its victims; and if it is still in its request, its client's bytes wait in the
+//! kernel until the next check, so that a drip costs a wake-up a second, not one per byte.
 //!
 //! In observe mode a clock that runs out is counted and disarmed for that connection, which
 //! goes on.
@@ -621,7 +622,8 @@ async fn pump_until_end(
             let total = pump.total();
             let window = now.saturating_duration_since(last_check).as_secs_f64();
             let floor = f64::from(policy.min_rate) * window;
-            let r = if ((total - moved_at_check) as f64) < floor {
+            let stalled = ((total - moved_at_check) as f64) < floor;
+            let r = if stalled {
                 ticket.stall()
             } else {
                 ticket.unstall()
@@ -632,6 +634,17 @@ async fn pump_until_end(
             moved_at_check = total;
             last_check = now;
             next_check = now + STALL_WINDOW;
+            // A client that trickles its request below the rate: its bytes wait in the
+            // kernel between two checks and go on in one write (see `Pump::hold_client`).
+            // Only while the request clock judges it, never in observe mode.
+            if stalled
+                && !policy.observe
+                && policy.timeouts.request.is_some()
+                && pump.request_burst().is_some()
+            {
+                let enough = u64::from(policy.min_rate) * STALL_WINDOW.as_secs();
+                pump.hold_client(next_check, enough);
+            }
         }
         if let Some((_, at)) = closed
             && !lingering

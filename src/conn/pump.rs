@@ -483,6 +483,20 @@ pub struct Pump<'a> {
     /// The kernel send queues seen at the last look (client, server), and when.
     unacked: [Option<u32>; 2],
     looked: Instant,
+    /// The client's bytes are left in its socket until then (see [`Pump::hold_client`]).
+    hold: Option<Hold>,
+}
+
+/// Reads from the client wait: one pass drains what the kernel holds, then none until
+/// `until`, unless that pass moved `enough` bytes to show the client is moving again.
+#[derive(Clone, Copy, Debug)]
+struct Hold {
+    until: Instant,
+    enough: u64,
+    /// The draining pass is over.
+    drained: bool,
+    /// The client's bytes forwarded when the hold began.
+    before: u64,
 }
 
 impl<'a> Pump<'a> {
@@ -504,7 +518,43 @@ impl<'a> Pump<'a> {
             down: Direction::new(now, &stats.bytes_downstream, spliced, Side::Server, splice),
             unacked: [None, None],
             looked: now,
+            hold: None,
         }
+    }
+
+    /// Leaves the client's bytes in its socket until `until`, after one pass that drains and
+    /// forwards what is there now. A client that trickles a byte at a time before the
+    /// backend's first byte costs a wake-up, a read and a write (and the backend as much) per
+    /// byte; held, its bytes wait in the kernel and go on in one write per hold. The pass
+    /// that finds `enough` bytes (the client moves at the rate again) lifts the hold at once.
+    pub fn hold_client(&mut self, until: Instant, enough: u64) {
+        self.hold = Some(Hold {
+            until,
+            enough,
+            drained: false,
+            before: self.up.total,
+        });
+    }
+
+    /// Whether the client's reads skip this turn: held, drained, nothing of the client's
+    /// still on its way to the server. The request is over once the server says anything
+    /// (a byte or its FIN): the hold ends then.
+    fn client_held(&mut self) -> bool {
+        let Some(h) = self.hold else {
+            return false;
+        };
+        if self.server_said_something() {
+            self.hold = None;
+            return false;
+        }
+        if !h.drained || self.up.pos < self.up.len || self.up.in_pipe > 0 {
+            return false;
+        }
+        if Instant::now() < h.until {
+            return true;
+        }
+        self.hold = None;
+        false
     }
 
     /// Moves bytes until something the connection must act on happens. Cancel-safe: all
@@ -512,8 +562,19 @@ impl<'a> Pump<'a> {
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
         self.up.other_done = self.down.done;
         self.down.other_done = self.up.done;
-        if !self.up.done && self.up.poll_copy(self.client, self.server, cx)?.is_ready() {
-            return Poll::Ready(Ok(self.closed_or(Side::Client)));
+        if !self.up.done && !self.client_held() {
+            if self.up.poll_copy(self.client, self.server, cx)?.is_ready() {
+                return Poll::Ready(Ok(self.closed_or(Side::Client)));
+            }
+            // The draining pass of a hold is over: hold, or lift it if the client moves.
+            if let Some(h) = &mut self.hold
+                && !h.drained
+            {
+                h.drained = true;
+                if self.up.total - h.before >= h.enough {
+                    self.hold = None;
+                }
+            }
         }
         if !self.down.done
             && self
@@ -523,6 +584,14 @@ impl<'a> Pump<'a> {
         {
             return Poll::Ready(Ok(self.closed_or(Side::Server)));
         }
+        // The server spoke while the client was held: the hold is over, and the task comes
+        // back at once to read what the client said meanwhile (nothing else would wake it:
+        // its reads registered no waker, and a connection past its request no longer checks
+        // its progress on a clock).
+        if self.hold.is_some() && self.server_said_something() {
+            self.hold = None;
+            cx.waker().wake_by_ref();
+        }
         // Both directions wait (their wakers are registered). Progress only ever pushes a
         // clock back, so it is read lazily; a stall pulls one forward, so it is reported.
         if std::mem::take(&mut self.up.stall_started) | std::mem::take(&mut self.down.stall_started)
@@ -530,6 +599,10 @@ impl<'a> Pump<'a> {
             return Poll::Ready(Ok(Event::Stalled));
         }
         Poll::Pending
+    }
+
+    fn server_said_something(&self) -> bool {
+        self.down.moved || self.down.eof
     }
 
     fn closed_or(&self, side: Side) -> Event {

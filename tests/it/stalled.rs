@@ -390,3 +390,70 @@ async fn ordinary_traffic_is_never_cut_by_the_shipped_defaults() {
         assert_eq!(s.evicted(EvictState::Stalled), 0);
     }
 }
+
+/// A client that trickles its request costs the backend about one write a second, not one per
+/// byte: its bytes wait in the kernel between two progress checks. Every byte still arrives,
+/// in order, within about a second; a client that speeds up is forwarded at once again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_request_reaches_the_backend_in_few_writes_and_whole() {
+    // A backend that records each read and never answers (the request phase lasts).
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let reads = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut got = Vec::new();
+        let mut stamps = Vec::new();
+        let mut buf = [0u8; 65536];
+        let start = Instant::now();
+        loop {
+            match tokio::time::timeout(ms(8000), s.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    got.extend_from_slice(&buf[..n]);
+                    stamps.push((start.elapsed(), got.len()));
+                }
+                _ => return (got, stamps),
+            }
+        }
+    });
+    let p = Proxy::start(base_config(&[addr])).await;
+    let mut c = connect_from("127.0.0.2", p.addr).await.unwrap();
+    let mut sent = b"GET / HTTP/1.1\r\n".to_vec();
+    c.write_all(&sent).await.unwrap();
+    // 3 s of one byte every 50 ms: 60 one-byte writes.
+    for i in 0..60u8 {
+        tokio::time::sleep(ms(50)).await;
+        let b = b'a' + i % 26;
+        c.write_all(&[b]).await.unwrap();
+        sent.push(b);
+    }
+    let trickled = Instant::now();
+    // Then the client speeds up: 20 kB at once.
+    let fast = vec![b'z'; 20_000];
+    c.write_all(&fast).await.unwrap();
+    sent.extend_from_slice(&fast);
+    let (got, stamps) = {
+        // Everything must be there within the hold (a second) and a little.
+        let deadline = trickled + ms(1600);
+        tokio::time::sleep_until(deadline).await;
+        drop(c);
+        reads.await.unwrap()
+    };
+    assert_eq!(got.len(), sent.len(), "every byte arrives");
+    assert!(got == sent, "in order");
+    let whole_at = stamps.last().map(|s| s.0).unwrap_or_default();
+    assert!(
+        stamps.iter().any(|&(_, n)| n == sent.len()),
+        "all {} bytes by {whole_at:?}",
+        sent.len()
+    );
+    // Unheld, each of the 60 bytes is a write of its own; held, the first 250 ms pass
+    // through and then a write a second (a little slack for a loaded machine).
+    let trickle_writes = stamps
+        .iter()
+        .filter(|&&(_, n)| n < sent.len() - fast.len())
+        .count();
+    assert!(
+        trickle_writes <= 15,
+        "{trickle_writes} writes carried the trickle: {stamps:?}"
+    );
+}
