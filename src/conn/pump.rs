@@ -335,11 +335,30 @@ impl<'a> Direction<'a> {
                 return Poll::Pending;
             }
             let buf = self.buf.get_or_insert_with(take_buf);
-            let read = if fresh {
-                // No readiness event yet, but the bytes are there: straight to the kernel.
-                io::Read::read(&mut &*SockRef::from(from), buf)
-            } else {
-                from.try_read(buf)
+            // A read that did not fill the buffer emptied the receive queue: readiness is
+            // cleared then (as tokio's own `poll_read` does), so the read on below costs no
+            // call unless more came or a FIN is pending (a closed state is never cleared).
+            // The clear uses the readiness seen before the read: bytes that arrive during it
+            // leave the socket ready.
+            let mut tried = false;
+            let mut got = 0;
+            let cap = buf.len();
+            let read = match from.try_io(Interest::READABLE, || {
+                tried = true;
+                got = io::Read::read(&mut &*SockRef::from(from), &mut buf[..])?;
+                if 0 < got && got < cap {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(got)
+                }
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+                // No readiness event yet on a fresh socket, but the bytes are there:
+                // straight to the kernel.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && fresh && !tried => {
+                    io::Read::read(&mut &*SockRef::from(from), buf)
+                }
+                r => r,
             };
             match read {
                 Ok(0) => self.eof = true,
