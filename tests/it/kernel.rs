@@ -508,6 +508,18 @@ fn the_table_is_removed_on_exit_and_replaced_after_a_crash() {
     }
 }
 
+/// Polls `f` until it holds or `within` passes; whether it held.
+fn try_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + within;
+    while !f() {
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
+}
+
 fn wait_until(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let end = Instant::now() + within;
     while !f() {
@@ -633,15 +645,22 @@ time.sleep(1)\n";
         })
     });
     // A source's own cap: .2 opens 20 connections at once; its rate lets 4 in and refuses
-    // the other 16 (`rate`).
+    // the other 16 (`rate`). 50 ms apart, so that each admitted one has ended before the
+    // next comes (with 4 places, four in flight would make the refusal `conns_full`, which
+    // bans nobody); a connect whose SYN met the spoofed flood's full SYN queue is given up
+    // after 0.3 s rather than left to spread the burst with retransmits.
     let code = "import socket,time\n\
-for i in range(20):\n  s=socket.socket();s.bind(('198.18.0.2',0))\n  try:\n    s.connect(('198.18.0.1',18080))\n  except OSError: pass\n  s.close()\n\
+for i in range(20):\n  s=socket.socket();s.bind(('198.18.0.2',0));s.settimeout(0.3)\n  try:\n    s.connect(('198.18.0.1',18080))\n  except OSError: pass\n  s.close();time.sleep(0.05)\n\
 time.sleep(1.5)\n";
     net.exec(&net.attacker, &["python3", "-c", code])
         .output()
         .unwrap();
+    let mut banned = String::new();
+    let _ = try_until(Duration::from_secs(5), || {
+        banned = net.banned();
+        banned.contains("198.18.0.2")
+    });
     let m = net.metrics().unwrap();
-    let banned = net.banned();
     eprintln!("{banned}");
     assert!(
         banned.contains("198.18.0.2"),
