@@ -17,7 +17,6 @@ use tokio_util::task::TaskTracker;
 
 use crate::conn::{self, ListenerCtx};
 use crate::sockopt;
-use crate::stats::Reject;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -44,19 +43,8 @@ pub async fn accept_loop(
                 backoff = Duration::ZERO;
                 let admitted = {
                     let policy = ctx.policy.load();
-                    if !policy.accept_proxy {
-                        ctx.guard.admit(peer.ip())
-                    } else if policy
-                        .trusted_proxies
-                        .iter()
-                        .any(|n| n.contains(&peer.ip().to_canonical()))
-                    {
-                        // Caps apply to the source its PROXY header names, once read.
-                        ctx.guard.admit_trusted()
-                    } else {
-                        ctx.stats.reject(Reject::UntrustedProxy);
-                        Err(Reject::UntrustedProxy)
-                    }
+                    let trusted = policy.accept_proxy.then_some(&policy.trusted_proxies[..]);
+                    ctx.guard.admit_from(peer.ip(), trusted)
                 };
                 match admitted {
                     Ok(ticket) => {

@@ -168,6 +168,28 @@ impl Guard {
         }
     }
 
+    /// Admission at accept, PROXY protocol included: with `trusted` (the listener expects a
+    /// PROXY header), a connection from a trusted balancer is admitted until its header
+    /// names the source ([`Guard::admit_trusted`]) and any other is refused
+    /// (`untrusted_proxy`); without, the peer is the source ([`Guard::admit`]). A refusal is
+    /// already counted.
+    pub fn admit_from(
+        &self,
+        peer: IpAddr,
+        trusted: Option<&[ipnet::IpNet]>,
+    ) -> Result<Ticket, Reject> {
+        match trusted {
+            None => self.admit(peer),
+            Some(nets) if nets.iter().any(|n| n.contains(&peer.to_canonical())) => {
+                self.admit_trusted()
+            }
+            Some(_) => {
+                self.shared.stats.reject(Reject::UntrustedProxy);
+                Err(Reject::UntrustedProxy)
+            }
+        }
+    }
+
     /// Decides whether a connection from `peer` may be accepted, and if so counts it as
     /// HALF_OPEN. The refusal is already counted in the listener's stats.
     pub fn admit(&self, peer: IpAddr) -> Result<Ticket, Reject> {

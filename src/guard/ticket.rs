@@ -79,6 +79,13 @@ impl Ticket {
         self.trusted
     }
 
+    /// Counts a refusal decided on the way, outside the guard's own checks (a bad PROXY
+    /// header, a backend queue that is full): every refusal is counted by the guard, so the
+    /// connection's task never counts one itself.
+    pub fn refuse(&self, reason: Reject) {
+        self.shared.stats.reject(reason);
+    }
+
     /// Admitted over its source's connection cap: [`Ticket::confirm`] must succeed soon.
     pub fn is_provisional(&self) -> bool {
         self.provisional
@@ -253,6 +260,7 @@ impl Ticket {
         // An OPEN connection out of every list cannot be evicted; count it listener-wide
         // first, so an evictor never finds it in a list before it is counted.
         if !sh.reserve_state(EvictState::HalfClosed, &lim, 0) {
+            self.refuse(Reject::HalfClosedFull);
             return Err(Refused::Full(Reject::HalfClosedFull));
         }
         self.state = State::HalfClosed;

@@ -1,0 +1,227 @@
+//! OPEN and HALF_CLOSED: the pump loop, until both sides sent FIN or something ends it.
+//!
+//! Each turn asks the clocks ([`super::clocks::open_due`]) what runs out when, sleeps until
+//! then or until the pump reports an event, and acts. Before a clock aborts, it looks at the
+//! kernel send queues, since a peer still acknowledging our bytes is slow, not gone. Every
+//! `STALL_WINDOW` (the first time sooner) the connection weighs the bytes it moved against
+//! `min_rate`: below it, it joins its source's stalled list, where a full listener finds its
+//! victims; and if it is still in its request, its client's bytes wait in the kernel until
+//! the next check, so that a drip costs a wake-up a second, not one per byte.
+
+use std::future::poll_fn;
+use std::pin::pin;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use super::clocks::{
+    FIRST_LOOK, FIRST_STALL_CHECK, MAX_EXTENSION, Progress, RECHECK, STALL_WINDOW, open_due,
+};
+use super::pump::{Event, KernelQueues, Pump, Side};
+use super::{End, ListenerCtx, Watched, changed, expire};
+use crate::backend::Lease;
+use crate::guard::{Refused, Ticket};
+use crate::stats::Timeout;
+
+/// What the OPEN and HALF_CLOSED phases work on.
+pub(super) struct Open<'a> {
+    pub ctx: &'a ListenerCtx,
+    pub ticket: &'a mut Ticket,
+    /// This connection's child of the listener's abort token.
+    pub abort: &'a CancellationToken,
+    pub lease: &'a Lease,
+    pub client: &'a TcpStream,
+    pub server: &'a TcpStream,
+    pub accepted: Instant,
+}
+
+/// Where the progress check stands: when it comes next, and what it saw last.
+struct ProgressCheck {
+    next: Instant,
+    last: Instant,
+    moved: u64,
+}
+
+impl Open<'_> {
+    /// Moves bytes until both sides sent FIN or a clock, an eviction, the pool or shutdown
+    /// ends the connection.
+    pub async fn pump_until_end(self, mut w: Watched) -> End {
+        let Open {
+            ctx,
+            ticket,
+            abort,
+            lease,
+            client,
+            server,
+            accepted,
+        } = self;
+        let mut pump = Pump::new(client, server, &ctx.stats, w.policy.tcp.splice);
+        let ctl = ticket.ctl().clone();
+        // Registered once for the connection, not once per wake-up.
+        let mut evicted = pin!(ctl.evicted());
+        let mut aborted = pin!(abort.cancelled());
+        let mut lease_down = pin!(lease.aborted());
+        // Who sent FIN, and when: the half-closed clock counts from the later of that moment
+        // and the last progress in the still-open direction, never from before the FIN.
+        let mut closed: Option<(Side, Instant)> = None;
+        // Half-closed past the grace: counted against the source's cap.
+        let mut lingering = false;
+        // Set when a kernel send queue was seen moving as a clock expired; `since`: when the
+        // first of those extensions began, for `MAX_EXTENSION`.
+        let mut extended: Option<Instant> = None;
+        let mut extended_since: Option<Instant> = None;
+        let start = Instant::now();
+        let mut check = ProgressCheck {
+            next: start + FIRST_STALL_CHECK,
+            last: start,
+            moved: 0,
+        };
+        let mut sleep = pin!(sleep_until(start + w.policy.timeouts.idle));
+        loop {
+            let under_pressure = w.pressure();
+            let now = Instant::now();
+            let progress = Progress {
+                last_activity: pump.last_activity(),
+                closed,
+                open_direction_progress: closed
+                    .map_or(now, |(side, _)| pump.last_open_progress(side)),
+                request_burst: pump.request_burst(),
+                stalled_since: pump.stalled_since(),
+            };
+            let rules = w.policy.rules();
+            let due = open_due(
+                &rules,
+                under_pressure,
+                w.observed,
+                accepted,
+                &progress,
+                extended,
+                now,
+            );
+            if due.extension_over {
+                extended = None;
+                extended_since = None;
+                pump.forget_looks();
+            }
+            if let Some((deadline, clock)) = due.clock
+                && deadline <= now
+            {
+                // Out of time by the progress stamps. A peer still acknowledging our bytes is
+                // slow, not gone: look again shortly rather than discard its bytes with an RST.
+                let within = extended_since.is_none_or(|s| now.duration_since(s) < MAX_EXTENSION);
+                if clock != Timeout::MaxLifetime && clock != Timeout::Request && within {
+                    let look = match pump.kernel_progress(w.policy.min_rate) {
+                        KernelQueues::Moving => Some(RECHECK),
+                        KernelQueues::FirstLook => Some(FIRST_LOOK),
+                        KernelQueues::Empty | KernelQueues::Stuck => None,
+                    };
+                    if let Some(after) = look {
+                        extended = Some(now + after);
+                        extended_since.get_or_insert(now);
+                        continue;
+                    }
+                }
+                if expire(ticket, &mut w.observed, clock) {
+                    return End::TimedOut(clock);
+                }
+                extended = None;
+                extended_since = None;
+                pump.forget_looks();
+                continue;
+            }
+            if closed.is_none()
+                && check.next <= now
+                && let Err(r) = weigh_progress(ticket, &mut pump, &w, &mut check, now)
+            {
+                return End::from_refused(r);
+            }
+            // A half-closed connection's grace.
+            if let Some((_, at)) = closed
+                && !lingering
+                && at + w.policy.grace <= now
+            {
+                lingering = true;
+                if let Err(r) = ticket.lingering() {
+                    return End::from_refused(r);
+                }
+            }
+            let mut wake = due.clock.map_or(now + Duration::from_secs(3600), |c| c.0);
+            if let Some(r) = due.request_wake {
+                wake = wake.min(r);
+            }
+            match closed {
+                None => wake = wake.min(check.next),
+                Some((_, at)) if !lingering => wake = wake.min(at + w.policy.grace),
+                Some(_) => {}
+            }
+            if sleep.deadline() != wake {
+                sleep.as_mut().reset(wake);
+            }
+            tokio::select! {
+                biased;
+                _ = &mut evicted => return End::Evicted,
+                _ = &mut aborted => return End::Shutdown,
+                // The server was marked down and its pool aborts its connections.
+                _ = &mut lease_down => return End::Backend,
+                ev = poll_fn(|cx| pump.poll_event(cx)) => match ev {
+                    Ok(Event::Closed) => return End::Clean,
+                    // A stall shortens the deadline: recompute it.
+                    Ok(Event::Stalled) => {}
+                    Ok(Event::HalfClosed(side)) => {
+                        closed = Some((side, Instant::now()));
+                        if let Err(r) = ticket.half_close() {
+                            return End::from_refused(r);
+                        }
+                    }
+                    Err(e) => {
+                        return End::PeerError {
+                            server_before_any_byte: e.side == Side::Server
+                                && !pump.server_spoke()
+                                && !pump.client_spoke(),
+                        };
+                    }
+                },
+                // Progress may have moved the deadline since: the loop recomputes it.
+                _ = &mut sleep => {}
+                _ = changed(&mut w.pressure) => {}
+                _ = changed(&mut w.epoch) => w.reload(ctx),
+            }
+        }
+    }
+}
+
+/// The progress check: the bytes moved both ways since the last one against `min_rate`.
+/// Below it the connection is stalled (evictable when the listener is full), and a client
+/// still in its request has its bytes held in the kernel until the next check (see
+/// `Pump::hold_client`); only while the request clock judges it, never in observe mode.
+fn weigh_progress(
+    ticket: &mut Ticket,
+    pump: &mut Pump<'_>,
+    w: &Watched,
+    check: &mut ProgressCheck,
+    now: Instant,
+) -> Result<(), Refused> {
+    let total = pump.total();
+    let window = now.saturating_duration_since(check.last).as_secs_f64();
+    let floor = f64::from(w.policy.min_rate) * window;
+    let stalled = ((total - check.moved) as f64) < floor;
+    if stalled {
+        ticket.stall()?;
+    } else {
+        ticket.unstall()?;
+    }
+    check.moved = total;
+    check.last = now;
+    check.next = now + STALL_WINDOW;
+    if stalled
+        && !w.policy.observe
+        && w.policy.timeouts.request.is_some()
+        && pump.request_burst().is_some()
+    {
+        let enough = u64::from(w.policy.min_rate) * STALL_WINDOW.as_secs();
+        pump.hold_client(check.next, enough);
+    }
+    Ok(())
+}
