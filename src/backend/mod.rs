@@ -12,16 +12,17 @@
 //!   thing (queue included) never takes longer than `timeouts.connect`.
 //!
 //! One job per file:
-//!
-//! | file         | job                                                                      |
-//! |--------------|--------------------------------------------------------------------------|
-//! | `pool.rs`    | [`Pool`]: builds a pool, starts its tasks, connects with failover and the queue |
-//! | `balance.rs` | which server next: weighted round robin, least-conn, random-two; the tried set |
-//! | `resolve.rs` | configured addresses and names to servers; following names; reload carry-over |
-//! | `health.rs`  | active checks: `rise`/`fall`, `on_down`                                   |
-//! | `passive.rs` | passive health: whose fault a failure is, cool-off, confirming the last server |
-//! | `server.rs`  | [`Server`]: one address's load and health, carried across reloads         |
-//! | `lease.rs`   | [`Lease`]: a connection's slot on a server, given back on drop            |
+//! - `pool.rs`: the [`Pool`] a listener connects through: built from the config, starts
+//!   its tasks, connects with failover, the bounded queue, PROXY header out;
+//! - `balance.rs`: which server next (weighted round robin, least-conn, random-two), and
+//!   the set of servers a connection has tried;
+//! - `resolve.rs`: configured addresses and names to servers, following names, carrying
+//!   servers' state over a reload;
+//! - `health.rs`: active checks (`rise`, `fall`, `on_down`);
+//! - `passive.rs`: passive health: whose fault a failure is, cool-off, confirming before
+//!   the last server up goes;
+//! - `server.rs`: a [`Server`], one address's load and health;
+//! - `lease.rs`: a connection's [`Lease`] on a server's slot, given back on drop.
 //!
 //! A connection calls [`Pool::connect`], which asks `balance` for a server, reserves a slot
 //! (`server`), connects, and on failure tells `passive` and asks again; it gets back a

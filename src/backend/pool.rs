@@ -58,9 +58,9 @@ pub struct ProxiedAddrs {
     pub local: SocketAddr,
 }
 
-/// One configured backend pool, as built from one reload of the config. A reload builds a
-/// new `Pool` (config changes are whole) that carries on its predecessor's [`Shared`] parts
-/// and its servers' state, so the numbers and the health survive the reload.
+/// One `[[backends]]` pool (or a listener's `backends` list) as one config version has it.
+/// A reload builds a new `Pool` that takes over the old one's counters and queue signal
+/// (`Shared`) and its servers' state, so metrics and health survive the reload.
 #[derive(Debug)]
 pub struct Pool {
     pub(super) cfg: PoolConfig,

@@ -26,8 +26,8 @@ pub struct Server {
     addr: SocketAddr,
     /// Which `servers` entry of the pool this came from.
     pub(super) entry: usize,
-    /// Stops this server's health checks: the pool stops, or its name no longer resolves
-    /// to this address.
+    /// Stops this server's background tasks (its checks, the watch on its cool-off): the
+    /// pool stops, or its name no longer resolves to this address.
     pub(super) stop: CancellationToken,
     pub(super) weight: u32,
     pub(super) max_conns: u32,
