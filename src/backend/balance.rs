@@ -3,8 +3,8 @@
 //! connection has tried already.
 //!
 //! Apart from the pool because it is pure logic over the servers' state (no sockets, no
-//! clock), so unit tests can set servers down, full or busy and watch the choice; and
-//! because it runs for every new connection, so it must not allocate.
+//! waiting), so unit tests can set servers down, full or busy and watch the choice. It runs
+//! for every new connection, so it does not allocate.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use super::Server;
 use crate::config::Balance;
 
-/// At most this many servers are tried for one connection: a pool of many dead servers
-/// must not eat the whole connect budget one SYN at a time.
+/// At most this many servers are tried for one connection. The connect budget is shared
+/// among the attempts still possible, so a cap keeps each attempt long enough for a server
+/// that is slow to answer but alive.
 pub(super) const MAX_ATTEMPTS: usize = 3;
 
 /// The servers a pool balances over at one moment; replaced whole when a name's addresses
