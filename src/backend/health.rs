@@ -1,43 +1,35 @@
-//! A pool's background work: active health checks per server and periodic re-resolution of
-//! server names, which adds and removes servers as a name's addresses change.
+//! Active health: a check per server every `interval`, which takes a server out of rotation
+//! before clients meet its failures, and brings it back when it answers again.
 //!
 //! A check is a TCP connect, optionally a `send` and a reply that must start with `expect`,
 //! within `timeout`. `rise` good checks in a row bring a server up, `fall` bad ones take it
-//! down (HAProxy's `inter 2s rise 2 fall 3` by default). Check connections are closed with
-//! RST so they leave no TIME_WAIT behind, check after check.
+//! down (HAProxy's `inter 2s rise 2 fall 3` by default), so one lost SYN does not flap it.
+//! Check connections are closed with RST so they leave no TIME_WAIT behind, check after
+//! check.
 //!
-//! A passive cool-off after failed connects is probed with the same check every `interval`:
-//! a server that answers again (it was started after halfguard, or restarted) takes
-//! connections at once instead of after the whole `cooloff`. Either way its return is
-//! logged.
+//! The same check also serves passive health (`passive.rs`): it confirms failures before
+//! the last server up is taken out, and probes a server cooling off.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 
-use super::{Pool, Server, resolve};
+use super::{Pool, Server};
 use crate::config::{HealthConfig, OnDown};
 
+/// Starts a check loop per server when the pool has active checks.
 pub(super) fn start(pool: &Arc<Pool>, tasks: &TaskTracker) {
     if pool.cfg.health.enabled {
         for server in &pool.servers().list {
             tasks.spawn(check_loop(pool.clone(), server.clone()));
         }
     }
-    if pool
-        .cfg
-        .servers
-        .iter()
-        .any(|s| s.addr.parse::<std::net::SocketAddr>().is_err())
-    {
-        tasks.spawn(resolve_loop(pool.clone(), tasks.clone()));
-    }
 }
 
-async fn check_loop(pool: Arc<Pool>, server: Arc<Server>) {
+/// Checks `server` every interval until the pool stops or the server is removed.
+pub(super) async fn check_loop(pool: Arc<Pool>, server: Arc<Server>) {
     let h = &pool.cfg.health;
     let mut tick = tokio::time::interval(h.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -63,46 +55,8 @@ async fn check_loop(pool: Arc<Pool>, server: Arc<Server>) {
     }
 }
 
-/// Watches `server`'s cool-off until it ends, and logs its end. With `probe`, the check runs
-/// every `interval` meanwhile and a good one ends the cool-off early. Bounded by the
-/// cool-off itself, and stops with the server.
-pub(super) fn watch_cooloff(server: Arc<Server>, probe: Option<HealthConfig>) {
-    let Some((_, until)) = server.cooloff_left() else {
-        return;
-    };
-    tokio::spawn(async move {
-        loop {
-            let left = match server.cooloff_left() {
-                Some((left, u)) if u == until => left,
-                // Ended by someone else (active checks), or over: over is worth saying.
-                _ => break,
-            };
-            let wait = probe.as_ref().map_or(left, |h| h.interval.min(left));
-            tokio::select! {
-                _ = server.stop.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
-            }
-            if let Some(h) = &probe
-                && check(&server, h).await
-                && server.end_cooloff(until)
-            {
-                tracing::info!(
-                    server = server.label(),
-                    "backend server answers again; cool-off ended early"
-                );
-                return;
-            }
-        }
-        if server.cooloff_left().is_none() && server.is_up() {
-            tracing::info!(
-                server = server.label(),
-                "backend server cool-off over; it takes new connections again"
-            );
-        }
-    });
-}
-
-/// One check.
+/// One check; true when the server answered as configured within `timeout`. Bounded by
+/// `timeout` whatever the server does, so a server that hangs cannot stall its loop.
 pub(super) async fn check(server: &Server, h: &HealthConfig) -> bool {
     let addr = server.addr();
     let attempt = async {
@@ -124,44 +78,4 @@ pub(super) async fn check(server: &Server, h: &HealthConfig) -> bool {
         tokio::time::timeout(h.timeout, attempt).await,
         Ok(Some(true))
     )
-}
-
-async fn resolve_loop(pool: Arc<Pool>, tasks: TaskTracker) {
-    let mut tick = tokio::time::interval(pool.cfg.resolve_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await; // resolved at start already
-    let mut failing = vec![false; pool.cfg.servers.len()];
-    loop {
-        tokio::select! {
-            _ = pool.stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        for (entry, cfg) in pool.cfg.servers.iter().enumerate() {
-            if cfg.addr.parse::<std::net::SocketAddr>().is_ok() {
-                continue;
-            }
-            match tokio::time::timeout(Duration::from_secs(5), resolve(&cfg.addr)).await {
-                Ok(Ok(addrs)) => {
-                    if failing[entry] {
-                        tracing::info!(server = %cfg.addr, ?addrs, "backend name resolves again");
-                        failing[entry] = false;
-                    }
-                    for new in pool.follow(entry, &addrs) {
-                        if pool.cfg.health.enabled {
-                            tasks.spawn(check_loop(pool.clone(), new));
-                        }
-                    }
-                }
-                _ => {
-                    if !failing[entry] {
-                        tracing::warn!(
-                            server = %cfg.addr,
-                            "backend name no longer resolves; keeping its last addresses"
-                        );
-                        failing[entry] = true;
-                    }
-                }
-            }
-        }
-    }
 }

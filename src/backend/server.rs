@@ -1,6 +1,5 @@
-//! One backend server's state: its address, health, load, and the lease a connection holds
-//! on it. A configured name with several addresses is one `Server` per address, so each
-//! has its own health and load.
+//! One backend server's state: its address, health and load. A configured name with
+//! several addresses is one `Server` per address, so each has its own health and load.
 //!
 //! Health and load live in a [`ServerState`] of their own, shared by every `Server` value
 //! that stands for the same address: a reload that changes a pool builds new `Server`s, and
@@ -14,9 +13,11 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use super::resolve::is_name;
 use crate::config::ServerConfig;
 
-/// A server of a pool.
+/// One address of a pool. Held in an `Arc` by the pool's set and by every lease on it, so a
+/// server removed from the set (its name moved) lives on until its last connection ends.
 #[derive(Debug)]
 pub struct Server {
     /// The metric label: the address as configured, or `host:port@address` for one of
@@ -25,8 +26,8 @@ pub struct Server {
     addr: SocketAddr,
     /// Which `servers` entry of the pool this came from.
     pub(super) entry: usize,
-    /// Stops this server's health checks: the pool stops, or its name no longer resolves
-    /// to this address.
+    /// Stops this server's background tasks (its checks, the watch on its cool-off): the
+    /// pool stops, or its name no longer resolves to this address.
     pub(super) stop: CancellationToken,
     pub(super) weight: u32,
     pub(super) max_conns: u32,
@@ -80,12 +81,13 @@ impl ServerState {
     }
 }
 
-/// The metric label of `addr` reached through the configured `cfg.addr`.
+/// The metric label of `addr` reached through the configured `cfg.addr`: a name's addresses
+/// need one each, and the name in it says where the address came from.
 pub(super) fn label(cfg: &ServerConfig, addr: SocketAddr) -> String {
-    if cfg.addr.parse::<SocketAddr>().is_ok() {
-        cfg.addr.clone()
-    } else {
+    if is_name(&cfg.addr) {
         format!("{}@{}", cfg.addr, addr.ip())
+    } else {
+        cfg.addr.clone()
     }
 }
 
@@ -181,10 +183,10 @@ impl Server {
     }
 
     /// What is left of the running cool-off, and its end (to tell it from a later one).
-    pub(super) fn cooloff_left(&self) -> Option<(std::time::Duration, u64)> {
+    pub(super) fn cooloff_left(&self) -> Option<(Duration, u64)> {
         let until = self.state.cool_until_ms.load(Relaxed);
         let now = self.now_ms();
-        (until != 0 && now < until).then(|| (std::time::Duration::from_millis(until - now), until))
+        (until != 0 && now < until).then(|| (Duration::from_millis(until - now), until))
     }
 
     /// Ends the cool-off that ends at `until`, if it still runs. Returns true when it did.
@@ -292,46 +294,5 @@ impl Server {
             t.cancel();
             *t = CancellationToken::new();
         }
-    }
-}
-
-/// A connection's hold on a server slot: gives the slot back, and wakes one queued client,
-/// when dropped.
-#[derive(Debug)]
-pub struct Lease {
-    pub(super) server: Arc<Server>,
-    pub(super) pool: Arc<super::Shared>,
-    pub(super) down: CancellationToken,
-    /// Set by [`Lease::early_reset`], so the drop does not count the connection as fine.
-    pub(super) reset_early: AtomicBool,
-}
-
-impl Lease {
-    pub fn server(&self) -> &Server {
-        &self.server
-    }
-
-    /// Resolves when the server is marked down and its pool aborts its connections.
-    pub async fn aborted(&self) {
-        self.down.cancelled().await
-    }
-
-    /// The server reset the connection before sending a byte and before any byte of the
-    /// client reached it: nothing the client did can have caused that, so passive health
-    /// counts it. (A reset after client bytes is not counted: a client could provoke it.)
-    pub fn early_reset(&self) {
-        self.reset_early.store(true, Relaxed);
-        // The check, if one starts, concludes on its own.
-        let _ = self.pool.passive_failure(&self.server, true);
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if !*self.reset_early.get_mut() {
-            self.server.not_reset_early();
-        }
-        self.server.release();
-        self.pool.freed.notify_one();
     }
 }
