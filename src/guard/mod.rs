@@ -452,10 +452,7 @@ fn check_source(e: &SourceEntry, lim: &Limits) -> Result<bool, Reject> {
     let mut provisional = false;
     let cap = lim.max_conns_per_source;
     if cap > 0 && e.conns - e.provisional >= cap {
-        // A slot is about to free only if the source's connections move: one whose
-        // connections mostly go nowhere (a slow reader, a drip, silence) is holding them, and
-        // a wait would only let it hold a second cap's worth of sockets for a second.
-        if e.provisional >= provisional_slack(cap) || e.going_nowhere() * 2 >= cap as usize {
+        if e.provisional >= provisional_slack(cap) {
             return Err(Reject::SourceConns);
         }
         provisional = true;
@@ -480,7 +477,7 @@ fn check_source(e: &SourceEntry, lim: &Limits) -> Result<bool, Reject> {
 /// How many connections a source at its connection cap may have waiting for a slot: a
 /// client pool that closes and reconnects at once can be a whole pool ahead of our tasks.
 /// Each waits at most `conn::CONFIRM_WAIT`, so a source holds at most twice its cap for that
-/// long, and only while fewer than half its connections go nowhere.
+/// long.
 fn provisional_slack(cap: u32) -> u32 {
     cap.max(2)
 }

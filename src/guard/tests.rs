@@ -418,31 +418,6 @@ fn a_source_at_its_cap_gets_a_provisional_slot_that_a_closing_connection_confirm
 }
 
 #[test]
-fn a_source_whose_connections_go_nowhere_gets_no_provisional_slot() {
-    let g = guard(Limits {
-        max_conns_per_source: 4,
-        ..open_limits()
-    });
-    let mut held: Vec<_> = (0..4).map(|_| g.admit(ip("198.18.0.1")).unwrap()).collect();
-    for t in &mut held {
-        t.open().unwrap();
-    }
-    // One stalled of four: the others move, a slot may free; a newcomer waits for it.
-    held[0].stall().unwrap();
-    let p = g.admit(ip("198.18.0.1")).unwrap();
-    assert!(p.is_provisional());
-    drop(p);
-    // Half of them stalled (a slow reader): no wait, refused at the cap.
-    held[1].stall().unwrap();
-    assert_eq!(g.admit(ip("198.18.0.1")).unwrap_err(), Reject::SourceConns);
-    // Moving again: the wait is back.
-    held[1].unstall().unwrap();
-    assert!(g.admit(ip("198.18.0.1")).unwrap().is_provisional());
-    drop(held);
-    assert_eq!(g.snapshot(), GuardSnapshot::default());
-}
-
-#[test]
 fn observe_mode_counts_per_source_refusals_and_admits() {
     let g = guard(Limits {
         max_conns_per_source: 2,
