@@ -30,6 +30,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod fds;

@@ -19,6 +19,11 @@
 //! data at a healthy rate is never a victim. The heaviest source comes from an index, not a
 //! scan ([`heaviest`]).
 //!
+//! With `[cluster]`, the per-source caps (connections, half-open, half-closed) apply to
+//! the source's local counts plus what the other replicas held at their last sync
+//! ([`remote`]), and a source banned cluster-wide is refused after the allow list. The view
+//! is swapped in whole by the cluster's sync task: admission reads it, never waits for it.
+//!
 //! The listener-wide counts are atomics; a source's counts live in its [`table`] entry. A
 //! connection is counted listener-wide *before* it is put in its source's eviction list, so
 //! an evictor (which gives counts back on the victim's behalf) can never drive a count
@@ -28,6 +33,7 @@ mod heaviest;
 mod pressure;
 mod rate;
 mod refusals;
+mod remote;
 mod source;
 mod table;
 mod ticket;
@@ -40,6 +46,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::watch;
 
 pub use source::SourceKey;
+pub use remote::{Remote, RemoteLoad};
 pub use table::ConnCtl;
 pub use ticket::{Refused, State, Ticket};
 
@@ -81,6 +88,8 @@ pub(crate) struct Shared {
     observed: Refusals,
     /// Connections per network (the coarser prefix of `max_conns_per_network`).
     networks: dashmap::DashMap<SourceKey, u32>,
+    /// The other replicas' loads (`[cluster]`); `None` for a single node.
+    remote: ArcSwapOption<Remote>,
 }
 
 /// A trusted connection's source and network, once its PROXY header named them.
@@ -164,6 +173,7 @@ impl Guard {
                 refusals: Refusals::default(),
                 observed: Refusals::default(),
                 networks: dashmap::DashMap::new(),
+                remote: ArcSwapOption::empty(),
             }),
         }
     }
@@ -207,13 +217,14 @@ impl Guard {
         let mut provisional = false;
         let mut weight = 0;
         if let Some(key) = &key {
+            let others = sh.others(key);
             // Non-binding look first, so a source at its cap is refused before it can cost
             // anyone an eviction. (Observing, the binding check counts it.)
             match sh.table.map.get(key) {
                 Some(e) => {
                     weight = e.going_nowhere();
                     if lim.mode == Mode::Enforce {
-                        match check_source(&e, lim) {
+                        match check_source(&e, lim, others) {
                             Ok(p) => provisional = p,
                             Err(r) => {
                                 drop(e);
@@ -224,6 +235,11 @@ impl Guard {
                 }
                 None if sh.table.len.load(Ordering::Relaxed) >= lim.max_sources as usize => {
                     return Err(Reject::SourcesFull);
+                }
+                None if others != RemoteLoad::default() && lim.mode == Mode::Enforce => {
+                    if let Err(r) = check_source(&SourceEntry::default(), lim, others) {
+                        sh.enforce_or_observe(*key, r, lim)?;
+                    }
                 }
                 None => {}
             }
@@ -422,21 +438,69 @@ impl Guard {
     pub fn stats(&self) -> &Arc<Stats> {
         &self.shared.stats
     }
+
+    /// Installs the cluster view admission adds to the local counts (`None`: local caps
+    /// only, as a single node or while Redis is away).
+    pub fn set_remote(&self, remote: Option<Arc<Remote>>) {
+        self.shared.remote.store(remote);
+    }
+
+    /// The cluster view in force.
+    pub fn remote(&self) -> Option<Arc<Remote>> {
+        self.shared.remote.load_full()
+    }
+
+    /// This replica's share for the cluster: the sources holding at least `at(cap)` of one
+    /// of their per-source caps (`at` gives the count that matters for a cap), heaviest
+    /// first, at most `max`. A flood from many sources holding little each publishes nothing.
+    pub fn share(&self, at: impl Fn(u32) -> u32, max: usize) -> Vec<(SourceKey, RemoteLoad)> {
+        let lim = self.shared.limits.load();
+        let need = |cap: u32| if cap == 0 { u32::MAX } else { at(cap) };
+        let (c, o, h) = (
+            need(lim.max_conns_per_source),
+            need(lim.max_half_open_per_source),
+            need(lim.max_half_closed_per_source),
+        );
+        let mut v: Vec<(SourceKey, RemoteLoad)> = self
+            .shared
+            .table
+            .map
+            .iter()
+            .filter_map(|e| {
+                let load = RemoteLoad {
+                    conns: e.conns,
+                    half_open: e.half_open.len() as u32,
+                    half_closed: e.half_closed.len() as u32,
+                };
+                (load.conns >= c || load.half_open >= o || load.half_closed >= h)
+                    .then_some((*e.key(), load))
+            })
+            .collect();
+        v.sort_by(|a, b| b.1.conns.cmp(&a.1.conns).then(a.0.cmp(&b.0)));
+        v.truncate(max);
+        v
+    }
 }
 
-/// The per-source caps against a source's entry. `Ok(true)`: admitted provisionally, over
-/// the connection cap by less than the slack, waiting for a slot.
-fn check_source(e: &SourceEntry, lim: &Limits) -> Result<bool, Reject> {
+/// The per-source caps against a source's entry plus what the other replicas hold
+/// (`others`, zero for a single node). `Ok(true)`: admitted provisionally, over the
+/// connection cap by less than the slack, waiting for a slot.
+fn check_source(e: &SourceEntry, lim: &Limits, others: RemoteLoad) -> Result<bool, Reject> {
     let mut provisional = false;
     let cap = lim.max_conns_per_source;
-    if cap > 0 && e.conns - e.provisional >= cap {
+    let local = e.conns - e.provisional;
+    if cap > 0 && local >= cap {
         if e.provisional >= provisional_slack(cap) {
             return Err(Reject::SourceConns);
         }
         provisional = true;
+    } else if cap > 0 && local.saturating_add(others.conns) >= cap {
+        // No provisional slot on another replica's count: the slack waits for a local
+        // connection whose task has not run yet, which a remote count knows nothing of.
+        return Err(Reject::SourceConns);
     }
     if lim.max_half_open_per_source > 0
-        && e.half_open.len() >= lim.max_half_open_per_source as usize
+        && e.half_open.len() + others.half_open as usize >= lim.max_half_open_per_source as usize
     {
         return Err(Reject::SourceHalfOpen);
     }
@@ -445,7 +509,8 @@ fn check_source(e: &SourceEntry, lim: &Limits) -> Result<bool, Reject> {
     // and a client that sends FIN and never reads churns through connections (and backend
     // bytes) as fast as its rate allows.
     if lim.max_half_closed_per_source > 0
-        && e.half_closed.len() >= lim.max_half_closed_per_source as usize
+        && e.half_closed.len() + others.half_closed as usize
+            >= lim.max_half_closed_per_source as usize
     {
         return Err(Reject::SourceHalfClosed);
     }
@@ -512,6 +577,11 @@ impl Shared {
             return Ok(None);
         }
         let key = key();
+        if let Some(r) = &*self.remote.load()
+            && r.banned.contains(&key)
+        {
+            self.enforce_or_observe(key, Reject::Banned, lim)?;
+        }
         if let Some(rate) = &*self.rate.load()
             && !rate.check(&key)
         {
@@ -541,7 +611,9 @@ impl Shared {
     /// Counts a refusal, and tallies it against its source for `/sources` (a denied source
     /// is refused by the operator's choice, not by its behaviour).
     fn refused(&self, ip: IpAddr, reason: Reject) {
-        if reason == Reject::Denied {
+        // A banned source is refused for the ban, not for what it does now: no tally, or
+        // the ban would feed itself.
+        if matches!(reason, Reject::Denied | Reject::Banned) {
             self.stats.reject(reason);
             return;
         }
@@ -560,10 +632,11 @@ impl Shared {
     /// counted and not acted on.
     fn enter_source(&self, key: &SourceKey, lim: &Limits) -> Result<bool, Reject> {
         use dashmap::mapref::entry::Entry;
+        let others = self.others(key);
         match self.table.map.entry(*key) {
             Entry::Occupied(mut o) => {
                 let e = o.get_mut();
-                let provisional = match check_source(e, lim) {
+                let provisional = match check_source(e, lim, others) {
                     Ok(p) => p,
                     Err(r) if lim.mode == Mode::Observe => {
                         self.observed_key(*key, Observed::Reject(r));
@@ -576,6 +649,14 @@ impl Shared {
                 Ok(provisional)
             }
             Entry::Vacant(v) => {
+                if others != RemoteLoad::default()
+                    && let Err(r) = check_source(&SourceEntry::default(), lim, others)
+                {
+                    if lim.mode == Mode::Enforce {
+                        return Err(r);
+                    }
+                    self.observed_key(*key, Observed::Reject(r));
+                }
                 if self.table.len.fetch_add(1, Ordering::Relaxed) >= lim.max_sources as usize {
                     self.table.len.fetch_sub(1, Ordering::Relaxed);
                     return Err(Reject::SourcesFull);
@@ -640,6 +721,14 @@ impl Shared {
             SourceEntry::default()
         });
         e.conns += 1;
+    }
+
+    /// What the other replicas hold of `key`, as of the last sync; zero for a single node.
+    pub(crate) fn others(&self, key: &SourceKey) -> RemoteLoad {
+        match &*self.remote.load() {
+            Some(r) => r.loads.get(key).copied().unwrap_or_default(),
+            None => RemoteLoad::default(),
+        }
     }
 
     fn state_count(&self, s: EvictState) -> &AtomicUsize {

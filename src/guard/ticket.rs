@@ -160,9 +160,10 @@ impl Ticket {
         }
         let lim = sh.limits.load();
         let cap = lim.max_half_open_per_source as usize;
+        let others = sh.others(&key).half_open as usize;
         {
             let mut e = entry(&sh, &key, &self.ctl)?;
-            if cap > 0 && e.half_open.len() >= cap {
+            if cap > 0 && e.half_open.len() + others >= cap {
                 if lim.mode == Mode::Enforce {
                     drop(e);
                     sh.refused_key(key, Reject::SourceHalfOpen);

@@ -1,0 +1,246 @@
+//! The sync task: every `sync_interval`, publish this replica's share, read the others',
+//! and swap a fresh view into every listener's guard.
+//!
+//! Nothing here is on the accept path: a sync that hangs holds this task only, for at most
+//! `cluster.timeout`. A failure drops the connection and the cluster view (each replica is
+//! then on its full local caps), logs once per change of state, counts by reason, and
+//! retries with a backoff that doubles from one interval up to four. A replica that stops
+//! cleanly takes its share out of Redis; one that is killed is forgotten `share_ttl` later.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, ErrorKind, RedisError};
+
+use super::script::{self, Keys};
+use super::{Cluster, Failure};
+use crate::guard::{Remote, SourceKey};
+use crate::server::State;
+
+/// The longest wait between two attempts while Redis is away, in sync intervals.
+const MAX_BACKOFF_INTERVALS: u32 = 4;
+
+/// What the last attempt told, for the one log line per change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Starting,
+    Up,
+    Down,
+}
+
+/// Runs until the server stops.
+pub(crate) async fn run(state: Arc<State>, cluster: Arc<Cluster>) {
+    let cfg = cluster.config.clone();
+    let client = match redis::Client::open(cfg.redis.expose()) {
+        Ok(c) => c,
+        Err(e) => {
+            // Validation parsed this URL already; say so and stay on local caps.
+            tracing::error!(redis = %cfg.redis, error = %e, "cluster: cannot use the Redis URL; per-source caps stay local");
+            return;
+        }
+    };
+    let keys = Keys::new(&cfg.key_prefix);
+    let sync_script = redis::Script::new(script::SYNC);
+    let conn_cfg = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(cfg.timeout))
+        .set_response_timeout(Some(cfg.timeout));
+    let mut con: Option<MultiplexedConnection> = None;
+    let mut link = Link::Starting;
+    let mut backoff = cfg.sync_interval;
+    // Bans in force as Redis last said, kept through an outage until they end.
+    let mut bans: HashMap<SourceKey, Instant> = HashMap::new();
+    let mut wait = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = state.stopping() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let attempt = sync_once(
+            &state,
+            &cluster,
+            &client,
+            &conn_cfg,
+            &mut con,
+            &keys,
+            &sync_script,
+        )
+        .await;
+        let now = Instant::now();
+        match attempt {
+            Ok(reply) => {
+                bans = reply
+                    .bans
+                    .iter()
+                    .map(|(s, left)| (*s, now + *left))
+                    .collect();
+                install(&state, &cluster, reply.loads, &bans);
+                cluster.nodes.store(reply.nodes, Relaxed);
+                cluster.bad_entries.fetch_add(reply.bad, Relaxed);
+                cluster.synced();
+                cluster.up.store(true, Relaxed);
+                if link != Link::Up {
+                    tracing::info!(
+                        redis = %cfg.redis,
+                        node = %cfg.node,
+                        replicas = reply.nodes,
+                        "cluster: Redis in sync; per-source caps are cluster-wide"
+                    );
+                    link = Link::Up;
+                }
+                backoff = cfg.sync_interval;
+                wait = cfg.sync_interval;
+            }
+            Err((why, error)) => {
+                con = None;
+                cluster.fail(why);
+                cluster.up.store(false, Relaxed);
+                bans.retain(|_, until| *until > now);
+                install(&state, &cluster, HashMap::new(), &bans);
+                if link != Link::Down {
+                    tracing::warn!(
+                        redis = %cfg.redis,
+                        reason = why.as_str(),
+                        %error,
+                        "cluster: Redis unavailable; each replica enforces its full local per-source caps until it is back (bans already known stay); retrying"
+                    );
+                    link = Link::Down;
+                }
+                wait = backoff;
+                backoff = (backoff * 2).min(cfg.sync_interval * MAX_BACKOFF_INTERVALS);
+            }
+        }
+    }
+    leave(&cluster, con, &keys).await;
+}
+
+/// One sync: connects if needed, runs the script, parses the answer.
+async fn sync_once(
+    state: &State,
+    cluster: &Cluster,
+    client: &redis::Client,
+    conn_cfg: &AsyncConnectionConfig,
+    con: &mut Option<MultiplexedConnection>,
+    keys: &Keys,
+    sync_script: &redis::Script,
+) -> Result<script::Reply, (Failure, String)> {
+    let cfg = &cluster.config;
+    if con.is_none() {
+        let c = tokio::time::timeout(
+            cfg.timeout,
+            client.get_multiplexed_async_connection_with_config(conn_cfg),
+        )
+        .await
+        .map_err(|_| (Failure::Timeout, "connect timed out".to_string()))?
+        .map_err(|e| (classify(&e, Failure::Connect), e.to_string()))?;
+        *con = Some(c);
+    }
+    let Some(c) = con.as_mut() else {
+        return Err((Failure::Connect, "no connection".into()));
+    };
+    let max = cfg.max_published as usize;
+    let mut share: Vec<(String, String)> = Vec::new();
+    for r in state.listeners().iter().filter(|r| !r.is_retired()) {
+        for (source, load) in r.ctx.guard.share(|cap| cfg.publish_at(cap), max) {
+            share.push((
+                script::field(&r.ctx.name, &source),
+                script::value(&load),
+            ));
+        }
+    }
+    let new_bans = cluster.take_bans();
+    let mut inv = sync_script.prepare_invoke();
+    inv.key(&keys.nodes)
+        .key(&keys.bans)
+        .key(keys.share(&cfg.node))
+        .arg(&keys.share_prefix)
+        .arg(&cfg.node)
+        .arg(cfg.share_ttl.as_millis() as u64)
+        .arg(share.len())
+        .arg(new_bans.len());
+    for (f, v) in &share {
+        inv.arg(f).arg(v);
+    }
+    for (s, d) in &new_bans {
+        inv.arg(s.to_string()).arg(d.as_millis() as u64);
+    }
+    let raw: Result<(Vec<String>, Vec<String>, i64), (Failure, String)> =
+        match tokio::time::timeout(cfg.timeout, inv.invoke_async(c)).await {
+            Err(_) => Err((Failure::Timeout, "no answer in time".into())),
+            Ok(Err(e)) => Err((classify(&e, Failure::Error), e.to_string())),
+            Ok(Ok(v)) => Ok(v),
+        };
+    match raw {
+        Ok(v) => {
+            cluster.published.store(share.len() as u64, Relaxed);
+            Ok(script::parse(v))
+        }
+        Err(e) => {
+            cluster.return_bans(new_bans);
+            Err(e)
+        }
+    }
+}
+
+/// Hands every active listener's guard its part of the view.
+fn install(
+    state: &State,
+    cluster: &Cluster,
+    mut loads: HashMap<String, HashMap<SourceKey, crate::guard::RemoteLoad>>,
+    bans: &HashMap<SourceKey, Instant>,
+) {
+    let banned: HashSet<SourceKey> = bans.keys().copied().collect();
+    cluster.banned.store(banned.len() as u64, Relaxed);
+    let mut remote_sources = 0;
+    for r in state.listeners().iter().filter(|r| !r.is_retired()) {
+        let l = loads.remove(&r.ctx.name).unwrap_or_default();
+        remote_sources += l.len() as u64;
+        // An empty view and no view decide alike; no view costs admission nothing.
+        if l.is_empty() && banned.is_empty() {
+            r.ctx.guard.set_remote(None);
+            continue;
+        }
+        r.ctx.guard.set_remote(Some(Arc::new(Remote {
+            loads: l,
+            banned: banned.clone(),
+        })));
+    }
+    cluster.remote_sources.store(remote_sources, Relaxed);
+}
+
+/// Takes this replica's share out of Redis at a clean stop, so the others need not wait
+/// for it to expire. Best effort, within `cluster.timeout`.
+async fn leave(cluster: &Cluster, con: Option<MultiplexedConnection>, keys: &Keys) {
+    let Some(mut c) = con else {
+        return;
+    };
+    let node = &cluster.config.node;
+    let mut p = redis::pipe();
+    p.del(keys.share(node))
+        .ignore()
+        .zrem(&keys.nodes, node)
+        .ignore();
+    let done =
+        tokio::time::timeout(cluster.config.timeout, p.query_async::<()>(&mut c)).await;
+    if !matches!(done, Ok(Ok(()))) {
+        tracing::debug!("cluster: could not remove this replica's share at stop; it expires on its own");
+    }
+}
+
+/// Names a Redis error's cause; `default` for what is neither a timeout, a lost
+/// connection, nor an answer we cannot read.
+fn classify(e: &RedisError, default: Failure) -> Failure {
+    if e.is_timeout() {
+        return Failure::Timeout;
+    }
+    match e.kind() {
+        ErrorKind::Parse | ErrorKind::UnexpectedReturnType => Failure::Reply,
+        ErrorKind::Io if e.is_connection_refusal() || e.is_connection_dropped() => {
+            Failure::Connect
+        }
+        ErrorKind::AuthenticationFailed => Failure::Connect,
+        _ => default,
+    }
+}
