@@ -117,8 +117,11 @@ pub(super) struct Reply {
     pub bad: u64,
 }
 
-/// Sums the raw reply: `(flat share pairs, flat ban pairs, live nodes)`.
-pub(super) fn parse(raw: (Vec<String>, Vec<String>, i64)) -> Reply {
+/// The script's answer as Redis sends it: flat share pairs, flat ban pairs, live nodes.
+pub(super) type RawReply = (Vec<String>, Vec<String>, i64);
+
+/// Sums the raw reply.
+pub(super) fn parse(raw: RawReply) -> Reply {
     let (shares, bans, nodes) = raw;
     let mut r = Reply {
         nodes: u64::try_from(nodes).unwrap_or(0),

@@ -144,10 +144,7 @@ async fn sync_once(
     let mut share: Vec<(String, String)> = Vec::new();
     for r in state.listeners().iter().filter(|r| !r.is_retired()) {
         for (source, load) in r.ctx.guard.share(|cap| cfg.publish_at(cap), max) {
-            share.push((
-                script::field(&r.ctx.name, &source),
-                script::value(&load),
-            ));
+            share.push((script::field(&r.ctx.name, &source), script::value(&load)));
         }
     }
     let new_bans = cluster.take_bans();
@@ -166,7 +163,7 @@ async fn sync_once(
     for (s, d) in &new_bans {
         inv.arg(s.to_string()).arg(d.as_millis() as u64);
     }
-    let raw: Result<(Vec<String>, Vec<String>, i64), (Failure, String)> =
+    let raw: Result<script::RawReply, (Failure, String)> =
         match tokio::time::timeout(cfg.timeout, inv.invoke_async(c)).await {
             Err(_) => Err((Failure::Timeout, "no answer in time".into())),
             Ok(Err(e)) => Err((classify(&e, Failure::Error), e.to_string())),
@@ -222,10 +219,11 @@ async fn leave(cluster: &Cluster, con: Option<MultiplexedConnection>, keys: &Key
         .ignore()
         .zrem(&keys.nodes, node)
         .ignore();
-    let done =
-        tokio::time::timeout(cluster.config.timeout, p.query_async::<()>(&mut c)).await;
+    let done = tokio::time::timeout(cluster.config.timeout, p.query_async::<()>(&mut c)).await;
     if !matches!(done, Ok(Ok(()))) {
-        tracing::debug!("cluster: could not remove this replica's share at stop; it expires on its own");
+        tracing::debug!(
+            "cluster: could not remove this replica's share at stop; it expires on its own"
+        );
     }
 }
 
@@ -237,9 +235,7 @@ fn classify(e: &RedisError, default: Failure) -> Failure {
     }
     match e.kind() {
         ErrorKind::Parse | ErrorKind::UnexpectedReturnType => Failure::Reply,
-        ErrorKind::Io if e.is_connection_refusal() || e.is_connection_dropped() => {
-            Failure::Connect
-        }
+        ErrorKind::Io if e.is_connection_refusal() || e.is_connection_dropped() => Failure::Connect,
         ErrorKind::AuthenticationFailed => Failure::Connect,
         _ => default,
     }

@@ -45,8 +45,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::watch;
 
-pub use source::SourceKey;
 pub use remote::{Remote, RemoteLoad};
+pub use source::SourceKey;
 pub use table::ConnCtl;
 pub use ticket::{Refused, State, Ticket};
 
