@@ -570,3 +570,88 @@ fn a_bad_cluster_section_names_its_key_and_never_the_password() {
         .to_string();
     assert!(err.contains("HALFGUARD__CLUSTER__REDIS"), "{err}");
 }
+
+/// Not a test: the staleness figure in the README. From a connection opened on one replica
+/// to the other replica's view counting it, with the default `sync_interval` (500 ms);
+/// and what Redis spends on it (`INFO commandstats`). Run with
+/// `cargo test --release --test it cluster::measure_staleness -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a measurement, not a test: run it by name"]
+async fn measure_staleness() {
+    require!(WHY; Need::Tool("redis-server"));
+    const SAMPLES: usize = 60;
+    let redis = RedisServer::start(&[]).await;
+    let b = backend(Backend::Echo).await;
+    let mk = |node: &str| {
+        let mut c = replica(b.addr, &redis.url(), node, |l| l.max_conns_per_source = 10);
+        if let Some(cl) = c.cluster.as_mut() {
+            cl.sync_interval = ms(500);
+            cl.timeout = ms(250);
+            cl.share_ttl = Duration::from_secs(10);
+        }
+        c
+    };
+    let ps = [Proxy::start(mk("a")).await, Proxy::start(mk("b")).await];
+    assert!(all_up(&ps, Duration::from_secs(3)).await);
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut rc = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut rc)
+        .await
+        .expect("resetstat");
+    let started = tokio::time::Instant::now();
+    let mut took = Vec::new();
+    for i in 0..SAMPLES {
+        // Start at a random point of the sync cycle.
+        tokio::time::sleep(ms(37 * (i as u64 % 13))).await;
+        let s = hold("127.0.0.70", ps[0].addr).await.expect("admitted");
+        let t0 = tokio::time::Instant::now();
+        assert!(
+            wait_until(Duration::from_secs(5), || async {
+                seen_elsewhere(&ps[1], "127.0.0.70") == 1
+            })
+            .await
+        );
+        took.push(t0.elapsed());
+        drop(s);
+        assert!(
+            wait_until(Duration::from_secs(5), || async {
+                seen_elsewhere(&ps[1], "127.0.0.70") == 0
+            })
+            .await
+        );
+    }
+    let secs = started.elapsed().as_secs_f64();
+    took.sort();
+    let pct = |p: f64| took[((took.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "staleness over {SAMPLES} changes (sync_interval 500ms, 2 replicas): p50 {:?}, p99 {:?}, max {:?}",
+        pct(0.5),
+        pct(0.99),
+        took[took.len() - 1]
+    );
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut rc)
+        .await
+        .expect("info");
+    for line in stats.lines().filter(|l| l.starts_with("cmdstat_eval")) {
+        println!("{line}");
+    }
+    let evals: u64 = stats
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_eval"))
+        .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+        .sum();
+    println!(
+        "Redis: {evals} script calls in {secs:.1} s from 2 replicas: {:.2} per replica per second",
+        evals as f64 / secs / 2.0
+    );
+    for p in ps {
+        p.shutdown().await;
+    }
+}
