@@ -1,7 +1,8 @@
 //! The sync script: one Redis round trip per interval publishes this replica's share and
 //! reads everybody else's.
 //!
-//! Layout, all under one hash tag (`{prefix}`) so the script's keys share a slot:
+//! Layout, all under one hash tag (`{prefix}`, or `{prefix:b}` for bucket `b` of a Redis
+//! Cluster, see [`bucket_of`]) so one script's keys share a slot:
 //! - `{prefix}:share:<node>`: a hash, `<listener>|<source>` -> `"conns half_open half_closed"`,
 //!   rewritten whole at each sync and expiring `share_ttl` after it, so a replica that dies
 //!   is forgotten within that bound whatever happens to the others;
@@ -72,7 +73,7 @@ if longest > 0 then redis.call('PEXPIRE', bans, longest) end
 return {out, left, #live}
 "#;
 
-/// Keys under `prefix`, hash-tagged so one script touches one slot.
+/// One bucket's keys under `prefix`, hash-tagged so one script touches one slot.
 #[derive(Debug, Clone)]
 pub(super) struct Keys {
     pub nodes: String,
@@ -81,17 +82,37 @@ pub(super) struct Keys {
 }
 
 impl Keys {
-    pub fn new(prefix: &str) -> Keys {
+    /// Bucket `bucket` of `buckets` (one bucket: the plain `{prefix}` tag).
+    pub fn new(prefix: &str, bucket: u32, buckets: u32) -> Keys {
+        let tag = if buckets <= 1 {
+            prefix.to_string()
+        } else {
+            format!("{prefix}:{bucket}")
+        };
         Keys {
-            nodes: format!("{{{prefix}}}:nodes"),
-            bans: format!("{{{prefix}}}:bans"),
-            share_prefix: format!("{{{prefix}}}:share:"),
+            nodes: format!("{{{tag}}}:nodes"),
+            bans: format!("{{{tag}}}:bans"),
+            share_prefix: format!("{{{tag}}}:share:"),
         }
     }
 
     pub fn share(&self, node: &str) -> String {
         format!("{}{node}", self.share_prefix)
     }
+}
+
+/// The bucket a source's entries and ban live in: a hash every replica computes alike
+/// (FNV-1a of the printed key), so on a Redis Cluster the sources spread over
+/// `buckets` hash slots and each bucket's script runs where its slot lives.
+pub(super) fn bucket_of(source: &SourceKey, buckets: u32) -> u32 {
+    if buckets <= 1 {
+        return 0;
+    }
+    let mut h: u32 = 0x811c_9dc5;
+    for b in source.to_string().bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    h % buckets
 }
 
 /// A share entry's field: the listener and the source.
@@ -115,6 +136,21 @@ pub(super) struct Reply {
     pub nodes: u64,
     /// Entries that did not parse (another version, or something else writing our keys).
     pub bad: u64,
+}
+
+impl Reply {
+    /// Adds another bucket's answer.
+    pub fn merge(&mut self, o: Reply) {
+        for (listener, loads) in o.loads {
+            let mine = self.loads.entry(listener).or_default();
+            for (source, load) in loads {
+                mine.entry(source).or_default().add(load);
+            }
+        }
+        self.bans.extend(o.bans);
+        self.nodes = self.nodes.max(o.nodes);
+        self.bad += o.bad;
+    }
 }
 
 /// The script's answer as Redis sends it: flat share pairs, flat ban pairs, live nodes.
@@ -174,6 +210,19 @@ fn parse_entry<'a>(field: &'a str, value: &str) -> Option<(&'a str, SourceKey, R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buckets_spread_sources_and_one_bucket_is_the_plain_tag() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..200u32 {
+            let k = SourceKey::new(std::net::IpAddr::from(i.to_be_bytes()), 32, 64);
+            assert_eq!(bucket_of(&k, 1), 0);
+            seen.insert(bucket_of(&k, 16));
+        }
+        assert_eq!(seen.len(), 16);
+        assert_eq!(Keys::new("hg", 0, 1).nodes, "{hg}:nodes");
+        assert_eq!(Keys::new("hg", 3, 16).share("n"), "{hg:3}:share:n");
+    }
 
     #[test]
     fn shares_sum_per_listener_and_source_and_garbage_is_counted() {

@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
+use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, ErrorKind, RedisError};
 
 use super::script::{self, Keys};
@@ -22,6 +23,68 @@ use crate::server::State;
 
 /// The longest wait between two attempts while Redis is away, in sync intervals.
 const MAX_BACKOFF_INTERVALS: u32 = 4;
+
+/// Where the script runs: one Redis, or a Redis Cluster (each bucket's call routed to the
+/// primary holding its slot). Both are multiplexed: clones share one connection per node.
+#[derive(Clone)]
+enum Conn {
+    One(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+/// How to open a [`Conn`].
+enum Client {
+    One(redis::Client, AsyncConnectionConfig),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+impl Client {
+    fn new(cfg: &crate::config::ClusterConfig) -> Result<Client, RedisError> {
+        let urls = cfg.redis.expose();
+        if cfg.redis_cluster {
+            let c = redis::cluster::ClusterClient::builder(urls)
+                .connection_timeout(cfg.timeout)
+                .response_timeout(cfg.timeout)
+                .retries(0)
+                .build()?;
+            return Ok(Client::Cluster(c));
+        }
+        let one = urls.first().copied().unwrap_or_default();
+        let conn_cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(cfg.timeout))
+            .set_response_timeout(Some(cfg.timeout));
+        Ok(Client::One(redis::Client::open(one)?, conn_cfg))
+    }
+
+    async fn connect(&self) -> Result<Conn, RedisError> {
+        match self {
+            Client::One(c, cfg) => c
+                .get_multiplexed_async_connection_with_config(cfg)
+                .await
+                .map(Conn::One),
+            Client::Cluster(c) => c.get_async_connection().await.map(Conn::Cluster),
+        }
+    }
+}
+
+impl Conn {
+    async fn invoke(
+        &mut self,
+        inv: &redis::ScriptInvocation<'_>,
+    ) -> Result<script::RawReply, RedisError> {
+        match self {
+            Conn::One(c) => inv.invoke_async(c).await,
+            Conn::Cluster(c) => inv.invoke_async(c).await,
+        }
+    }
+
+    async fn leave(&mut self, p: &redis::Pipeline) -> Result<(), RedisError> {
+        match self {
+            Conn::One(c) => p.query_async(c).await,
+            Conn::Cluster(c) => p.query_async(c).await,
+        }
+    }
+}
 
 /// What the last attempt told, for the one log line per change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,7 +97,7 @@ enum Link {
 /// Runs until the server stops.
 pub(crate) async fn run(state: Arc<State>, cluster: Arc<Cluster>) {
     let cfg = cluster.config.clone();
-    let client = match redis::Client::open(cfg.redis.expose()) {
+    let client = match Client::new(&cfg) {
         Ok(c) => c,
         Err(e) => {
             // Validation parsed this URL already; say so and stay on local caps.
@@ -42,12 +105,12 @@ pub(crate) async fn run(state: Arc<State>, cluster: Arc<Cluster>) {
             return;
         }
     };
-    let keys = Keys::new(&cfg.key_prefix);
+    let buckets = cfg.buckets();
+    let keys: Vec<Keys> = (0..buckets)
+        .map(|b| Keys::new(&cfg.key_prefix, b, buckets))
+        .collect();
     let sync_script = redis::Script::new(script::SYNC);
-    let conn_cfg = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(cfg.timeout))
-        .set_response_timeout(Some(cfg.timeout));
-    let mut con: Option<MultiplexedConnection> = None;
+    let mut con: Option<Conn> = None;
     let mut link = Link::Starting;
     let mut backoff = cfg.sync_interval;
     // Bans in force as Redis last said, kept through an outage until they end.
@@ -58,16 +121,7 @@ pub(crate) async fn run(state: Arc<State>, cluster: Arc<Cluster>) {
             _ = state.stopping() => break,
             _ = tokio::time::sleep(wait) => {}
         }
-        let attempt = sync_once(
-            &state,
-            &cluster,
-            &client,
-            &conn_cfg,
-            &mut con,
-            &keys,
-            &sync_script,
-        )
-        .await;
+        let attempt = sync_once(&state, &cluster, &client, &mut con, &keys, &sync_script).await;
         let now = Instant::now();
         match attempt {
             Ok(reply) => {
@@ -116,63 +170,94 @@ pub(crate) async fn run(state: Arc<State>, cluster: Arc<Cluster>) {
     leave(&cluster, con, &keys).await;
 }
 
-/// One sync: connects if needed, runs the script, parses the answer.
+/// One sync: connects if needed, runs the script once per bucket (all buckets at once,
+/// within one `cluster.timeout`), and sums the answers.
 async fn sync_once(
     state: &State,
     cluster: &Cluster,
-    client: &redis::Client,
-    conn_cfg: &AsyncConnectionConfig,
-    con: &mut Option<MultiplexedConnection>,
-    keys: &Keys,
+    client: &Client,
+    con: &mut Option<Conn>,
+    keys: &[Keys],
     sync_script: &redis::Script,
 ) -> Result<script::Reply, (Failure, String)> {
     let cfg = &cluster.config;
     if con.is_none() {
-        let c = tokio::time::timeout(
-            cfg.timeout,
-            client.get_multiplexed_async_connection_with_config(conn_cfg),
-        )
-        .await
-        .map_err(|_| (Failure::Timeout, "connect timed out".to_string()))?
-        .map_err(|e| (classify(&e, Failure::Connect), e.to_string()))?;
+        let c = tokio::time::timeout(cfg.timeout, client.connect())
+            .await
+            .map_err(|_| (Failure::Timeout, "connect timed out".to_string()))?
+            .map_err(|e| (classify(&e, Failure::Connect), e.to_string()))?;
         *con = Some(c);
     }
-    let Some(c) = con.as_mut() else {
+    let Some(c) = con.as_ref() else {
         return Err((Failure::Connect, "no connection".into()));
     };
+    let buckets = keys.len() as u32;
     let max = cfg.max_published as usize;
-    let mut share: Vec<(String, String)> = Vec::new();
+    let mut share: Vec<Vec<(String, String)>> = vec![Vec::new(); keys.len()];
+    let mut published = 0u64;
     for r in state.listeners().iter().filter(|r| !r.is_retired()) {
         for (source, load) in r.ctx.guard.share(|cap| cfg.publish_at(cap), max) {
-            share.push((script::field(&r.ctx.name, &source), script::value(&load)));
+            let b = script::bucket_of(&source, buckets) as usize;
+            if let Some(v) = share.get_mut(b) {
+                v.push((script::field(&r.ctx.name, &source), script::value(&load)));
+                published += 1;
+            }
         }
     }
     let new_bans = cluster.take_bans();
-    let mut inv = sync_script.prepare_invoke();
-    inv.key(&keys.nodes)
-        .key(&keys.bans)
-        .key(keys.share(&cfg.node))
-        .arg(&keys.share_prefix)
-        .arg(&cfg.node)
-        .arg(cfg.share_ttl.as_millis() as u64)
-        .arg(share.len())
-        .arg(new_bans.len());
-    for (f, v) in &share {
-        inv.arg(f).arg(v);
-    }
+    let mut bans: Vec<Vec<(String, u64)>> = vec![Vec::new(); keys.len()];
     for (s, d) in &new_bans {
-        inv.arg(s.to_string()).arg(d.as_millis() as u64);
+        if let Some(v) = bans.get_mut(script::bucket_of(s, buckets) as usize) {
+            v.push((s.to_string(), d.as_millis() as u64));
+        }
     }
-    let raw: Result<script::RawReply, (Failure, String)> =
-        match tokio::time::timeout(cfg.timeout, inv.invoke_async(c)).await {
-            Err(_) => Err((Failure::Timeout, "no answer in time".into())),
-            Ok(Err(e)) => Err((classify(&e, Failure::Error), e.to_string())),
-            Ok(Ok(v)) => Ok(v),
-        };
-    match raw {
-        Ok(v) => {
-            cluster.published.store(share.len() as u64, Relaxed);
-            Ok(script::parse(v))
+    let mut calls = tokio::task::JoinSet::new();
+    for ((k, share), bans) in keys.iter().zip(share).zip(bans) {
+        let mut c = c.clone();
+        let script = sync_script.clone();
+        let k = k.clone();
+        let node = cfg.node.clone();
+        let ttl = cfg.share_ttl.as_millis() as u64;
+        calls.spawn(async move {
+            let mut inv = script.prepare_invoke();
+            inv.key(&k.nodes)
+                .key(&k.bans)
+                .key(k.share(&node))
+                .arg(&k.share_prefix)
+                .arg(&node)
+                .arg(ttl)
+                .arg(share.len())
+                .arg(bans.len());
+            for (f, v) in &share {
+                inv.arg(f).arg(v);
+            }
+            for (s, ms) in &bans {
+                inv.arg(s).arg(*ms);
+            }
+            c.invoke(&inv).await
+        });
+    }
+    let all = async {
+        let mut reply = script::Reply::default();
+        while let Some(r) = calls.join_next().await {
+            match r {
+                Ok(Ok(v)) => reply.merge(script::parse(v)),
+                Ok(Err(e)) => return Err((classify(&e, Failure::Error), e.to_string())),
+                Err(e) => return Err((Failure::Error, e.to_string())),
+            }
+        }
+        Ok(reply)
+    };
+    let done = match tokio::time::timeout(cfg.timeout, all).await {
+        Err(_) => Err((Failure::Timeout, "no answer in time".into())),
+        Ok(r) => r,
+    };
+    // Calls still out (after a timeout, or an error in one bucket) end with the set.
+    calls.abort_all();
+    match done {
+        Ok(reply) => {
+            cluster.published.store(published, Relaxed);
+            Ok(reply)
         }
         Err(e) => {
             cluster.return_bans(new_bans);
@@ -208,22 +293,23 @@ fn install(
 }
 
 /// Takes this replica's share out of Redis at a clean stop, so the others need not wait
-/// for it to expire. Best effort, within `cluster.timeout`.
-async fn leave(cluster: &Cluster, con: Option<MultiplexedConnection>, keys: &Keys) {
+/// for it to expire. Best effort, within `cluster.timeout` per bucket.
+async fn leave(cluster: &Cluster, con: Option<Conn>, keys: &[Keys]) {
     let Some(mut c) = con else {
         return;
     };
     let node = &cluster.config.node;
-    let mut p = redis::pipe();
-    p.del(keys.share(node))
-        .ignore()
-        .zrem(&keys.nodes, node)
-        .ignore();
-    let done = tokio::time::timeout(cluster.config.timeout, p.query_async::<()>(&mut c)).await;
-    if !matches!(done, Ok(Ok(()))) {
-        tracing::debug!(
-            "cluster: could not remove this replica's share at stop; it expires on its own"
-        );
+    for k in keys {
+        // One slot per pipeline: on a Redis Cluster each bucket is its own.
+        let mut p = redis::pipe();
+        p.del(k.share(node)).ignore().zrem(&k.nodes, node).ignore();
+        let done = tokio::time::timeout(cluster.config.timeout, c.leave(&p)).await;
+        if !matches!(done, Ok(Ok(()))) {
+            tracing::debug!(
+                "cluster: could not remove this replica's share at stop; it expires on its own"
+            );
+            return;
+        }
     }
 }
 

@@ -32,39 +32,51 @@ pub const DEFAULT_MAX_PUBLISHED: u32 = 1_000;
 pub const DEFAULT_KEY_PREFIX: &str = "halfguard";
 /// Node names longer than this are a mistake (a pod name is at most 63 characters).
 pub const MAX_NODE_LEN: usize = 253;
+/// With `redis_cluster`, sources are spread over this many hash slots (one hash tag per
+/// bucket), so the shares and their traffic spread over the cluster's primaries.
+pub const CLUSTER_BUCKETS: u32 = 16;
 
 /// A Redis URL whose password never prints.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisUrl(String);
 
 impl RedisUrl {
-    /// The URL itself, for the client only.
-    pub fn expose(&self) -> &str {
-        &self.0
+    /// The URLs themselves (one, or a Redis Cluster's seed nodes), for the client only.
+    pub fn expose(&self) -> Vec<&str> {
+        self.0.split(',').map(str::trim).collect()
     }
 
-    /// The URL with the password (if any) replaced by `***`.
+    /// The URL(s) with the password (if any) replaced by `***`.
     pub fn redacted(&self) -> String {
-        let Some((scheme, rest)) = self.0.split_once("://") else {
-            return "<unparsable>".into();
-        };
-        let (authority, path) = match rest.find('/') {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        match authority.rsplit_once('@') {
-            Some((userinfo, host)) => {
-                let user = userinfo.split_once(':').map_or("", |(u, _)| u);
-                let hidden = if userinfo.contains(':') {
-                    format!("{user}:***")
-                } else {
-                    // `redis://secret@host`: redis-rs reads a lone userinfo as the password.
-                    "***".to_string()
-                };
-                format!("{scheme}://{hidden}@{host}{path}")
-            }
-            None => self.0.clone(),
+        self.expose()
+            .into_iter()
+            .map(redact_one)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// One URL with its password replaced by `***`.
+fn redact_one(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<unparsable>".into();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            let hidden = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                // `redis://secret@host`: redis-rs reads a lone userinfo as the password.
+                "***".to_string()
+            };
+            format!("{scheme}://{hidden}@{host}{path}")
         }
+        None => url.to_string(),
     }
 }
 
@@ -93,12 +105,24 @@ pub struct ClusterConfig {
     pub publish_above: f64,
     pub max_published: u32,
     pub key_prefix: String,
+    /// `redis` names a Redis Cluster's seed nodes: the crate's cluster client, and sources
+    /// spread over [`CLUSTER_BUCKETS`] hash slots.
+    pub redis_cluster: bool,
 }
 
 impl ClusterConfig {
     /// The smallest count of a cap of `cap` that gets a source published (at least 1).
     pub fn publish_at(&self, cap: u32) -> u32 {
         ((f64::from(cap) * self.publish_above).ceil() as u32).max(1)
+    }
+
+    /// How many hash-tagged buckets the keys are spread over: 1 on a single Redis.
+    pub fn buckets(&self) -> u32 {
+        if self.redis_cluster {
+            CLUSTER_BUCKETS
+        } else {
+            1
+        }
     }
 }
 
@@ -133,23 +157,34 @@ pub(super) fn cluster_from_raw(
     let redis = RedisUrl(url.to_string());
     // Never echo the URL in an error: it may hold the password.
     let shown = redis.redacted();
-    if url.starts_with("rediss://") {
+    let redis_cluster = raw.redis_cluster.unwrap_or(false);
+    let urls = redis.expose();
+    if urls.len() > 1 && !redis_cluster {
         return Err(ck.err(
             "cluster.redis",
-            format!("{shown}: rediss:// (TLS) is not supported by this build; use redis:// over a trusted network or a TLS sidecar"),
+            format!("{shown}: several URLs are a Redis Cluster's seed nodes; set cluster.redis_cluster = true, or give one URL"),
         ));
     }
-    if !url.starts_with("redis://") {
-        return Err(ck.err(
-            "cluster.redis",
-            format!("{shown} is not a redis:// URL (redis://[user:password@]host:port/db)"),
-        ));
-    }
-    if let Err(e) = redis::Client::open(url) {
-        return Err(ck.err(
-            "cluster.redis",
-            format!("{shown} is not a valid Redis URL ({})", e.category()),
-        ));
+    for one in urls {
+        let shown = redact_one(one);
+        if one.starts_with("rediss://") {
+            return Err(ck.err(
+                "cluster.redis",
+                format!("{shown}: rediss:// (TLS) is not supported by this build; use redis:// over a trusted network or a TLS sidecar"),
+            ));
+        }
+        if !one.starts_with("redis://") {
+            return Err(ck.err(
+                "cluster.redis",
+                format!("{shown} is not a redis:// URL (redis://[user:password@]host:port/db)"),
+            ));
+        }
+        if let Err(e) = redis::Client::open(one) {
+            return Err(ck.err(
+                "cluster.redis",
+                format!("{shown} is not a valid Redis URL ({})", e.category()),
+            ));
+        }
     }
     let node = raw.node.as_deref().map(str::trim).unwrap_or_default();
     if !node.is_empty() {
@@ -167,6 +202,7 @@ pub(super) fn cluster_from_raw(
             .key_prefix
             .clone()
             .unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_string()),
+        redis_cluster,
     };
     if c.sync_interval < Duration::from_millis(10) {
         return Err(ck.err(
@@ -240,6 +276,10 @@ mod tests {
             ("redis://:s3cret@r:6379", "redis://:***@r:6379"),
             ("redis://s3cret@r:6379/2", "redis://***@r:6379/2"),
             ("redis://r:6379/0", "redis://r:6379/0"),
+            (
+                "redis://:s3cret@a:7000, redis://:s3cret@b:7001",
+                "redis://:***@a:7000,redis://:***@b:7001",
+            ),
         ] {
             let u = RedisUrl(url.into());
             assert_eq!(u.to_string(), shown);

@@ -51,6 +51,7 @@ pub struct RawCluster {
     pub publish_above: Option<f64>,
     pub max_published: Option<u32>,
     pub key_prefix: Option<String>,
+    pub redis_cluster: Option<bool>,
 }
 
 /// `[runtime]`.

@@ -1208,8 +1208,13 @@ impl fmt::Display for Config {
             // `RedisUrl` prints without its password.
             write!(
                 f,
-                "\ncluster: redis {}, node {:?}, sync every {} (timeout {}), share_ttl {}, publish above {:.0}% of a cap, at most {} sources per listener, keys {}:*",
+                "\ncluster: redis {}{}, node {:?}, sync every {} (timeout {}), share_ttl {}, publish above {:.0}% of a cap, at most {} sources per listener, keys {{{}}}:*",
                 c.redis,
+                if c.redis_cluster {
+                    format!(" (Redis Cluster, sources over {} slots)", c.buckets())
+                } else {
+                    String::new()
+                },
                 c.node,
                 d(c.sync_interval),
                 d(c.timeout),

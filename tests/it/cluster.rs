@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::require;
 use crate::support::{
-    Backend, Need, Proxy, RedisServer, backend, base_config, connect_from, ms, wait_until,
+    Backend, Need, Proxy, RedisServer, backend, base_config, connect_from, http, ms, wait_until,
 };
 
 /// Short, so a test sees several syncs a second; a share outlives three of them.
@@ -54,6 +54,8 @@ fn replica(backend: SocketAddr, url: &str, node: &str, tune: impl FnOnce(&mut Li
         .expect("cluster section")
         .cluster;
     tune(&mut c.listeners[0].limits);
+    // The admin endpoint, for /sources and /metrics.
+    c.admin.bind = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     c
 }
 
@@ -184,6 +186,24 @@ async fn a_source_round_robin_over_three_replicas_holds_the_cap_plus_one_sync() 
     })
     .await;
     assert!(agreed, "every replica sees {total} connections in all");
+    // /sources shows the cluster-wide count beside the local one; /metrics the link.
+    let admin = ps[0].handle.admin_addr().expect("admin on");
+    let (status, body) = http(admin, "GET", "/sources").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let row = &v["listeners"][0]["sources"][0];
+    assert_eq!(row["source"], "127.0.0.2", "{body}");
+    assert_eq!(row["conns"], ps[0].snapshot().conns, "{body}");
+    assert_eq!(row["cluster"]["conns"], total, "{body}");
+    let (_, metrics) = http(admin, "GET", "/metrics").await;
+    for line in [
+        "halfguard_cluster_up 1",
+        "halfguard_cluster_replicas 3",
+        "halfguard_cluster_sync_failures_total{reason=\"timeout\"}",
+        "halfguard_cluster_staleness_seconds ",
+    ] {
+        assert!(metrics.contains(line), "{line} not in /metrics");
+    }
 
     // Counters and keys back to zero after the load.
     drop(held);
@@ -645,7 +665,14 @@ async fn measure_staleness() {
     let evals: u64 = stats
         .lines()
         .filter(|l| l.starts_with("cmdstat_eval"))
-        .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
         .sum();
     println!(
         "Redis: {evals} script calls in {secs:.1} s from 2 replicas: {:.2} per replica per second",
