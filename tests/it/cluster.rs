@@ -17,7 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::require;
 use crate::support::{
-    Backend, Need, Proxy, RedisServer, backend, base_config, connect_from, http, ms, wait_until,
+    Backend, Need, Proxy, RedisCluster, RedisServer, backend, base_config, connect_from, http, ms,
+    wait_until,
 };
 
 /// Short, so a test sees several syncs a second; a share outlives three of them.
@@ -28,10 +29,16 @@ const WHY: &str = "a real Redis";
 
 /// The `[cluster]` section for `node` against `url`.
 fn cluster_toml(url: &str, node: &str) -> String {
+    cluster_toml_on(url, node, false)
+}
+
+/// The same, against a Redis Cluster when `redis_cluster`.
+fn cluster_toml_on(url: &str, node: &str, redis_cluster: bool) -> String {
     format!(
         r#"
 [cluster]
 redis = "{url}"
+redis_cluster = {redis_cluster}
 node = "{node}"
 sync_interval = "{}ms"
 timeout = "150ms"
@@ -45,10 +52,20 @@ key_prefix = "hg-test"
 
 /// A replica: the base test config toward `backend`, with `[cluster]` and `limits` tuned.
 fn replica(backend: SocketAddr, url: &str, node: &str, tune: impl FnOnce(&mut Limits)) -> Config {
+    replica_on(backend, url, node, false, tune)
+}
+
+fn replica_on(
+    backend: SocketAddr,
+    url: &str,
+    node: &str,
+    redis_cluster: bool,
+    tune: impl FnOnce(&mut Limits),
+) -> Config {
     let mut c = base_config(&[backend]);
     let text = format!(
         "[[listeners]]\nname = \"x\"\nbind = \"127.0.0.1:0\"\nbackends = [\"127.0.0.1:1\"]\n{}",
-        cluster_toml(url, node)
+        cluster_toml_on(url, node, redis_cluster)
     );
     c.cluster = config::parse(&text, "cluster.toml", HashMap::new())
         .expect("cluster section")
@@ -96,9 +113,20 @@ async fn replicas(
     url: &str,
     tune: impl Fn(&mut Limits),
 ) -> Vec<Proxy> {
+    replicas_on(n, backend, url, false, tune).await
+}
+
+async fn replicas_on(
+    n: usize,
+    backend: SocketAddr,
+    url: &str,
+    redis_cluster: bool,
+    tune: impl Fn(&mut Limits),
+) -> Vec<Proxy> {
     let mut v = Vec::new();
     for i in 0..n {
-        v.push(Proxy::start(replica(backend, url, &format!("r{i}"), &tune)).await);
+        let c = replica_on(backend, url, &format!("r{i}"), redis_cluster, &tune);
+        v.push(Proxy::start(c).await);
     }
     v
 }
@@ -131,27 +159,53 @@ fn seen_elsewhere(p: &Proxy, source: &str) -> u32 {
         .map_or(0, |l| l.conns)
 }
 
-/// The share keys in Redis under the test's prefix.
-async fn share_keys(url: &str) -> Vec<String> {
+/// The keys matching `pattern` in the Redis at `url` (one node of a cluster: its own).
+async fn keys_on(url: &str, pattern: &str) -> Vec<String> {
     let client = redis::Client::open(url).expect("client");
     let mut c = client
         .get_multiplexed_async_connection()
         .await
         .expect("connect to the test's redis");
     redis::cmd("KEYS")
-        .arg("{hg-test}:share:*")
+        .arg(pattern)
         .query_async(&mut c)
         .await
         .expect("KEYS")
 }
 
+/// The share keys under the test's prefix (any bucket) on each of `urls`.
+async fn share_keys(urls: &[String]) -> Vec<String> {
+    let mut all = Vec::new();
+    for u in urls {
+        all.extend(keys_on(u, "{hg-test*:share:*").await);
+    }
+    all
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_source_round_robin_over_three_replicas_holds_the_cap_plus_one_sync() {
     require!(WHY; Need::Tool("redis-server"));
-    const CAP: u32 = 10;
     let redis = RedisServer::start(&[]).await;
+    round_robin(&redis.url(), false, &[redis.url()]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_cap_holds_on_a_three_node_redis_cluster_with_keys_over_every_node() {
+    require!("a real Redis Cluster"; Need::Tool("redis-server"), Need::Tool("redis-cli"));
+    let cluster = RedisCluster::start(3).await;
+    let nodes: Vec<String> = cluster.nodes.iter().map(|r| r.url()).collect();
+    round_robin(&cluster.urls(), true, &nodes).await;
+}
+
+/// Three replicas on `url`; one source round robin over them holds the cap plus what gets
+/// past it during a sync; counts and keys (looked for on each of `nodes`) go back to zero.
+async fn round_robin(url: &str, redis_cluster: bool, nodes: &[String]) {
+    const CAP: u32 = 10;
     let b = backend(Backend::Echo).await;
-    let ps = replicas(3, b.addr, &redis.url(), |l| l.max_conns_per_source = CAP).await;
+    let ps = replicas_on(3, b.addr, url, redis_cluster, |l| {
+        l.max_conns_per_source = CAP
+    })
+    .await;
     assert!(all_up(&ps, Duration::from_secs(3)).await, "replicas sync");
 
     // 60 attempts, one every 50 ms (four per sync interval), round robin: alone, each
@@ -165,7 +219,7 @@ async fn a_source_round_robin_over_three_replicas_holds_the_cap_plus_one_sync() 
     }
     let held = alive(held).await;
     eprintln!(
-        "round robin over three replicas, cap {CAP}: {} held",
+        "round robin over three replicas (redis_cluster {redis_cluster}), cap {CAP}: {} held",
         held.len()
     );
     // A count reaches the others within two syncs (its own, then theirs): at four attempts
@@ -205,17 +259,25 @@ async fn a_source_round_robin_over_three_replicas_holds_the_cap_plus_one_sync() 
         assert!(metrics.contains(line), "{line} not in /metrics");
     }
 
+    if redis_cluster {
+        // The buckets' keys live on every primary, not on one.
+        for n in nodes {
+            assert!(
+                !keys_on(n, "{hg-test*").await.is_empty(),
+                "no key on {n}: the buckets did not spread"
+            );
+        }
+    }
     // Counters and keys back to zero after the load.
     drop(held);
     for p in &ps {
         p.assert_drained(Duration::from_secs(3)).await;
     }
-    let url = redis.url();
     let gone = wait_until(Duration::from_secs(3), || async {
-        share_keys(&url).await.is_empty() && ps.iter().all(|p| seen_elsewhere(p, "127.0.0.2") == 0)
+        share_keys(nodes).await.is_empty() && ps.iter().all(|p| seen_elsewhere(p, "127.0.0.2") == 0)
     })
     .await;
-    assert!(gone, "share keys left: {:?}", share_keys(&url).await);
+    assert!(gone, "share keys left: {:?}", share_keys(nodes).await);
     for p in ps {
         p.shutdown().await;
     }

@@ -710,3 +710,66 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A Redis Cluster of `n` primaries on loopback (no replicas, no persistence), each a
+/// [`RedisServer`] of the test's own, joined with `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub async fn start(n: usize) -> RedisCluster {
+        let mut nodes = Vec::new();
+        for _ in 0..n {
+            // The bus port too: the default (port + 10000) may be past 65535.
+            let bus = free_port().to_string();
+            nodes.push(
+                RedisServer::start(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-port",
+                    &bus,
+                ])
+                .await,
+            );
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|r| format!("127.0.0.1:{}", r.port))
+            .collect();
+        let out = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let c = RedisCluster { nodes };
+        let ok = wait_until(Duration::from_secs(10), || async {
+            c.nodes.iter().all(|r| {
+                std::process::Command::new("redis-cli")
+                    .args(["-p", &r.port.to_string(), "cluster", "info"])
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+            })
+        })
+        .await;
+        assert!(ok, "the Redis Cluster did not reach cluster_state:ok");
+        c
+    }
+
+    /// The seed URLs, comma-separated, as `cluster.redis` takes them.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|r| r.url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
