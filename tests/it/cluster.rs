@@ -656,7 +656,7 @@ fn a_bad_cluster_section_names_its_key_and_never_the_password() {
 /// Not a test: the staleness figure in the README. From a connection opened on one replica
 /// to the other replica's view counting it, with the default `sync_interval` (500 ms);
 /// and what Redis spends on it (`INFO commandstats`). Run with
-/// `cargo test --release --test it cluster::measure_staleness -- --ignored --nocapture`.
+/// `cargo test --test it cluster::measure_staleness -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "a measurement, not a test: run it by name"]
 async fn measure_staleness() {
@@ -742,5 +742,69 @@ async fn measure_staleness() {
     );
     for p in ps {
         p.shutdown().await;
+    }
+}
+
+/// Not a test: what one sync costs Redis as replicas and published sources grow, for the
+/// README's sizing. `replicas` in-process replicas each hold 2 connections from each of 50
+/// sources (all published), for 10 s. Run with
+/// `cargo test --test it cluster::measure_redis_cost -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a measurement, not a test: run it by name"]
+async fn measure_redis_cost() {
+    require!(WHY; Need::Tool("redis-server"));
+    const SOURCES: usize = 50;
+    for n in [2usize, 8] {
+        let redis = RedisServer::start(&[]).await;
+        let b = backend(Backend::Echo).await;
+        let mut ps = Vec::new();
+        for i in 0..n {
+            let mut c = replica(b.addr, &redis.url(), &format!("m{i}"), |l| {
+                l.max_conns_per_source = 1000
+            });
+            if let Some(cl) = c.cluster.as_mut() {
+                cl.sync_interval = ms(500);
+                cl.timeout = ms(250);
+                cl.share_ttl = Duration::from_secs(10);
+                cl.publish_above = 0.001;
+            }
+            ps.push(Proxy::start(c).await);
+        }
+        let mut held = Vec::new();
+        for p in &ps {
+            for s in 0..SOURCES {
+                for _ in 0..2 {
+                    held.push(
+                        hold(&format!("127.0.1.{}", s + 1), p.addr)
+                            .await
+                            .expect("admitted"),
+                    );
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let client = redis::Client::open(redis.url()).expect("client");
+        let mut rc = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut rc)
+            .await
+            .expect("resetstat");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut rc)
+            .await
+            .expect("info");
+        for line in stats.lines().filter(|l| l.starts_with("cmdstat_evalsha")) {
+            println!("{n} replicas x {SOURCES} published sources each: {line}");
+        }
+        drop(held);
+        for p in ps {
+            p.shutdown().await;
+        }
     }
 }
