@@ -8,8 +8,8 @@
 //! replicas' shares ([`script`]), then hands each listener's guard a fresh view. Admission
 //! reads that view and its own live counts; it never waits for Redis.
 //!
-//! When Redis is down, slow or answers nonsense, the view is dropped and each replica
-//! enforces its full local caps (the single-node guarantee; an attacker gets at most N
+//! When Redis is down, slow or answers nonsense, the view is dropped (once it is three
+//! intervals old) and each replica enforces its full local caps (the single-node guarantee; an attacker gets at most N
 //! times the cap until Redis is back), bans already learned stay until they end, and the
 //! state change is logged once. The task reconnects with a backoff of at most four
 //! intervals, so the cluster view returns within a few intervals of Redis.

@@ -2,9 +2,10 @@
 //! and swap a fresh view into every listener's guard.
 //!
 //! Nothing here is on the accept path: a sync that hangs holds this task only, for at most
-//! `cluster.timeout`. A failure drops the connection and the cluster view (each replica is
-//! then on its full local caps), logs once per change of state, counts by reason, and
-//! retries with a backoff that doubles from one interval up to four. A replica that stops
+//! `cluster.timeout`. A failure drops the connection, counts by reason, logs once per
+//! change of state, and retries with a backoff that doubles from one interval up to four;
+//! once the view is three intervals old it is dropped too, and each replica is on its full
+//! local caps (one slow sync is not an outage). A replica that stops
 //! cleanly takes its share out of Redis; one that is killed is forgotten `share_ttl` later.
 
 use std::collections::{HashMap, HashSet};
@@ -23,6 +24,9 @@ use crate::server::State;
 
 /// The longest wait between two attempts while Redis is away, in sync intervals.
 const MAX_BACKOFF_INTERVALS: u32 = 4;
+/// A view this many intervals old is dropped at the next failed attempt: one slow sync
+/// is not an outage, and the last counts are a better guess than none for that long.
+const KEEP_VIEW_INTERVALS: u32 = 3;
 
 /// Where the script runs: one Redis, or a Redis Cluster (each bucket's call routed to the
 /// primary holding its slot). Both are multiplexed: clones share one connection per node.
@@ -152,13 +156,15 @@ pub(crate) async fn run(state: Arc<State>, cluster: Arc<Cluster>) {
                 cluster.fail(why);
                 cluster.up.store(false, Relaxed);
                 bans.retain(|_, until| *until > now);
-                install(&state, &cluster, HashMap::new(), &bans);
+                if cluster.staleness() >= cfg.sync_interval * KEEP_VIEW_INTERVALS {
+                    install(&state, &cluster, HashMap::new(), &bans);
+                }
                 if link != Link::Down {
                     tracing::warn!(
                         redis = %cfg.redis,
                         reason = why.as_str(),
                         %error,
-                        "cluster: Redis unavailable; each replica enforces its full local per-source caps until it is back (bans already known stay); retrying"
+                        "cluster: Redis unavailable; retrying, and on full local per-source caps once the cluster view is three intervals old, until it is back (bans already known stay)"
                     );
                     link = Link::Down;
                 }

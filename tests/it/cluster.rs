@@ -287,10 +287,33 @@ async fn round_robin(url: &str, redis_cluster: bool, nodes: &[String]) {
 async fn redis_killed_falls_back_to_local_caps_and_the_cluster_cap_returns_with_it() {
     require!(WHY; Need::Tool("redis-server"));
     const CAP: u32 = 4;
+    const ATTACKER: &str = "127.0.0.11";
     let mut redis = RedisServer::start(&[]).await;
     let b = backend(Backend::Echo).await;
     let ps = replicas(3, b.addr, &redis.url(), |l| l.max_conns_per_source = CAP).await;
     assert!(all_up(&ps, Duration::from_secs(3)).await, "replicas sync");
+    let others_see = |n: u32| {
+        let ps = &ps;
+        async move {
+            wait_until(Duration::from_secs(3), || async {
+                ps[1..].iter().all(|p| seen_elsewhere(p, ATTACKER) == n)
+            })
+            .await
+        }
+    };
+
+    // The attacker fills its cap on replica 0: replicas 1 and 2 refuse it.
+    let mut on_first = Vec::new();
+    for _ in 0..CAP {
+        on_first.push(hold(ATTACKER, ps[0].addr).await.expect("admitted"));
+    }
+    assert!(
+        others_see(CAP).await,
+        "replicas 1 and 2 see replica 0's share"
+    );
+    for p in &ps[1..] {
+        assert!(hold(ATTACKER, p.addr).await.is_none(), "cluster-wide cap");
+    }
 
     redis.kill();
     let down = wait_until(Duration::from_secs(3), || async {
@@ -306,22 +329,38 @@ async fn redis_killed_falls_back_to_local_caps_and_the_cluster_cap_returns_with_
             "a legit client is served with Redis down"
         );
     }
-    // The attacker stays within each replica's local cap.
-    let mut held: Vec<Vec<TcpStream>> = vec![Vec::new(), Vec::new(), Vec::new()];
-    for (i, p) in ps.iter().enumerate() {
+    // The view ages out: every replica is on its full local cap, no more, no less.
+    let dropped = wait_until(Duration::from_secs(3), || async {
+        ps.iter().all(|p| {
+            p.handle
+                .guard(crate::support::L)
+                .is_some_and(|g| g.remote().is_none())
+        })
+    })
+    .await;
+    assert!(dropped, "the stale cluster view is dropped");
+    let mut elsewhere: Vec<Vec<TcpStream>> = Vec::new();
+    for p in &ps[1..] {
+        let mut held = Vec::new();
         for _ in 0..CAP + 3 {
-            if let Some(s) = hold("127.0.0.11", p.addr).await {
-                held[i].push(s);
+            if let Some(s) = hold(ATTACKER, p.addr).await {
+                held.push(s);
             }
         }
+        elsewhere.push(alive(held).await);
     }
-    let mut held_alive = Vec::new();
-    for h in held {
-        held_alive.push(alive(h).await);
+    for (i, h) in elsewhere.iter().enumerate() {
+        assert_eq!(
+            h.len(),
+            CAP as usize,
+            "replica {} holds its local cap",
+            i + 1
+        );
     }
-    for (i, h) in held_alive.iter().enumerate() {
-        assert_eq!(h.len(), CAP as usize, "replica {i} holds its local cap");
-    }
+    assert!(
+        hold(ATTACKER, ps[0].addr).await.is_none(),
+        "local cap on replica 0"
+    );
     for p in &ps {
         let c = p.handle.cluster().expect("cluster on");
         assert!(
@@ -340,19 +379,16 @@ async fn redis_killed_falls_back_to_local_caps_and_the_cluster_cap_returns_with_
     let took = back.elapsed();
     // The backoff waits at most four intervals between attempts.
     assert!(took <= INTERVAL * 10, "back in sync after {took:?}");
-    // ...and with it the cluster-wide cap: the attacker's connections on replica 0 fill it,
-    // so replicas 1 and 2, holding none, refuse it.
-    let mut held_alive = held_alive.into_iter();
-    let on_first = held_alive.next().unwrap_or_default();
-    drop(held_alive);
-    let seen = wait_until(Duration::from_secs(3), || async {
-        seen_elsewhere(&ps[1], "127.0.0.11") == CAP && seen_elsewhere(&ps[2], "127.0.0.11") == CAP
-    })
-    .await;
-    assert!(seen, "replicas 1 and 2 see replica 0's connections");
+    // ...and with it the cluster-wide cap: once replicas 1 and 2 let their attacker
+    // connections go, replica 0's still fill the cap, and they refuse the attacker again.
+    drop(elsewhere);
+    assert!(
+        others_see(CAP).await,
+        "replicas 1 and 2 see replica 0's share again"
+    );
     for p in &ps[1..] {
         assert!(
-            hold("127.0.0.11", p.addr).await.is_none(),
+            hold(ATTACKER, p.addr).await.is_none(),
             "the cluster-wide cap holds again"
         );
     }
