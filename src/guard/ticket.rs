@@ -115,8 +115,10 @@ impl Ticket {
         };
         let sh = &self.shared;
         let cap = sh.limits.load().max_conns_per_source;
+        // With [cluster], the slot must be free across the replicas too.
+        let others = sh.others(key).conns;
         let mut e = entry(sh, key, &self.ctl)?;
-        if cap == 0 || e.conns - e.provisional < cap {
+        if cap == 0 || (e.conns - e.provisional).saturating_add(others) < cap {
             e.provisional -= 1;
             self.provisional = false;
             return Ok(true);
