@@ -120,9 +120,9 @@ pub(super) fn field(listener: &str, source: &SourceKey) -> String {
     format!("{listener}|{source}")
 }
 
-/// A share entry's value.
+/// A share entry's value: `conns half_open half_closed rate`.
 pub(super) fn value(l: &RemoteLoad) -> String {
-    format!("{} {} {}", l.conns, l.half_open, l.half_closed)
+    format!("{} {} {} {}", l.conns, l.half_open, l.half_closed, l.rate)
 }
 
 /// What one sync brought back.
@@ -203,6 +203,7 @@ fn parse_entry<'a>(field: &'a str, value: &str) -> Option<(&'a str, SourceKey, R
         conns: n.next()??,
         half_open: n.next()??,
         half_closed: n.next()??,
+        rate: n.next()??,
     };
     n.next().is_none().then_some((listener, source, load))
 }
@@ -230,15 +231,15 @@ mod tests {
         let r = parse((
             vec![
                 s("web|192.0.2.1"),
-                s("3 1 0"),
+                s("3 1 0 7"),
                 s("web|192.0.2.1"),
-                s("2 0 1"),
+                s("2 0 1 5"),
                 s("db|192.0.2.1"),
-                s("5 0 0"),
+                s("5 0 0 0"),
                 s("web|not-an-ip"),
-                s("1 0 0"),
+                s("1 0 0 0"),
                 s("web|192.0.2.2"),
-                s("1 x 0"),
+                s("1 x 0 0"),
             ],
             vec![s("192.0.2.9"), s("1500"), s("nope"), s("1")],
             3,
@@ -249,7 +250,8 @@ mod tests {
             RemoteLoad {
                 conns: 5,
                 half_open: 1,
-                half_closed: 1
+                half_closed: 1,
+                rate: 12
             }
         );
         assert_eq!(r.loads["db"][&k].conns, 5);

@@ -120,21 +120,33 @@ pub(crate) async fn run(state: Arc<State>, cluster: Arc<Cluster>) {
     // Bans in force as Redis last said, kept through an outage until they end.
     let mut bans: HashMap<SourceKey, Instant> = HashMap::new();
     let mut wait = Duration::ZERO;
+    let mut last_share = Instant::now();
     loop {
         tokio::select! {
             _ = state.stopping() => break,
             _ = tokio::time::sleep(wait) => {}
         }
-        let attempt = sync_once(&state, &cluster, &client, &mut con, &keys, &sync_script).await;
+        let since = last_share.elapsed();
+        last_share = Instant::now();
+        let attempt = sync_once(
+            &state,
+            &cluster,
+            &client,
+            &mut con,
+            &keys,
+            &sync_script,
+            since,
+        )
+        .await;
         let now = Instant::now();
         match attempt {
-            Ok(reply) => {
+            Ok((reply, here)) => {
                 bans = reply
                     .bans
                     .iter()
                     .map(|(s, left)| (*s, now + *left))
                     .collect();
-                install(&state, &cluster, reply.loads, &bans);
+                install(&state, &cluster, reply.loads, &here, &bans);
                 cluster.nodes.store(reply.nodes, Relaxed);
                 cluster.bad_entries.fetch_add(reply.bad, Relaxed);
                 cluster.synced();
@@ -157,7 +169,7 @@ pub(crate) async fn run(state: Arc<State>, cluster: Arc<Cluster>) {
                 cluster.up.store(false, Relaxed);
                 bans.retain(|_, until| *until > now);
                 if cluster.staleness() >= cfg.sync_interval * KEEP_VIEW_INTERVALS {
-                    install(&state, &cluster, HashMap::new(), &bans);
+                    install(&state, &cluster, HashMap::new(), &HashMap::new(), &bans);
                 }
                 if link != Link::Down {
                     tracing::warn!(
@@ -185,7 +197,8 @@ async fn sync_once(
     con: &mut Option<Conn>,
     keys: &[Keys],
     sync_script: &redis::Script,
-) -> Result<script::Reply, (Failure, String)> {
+    since: Duration,
+) -> Result<(script::Reply, LocalRates), (Failure, String)> {
     let cfg = &cluster.config;
     if con.is_none() {
         let c = tokio::time::timeout(cfg.timeout, client.connect())
@@ -201,8 +214,14 @@ async fn sync_once(
     let max = cfg.max_published as usize;
     let mut share: Vec<Vec<(String, String)>> = vec![Vec::new(); keys.len()];
     let mut published = 0u64;
+    let mut here: LocalRates = HashMap::new();
     for r in state.listeners().iter().filter(|r| !r.is_retired()) {
-        for (source, load) in r.ctx.guard.share(|cap| cfg.publish_at(cap), max) {
+        for (source, load) in r.ctx.guard.share(|cap| cfg.publish_at(cap), max, since) {
+            if load.rate > 0 {
+                here.entry(r.ctx.name.clone())
+                    .or_default()
+                    .insert(source, load.rate);
+            }
             let b = script::bucket_of(&source, buckets) as usize;
             if let Some(v) = share.get_mut(b) {
                 v.push((script::field(&r.ctx.name, &source), script::value(&load)));
@@ -263,7 +282,7 @@ async fn sync_once(
     match done {
         Ok(reply) => {
             cluster.published.store(published, Relaxed);
-            Ok(reply)
+            Ok((reply, here))
         }
         Err(e) => {
             cluster.return_bans(new_bans);
@@ -272,15 +291,22 @@ async fn sync_once(
     }
 }
 
-/// Hands every active listener's guard its part of the view.
+/// New connections per second per source on this replica, per listener, over the last
+/// interval (the sources it published).
+type LocalRates = HashMap<String, HashMap<SourceKey, u32>>;
+
+/// Hands every active listener's guard its part of the view, with its part of each shared
+/// source's rate for the coming interval.
 fn install(
     state: &State,
     cluster: &Cluster,
     mut loads: HashMap<String, HashMap<SourceKey, crate::guard::RemoteLoad>>,
+    here: &LocalRates,
     bans: &HashMap<SourceKey, Instant>,
 ) {
     let banned: HashSet<SourceKey> = bans.keys().copied().collect();
     cluster.banned.store(banned.len() as u64, Relaxed);
+    let interval = cluster.config.sync_interval.as_secs_f64();
     let mut remote_sources = 0;
     for r in state.listeners().iter().filter(|r| !r.is_retired()) {
         let l = loads.remove(&r.ctx.name).unwrap_or_default();
@@ -290,9 +316,24 @@ fn install(
             r.ctx.guard.set_remote(None);
             continue;
         }
+        let rate = r.ctx.guard.limits().conn_rate_per_source;
+        let mine = here.get(&r.ctx.name);
+        let rate_budget = if rate == 0 {
+            HashMap::new()
+        } else {
+            l.iter()
+                .filter(|(_, o)| o.rate > 0)
+                .map(|(k, o)| {
+                    let h = mine.and_then(|m| m.get(k)).copied().unwrap_or(0);
+                    let per_sec = crate::guard::rate_share(rate, h, o.rate);
+                    (*k, (f64::from(per_sec) * interval).ceil() as u32)
+                })
+                .collect()
+        };
         r.ctx.guard.set_remote(Some(Arc::new(Remote {
             loads: l,
             banned: banned.clone(),
+            rate_budget,
         })));
     }
     cluster.remote_sources.store(remote_sources, Relaxed);

@@ -40,12 +40,12 @@ mod ticket;
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::watch;
 
-pub use remote::{Remote, RemoteLoad};
+pub use remote::{Remote, RemoteLoad, rate_share};
 pub use source::SourceKey;
 pub use table::ConnCtl;
 pub use ticket::{Refused, State, Ticket};
@@ -90,6 +90,12 @@ pub(crate) struct Shared {
     networks: dashmap::DashMap<SourceKey, u32>,
     /// The other replicas' loads (`[cluster]`); `None` for a single node.
     remote: ArcSwapOption<Remote>,
+    /// `[cluster]` is on: new connections are counted per source in [`Shared::opened`]
+    /// for the cluster-wide rate. Off (a single node), admission never touches the map.
+    counting: AtomicBool,
+    /// New connections per source since the sync task last took them; at most
+    /// `max_sources` keys.
+    opened: dashmap::DashMap<SourceKey, u32>,
 }
 
 /// A trusted connection's source and network, once its PROXY header named them.
@@ -174,6 +180,8 @@ impl Guard {
                 observed: Refusals::default(),
                 networks: dashmap::DashMap::new(),
                 remote: ArcSwapOption::empty(),
+                counting: AtomicBool::new(false),
+                opened: dashmap::DashMap::new(),
             }),
         }
     }
@@ -244,7 +252,11 @@ impl Guard {
                 None => {}
             }
         }
-        self.admit_counted(key, provisional, weight, lim)
+        let t = self.admit_counted(key, provisional, weight, lim)?;
+        if let Some(key) = &key {
+            sh.count_opened(key, lim);
+        }
+        Ok(t)
     }
 
     /// The binding part of admission: a place under the listener caps (evicting when
@@ -453,30 +465,64 @@ impl Guard {
     /// This replica's share for the cluster: the sources holding at least `at(cap)` of one
     /// of their per-source caps (`at` gives the count that matters for a cap), heaviest
     /// first, at most `max`. A flood from many sources holding little each publishes nothing.
-    pub fn share(&self, at: impl Fn(u32) -> u32, max: usize) -> Vec<(SourceKey, RemoteLoad)> {
-        let lim = self.shared.limits.load();
+    ///
+    /// `elapsed` is the time since the last call: the new connections counted since then
+    /// become each source's `rate`, and the count starts again (this also turns counting
+    /// on, so a single node, which never calls this, never counts).
+    pub fn share(
+        &self,
+        at: impl Fn(u32) -> u32,
+        max: usize,
+        elapsed: std::time::Duration,
+    ) -> Vec<(SourceKey, RemoteLoad)> {
+        let sh = &self.shared;
+        sh.counting.store(true, Ordering::Relaxed);
+        let lim = sh.limits.load();
         let need = |cap: u32| if cap == 0 { u32::MAX } else { at(cap) };
-        let (c, o, h) = (
+        let (c, o, h, r) = (
             need(lim.max_conns_per_source),
             need(lim.max_half_open_per_source),
             need(lim.max_half_closed_per_source),
+            need(lim.conn_rate_per_source),
         );
-        let mut v: Vec<(SourceKey, RemoteLoad)> = self
-            .shared
+        let load_of = |e: &SourceEntry| RemoteLoad {
+            conns: e.conns,
+            half_open: e.half_open.len() as u32,
+            half_closed: e.half_closed.len() as u32,
+            rate: 0,
+        };
+        let mut loads: std::collections::HashMap<SourceKey, RemoteLoad> = sh
             .table
             .map
             .iter()
             .filter_map(|e| {
-                let load = RemoteLoad {
-                    conns: e.conns,
-                    half_open: e.half_open.len() as u32,
-                    half_closed: e.half_closed.len() as u32,
-                };
-                (load.conns >= c || load.half_open >= o || load.half_closed >= h)
-                    .then_some((*e.key(), load))
+                let l = load_of(&e);
+                (l.conns >= c || l.half_open >= o || l.half_closed >= h).then_some((*e.key(), l))
             })
             .collect();
-        v.sort_by(|a, b| b.1.conns.cmp(&a.1.conns).then(a.0.cmp(&b.0)));
+        let ms = elapsed.as_millis().max(1) as u64;
+        let opened: Vec<(SourceKey, u32)> = sh.opened.iter().map(|e| (*e.key(), *e)).collect();
+        sh.opened.clear();
+        for (key, n) in opened {
+            let rate = (u64::from(n) * 1000 / ms).min(u64::from(u32::MAX)) as u32;
+            if let Some(l) = loads.get_mut(&key) {
+                l.rate = rate;
+            } else if rate >= r {
+                let mut l = sh
+                    .table
+                    .map
+                    .get(&key)
+                    .map_or_else(RemoteLoad::default, |e| load_of(&e));
+                l.rate = rate;
+                loads.insert(key, l);
+            }
+        }
+        let mut v: Vec<(SourceKey, RemoteLoad)> = loads.into_iter().collect();
+        v.sort_by(|a, b| {
+            (b.1.conns, b.1.rate)
+                .cmp(&(a.1.conns, a.1.rate))
+                .then(a.0.cmp(&b.0))
+        });
         v.truncate(max);
         v
     }
@@ -553,6 +599,7 @@ impl Shared {
                 }
                 return Err(r);
             }
+            self.count_opened(&key, lim);
             Ok((Some(key), net))
         });
         if let Err(reason) = r {
@@ -577,10 +624,16 @@ impl Shared {
             return Ok(None);
         }
         let key = key();
-        if let Some(r) = &*self.remote.load()
-            && r.banned.contains(&key)
-        {
-            self.enforce_or_observe(key, Reject::Banned, lim)?;
+        if let Some(r) = &*self.remote.load() {
+            if r.banned.contains(&key) {
+                self.enforce_or_observe(key, Reject::Banned, lim)?;
+            }
+            // The cluster-wide rate: this replica's part of it, for this interval.
+            if let Some(budget) = r.rate_budget.get(&key)
+                && self.opened.get(&key).is_some_and(|n| *n >= *budget)
+            {
+                self.enforce_or_observe(key, Reject::Rate, lim)?;
+            }
         }
         if let Some(rate) = &*self.rate.load()
             && !rate.check(&key)
@@ -721,6 +774,18 @@ impl Shared {
             SourceEntry::default()
         });
         e.conns += 1;
+    }
+
+    /// Counts a new connection of `key` for the cluster-wide rate (`[cluster]` only).
+    fn count_opened(&self, key: &SourceKey, lim: &Limits) {
+        if !self.counting.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(mut n) = self.opened.get_mut(key) {
+            *n = n.saturating_add(1);
+        } else if self.opened.len() < lim.max_sources as usize {
+            *self.opened.entry(*key).or_insert(0) += 1;
+        }
     }
 
     /// What the other replicas hold of `key`, as of the last sync; zero for a single node.

@@ -17,6 +17,8 @@ pub struct RemoteLoad {
     pub half_open: u32,
     /// Half-closed past the grace.
     pub half_closed: u32,
+    /// New connections per second over the last sync interval.
+    pub rate: u32,
 }
 
 impl RemoteLoad {
@@ -24,6 +26,7 @@ impl RemoteLoad {
         self.conns = self.conns.saturating_add(o.conns);
         self.half_open = self.half_open.saturating_add(o.half_open);
         self.half_closed = self.half_closed.saturating_add(o.half_closed);
+        self.rate = self.rate.saturating_add(o.rate);
     }
 }
 
@@ -34,4 +37,38 @@ pub struct Remote {
     pub loads: HashMap<SourceKey, RemoteLoad>,
     /// Refused at accept until the sync task drops them (their `ban_for` is over).
     pub banned: HashSet<SourceKey>,
+    /// New connections this replica may admit per source in the current sync interval,
+    /// for the sources the others also admit: its part of `conn_rate_per_source`.
+    pub rate_budget: HashMap<SourceKey, u32>,
+}
+
+/// This replica's part of a cluster-wide rate of `rate` per second for one source, of which
+/// the others admitted `others` per second and this one `here`, in the last interval.
+///
+/// Proportional to what each admitted (so N replicas that see one source alike settle on
+/// `rate / N` each at once, instead of swinging between all and nothing), and never less
+/// than what the others leave (so a replica the source only now reaches is not starved).
+pub fn rate_share(rate: u32, here: u32, others: u32) -> u32 {
+    let proportional = if here == 0 {
+        0
+    } else {
+        (u64::from(rate) * u64::from(here) / (u64::from(here) + u64::from(others))) as u32
+    };
+    proportional.max(rate.saturating_sub(others)).min(rate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_seeing_one_source_alike_share_its_rate() {
+        // Three replicas, alike: a third each, at once.
+        assert_eq!(rate_share(90, 40, 80), 30);
+        // Alone: the whole rate.
+        assert_eq!(rate_share(90, 40, 0), 90);
+        // Newly reached: what the others leave.
+        assert_eq!(rate_share(90, 0, 60), 30);
+        assert_eq!(rate_share(90, 0, 120), 0);
+    }
 }

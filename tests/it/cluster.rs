@@ -446,6 +446,50 @@ async fn silent_connections_on_one_replica_count_against_the_half_open_cap_on_an
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_source_churning_over_three_replicas_gets_its_rate_about_once() {
+    require!(WHY; Need::Tool("redis-server"));
+    const RATE: u32 = 40;
+    const SECS: u64 = 4;
+    let redis = RedisServer::start(&[]).await;
+    let b = backend(Backend::Echo).await;
+    let ps = replicas(3, b.addr, &redis.url(), |l| {
+        l.conn_rate_per_source = RATE;
+        l.conn_burst_per_source = 5;
+    })
+    .await;
+    assert!(all_up(&ps, Duration::from_secs(3)).await, "replicas sync");
+    // One short connection after another, round robin, as fast as the source can.
+    let end = tokio::time::Instant::now() + Duration::from_secs(SECS);
+    let (mut tries, mut admitted) = (0u32, 0u32);
+    while tokio::time::Instant::now() < end && tries < 50_000 {
+        if hold("127.0.0.91", ps[tries as usize % 3].addr)
+            .await
+            .is_some()
+        {
+            admitted += 1;
+        }
+        tries += 1;
+    }
+    let alone = 3 * RATE * SECS as u32;
+    eprintln!(
+        "rate {RATE}/s over three replicas for {SECS} s: {admitted} admitted of {tries} (each alone: {alone})"
+    );
+    assert!(
+        tries > alone * 2,
+        "the source could not press hard enough ({tries} tries) to tell"
+    );
+    // Each replica alone admits RATE a second: three times the rate. Shared, about the
+    // rate, plus what passes while the first counts travel and the shares settle.
+    assert!(
+        admitted <= 2 * RATE * SECS as u32,
+        "{admitted} admitted: the rate was not shared"
+    );
+    for p in ps {
+        p.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reload_keeps_the_cluster_settings_until_restart() {
     let b = backend(Backend::Echo).await;
     // Nothing listens there: the replica runs on local caps, which is all this needs.
