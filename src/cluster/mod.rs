@@ -3,7 +3,8 @@
 //! Every replica of a service runs its own halfguard; an attacker spread over N of them
 //! would get N times each per-source cap, and a source banned on one would be a stranger to
 //! the others. With `[cluster]`, a background task ([`sync`]) publishes, every
-//! `sync_interval`, this replica's per-source counts for the sources that matter (above
+//! `sync_interval`, this replica's per-source counts and new connections per second for
+//! the sources that matter (above
 //! `publish_above` of a cap, at most `max_published` per listener) and reads the other
 //! replicas' shares ([`script`]), then hands each listener's guard a fresh view. Admission
 //! reads that view and its own live counts; it never waits for Redis.

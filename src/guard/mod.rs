@@ -21,7 +21,9 @@
 //!
 //! With `[cluster]`, the per-source caps (connections, half-open, half-closed) apply to
 //! the source's local counts plus what the other replicas held at their last sync
-//! ([`remote`]), and a source banned cluster-wide is refused after the allow list. The view
+//! ([`remote`]), a source the others also admit gets this replica's part of its
+//! new-connection rate per interval, and a source banned cluster-wide is refused after the
+//! allow list. The view
 //! is swapped in whole by the cluster's sync task: admission reads it, never waits for it.
 //!
 //! The listener-wide counts are atomics; a source's counts live in its [`table`] entry. A
