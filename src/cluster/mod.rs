@@ -3,17 +3,18 @@
 //! Every replica of a service runs its own halfguard; an attacker spread over N of them
 //! would get N times each per-source cap, and a source banned on one would be a stranger to
 //! the others. With `[cluster]`, a background task ([`sync`]) publishes, every
-//! `sync_interval`, this replica's per-source counts and new connections per second for
-//! the sources that matter (above
-//! `publish_above` of a cap, at most `max_published` per listener) and reads the other
-//! replicas' shares ([`script`]), then hands each listener's guard a fresh view. Admission
-//! reads that view and its own live counts; it never waits for Redis.
+//! `sync_interval`, this replica's per-source counts and new connections per second for the
+//! sources that matter (above `publish_above` of a cap, at most `max_published` per
+//! listener) and reads the other replicas' shares ([`script`]), then hands each listener's
+//! guard a fresh view. Admission reads that view and its own live counts; it never waits
+//! for Redis.
 //!
 //! When Redis is down, slow or answers nonsense, the view is dropped (once it is three
-//! intervals old) and each replica enforces its full local caps (the single-node guarantee; an attacker gets at most N
-//! times the cap until Redis is back), bans already learned stay until they end, and the
-//! state change is logged once. The task reconnects with a backoff of at most four
-//! intervals, so the cluster view returns within a few intervals of Redis.
+//! intervals old) and each replica enforces its full local caps (the single-node
+//! guarantee; an attacker gets at most N times the cap until Redis is back), bans already
+//! learned stay until they end, and the state change is logged once. The task reconnects
+//! with a backoff of at most four intervals, so the cluster view returns within a few
+//! intervals of Redis.
 
 pub mod script;
 pub mod sync;

@@ -632,7 +632,7 @@ impl Shared {
             }
             // The cluster-wide rate: this replica's part of it, for this interval.
             if let Some(budget) = r.rate_budget.get(&key)
-                && self.opened.get(&key).is_some_and(|n| *n >= *budget)
+                && self.opened.get(&key).map_or(0, |n| *n) >= *budget
             {
                 self.enforce_or_observe(key, Reject::Rate, lim)?;
             }
