@@ -402,13 +402,15 @@ fn sources(query: &str, state: &State) -> Response<Full<Bytes>> {
                         .collect()
                 })
                 .unwrap_or_default();
+            // With [cluster]: the counts over every replica, beside this one's.
+            let remote = state.cluster().map(|_| r.ctx.guard.remote());
             let rows: Vec<serde_json::Value> = r
                 .ctx
                 .guard
                 .top_sources(top_n, by)
                 .into_iter()
                 .map(|l| {
-                    serde_json::json!({
+                    let mut row = serde_json::json!({
                         "source": l.source.to_string(),
                         "conns": l.conns,
                         "half_open": l.half_open,
@@ -417,7 +419,20 @@ fn sources(query: &str, state: &State) -> Response<Full<Bytes>> {
                         "refused": l.refused,
                         "observed": l.observed,
                         "verdict": l.verdict(),
-                    })
+                    });
+                    if let Some(remote) = &remote {
+                        let o = remote
+                            .as_ref()
+                            .and_then(|v| v.loads.get(&l.source).copied())
+                            .unwrap_or_default();
+                        row["cluster"] = serde_json::json!({
+                            "conns": l.conns + o.conns as usize,
+                            "half_open": l.half_open + o.half_open as usize,
+                            "half_closed": l.half_closed + o.half_closed as usize,
+                            "banned": remote.as_ref().is_some_and(|v| v.banned.contains(&l.source)),
+                        });
+                    }
+                    row
                 })
                 .collect();
             serde_json::json!({ "listener": r.ctx.name, "sources": rows, "kernel_syn_recv": syn_recv })

@@ -15,6 +15,8 @@
 //!   the per-source rate, pressure mode.
 //! - [`conn`]: one connection's task, its state machine and clocks, and the two-way pump.
 //! - [`kernel`]: the socket census (sock_diag) and halfguard's own nftables table.
+//! - [`cluster`]: `[cluster]`: per-source counts and bans shared by replicas through Redis,
+//!   synced in the background; admission reads the last view, never waits for Redis.
 //! - [`backend`]: backend selection and connect (round robin, failover).
 //! - [`sockopt`]: socket options, RST aborts, the kernel send queue.
 //! - [`fds`]: the descriptor budget: listener caps and splice pipes cut to fit the
@@ -30,6 +32,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod fds;

@@ -117,6 +117,12 @@ fn gauge(
     Ok(())
 }
 
+/// A gauge with no labels and a fractional value (seconds).
+fn gauge_f(enc: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> std::fmt::Result {
+    let m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    ConstGauge::new(v).encode(m)
+}
+
 fn histogram(
     enc: &mut DescriptorEncoder,
     name: &str,
@@ -485,6 +491,67 @@ impl prometheus_client::collector::Collector for Collector {
             "Packets halfguard's nftables rules dropped, by rule: ban (the drop set), syn_rate and conns (a source over its limit), untracked (the shared limit of sources a full per-source set has no room for). Read at each census.",
             &dropped,
         )?;
+
+        if let Some(c) = self.state.cluster() {
+            gauge(
+                e,
+                "halfguard_cluster_up",
+                "1 while the last sync with Redis succeeded and per-source caps are cluster-wide; 0 while each replica enforces its full local caps.",
+                &[(vec![], i64::from(c.up.load(Relaxed)))],
+            )?;
+            counter(
+                e,
+                "halfguard_cluster_syncs",
+                "Successful syncs with Redis (publish this replica's share, read the others').",
+                &[(vec![], c.syncs.load(Relaxed))],
+            )?;
+            let v: Vec<_> = crate::cluster::Failure::ALL
+                .iter()
+                .map(|f| (vec![("reason", f.as_str())], c.failures(*f)))
+                .collect();
+            counter(
+                e,
+                "halfguard_cluster_sync_failures",
+                "Failed syncs with Redis by reason: connect (refused, unreachable, AUTH), timeout (no answer within cluster.timeout), error (Redis said no), reply (an answer that is not ours).",
+                &v,
+            )?;
+            gauge_f(
+                e,
+                "halfguard_cluster_staleness_seconds",
+                "Age of the cluster view: time since the last successful sync (since start before the first).",
+                c.staleness().as_secs_f64(),
+            )?;
+            gauge(
+                e,
+                "halfguard_cluster_replicas",
+                "Live replicas at the last sync, this one included.",
+                &[(vec![], c.nodes.load(Relaxed) as i64)],
+            )?;
+            gauge(
+                e,
+                "halfguard_cluster_published_sources",
+                "Sources this replica published at the last sync (above cluster.publish_above of a cap; at most cluster.max_published per listener).",
+                &[(vec![], c.published.load(Relaxed) as i64)],
+            )?;
+            gauge(
+                e,
+                "halfguard_cluster_remote_sources",
+                "Sources the other replicas hold, as of the last sync.",
+                &[(vec![], c.remote_sources.load(Relaxed) as i64)],
+            )?;
+            gauge(
+                e,
+                "halfguard_cluster_banned_sources",
+                "Sources banned on every replica now.",
+                &[(vec![], c.banned.load(Relaxed) as i64)],
+            )?;
+            counter(
+                e,
+                "halfguard_cluster_bad_entries",
+                "Entries in other replicas' shares that did not parse, skipped.",
+                &[(vec![], c.bad_entries.load(Relaxed))],
+            )?;
+        }
 
         // What the process runs on, so a dashboard can tell a CPU limit from a slow backend.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {

@@ -111,6 +111,8 @@ pub(crate) struct State {
     kernel: crate::kernel::Kernel,
     /// The descriptor budget in force: effective listener caps and the pipe budget.
     fds: ArcSwap<Budget>,
+    /// `[cluster]`: the shared view's state; `None` for a single node. Fixed at start.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// A bound, running server, waiting for [`Server::run`] to be told when to stop.
@@ -173,6 +175,10 @@ impl Server {
             reload_lock: tokio::sync::Mutex::new(()),
             kernel: crate::kernel::Kernel::default(),
             fds: ArcSwap::from_pointee(Budget::current(&config)),
+            cluster: config
+                .cluster
+                .clone()
+                .map(|c| Arc::new(crate::cluster::Cluster::new(c))),
         });
         for socket in &sockets {
             sockopt::apply(socket2::SockRef::from(socket), &config.tcp)?;
@@ -205,6 +211,11 @@ impl Server {
             .await;
         state.tasks.spawn(crate::kernel::run(state.clone()));
         state.tasks.spawn(upkeep(state.clone()));
+        if let Some(c) = &state.cluster {
+            state
+                .tasks
+                .spawn(crate::cluster::sync::run(state.clone(), c.clone()));
+        }
         Ok(Server { state, admin })
     }
 
@@ -513,6 +524,11 @@ impl State {
         &self.kernel
     }
 
+    /// The cluster's state, when `[cluster]` is on.
+    pub(crate) fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.as_ref()
+    }
+
     /// Resolves when the server is stopping for good.
     pub(crate) async fn stopping(&self) {
         self.stop_upkeep.cancelled().await
@@ -631,6 +647,7 @@ impl State {
             (new.admin.needs_restart_for(&old.admin), "[admin]"),
             (new.log != old.log, "[log]"),
             (new.runtime != old.runtime, "[runtime]"),
+            (new.cluster != old.cluster, "[cluster]"),
         ] {
             if changed {
                 tracing::warn!("{section} changes take effect at the next restart");
@@ -642,6 +659,7 @@ impl State {
         running.admin = old.admin.clone();
         running.log = old.log.clone();
         running.runtime = old.runtime.clone();
+        running.cluster = old.cluster.clone();
         self.config.store(Arc::new(running));
         self.loaded.store(Arc::new(new));
         Ok(changed)
@@ -745,6 +763,10 @@ fn changes(old: &Config, new: &Config) -> String {
         (
             old.runtime != new.runtime,
             "[runtime] (at the next restart)",
+        ),
+        (
+            old.cluster != new.cluster,
+            "[cluster] (at the next restart)",
         ),
     ] {
         if changed {
@@ -888,6 +910,11 @@ impl Handle {
     /// The descriptor budget in force: effective listener caps and the pipe budget.
     pub fn fds(&self) -> Arc<Budget> {
         self.state.fds()
+    }
+
+    /// The cluster's state (sync counts, failures, staleness), when `[cluster]` is on.
+    pub fn cluster(&self) -> Option<Arc<crate::cluster::Cluster>> {
+        self.state.cluster.clone()
     }
 
     /// Re-reads the config file (and `HALFGUARD__*` overrides) and applies it, returning

@@ -38,10 +38,13 @@ pub enum Reject {
     QueueFull,
     /// The source's network (a coarser prefix) is at `max_conns_per_network`.
     NetworkConns,
+    /// The source is banned cluster-wide (`[cluster]`): a replica's kernel layer banned it,
+    /// or its caps refused it `kernel.ban_after` times; for `kernel.ban_for`.
+    Banned,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 13] = [
+    pub const ALL: [Reject; 14] = [
         Reject::Denied,
         Reject::ConnsFull,
         Reject::Rate,
@@ -55,6 +58,7 @@ impl Reject {
         Reject::UntrustedProxy,
         Reject::QueueFull,
         Reject::NetworkConns,
+        Reject::Banned,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -72,6 +76,7 @@ impl Reject {
             Reject::UntrustedProxy => "untrusted_proxy",
             Reject::QueueFull => "queue_full",
             Reject::NetworkConns => "network_conns",
+            Reject::Banned => "banned",
         }
     }
 }

@@ -35,6 +35,23 @@ pub struct RawConfig {
     pub kernel: RawKernel,
     #[serde(default)]
     pub runtime: RawRuntime,
+    /// `None`: a single node, no Redis.
+    pub cluster: Option<RawCluster>,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub redis: Option<String>,
+    pub node: Option<String>,
+    pub sync_interval: Option<RawDuration>,
+    pub share_ttl: Option<RawDuration>,
+    pub timeout: Option<RawDuration>,
+    pub publish_above: Option<f64>,
+    pub max_published: Option<u32>,
+    pub key_prefix: Option<String>,
+    pub redis_cluster: Option<bool>,
 }
 
 /// `[runtime]`.

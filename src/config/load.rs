@@ -79,6 +79,20 @@ pub fn parse(
         .and_then(|c| c.try_deserialize())
         .map_err(|e| blame(describe(e, origin)))?;
     let mut config = Config::from_raw(raw, origin).map_err(blame)?;
+    if let Some(c) = &mut config.cluster
+        && c.node.is_empty()
+    {
+        c.node = super::host_name().ok_or_else(|| ConfigError::Invalid {
+            file: origin.to_string(),
+            key: "cluster.node".into(),
+            reason: "cannot read this host's name; set cluster.node".into(),
+        })?;
+        super::check_node(&c.node).map_err(|r| ConfigError::Invalid {
+            file: origin.to_string(),
+            key: "cluster.node".into(),
+            reason: format!("the host name {r}; set cluster.node"),
+        })?;
+    }
     let invalid = |key: &str, reason: String| ConfigError::Invalid {
         file: origin.to_string(),
         key: key.to_string(),

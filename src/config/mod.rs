@@ -10,6 +10,7 @@
 //! the reasoning an operator needs.
 
 mod admin;
+mod cluster;
 mod file;
 mod load;
 mod log;
@@ -24,6 +25,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 pub use admin::{ADMIN_TOKEN_ENV, AdminToken, MIN_TOKEN_LEN, TokenSource};
+pub use cluster::{ClusterConfig, RedisUrl, check_node, host_name};
 pub use file::{RawConfig, RawDuration, RawLimits, RawTimeouts};
 pub use load::{ENV_PREFIX, ENV_SEPARATOR, load, load_with_env, parse};
 pub use log::check_filter;
@@ -245,6 +247,8 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     pub kernel: KernelConfig,
     pub runtime: RuntimeConfig,
+    /// `[cluster]`: `None` runs a single node. Read at start only.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// `[runtime]`: read at start only.
@@ -923,6 +927,11 @@ impl Config {
             },
         };
 
+        let cluster = match &raw.cluster {
+            Some(c) => Some(cluster::cluster_from_raw(&ck, c)?),
+            None => None,
+        };
+
         Ok(Config {
             file: file.to_string(),
             listeners,
@@ -933,6 +942,7 @@ impl Config {
             pools,
             kernel,
             runtime,
+            cluster,
         })
     }
 
@@ -1193,7 +1203,28 @@ impl fmt::Display for Config {
                 "runtime: one worker thread per usable CPU ({} here)",
                 self.runtime.worker_threads()
             ),
+        }?;
+        if let Some(c) = &self.cluster {
+            // `RedisUrl` prints without its password.
+            write!(
+                f,
+                "\ncluster: redis {}{}, node {:?}, sync every {} (timeout {}), share_ttl {}, publish above {:.0}% of a cap, at most {} sources per listener, keys {{{}}}:*",
+                c.redis,
+                if c.redis_cluster {
+                    format!(" (Redis Cluster, sources over {} slots)", c.buckets())
+                } else {
+                    String::new()
+                },
+                c.node,
+                d(c.sync_interval),
+                d(c.timeout),
+                d(c.share_ttl),
+                c.publish_above * 100.0,
+                c.max_published,
+                c.key_prefix
+            )?;
         }
+        Ok(())
     }
 }
 

@@ -19,6 +19,13 @@
 //! data at a healthy rate is never a victim. The heaviest source comes from an index, not a
 //! scan ([`heaviest`]).
 //!
+//! With `[cluster]`, the per-source caps (connections, half-open, half-closed) apply to
+//! the source's local counts plus what the other replicas held at their last sync
+//! ([`remote`]), a source the others also admit gets this replica's part of its
+//! new-connection rate per interval, and a source banned cluster-wide is refused after the
+//! allow list. The view
+//! is swapped in whole by the cluster's sync task: admission reads it, never waits for it.
+//!
 //! The listener-wide counts are atomics; a source's counts live in its [`table`] entry. A
 //! connection is counted listener-wide *before* it is put in its source's eviction list, so
 //! an evictor (which gives counts back on the victim's behalf) can never drive a count
@@ -28,17 +35,19 @@ mod heaviest;
 mod pressure;
 mod rate;
 mod refusals;
+mod remote;
 mod source;
 mod table;
 mod ticket;
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::watch;
 
+pub use remote::{Remote, RemoteLoad, rate_share};
 pub use source::SourceKey;
 pub use table::ConnCtl;
 pub use ticket::{Refused, State, Ticket};
@@ -81,6 +90,14 @@ pub(crate) struct Shared {
     observed: Refusals,
     /// Connections per network (the coarser prefix of `max_conns_per_network`).
     networks: dashmap::DashMap<SourceKey, u32>,
+    /// The other replicas' loads (`[cluster]`); `None` for a single node.
+    remote: ArcSwapOption<Remote>,
+    /// `[cluster]` is on: new connections are counted per source in [`Shared::opened`]
+    /// for the cluster-wide rate. Off (a single node), admission never touches the map.
+    counting: AtomicBool,
+    /// New connections per source since the sync task last took them; at most
+    /// `max_sources` keys.
+    opened: dashmap::DashMap<SourceKey, u32>,
 }
 
 /// A trusted connection's source and network, once its PROXY header named them.
@@ -164,6 +181,9 @@ impl Guard {
                 refusals: Refusals::default(),
                 observed: Refusals::default(),
                 networks: dashmap::DashMap::new(),
+                remote: ArcSwapOption::empty(),
+                counting: AtomicBool::new(false),
+                opened: dashmap::DashMap::new(),
             }),
         }
     }
@@ -229,13 +249,14 @@ impl Guard {
         let mut provisional = false;
         let mut weight = 0;
         if let Some(key) = &key {
+            let others = sh.others(key);
             // Non-binding look first, so a source at its cap is refused before it can cost
             // anyone an eviction. (Observing, the binding check counts it.)
             match sh.table.map.get(key) {
                 Some(e) => {
                     weight = e.going_nowhere();
                     if lim.mode == Mode::Enforce {
-                        match check_source(&e, lim) {
+                        match check_source(&e, lim, others) {
                             Ok(p) => provisional = p,
                             Err(r) => {
                                 drop(e);
@@ -247,10 +268,19 @@ impl Guard {
                 None if sh.table.len.load(Ordering::Relaxed) >= lim.max_sources as usize => {
                     return Err(Reject::SourcesFull);
                 }
+                None if others != RemoteLoad::default() && lim.mode == Mode::Enforce => {
+                    if let Err(r) = check_source(&SourceEntry::default(), lim, others) {
+                        sh.enforce_or_observe(*key, r, lim)?;
+                    }
+                }
                 None => {}
             }
         }
-        self.admit_counted(key, provisional, weight, lim)
+        let t = self.admit_counted(key, provisional, weight, lim)?;
+        if let Some(key) = &key {
+            sh.count_opened(key, lim);
+        }
+        Ok(t)
     }
 
     /// The binding part of admission: a place under the listener caps (evicting when
@@ -444,21 +474,103 @@ impl Guard {
     pub fn stats(&self) -> &Arc<Stats> {
         &self.shared.stats
     }
+
+    /// Installs the cluster view admission adds to the local counts (`None`: local caps
+    /// only, as a single node or while Redis is away).
+    pub fn set_remote(&self, remote: Option<Arc<Remote>>) {
+        self.shared.remote.store(remote);
+    }
+
+    /// The cluster view in force.
+    pub fn remote(&self) -> Option<Arc<Remote>> {
+        self.shared.remote.load_full()
+    }
+
+    /// This replica's share for the cluster: the sources holding at least `at(cap)` of one
+    /// of their per-source caps (`at` gives the count that matters for a cap), heaviest
+    /// first, at most `max`. A flood from many sources holding little each publishes nothing.
+    ///
+    /// `elapsed` is the time since the last call: the new connections counted since then
+    /// become each source's `rate`, and the count starts again (this also turns counting
+    /// on, so a single node, which never calls this, never counts).
+    pub fn share(
+        &self,
+        at: impl Fn(u32) -> u32,
+        max: usize,
+        elapsed: std::time::Duration,
+    ) -> Vec<(SourceKey, RemoteLoad)> {
+        let sh = &self.shared;
+        sh.counting.store(true, Ordering::Relaxed);
+        let lim = sh.limits.load();
+        let need = |cap: u32| if cap == 0 { u32::MAX } else { at(cap) };
+        let (c, o, h, r) = (
+            need(lim.max_conns_per_source),
+            need(lim.max_half_open_per_source),
+            need(lim.max_half_closed_per_source),
+            need(lim.conn_rate_per_source),
+        );
+        let load_of = |e: &SourceEntry| RemoteLoad {
+            conns: e.conns,
+            half_open: e.half_open.len() as u32,
+            half_closed: e.half_closed.len() as u32,
+            rate: 0,
+        };
+        let mut loads: std::collections::HashMap<SourceKey, RemoteLoad> = sh
+            .table
+            .map
+            .iter()
+            .filter_map(|e| {
+                let l = load_of(&e);
+                (l.conns >= c || l.half_open >= o || l.half_closed >= h).then_some((*e.key(), l))
+            })
+            .collect();
+        let ms = elapsed.as_millis().max(1) as u64;
+        let opened: Vec<(SourceKey, u32)> = sh.opened.iter().map(|e| (*e.key(), *e)).collect();
+        sh.opened.clear();
+        for (key, n) in opened {
+            let rate = (u64::from(n) * 1000 / ms).min(u64::from(u32::MAX)) as u32;
+            if let Some(l) = loads.get_mut(&key) {
+                l.rate = rate;
+            } else if rate >= r {
+                let mut l = sh
+                    .table
+                    .map
+                    .get(&key)
+                    .map_or_else(RemoteLoad::default, |e| load_of(&e));
+                l.rate = rate;
+                loads.insert(key, l);
+            }
+        }
+        let mut v: Vec<(SourceKey, RemoteLoad)> = loads.into_iter().collect();
+        v.sort_by(|a, b| {
+            (b.1.conns, b.1.rate)
+                .cmp(&(a.1.conns, a.1.rate))
+                .then(a.0.cmp(&b.0))
+        });
+        v.truncate(max);
+        v
+    }
 }
 
-/// The per-source caps against a source's entry. `Ok(true)`: admitted provisionally, over
-/// the connection cap by less than the slack, waiting for a slot.
-fn check_source(e: &SourceEntry, lim: &Limits) -> Result<bool, Reject> {
+/// The per-source caps against a source's entry plus what the other replicas hold
+/// (`others`, zero for a single node). `Ok(true)`: admitted provisionally, over the
+/// connection cap by less than the slack, waiting for a slot.
+fn check_source(e: &SourceEntry, lim: &Limits, others: RemoteLoad) -> Result<bool, Reject> {
     let mut provisional = false;
     let cap = lim.max_conns_per_source;
-    if cap > 0 && e.conns - e.provisional >= cap {
+    let local = e.conns - e.provisional;
+    if cap > 0 && local >= cap {
         if e.provisional >= provisional_slack(cap) {
             return Err(Reject::SourceConns);
         }
         provisional = true;
+    } else if cap > 0 && local.saturating_add(others.conns) >= cap {
+        // No provisional slot on another replica's count: the slack waits for a local
+        // connection whose task has not run yet, which a remote count knows nothing of.
+        return Err(Reject::SourceConns);
     }
     if lim.max_half_open_per_source > 0
-        && e.half_open.len() >= lim.max_half_open_per_source as usize
+        && e.half_open.len() + others.half_open as usize >= lim.max_half_open_per_source as usize
     {
         return Err(Reject::SourceHalfOpen);
     }
@@ -467,7 +579,8 @@ fn check_source(e: &SourceEntry, lim: &Limits) -> Result<bool, Reject> {
     // and a client that sends FIN and never reads churns through connections (and backend
     // bytes) as fast as its rate allows.
     if lim.max_half_closed_per_source > 0
-        && e.half_closed.len() >= lim.max_half_closed_per_source as usize
+        && e.half_closed.len() + others.half_closed as usize
+            >= lim.max_half_closed_per_source as usize
     {
         return Err(Reject::SourceHalfClosed);
     }
@@ -510,6 +623,7 @@ impl Shared {
                 }
                 return Err(r);
             }
+            self.count_opened(&key, lim);
             Ok((Some(key), net))
         });
         if let Err(reason) = r {
@@ -534,6 +648,17 @@ impl Shared {
             return Ok(None);
         }
         let key = key();
+        if let Some(r) = &*self.remote.load() {
+            if r.banned.contains(&key) {
+                self.enforce_or_observe(key, Reject::Banned, lim)?;
+            }
+            // The cluster-wide rate: this replica's part of it, for this interval.
+            if let Some(budget) = r.rate_budget.get(&key)
+                && self.opened.get(&key).map_or(0, |n| *n) >= *budget
+            {
+                self.enforce_or_observe(key, Reject::Rate, lim)?;
+            }
+        }
         if let Some(rate) = &*self.rate.load()
             && !rate.check(&key)
         {
@@ -563,7 +688,9 @@ impl Shared {
     /// Counts a refusal, and tallies it against its source for `/sources` (a denied source
     /// is refused by the operator's choice, not by its behaviour).
     fn refused(&self, ip: IpAddr, reason: Reject) {
-        if reason == Reject::Denied {
+        // A banned source is refused for the ban, not for what it does now: no tally, or
+        // the ban would feed itself.
+        if matches!(reason, Reject::Denied | Reject::Banned) {
             self.stats.reject(reason);
             return;
         }
@@ -582,10 +709,11 @@ impl Shared {
     /// counted and not acted on.
     fn enter_source(&self, key: &SourceKey, lim: &Limits) -> Result<bool, Reject> {
         use dashmap::mapref::entry::Entry;
+        let others = self.others(key);
         match self.table.map.entry(*key) {
             Entry::Occupied(mut o) => {
                 let e = o.get_mut();
-                let provisional = match check_source(e, lim) {
+                let provisional = match check_source(e, lim, others) {
                     Ok(p) => p,
                     Err(r) if lim.mode == Mode::Observe => {
                         self.observed_key(*key, Observed::Reject(r));
@@ -598,6 +726,14 @@ impl Shared {
                 Ok(provisional)
             }
             Entry::Vacant(v) => {
+                if others != RemoteLoad::default()
+                    && let Err(r) = check_source(&SourceEntry::default(), lim, others)
+                {
+                    if lim.mode == Mode::Enforce {
+                        return Err(r);
+                    }
+                    self.observed_key(*key, Observed::Reject(r));
+                }
                 if self.table.len.fetch_add(1, Ordering::Relaxed) >= lim.max_sources as usize {
                     self.table.len.fetch_sub(1, Ordering::Relaxed);
                     return Err(Reject::SourcesFull);
@@ -662,6 +798,26 @@ impl Shared {
             SourceEntry::default()
         });
         e.conns += 1;
+    }
+
+    /// Counts a new connection of `key` for the cluster-wide rate (`[cluster]` only).
+    fn count_opened(&self, key: &SourceKey, lim: &Limits) {
+        if !self.counting.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(mut n) = self.opened.get_mut(key) {
+            *n = n.saturating_add(1);
+        } else if self.opened.len() < lim.max_sources as usize {
+            *self.opened.entry(*key).or_insert(0) += 1;
+        }
+    }
+
+    /// What the other replicas hold of `key`, as of the last sync; zero for a single node.
+    pub(crate) fn others(&self, key: &SourceKey) -> RemoteLoad {
+        match &*self.remote.load() {
+            Some(r) => r.loads.get(key).copied().unwrap_or_default(),
+            None => RemoteLoad::default(),
+        }
     }
 
     fn state_count(&self, s: EvictState) -> &AtomicUsize {

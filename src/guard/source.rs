@@ -55,6 +55,28 @@ impl SourceKey {
     }
 }
 
+/// A source key as [`fmt::Display`] writes it (`192.0.2.7`, `2001:db8::/64`): how replicas
+/// name sources to each other.
+impl std::str::FromStr for SourceKey {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<SourceKey, ()> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p.parse::<u8>().map_err(|_| ())?)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| ())?;
+        let full = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(full);
+        if prefix > full {
+            return Err(());
+        }
+        let key = SourceKey::new(addr, prefix, prefix);
+        // Only the canonical form: host bits set, or a mapped address, is not a key.
+        (key.addr == addr).then_some(key).ok_or(())
+    }
+}
+
 impl fmt::Display for SourceKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let full = match self.addr {
@@ -92,6 +114,23 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_eq!(a.to_string(), "2001:db8:1:2::/64");
+    }
+
+    #[test]
+    fn a_key_reads_back_what_it_prints() {
+        for (ip, v4, v6) in [
+            ("192.0.2.77", 32, 64),
+            ("192.0.2.77", 24, 64),
+            ("2001:db8:1:2::1", 32, 64),
+            ("2001:db8:1:2::1", 32, 128),
+        ] {
+            let k = SourceKey::new(ip.parse().unwrap(), v4, v6);
+            assert_eq!(k.to_string().parse::<SourceKey>(), Ok(k));
+        }
+        assert!("192.0.2.77/24".parse::<SourceKey>().is_err());
+        assert!("::ffff:192.0.2.1".parse::<SourceKey>().is_err());
+        assert!("garbage".parse::<SourceKey>().is_err());
+        assert!("192.0.2.0/33".parse::<SourceKey>().is_err());
     }
 
     #[test]

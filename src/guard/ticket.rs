@@ -122,8 +122,10 @@ impl Ticket {
         };
         let sh = &self.shared;
         let cap = sh.limits.load().max_conns_per_source;
+        // With [cluster], the slot must be free across the replicas too.
+        let others = sh.others(key).conns;
         let mut e = entry(sh, key, &self.ctl)?;
-        if cap == 0 || e.conns - e.provisional < cap {
+        if cap == 0 || (e.conns - e.provisional).saturating_add(others) < cap {
             e.provisional -= 1;
             self.provisional = false;
             return Ok(true);
@@ -167,9 +169,10 @@ impl Ticket {
         }
         let lim = sh.limits.load();
         let cap = lim.max_half_open_per_source as usize;
+        let others = sh.others(&key).half_open as usize;
         {
             let mut e = entry(&sh, &key, &self.ctl)?;
-            if cap > 0 && e.half_open.len() >= cap {
+            if cap > 0 && e.half_open.len() + others >= cap {
                 if lim.mode == Mode::Enforce {
                     drop(e);
                     sh.refused_key(key, Reject::SourceHalfOpen);

@@ -390,6 +390,10 @@ pub(crate) async fn run(state: Arc<State>) {
             ban.retain(|s| !exempt.iter().any(|n| n.contains(&s.addr())));
             ban.sort();
             ban.dedup();
+            // Every replica refuses it too, from the next cluster sync on.
+            if let Some(c) = state.cluster() {
+                c.ban(&ban, k.ban_for);
+            }
             state.kernel().ban(ban, k.ban_for).await;
         }
         state.kernel().read_counters().await;

@@ -5,6 +5,7 @@ mod backends;
 mod caps;
 mod cli;
 mod clocks;
+mod cluster;
 mod config;
 mod fair;
 mod fds;

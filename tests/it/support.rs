@@ -611,3 +611,165 @@ macro_rules! require {
         }
     };
 }
+
+/// A port on 127.0.0.1 that was free a moment ago (bound on port 0, then released), for a
+/// program that cannot be told port 0, such as redis-server.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().expect("addr").port()
+}
+
+/// A redis-server of the test's own on loopback, without persistence, stopped (by its PID,
+/// the child we spawned) when dropped or killed.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<std::process::Child>,
+    args: Vec<String>,
+    _dir: TempDir,
+}
+
+impl RedisServer {
+    /// Starts one on a free port with `extra` arguments (`--requirepass x`).
+    pub async fn start(extra: &[&str]) -> RedisServer {
+        let mut r = RedisServer {
+            port: free_port(),
+            child: None,
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            _dir: TempDir::new("redis"),
+        };
+        r.restart().await;
+        r
+    }
+
+    /// `redis://127.0.0.1:<port>/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts it (again) on the same port, and waits until it answers.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "redis-server already running");
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--dir", &self._dir.path().display().to_string()])
+            .args(&self.args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let up = wait_until(Duration::from_secs(5), || async {
+            match TcpStream::connect(addr).await {
+                Ok(mut s) => {
+                    // Any answer to PING (PONG, or NOAUTH with a password) means it serves.
+                    let _ = s.write_all(b"PING\r\n").await;
+                    let mut b = [0u8; 1];
+                    matches!(
+                        tokio::time::timeout(ms(200), s.read(&mut b)).await,
+                        Ok(Ok(1))
+                    )
+                }
+                Err(_) => false,
+            }
+        })
+        .await;
+        assert!(up, "redis-server did not come up on {addr}");
+    }
+
+    /// SIGKILL, as a crash: nothing is saved, clients see their connections reset.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls the async `f` every 20 ms until it says true, for at most `within`.
+pub async fn wait_until<F, Fut>(within: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + within;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A Redis Cluster of `n` primaries on loopback (no replicas, no persistence), each a
+/// [`RedisServer`] of the test's own, joined with `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub async fn start(n: usize) -> RedisCluster {
+        let mut nodes = Vec::new();
+        for _ in 0..n {
+            // The bus port too: the default (port + 10000) may be past 65535.
+            let bus = free_port().to_string();
+            nodes.push(
+                RedisServer::start(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-port",
+                    &bus,
+                ])
+                .await,
+            );
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|r| format!("127.0.0.1:{}", r.port))
+            .collect();
+        let out = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let c = RedisCluster { nodes };
+        let ok = wait_until(Duration::from_secs(10), || async {
+            c.nodes.iter().all(|r| {
+                std::process::Command::new("redis-cli")
+                    .args(["-p", &r.port.to_string(), "cluster", "info"])
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+            })
+        })
+        .await;
+        assert!(ok, "the Redis Cluster did not reach cluster_state:ok");
+        c
+    }
+
+    /// The seed URLs, comma-separated, as `cluster.redis` takes them.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|r| r.url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
