@@ -423,8 +423,29 @@ http {{
 """
 
 
+# `--cluster`: halfguard's profiles gain a [cluster] section toward a redis-server the run
+# starts on this port (and stops), to show what the cluster sync costs the happy path.
+CLUSTER_REDIS_PORT = 17298
+CLUSTER = False
+
+
+def with_cluster(toml):
+    """A halfguard profile with `[cluster]` on, when the run asks for it."""
+    if not CLUSTER:
+        return toml
+    return toml + f"""
+[cluster]
+# --cluster: the sync runs against a local redis-server (one replica: it publishes its heavy
+# sources and reads nobody's).
+redis = "redis://127.0.0.1:{CLUSTER_REDIS_PORT}/0"
+node = "bench"
+"""
+
+
 def write_configs():
-    os.makedirs(PEERS, exist_ok=True)
+    # The cluster variant goes beside the run's other files, not over the committed ones.
+    peers = os.path.join(WORK, "peers-cluster") if CLUSTER else PEERS
+    os.makedirs(peers, exist_ok=True)
     files = {
         "halfguard-perf.toml": halfguard_toml("perf"),
         "halfguard-bulk.toml": halfguard_toml("bulk"),
@@ -444,9 +465,11 @@ def write_configs():
         "nginx-backend.conf": nginx_backend_conf(),
     }
     for name, text in files.items():
-        with open(os.path.join(PEERS, name), "w") as f:
+        if name.startswith("halfguard-"):
+            text = with_cluster(text)
+        with open(os.path.join(peers, name), "w") as f:
             f.write(text)
-    return {n: os.path.join(PEERS, n) for n in files}
+    return {n: os.path.join(peers, n) for n in files}
 
 
 # ------------------------------------------------------------------------------------------
@@ -1347,6 +1370,9 @@ def main():
     ap.add_argument("--proxies", default=",".join(NAMES),
                     help="a subset of halfguard,haproxy,nginx, for a quick look at one "
                          "(the table compares only what ran)")
+    ap.add_argument("--cluster", action="store_true",
+                    help="halfguard with [cluster] on, against a redis-server this run starts "
+                         f"on 127.0.0.1:{CLUSTER_REDIS_PORT}")
     ap.add_argument("--json", default=os.path.join(ROOT, "benches", "compare", "results.json"))
     args = ap.parse_args()
     chosen = [n for n in args.proxies.split(",") if n]
@@ -1372,6 +1398,10 @@ def main():
     if busy:
         sys.exit(f"compare: ports in use: {busy}; is another comparison running?")
 
+    global CLUSTER
+    CLUSTER = args.cluster
+    if CLUSTER and not shutil.which("redis-server"):
+        sys.exit("compare: --cluster needs redis-server (apt-get install redis-server)")
     cfg = write_configs()
     t_start = time.time()
     res = {"meta": {
@@ -1386,7 +1416,7 @@ def main():
                                   text=True).stdout.splitlines()[0],
         "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
         "reps": args.reps, "legit_rate": LEGIT_RATE, "attacks": ATTACKS, "guard": GUARD,
-        "drip": DRIP, "busy_concurrency": BUSY_CONCURRENCY,
+        "drip": DRIP, "busy_concurrency": BUSY_CONCURRENCY, "cluster": CLUSTER,
     }}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
@@ -1403,6 +1433,10 @@ def main():
         start("backend-nginx", ["nginx", "-p", os.path.join(WORK, "backend") + "/", "-e",
                                 "stderr", "-c", cfg["nginx-backend.conf"]])
         start("backend-iperf3", ["iperf3", "-s", "-p", str(IPERF_BACKEND)])
+        if CLUSTER:
+            start("redis", ["redis-server", "--bind", "127.0.0.1", "--port",
+                            str(CLUSTER_REDIS_PORT), "--save", "", "--appendonly", "no"])
+            wait_port(CLUSTER_REDIS_PORT)
         wait_port(HTTP_BACKEND)
         wait_port(IPERF_BACKEND)
         env = Env(args, cfg)

@@ -212,6 +212,11 @@ fn weigh_progress(
     } else {
         ticket.unstall()?;
     }
+    // Stalled with bytes its peer does not take: a slow reader, whose source gets no wait
+    // for a slot at its cap (an idle stalled connection may end any moment; this one not).
+    ticket
+        .ctl()
+        .set_blocked(stalled && pump.stalled_since().is_some());
     check.moved = total;
     check.last = now;
     check.next = now + STALL_WINDOW;

@@ -560,7 +560,10 @@ fn check_source(e: &SourceEntry, lim: &Limits, others: RemoteLoad) -> Result<boo
     let cap = lim.max_conns_per_source;
     let local = e.conns - e.provisional;
     if cap > 0 && local >= cap {
-        if e.provisional >= provisional_slack(cap) {
+        // A slot is about to free only if the source's connections can end: one whose
+        // connections are mostly stuck (a slow reader's, a silent or lingering flood's) is
+        // holding them, and a wait would only let it hold a second cap's worth of sockets.
+        if e.provisional >= provisional_slack(cap) || e.stuck() * 2 >= cap as usize {
             return Err(Reject::SourceConns);
         }
         provisional = true;
@@ -590,7 +593,7 @@ fn check_source(e: &SourceEntry, lim: &Limits, others: RemoteLoad) -> Result<boo
 /// How many connections a source at its connection cap may have waiting for a slot: a
 /// client pool that closes and reconnects at once can be a whole pool ahead of our tasks.
 /// Each waits at most `conn::CONFIRM_WAIT`, so a source holds at most twice its cap for that
-/// long.
+/// long, and only while fewer than half its connections are stuck.
 fn provisional_slack(cap: u32) -> u32 {
     cap.max(2)
 }

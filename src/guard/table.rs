@@ -29,9 +29,22 @@ use crate::stats::EvictState;
 pub struct ConnCtl {
     evicted: AtomicBool,
     notify: Notify,
+    /// Stalled with bytes waiting for a peer that takes none (a slow reader), as the
+    /// connection last saw at its progress check; an idle stalled connection is not.
+    blocked: AtomicBool,
 }
 
 impl ConnCtl {
+    /// Whether the connection's last progress check found bytes waiting for its peer.
+    pub fn is_blocked(&self) -> bool {
+        self.blocked.load(Ordering::Relaxed)
+    }
+
+    /// Set by the connection at each progress check.
+    pub fn set_blocked(&self, blocked: bool) {
+        self.blocked.store(blocked, Ordering::Relaxed);
+    }
+
     /// True once this connection was evicted; its counts are already given back.
     pub fn is_evicted(&self) -> bool {
         self.evicted.load(Ordering::Acquire)
@@ -92,6 +105,16 @@ impl SourceEntry {
     /// Connections in a list: silent or half-closed past the grace, or stalled.
     pub fn going_nowhere(&self) -> usize {
         self.half_open.len() + self.half_closed.len() + self.stalled.len()
+    }
+
+    /// Connections that will not end soon on their own: silent or half-closed past the
+    /// grace, or stalled with bytes their peer does not take. An idle keep-alive connection
+    /// (stalled, nothing waiting) may end any moment and is not counted. A scan of the
+    /// stalled list, made only for a source at its connection cap.
+    pub fn stuck(&self) -> usize {
+        self.half_open.len()
+            + self.half_closed.len()
+            + self.stalled.values().filter(|c| c.is_blocked()).count()
     }
 }
 

@@ -418,6 +418,35 @@ fn a_source_at_its_cap_gets_a_provisional_slot_that_a_closing_connection_confirm
 }
 
 #[test]
+fn a_source_whose_connections_are_stuck_gets_no_provisional_slot() {
+    let g = guard(Limits {
+        max_conns_per_source: 4,
+        ..open_limits()
+    });
+    let mut held: Vec<_> = (0..4).map(|_| g.admit(ip("198.18.0.1")).unwrap()).collect();
+    for t in &mut held {
+        t.open().unwrap();
+        // Idle (a keep-alive pool between requests): stalled, nothing waiting.
+        t.stall().unwrap();
+    }
+    // Idle connections may end any moment: a newcomer waits for a slot.
+    let p = g.admit(ip("198.18.0.1")).unwrap();
+    assert!(p.is_provisional());
+    drop(p);
+    // One slow reader of four: still a wait.
+    held[0].ctl().set_blocked(true);
+    assert!(g.admit(ip("198.18.0.1")).unwrap().is_provisional());
+    // Half of them slow readers: no wait, refused at the cap.
+    held[1].ctl().set_blocked(true);
+    assert_eq!(g.admit(ip("198.18.0.1")).unwrap_err(), Reject::SourceConns);
+    // Taking bytes again: the wait is back.
+    held[1].ctl().set_blocked(false);
+    assert!(g.admit(ip("198.18.0.1")).unwrap().is_provisional());
+    drop(held);
+    assert_eq!(g.snapshot(), GuardSnapshot::default());
+}
+
+#[test]
 fn observe_mode_counts_per_source_refusals_and_admits() {
     let g = guard(Limits {
         max_conns_per_source: 2,

@@ -116,6 +116,35 @@ async fn a_held_connection_over_the_cap_is_still_refused() {
     assert_eq!(roundtrip(&mut fourth, b"in").await, b"in");
 }
 
+/// A source at its cap whose connections are slow readers (bytes waiting that they never
+/// take) is not about to free a slot: a newcomer is refused at once, where a client pool with
+/// idle connections waits (above).
+#[tokio::test]
+async fn a_slow_reader_at_its_cap_gets_no_wait_for_a_slot() {
+    let b = backend(Backend::Flood).await;
+    let mut cfg = base_config(&[b.addr]);
+    cfg.listeners[0].limits.max_conns_per_source = 2;
+    let p = Proxy::start(cfg).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = connect_from("127.0.0.2", p.addr).await.unwrap();
+        c.write_all(b"x").await.unwrap();
+        held.push(c);
+    }
+    // Their windows fill at once; the progress check a second after the first (1.25 s)
+    // finds them stalled with bytes waiting.
+    tokio::time::sleep(ms(1800)).await;
+    let mut third = connect_from("127.0.0.2", p.addr).await.unwrap();
+    let _ = third.write_all(b"x").await;
+    let after = expect_reset(&mut third, ms(2000)).await;
+    assert!(
+        after < ms(500),
+        "refused at once, not after a wait: {after:?}"
+    );
+    assert_eq!(p.stats().rejected(Reject::SourceConns), 1);
+    drop(held);
+}
+
 #[tokio::test]
 async fn a_silent_flood_is_held_at_the_half_open_cap_after_the_grace() {
     let b = backend(Backend::Echo).await;
