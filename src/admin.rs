@@ -318,7 +318,7 @@ async fn route(req: Request<Incoming>, state: Arc<State>, peer: IpAddr) -> Respo
     }
     match (req.method(), path) {
         (&Method::GET, "/metrics") => {
-            let mut r = text(StatusCode::OK, crate::metrics::render(state));
+            let mut r = text(StatusCode::OK, crate::metrics::render(state.metrics()));
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static(

@@ -37,6 +37,7 @@ pub mod config;
 pub mod conn;
 pub mod fds;
 pub mod guard;
+pub mod histo;
 pub mod kernel;
 pub mod listener;
 pub mod logging;

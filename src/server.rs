@@ -29,9 +29,11 @@ use crate::config::{Config, ConfigError, ListenerConfig};
 use crate::conn::{ListenerCtx, Policy};
 use crate::fds::Budget;
 use crate::guard::{Guard, GuardSnapshot};
+use crate::kernel::nft::Target;
+use crate::kernel::{Tally, Watched};
 use crate::shutdown::Signal;
 use crate::stats::{Stats, Summary};
-use crate::{admin, listener, sockopt};
+use crate::{admin, listener, metrics, sockopt};
 
 /// Why the server could not start, or a reload was refused.
 #[derive(Debug, thiserror::Error)]
@@ -205,11 +207,8 @@ impl Server {
             state.start_listener(socket, ctx, l.bind);
         }
         crate::kernel::warn_if_no_syncookies();
-        state
-            .kernel
-            .apply(crate::kernel::targets(&state), &config.kernel)
-            .await;
-        state.tasks.spawn(crate::kernel::run(state.clone()));
+        state.kernel.apply(state.targets(), &config.kernel).await;
+        state.tasks.spawn(census(state.clone()));
         state.tasks.spawn(upkeep(state.clone()));
         if let Some(c) = &state.cluster {
             state
@@ -420,6 +419,21 @@ fn new_ctx(
     }))
 }
 
+/// What the cluster sync reads of the server.
+impl crate::cluster::sync::Listeners for State {
+    fn active(&self) -> Vec<(String, Guard)> {
+        self.listeners()
+            .iter()
+            .filter(|r| !r.is_retired())
+            .map(|r| (r.ctx.name.clone(), r.ctx.guard.clone()))
+            .collect()
+    }
+
+    fn stopping(&self) -> impl Future<Output = ()> + Send {
+        self.stop_upkeep.cancelled()
+    }
+}
+
 impl Running {
     fn stop_accepting(&self) {
         self.stop_accept.cancel();
@@ -506,6 +520,66 @@ impl State {
         });
         if let Ok(mut l) = self.listeners.lock() {
             l.push(running);
+        }
+    }
+
+    /// The kernel's view of the active listeners: port, prefixes, size and exemptions.
+    fn targets(&self) -> Vec<Target> {
+        self.listeners()
+            .iter()
+            .filter(|r| !r.is_retired())
+            .map(|r| {
+                let lim = r.ctx.guard.limits();
+                let policy = r.ctx.policy.load();
+                let mut exempt = lim.allow.clone();
+                if policy.accept_proxy {
+                    exempt.extend(policy.trusted_proxies.iter().copied());
+                }
+                Target {
+                    port: r.addr.port(),
+                    ipv4_prefix: lim.ipv4_prefix,
+                    ipv6_prefix: lim.ipv6_prefix,
+                    max_sources: lim.max_sources,
+                    exempt,
+                }
+            })
+            .collect()
+    }
+
+    /// The active listeners, as a census watches them.
+    fn watched(&self) -> Vec<Watched> {
+        self.listeners()
+            .into_iter()
+            .filter(|r| !r.is_retired())
+            .map(|r| Watched {
+                name: r.ctx.name.clone(),
+                port: r.addr.port(),
+                guard: r.ctx.guard.clone(),
+                stats: r.ctx.stats.clone(),
+                proxied: r.ctx.policy.load().accept_proxy,
+            })
+            .collect()
+    }
+
+    /// What a scrape reads, gathered now.
+    pub(crate) fn metrics(&self) -> metrics::Snapshot {
+        metrics::Snapshot {
+            listeners: self
+                .listeners()
+                .iter()
+                .map(|r| metrics::ListenerSnapshot {
+                    name: r.ctx.name.clone(),
+                    retired: r.is_retired(),
+                    guard: r.ctx.guard.snapshot(),
+                    limits: r.ctx.guard.limits(),
+                    stats: r.ctx.stats.clone(),
+                })
+                .collect(),
+            fds: self.fds(),
+            pools: self.pools(),
+            kernel: self.kernel.counts(),
+            cluster: self.cluster.clone(),
+            reloads: self.reloads(),
         }
     }
 
@@ -639,9 +713,7 @@ impl State {
             announce(&fds);
         }
         self.fds.store(Arc::new(fds));
-        self.kernel
-            .apply(crate::kernel::targets(self), &new.kernel)
-            .await;
+        self.kernel.apply(self.targets(), &new.kernel).await;
         let old = self.config.load_full();
         for (changed, section) in [
             (new.admin.needs_restart_for(&old.admin), "[admin]"),
@@ -845,6 +917,45 @@ async fn upkeep(state: Arc<State>) {
     }
 }
 
+/// Drives the kernel layer: a census every `kernel.census_interval` until the server stops;
+/// feeds the drop set (and, with `[cluster]`, every replica's bans) and retries the table.
+async fn census(state: Arc<State>) {
+    let mut tally = Tally::default();
+    loop {
+        state.kernel.retry().await;
+        let k = state.config().kernel.clone();
+        let Some(every) = k.census_interval else {
+            // Off for now; a reload may turn it on.
+            if sleep_or_stop(&state, Duration::from_secs(5)).await {
+                return;
+            }
+            continue;
+        };
+        let ban = state
+            .kernel
+            .census(&state.watched(), &state.targets(), &k, &mut tally)
+            .await;
+        if !ban.is_empty() {
+            // Every replica refuses it too, from the next cluster sync on.
+            if let Some(c) = &state.cluster {
+                c.ban(&ban, k.ban_for);
+            }
+            state.kernel.ban(ban, k.ban_for).await;
+        }
+        state.kernel.read_counters().await;
+        if sleep_or_stop(&state, every).await {
+            return;
+        }
+    }
+}
+
+async fn sleep_or_stop(state: &State, d: Duration) -> bool {
+    tokio::select! {
+        _ = state.stopping() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}
+
 impl Handle {
     pub(crate) fn from_state(state: Arc<State>) -> Handle {
         Handle { state }
@@ -945,4 +1056,23 @@ impl Handle {
     pub fn readiness(&self) -> Result<(), String> {
         self.state.readiness()
     }
+}
+
+/// Reloads through `handle` on every SIGHUP, for as long as the process runs.
+pub async fn reload_on_sighup(handle: Handle) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload with POST /reload");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading");
+            // The outcome is logged and counted by the reload itself.
+            let _ = handle.reload().await;
+        }
+    }
+    #[cfg(not(unix))]
+    drop(handle);
 }
