@@ -9,7 +9,9 @@
 //! # Layout
 //!
 //! - [`config`]: the TOML file and `HALFGUARD__*` overrides -> a validated [`config::Config`].
-//! - [`server`]: running listeners, live reload, upkeep, graceful shutdown.
+//! - [`server`]: the top: running listeners, live reload, upkeep, graceful shutdown, and the
+//!   admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, `/sources`, `/config`,
+//!   `POST /reload`). Nothing below imports it.
 //! - [`listener`]: the accept loop (admission at accept, EMFILE backoff).
 //! - [`guard`]: source keys, the source table, admission, eviction, the RAII [`guard::Ticket`],
 //!   the per-source rate, pressure mode.
@@ -23,20 +25,19 @@
 //!   open-files limit.
 //! - `splice` (Linux): zero-copy forwarding for bulk transfers, within a pipe budget.
 //! - [`stats`]: counters with static reasons, and the rate-limited summary log.
-//! - [`metrics`]: Prometheus text built from those counters at scrape time.
-//! - [`admin`]: the admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, `/sources`,
-//!   `/config`, `POST /reload`).
+//! - [`histo`]: histograms of atomics, observed on the hot path and read at scrape time.
+//! - [`metrics`]: Prometheus text built at scrape time from a snapshot the server gathers.
 //! - [`shutdown`], [`logging`]: signals and log setup.
 //! - [`top`]: `halfguard top`, the live terminal view, a client of the admin endpoint.
 #![deny(unsafe_code)]
 
-pub mod admin;
 pub mod backend;
 pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod fds;
 pub mod guard;
+pub mod histo;
 pub mod kernel;
 pub mod listener;
 pub mod logging;

@@ -288,7 +288,7 @@ fn serve(config: halfguard::Config) -> anyhow::Result<halfguard::server::Stopped
         let (first, second) = halfguard::shutdown::signals();
         // The summary and the warnings are logged once binding and resolving succeeded.
         let server = halfguard::Server::bind(config).await?;
-        tokio::spawn(halfguard::shutdown::reload_on_sighup(server.handle()));
+        tokio::spawn(halfguard::server::reload_on_sighup(server.handle()));
         anyhow::Ok(server.run_until(first, second).await)
     })
 }

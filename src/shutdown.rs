@@ -1,4 +1,5 @@
-//! Signals: SIGTERM and SIGINT stop the server; SIGHUP reloads the config.
+//! Signals: SIGTERM and SIGINT stop the server. (SIGHUP reloads the config: the server
+//! handles it beside the reload it drives, so this module stays a leaf.)
 //!
 //! The first SIGTERM or SIGINT starts the graceful stop; a second one, while connections
 //! drain, cuts it short. Once halfguard listens for these signals the kernel no longer ends
@@ -45,7 +46,7 @@ pub async fn signal() -> Signal {
 }
 
 /// The first stop signal (SIGTERM or SIGINT) and the second, as two futures, for
-/// [`crate::Server::run_until`]. Call it inside the runtime, before binding: from this call
+/// `Server::run_until`. Call it inside the runtime, before binding: from this call
 /// on a signal is caught, not fatal, so one sent as soon as halfguard listens is not lost.
 pub fn signals() -> (
     impl Future<Output = Signal> + Send,
@@ -110,23 +111,4 @@ impl Stops {
         tracing::info!("SIGINT received");
         Signal::Interrupt
     }
-}
-
-/// Reloads through `handle` on every SIGHUP, for as long as the process runs.
-pub async fn reload_on_sighup(handle: crate::Handle) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP; reload with POST /reload");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP received: reloading");
-            // The outcome is logged and counted by the reload itself.
-            let _ = handle.reload().await;
-        }
-    }
-    #[cfg(not(unix))]
-    drop(handle);
 }

@@ -5,7 +5,7 @@
 //! here, and [`Summary`] logs at most one line per category per interval. The reasons are
 //! closed enums with static names, ready to become metric labels; a source address never is.
 
-use crate::metrics::{DURATION_BUCKETS, Histo};
+use crate::histo::{DURATION_BUCKETS, Histo};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Why a connection was refused at accept (or, for `HalfClosedFull` in reject mode, when it

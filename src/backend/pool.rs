@@ -27,7 +27,7 @@ use super::balance::{Balancer, MAX_ATTEMPTS, Pick, ServerSet, Tried};
 use super::passive::servers_fault;
 use super::{Lease, health, resolve};
 use crate::config::{HealthConfig, PoolConfig, ProxyVersion, TcpConfig};
-use crate::metrics::{CONNECT_BUCKETS, Histo};
+use crate::histo::{CONNECT_BUCKETS, Histo};
 use crate::{proxy_protocol, sockopt};
 
 /// Why no backend connection could be made.

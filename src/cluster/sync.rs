@@ -7,6 +7,9 @@
 //! once the view is three intervals old it is dropped too, and each replica is on its full
 //! local caps (one slow sync is not an outage). A replica that stops
 //! cleanly takes its share out of Redis; one that is killed is forgotten `share_ttl` later.
+//!
+//! The server runs it and hands it what it reads ([`Listeners`]): this layer never knows
+//! how the server keeps its listeners.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -19,8 +22,7 @@ use redis::{AsyncConnectionConfig, ErrorKind, RedisError};
 
 use super::script::{self, Keys};
 use super::{Cluster, Failure};
-use crate::guard::{Remote, SourceKey};
-use crate::server::State;
+use crate::guard::{Guard, Remote, SourceKey};
 
 /// The longest wait between two attempts while Redis is away, in sync intervals.
 const MAX_BACKOFF_INTERVALS: u32 = 4;
@@ -98,8 +100,16 @@ enum Link {
     Down,
 }
 
+/// What the sync reads of the server that runs it.
+pub(crate) trait Listeners: Send + Sync + 'static {
+    /// The listeners accepting now (not those a reload retired): name and guard.
+    fn active(&self) -> Vec<(String, Guard)>;
+    /// Resolves when the server is stopping for good.
+    fn stopping(&self) -> impl Future<Output = ()> + Send;
+}
+
 /// Runs until the server stops.
-pub(crate) async fn run(state: Arc<State>, cluster: Arc<Cluster>) {
+pub(crate) async fn run(state: Arc<impl Listeners>, cluster: Arc<Cluster>) {
     let cfg = cluster.config.clone();
     let client = match Client::new(&cfg) {
         Ok(c) => c,
@@ -129,7 +139,7 @@ pub(crate) async fn run(state: Arc<State>, cluster: Arc<Cluster>) {
         let since = last_share.elapsed();
         last_share = Instant::now();
         let attempt = sync_once(
-            &state,
+            &*state,
             &cluster,
             &client,
             &mut con,
@@ -146,7 +156,7 @@ pub(crate) async fn run(state: Arc<State>, cluster: Arc<Cluster>) {
                     .iter()
                     .map(|(s, left)| (*s, now + *left))
                     .collect();
-                install(&state, &cluster, reply.loads, &here, &bans);
+                install(&*state, &cluster, reply.loads, &here, &bans);
                 cluster.nodes.store(reply.nodes, Relaxed);
                 cluster.bad_entries.fetch_add(reply.bad, Relaxed);
                 cluster.synced();
@@ -169,7 +179,7 @@ pub(crate) async fn run(state: Arc<State>, cluster: Arc<Cluster>) {
                 cluster.up.store(false, Relaxed);
                 bans.retain(|_, until| *until > now);
                 if cluster.staleness() >= cfg.sync_interval * KEEP_VIEW_INTERVALS {
-                    install(&state, &cluster, HashMap::new(), &HashMap::new(), &bans);
+                    install(&*state, &cluster, HashMap::new(), &HashMap::new(), &bans);
                 }
                 if link != Link::Down {
                     tracing::warn!(
@@ -191,7 +201,7 @@ pub(crate) async fn run(state: Arc<State>, cluster: Arc<Cluster>) {
 /// One sync: connects if needed, runs the script once per bucket (all buckets at once,
 /// within one `cluster.timeout`), and sums the answers.
 async fn sync_once(
-    state: &State,
+    state: &impl Listeners,
     cluster: &Cluster,
     client: &Client,
     con: &mut Option<Conn>,
@@ -215,16 +225,16 @@ async fn sync_once(
     let mut share: Vec<Vec<(String, String)>> = vec![Vec::new(); keys.len()];
     let mut published = 0u64;
     let mut here: LocalRates = HashMap::new();
-    for r in state.listeners().iter().filter(|r| !r.is_retired()) {
-        for (source, load) in r.ctx.guard.share(|cap| cfg.publish_at(cap), max, since) {
+    for (name, guard) in state.active() {
+        for (source, load) in guard.share(|cap| cfg.publish_at(cap), max, since) {
             if load.rate > 0 {
-                here.entry(r.ctx.name.clone())
+                here.entry(name.clone())
                     .or_default()
                     .insert(source, load.rate);
             }
             let b = script::bucket_of(&source, buckets) as usize;
             if let Some(v) = share.get_mut(b) {
-                v.push((script::field(&r.ctx.name, &source), script::value(&load)));
+                v.push((script::field(&name, &source), script::value(&load)));
                 published += 1;
             }
         }
@@ -298,7 +308,7 @@ type LocalRates = HashMap<String, HashMap<SourceKey, u32>>;
 /// Hands every active listener's guard its part of the view, with its part of each shared
 /// source's rate for the coming interval.
 fn install(
-    state: &State,
+    state: &impl Listeners,
     cluster: &Cluster,
     mut loads: HashMap<String, HashMap<SourceKey, crate::guard::RemoteLoad>>,
     here: &LocalRates,
@@ -308,16 +318,16 @@ fn install(
     cluster.banned.store(banned.len() as u64, Relaxed);
     let interval = cluster.config.sync_interval.as_secs_f64();
     let mut remote_sources = 0;
-    for r in state.listeners().iter().filter(|r| !r.is_retired()) {
-        let l = loads.remove(&r.ctx.name).unwrap_or_default();
+    for (name, guard) in state.active() {
+        let l = loads.remove(&name).unwrap_or_default();
         remote_sources += l.len() as u64;
         // An empty view and no view decide alike; no view costs admission nothing.
         if l.is_empty() && banned.is_empty() {
-            r.ctx.guard.set_remote(None);
+            guard.set_remote(None);
             continue;
         }
-        let rate = r.ctx.guard.limits().conn_rate_per_source;
-        let mine = here.get(&r.ctx.name);
+        let rate = guard.limits().conn_rate_per_source;
+        let mine = here.get(&name);
         let rate_budget = if rate == 0 {
             HashMap::new()
         } else {
@@ -330,7 +340,7 @@ fn install(
                 })
                 .collect()
         };
-        r.ctx.guard.set_remote(Some(Arc::new(Remote {
+        guard.set_remote(Some(Arc::new(Remote {
             loads: l,
             banned: banned.clone(),
             rate_budget,

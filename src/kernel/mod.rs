@@ -13,6 +13,11 @@
 //! at every census (the old table keeps protecting meanwhile; `halfguard_kernel_enforcing`
 //! says 0), the table is removed on exit whenever one may exist, and the drop set's live
 //! entries are carried into every reinstall. `nft` runs on the blocking pool, one at a time.
+//!
+//! The server drives it: it hands each census the listeners to watch ([`Watched`]) and the
+//! table's [`Target`]s, and applies the bans the census returns. This layer never reads the
+//! server's state, so which sources a census bans ([`Tally::earned`]) is a plain function
+//! of the guard's tallies, testable on its own.
 
 pub mod census;
 pub mod nft;
@@ -25,9 +30,8 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use crate::config::KernelConfig;
-use crate::guard::{SourceKey, SourceOrder};
-use crate::server::State;
-use crate::stats::Reject;
+use crate::guard::{Guard, SourceKey, SourceOrder};
+use crate::stats::{Reject, Stats};
 use nft::Target;
 
 /// SYN_RECV sources kept per listener in a census.
@@ -102,28 +106,97 @@ pub(crate) struct Kernel {
     table: tokio::sync::Mutex<Table>,
 }
 
-/// The kernel's view of the active listeners: port, prefixes, size and exemptions.
-pub(crate) fn targets(state: &State) -> Vec<Target> {
-    state
-        .listeners()
-        .iter()
-        .filter(|r| !r.is_retired())
-        .map(|r| {
-            let lim = r.ctx.guard.limits();
-            let policy = r.ctx.policy.load();
-            let mut exempt = lim.allow.clone();
-            if policy.accept_proxy {
-                exempt.extend(policy.trusted_proxies.iter().copied());
+/// The counts a scrape reads.
+#[derive(Debug, Clone)]
+pub struct KernelCounts {
+    /// The last census.
+    pub census: Arc<Census>,
+    /// Our nftables table is installed as the config says.
+    pub enforcing: bool,
+    /// Sources put in the drop set since start.
+    pub bans: u64,
+    /// Packets dropped by our rules, per [`nft::COUNTERS`] name, since start.
+    pub dropped: [u64; nft::COUNTERS.len()],
+}
+
+/// A listener a census watches.
+#[derive(Debug, Clone)]
+pub(crate) struct Watched {
+    pub name: String,
+    /// The bound port, where the kernel's sockets are counted.
+    pub port: u16,
+    /// Its per-source refusal tally, and its prefixes and allow list.
+    pub guard: Guard,
+    /// Its listener-wide refusals.
+    pub stats: Arc<Stats>,
+    /// Behind a PROXY-protocol balancer: the kernel sees the balancer, so no bans.
+    pub proxied: bool,
+}
+
+/// What a census remembers of the last one, to tell the refusals of one interval.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    /// Per (listener, source): refusals in the guard's tally at the last census.
+    last_refused: HashMap<(String, SourceKey), u64>,
+    /// Per listener: listener-wide refusals at the last census.
+    last_wide: HashMap<String, u64>,
+}
+
+impl Tally {
+    /// The sources of listener `name` that earned a ban since the last census, given their
+    /// refusals in the guard's tally now (`refused`) and the listener's listener-wide
+    /// refusals now (`wide_now`).
+    ///
+    /// Bans only on refusals the source earned with its own caps, after a completed
+    /// handshake: SYN_RECV sources can be spoofed (a flood "from" a victim would get the
+    /// victim banned), and listener-wide refusals fall on whoever comes next. The guard
+    /// tallies refusals per source without their reason, so up to `wide` of a source's
+    /// refusals in this interval may be listener-wide: only what is beyond that counts.
+    /// Behind a PROXY-protocol balancer the kernel sees the balancer, not the source: no
+    /// bans there. Never a source the listener's allow list holds.
+    pub(crate) fn earned(
+        &mut self,
+        name: &str,
+        refused: impl IntoIterator<Item = (SourceKey, u64)>,
+        wide_now: u64,
+        proxied: bool,
+        allow: &[ipnet::IpNet],
+        k: &KernelConfig,
+    ) -> Vec<SourceKey> {
+        let mut ban = Vec::new();
+        let wide_before = self
+            .last_wide
+            .insert(name.to_string(), wide_now)
+            .unwrap_or(wide_now);
+        let wide = wide_now.saturating_sub(wide_before);
+        for (source, refused) in refused {
+            let prev = self
+                .last_refused
+                .insert((name.to_string(), source), refused)
+                .unwrap_or(0);
+            // The tally starts afresh every minute: a smaller count is a new window.
+            let delta = if refused >= prev {
+                refused - prev
+            } else {
+                refused
+            };
+            if k.ban_after > 0
+                && !proxied
+                && delta.saturating_sub(wide) >= u64::from(k.ban_after)
+                && !allow.iter().any(|n| n.contains(&source.addr()))
+            {
+                ban.push(source);
             }
-            Target {
-                port: r.addr.port(),
-                ipv4_prefix: lim.ipv4_prefix,
-                ipv6_prefix: lim.ipv6_prefix,
-                max_sources: lim.max_sources,
-                exempt,
-            }
-        })
-        .collect()
+        }
+        ban
+    }
+
+    /// Forgets everything when the tally grows past any real need (a churn of sources).
+    fn bound(&mut self) {
+        if self.last_refused.len() > 65_536 {
+            self.last_refused.clear();
+        }
+    }
 }
 
 /// Runs blocking `f` on the blocking pool.
@@ -149,7 +222,7 @@ impl Kernel {
     }
 
     /// Retries what did not go in.
-    async fn retry(&self) {
+    pub(crate) async fn retry(&self) {
         let mut t = self.table.lock().await;
         if !t.in_sync {
             self.reconcile(&mut t).await;
@@ -233,7 +306,7 @@ impl Kernel {
     }
 
     /// Puts `sources` in the drop set for `ban_for`, and remembers them for reinstalls.
-    async fn ban(&self, mut sources: Vec<SourceKey>, ban_for: Duration) {
+    pub(crate) async fn ban(&self, mut sources: Vec<SourceKey>, ban_for: Duration) {
         let mut t = self.table.lock().await;
         let now = Instant::now();
         t.banned_until.retain(|_, until| *until > now);
@@ -260,7 +333,7 @@ impl Kernel {
     }
 
     /// Adds what the table's counters gained since the last read to the totals.
-    async fn read_counters(&self) {
+    pub(crate) async fn read_counters(&self) {
         let mut t = self.table.lock().await;
         if !self.enforcing.load(Ordering::Relaxed) {
             return;
@@ -286,39 +359,29 @@ pub fn warn_if_no_syncookies() {
     }
 }
 
-/// Counts, every census interval, until the server stops; feeds the drop set and retries
-/// the table.
-pub(crate) async fn run(state: Arc<State>) {
-    // Per (listener, source): refusals in the guard's tally at the last census.
-    let mut last_refused: HashMap<(String, SourceKey), u64> = HashMap::new();
-    // Per listener: listener-wide refusals at the last census.
-    let mut last_wide: HashMap<String, u64> = HashMap::new();
-    loop {
-        state.kernel().retry().await;
-        let k = state.config().kernel.clone();
-        let Some(every) = k.census_interval else {
-            // Off for now; a reload may turn it on.
-            if sleep_or_stop(&state, Duration::from_secs(5)).await {
-                return;
-            }
-            continue;
-        };
-        let listeners: Vec<_> = state
-            .listeners()
-            .into_iter()
-            .filter(|r| !r.is_retired())
-            .map(|r| {
-                let proxied = r.ctx.policy.load().accept_proxy;
-                (
-                    r.ctx.name.clone(),
-                    r.addr.port(),
-                    r.ctx.guard.clone(),
-                    r.ctx.stats.clone(),
-                    proxied,
-                )
-            })
-            .collect();
-        let ports: Vec<u16> = listeners.iter().map(|l| l.1).collect();
+impl Kernel {
+    /// What a scrape reads.
+    pub(crate) fn counts(&self) -> KernelCounts {
+        KernelCounts {
+            census: self.census.load_full(),
+            enforcing: self.enforcing.load(Ordering::Relaxed),
+            bans: self.bans.load(Ordering::Relaxed),
+            dropped: std::array::from_fn(|i| self.dropped[i].load(Ordering::Relaxed)),
+        }
+    }
+
+    /// One census of `listeners`: counts their kernel sockets and SYN_RECV sources, stores
+    /// the result for scrapes, and returns the sources that earned a ban since the last one
+    /// (never one that `targets`, the table's view of every listener, exempts), sorted.
+    /// The caller bans them ([`Kernel::ban`]), then reads the counters.
+    pub(crate) async fn census(
+        &self,
+        listeners: &[Watched],
+        targets: &[Target],
+        k: &KernelConfig,
+        tally: &mut Tally,
+    ) -> Vec<SourceKey> {
+        let ports: Vec<u16> = listeners.iter().map(|l| l.port).collect();
         let seen = tokio::task::spawn_blocking(move || census::dump(&ports)).await;
         let seen = match seen {
             Ok(Ok(s)) => s,
@@ -330,7 +393,14 @@ pub(crate) async fn run(state: Arc<State>) {
         };
         let mut census = Census::default();
         let mut ban: Vec<SourceKey> = Vec::new();
-        for (name, port, guard, stats, proxied) in &listeners {
+        for Watched {
+            name,
+            port,
+            guard,
+            stats,
+            proxied,
+        } in listeners
+        {
             let mut counts = [0u64; census::STATES.len()];
             let mut syn: HashMap<SourceKey, u64> = HashMap::new();
             let lim = guard.limits();
@@ -345,34 +415,12 @@ pub(crate) async fn run(state: Arc<State>) {
             }
             let mut top: Vec<(SourceKey, u64)> = syn.into_iter().collect();
             top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-            // Bans only on refusals the source earned with its own caps, after a completed
-            // handshake: SYN_RECV sources can be spoofed (a flood "from" a victim would get
-            // the victim banned), and listener-wide refusals fall on whoever comes next.
-            // The guard tallies refusals per source without their reason, so up to
-            // `wide` of a source's refusals in this interval may be listener-wide: only what
-            // is beyond that counts. Behind a PROXY-protocol balancer the kernel sees the
-            // balancer, not the source: no bans there.
             let wide_now: u64 = LISTENER_WIDE.iter().map(|r| stats.rejected(*r)).sum();
-            let wide_before = last_wide.insert(name.clone(), wide_now).unwrap_or(wide_now);
-            let wide = wide_now.saturating_sub(wide_before);
-            for l in guard.top_sources(usize::MAX, SourceOrder::Refused) {
-                let prev = last_refused
-                    .insert((name.clone(), l.source), l.refused)
-                    .unwrap_or(0);
-                // The tally starts afresh every minute: a smaller count is a new window.
-                let delta = if l.refused >= prev {
-                    l.refused - prev
-                } else {
-                    l.refused
-                };
-                if k.ban_after > 0
-                    && !proxied
-                    && delta.saturating_sub(wide) >= u64::from(k.ban_after)
-                    && !lim.allow.iter().any(|n| n.contains(&l.source.addr()))
-                {
-                    ban.push(l.source);
-                }
-            }
+            let refused = guard
+                .top_sources(usize::MAX, SourceOrder::Refused)
+                .into_iter()
+                .map(|l| (l.source, l.refused));
+            ban.extend(tally.earned(name, refused, wide_now, *proxied, &lim.allow, k));
             top.truncate(TOP);
             census.sockets.push((name.clone(), *port, counts));
             census.syn_recv.push((name.clone(), top));
@@ -381,34 +429,49 @@ pub(crate) async fn run(state: Arc<State>) {
             census.syncookies_sent = cookies;
             census.listen_overflows = overflows;
         }
-        state.kernel().census.store(Arc::new(census));
-
-        if !ban.is_empty() {
-            // Never a source another listener exempts (its allow list, its balancers).
-            let exempt: Vec<ipnet::IpNet> =
-                targets(&state).into_iter().flat_map(|t| t.exempt).collect();
-            ban.retain(|s| !exempt.iter().any(|n| n.contains(&s.addr())));
-            ban.sort();
-            ban.dedup();
-            // Every replica refuses it too, from the next cluster sync on.
-            if let Some(c) = state.cluster() {
-                c.ban(&ban, k.ban_for);
-            }
-            state.kernel().ban(ban, k.ban_for).await;
-        }
-        state.kernel().read_counters().await;
-        if last_refused.len() > 65_536 {
-            last_refused.clear();
-        }
-        if sleep_or_stop(&state, every).await {
-            return;
-        }
+        self.census.store(Arc::new(census));
+        tally.bound();
+        // Never a source another listener exempts (its allow list, its balancers).
+        let exempt: Vec<&ipnet::IpNet> = targets.iter().flat_map(|t| &t.exempt).collect();
+        ban.retain(|s| !exempt.iter().any(|n| n.contains(&s.addr())));
+        ban.sort();
+        ban.dedup();
+        ban
     }
 }
 
-async fn sleep_or_stop(state: &State, d: Duration) -> bool {
-    tokio::select! {
-        _ = state.stopping() => true,
-        _ = tokio::time::sleep(d) => false,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(ip: &str) -> SourceKey {
+        SourceKey::new(ip.parse().unwrap(), 32, 128)
+    }
+
+    #[test]
+    fn a_ban_takes_refusals_of_its_own_beyond_the_listener_wide_ones_in_one_interval() {
+        let k = KernelConfig {
+            ban_after: 10,
+            ..KernelConfig::default()
+        };
+        let (a, b) = (key("198.18.0.1"), key("198.18.0.2"));
+        let allow: Vec<ipnet::IpNet> = vec!["198.18.0.2/32".parse().unwrap()];
+        let mut t = Tally::default();
+        // First census: 12 refusals each, none listener-wide; b is allowed.
+        let ban = t.earned("web", [(a, 12), (b, 12)], 0, false, &allow, &k);
+        assert_eq!(ban, vec![a]);
+        // Next: 8 more, under ban_after.
+        assert!(t.earned("web", [(a, 20)], 0, false, &[], &k).is_empty());
+        // Next: 15 more, but 6 listener-wide refusals in the interval may be among them.
+        assert!(t.earned("web", [(a, 35)], 6, false, &[], &k).is_empty());
+        // The tally's new window (a smaller count) counts whole.
+        assert_eq!(t.earned("web", [(a, 11)], 6, false, &[], &k), vec![a]);
+        // Behind a PROXY balancer, or with bans off: never.
+        assert!(t.earned("lb", [(a, 50)], 0, true, &[], &k).is_empty());
+        let off = KernelConfig {
+            ban_after: 0,
+            ..KernelConfig::default()
+        };
+        assert!(t.earned("web", [(a, 100)], 6, false, &[], &off).is_empty());
     }
 }

@@ -34,10 +34,35 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::{Handle, State};
 use crate::config::AdminConfig;
 use crate::guard::SourceOrder;
-use crate::server::{Handle, State};
+use crate::metrics;
 use crate::sockopt;
+
+impl State {
+    /// What a scrape reads, gathered now.
+    fn metrics(&self) -> metrics::Snapshot {
+        metrics::Snapshot {
+            listeners: self
+                .listeners()
+                .iter()
+                .map(|r| metrics::ListenerSnapshot {
+                    name: r.ctx.name.clone(),
+                    retired: r.is_retired(),
+                    guard: r.ctx.guard.snapshot(),
+                    limits: r.ctx.guard.limits(),
+                    stats: r.ctx.stats.clone(),
+                })
+                .collect(),
+            fds: self.fds(),
+            pools: self.pools(),
+            kernel: self.kernel.counts(),
+            cluster: self.cluster.clone(),
+            reloads: self.reloads(),
+        }
+    }
+}
 
 /// `/sources` never lists more than this many sources per listener.
 const MAX_TOP: usize = 1000;
@@ -318,7 +343,7 @@ async fn route(req: Request<Incoming>, state: Arc<State>, peer: IpAddr) -> Respo
     }
     match (req.method(), path) {
         (&Method::GET, "/metrics") => {
-            let mut r = text(StatusCode::OK, crate::metrics::render(state));
+            let mut r = text(StatusCode::OK, metrics::render(state.metrics()));
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static(

@@ -1,10 +1,16 @@
-//! The server: the running listeners, live reload, upkeep, and the graceful shutdown.
+//! The server: the top of the house. It owns the running listeners, the pools, the kernel
+//! layer and the cluster view, starts and stops them, and is the only module that sees all
+//! of them; every other module is below it and none imports it.
 //!
-//! Reload (SIGHUP or `POST /reload`) re-reads the config file and applies it without dropping
-//! established connections: caps, clocks, allow and deny lists and backends change at once
-//! for the listeners that stay; new listeners are bound; removed ones stop accepting and
-//! drain. Everything that can fail (parsing, validation, binding, resolving) is done before
-//! anything is applied, so a bad config is refused whole and the running one stays.
+//! # Layout
+//!
+//! - here: [`Server`] (bind, run, the graceful stop), [`Handle`] (a view for tests, the
+//!   admin endpoint and signals), and the shared state they hold.
+//! - `running`: starting listeners and their accept loops, and the pools they forward to.
+//! - `reload`: applying a new config to what runs, and SIGHUP.
+//! - `upkeep`: the periodic work: sweeps and summaries, the kernel census, the cluster
+//!   sync's view of the listeners.
+//! - `admin`: the admin HTTP endpoint, the server's face to probes, scrapers and operators.
 //!
 //! Shutdown: `/readyz` fails first (for `admin.drain_delay` on SIGTERM, so load balancers
 //! stop sending), then accepting stops, connections drain for their listener's
@@ -12,26 +18,32 @@
 //! reloads are refused (one under way is waited for), and every accept loop, whenever it
 //! was started, stops with the server: nothing can keep a draining process alive.
 
+mod admin;
+mod reload;
+mod running;
+mod upkeep;
+
+pub use reload::reload_on_sighup;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::{BackendError, Pool};
-use crate::config::{Config, ConfigError, ListenerConfig};
-use crate::conn::{ListenerCtx, Policy};
+use crate::config::{Config, ConfigError};
+use crate::conn::ListenerCtx;
 use crate::fds::Budget;
 use crate::guard::{Guard, GuardSnapshot};
 use crate::shutdown::Signal;
-use crate::stats::{Stats, Summary};
-use crate::{admin, listener, sockopt};
+use crate::sockopt;
+use crate::stats::Stats;
+use running::{announce, bind_listener, new_ctx, set_splice_budget};
 
 /// Why the server could not start, or a reload was refused.
 #[derive(Debug, thiserror::Error)]
@@ -64,9 +76,6 @@ pub enum ServerError {
     #[error("shutting down: reloads are refused while draining")]
     Draining,
 }
-
-/// How often rate-limiter keys are swept, summaries logged and retired listeners reaped.
-const UPKEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// A listener as it runs.
 #[derive(Debug)]
@@ -205,12 +214,9 @@ impl Server {
             state.start_listener(socket, ctx, l.bind);
         }
         crate::kernel::warn_if_no_syncookies();
-        state
-            .kernel
-            .apply(crate::kernel::targets(&state), &config.kernel)
-            .await;
-        state.tasks.spawn(crate::kernel::run(state.clone()));
-        state.tasks.spawn(upkeep(state.clone()));
+        state.kernel.apply(state.targets(), &config.kernel).await;
+        state.tasks.spawn(upkeep::census(state.clone()));
+        state.tasks.spawn(upkeep::upkeep(state.clone()));
         if let Some(c) = &state.cluster {
             state
                 .tasks
@@ -348,167 +354,7 @@ pub async fn run(
     Ok(())
 }
 
-/// Pipes for splice: the share of the descriptor budget set aside for them.
-fn set_splice_budget(fds: &Budget) {
-    #[cfg(target_os = "linux")]
-    crate::splice::set_budget(fds.pipes);
-    #[cfg(not(target_os = "linux"))]
-    let _ = fds;
-}
-
-/// Says how the descriptors are cut, and warns for every cap lowered to fit.
-fn announce(fds: &Budget) {
-    tracing::info!("{fds}");
-    for w in fds.warnings() {
-        tracing::warn!("{w}");
-    }
-}
-
-fn bind_listener(l: &ListenerConfig, config: &Config) -> Result<TcpListener, ServerError> {
-    sockopt::listen(l.bind, &config.tcp).map_err(|source| ServerError::Bind {
-        listener: l.name.clone(),
-        addr: l.bind,
-        source,
-    })
-}
-
-fn policy(l: &ListenerConfig, config: &Config, backends: Arc<Pool>) -> Policy {
-    Policy {
-        protocol: l.protocol,
-        accept_proxy: l.accept_proxy,
-        trusted_proxies: l.trusted_proxies.clone(),
-        timeouts: l.timeouts.clone(),
-        min_rate: l.limits.min_rate,
-        grace: l.limits.grace,
-        observe: l.limits.mode == crate::config::Mode::Observe,
-        pressure: config.pressure.clone(),
-        tcp: config.tcp.clone(),
-        backends,
-    }
-}
-
-/// The pool a listener forwards to. Validation guarantees it exists; a config built by
-/// hand that names none is refused rather than trusted.
-fn pool_for(l: &ListenerConfig, pools: &[Arc<Pool>]) -> Result<Arc<Pool>, ServerError> {
-    pools
-        .iter()
-        .find(|p| p.name() == l.backend)
-        .cloned()
-        .ok_or_else(|| ServerError::Backend {
-            pool: l.backend.clone(),
-            source: BackendError::AllDown,
-        })
-}
-
-/// A listener's context. `stats` carries the counters of the listener it replaces (same
-/// name, new bind), so its metric series go on rather than appear twice or start over.
-fn new_ctx(
-    l: &ListenerConfig,
-    config: &Config,
-    pools: &[Arc<Pool>],
-    stats: Option<Arc<Stats>>,
-    fds: &Budget,
-) -> Result<Arc<ListenerCtx>, ServerError> {
-    let stats = stats.unwrap_or_default();
-    Ok(Arc::new(ListenerCtx {
-        name: l.name.clone(),
-        policy: ArcSwap::from_pointee(policy(l, config, pool_for(l, pools)?)),
-        epoch: watch::Sender::new(0),
-        guard: Guard::new(fds.limits(l), &config.pressure, stats.clone()),
-        stats,
-        abort: CancellationToken::new(),
-    }))
-}
-
-impl Running {
-    fn stop_accepting(&self) {
-        self.stop_accept.cancel();
-        if let Ok(mut s) = self.socket.lock() {
-            s.take();
-        }
-    }
-
-    pub(crate) fn is_retired(&self) -> bool {
-        self.retired.load(Ordering::Relaxed)
-    }
-}
-
 impl State {
-    /// The pools `config` asks for: the running pool where its settings are unchanged (its
-    /// health state and open connections carry on), a new one, resolved, otherwise.
-    async fn build_pools(&self, config: &Config) -> Result<Vec<Arc<Pool>>, ServerError> {
-        let current = self.pools.lock().map(|p| p.clone()).unwrap_or_default();
-        let mut out = Vec::with_capacity(config.pools.len());
-        for cfg in &config.pools {
-            if let Some(p) = current.iter().find(|p| p.config() == cfg) {
-                out.push(p.clone());
-                continue;
-            }
-            // A changed pool: its servers that stay carry their load and health on.
-            let previous = current.iter().find(|p| p.name() == cfg.name);
-            let pool = Pool::new(
-                cfg.clone(),
-                self.stop_upkeep.child_token(),
-                previous.map(|p| &**p),
-            )
-            .await
-            .map_err(|source| ServerError::Backend {
-                pool: cfg.name.clone(),
-                source,
-            })?;
-            out.push(Arc::new(pool));
-        }
-        Ok(out)
-    }
-
-    /// Starts the new pools' background tasks and stops those of pools no longer used.
-    fn switch_pools(&self, next: Vec<Arc<Pool>>) {
-        let Ok(mut cur) = self.pools.lock() else {
-            return;
-        };
-        for p in &next {
-            if !cur.iter().any(|c| Arc::ptr_eq(c, p)) {
-                p.start(&self.tasks);
-            }
-        }
-        for c in cur.iter() {
-            if !next.iter().any(|p| Arc::ptr_eq(c, p)) {
-                c.stop();
-            }
-        }
-        *cur = next;
-    }
-
-    fn start_listener(&self, socket: TcpListener, ctx: Arc<ListenerCtx>, bind: SocketAddr) {
-        let socket = Arc::new(socket);
-        let addr = socket.local_addr().unwrap_or(bind);
-        // A child of the server's: cancelled at shutdown even if started after it began.
-        let stop = self.accepting.child_token();
-        tracing::info!(
-            listener = %ctx.name,
-            %addr,
-            backends = ?ctx.policy.load().backends.addrs(),
-            "listening"
-        );
-        self.tasks.spawn(listener::accept_loop(
-            socket.clone(),
-            ctx.clone(),
-            stop.clone(),
-            self.conns.clone(),
-        ));
-        let running = Arc::new(Running {
-            ctx,
-            bind,
-            addr,
-            socket: Mutex::new(Some(socket)),
-            stop_accept: stop,
-            retired: AtomicBool::new(false),
-        });
-        if let Ok(mut l) = self.listeners.lock() {
-            l.push(running);
-        }
-    }
-
     /// The listeners, active and retiring.
     pub(crate) fn listeners(&self) -> Vec<Arc<Running>> {
         self.listeners.lock().map(|l| l.clone()).unwrap_or_default()
@@ -567,281 +413,6 @@ impl State {
             }
         }
         Ok(())
-    }
-
-    /// Applies `new` as described in the module docs; returns what changed, in words.
-    pub(crate) async fn reload(&self, new: Config) -> Result<String, ServerError> {
-        let _one = self.reload_lock.lock().await;
-        let r = if self.draining.load(Ordering::SeqCst) {
-            Err(ServerError::Draining)
-        } else {
-            self.try_reload(new).await
-        };
-        match &r {
-            Ok(changed) => {
-                self.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(changed = changed.as_str(), "config reloaded");
-            }
-            Err(e) => {
-                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "reload refused; the running config stays");
-            }
-        }
-        r
-    }
-
-    /// Applies `new`; returns what changed, in words, for the log.
-    async fn try_reload(&self, new: Config) -> Result<String, ServerError> {
-        // Plan and do everything fallible first.
-        sockopt::probe(&new.tcp)?;
-        let fds = Budget::current(&new);
-        let pools = self.build_pools(&new).await?;
-        let mut updates = Vec::new();
-        let mut adds = Vec::new();
-        for l in &new.listeners {
-            match self.active(&l.name) {
-                Some(r) if r.bind == l.bind => updates.push((r, l, pool_for(l, &pools)?)),
-                replaced => {
-                    let socket = bind_listener(l, &new)?;
-                    sockopt::apply(socket2::SockRef::from(&socket), &new.tcp)?;
-                    let stats = replaced.map(|r| r.ctx.stats.clone());
-                    adds.push((l, socket, new_ctx(l, &new, &pools, stats, &fds)?));
-                }
-            }
-        }
-        // Apply.
-        self.switch_pools(pools);
-        for (r, l, pool) in updates {
-            r.ctx.guard.reload(fds.limits(l), &new.pressure);
-            r.ctx.set_policy(policy(l, &new, pool));
-            if let Ok(s) = r.socket.lock()
-                && let Some(s) = s.as_ref()
-                && let Err(e) = sockopt::apply(socket2::SockRef::from(&**s), &new.tcp)
-            {
-                // The probe took these options: this is not expected, and too late to refuse.
-                tracing::warn!(listener = %r.ctx.name, error = %e, "cannot apply [tcp] to the listening socket");
-            }
-        }
-        for r in self.listeners() {
-            let kept = new
-                .listeners
-                .iter()
-                .any(|l| l.name == r.ctx.name && l.bind == r.bind);
-            if !kept && !r.is_retired() {
-                self.retire(&r);
-            }
-        }
-        for (l, socket, ctx) in adds {
-            self.start_listener(socket, ctx, l.bind);
-        }
-        set_splice_budget(&fds);
-        if fds.listeners != self.fds.load().listeners {
-            announce(&fds);
-        }
-        self.fds.store(Arc::new(fds));
-        self.kernel
-            .apply(crate::kernel::targets(self), &new.kernel)
-            .await;
-        let old = self.config.load_full();
-        for (changed, section) in [
-            (new.admin.needs_restart_for(&old.admin), "[admin]"),
-            (new.log != old.log, "[log]"),
-            (new.runtime != old.runtime, "[runtime]"),
-            (new.cluster != old.cluster, "[cluster]"),
-        ] {
-            if changed {
-                tracing::warn!("{section} changes take effect at the next restart");
-            }
-        }
-        let changed = changes(&self.loaded.load(), &new);
-        // What runs keeps the start-time sections; what waits for a restart is `loaded`.
-        let mut running = new.clone();
-        running.admin = old.admin.clone();
-        running.log = old.log.clone();
-        running.runtime = old.runtime.clone();
-        running.cluster = old.cluster.clone();
-        self.config.store(Arc::new(running));
-        self.loaded.store(Arc::new(new));
-        Ok(changed)
-    }
-
-    /// The effective configuration for `/config`: what runs, then the settings the file
-    /// now holds that wait for a restart.
-    pub(crate) fn config_text(&self) -> String {
-        let running = self.config.load().to_string();
-        let loaded = self.loaded.load().to_string();
-        let waiting: Vec<&str> = loaded
-            .lines()
-            .filter(|l| !running.lines().any(|r| r == *l))
-            .collect();
-        if waiting.is_empty() {
-            return running;
-        }
-        let mut out = running;
-        out.push_str("\nwaiting for a restart (the file now says):");
-        for l in waiting {
-            out.push_str("\n  ");
-            out.push_str(l);
-        }
-        out
-    }
-
-    /// Stops accepting on a listener removed by a reload; its connections drain for its
-    /// `timeouts.drain`, then are aborted.
-    fn retire(&self, r: &Arc<Running>) {
-        r.retired.store(true, Ordering::Relaxed);
-        r.stop_accepting();
-        tracing::info!(listener = %r.ctx.name, addr = %r.addr, "listener removed; draining");
-        let ctx = r.ctx.clone();
-        let drain = ctx.policy.load().timeouts.drain;
-        let stop = self.stop_upkeep.clone();
-        self.tasks.spawn(async move {
-            tokio::select! {
-                _ = tokio::time::sleep(drain) => ctx.abort.cancel(),
-                _ = stop.cancelled() => {}
-            }
-        });
-    }
-}
-
-/// Upkeep ticks between two lines about stalled connections (while there are some).
-const STALLED_SUMMARY_EVERY: u64 = 10;
-
-/// What a reload from `old` to `new` changes, in words: `listener "web": limits, timeouts;
-/// pool "app"; [tcp]`, or `nothing`.
-fn changes(old: &Config, new: &Config) -> String {
-    let mut out: Vec<String> = Vec::new();
-    for l in &new.listeners {
-        let Some(o) = old.listeners.iter().find(|o| o.name == l.name) else {
-            out.push(format!("listener {:?} added", l.name));
-            continue;
-        };
-        if o.bind != l.bind {
-            out.push(format!("listener {:?} moved to {}", l.name, l.bind));
-            continue;
-        }
-        let parts: Vec<&str> = [
-            (o.backend != l.backend, "backend"),
-            (o.protocol != l.protocol, "protocol"),
-            (
-                o.accept_proxy != l.accept_proxy || o.trusted_proxies != l.trusted_proxies,
-                "PROXY protocol",
-            ),
-            (o.limits != l.limits, "limits"),
-            (o.timeouts != l.timeouts, "timeouts"),
-        ]
-        .into_iter()
-        .filter_map(|(c, what)| c.then_some(what))
-        .collect();
-        if !parts.is_empty() {
-            out.push(format!("listener {:?}: {}", l.name, parts.join(", ")));
-        }
-    }
-    for o in &old.listeners {
-        if !new.listeners.iter().any(|l| l.name == o.name) {
-            out.push(format!("listener {:?} removed", o.name));
-        }
-    }
-    for p in &new.pools {
-        match old.pool(&p.name) {
-            None => out.push(format!("pool {:?} added", p.name)),
-            Some(o) if o != p => out.push(format!("pool {:?}", p.name)),
-            Some(_) => {}
-        }
-    }
-    for o in &old.pools {
-        if new.pool(&o.name).is_none() {
-            out.push(format!("pool {:?} removed", o.name));
-        }
-    }
-    for (changed, what) in [
-        (old.pressure != new.pressure, "[pressure]"),
-        (old.tcp != new.tcp, "[tcp]"),
-        (old.kernel != new.kernel, "[kernel]"),
-        (old.admin != new.admin, "[admin] (at the next restart)"),
-        (old.log != new.log, "[log] (at the next restart)"),
-        (
-            old.runtime != new.runtime,
-            "[runtime] (at the next restart)",
-        ),
-        (
-            old.cluster != new.cluster,
-            "[cluster] (at the next restart)",
-        ),
-    ] {
-        if changed {
-            out.push(what.to_string());
-        }
-    }
-    if out.is_empty() {
-        "nothing".to_string()
-    } else {
-        out.join("; ")
-    }
-}
-
-/// Once a second: sweep rate-limiter keys, log what changed, drop drained retired listeners.
-async fn upkeep(state: Arc<State>) {
-    // One per set of counters: a listener and its replacement (same name, new bind) share
-    // theirs, and must not log the same events twice. Read through the one still accepting.
-    let mut summaries: Vec<(Arc<ListenerCtx>, Summary)> = Vec::new();
-    let mut ticks = 0u64;
-    let mut tick = tokio::time::interval(UPKEEP_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let stopping = tokio::select! {
-            _ = state.stop_upkeep.cancelled() => true,
-            _ = tick.tick() => false,
-        };
-        let listeners = state.listeners();
-        for r in &listeners {
-            match summaries
-                .iter_mut()
-                .find(|(c, _)| Arc::ptr_eq(&c.stats, &r.ctx.stats))
-            {
-                Some((c, _)) if !r.is_retired() => *c = r.ctx.clone(),
-                Some(_) => {}
-                None => summaries.push((r.ctx.clone(), Summary::new(&r.ctx.stats))),
-            }
-            r.ctx.guard.housekeep();
-        }
-        for (ctx, summary) in &mut summaries {
-            let top = || {
-                let l = ctx
-                    .guard
-                    .top_sources(1, crate::guard::SourceOrder::Refused)
-                    .into_iter()
-                    .next()?;
-                Some(crate::stats::TopRefused {
-                    source: l.source.to_string(),
-                    refused: l.refused,
-                    conns: l.conns,
-                    going_nowhere: l.going_nowhere(),
-                    verdict: l.verdict(),
-                })
-            };
-            summary.tick(&ctx.name, &ctx.stats, &top);
-            if ticks.is_multiple_of(STALLED_SUMMARY_EVERY) {
-                let snap = ctx.guard.snapshot();
-                if snap.stalled > 0 {
-                    tracing::info!(
-                        listener = %ctx.name,
-                        stalled = snap.stalled,
-                        sources = snap.stalled_sources,
-                        conns = snap.conns,
-                        "connections stalled: OPEN below limits.min_rate (evictable when the listener is full)"
-                    );
-                }
-            }
-        }
-        ticks += 1;
-        if let Ok(mut l) = state.listeners.lock() {
-            l.retain(|r| !(r.is_retired() && r.ctx.guard.snapshot().conns == 0));
-            summaries.retain(|(c, _)| l.iter().any(|r| Arc::ptr_eq(&c.stats, &r.ctx.stats)));
-        }
-        if stopping {
-            break;
-        }
     }
 }
 

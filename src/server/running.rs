@@ -1,0 +1,194 @@
+//! Starting what runs: a listener's context (its policy, guard and counters) and its accept
+//! loop, and the backend pools listeners forward to.
+//!
+//! Shared by the start and by reloads, so a listener a reload adds starts exactly as one
+//! the start binds; what can fail here (binding, resolving) is done before anything is
+//! applied.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{Running, ServerError, State};
+use crate::backend::{BackendError, Pool};
+use crate::config::{Config, ListenerConfig};
+use crate::conn::{ListenerCtx, Policy};
+use crate::fds::Budget;
+use crate::guard::Guard;
+use crate::stats::Stats;
+use crate::{listener, sockopt};
+
+/// Pipes for splice: the share of the descriptor budget set aside for them.
+pub(super) fn set_splice_budget(fds: &Budget) {
+    #[cfg(target_os = "linux")]
+    crate::splice::set_budget(fds.pipes);
+    #[cfg(not(target_os = "linux"))]
+    let _ = fds;
+}
+
+/// Says how the descriptors are cut, and warns for every cap lowered to fit.
+pub(super) fn announce(fds: &Budget) {
+    tracing::info!("{fds}");
+    for w in fds.warnings() {
+        tracing::warn!("{w}");
+    }
+}
+
+pub(super) fn bind_listener(
+    l: &ListenerConfig,
+    config: &Config,
+) -> Result<TcpListener, ServerError> {
+    sockopt::listen(l.bind, &config.tcp).map_err(|source| ServerError::Bind {
+        listener: l.name.clone(),
+        addr: l.bind,
+        source,
+    })
+}
+
+pub(super) fn policy(l: &ListenerConfig, config: &Config, backends: Arc<Pool>) -> Policy {
+    Policy {
+        protocol: l.protocol,
+        accept_proxy: l.accept_proxy,
+        trusted_proxies: l.trusted_proxies.clone(),
+        timeouts: l.timeouts.clone(),
+        min_rate: l.limits.min_rate,
+        grace: l.limits.grace,
+        observe: l.limits.mode == crate::config::Mode::Observe,
+        pressure: config.pressure.clone(),
+        tcp: config.tcp.clone(),
+        backends,
+    }
+}
+
+/// The pool a listener forwards to. Validation guarantees it exists; a config built by
+/// hand that names none is refused rather than trusted.
+pub(super) fn pool_for(l: &ListenerConfig, pools: &[Arc<Pool>]) -> Result<Arc<Pool>, ServerError> {
+    pools
+        .iter()
+        .find(|p| p.name() == l.backend)
+        .cloned()
+        .ok_or_else(|| ServerError::Backend {
+            pool: l.backend.clone(),
+            source: BackendError::AllDown,
+        })
+}
+
+/// A listener's context. `stats` carries the counters of the listener it replaces (same
+/// name, new bind), so its metric series go on rather than appear twice or start over.
+pub(super) fn new_ctx(
+    l: &ListenerConfig,
+    config: &Config,
+    pools: &[Arc<Pool>],
+    stats: Option<Arc<Stats>>,
+    fds: &Budget,
+) -> Result<Arc<ListenerCtx>, ServerError> {
+    let stats = stats.unwrap_or_default();
+    Ok(Arc::new(ListenerCtx {
+        name: l.name.clone(),
+        policy: ArcSwap::from_pointee(policy(l, config, pool_for(l, pools)?)),
+        epoch: watch::Sender::new(0),
+        guard: Guard::new(fds.limits(l), &config.pressure, stats.clone()),
+        stats,
+        abort: CancellationToken::new(),
+    }))
+}
+
+impl Running {
+    pub(super) fn stop_accepting(&self) {
+        self.stop_accept.cancel();
+        if let Ok(mut s) = self.socket.lock() {
+            s.take();
+        }
+    }
+
+    pub(crate) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+}
+
+impl State {
+    /// The pools `config` asks for: the running pool where its settings are unchanged (its
+    /// health state and open connections carry on), a new one, resolved, otherwise.
+    pub(super) async fn build_pools(&self, config: &Config) -> Result<Vec<Arc<Pool>>, ServerError> {
+        let current = self.pools.lock().map(|p| p.clone()).unwrap_or_default();
+        let mut out = Vec::with_capacity(config.pools.len());
+        for cfg in &config.pools {
+            if let Some(p) = current.iter().find(|p| p.config() == cfg) {
+                out.push(p.clone());
+                continue;
+            }
+            // A changed pool: its servers that stay carry their load and health on.
+            let previous = current.iter().find(|p| p.name() == cfg.name);
+            let pool = Pool::new(
+                cfg.clone(),
+                self.stop_upkeep.child_token(),
+                previous.map(|p| &**p),
+            )
+            .await
+            .map_err(|source| ServerError::Backend {
+                pool: cfg.name.clone(),
+                source,
+            })?;
+            out.push(Arc::new(pool));
+        }
+        Ok(out)
+    }
+
+    /// Starts the new pools' background tasks and stops those of pools no longer used.
+    pub(super) fn switch_pools(&self, next: Vec<Arc<Pool>>) {
+        let Ok(mut cur) = self.pools.lock() else {
+            return;
+        };
+        for p in &next {
+            if !cur.iter().any(|c| Arc::ptr_eq(c, p)) {
+                p.start(&self.tasks);
+            }
+        }
+        for c in cur.iter() {
+            if !next.iter().any(|p| Arc::ptr_eq(c, p)) {
+                c.stop();
+            }
+        }
+        *cur = next;
+    }
+
+    pub(super) fn start_listener(
+        &self,
+        socket: TcpListener,
+        ctx: Arc<ListenerCtx>,
+        bind: SocketAddr,
+    ) {
+        let socket = Arc::new(socket);
+        let addr = socket.local_addr().unwrap_or(bind);
+        // A child of the server's: cancelled at shutdown even if started after it began.
+        let stop = self.accepting.child_token();
+        tracing::info!(
+            listener = %ctx.name,
+            %addr,
+            backends = ?ctx.policy.load().backends.addrs(),
+            "listening"
+        );
+        self.tasks.spawn(listener::accept_loop(
+            socket.clone(),
+            ctx.clone(),
+            stop.clone(),
+            self.conns.clone(),
+        ));
+        let running = Arc::new(Running {
+            ctx,
+            bind,
+            addr,
+            socket: Mutex::new(Some(socket)),
+            stop_accept: stop,
+            retired: AtomicBool::new(false),
+        });
+        if let Ok(mut l) = self.listeners.lock() {
+            l.push(running);
+        }
+    }
+}
