@@ -11,6 +11,7 @@ mod fair;
 mod fds;
 mod halfclose;
 mod kernel;
+mod layers;
 mod leaks;
 mod passive;
 mod props;
