@@ -51,10 +51,55 @@ fn refused(
     }
 }
 
-/// Applies keepalive, TCP_USER_TIMEOUT and TCP_NODELAY from `[tcp]`.
+/// Applies keepalive, TCP_USER_TIMEOUT and TCP_NODELAY from `[tcp]`, "off" included: a live
+/// socket (a listener on reload) may have them on.
 pub fn apply(sock: SockRef<'_>, tcp: &TcpConfig) -> Result<(), SockoptError> {
-    sock.set_tcp_nodelay(tcp.nodelay)
-        .map_err(refused("tcp.nodelay", || tcp.nodelay.to_string()))?;
+    set(
+        sock,
+        tcp,
+        Needs {
+            offs: true,
+            probes: true,
+        },
+    )
+}
+
+/// The `[tcp]` options for a fresh socket toward `peer`, in as few calls as it takes: a fresh
+/// socket already has keepalive, `TCP_USER_TIMEOUT` and `TCP_NODELAY` off, so "off" costs no
+/// call; and toward a loopback peer (a sidecar's backend) keepalive and `TCP_USER_TIMEOUT`
+/// are left off, since the kernel holds both ends: a peer process that dies has its sockets
+/// closed for it, and one that hangs is acknowledged by the kernel all the same, so neither
+/// probe could tell anything the `idle` and `write_stall` clocks do not. Five calls fewer
+/// per backend connection.
+fn apply_fresh(sock: SockRef<'_>, tcp: &TcpConfig, peer: SocketAddr) -> Result<(), SockoptError> {
+    let loopback = peer.ip().to_canonical().is_loopback();
+    set(
+        sock,
+        tcp,
+        Needs {
+            offs: false,
+            probes: !loopback,
+        },
+    )
+}
+
+/// Which of the `[tcp]` options a socket needs set.
+#[derive(Clone, Copy)]
+struct Needs {
+    /// Options configured off are set too (the socket may have them on).
+    offs: bool,
+    /// Keepalive and `TCP_USER_TIMEOUT`, the dead-peer probes.
+    probes: bool,
+}
+
+fn set(sock: SockRef<'_>, tcp: &TcpConfig, needs: Needs) -> Result<(), SockoptError> {
+    if needs.offs || tcp.nodelay {
+        sock.set_tcp_nodelay(tcp.nodelay)
+            .map_err(refused("tcp.nodelay", || tcp.nodelay.to_string()))?;
+    }
+    if !needs.probes {
+        return Ok(());
+    }
     match tcp.keepalive_idle {
         Some(idle) => {
             let ka = TcpKeepalive::new()
@@ -66,46 +111,17 @@ pub fn apply(sock: SockRef<'_>, tcp: &TcpConfig) -> Result<(), SockoptError> {
                 return Err(keepalive_culprit(&sock, tcp, idle, e));
             }
         }
-        None => sock
+        None if needs.offs => sock
             .set_keepalive(false)
             .map_err(refused("tcp.keepalive_idle", || "0s".into()))?,
+        None => {}
     }
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    sock.set_tcp_user_timeout(tcp.user_timeout)
-        .map_err(refused("tcp.user_timeout", || {
-            tcp.user_timeout.map_or("0s".into(), secs)
-        }))?;
-    Ok(())
-}
-
-/// The `[tcp]` options for a fresh socket toward `peer`, in as few calls as it takes: a fresh
-/// socket already has keepalive, `TCP_USER_TIMEOUT` and `TCP_NODELAY` off, so "off" costs no
-/// call; and toward a loopback peer (a sidecar's backend) keepalive and `TCP_USER_TIMEOUT`
-/// are left off, since the kernel holds both ends: a peer process that dies has its sockets
-/// closed for it, and one that hangs is acknowledged by the kernel all the same, so neither
-/// probe could tell anything the `idle` and `write_stall` clocks do not. Five calls fewer
-/// per backend connection.
-fn apply_fresh(sock: SockRef<'_>, tcp: &TcpConfig, peer: SocketAddr) -> Result<(), SockoptError> {
-    if tcp.nodelay {
-        sock.set_tcp_nodelay(true)
-            .map_err(refused("tcp.nodelay", || "true".into()))?;
-    }
-    if peer.ip().is_loopback() || peer.ip().to_canonical().is_loopback() {
-        return Ok(());
-    }
-    if let Some(idle) = tcp.keepalive_idle {
-        let ka = TcpKeepalive::new()
-            .with_time(idle)
-            .with_interval(tcp.keepalive_interval)
-            .with_retries(tcp.keepalive_count);
-        if let Err(e) = sock.set_tcp_keepalive(&ka) {
-            return Err(keepalive_culprit(&sock, tcp, idle, e));
-        }
-    }
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    if let Some(t) = tcp.user_timeout {
-        sock.set_tcp_user_timeout(Some(t))
-            .map_err(refused("tcp.user_timeout", || secs(t)))?;
+    if needs.offs || tcp.user_timeout.is_some() {
+        sock.set_tcp_user_timeout(tcp.user_timeout)
+            .map_err(refused("tcp.user_timeout", || {
+                tcp.user_timeout.map_or("0s".into(), secs)
+            }))?;
     }
     Ok(())
 }
