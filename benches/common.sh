@@ -1,8 +1,45 @@
 # Sourced by the measurement scripts: builds halfguard and loadgen in release, sets $HG and
-# $LOADGEN, and stops every PID pushed onto `pids` when the script exits.
+# $LOADGEN, stops every PID pushed onto `pids` when the script exits, and starts the perf
+# profile's peers (perf_peers_files, perf_peers_start).
 cargo build --release --bin halfguard --bench loadgen >/dev/null 2>&1
 HG=target/release/halfguard
 LOADGEN=$(ls -t target/release/deps/loadgen-* | grep -v '\.d$' | head -1)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
+
+# perf_peers_files WORK: the perf profile's configs (benches/peers/) and the backend's
+# 128-byte /small in WORK, to edit before perf_peers_start.
+perf_peers_files() {
+  mkdir -p "$1/www" "$1/tmp"
+  head -c 127 /dev/zero | tr '\0' . >"$1/www/small" && echo >>"$1/www/small"
+  cp benches/peers/nginx-backend.conf benches/peers/haproxy-perf.cfg \
+    benches/peers/halfguard-perf.toml "$1/"
+}
+
+# perf_peers_start WORK: the nginx backend (17201), HAProxy (17081) and halfguard (17080)
+# on WORK's configs, once a proxy of an earlier run has left the ports; sets ha_pid and
+# hg_pid, and returns when all three listen.
+perf_peers_start() {
+  local work=$1 port
+  for port in 17201 17080 17081; do
+    for _ in $(seq 50); do
+      ss -Htln "sport = :$port" | grep -q . || break
+      sleep 0.2
+    done
+  done
+  nginx -p "$work/" -c "$work/nginx-backend.conf" -e stderr >"$work/nginx.log" 2>&1 &
+  pids+=($!)
+  haproxy -f "$work/haproxy-perf.cfg" >"$work/haproxy.log" 2>&1 &
+  pids+=($!)
+  ha_pid=$!
+  "$HG" run -c "$work/halfguard-perf.toml" >"$work/halfguard.log" 2>&1 &
+  pids+=($!)
+  hg_pid=$!
+  for port in 17201 17080 17081; do
+    for _ in $(seq 50); do
+      ss -Htln "sport = :$port" | grep -q . && break
+      sleep 0.1
+    done
+  done
+}

@@ -21,38 +21,13 @@ source benches/common.sh
 ulimit -n "$(ulimit -Hn)"
 
 work=$(mktemp -d)
-pids=()
 trap 'cleanup; rm -rf "$work"' EXIT
-mkdir -p "$work/www" "$work/tmp"
-head -c 127 /dev/zero | tr '\0' . >"$work/www/small" && echo >>"$work/www/small"
-cp benches/peers/nginx-backend.conf benches/peers/haproxy-perf.cfg \
-  benches/peers/halfguard-perf.toml "$work/"
+perf_peers_files "$work"
 if [ -n "${THREADS:-}" ]; then
   sed -i "s/^    nbthread .*/    nbthread $THREADS/" "$work/haproxy-perf.cfg"
   printf '\n[runtime]\nworkers = %s\n' "$THREADS" >>"$work/halfguard-perf.toml"
 fi
-
-# A proxy from an earlier run may still be draining on these ports.
-for port in 17201 17080 17081; do
-  for _ in $(seq 50); do
-    ss -Htln "sport = :$port" | grep -q . || break
-    sleep 0.2
-  done
-done
-nginx -p "$work/" -c "$work/nginx-backend.conf" -e stderr >"$work/nginx.log" 2>&1 &
-pids+=($!)
-haproxy -f "$work/haproxy-perf.cfg" >"$work/haproxy.log" 2>&1 &
-pids+=($!)
-ha_pid=$!
-"$HG" run -c "$work/halfguard-perf.toml" >"$work/halfguard.log" 2>&1 &
-pids+=($!)
-hg_pid=$!
-for port in 17201 17080 17081; do
-  for _ in $(seq 50); do
-    curl -sf -o /dev/null "http://127.0.0.1:$port/small" && break
-    sleep 0.1
-  done
-done
+perf_peers_start "$work"
 
 # measure NAME PID PORT: one wrk run, figures per request.
 measure() {

@@ -22,24 +22,8 @@ ulimit -n "$(ulimit -Hn)"
 
 work=$(mktemp -d)
 trap 'cleanup; rm -rf "$work"' EXIT
-mkdir -p "$work/www" "$work/tmp"
-head -c 127 /dev/zero | tr '\0' . >"$work/www/small" && echo >>"$work/www/small"
-cp benches/peers/nginx-backend.conf benches/peers/haproxy-perf.cfg \
-  benches/peers/halfguard-perf.toml "$work/"
-for port in 17201 17080 17081; do
-  for _ in $(seq 50); do
-    ss -Htln "sport = :$port" | grep -q . || break
-    sleep 0.2
-  done
-done
-nginx -p "$work/" -c "$work/nginx-backend.conf" -e stderr >"$work/nginx.log" 2>&1 &
-pids+=($!)
-haproxy -f "$work/haproxy-perf.cfg" >"$work/haproxy.log" 2>&1 &
-pids+=($!)
-ha_pid=$!
-"$HG" run -c "$work/halfguard-perf.toml" >"$work/halfguard.log" 2>&1 &
-pids+=($!)
-hg_pid=$!
+perf_peers_files "$work"
+perf_peers_start "$work"
 
 # requests PORT COUNT: sequential HTTP/1.0 exchanges; fails loudly on a short answer.
 requests() {
@@ -80,12 +64,6 @@ count() {
   wait "$st" || true
 }
 
-for port in 17201 17080 17081; do
-  for _ in $(seq 50); do
-    python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), timeout=1)" 2>/dev/null && break
-    sleep 0.1
-  done
-done
 count halfguard "$hg_pid" 17080
 count haproxy "$ha_pid" 17081
 
