@@ -290,6 +290,18 @@ mod tests {
         }
     }
 
+    /// The open clocks of a connection accepted at `start`, nothing observed yet.
+    fn open_at(
+        r: &Rules<'_>,
+        pressure: bool,
+        start: Instant,
+        p: &Progress,
+        extended: Option<Instant>,
+        now: Instant,
+    ) -> Due {
+        open_due(r, pressure, Observed::default(), start, p, extended, now)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_idle_clock_counts_from_the_last_byte_and_pressure_shortens_it() {
         let (t, pr) = (timeouts(), pressure());
@@ -298,9 +310,9 @@ mod tests {
         advance(ms(7_000)).await;
         let p = idle_since(Instant::now());
         let now = Instant::now();
-        let due = open_due(&r, false, Observed::default(), start, &p, None, now);
+        let due = open_at(&r, false, start, &p, None, now);
         assert_eq!(due.clock, Some((now + ms(30_000), Timeout::Idle)));
-        let due = open_due(&r, true, Observed::default(), start, &p, None, now);
+        let due = open_at(&r, true, start, &p, None, now);
         assert_eq!(due.clock, Some((now + ms(4_000), Timeout::Idle)));
     }
 
@@ -318,20 +330,12 @@ mod tests {
             ..idle_since(moved)
         };
         p.open_direction_progress = moved;
-        let due = open_due(&r, false, Observed::default(), start, &p, None, fin);
+        let due = open_at(&r, false, start, &p, None, fin);
         assert_eq!(due.clock, Some((fin + ms(5_000), Timeout::HalfClosed)));
         // The open direction moves at 6 s: from then.
         advance(ms(3_000)).await;
         p.open_direction_progress = Instant::now();
-        let due = open_due(
-            &r,
-            false,
-            Observed::default(),
-            start,
-            &p,
-            None,
-            Instant::now(),
-        );
+        let due = open_at(&r, false, start, &p, None, Instant::now());
         assert_eq!(
             due.clock,
             Some((Instant::now() + ms(5_000), Timeout::HalfClosed))
@@ -353,7 +357,7 @@ mod tests {
             request_burst: Some(burst),
             ..idle_since(start)
         };
-        let due = open_due(&r, false, Observed::default(), start, &p, None, start);
+        let due = open_at(&r, false, start, &p, None, start);
         assert_eq!(due.request_wake, Some(start + ms(12_000)));
         assert_ne!(due.clock.map(|c| c.1), Some(Timeout::Request));
         // Still trickling past the deadline: the request clock runs out now.
@@ -363,10 +367,10 @@ mod tests {
         burst.bytes += 10;
         p.request_burst = Some(burst);
         p.last_activity = now;
-        let due = open_due(&r, false, Observed::default(), start, &p, None, now);
+        let due = open_at(&r, false, start, &p, None, now);
         assert_eq!(due.clock, Some((now, Timeout::Request)));
         // Under pressure the allowance is 3 s: the same burst ran out long ago.
-        let due = open_due(&r, true, Observed::default(), start, &p, None, now);
+        let due = open_at(&r, true, start, &p, None, now);
         assert_eq!(due.clock, Some((now, Timeout::Request)));
     }
 
@@ -387,7 +391,7 @@ mod tests {
         };
         advance(ms(25_000)).await;
         let now = Instant::now();
-        let due = open_due(&r, false, Observed::default(), start, &p, None, now);
+        let due = open_at(&r, false, start, &p, None, now);
         assert_eq!(due.clock.map(|c| c.1), Some(Timeout::Idle));
         assert!(due.clock.is_some_and(|c| c.0 > now));
         assert_eq!(due.request_wake, Some(now + ms(10_000)));
@@ -404,41 +408,17 @@ mod tests {
         let now = Instant::now();
         let p = idle_since(start);
         // Idle ran out at 30 s; the kernel look put it off to now + 1 s.
-        let due = open_due(
-            &r,
-            false,
-            Observed::default(),
-            start,
-            &p,
-            Some(now + ms(1_000)),
-            now,
-        );
+        let due = open_at(&r, false, start, &p, Some(now + ms(1_000)), now);
         assert_eq!(due.clock, Some((now + ms(1_000), Timeout::Idle)));
         assert!(!due.extension_over);
         // Progress moved idle past now by itself: the extension is over.
         let fresh = idle_since(now);
-        let due = open_due(
-            &r,
-            false,
-            Observed::default(),
-            start,
-            &fresh,
-            Some(now + ms(1_000)),
-            now,
-        );
+        let due = open_at(&r, false, start, &fresh, Some(now + ms(1_000)), now);
         assert!(due.extension_over);
         // The lifetime is not extended.
         advance(ms(9_500)).await;
         let now = Instant::now();
-        let due = open_due(
-            &r,
-            false,
-            Observed::default(),
-            start,
-            &p,
-            Some(now + ms(5_000)),
-            now,
-        );
+        let due = open_at(&r, false, start, &p, Some(now + ms(5_000)), now);
         assert_eq!(due.clock, Some((start + ms(40_000), Timeout::MaxLifetime)));
     }
 
@@ -472,7 +452,7 @@ mod tests {
             stalled_since: Some(start),
             ..idle_since(start)
         };
-        let due = open_due(&r, false, Observed::default(), start, &p, None, start);
+        let due = open_at(&r, false, start, &p, None, start);
         assert_eq!(due.clock, Some((start + ms(10_000), Timeout::WriteStall)));
     }
 }
