@@ -6,10 +6,12 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use halfguard::config::{Limits, Mode};
+use halfguard::config::{Config, Limits, Mode};
 use halfguard::stats::{Observed, Reject, Timeout};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::support::*;
@@ -92,23 +94,46 @@ async fn a_busy_address_at_its_connection_cap_is_not_refused() {
     busy_address_is_not_refused(64).await;
 }
 
-#[tokio::test]
-async fn a_held_connection_over_the_cap_is_still_refused() {
-    let b = backend(Backend::Echo).await;
-    let mut cfg = base_config(&[b.addr]);
-    cfg.listeners[0].limits.max_conns_per_source = 2;
-    let p = Proxy::start(cfg).await;
+/// Two connections from 127.0.0.2 held against a cap of two (each sent a byte, and with
+/// `echo` read it back), then, `settle` later, a third: how long until its RST.
+async fn third_over_a_cap_of_two(
+    p: &Proxy,
+    echo: bool,
+    settle: Duration,
+) -> (Vec<TcpStream>, Duration) {
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut c = connect_from("127.0.0.2", p.addr).await.unwrap();
-        assert_eq!(roundtrip(&mut c, b"x").await, b"x");
+        if echo {
+            assert_eq!(roundtrip(&mut c, b"x").await, b"x");
+        } else {
+            c.write_all(b"x").await.unwrap();
+        }
         held.push(c);
     }
-    // The third waits a moment for a slot (none frees: the two are held), then RST.
+    tokio::time::sleep(settle).await;
     let mut third = connect_from("127.0.0.2", p.addr).await.unwrap();
-    third.write_all(b"x").await.unwrap();
+    let _ = third.write_all(b"x").await;
     let after = expect_reset(&mut third, ms(2000)).await;
-    assert!(after < ms(1800), "refused after {after:?}");
+    (held, after)
+}
+
+fn cap_of_two(b: SocketAddr) -> Config {
+    let mut cfg = base_config(&[b]);
+    cfg.listeners[0].limits.max_conns_per_source = 2;
+    cfg
+}
+
+#[tokio::test]
+async fn a_held_connection_over_the_cap_is_still_refused() {
+    let b = backend(Backend::Echo).await;
+    let p = Proxy::start(cap_of_two(b.addr)).await;
+    // The third waits a moment for a slot (none frees: the two are held), then RST.
+    let (mut held, after) = third_over_a_cap_of_two(&p, true, Duration::ZERO).await;
+    assert!(
+        after >= ms(800) && after < ms(1800),
+        "refused after a wait: {after:?}"
+    );
     assert_eq!(p.stats().rejected(Reject::SourceConns), 1);
     // A close frees the slot for the next one at once.
     drop(held.pop());
@@ -122,27 +147,15 @@ async fn a_held_connection_over_the_cap_is_still_refused() {
 #[tokio::test]
 async fn a_slow_reader_at_its_cap_gets_no_wait_for_a_slot() {
     let b = backend(Backend::Flood).await;
-    let mut cfg = base_config(&[b.addr]);
-    cfg.listeners[0].limits.max_conns_per_source = 2;
-    let p = Proxy::start(cfg).await;
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let mut c = connect_from("127.0.0.2", p.addr).await.unwrap();
-        c.write_all(b"x").await.unwrap();
-        held.push(c);
-    }
+    let p = Proxy::start(cap_of_two(b.addr)).await;
     // Their windows fill at once; the progress check a second after the first (1.25 s)
     // finds them stalled with bytes waiting.
-    tokio::time::sleep(ms(1800)).await;
-    let mut third = connect_from("127.0.0.2", p.addr).await.unwrap();
-    let _ = third.write_all(b"x").await;
-    let after = expect_reset(&mut third, ms(2000)).await;
+    let (_held, after) = third_over_a_cap_of_two(&p, false, ms(1800)).await;
     assert!(
         after < ms(500),
         "refused at once, not after a wait: {after:?}"
     );
     assert_eq!(p.stats().rejected(Reject::SourceConns), 1);
-    drop(held);
 }
 
 #[tokio::test]
