@@ -131,6 +131,25 @@ async fn replicas_on(
     v
 }
 
+/// `n` replicas, each synced at least once within 3 s.
+async fn synced_replicas(
+    n: usize,
+    backend: SocketAddr,
+    url: &str,
+    tune: impl Fn(&mut Limits),
+) -> Vec<Proxy> {
+    let ps = replicas(n, backend, url, tune).await;
+    assert!(all_up(&ps, Duration::from_secs(3)).await, "replicas sync");
+    ps
+}
+
+/// Shuts every replica down (each takes its share out of Redis).
+async fn stop_all(ps: impl IntoIterator<Item = Proxy>) {
+    for p in ps {
+        p.shutdown().await;
+    }
+}
+
 /// Waits until every replica has synced at least once.
 async fn all_up(ps: &[Proxy], within: Duration) -> bool {
     wait_until(within, || async {
@@ -278,9 +297,7 @@ async fn round_robin(url: &str, redis_cluster: bool, nodes: &[String]) {
     })
     .await;
     assert!(gone, "share keys left: {:?}", share_keys(nodes).await);
-    for p in ps {
-        p.shutdown().await;
-    }
+    stop_all(ps).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -290,8 +307,7 @@ async fn redis_killed_falls_back_to_local_caps_and_the_cluster_cap_returns_with_
     const ATTACKER: &str = "127.0.0.11";
     let mut redis = RedisServer::start(&[]).await;
     let b = backend(Backend::Echo).await;
-    let ps = replicas(3, b.addr, &redis.url(), |l| l.max_conns_per_source = CAP).await;
-    assert!(all_up(&ps, Duration::from_secs(3)).await, "replicas sync");
+    let ps = synced_replicas(3, b.addr, &redis.url(), |l| l.max_conns_per_source = CAP).await;
     let others_see = |n: u32| {
         let ps = &ps;
         async move {
@@ -393,9 +409,7 @@ async fn redis_killed_falls_back_to_local_caps_and_the_cluster_cap_returns_with_
         );
     }
     drop(on_first);
-    for p in ps {
-        p.shutdown().await;
-    }
+    stop_all(ps).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -404,11 +418,10 @@ async fn silent_connections_on_one_replica_count_against_the_half_open_cap_on_an
     const CAP: u32 = 4;
     let redis = RedisServer::start(&[]).await;
     let b = backend(Backend::Echo).await;
-    let ps = replicas(2, b.addr, &redis.url(), |l| {
+    let ps = synced_replicas(2, b.addr, &redis.url(), |l| {
         l.max_half_open_per_source = CAP
     })
     .await;
-    assert!(all_up(&ps, Duration::from_secs(3)).await, "replicas sync");
     // CAP silent connections on replica 0, past the grace: its source's half-open cap is
     // full there, and so, once synced, on replica 1.
     let mut silent = Vec::new();
@@ -440,9 +453,7 @@ async fn silent_connections_on_one_replica_count_against_the_half_open_cap_on_an
         "another source is served"
     );
     drop(silent);
-    for p in ps {
-        p.shutdown().await;
-    }
+    stop_all(ps).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -452,12 +463,11 @@ async fn a_source_churning_over_three_replicas_gets_its_rate_about_once() {
     const SECS: u64 = 4;
     let redis = RedisServer::start(&[]).await;
     let b = backend(Backend::Echo).await;
-    let ps = replicas(3, b.addr, &redis.url(), |l| {
+    let ps = synced_replicas(3, b.addr, &redis.url(), |l| {
         l.conn_rate_per_source = RATE;
         l.conn_burst_per_source = 5;
     })
     .await;
-    assert!(all_up(&ps, Duration::from_secs(3)).await, "replicas sync");
     // One short connection after another, round robin, as fast as the source can.
     let end = tokio::time::Instant::now() + Duration::from_secs(SECS);
     let (mut tries, mut admitted) = (0u32, 0u32);
@@ -484,9 +494,7 @@ async fn a_source_churning_over_three_replicas_gets_its_rate_about_once() {
         admitted <= 2 * RATE * SECS as u32,
         "{admitted} admitted: the rate was not shared"
     );
-    for p in ps {
-        p.shutdown().await;
-    }
+    stop_all(ps).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -623,9 +631,7 @@ async fn a_ban_on_one_replica_reaches_the_others() {
         hold("127.0.0.32", ps[1].addr).await.is_some(),
         "another source is not"
     );
-    for p in ps {
-        p.shutdown().await;
-    }
+    stop_all(ps).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -887,9 +893,7 @@ async fn measure_staleness() {
         "Redis: {evals} script calls in {secs:.1} s from 2 replicas: {:.2} per replica per second",
         evals as f64 / secs / 2.0
     );
-    for p in ps {
-        p.shutdown().await;
-    }
+    stop_all(ps).await;
 }
 
 /// Not a test: what one sync costs Redis as replicas and published sources grow, for the
@@ -950,8 +954,6 @@ async fn measure_redis_cost() {
             println!("{n} replicas x {SOURCES} published sources each: {line}");
         }
         drop(held);
-        for p in ps {
-            p.shutdown().await;
-        }
+        stop_all(ps).await;
     }
 }
