@@ -92,6 +92,9 @@ pub(crate) struct Shared {
     networks: dashmap::DashMap<SourceKey, u32>,
     /// The other replicas' loads (`[cluster]`); `None` for a single node.
     remote: ArcSwapOption<Remote>,
+    /// `remote` holds a view: a single node's admission checks this one relaxed load and
+    /// never touches the swap.
+    has_remote: AtomicBool,
     /// `[cluster]` is on: new connections are counted per source in [`Shared::opened`]
     /// for the cluster-wide rate. Off (a single node), admission never touches the map.
     counting: AtomicBool,
@@ -182,6 +185,7 @@ impl Guard {
                 observed: Refusals::default(),
                 networks: dashmap::DashMap::new(),
                 remote: ArcSwapOption::empty(),
+                has_remote: AtomicBool::new(false),
                 counting: AtomicBool::new(false),
                 opened: dashmap::DashMap::new(),
             }),
@@ -478,7 +482,9 @@ impl Guard {
     /// Installs the cluster view admission adds to the local counts (`None`: local caps
     /// only, as a single node or while Redis is away).
     pub fn set_remote(&self, remote: Option<Arc<Remote>>) {
+        let some = remote.is_some();
         self.shared.remote.store(remote);
+        self.shared.has_remote.store(some, Ordering::Release);
     }
 
     /// The cluster view in force.
@@ -651,7 +657,9 @@ impl Shared {
             return Ok(None);
         }
         let key = key();
-        if let Some(r) = &*self.remote.load() {
+        if self.has_remote.load(Ordering::Acquire)
+            && let Some(r) = &*self.remote.load()
+        {
             if r.banned.contains(&key) {
                 self.enforce_or_observe(key, Reject::Banned, lim)?;
             }
@@ -817,6 +825,9 @@ impl Shared {
 
     /// What the other replicas hold of `key`, as of the last sync; zero for a single node.
     pub(crate) fn others(&self, key: &SourceKey) -> RemoteLoad {
+        if !self.has_remote.load(Ordering::Acquire) {
+            return RemoteLoad::default();
+        }
         match &*self.remote.load() {
             Some(r) => r.loads.get(key).copied().unwrap_or_default(),
             None => RemoteLoad::default(),
