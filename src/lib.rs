@@ -25,6 +25,8 @@
 //!   open-files limit.
 //! - `splice` (Linux): zero-copy forwarding for bulk transfers, within a pipe budget.
 //! - [`stats`]: counters with static reasons, and the rate-limited summary log.
+//! - [`bell`]: what every connection of a listener must hear of (pressure, reload, abort),
+//!   one waiter per connection.
 //! - [`histo`]: histograms of atomics, observed on the hot path and read at scrape time.
 //! - [`metrics`]: Prometheus text built at scrape time from a snapshot the server gathers.
 //! - [`shutdown`], [`logging`]: signals and log setup.
@@ -32,6 +34,7 @@
 #![deny(unsafe_code)]
 
 pub mod backend;
+pub mod bell;
 pub mod cluster;
 pub mod config;
 pub mod conn;

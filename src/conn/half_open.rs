@@ -6,15 +6,20 @@
 //! silent, for a byte either way, within `first_byte`. Silent past `limits.grace`, it counts
 //! against its source's half-open cap.
 
+use std::future::{Future, poll_fn};
+use std::io;
+use std::mem::MaybeUninit;
 use std::pin::pin;
+use std::task::Poll;
 use std::time::Duration;
 
+use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
-use tokio_util::sync::CancellationToken;
 
 use super::clocks::half_open_due;
-use super::{End, ListenerCtx, Policy, Watched, changed, expire};
+use super::{End, ListenerCtx, Watched, expire};
 use crate::backend::{Lease, ProxiedAddrs};
 use crate::guard::Ticket;
 use crate::proxy_protocol;
@@ -26,10 +31,7 @@ pub const CONFIRM_WAIT: Duration = Duration::from_secs(1);
 /// A provisional connection waits for a connection of its source to end (usually one that
 /// already ended on the wire and whose task has not run yet); none does within
 /// `CONFIRM_WAIT`: refused.
-pub(super) async fn confirm_slot(
-    ticket: &mut Ticket,
-    abort: &CancellationToken,
-) -> Result<(), End> {
+pub(super) async fn confirm_slot(ticket: &mut Ticket, ctx: &ListenerCtx) -> Result<(), End> {
     let until = Instant::now() + CONFIRM_WAIT;
     let mut nap = Duration::from_millis(1);
     loop {
@@ -38,6 +40,10 @@ pub(super) async fn confirm_slot(
             Ok(false) => {}
             Err(_) => return Err(End::Evicted),
         }
+        // Looked at every nap (64 ms at most) rather than waited on.
+        if ctx.is_aborted() {
+            return Err(End::Shutdown);
+        }
         let now = Instant::now();
         if now >= until {
             if ticket.refuse_provisional() {
@@ -45,11 +51,7 @@ pub(super) async fn confirm_slot(
             }
             return Ok(());
         }
-        tokio::select! {
-            biased;
-            _ = abort.cancelled() => return Err(End::Shutdown),
-            _ = sleep_until((now + nap).min(until)) => {}
-        }
+        sleep_until((now + nap).min(until)).await;
         nap = (nap * 2).min(Duration::from_millis(64));
     }
 }
@@ -59,9 +61,17 @@ pub(super) struct HalfOpen<'a> {
     pub ctx: &'a ListenerCtx,
     pub client: &'a TcpStream,
     pub ticket: &'a mut Ticket,
-    /// This connection's child of the listener's abort token.
-    pub abort: &'a CancellationToken,
     pub accepted: Instant,
+}
+
+/// What woke a silent connection.
+enum Woke {
+    Evicted,
+    Client(io::Result<()>),
+    Server(io::Result<()>),
+    Clock,
+    /// Pressure, a reload or the end of the drain.
+    Bell,
 }
 
 impl HalfOpen<'_> {
@@ -74,15 +84,26 @@ impl HalfOpen<'_> {
         addrs: ProxiedAddrs,
     ) -> Result<ProxiedAddrs, End> {
         let ctl = self.ticket.ctl().clone();
-        let pressure = w.pressure();
-        let deadline = self.accepted + w.policy.rules().first_byte(pressure);
-        let header = tokio::select! {
-            biased;
-            _ = ctl.evicted() => return Err(End::Evicted),
-            _ = self.abort.cancelled() => return Err(End::Shutdown),
-            // Boxed: its buffers would otherwise sit in every connection's task.
-            h = Box::pin(proxy_protocol::read_header(self.client)) => h,
-            _ = sleep_until(deadline) => return Err(End::TimedOut(Timeout::FirstByte)),
+        let mut bell = pin!(w.next_ring(self.ctx));
+        w.heard(self.ctx)?;
+        let pressure = self.ctx.guard.pressure();
+        let mut timeout = pin!(sleep_until(
+            self.accepted + w.policy.rules().first_byte(pressure)
+        ));
+        let mut evicted = pin!(ctl.evicted());
+        // Boxed: its buffers would otherwise sit in every connection's task.
+        let mut read = Box::pin(proxy_protocol::read_header(self.client));
+        let header = loop {
+            tokio::select! {
+                biased;
+                _ = &mut evicted => return Err(End::Evicted),
+                h = &mut read => break h,
+                _ = &mut timeout => return Err(End::TimedOut(Timeout::FirstByte)),
+                _ = &mut bell => {
+                    bell.set(w.next_ring(self.ctx));
+                    w.heard(self.ctx)?;
+                }
+            }
         };
         let Ok(h) = header else {
             self.ticket.refuse(Reject::ProxyHeader);
@@ -102,15 +123,30 @@ impl HalfOpen<'_> {
     /// Connects to a backend of the pool in force.
     pub async fn connect(
         &self,
-        policy: &Policy,
+        w: &mut Watched,
         addrs: ProxiedAddrs,
     ) -> Result<(TcpStream, Lease), End> {
+        // Its own handle: a reload while it connects swaps `w.policy`.
+        let policy = w.policy.clone();
         let ctl = self.ticket.ctl().clone();
-        let connect = tokio::select! {
-            biased;
-            _ = ctl.evicted() => return Err(End::Evicted),
-            _ = self.abort.cancelled() => return Err(End::Shutdown),
-            r = Box::pin(policy.backends.connect(&policy.tcp, policy.timeouts.connect, addrs)) => r,
+        let mut evicted = pin!(ctl.evicted());
+        let mut bell = pin!(w.next_ring(self.ctx));
+        w.heard(self.ctx)?;
+        let mut connect = Box::pin(policy.backends.connect(
+            &policy.tcp,
+            policy.timeouts.connect,
+            addrs,
+        ));
+        let connect = loop {
+            tokio::select! {
+                biased;
+                _ = &mut evicted => return Err(End::Evicted),
+                r = &mut connect => break r,
+                _ = &mut bell => {
+                    bell.set(w.next_ring(self.ctx));
+                    w.heard(self.ctx)?;
+                }
+            }
         };
         connect.map_err(|e| End::from_backend(self.ticket, &e))
     }
@@ -118,6 +154,10 @@ impl HalfOpen<'_> {
     /// Waits for a first byte either way (`server`: already connected, server-first),
     /// within the first-byte clock. `Ok` when one came; `Err(End::Clean)` when the client
     /// closed before saying anything and nothing was asked of a backend.
+    ///
+    /// A silent connection spends its life here, so this wait is what it costs: the sockets'
+    /// readiness is polled in place (no future of its own), one timer is reset rather than
+    /// made anew, and eviction and the listener's bell are the only waiters it registers.
     pub async fn first_byte(
         &mut self,
         w: &mut Watched,
@@ -125,22 +165,22 @@ impl HalfOpen<'_> {
     ) -> Result<(), End> {
         // Most clients have spoken by the time they are accepted: look once, straight away,
         // rather than wait for the event loop to say the socket is readable.
-        let mut first = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        match socket2::SockRef::from(self.client).peek(&mut first) {
+        match self.peek() {
             Ok(0) if server.is_none() => return Err(End::Clean),
             Ok(_) => return Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => return Err(End::PEER_ERROR),
         }
         let ctl = self.ticket.ctl().clone();
         // Registered once for the whole silent phase, not once per wake-up.
         let mut evicted = pin!(ctl.evicted());
-        let mut aborted = pin!(self.abort.cancelled());
-        let mut peek = [0u8; 1];
+        let mut bell = pin!(w.next_ring(self.ctx));
+        let mut sleep = pin!(sleep_until(self.accepted));
         // Silent past the grace: counted against the source's half-open cap from then on.
         let mut counted = self.ticket.source().is_none();
         loop {
-            let pressure = w.pressure();
+            w.heard(self.ctx)?;
+            let pressure = self.ctx.guard.pressure();
             let clock = half_open_due(&w.policy.rules(), pressure, w.observed, self.accepted);
             let grace = (!counted).then_some(self.accepted + w.policy.grace);
             let wake = match (clock.map(|c| c.0), grace) {
@@ -149,29 +189,44 @@ impl HalfOpen<'_> {
                 (None, Some(g)) => g,
                 (None, None) => Instant::now() + Duration::from_secs(3600),
             };
-            let server_ready = async {
-                match server {
-                    Some(s) => s.readable().await,
-                    None => std::future::pending().await,
+            if sleep.deadline() != wake {
+                sleep.as_mut().reset(wake);
+            }
+            let woke = poll_fn(|cx| {
+                if evicted.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Woke::Evicted);
                 }
-            };
-            // Wait for readiness first: a peek on a fresh socket would only say EAGAIN.
-            let client_spoke = async {
-                self.client.readable().await?;
-                self.client.peek(&mut peek).await
-            };
-            tokio::select! {
-                biased;
-                _ = &mut evicted => return Err(End::Evicted),
-                _ = &mut aborted => return Err(End::Shutdown),
-                r = client_spoke => return match r {
+                if let Poll::Ready(r) = self.client.poll_read_ready(cx) {
+                    return Poll::Ready(Woke::Client(r));
+                }
+                if let Some(s) = server
+                    && let Poll::Ready(r) = s.poll_read_ready(cx)
+                {
+                    return Poll::Ready(Woke::Server(r));
+                }
+                if sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Woke::Clock);
+                }
+                if bell.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Woke::Bell);
+                }
+                Poll::Pending
+            })
+            .await;
+            match woke {
+                Woke::Evicted => return Err(End::Evicted),
+                Woke::Client(Err(_)) | Woke::Server(Err(_)) => return Err(End::PEER_ERROR),
+                // Readable may be stale: a peek that would block clears it, and the wait
+                // goes on.
+                Woke::Client(Ok(())) => match self.peek() {
                     // Closed before saying anything, and nothing was asked of a backend.
-                    Ok(0) if server.is_none() => Err(End::Clean),
-                    Ok(_) => Ok(()),
-                    Err(_) => Err(End::PEER_ERROR),
+                    Ok(0) if server.is_none() => return Err(End::Clean),
+                    Ok(_) => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Err(End::PEER_ERROR),
                 },
-                r = server_ready => return r.map_err(|_| End::PEER_ERROR),
-                _ = sleep_until(wake) => {
+                Woke::Server(Ok(())) => return Ok(()),
+                Woke::Clock => {
                     let now = Instant::now();
                     if let Some((at, c)) = clock
                         && at <= now
@@ -184,9 +239,18 @@ impl HalfOpen<'_> {
                         self.ticket.silent().map_err(End::from_refused)?;
                     }
                 }
-                _ = changed(&mut w.pressure) => {}
-                _ = changed(&mut w.epoch) => w.reload(self.ctx),
+                // The loop looks at what it announces.
+                Woke::Bell => bell.set(w.next_ring(self.ctx)),
             }
         }
+    }
+
+    /// One byte looked at, not taken: the pump reads it with what follows. A peek that would
+    /// block clears the socket's readiness, so the next poll waits for new bytes.
+    fn peek(&self) -> io::Result<usize> {
+        let mut first = [MaybeUninit::<u8>::uninit(); 1];
+        self.client.try_io(Interest::READABLE, || {
+            SockRef::from(self.client).peek(&mut first)
+        })
     }
 }

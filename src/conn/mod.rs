@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 
 pub use clocks::{FIRST_STALL_CHECK, STALL_WINDOW};
@@ -92,23 +92,46 @@ impl End {
     }
 }
 
-/// The policy a connection runs under, and what tells it to look again: pressure, a reload
-/// (the epoch), and the clocks observe mode has already counted for it.
+/// The policy a connection runs under, the clocks observe mode has already counted for it,
+/// and the rings of the listener's bell (pressure, reload, abort) it has acted on.
 struct Watched {
-    pressure: watch::Receiver<bool>,
-    epoch: watch::Receiver<u64>,
     policy: Arc<Policy>,
     observed: Observed,
+    rung: u64,
+    /// Which of the bell's shards this connection waits on.
+    shard: usize,
 }
 
 impl Watched {
-    /// Pressure as it is now (and marked seen).
-    fn pressure(&mut self) -> bool {
-        *self.pressure.borrow_and_update()
+    fn new(ctx: &ListenerCtx, shard: usize) -> Watched {
+        Watched {
+            rung: ctx.guard.bell().rung(),
+            policy: ctx.policy.load_full(),
+            observed: Observed::default(),
+            shard,
+        }
     }
 
-    fn reload(&mut self, ctx: &ListenerCtx) {
+    /// The waiter for the bell's next ring. Make it before [`Watched::heard`], which then
+    /// sees any ring the waiter would not.
+    fn next_ring<'a>(&self, ctx: &'a ListenerCtx) -> Notified<'a> {
+        ctx.guard.bell().next_ring(self.shard)
+    }
+
+    /// If the bell rang since the last look: `Err(End::Shutdown)` once the listener aborts
+    /// what is left, or else the policy in force (a reload's). Pressure is read where it is
+    /// used.
+    fn heard(&mut self, ctx: &ListenerCtx) -> Result<(), End> {
+        let rung = ctx.guard.bell().rung();
+        if rung == self.rung {
+            return Ok(());
+        }
+        self.rung = rung;
+        if ctx.is_aborted() {
+            return Err(End::Shutdown);
+        }
         self.policy = ctx.policy.load_full();
+        Ok(())
     }
 }
 
@@ -123,128 +146,129 @@ fn expire(ticket: &Ticket, observed: &mut Observed, clock: Timeout) -> bool {
     }
 }
 
-/// Resolves when the watched value changes; never, once its sender is gone.
-async fn changed<T>(rx: &mut watch::Receiver<T>) {
-    if rx.changed().await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
 /// Serves one admitted connection to its end, and counts the end.
-pub async fn serve(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr, mut ticket: Ticket) {
-    let accepted = Instant::now();
-    let mut server = None;
-    let end = match phases(&ctx, &client, peer, &mut server, &mut ticket, accepted).await {
-        Ok(end) | Err(end) => end,
-    };
-    let stats = &ctx.stats;
-    match end {
-        End::Clean => {
-            stats.closed_clean.fetch_add(1, Relaxed);
-        }
-        End::TimedOut(t) => stats.time_out(t),
-        End::Evicted | End::Refused(_) => {} // counted by the guard that decided it
-        End::Backend => {
-            stats.backend_unavailable.fetch_add(1, Relaxed);
-        }
-        End::PeerError {
-            server_before_any_byte,
-        } => {
-            if server_before_any_byte && let Some((_, lease)) = &server {
-                lease.early_reset();
+///
+/// An `async` block, not an `async fn`: a function's arguments would be kept twice in the
+/// task (as arguments and as the locals they move into), and a silent connection is little
+/// more than its task.
+pub fn serve(
+    ctx: Arc<ListenerCtx>,
+    client: TcpStream,
+    peer: SocketAddr,
+    mut ticket: Ticket,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let accepted = Instant::now();
+        let mut server = None;
+        let end = match phases(&ctx, &client, peer, &mut server, &mut ticket, accepted).await {
+            Ok(end) | Err(end) => end,
+        };
+        let stats = &ctx.stats;
+        match end {
+            End::Clean => {
+                stats.closed_clean.fetch_add(1, Relaxed);
             }
-            stats.peer_errors.fetch_add(1, Relaxed);
+            End::TimedOut(t) => stats.time_out(t),
+            End::Evicted | End::Refused(_) => {} // counted by the guard that decided it
+            End::Backend => {
+                stats.backend_unavailable.fetch_add(1, Relaxed);
+            }
+            End::PeerError {
+                server_before_any_byte,
+            } => {
+                if server_before_any_byte && let Some((_, lease)) = &server {
+                    lease.early_reset();
+                }
+                stats.peer_errors.fetch_add(1, Relaxed);
+            }
+            End::Shutdown => {
+                stats.aborted_on_shutdown.fetch_add(1, Relaxed);
+            }
         }
-        End::Shutdown => {
-            stats.aborted_on_shutdown.fetch_add(1, Relaxed);
+        if end != End::Clean {
+            sockopt::abort(&client);
+            if let Some((s, _)) = &server {
+                sockopt::abort(s);
+            }
         }
+        // Sockets close here (the lease with the server socket), then the ticket gives the
+        // counts back.
+        drop(server);
+        drop(client);
+        drop(ticket);
+        stats.duration.observe(accepted.elapsed());
     }
-    if end != End::Clean {
-        sockopt::abort(&client);
-        if let Some((s, _)) = &server {
-            sockopt::abort(s);
-        }
-    }
-    // Sockets close here (the lease with the server socket), then the ticket gives the
-    // counts back.
-    drop(server);
-    drop(client);
-    drop(ticket);
-    stats.duration.observe(accepted.elapsed());
 }
 
 /// The phases in order; each returns early with the end it met (`Err`).
-async fn phases(
-    ctx: &ListenerCtx,
-    client: &TcpStream,
+fn phases<'a>(
+    ctx: &'a ListenerCtx,
+    client: &'a TcpStream,
     peer: SocketAddr,
-    server_slot: &mut Option<(TcpStream, Lease)>,
-    ticket: &mut Ticket,
+    server_slot: &'a mut Option<(TcpStream, Lease)>,
+    ticket: &'a mut Ticket,
     accepted: Instant,
-) -> Result<End, End> {
-    // A child token of its own: polling it locks this connection's waiter list, not the
-    // listener's, which every connection would share.
-    let abort = ctx.abort.child_token();
-    if ticket.is_provisional() {
-        half_open::confirm_slot(ticket, &abort).await?;
-    }
-    let mut w = Watched {
-        pressure: ctx.guard.pressure_watch(),
-        epoch: ctx.epoch.subscribe(),
-        policy: ctx.policy.load_full(),
-        observed: Observed::default(),
-    };
-    // The local address costs a syscall: only a PROXY header toward the servers needs it.
-    let local = if w.policy.backends.config().proxy_protocol.is_some() {
-        client.local_addr().map_err(|_| End::PEER_ERROR)?
-    } else {
-        peer
-    };
-    let mut addrs = ProxiedAddrs {
-        client: peer,
-        local,
-    };
-    let mut hs = half_open::HalfOpen {
-        ctx,
-        client,
-        ticket,
-        abort: &abort,
-        accepted,
-    };
-    if hs.ticket.is_trusted() {
-        addrs = hs.proxy_header(&mut w, addrs).await?;
-    }
-    if w.policy.protocol == crate::config::Protocol::ServerFirst {
-        *server_slot = Some(hs.connect(&w.policy, addrs).await?);
-    }
-    hs.first_byte(&mut w, server_slot.as_ref().map(|s| &s.0))
-        .await?;
-
-    // OPEN.
-    ticket.open().map_err(End::from_refused)?;
-    if server_slot.is_none() {
-        let hs = half_open::HalfOpen {
+) -> impl Future<Output = Result<End, End>> + 'a {
+    // An `async` block for the reason `serve` is one.
+    async move {
+        if ticket.is_provisional() {
+            half_open::confirm_slot(ticket, ctx).await?;
+        }
+        let mut w = Watched::new(ctx, usize::from(peer.port()));
+        // Aborted before this connection listened for the bell: it would not hear of it.
+        if ctx.is_aborted() {
+            return Err(End::Shutdown);
+        }
+        // The local address costs a syscall: only a PROXY header toward the servers needs it.
+        let local = if w.policy.backends.config().proxy_protocol.is_some() {
+            client.local_addr().map_err(|_| End::PEER_ERROR)?
+        } else {
+            peer
+        };
+        let mut addrs = ProxiedAddrs {
+            client: peer,
+            local,
+        };
+        let mut hs = half_open::HalfOpen {
             ctx,
             client,
             ticket,
-            abort: &abort,
             accepted,
         };
-        *server_slot = Some(hs.connect(&w.policy, addrs).await?);
+        if hs.ticket.is_trusted() {
+            // Boxed: only a trusted balancer's connections read a header, and not for long.
+            addrs = Box::pin(hs.proxy_header(&mut w, addrs)).await?;
+        }
+        if w.policy.protocol == crate::config::Protocol::ServerFirst {
+            *server_slot = Some(hs.connect(&mut w, addrs).await?);
+        }
+        hs.first_byte(&mut w, server_slot.as_ref().map(|s| &s.0))
+            .await?;
+
+        // OPEN.
+        ticket.open().map_err(End::from_refused)?;
+        if server_slot.is_none() {
+            let hs = half_open::HalfOpen {
+                ctx,
+                client,
+                ticket,
+                accepted,
+            };
+            *server_slot = Some(hs.connect(&mut w, addrs).await?);
+        }
+        let Some((server, lease)) = server_slot.as_ref() else {
+            return Err(End::Backend);
+        };
+        // Boxed: the pump and its clocks go on the heap only once bytes move, so a silent
+        // connection's task stays small.
+        let o = open::Open {
+            ctx,
+            ticket,
+            lease,
+            client,
+            server,
+            accepted,
+        };
+        Ok(Box::pin(o.pump_until_end(w)).await)
     }
-    let Some((server, lease)) = server_slot.as_ref() else {
-        return Err(End::Backend);
-    };
-    // Boxed: the pump and its clocks go on the heap only once bytes move, so a silent
-    // connection's task stays small.
-    let o = open::Open {
-        ctx,
-        ticket,
-        abort: &abort,
-        lease,
-        client,
-        server,
-        accepted,
-    };
-    Ok(Box::pin(o.pump_until_end(w)).await)
 }

@@ -14,13 +14,12 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
-use tokio_util::sync::CancellationToken;
 
 use super::clocks::{
     FIRST_LOOK, FIRST_STALL_CHECK, MAX_EXTENSION, Progress, RECHECK, STALL_WINDOW, open_due,
 };
 use super::pump::{Event, KernelQueues, Pump, Side};
-use super::{End, ListenerCtx, Watched, changed, expire};
+use super::{End, ListenerCtx, Watched, expire};
 use crate::backend::Lease;
 use crate::guard::{Refused, Ticket};
 use crate::stats::Timeout;
@@ -29,8 +28,6 @@ use crate::stats::Timeout;
 pub(super) struct Open<'a> {
     pub ctx: &'a ListenerCtx,
     pub ticket: &'a mut Ticket,
-    /// This connection's child of the listener's abort token.
-    pub abort: &'a CancellationToken,
     pub lease: &'a Lease,
     pub client: &'a TcpStream,
     pub server: &'a TcpStream,
@@ -51,7 +48,6 @@ impl Open<'_> {
         let Open {
             ctx,
             ticket,
-            abort,
             lease,
             client,
             server,
@@ -61,8 +57,8 @@ impl Open<'_> {
         let ctl = ticket.ctl().clone();
         // Registered once for the connection, not once per wake-up.
         let mut evicted = pin!(ctl.evicted());
-        let mut aborted = pin!(abort.cancelled());
         let mut lease_down = pin!(lease.aborted());
+        let mut bell = pin!(w.next_ring(ctx));
         // Who sent FIN, and when: the half-closed clock counts from the later of that moment
         // and the last progress in the still-open direction, never from before the FIN.
         let mut closed: Option<(Side, Instant)> = None;
@@ -80,7 +76,10 @@ impl Open<'_> {
         };
         let mut sleep = pin!(sleep_until(start + w.policy.timeouts.idle));
         loop {
-            let under_pressure = w.pressure();
+            if let Err(end) = w.heard(ctx) {
+                return end;
+            }
+            let under_pressure = ctx.guard.pressure();
             let now = Instant::now();
             let progress = Progress {
                 last_activity: pump.last_activity(),
@@ -162,7 +161,6 @@ impl Open<'_> {
             tokio::select! {
                 biased;
                 _ = &mut evicted => return End::Evicted,
-                _ = &mut aborted => return End::Shutdown,
                 // The server was marked down and its pool aborts its connections.
                 _ = &mut lease_down => return End::Backend,
                 ev = poll_fn(|cx| pump.poll_event(cx)) => match ev {
@@ -185,8 +183,8 @@ impl Open<'_> {
                 },
                 // Progress may have moved the deadline since: the loop recomputes it.
                 _ = &mut sleep => {}
-                _ = changed(&mut w.pressure) => {}
-                _ = changed(&mut w.epoch) => w.reload(ctx),
+                // Pressure, a reload or the end of the drain: the loop looks.
+                _ = &mut bell => bell.set(w.next_ring(ctx)),
             }
         }
     }

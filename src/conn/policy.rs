@@ -1,12 +1,11 @@
 //! What a listener's connections share: the policy a reload swaps whole, and the guard,
-//! stats and abort token that live as long as the listener.
+//! stats and abort flag that live as long as the listener.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use super::clocks::Rules;
 use crate::backend::Pool;
@@ -49,20 +48,42 @@ impl Policy {
 #[derive(Debug)]
 pub struct ListenerCtx {
     pub name: String,
-    /// The policy in force; connections load it at start and again when `epoch` moves.
+    /// The policy in force; connections load it at start and again when the guard's bell
+    /// rings.
     pub policy: ArcSwap<Policy>,
-    /// Bumped on reload so live connections pick up new clocks at once.
-    pub epoch: watch::Sender<u64>,
     pub guard: Guard,
     pub stats: Arc<Stats>,
-    /// Fired when the drain period after shutdown is over: abort what is left.
-    pub abort: CancellationToken,
+    /// Set when the drain period after shutdown is over: what is left is aborted. Told with
+    /// the guard's bell, which every connection hears anyway (see [`crate::bell`]).
+    aborted: AtomicBool,
 }
 
 impl ListenerCtx {
+    pub fn new(name: String, policy: Policy, guard: Guard, stats: Arc<Stats>) -> ListenerCtx {
+        ListenerCtx {
+            name,
+            policy: ArcSwap::from_pointee(policy),
+            guard,
+            stats,
+            aborted: AtomicBool::new(false),
+        }
+    }
+
+    /// Aborts every connection left (each ends with RST, counted as aborted on shutdown).
+    pub fn abort_all(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        self.guard.bell().ring();
+    }
+
+    /// Whether `abort_all` was called. A connection looks when it starts and whenever the
+    /// bell rang, so it cannot miss the call.
+    pub fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::SeqCst)
+    }
+
     /// Installs a new policy; live connections switch to its clocks at once.
     pub fn set_policy(&self, policy: Policy) {
         self.policy.store(Arc::new(policy));
-        self.epoch.send_modify(|e| *e += 1);
+        self.guard.bell().ring();
     }
 }

@@ -45,7 +45,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use tokio::sync::watch;
 
 pub use remote::{Remote, RemoteLoad, rate_share};
 pub use source::SourceKey;
@@ -433,9 +432,9 @@ impl Guard {
         self.shared.pressure.is_on()
     }
 
-    /// A receiver that sees pressure mode flip.
-    pub fn pressure_watch(&self) -> watch::Receiver<bool> {
-        self.shared.pressure.subscribe()
+    /// The listener's bell, rung when pressure mode flips (see [`crate::bell`]).
+    pub fn bell(&self) -> &crate::bell::Bell {
+        self.shared.pressure.bell()
     }
 
     /// Periodic upkeep: forget rate-limiter keys that are back to a full bucket, so the

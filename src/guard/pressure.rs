@@ -7,8 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use tokio::sync::watch;
-
+use crate::bell::Bell;
 use crate::config::{Limits, PressureConfig};
 
 /// Tracks the mode for one listener and tells connection tasks when it flips.
@@ -19,7 +18,9 @@ pub(crate) struct PressureGate {
     high: [AtomicUsize; 3],
     /// Per count: pressure ends once every count is at or below this.
     low: [AtomicUsize; 3],
-    tx: watch::Sender<bool>,
+    /// The listener's bell: rung when the mode flips, and by the listener itself on reload
+    /// and at the end of the drain.
+    bell: Bell,
 }
 
 impl PressureGate {
@@ -28,7 +29,7 @@ impl PressureGate {
             on: AtomicBool::new(false),
             high: Default::default(),
             low: Default::default(),
-            tx: watch::Sender::new(false),
+            bell: Bell::default(),
         };
         gate.set(limits, p);
         gate
@@ -52,12 +53,12 @@ impl PressureGate {
         self.on.load(Ordering::Relaxed)
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<bool> {
-        self.tx.subscribe()
+    pub fn bell(&self) -> &Bell {
+        &self.bell
     }
 
-    /// Re-evaluates the mode from the current counts. A few loads and compares; the watch
-    /// channel is touched only when the mode flips.
+    /// Re-evaluates the mode from the current counts. A few loads and compares; the bell
+    /// rings only when the mode flips.
     pub fn update(&self, counts: [usize; 3]) {
         let on = self.is_on();
         if !on
@@ -71,7 +72,7 @@ impl PressureGate {
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
-                self.tx.send_replace(true);
+                self.bell.ring();
                 tracing::warn!(
                     conns = counts[0],
                     half_open = counts[1],
@@ -89,7 +90,7 @@ impl PressureGate {
                 .compare_exchange(true, false, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
         {
-            self.tx.send_replace(false);
+            self.bell.ring();
             tracing::info!("pressure mode off: clocks back to normal");
         }
     }

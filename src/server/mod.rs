@@ -298,7 +298,7 @@ impl Server {
                 state.tasks.spawn(async move {
                     tokio::select! {
                         _ = conns.wait() => {}
-                        _ = tokio::time::sleep(drain) => ctx.abort.cancel(),
+                        _ = tokio::time::sleep(drain) => ctx.abort_all(),
                     }
                 });
             }
@@ -313,7 +313,7 @@ impl Server {
                 "second stop signal: aborting the connections left and exiting"
             );
             for r in state.listeners() {
-                r.ctx.abort.cancel();
+                r.ctx.abort_all();
             }
             state.conns.wait().await;
         }

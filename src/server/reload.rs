@@ -143,7 +143,7 @@ impl State {
         let stop = self.stop_upkeep.clone();
         self.tasks.spawn(async move {
             tokio::select! {
-                _ = tokio::time::sleep(drain) => ctx.abort.cancel(),
+                _ = tokio::time::sleep(drain) => ctx.abort_all(),
                 _ = stop.cancelled() => {}
             }
         });

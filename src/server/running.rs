@@ -9,10 +9,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use super::{Running, ServerError, State};
 use crate::backend::{BackendError, Pool};
@@ -88,14 +85,12 @@ pub(super) fn new_ctx(
     fds: &Budget,
 ) -> Result<Arc<ListenerCtx>, ServerError> {
     let stats = stats.unwrap_or_default();
-    Ok(Arc::new(ListenerCtx {
-        name: l.name.clone(),
-        policy: ArcSwap::from_pointee(policy(l, config, pool_for(l, pools)?)),
-        epoch: watch::Sender::new(0),
-        guard: Guard::new(fds.limits(l), &config.pressure, stats.clone()),
+    Ok(Arc::new(ListenerCtx::new(
+        l.name.clone(),
+        policy(l, config, pool_for(l, pools)?),
+        Guard::new(fds.limits(l), &config.pressure, stats.clone()),
         stats,
-        abort: CancellationToken::new(),
-    }))
+    )))
 }
 
 impl Running {
