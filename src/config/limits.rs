@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::addr::parse_net;
+use super::choice::choice;
 use super::file::RawDuration;
 use super::{Checker, ConfigError, cap, dur};
 
@@ -86,48 +87,35 @@ pub struct RawLimits {
     pub max_conns: Option<u32>,
     pub max_half_open: Option<u32>,
     pub max_half_closed: Option<u32>,
+    /// An [`OnFull`] spelling, parsed by [`Limits::from_raw`].
     pub on_full: Option<String>,
     pub allow: Option<Vec<String>>,
     pub deny: Option<Vec<String>>,
     pub min_rate: Option<u32>,
     pub grace: Option<RawDuration>,
+    /// A [`Mode`] spelling.
     pub mode: Option<String>,
 }
 
-/// What to do when a per-listener half-open or half-closed cap is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnFull {
-    /// Abort the oldest connection in that state of the heaviest source (attackers pay).
-    Evict,
-    /// Refuse the newcomer.
-    Reject,
-}
-
-impl OnFull {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OnFull::Evict => "evict",
-            OnFull::Reject => "reject",
-        }
+choice! {
+    /// What to do when a per-listener half-open or half-closed cap is full.
+    pub enum OnFull {
+        /// Abort the oldest connection in that state of the heaviest source (attackers pay).
+        Evict = "evict",
+        /// Refuse the newcomer.
+        Reject = "reject",
     }
 }
 
-/// Whether per-source decisions act or are only counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Refuse, evict and time out as configured.
-    Enforce,
-    /// Count what would have been refused, evicted or timed out per source, and let the
-    /// connection go on; listener-wide caps still act, since they protect halfguard itself.
-    Observe,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Enforce => "enforce",
-            Mode::Observe => "observe",
-        }
+choice! {
+    /// Whether per-source decisions act or are only counted.
+    pub enum Mode {
+        /// Refuse, evict and time out as configured.
+        Enforce = "enforce",
+        /// Count what would have been refused, evicted or timed out per source, and let the
+        /// connection go on; listener-wide caps still act, since they protect halfguard
+        /// itself.
+        Observe = "observe",
     }
 }
 
@@ -200,28 +188,8 @@ impl Limits {
         at: &str,
     ) -> Result<Limits, ConfigError> {
         let key = |k: &str| format!("{at}.{k}");
-        let on_full = match raw.on_full.as_deref() {
-            None => base.on_full,
-            Some("evict") => OnFull::Evict,
-            Some("reject") => OnFull::Reject,
-            Some(other) => {
-                return Err(ck.err(
-                    key("on_full"),
-                    format!("{other:?} is not \"evict\" or \"reject\""),
-                ));
-            }
-        };
-        let mode = match raw.mode.as_deref() {
-            None => base.mode,
-            Some("enforce") => Mode::Enforce,
-            Some("observe") => Mode::Observe,
-            Some(other) => {
-                return Err(ck.err(
-                    key("mode"),
-                    format!("{other:?} is not \"enforce\" or \"observe\""),
-                ));
-            }
-        };
+        let on_full = ck.choice(raw.on_full.as_deref(), key("on_full"), base.on_full)?;
+        let mode = ck.choice(raw.mode.as_deref(), key("mode"), base.mode)?;
         let nets = |list: &Option<Vec<String>>, k: &str, base: &Vec<IpNet>| match list {
             None => Ok(base.clone()),
             Some(v) => v

@@ -12,6 +12,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::addr::{check_host_port, parse_net};
+use super::choice::choice;
 use super::{
     Checker, ConfigError, Limits, PoolConfig, RawLimits, RawTimeouts, Taken, Timeouts, dur,
 };
@@ -26,6 +27,7 @@ pub struct RawListener {
     pub backends: Option<Vec<String>>,
     /// The long form: the name of a `[[backends]]` pool.
     pub backend: Option<String>,
+    /// A [`Protocol`] spelling.
     pub protocol: Option<String>,
     pub accept_proxy: Option<bool>,
     pub trusted_proxies: Option<Vec<String>>,
@@ -35,24 +37,16 @@ pub struct RawListener {
     pub timeouts: Option<RawTimeouts>,
 }
 
-/// Which side speaks first on a listener's protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    /// HTTP, TLS and most protocols: the client speaks first, so halfguard waits for the
-    /// first byte before it spends a backend connection.
-    ClientFirst,
-    /// SMTP, MySQL, PostgreSQL-less greeting protocols: the backend speaks first, so the
-    /// backend is connected at once and the connection counts as half-open until a byte
-    /// moves in either direction.
-    ServerFirst,
-}
-
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::ClientFirst => "client-first",
-            Protocol::ServerFirst => "server-first",
-        }
+choice! {
+    /// Which side speaks first on a listener's protocol.
+    pub enum Protocol {
+        /// HTTP, TLS and most protocols: the client speaks first, so halfguard waits for the
+        /// first byte before it spends a backend connection.
+        ClientFirst = "client-first",
+        /// SMTP, MySQL, PostgreSQL-less greeting protocols: the backend speaks first, so the
+        /// backend is connected at once and the connection counts as half-open until a byte
+        /// moves in either direction.
+        ServerFirst = "server-first",
     }
 }
 
@@ -115,16 +109,7 @@ impl ListenerConfig {
                 "accept_proxy needs the load balancers' CIDRs: a PROXY header from anyone would let any client choose its source address",
             ));
         }
-        let protocol = match l.protocol.as_deref() {
-            None | Some("client-first") => Protocol::ClientFirst,
-            Some("server-first") => Protocol::ServerFirst,
-            Some(other) => {
-                return Err(ck.err(
-                    at("protocol"),
-                    format!("{other:?} is not \"client-first\" or \"server-first\""),
-                ));
-            }
-        };
+        let protocol = ck.choice(l.protocol.as_deref(), at("protocol"), Protocol::ClientFirst)?;
         let limits = match &l.limits {
             Some(over) => Limits::from_raw(ck, limits, over, &at("limits"))?,
             None => limits.clone(),

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
 
+use super::choice::choice;
 use super::{Checker, ConfigError};
 
 /// The crate every halfguard event is logged under.
@@ -60,14 +61,18 @@ pub fn check_filter(filter: &str) -> Result<(), String> {
 #[serde(deny_unknown_fields)]
 pub struct RawLog {
     pub level: Option<String>,
+    /// A [`LogFormat`] spelling.
     pub format: Option<String>,
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Pretty,
-    Json,
+choice! {
+    /// Log output format.
+    pub enum LogFormat {
+        /// For a person at a terminal.
+        Pretty = "pretty",
+        /// One JSON object a line, for a log pipeline.
+        Json = "json",
+    }
 }
 
 /// `[log]`.
@@ -92,16 +97,7 @@ impl LogConfig {
         let d = LogConfig::default();
         let log = LogConfig {
             level: raw.level.clone().unwrap_or(d.level),
-            format: match raw.format.as_deref() {
-                None | Some("pretty") => LogFormat::Pretty,
-                Some("json") => LogFormat::Json,
-                Some(other) => {
-                    return Err(ck.err(
-                        "log.format",
-                        format!("{other:?} is not \"pretty\" or \"json\""),
-                    ));
-                }
-            },
+            format: ck.choice(raw.format.as_deref(), "log.format", d.format)?,
         };
         check_filter(&log.level).map_err(|r| ck.err("log.level", r))?;
         Ok(log)
@@ -114,10 +110,7 @@ impl fmt::Display for LogConfig {
             f,
             "log: level {}, format {}",
             self.level,
-            match self.format {
-                LogFormat::Pretty => "pretty",
-                LogFormat::Json => "json",
-            }
+            self.format.as_str()
         )
     }
 }

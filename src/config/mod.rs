@@ -19,6 +19,7 @@
 
 mod addr;
 mod admin;
+mod choice;
 mod cluster;
 mod file;
 mod kernel;
@@ -37,6 +38,8 @@ use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
+
+use choice::Choice;
 
 pub use admin::{
     AdminConfig, DEFAULT_ADMIN_BIND, DEFAULT_ADMIN_HEADER_TIMEOUT, DEFAULT_ADMIN_MAX_CONNS,
@@ -135,6 +138,29 @@ impl Checker<'_> {
             key: key.into(),
             reason: reason.into(),
         }
+    }
+
+    /// The choice spelt `raw` at `key`, or `default` when the key is not set.
+    fn choice<T: Choice>(
+        &self,
+        raw: Option<&str>,
+        key: impl Into<String>,
+        default: T,
+    ) -> Result<T, ConfigError> {
+        raw.map_or(Ok(default), |s| {
+            choice::parse(s).map_err(|r| self.err(key, r))
+        })
+    }
+
+    /// The choice spelt `raw` at `key`, where `"off"` (or no key) is `None`.
+    fn choice_or_off<T: Choice>(
+        &self,
+        raw: Option<&str>,
+        key: impl Into<String>,
+    ) -> Result<Option<T>, ConfigError> {
+        raw.map_or(Ok(None), |s| {
+            choice::parse_or_off(s).map_err(|r| self.err(key, r))
+        })
     }
 }
 

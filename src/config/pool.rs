@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::addr::check_host_port;
+use super::choice::choice;
 use super::file::RawDuration;
 use super::{Checker, ConfigError, dur};
 
@@ -33,10 +34,13 @@ pub struct RawPool {
     pub name: Option<String>,
     #[serde(default)]
     pub servers: Vec<RawServer>,
+    /// A [`Balance`] spelling.
     pub balance: Option<String>,
     pub queue_size: Option<u32>,
     pub queue_timeout: Option<RawDuration>,
+    /// `"off"` or a [`ProxyVersion`] spelling.
     pub proxy_protocol: Option<String>,
+    /// An [`OnDown`] spelling.
     pub on_down: Option<String>,
     pub resolve_interval: Option<RawDuration>,
     pub health: Option<RawHealth>,
@@ -65,31 +69,36 @@ pub struct RawHealth {
     pub cooloff: Option<RawDuration>,
 }
 
-/// How a pool picks a server for a new connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Balance {
-    /// Weighted round robin.
-    RoundRobin,
-    /// The server with the fewest active connections per unit of weight.
-    LeastConn,
-    /// Two servers at random, the less loaded of them (power of two choices).
-    RandomTwo,
+choice! {
+    /// How a pool picks a server for a new connection.
+    pub enum Balance {
+        /// Weighted round robin.
+        RoundRobin = "round-robin",
+        /// The server with the fewest active connections per unit of weight.
+        LeastConn = "least-conn",
+        /// Two servers at random, the less loaded of them (power of two choices).
+        RandomTwo = "random-two",
+    }
 }
 
-/// PROXY protocol version sent to the servers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyVersion {
-    V1,
-    V2,
+choice! {
+    /// PROXY protocol version sent to the servers (`"off"` in the file: none).
+    pub enum ProxyVersion {
+        /// The text header.
+        V1 = "v1",
+        /// The binary header.
+        V2 = "v2",
+    }
 }
 
-/// What happens to a server's open connections when it is marked down.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnDown {
-    /// They carry on: a server that fails its checks may still serve what it has.
-    Keep,
-    /// They are aborted with RST, so clients retry elsewhere at once.
-    Abort,
+choice! {
+    /// What happens to a server's open connections when it is marked down.
+    pub enum OnDown {
+        /// They carry on: a server that fails its checks may still serve what it has.
+        Keep = "keep",
+        /// They are aborted with RST, so clients retry elsewhere at once.
+        Abort = "abort",
+    }
 }
 
 /// One server as configured.
@@ -177,16 +186,6 @@ impl PoolConfig {
     }
 }
 
-impl Balance {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Balance::RoundRobin => "round-robin",
-            Balance::LeastConn => "least-conn",
-            Balance::RandomTwo => "random-two",
-        }
-    }
-}
-
 impl PoolConfig {
     /// `backends[i]`. Its name is checked against the other pools' by the caller.
     pub(super) fn from_raw(
@@ -209,35 +208,10 @@ impl PoolConfig {
             .map(|(j, s)| ServerConfig::from_raw(ck, s, &at(&format!("servers[{j}]"))))
             .collect::<Result<Vec<_>, _>>()?;
         let d = PoolConfig::short(&name, &[]);
-        let balance = match raw.balance.as_deref() {
-            None | Some("round-robin") => Balance::RoundRobin,
-            Some("least-conn") => Balance::LeastConn,
-            Some("random-two") => Balance::RandomTwo,
-            Some(o) => {
-                return Err(ck.err(
-                    at("balance"),
-                    format!("{o:?} is not \"round-robin\", \"least-conn\" or \"random-two\""),
-                ));
-            }
-        };
-        let proxy_protocol = match raw.proxy_protocol.as_deref() {
-            None | Some("off") => None,
-            Some("v1") => Some(ProxyVersion::V1),
-            Some("v2") => Some(ProxyVersion::V2),
-            Some(o) => {
-                return Err(ck.err(
-                    at("proxy_protocol"),
-                    format!("{o:?} is not \"off\", \"v1\" or \"v2\""),
-                ));
-            }
-        };
-        let on_down = match raw.on_down.as_deref() {
-            None | Some("keep") => OnDown::Keep,
-            Some("abort") => OnDown::Abort,
-            Some(o) => {
-                return Err(ck.err(at("on_down"), format!("{o:?} is not \"keep\" or \"abort\"")));
-            }
-        };
+        let balance = ck.choice(raw.balance.as_deref(), at("balance"), d.balance)?;
+        let proxy_protocol =
+            ck.choice_or_off(raw.proxy_protocol.as_deref(), at("proxy_protocol"))?;
+        let on_down = ck.choice(raw.on_down.as_deref(), at("on_down"), d.on_down)?;
         let health = HealthConfig::from_raw(ck, raw.health.as_ref(), &at("health"))?;
         let resolve_interval = raw.resolve_interval.map_or(d.resolve_interval, |x| x.0);
         if resolve_interval.is_zero() {
@@ -339,15 +313,8 @@ impl fmt::Display for PoolConfig {
             servers.join(", "),
             self.queue_size,
             dur(self.queue_timeout),
-            match self.proxy_protocol {
-                None => "off",
-                Some(ProxyVersion::V1) => "v1",
-                Some(ProxyVersion::V2) => "v2",
-            },
-            match self.on_down {
-                OnDown::Keep => "keep",
-                OnDown::Abort => "abort",
-            }
+            self.proxy_protocol.map_or("off", ProxyVersion::as_str),
+            self.on_down.as_str()
         )?;
         write!(f, "{}", self.health)
     }
