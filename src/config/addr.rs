@@ -1,24 +1,99 @@
 //! Addresses as an operator writes them: a server's `host:port`, and the networks of the
 //! allow, deny and trusted-proxy lists.
 
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
 
 use ipnet::IpNet;
 
-/// `Ok` when `s` is an `ip:port` or a `host:port` with a port above 0.
-pub(super) fn check_host_port(s: &str) -> Result<(), String> {
-    if s.parse::<SocketAddr>().is_ok() {
-        return Ok(());
+/// A server's `host:port` as configured, parsed once: an address to connect to, or a name
+/// to resolve.
+///
+/// It prints as the operator wrote it (`check`, `/config`, the logs, the `server` metric
+/// label), so `[0:0::1]:80` or `db:080` reads back unchanged, not in a normalised form that
+/// would no longer match the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerAddr {
+    text: String,
+    target: Target,
+}
+
+/// Where a [`ServerAddr`] points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// An address: connected to as is, never looked up.
+    Ip(SocketAddr),
+    /// A name: resolved at start and every `resolve_interval`, each of its addresses a
+    /// server of its own.
+    Name { host: String, port: u16 },
+}
+
+impl ServerAddr {
+    pub fn target(&self) -> &Target {
+        &self.target
     }
-    let (host, port) = s
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{s:?} is not \"host:port\""))?;
-    if host.is_empty() || host.contains(['/', ' ', '[', ']']) {
-        return Err(format!("{s:?} has no valid host"));
+
+    /// A name to resolve, not an address.
+    pub fn is_name(&self) -> bool {
+        matches!(self.target, Target::Name { .. })
     }
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(()),
-        _ => Err(format!("{s:?} has no valid port")),
+
+    /// As configured.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The configured text parsed as `F`, as `str::parse` would. Kept for callers that
+    /// still ask "is this a name?" by parsing (`fds::reserve`); [`ServerAddr::is_name`]
+    /// says it without parsing again.
+    pub fn parse<F: FromStr>(&self) -> Result<F, F::Err> {
+        self.text.parse()
+    }
+}
+
+/// An `ip:port`, or a `host:port` with a port above 0; the error says which part is wrong.
+impl FromStr for ServerAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<ServerAddr, String> {
+        let target = match s.parse::<SocketAddr>() {
+            Ok(addr) => Target::Ip(addr),
+            Err(_) => {
+                let (host, port) = s
+                    .rsplit_once(':')
+                    .ok_or_else(|| format!("{s:?} is not \"host:port\""))?;
+                if host.is_empty() || host.contains(['/', ' ', '[', ']']) {
+                    return Err(format!("{s:?} has no valid host"));
+                }
+                match port.parse::<u16>() {
+                    Ok(port) if port > 0 => Target::Name {
+                        host: host.to_string(),
+                        port,
+                    },
+                    _ => return Err(format!("{s:?} has no valid port")),
+                }
+            }
+        };
+        Ok(ServerAddr {
+            text: s.to_string(),
+            target,
+        })
+    }
+}
+
+impl From<SocketAddr> for ServerAddr {
+    fn from(addr: SocketAddr) -> ServerAddr {
+        ServerAddr {
+            text: addr.to_string(),
+            target: Target::Ip(addr),
+        }
+    }
+}
+
+impl fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
     }
 }
 
@@ -54,4 +129,48 @@ pub(super) fn parse_net(s: &str) -> Result<IpNet, String> {
         ));
     }
     Ok(net)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_address_is_parsed_once_and_prints_as_written() {
+        for (text, target) in [
+            ("127.0.0.1:9000", Target::Ip(([127, 0, 0, 1], 9000).into())),
+            ("[0:0::1]:9000", Target::Ip("[::1]:9000".parse().unwrap())),
+            (
+                "db.internal:5432",
+                Target::Name {
+                    host: "db.internal".into(),
+                    port: 5432,
+                },
+            ),
+            (
+                "localhost:09000",
+                Target::Name {
+                    host: "localhost".into(),
+                    port: 9000,
+                },
+            ),
+        ] {
+            let a: ServerAddr = text.parse().unwrap();
+            assert_eq!(a.target(), &target, "{text}");
+            assert_eq!(a.is_name(), matches!(target, Target::Name { .. }), "{text}");
+            assert_eq!(a.to_string(), text);
+        }
+        for (text, why) in [
+            ("localhost", "is not \"host:port\""),
+            (":80", "has no valid host"),
+            ("a b:80", "has no valid host"),
+            ("[::1]", "has no valid host"),
+            ("localhost:0", "has no valid port"),
+            ("localhost:http", "has no valid port"),
+            ("localhost:70000", "has no valid port"),
+        ] {
+            let err = text.parse::<ServerAddr>().unwrap_err();
+            assert_eq!(err, format!("{text:?} {why}"));
+        }
+    }
 }

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use super::addr::{check_host_port, parse_net};
+use super::addr::parse_net;
 use super::choice::choice;
 use super::{
     Checker, ConfigError, Limits, PoolConfig, RawLimits, RawTimeouts, Taken, Timeouts, dur,
@@ -170,10 +170,13 @@ fn backend(
             if list.is_empty() {
                 return Err(ck.err(at("backends"), "needs at least one \"host:port\""));
             }
-            for (j, b) in list.iter().enumerate() {
-                check_host_port(b).map_err(|r| ck.err(at(&format!("backends[{j}]")), r))?;
-            }
-            taken.short_pool(ck, PoolConfig::short(name, list), at("name"))?;
+            let servers = (list.iter().enumerate())
+                .map(|(j, b)| {
+                    b.parse()
+                        .map_err(|r| ck.err(at(&format!("backends[{j}]")), r))
+                })
+                .collect::<Result<_, _>>()?;
+            taken.short_pool(ck, PoolConfig::short(name, servers), at("name"))?;
             Ok(name.to_string())
         }
     }

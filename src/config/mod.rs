@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use choice::Choice;
 
+pub use addr::{ServerAddr, Target};
 pub use admin::{
     AdminConfig, DEFAULT_ADMIN_BIND, DEFAULT_ADMIN_HEADER_TIMEOUT, DEFAULT_ADMIN_MAX_CONNS,
     DEFAULT_ADMIN_PROBE_CONNS, DEFAULT_DRAIN_DELAY, RawAdmin,

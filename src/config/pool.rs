@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::addr::check_host_port;
+use super::addr::ServerAddr;
 use super::choice::choice;
 use super::file::RawDuration;
 use super::{Checker, ConfigError, dur};
@@ -104,8 +104,8 @@ choice! {
 /// One server as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
-    /// `host:port`; the host is resolved at start and every `resolve_interval`.
-    pub addr: String,
+    /// `host:port`; a name is resolved at start and every `resolve_interval`.
+    pub addr: ServerAddr,
     pub weight: u32,
     /// Concurrent connections to this server; 0 = no cap.
     pub max_conns: u32,
@@ -161,13 +161,13 @@ impl PoolConfig {
     /// The pool behind a listener's short `backends = [...]` list: passive health only, as
     /// with nginx's or a bare HAProxy `server` line; declare a `[[backends]]` pool for active
     /// checks.
-    pub fn short(name: &str, servers: &[String]) -> PoolConfig {
+    pub fn short(name: &str, servers: Vec<ServerAddr>) -> PoolConfig {
         PoolConfig {
             name: name.to_string(),
             servers: servers
-                .iter()
-                .map(|a| ServerConfig {
-                    addr: a.clone(),
+                .into_iter()
+                .map(|addr| ServerConfig {
+                    addr,
                     weight: 1,
                     max_conns: 0,
                 })
@@ -207,7 +207,7 @@ impl PoolConfig {
             .enumerate()
             .map(|(j, s)| ServerConfig::from_raw(ck, s, &at(&format!("servers[{j}]"))))
             .collect::<Result<Vec<_>, _>>()?;
-        let d = PoolConfig::short(&name, &[]);
+        let d = PoolConfig::short(&name, Vec::new());
         let balance = ck.choice(raw.balance.as_deref(), at("balance"), d.balance)?;
         let proxy_protocol =
             ck.choice_or_off(raw.proxy_protocol.as_deref(), at("proxy_protocol"))?;
@@ -235,11 +235,10 @@ impl ServerConfig {
     /// One `servers` entry, at key `at`.
     fn from_raw(ck: &Checker<'_>, s: &RawServer, at: &str) -> Result<ServerConfig, ConfigError> {
         let key = |k: &str| format!("{at}.{k}");
-        let addr = s
-            .addr
-            .clone()
-            .ok_or_else(|| ck.err(key("addr"), "is required"))?;
-        check_host_port(&addr).map_err(|r| ck.err(key("addr"), r))?;
+        let addr = (s.addr.as_deref())
+            .ok_or_else(|| ck.err(key("addr"), "is required"))?
+            .parse()
+            .map_err(|r| ck.err(key("addr"), r))?;
         let weight = s.weight.unwrap_or(1);
         if weight == 0 || weight > 256 {
             return Err(ck.err(key("weight"), format!("{weight} is not in 1..=256")));
