@@ -169,7 +169,9 @@ impl Checker<'_> {
 /// names and binds are unique, pool names (a short `backends` list's included) are unique,
 /// and a listener's `backend` names a pool. Each is asked as its key is read, so a file
 /// with several mistakes is told of the first.
+#[derive(Default)]
 struct Taken {
+    /// Fixed-port binds only: port 0 is a new port each time, so it cannot clash.
     listener_names: HashSet<String>,
     binds: HashSet<SocketAddr>,
     pools: Vec<PoolConfig>,
@@ -200,7 +202,6 @@ impl Taken {
         Ok(())
     }
 
-    /// Port 0 is a new port each time, so only fixed ports can clash.
     fn bind(&mut self, ck: &Checker<'_>, bind: SocketAddr, key: String) -> Result<(), ConfigError> {
         if bind.port() != 0 && !self.binds.insert(bind) {
             return Err(ck.err(key, format!("{bind} is bound by two listeners")));
@@ -246,11 +247,7 @@ impl Config {
         }
         let limits = Limits::from_raw(&ck, &Limits::default(), &raw.limits, "limits")?;
         let timeouts = Timeouts::from_raw(&ck, &Timeouts::default(), &raw.timeouts, "timeouts")?;
-        let mut taken = Taken {
-            listener_names: HashSet::new(),
-            binds: HashSet::new(),
-            pools: Vec::new(),
-        };
+        let mut taken = Taken::default();
         for (i, p) in raw.backends.iter().enumerate() {
             taken.pool(&ck, PoolConfig::from_raw(&ck, p, i)?, i)?;
         }
@@ -262,10 +259,15 @@ impl Config {
         let log = LogConfig::from_raw(&ck, &raw.log)?;
         let admin = AdminConfig::from_raw(&ck, &raw.admin)?;
         if let Some(b) = admin.bind
-            && listeners.iter().any(|l| l.bind.port() != 0 && l.bind == b)
+            && taken.binds.contains(&b)
         {
             return Err(ck.err("admin.bind", format!("{b} is also a listener's bind")));
         }
+        let kernel = KernelConfig::from_raw(&ck, &raw.kernel)?;
+        let runtime = RuntimeConfig::from_raw(&ck, &raw.runtime)?;
+        let cluster = (raw.cluster.as_ref())
+            .map(|c| ClusterConfig::from_raw(&ck, c))
+            .transpose()?;
         Ok(Config {
             file: file.to_string(),
             listeners,
@@ -274,11 +276,9 @@ impl Config {
             log,
             admin,
             pools: taken.pools,
-            kernel: KernelConfig::from_raw(&ck, &raw.kernel)?,
-            runtime: RuntimeConfig::from_raw(&ck, &raw.runtime)?,
-            cluster: (raw.cluster.as_ref())
-                .map(|c| ClusterConfig::from_raw(&ck, c))
-                .transpose()?,
+            kernel,
+            runtime,
+            cluster,
         })
     }
 
