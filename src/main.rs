@@ -251,21 +251,25 @@ fn one_line(e: &anyhow::Error) -> String {
 /// Backend names that do not resolve now: `run` would refuse to start on them, so `check`
 /// says so (a warning: the name may well resolve where the config is deployed).
 fn unresolved(config: &halfguard::Config) -> Vec<String> {
-    use std::net::{SocketAddr, ToSocketAddrs};
+    use std::net::ToSocketAddrs;
     let mut out = Vec::new();
     for p in &config.pools {
         for s in &p.servers {
-            if s.addr.parse::<SocketAddr>().is_ok() {
+            let halfguard::config::Target::Name { host, port } = s.addr.target() else {
                 continue;
-            }
-            let why = match s.addr.to_socket_addrs().map(|mut a| a.next()) {
+            };
+            let why = match (host.as_str(), *port)
+                .to_socket_addrs()
+                .map(|mut a| a.next())
+            {
                 Ok(Some(_)) => continue,
                 Ok(None) => "it has no address".to_string(),
                 Err(e) => e.to_string(),
             };
             out.push(format!(
                 "pool {:?}: backend {:?} does not resolve here now ({why}); `run` refuses to start until it does",
-                p.name, s.addr
+                p.name,
+                s.addr.as_str()
             ));
         }
     }

@@ -181,7 +181,7 @@ mod tests {
             .map(|(i, &weight)| {
                 let addr = SocketAddr::from(([127, 0, 0, 1], 17000 + i as u16));
                 let cfg = ServerConfig {
-                    addr: addr.to_string(),
+                    addr: addr.into(),
                     weight,
                     max_conns,
                 };

@@ -22,15 +22,10 @@ use tokio_util::task::TaskTracker;
 
 use super::balance::ServerSet;
 use super::{BackendError, Pool, Server, health, server};
-use crate::config::PoolConfig;
+use crate::config::{PoolConfig, ServerAddr, Target};
 
 /// A lookup that hangs must not hold up the next round (nor the pool's stop).
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Whether a configured `host:port` is a name to resolve (not an address).
-pub(super) fn is_name(hostport: &str) -> bool {
-    hostport.parse::<SocketAddr>().is_err()
-}
 
 /// Every configured server at every address it resolves to now; fails when a name does not
 /// resolve, since a pool that starts without its servers would refuse everyone. Servers of
@@ -45,7 +40,7 @@ pub(super) async fn servers(
         let addrs = resolve(&s.addr)
             .await
             .map_err(|source| BackendError::Resolve {
-                backend: s.addr.clone(),
+                backend: s.addr.to_string(),
                 source,
             })?;
         for addr in addrs {
@@ -73,7 +68,7 @@ pub(super) async fn servers(
 
 /// Starts following the pool's names, if it has any, until the pool stops.
 pub(super) fn start(pool: &Arc<Pool>, tasks: &TaskTracker) {
-    if pool.cfg.servers.iter().any(|s| is_name(&s.addr)) {
+    if pool.cfg.servers.iter().any(|s| s.addr.is_name()) {
         tasks.spawn(resolve_loop(pool.clone(), tasks.clone()));
     }
 }
@@ -89,7 +84,7 @@ async fn resolve_loop(pool: Arc<Pool>, tasks: TaskTracker) {
             _ = tick.tick() => {}
         }
         for (entry, cfg) in pool.cfg.servers.iter().enumerate() {
-            if !is_name(&cfg.addr) {
+            if !cfg.addr.is_name() {
                 continue;
             }
             match tokio::time::timeout(LOOKUP_TIMEOUT, resolve(&cfg.addr)).await {
@@ -151,13 +146,15 @@ fn follow(pool: &Pool, entry: usize, addrs: &[SocketAddr]) -> Vec<Arc<Server>> {
     added
 }
 
-/// `host:port` to every address of the name, each once, in the resolver's order.
-async fn resolve(hostport: &str) -> io::Result<Vec<SocketAddr>> {
-    if let Ok(a) = hostport.parse() {
-        return Ok(vec![a]);
-    }
+/// A configured server to every address of its name, each once, in the resolver's order;
+/// an address is itself.
+async fn resolve(addr: &ServerAddr) -> io::Result<Vec<SocketAddr>> {
+    let (host, port) = match addr.target() {
+        Target::Ip(a) => return Ok(vec![*a]),
+        Target::Name { host, port } => (host.as_str(), *port),
+    };
     let mut addrs: Vec<SocketAddr> = Vec::new();
-    for a in tokio::net::lookup_host(hostport).await? {
+    for a in tokio::net::lookup_host((host, port)).await? {
         if !addrs.contains(&a) {
             addrs.push(a);
         }

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::resolve::is_name;
 use crate::config::ServerConfig;
 
 /// One address of a pool. Held in an `Arc` by the pool's set and by every lease on it, so a
@@ -84,10 +83,10 @@ impl ServerState {
 /// The metric label of `addr` reached through the configured `cfg.addr`: a name's addresses
 /// need one each, and the name in it says where the address came from.
 pub(super) fn label(cfg: &ServerConfig, addr: SocketAddr) -> String {
-    if is_name(&cfg.addr) {
+    if cfg.addr.is_name() {
         format!("{}@{}", cfg.addr, addr.ip())
     } else {
-        cfg.addr.clone()
+        cfg.addr.to_string()
     }
 }
 

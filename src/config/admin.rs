@@ -1,119 +1,154 @@
-//! The admin token: the secret that opens `/sources`, `/config` and `POST /reload` to a
-//! client that is not on loopback.
+//! `[admin]`: the HTTP endpoint for metrics, probes and reload.
 //!
-//! It comes from the environment ([`ADMIN_TOKEN_ENV`]) or from a file (`[admin] token_file`),
-//! never from the config text itself, so `/config`, `halfguard check` and the start log can
-//! print the whole configuration without it. Its `Debug` is redacted for the same reason.
-//! The token is read again at every reload, so a rotated secret file takes effect without a
-//! restart.
+//! Seeing is public, steering is private: `/healthz`, `/readyz` and `/metrics` answer anyone
+//! who reaches the port; `/sources`, `/config` and `POST /reload` need the token (see
+//! [`super::token`]) or, unless `trust_loopback` is off, a loopback client.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
-/// The environment variable that holds the admin token itself. Clients of the admin
-/// endpoint (`curl`, `halfguard top`) read the same variable and send
-/// `Authorization: Bearer <token>`.
-pub const ADMIN_TOKEN_ENV: &str = "HALFGUARD_ADMIN_TOKEN";
+use serde::Deserialize;
 
-/// Shorter tokens are refused: a token is the only thing between the network and a reload.
-pub const MIN_TOKEN_LEN: usize = 16;
+use super::file::RawDuration;
+use super::{AdminToken, Checker, ConfigError, dur};
 
-/// Where a token came from, for messages and `/config` (never the token itself).
-#[derive(Clone, PartialEq, Eq)]
-pub enum TokenSource {
-    Env,
-    File(PathBuf),
+/// The admin endpoint listens on loopback unless told otherwise: metrics and `/config` are
+/// not for the public.
+pub const DEFAULT_ADMIN_BIND: &str = "127.0.0.1:9901";
+/// Concurrent admin connections: enough for scrapers and probes, too few to matter.
+pub const DEFAULT_ADMIN_MAX_CONNS: u32 = 16;
+/// Admin connections kept for `/healthz` and `/readyz` on top of `max_conns`, so a flood of
+/// admin connections cannot fail the kubelet's probes and restart the pod.
+pub const DEFAULT_ADMIN_PROBE_CONNS: u32 = 4;
+/// An admin client gets this long to send its request headers (no slowloris on scrapes).
+pub const DEFAULT_ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// After SIGTERM, `/readyz` fails this long before accepting stops, so load balancers and
+/// Kubernetes endpoints stop sending first.
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
+
+/// `[admin]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub bind: Option<String>,
+    pub max_conns: Option<u32>,
+    pub probe_conns: Option<u32>,
+    pub token_file: Option<String>,
+    pub trust_loopback: Option<bool>,
+    pub header_timeout: Option<RawDuration>,
+    pub drain_delay: Option<RawDuration>,
 }
 
-impl fmt::Display for TokenSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TokenSource::Env => write!(f, "environment variable {ADMIN_TOKEN_ENV}"),
-            TokenSource::File(p) => write!(f, "file {}", p.display()),
+/// `[admin]`: the HTTP endpoint for metrics, probes and reload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// `None` when configured as `"off"`.
+    pub bind: Option<SocketAddr>,
+    pub max_conns: u32,
+    /// Connections reserved for `/healthz` and `/readyz`, on top of `max_conns`.
+    pub probe_conns: u32,
+    pub header_timeout: Duration,
+    pub drain_delay: Duration,
+    /// As configured; the token read from it (or from the environment) is `token`.
+    pub token_file: Option<PathBuf>,
+    pub token: Option<AdminToken>,
+    /// A loopback client needs no token for the private endpoints.
+    pub trust_loopback: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            bind: DEFAULT_ADMIN_BIND.parse().ok(),
+            max_conns: DEFAULT_ADMIN_MAX_CONNS,
+            probe_conns: DEFAULT_ADMIN_PROBE_CONNS,
+            header_timeout: DEFAULT_ADMIN_HEADER_TIMEOUT,
+            drain_delay: DEFAULT_DRAIN_DELAY,
+            token_file: None,
+            token: None,
+            trust_loopback: true,
         }
     }
 }
 
-/// The admin token. Compared in constant time; printed as `<redacted>`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct AdminToken {
-    secret: String,
-    pub source: TokenSource,
-}
-
-impl fmt::Debug for AdminToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AdminToken(<redacted>, from {})", self.source)
-    }
-}
-
-impl AdminToken {
-    /// Checks `text` (a file's content or a variable's value, trailing whitespace dropped).
-    pub fn new(text: &str, source: TokenSource) -> Result<AdminToken, String> {
-        let secret = text.trim_end();
-        if secret.is_empty() {
-            return Err("the token is empty".into());
-        }
-        if let Some(bad) = secret.chars().find(|c| !c.is_ascii_graphic()) {
-            return Err(format!(
-                "the token has a character that cannot travel in an HTTP header ({:?}); use printable ASCII without spaces",
-                bad.escape_default().to_string()
-            ));
-        }
-        if secret.len() < MIN_TOKEN_LEN {
-            return Err(format!(
-                "the token has {} characters; use at least {MIN_TOKEN_LEN} (for example `openssl rand -hex 32`)",
-                secret.len()
-            ));
-        }
-        Ok(AdminToken {
-            secret: secret.to_string(),
-            source,
-        })
-    }
-
-    /// Reads a token file. Relative paths are taken from the config file's directory.
-    pub fn from_file(path: &Path, config_file: &str) -> Result<AdminToken, String> {
-        let full = if path.is_relative() {
-            Path::new(config_file)
-                .parent()
-                .map_or_else(|| path.to_path_buf(), |d| d.join(path))
-        } else {
-            path.to_path_buf()
+impl AdminConfig {
+    /// The section as written; the token itself is read by `load::parse`, which sees the
+    /// environment (`from_raw` does no I/O).
+    pub(super) fn from_raw(ck: &Checker<'_>, a: &RawAdmin) -> Result<AdminConfig, ConfigError> {
+        let d = AdminConfig::default();
+        let admin = AdminConfig {
+            bind: match a.bind.as_deref().map(str::trim) {
+                None => d.bind,
+                Some("off") => None,
+                Some(b) => Some(b.parse().map_err(|_| {
+                    ck.err(
+                        "admin.bind",
+                        format!("{b:?} is not an ip:port address or \"off\""),
+                    )
+                })?),
+            },
+            max_conns: a.max_conns.unwrap_or(d.max_conns),
+            probe_conns: a.probe_conns.unwrap_or(d.probe_conns),
+            header_timeout: a.header_timeout.map_or(d.header_timeout, |x| x.0),
+            drain_delay: a.drain_delay.map_or(d.drain_delay, |x| x.0),
+            token_file: match a.token_file.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some(p) => Some(PathBuf::from(p)),
+            },
+            token: None,
+            trust_loopback: a.trust_loopback.unwrap_or(d.trust_loopback),
         };
-        let text = std::fs::read_to_string(&full)
-            .map_err(|e| format!("cannot read {}: {e}", full.display()))?;
-        AdminToken::new(&text, TokenSource::File(full.clone()))
-            .map_err(|r| format!("{}: {r}", full.display()))
+        if admin.max_conns == 0 {
+            return Err(ck.err("admin.max_conns", "must be at least 1"));
+        }
+        if admin.header_timeout.is_zero() {
+            return Err(ck.err("admin.header_timeout", "must be greater than 0s"));
+        }
+        Ok(admin)
     }
 
-    /// True when `given` is the token. The time taken depends on the token's length only,
-    /// not on how much of `given` matches.
-    pub fn matches(&self, given: &[u8]) -> bool {
-        let want = self.secret.as_bytes();
-        let mut diff = u8::from(given.len() != want.len());
-        for (i, w) in want.iter().enumerate() {
-            diff |= given.get(i).copied().unwrap_or(0) ^ w;
-        }
-        std::hint::black_box(diff) == 0
+    /// True when `other` differs in what is fixed at start (the socket and its connection
+    /// slots). The token, `trust_loopback` and `drain_delay` are read per request or per
+    /// signal, so a reload changes them at once.
+    pub fn needs_restart_for(&self, other: &AdminConfig) -> bool {
+        (
+            self.bind,
+            self.max_conns,
+            self.probe_conns,
+            self.header_timeout,
+        ) != (
+            other.bind,
+            other.max_conns,
+            other.probe_conns,
+            other.header_timeout,
+        )
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_token_matches_itself_only_and_never_prints() {
-        let t = AdminToken::new("0123456789abcdef\n", TokenSource::Env).unwrap();
-        assert!(t.matches(b"0123456789abcdef"));
-        assert!(!t.matches(b"0123456789abcdeX"));
-        assert!(!t.matches(b"0123456789abcdef0"));
-        assert!(!t.matches(b"0123456789abcde"));
-        assert!(!t.matches(b""));
-        assert!(!format!("{t:?}").contains("0123"));
-        assert!(AdminToken::new("short", TokenSource::Env).is_err());
-        assert!(AdminToken::new("has a space in it, long enough", TokenSource::Env).is_err());
-        assert!(AdminToken::new("  \n", TokenSource::Env).is_err());
+/// Two lines: the endpoint, and who may use its private paths.
+impl fmt::Display for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "admin: {}, max_conns {} (+{} for probes), header_timeout {}, drain_delay {}",
+            self.bind.map_or("off".into(), |b| b.to_string()),
+            self.max_conns,
+            self.probe_conns,
+            dur(self.header_timeout),
+            dur(self.drain_delay)
+        )?;
+        let token = self.token.as_ref().map(|t| t.source.to_string());
+        write!(
+            f,
+            "  /sources, /config, POST /reload: {}",
+            match (token, self.trust_loopback) {
+                (Some(src), true) => format!("Bearer token from the {src}, or a loopback client"),
+                (Some(src), false) => format!("Bearer token from the {src} only"),
+                (None, true) => "loopback clients only (no token set)".to_string(),
+                (None, false) => "nobody (no token set, loopback not trusted)".to_string(),
+            }
+        )
     }
 }

@@ -10,8 +10,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::file::RawCluster;
-use super::{Checker, ConfigError};
+use serde::Deserialize;
+
+use super::file::RawDuration;
+use super::{Checker, ConfigError, dur};
 
 /// Twice a second: a spread flood gets about half a second of slack, and a replica sends
 /// Redis two small scripts a second.
@@ -35,6 +37,21 @@ pub const MAX_NODE_LEN: usize = 253;
 /// With `redis_cluster`, sources are spread over this many hash slots (one hash tag per
 /// bucket), so the shares and their traffic spread over the cluster's primaries.
 pub const CLUSTER_BUCKETS: u32 = 16;
+
+/// `[cluster]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub redis: Option<String>,
+    pub node: Option<String>,
+    pub sync_interval: Option<RawDuration>,
+    pub share_ttl: Option<RawDuration>,
+    pub timeout: Option<RawDuration>,
+    pub publish_above: Option<f64>,
+    pub max_published: Option<u32>,
+    pub key_prefix: Option<String>,
+    pub redis_cluster: Option<bool>,
+}
 
 /// A Redis URL whose password never prints.
 #[derive(Clone, PartialEq, Eq)]
@@ -143,11 +160,95 @@ pub fn check_node(node: &str) -> Result<(), String> {
     Ok(())
 }
 
-pub(super) fn cluster_from_raw(
+impl ClusterConfig {
+    pub(super) fn from_raw(
+        ck: &Checker<'_>,
+        raw: &RawCluster,
+    ) -> Result<ClusterConfig, ConfigError> {
+        let redis_cluster = raw.redis_cluster.unwrap_or(false);
+        let redis = redis_url(ck, raw.redis.as_deref(), redis_cluster)?;
+        let node = raw.node.as_deref().map(str::trim).unwrap_or_default();
+        if !node.is_empty() {
+            check_node(node).map_err(|r| ck.err("cluster.node", r))?;
+        }
+        let c = ClusterConfig {
+            redis,
+            node: node.to_string(),
+            sync_interval: raw.sync_interval.map_or(DEFAULT_SYNC_INTERVAL, |x| x.0),
+            share_ttl: raw.share_ttl.map_or(DEFAULT_SHARE_TTL, |x| x.0),
+            timeout: raw.timeout.map_or(DEFAULT_TIMEOUT, |x| x.0),
+            publish_above: raw.publish_above.unwrap_or(DEFAULT_PUBLISH_ABOVE),
+            max_published: raw.max_published.unwrap_or(DEFAULT_MAX_PUBLISHED),
+            key_prefix: raw
+                .key_prefix
+                .clone()
+                .unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_string()),
+            redis_cluster,
+        };
+        c.check(ck)?;
+        Ok(c)
+    }
+
+    /// The checks of values that parsed, Redis URL and node name aside.
+    fn check(&self, ck: &Checker<'_>) -> Result<(), ConfigError> {
+        if self.sync_interval < Duration::from_millis(10) {
+            return Err(ck.err(
+                "cluster.sync_interval",
+                "is at least \"10ms\": each sync is a Redis round trip",
+            ));
+        }
+        if self.share_ttl < self.sync_interval * 3 {
+            return Err(ck.err(
+                "cluster.share_ttl",
+                format!(
+                    "{} is less than three sync intervals ({}): a live replica's share would expire between two syncs",
+                    dur(self.share_ttl),
+                    dur(self.sync_interval * 3)
+                ),
+            ));
+        }
+        if self.timeout.is_zero() || self.timeout > self.sync_interval {
+            return Err(ck.err(
+                "cluster.timeout",
+                format!(
+                    "must be above 0s and at most sync_interval ({}): a sync must end before the next",
+                    dur(self.sync_interval)
+                ),
+            ));
+        }
+        if !(self.publish_above > 0.0 && self.publish_above <= 1.0) {
+            return Err(ck.err(
+                "cluster.publish_above",
+                format!("{} is not a fraction in (0, 1]", self.publish_above),
+            ));
+        }
+        if self.max_published == 0 || self.max_published > 100_000 {
+            return Err(ck.err(
+                "cluster.max_published",
+                "must be in 1..=100000: it bounds what each replica writes and reads per sync",
+            ));
+        }
+        if self.key_prefix.is_empty()
+            || self.key_prefix.contains(|ch: char| !ch.is_ascii_graphic())
+            || self.key_prefix.contains(['{', '}'])
+        {
+            return Err(ck.err(
+                "cluster.key_prefix",
+                "must be printable ASCII without spaces or braces",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `cluster.redis`: one `redis://` URL, or with `redis_cluster` a Redis Cluster's seed
+/// nodes. Never echoes the URL in an error: it may hold the password.
+fn redis_url(
     ck: &Checker<'_>,
-    raw: &RawCluster,
-) -> Result<ClusterConfig, ConfigError> {
-    let url = raw.redis.as_deref().map(str::trim).unwrap_or_default();
+    raw: Option<&str>,
+    redis_cluster: bool,
+) -> Result<RedisUrl, ConfigError> {
+    let url = raw.map(str::trim).unwrap_or_default();
     if url.is_empty() {
         return Err(ck.err(
             "cluster.redis",
@@ -155,9 +256,7 @@ pub(super) fn cluster_from_raw(
         ));
     }
     let redis = RedisUrl(url.to_string());
-    // Never echo the URL in an error: it may hold the password.
     let shown = redis.redacted();
-    let redis_cluster = raw.redis_cluster.unwrap_or(false);
     let urls = redis.expose();
     if urls.len() > 1 && !redis_cluster {
         return Err(ck.err(
@@ -186,71 +285,30 @@ pub(super) fn cluster_from_raw(
             ));
         }
     }
-    let node = raw.node.as_deref().map(str::trim).unwrap_or_default();
-    if !node.is_empty() {
-        check_node(node).map_err(|r| ck.err("cluster.node", r))?;
+    Ok(redis)
+}
+
+/// One line; the Redis URL without its password.
+impl fmt::Display for ClusterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cluster: redis {}{}, node {:?}, sync every {} (timeout {}), share_ttl {}, publish above {:.0}% of a cap, at most {} sources per listener, keys {{{}}}:*",
+            self.redis,
+            if self.redis_cluster {
+                format!(" (Redis Cluster, sources over {} slots)", self.buckets())
+            } else {
+                String::new()
+            },
+            self.node,
+            dur(self.sync_interval),
+            dur(self.timeout),
+            dur(self.share_ttl),
+            self.publish_above * 100.0,
+            self.max_published,
+            self.key_prefix
+        )
     }
-    let c = ClusterConfig {
-        redis,
-        node: node.to_string(),
-        sync_interval: raw.sync_interval.map_or(DEFAULT_SYNC_INTERVAL, |x| x.0),
-        share_ttl: raw.share_ttl.map_or(DEFAULT_SHARE_TTL, |x| x.0),
-        timeout: raw.timeout.map_or(DEFAULT_TIMEOUT, |x| x.0),
-        publish_above: raw.publish_above.unwrap_or(DEFAULT_PUBLISH_ABOVE),
-        max_published: raw.max_published.unwrap_or(DEFAULT_MAX_PUBLISHED),
-        key_prefix: raw
-            .key_prefix
-            .clone()
-            .unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_string()),
-        redis_cluster,
-    };
-    if c.sync_interval < Duration::from_millis(10) {
-        return Err(ck.err(
-            "cluster.sync_interval",
-            "is at least \"10ms\": each sync is a Redis round trip",
-        ));
-    }
-    if c.share_ttl < c.sync_interval * 3 {
-        return Err(ck.err(
-            "cluster.share_ttl",
-            format!(
-                "{} is less than three sync intervals ({}): a live replica's share would expire between two syncs",
-                humantime::format_duration(c.share_ttl),
-                humantime::format_duration(c.sync_interval * 3)
-            ),
-        ));
-    }
-    if c.timeout.is_zero() || c.timeout > c.sync_interval {
-        return Err(ck.err(
-            "cluster.timeout",
-            format!(
-                "must be above 0s and at most sync_interval ({}): a sync must end before the next",
-                humantime::format_duration(c.sync_interval)
-            ),
-        ));
-    }
-    if !(c.publish_above > 0.0 && c.publish_above <= 1.0) {
-        return Err(ck.err(
-            "cluster.publish_above",
-            format!("{} is not a fraction in (0, 1]", c.publish_above),
-        ));
-    }
-    if c.max_published == 0 || c.max_published > 100_000 {
-        return Err(ck.err(
-            "cluster.max_published",
-            "must be in 1..=100000: it bounds what each replica writes and reads per sync",
-        ));
-    }
-    if c.key_prefix.is_empty()
-        || c.key_prefix.contains(|ch: char| !ch.is_ascii_graphic())
-        || c.key_prefix.contains(['{', '}'])
-    {
-        return Err(ck.err(
-            "cluster.key_prefix",
-            "must be printable ASCII without spaces or braces",
-        ));
-    }
-    Ok(c)
 }
 
 /// This host's name, the default node name (a pod's name in Kubernetes).

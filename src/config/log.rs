@@ -1,12 +1,19 @@
-//! What `log.level` (and `RUST_LOG`) may say.
+//! `[log]`: the level filter and the output format, and what `log.level` (and `RUST_LOG`)
+//! may say.
 //!
 //! tracing's filter syntax takes any word as a target, so `"verbose"` or
 //! `"halfgaurd=debug"` parse fine and then match nothing: the process runs silent, errors
 //! included. halfguard logs only under its own crate name, so a filter is held to what can
 //! match: levels, and `halfguard` or `halfguard::module` targets.
 
+use std::fmt;
+
+use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
+
+use super::choice::choice;
+use super::{Checker, ConfigError};
 
 /// The crate every halfguard event is logged under.
 const TARGET: &str = "halfguard";
@@ -47,6 +54,65 @@ pub fn check_filter(filter: &str) -> Result<(), String> {
     EnvFilter::try_new(filter)
         .map(drop)
         .map_err(|e| format!("{filter:?} is not a filter: {e}"))
+}
+
+/// `[log]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<String>,
+    /// A [`LogFormat`] spelling.
+    pub format: Option<String>,
+}
+
+choice! {
+    /// Log output format.
+    pub enum LogFormat {
+        /// For a person at a terminal.
+        Pretty = "pretty",
+        /// One JSON object a line, for a log pipeline.
+        Json = "json",
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    /// An `EnvFilter` directive such as `info` or `halfguard=debug`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Pretty,
+        }
+    }
+}
+
+impl LogConfig {
+    pub(super) fn from_raw(ck: &Checker<'_>, raw: &RawLog) -> Result<LogConfig, ConfigError> {
+        let d = LogConfig::default();
+        let log = LogConfig {
+            level: raw.level.clone().unwrap_or(d.level),
+            format: ck.choice(raw.format.as_deref(), "log.format", d.format)?,
+        };
+        check_filter(&log.level).map_err(|r| ck.err("log.level", r))?;
+        Ok(log)
+    }
+}
+
+impl fmt::Display for LogConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "log: level {}, format {}",
+            self.level,
+            self.format.as_str()
+        )
+    }
 }
 
 #[cfg(test)]

@@ -2,10 +2,15 @@
 //! PROXY protocol toward the servers. A listener's short `backends = ["host:port", ...]` is a
 //! pool of its own, named after the listener, with these defaults.
 
+use std::fmt;
 use std::time::Duration;
 
-use super::file::{RawHealth, RawPool};
-use super::{Checker, ConfigError, check_host_port};
+use serde::Deserialize;
+
+use super::addr::ServerAddr;
+use super::choice::choice;
+use super::file::RawDuration;
+use super::{Checker, ConfigError, dur};
 
 /// HAProxy's defaults: a check every 2 s, up after 2 good ones, down after 3 bad ones.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
@@ -22,38 +27,85 @@ pub const DEFAULT_QUEUE_SIZE: u32 = 128;
 /// How long a queued client waits at most (and never longer than `timeouts.connect`).
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How a pool picks a server for a new connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Balance {
-    /// Weighted round robin.
-    RoundRobin,
-    /// The server with the fewest active connections per unit of weight.
-    LeastConn,
-    /// Two servers at random, the less loaded of them (power of two choices).
-    RandomTwo,
+/// One `[[backends]]` table: a named pool of servers.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub servers: Vec<RawServer>,
+    /// A [`Balance`] spelling.
+    pub balance: Option<String>,
+    pub queue_size: Option<u32>,
+    pub queue_timeout: Option<RawDuration>,
+    /// `"off"` or a [`ProxyVersion`] spelling.
+    pub proxy_protocol: Option<String>,
+    /// An [`OnDown`] spelling.
+    pub on_down: Option<String>,
+    pub resolve_interval: Option<RawDuration>,
+    pub health: Option<RawHealth>,
 }
 
-/// PROXY protocol version sent to the servers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyVersion {
-    V1,
-    V2,
+/// One server of a pool: `{ addr = "host:port", weight = 1, max_conns = 0 }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub addr: Option<String>,
+    pub weight: Option<u32>,
+    pub max_conns: Option<u32>,
 }
 
-/// What happens to a server's open connections when it is marked down.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnDown {
-    /// They carry on: a server that fails its checks may still serve what it has.
-    Keep,
-    /// They are aborted with RST, so clients retry elsewhere at once.
-    Abort,
+/// `[backends.health]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub enabled: Option<bool>,
+    pub interval: Option<RawDuration>,
+    pub timeout: Option<RawDuration>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+    pub send: Option<String>,
+    pub expect: Option<String>,
+    pub cooloff: Option<RawDuration>,
+}
+
+choice! {
+    /// How a pool picks a server for a new connection.
+    pub enum Balance {
+        /// Weighted round robin.
+        RoundRobin = "round-robin",
+        /// The server with the fewest active connections per unit of weight.
+        LeastConn = "least-conn",
+        /// Two servers at random, the less loaded of them (power of two choices).
+        RandomTwo = "random-two",
+    }
+}
+
+choice! {
+    /// PROXY protocol version sent to the servers (`"off"` in the file: none).
+    pub enum ProxyVersion {
+        /// The text header.
+        V1 = "v1",
+        /// The binary header.
+        V2 = "v2",
+    }
+}
+
+choice! {
+    /// What happens to a server's open connections when it is marked down.
+    pub enum OnDown {
+        /// They carry on: a server that fails its checks may still serve what it has.
+        Keep = "keep",
+        /// They are aborted with RST, so clients retry elsewhere at once.
+        Abort = "abort",
+    }
 }
 
 /// One server as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
-    /// `host:port`; the host is resolved at start and every `resolve_interval`.
-    pub addr: String,
+    /// `host:port`; a name is resolved at start and every `resolve_interval`.
+    pub addr: ServerAddr,
     pub weight: u32,
     /// Concurrent connections to this server; 0 = no cap.
     pub max_conns: u32,
@@ -109,13 +161,13 @@ impl PoolConfig {
     /// The pool behind a listener's short `backends = [...]` list: passive health only, as
     /// with nginx's or a bare HAProxy `server` line; declare a `[[backends]]` pool for active
     /// checks.
-    pub fn short(name: &str, servers: &[String]) -> PoolConfig {
+    pub fn short(name: &str, servers: Vec<ServerAddr>) -> PoolConfig {
         PoolConfig {
             name: name.to_string(),
             servers: servers
-                .iter()
-                .map(|a| ServerConfig {
-                    addr: a.clone(),
+                .into_iter()
+                .map(|addr| ServerConfig {
+                    addr,
                     weight: 1,
                     max_conns: 0,
                 })
@@ -134,125 +186,165 @@ impl PoolConfig {
     }
 }
 
-impl Balance {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Balance::RoundRobin => "round-robin",
-            Balance::LeastConn => "least-conn",
-            Balance::RandomTwo => "random-two",
+impl PoolConfig {
+    /// `backends[i]`. Its name is checked against the other pools' by the caller.
+    pub(super) fn from_raw(
+        ck: &Checker<'_>,
+        raw: &RawPool,
+        i: usize,
+    ) -> Result<PoolConfig, ConfigError> {
+        let at = |k: &str| format!("backends[{i}].{k}");
+        let name = match raw.name.as_deref().map(str::trim) {
+            Some(n) if !n.is_empty() => n.to_string(),
+            _ => return Err(ck.err(at("name"), "is required")),
+        };
+        if raw.servers.is_empty() {
+            return Err(ck.err(at("servers"), "needs at least one { addr = \"host:port\" }"));
         }
+        let servers = raw
+            .servers
+            .iter()
+            .enumerate()
+            .map(|(j, s)| ServerConfig::from_raw(ck, s, &at(&format!("servers[{j}]"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let d = PoolConfig::short(&name, Vec::new());
+        let balance = ck.choice(raw.balance.as_deref(), at("balance"), d.balance)?;
+        let proxy_protocol =
+            ck.choice_or_off(raw.proxy_protocol.as_deref(), at("proxy_protocol"))?;
+        let on_down = ck.choice(raw.on_down.as_deref(), at("on_down"), d.on_down)?;
+        let health = HealthConfig::from_raw(ck, raw.health.as_ref(), &at("health"))?;
+        let resolve_interval = raw.resolve_interval.map_or(d.resolve_interval, |x| x.0);
+        if resolve_interval.is_zero() {
+            return Err(ck.err(at("resolve_interval"), "must be greater than 0s"));
+        }
+        Ok(PoolConfig {
+            name,
+            servers,
+            balance,
+            queue_size: raw.queue_size.unwrap_or(d.queue_size),
+            queue_timeout: raw.queue_timeout.map_or(d.queue_timeout, |x| x.0),
+            proxy_protocol,
+            on_down,
+            resolve_interval,
+            health,
+        })
     }
 }
 
-pub(super) fn pool_from_raw(
-    ck: &Checker<'_>,
-    raw: &RawPool,
-    i: usize,
-) -> Result<PoolConfig, ConfigError> {
-    let at = |k: &str| format!("backends[{i}].{k}");
-    let name = match raw.name.as_deref().map(str::trim) {
-        Some(n) if !n.is_empty() => n.to_string(),
-        _ => return Err(ck.err(at("name"), "is required")),
-    };
-    if raw.servers.is_empty() {
-        return Err(ck.err(at("servers"), "needs at least one { addr = \"host:port\" }"));
-    }
-    let mut servers = Vec::with_capacity(raw.servers.len());
-    for (j, s) in raw.servers.iter().enumerate() {
-        let key = |k: &str| at(&format!("servers[{j}].{k}"));
-        let addr = s
-            .addr
-            .clone()
-            .ok_or_else(|| ck.err(key("addr"), "is required"))?;
-        check_host_port(&addr).map_err(|r| ck.err(key("addr"), r))?;
+impl ServerConfig {
+    /// One `servers` entry, at key `at`.
+    fn from_raw(ck: &Checker<'_>, s: &RawServer, at: &str) -> Result<ServerConfig, ConfigError> {
+        let key = |k: &str| format!("{at}.{k}");
+        let addr = (s.addr.as_deref())
+            .ok_or_else(|| ck.err(key("addr"), "is required"))?
+            .parse()
+            .map_err(|r| ck.err(key("addr"), r))?;
         let weight = s.weight.unwrap_or(1);
         if weight == 0 || weight > 256 {
             return Err(ck.err(key("weight"), format!("{weight} is not in 1..=256")));
         }
-        servers.push(ServerConfig {
+        Ok(ServerConfig {
             addr,
             weight,
             max_conns: s.max_conns.unwrap_or(0),
-        });
+        })
     }
-    let d = PoolConfig::short(&name, &[]);
-    let balance = match raw.balance.as_deref() {
-        None | Some("round-robin") => Balance::RoundRobin,
-        Some("least-conn") => Balance::LeastConn,
-        Some("random-two") => Balance::RandomTwo,
-        Some(o) => {
-            return Err(ck.err(
-                at("balance"),
-                format!("{o:?} is not \"round-robin\", \"least-conn\" or \"random-two\""),
-            ));
+}
+
+impl HealthConfig {
+    /// A declared pool's `health` table, at key `at`: active checks on unless told
+    /// otherwise.
+    fn from_raw(
+        ck: &Checker<'_>,
+        raw: Option<&RawHealth>,
+        at: &str,
+    ) -> Result<HealthConfig, ConfigError> {
+        let d = HealthConfig::default();
+        let none = RawHealth::default();
+        let h = raw.unwrap_or(&none);
+        let health = HealthConfig {
+            enabled: h.enabled.unwrap_or(d.enabled),
+            interval: h.interval.map_or(d.interval, |x| x.0),
+            timeout: h.timeout.map_or(d.timeout, |x| x.0),
+            rise: h.rise.unwrap_or(d.rise),
+            fall: h.fall.unwrap_or(d.fall),
+            send: h.send.clone().filter(|s| !s.is_empty()).map(unescape),
+            expect: h.expect.clone().filter(|s| !s.is_empty()).map(unescape),
+            cooloff: h.cooloff.map_or(d.cooloff, |x| x.0),
+        };
+        for (k, v) in [("interval", health.interval), ("timeout", health.timeout)] {
+            if v.is_zero() {
+                return Err(ck.err(format!("{at}.{k}"), "must be greater than 0s"));
+            }
         }
-    };
-    let proxy_protocol = match raw.proxy_protocol.as_deref() {
-        None | Some("off") => None,
-        Some("v1") => Some(ProxyVersion::V1),
-        Some("v2") => Some(ProxyVersion::V2),
-        Some(o) => {
-            return Err(ck.err(
-                at("proxy_protocol"),
-                format!("{o:?} is not \"off\", \"v1\" or \"v2\""),
-            ));
+        for (k, v) in [("rise", health.rise), ("fall", health.fall)] {
+            if v == 0 {
+                return Err(ck.err(format!("{at}.{k}"), "must be at least 1"));
+            }
         }
-    };
-    let on_down = match raw.on_down.as_deref() {
-        None | Some("keep") => OnDown::Keep,
-        Some("abort") => OnDown::Abort,
-        Some(o) => return Err(ck.err(at("on_down"), format!("{o:?} is not \"keep\" or \"abort\""))),
-    };
-    // A declared pool has active checks unless told otherwise.
-    let hd = HealthConfig::default();
-    let h = raw
-        .health
-        .as_ref()
-        .map_or_else(RawHealth::default, |h| RawHealth {
-            enabled: h.enabled,
-            interval: h.interval,
-            timeout: h.timeout,
-            rise: h.rise,
-            fall: h.fall,
-            send: h.send.clone(),
-            expect: h.expect.clone(),
-            cooloff: h.cooloff,
-        });
-    let health = HealthConfig {
-        enabled: h.enabled.unwrap_or(hd.enabled),
-        interval: h.interval.map_or(hd.interval, |x| x.0),
-        timeout: h.timeout.map_or(hd.timeout, |x| x.0),
-        rise: h.rise.unwrap_or(hd.rise),
-        fall: h.fall.unwrap_or(hd.fall),
-        send: h.send.filter(|s| !s.is_empty()).map(unescape),
-        expect: h.expect.filter(|s| !s.is_empty()).map(unescape),
-        cooloff: h.cooloff.map_or(hd.cooloff, |x| x.0),
-    };
-    for (k, v) in [("interval", health.interval), ("timeout", health.timeout)] {
-        if v.is_zero() {
-            return Err(ck.err(at(&format!("health.{k}")), "must be greater than 0s"));
-        }
+        Ok(health)
     }
-    for (k, v) in [("rise", health.rise), ("fall", health.fall)] {
-        if v == 0 {
-            return Err(ck.err(at(&format!("health.{k}")), "must be at least 1"));
+}
+
+/// `addr`, then its weight and cap where they are not the defaults.
+impl fmt::Display for ServerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.addr)?;
+        if self.weight != 1 {
+            write!(f, " weight {}", self.weight)?;
         }
+        if self.max_conns > 0 {
+            write!(f, " max_conns {}", self.max_conns)?;
+        }
+        Ok(())
     }
-    let resolve_interval = raw.resolve_interval.map_or(d.resolve_interval, |x| x.0);
-    if resolve_interval.is_zero() {
-        return Err(ck.err(at("resolve_interval"), "must be greater than 0s"));
+}
+
+/// Two lines: the pool, and its health checks.
+impl fmt::Display for PoolConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let servers: Vec<String> = self.servers.iter().map(ToString::to_string).collect();
+        writeln!(
+            f,
+            "pool {:?}: {} [{}]; queue {} for {}; proxy_protocol {}; on_down {}",
+            self.name,
+            self.balance.as_str(),
+            servers.join(", "),
+            self.queue_size,
+            dur(self.queue_timeout),
+            self.proxy_protocol.map_or("off", ProxyVersion::as_str),
+            self.on_down.as_str()
+        )?;
+        write!(f, "{}", self.health)
     }
-    Ok(PoolConfig {
-        name,
-        servers,
-        balance,
-        queue_size: raw.queue_size.unwrap_or(d.queue_size),
-        queue_timeout: raw.queue_timeout.map_or(d.queue_timeout, |x| x.0),
-        proxy_protocol,
-        on_down,
-        resolve_interval,
-        health,
-    })
+}
+
+/// One line, indented under its pool.
+impl fmt::Display for HealthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let active = if self.enabled {
+            format!(
+                "every {}, timeout {}, rise {}, fall {}{}",
+                dur(self.interval),
+                dur(self.timeout),
+                self.rise,
+                self.fall,
+                if self.send.is_some() || self.expect.is_some() {
+                    " (send/expect)"
+                } else {
+                    ""
+                }
+            )
+        } else {
+            "active checks off".into()
+        };
+        write!(
+            f,
+            "  health: {active}; passive: down after {} failures for {}",
+            self.fall,
+            dur(self.cooloff)
+        )
+    }
 }
 
 /// `\r`, `\n`, `\t`, `\\` and `\xNN` in health `send`/`expect`, so a TOML basic string can

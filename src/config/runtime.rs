@@ -1,0 +1,63 @@
+//! `[runtime]`: the tokio runtime's worker threads. Read at start only.
+
+use std::fmt;
+
+use serde::Deserialize;
+
+use super::{Checker, ConfigError};
+
+/// More worker threads than this is a typo, not a machine.
+pub const MAX_WORKERS: u32 = 1_024;
+
+/// `[runtime]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuntime {
+    pub workers: Option<u32>,
+}
+
+/// `[runtime]`: read at start only.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RuntimeConfig {
+    /// Threads that run connections; `None` = one per CPU this process may use (the
+    /// cgroup's CPU quota counts, so a sidecar limited to one CPU gets one).
+    pub workers: Option<u32>,
+}
+
+impl RuntimeConfig {
+    pub(super) fn from_raw(ck: &Checker<'_>, raw: &RawRuntime) -> Result<Self, ConfigError> {
+        let workers = match raw.workers {
+            None | Some(0) => None,
+            Some(n) if n > MAX_WORKERS => {
+                return Err(ck.err(
+                    "runtime.workers",
+                    format!("{n} is more than {MAX_WORKERS}; 0 means one per CPU"),
+                ));
+            }
+            Some(n) => Some(n),
+        };
+        Ok(RuntimeConfig { workers })
+    }
+
+    /// The worker count in force: the configured one, or one per usable CPU.
+    pub fn worker_threads(&self) -> usize {
+        match self.workers {
+            Some(n) => n as usize,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+impl fmt::Display for RuntimeConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.workers {
+            Some(1) => write!(f, "runtime: 1 worker thread"),
+            Some(n) => write!(f, "runtime: {n} worker threads"),
+            None => write!(
+                f,
+                "runtime: one worker thread per usable CPU ({} here)",
+                self.worker_threads()
+            ),
+        }
+    }
+}
