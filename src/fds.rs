@@ -230,11 +230,7 @@ fn reserve(config: &Config) -> u64 {
         r += 1 + u64::from(config.admin.max_conns);
     }
     for p in &config.pools {
-        let names = p
-            .servers
-            .iter()
-            .filter(|s| s.addr.parse::<std::net::SocketAddr>().is_err())
-            .count() as u64;
+        let names = p.servers.iter().filter(|s| s.addr.is_name()).count() as u64;
         if p.health.enabled {
             // One check at a time per server; a name may stand for several.
             r += p.servers.len() as u64 - names + names * PER_NAME;

@@ -43,13 +43,6 @@ impl ServerAddr {
     pub fn as_str(&self) -> &str {
         &self.text
     }
-
-    /// The configured text parsed as `F`, as `str::parse` would. Kept for callers that
-    /// still ask "is this a name?" by parsing (`fds::reserve`); [`ServerAddr::is_name`]
-    /// says it without parsing again.
-    pub fn parse<F: FromStr>(&self) -> Result<F, F::Err> {
-        self.text.parse()
-    }
 }
 
 /// An `ip:port`, or a `host:port` with a port above 0; the error says which part is wrong.

@@ -151,6 +151,10 @@ fn expire(ticket: &Ticket, observed: &mut Observed, clock: Timeout) -> bool {
 /// An `async` block, not an `async fn`: a function's arguments would be kept twice in the
 /// task (as arguments and as the locals they move into), and a silent connection is little
 /// more than its task.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
 pub fn serve(
     ctx: Arc<ListenerCtx>,
     client: TcpStream,
@@ -201,6 +205,10 @@ pub fn serve(
 }
 
 /// The phases in order; each returns early with the end it met (`Err`).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
 fn phases<'a>(
     ctx: &'a ListenerCtx,
     client: &'a TcpStream,
