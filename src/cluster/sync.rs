@@ -109,7 +109,7 @@ pub(crate) trait Listeners: Send + Sync + 'static {
 }
 
 /// Runs until the server stops.
-pub(crate) async fn run(state: Arc<impl Listeners>, cluster: Arc<Cluster>) {
+pub(crate) async fn sync_loop(state: Arc<impl Listeners>, cluster: Arc<Cluster>) {
     let cfg = cluster.config.clone();
     let client = match Client::new(&cfg) {
         Ok(c) => c,

@@ -220,7 +220,7 @@ impl Server {
         if let Some(c) = &state.cluster {
             state
                 .tasks
-                .spawn(crate::cluster::sync::run(state.clone(), c.clone()));
+                .spawn(crate::cluster::sync::sync_loop(state.clone(), c.clone()));
         }
         Ok(Server { state, admin })
     }

@@ -129,5 +129,5 @@ pub async fn once(opts: &Options) -> Result<String, TopError> {
 
 /// The live view, until `q`, Ctrl-C or a signal; the terminal is restored however it ends.
 pub fn live(opts: Options, rt: &tokio::runtime::Runtime) -> Result<(), TopError> {
-    screen::run(opts, rt)
+    screen::show(opts, rt)
 }

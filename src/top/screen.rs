@@ -51,7 +51,7 @@ impl Drop for Tui {
     }
 }
 
-pub(super) fn run(opts: Options, rt: &tokio::runtime::Runtime) -> Result<(), TopError> {
+pub(super) fn show(opts: Options, rt: &tokio::runtime::Runtime) -> Result<(), TopError> {
     use std::io::IsTerminal;
     if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
         return Err(TopError::NoTerminal);
