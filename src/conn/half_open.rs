@@ -165,7 +165,7 @@ impl HalfOpen<'_> {
     ) -> Result<(), End> {
         // Most clients have spoken by the time they are accepted: look once, straight away,
         // rather than wait for the event loop to say the socket is readable.
-        match self.peek() {
+        match self.peek(true) {
             Ok(0) if server.is_none() => return Err(End::Clean),
             Ok(_) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -218,7 +218,7 @@ impl HalfOpen<'_> {
                 Woke::Client(Err(_)) | Woke::Server(Err(_)) => return Err(End::PEER_ERROR),
                 // Readable may be stale: a peek that would block clears it, and the wait
                 // goes on.
-                Woke::Client(Ok(())) => match self.peek() {
+                Woke::Client(Ok(())) => match self.peek(false) {
                     // Closed before saying anything, and nothing was asked of a backend.
                     Ok(0) if server.is_none() => return Err(End::Clean),
                     Ok(_) => return Ok(()),
@@ -245,12 +245,17 @@ impl HalfOpen<'_> {
         }
     }
 
-    /// One byte looked at, not taken: the pump reads it with what follows. A peek that would
-    /// block clears the socket's readiness, so the next poll waits for new bytes.
-    fn peek(&self) -> io::Result<usize> {
+    /// One byte looked at, not taken: the pump reads it with what follows. `fresh`: no
+    /// readiness event has come yet (tokio would not even try), so straight to the kernel;
+    /// otherwise a peek that would block clears the readiness, so the next poll waits for
+    /// new bytes.
+    fn peek(&self, fresh: bool) -> io::Result<usize> {
         let mut first = [MaybeUninit::<u8>::uninit(); 1];
-        self.client.try_io(Interest::READABLE, || {
-            SockRef::from(self.client).peek(&mut first)
-        })
+        let mut peek = || SockRef::from(self.client).peek(&mut first);
+        if fresh {
+            peek()
+        } else {
+            self.client.try_io(Interest::READABLE, peek)
+        }
     }
 }
