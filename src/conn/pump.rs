@@ -111,8 +111,6 @@ struct Direction<'a> {
     counter: &'a AtomicU64,
     /// Whose socket this direction reads.
     from: Side,
-    /// A byte has been written in this direction.
-    moved: bool,
     buf: Option<Box<[u8]>>,
     pos: usize,
     len: usize,
@@ -120,8 +118,6 @@ struct Direction<'a> {
     eof: bool,
     /// EOF forwarded: the direction is over.
     done: bool,
-    /// The other direction is over (set by the pump before each poll).
-    other_done: bool,
     /// Last time a byte was read or written in this direction.
     last_progress: Instant,
     /// Bytes written in this direction, for the progress-rate check.
@@ -186,13 +182,11 @@ impl<'a> Direction<'a> {
             in_pipe: 0,
             counter,
             from,
-            moved: false,
             buf: None,
             pos: 0,
             len: 0,
             eof: false,
             done: false,
-            other_done: false,
             last_progress: now,
             total: 0,
             burst: None,
@@ -201,11 +195,16 @@ impl<'a> Direction<'a> {
         }
     }
 
+    /// A byte has been written in this direction.
+    fn moved(&self) -> bool {
+        self.total > 0
+    }
+
     /// Forwards the source's FIN exactly: `shutdown(Write)` toward the other side, whose
-    /// direction keeps flowing. When that other direction is already over, the close that
-    /// follows sends the FIN, so the call is saved.
-    fn forward_fin(&mut self, to: &TcpStream) -> io::Result<()> {
-        if !self.other_done {
+    /// direction keeps flowing. When that other direction is already over (`other_done`),
+    /// the close that follows sends the FIN, so the call is saved.
+    fn forward_fin(&mut self, to: &TcpStream, other_done: bool) -> io::Result<()> {
+        if !other_done {
             SockRef::from(to).shutdown(Shutdown::Write)?;
         }
         self.done = true;
@@ -228,7 +227,6 @@ impl<'a> Direction<'a> {
 
     /// `n` bytes reached the destination: progress, and no stall.
     fn wrote(&mut self, n: usize) {
-        self.moved = true;
         self.total += n as u64;
         self.counter.fetch_add(n as u64, Relaxed);
         self.last_progress = Instant::now();
@@ -255,18 +253,20 @@ impl<'a> Direction<'a> {
     }
 
     /// Copies until `from` would block, `to` would block, or EOF has been forwarded
-    /// (`Ready(Ok)`), or an error, which says whose socket failed.
+    /// (`Ready(Ok)`), or an error, which says whose socket failed. `other_done`: the other
+    /// direction is over (its FIN forwarded), so this one's FIN goes with the close.
     fn poll_copy(
         &mut self,
         from: &TcpStream,
         to: &TcpStream,
+        other_done: bool,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), PumpError>> {
         let (rd, wr) = (self.from, self.from.other());
         let at = |side: Side| move |error: io::Error| PumpError { side, error };
         #[cfg(target_os = "linux")]
         if self.pipe.is_some() {
-            return self.poll_splice(from, to, cx);
+            return self.poll_splice(from, to, other_done, cx);
         }
         loop {
             if self.pos < self.len {
@@ -281,7 +281,7 @@ impl<'a> Direction<'a> {
                 // When the source's EOF is already read, the FIN goes out right after this
                 // write: MSG_MORE holds the bytes so the FIN leaves in the same segment
                 // (one segment less per exchange, and one ACK less from the peer).
-                let more = if self.eof && !self.other_done {
+                let more = if self.eof && !other_done {
                     libc::MSG_MORE
                 } else {
                     0
@@ -320,11 +320,11 @@ impl<'a> Direction<'a> {
                     self.release_buf();
                     self.pipe = Some(p);
                     self.spliced.fetch_add(1, Relaxed);
-                    return self.poll_splice(from, to, cx);
+                    return self.poll_splice(from, to, other_done, cx);
                 }
             }
             if self.eof {
-                self.forward_fin(to).map_err(at(wr))?;
+                self.forward_fin(to, other_done).map_err(at(wr))?;
                 self.release_buf();
                 return Poll::Ready(Ok(()));
             }
@@ -397,6 +397,7 @@ impl<'a> Direction<'a> {
         &mut self,
         from: &TcpStream,
         to: &TcpStream,
+        other_done: bool,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), PumpError>> {
         use crate::splice::{PIPE_SIZE, splice};
@@ -434,7 +435,7 @@ impl<'a> Direction<'a> {
                             && let Some(p) = self.pipe.take()
                         {
                             p.put_back();
-                            return self.poll_copy(from, to, cx);
+                            return self.poll_copy(from, to, other_done, cx);
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -443,7 +444,7 @@ impl<'a> Direction<'a> {
                 continue;
             }
             if self.eof {
-                self.forward_fin(to).map_err(at(wr))?;
+                self.forward_fin(to, other_done).map_err(at(wr))?;
                 return Poll::Ready(Ok(()));
             }
             if from.poll_read_ready(cx).map_err(at(rd))?.is_pending() {
@@ -579,10 +580,11 @@ impl<'a> Pump<'a> {
     /// Moves bytes until something the connection must act on happens. Cancel-safe: all
     /// state lives in the pump, so it can sit in a `select!` and be polled again.
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
-        self.up.other_done = self.down.done;
-        self.down.other_done = self.up.done;
         if !self.up.done && !self.client_held() {
-            if self.up.poll_copy(self.client, self.server, cx)?.is_ready() {
+            if (self.up)
+                .poll_copy(self.client, self.server, self.down.done, cx)?
+                .is_ready()
+            {
                 return Poll::Ready(Ok(self.closed_or(Side::Client)));
             }
             // The draining pass of a hold is over: hold, or lift it if the client moves.
@@ -598,7 +600,7 @@ impl<'a> Pump<'a> {
         if !self.down.done
             && self
                 .down
-                .poll_copy(self.server, self.client, cx)?
+                .poll_copy(self.server, self.client, self.up.done, cx)?
                 .is_ready()
         {
             return Poll::Ready(Ok(self.closed_or(Side::Server)));
@@ -621,7 +623,7 @@ impl<'a> Pump<'a> {
     }
 
     fn server_said_something(&self) -> bool {
-        self.down.moved || self.down.eof
+        self.down.moved() || self.down.eof
     }
 
     fn closed_or(&self, side: Side) -> Event {
@@ -652,13 +654,17 @@ impl<'a> Pump<'a> {
 
     /// The server has sent at least one byte to the client.
     pub fn server_spoke(&self) -> bool {
-        self.down.moved
+        self.down.moved()
     }
 
     /// The client's current burst, while the server has said nothing yet: what the request
     /// clock judges.
     pub fn request_burst(&self) -> Option<Burst> {
-        if self.down.moved { None } else { self.up.burst }
+        if self.down.moved() {
+            None
+        } else {
+            self.up.burst
+        }
     }
 
     /// Bytes moved both ways so far.
@@ -668,7 +674,7 @@ impl<'a> Pump<'a> {
 
     /// At least one byte of the client's has reached the server.
     pub fn client_spoke(&self) -> bool {
-        self.up.moved
+        self.up.moved()
     }
 
     /// Since when some direction has bytes for a peer that takes none.
