@@ -1,8 +1,8 @@
-# Sourced by the measurement scripts: builds halfguard and loadgen in release, sets $HG and
-# $LOADGEN, stops every PID pushed onto `pids` when the script exits, and starts the perf
+# Sourced by the measurement scripts: builds halfguard and loadgen in release, sets $HG (or
+# takes HG_BIN, another build of halfguard to compare, e.g. an older commit's) and $LOADGEN, stops every PID pushed onto `pids` when the script exits, and starts the perf
 # profile's peers (perf_peers_files, perf_peers_start).
 cargo build --release --bin halfguard --bench loadgen >/dev/null 2>&1
-HG=target/release/halfguard
+HG=${HG_BIN:-target/release/halfguard}
 LOADGEN=$(ls -t target/release/deps/loadgen-* | grep -v '\.d$' | head -1)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }

@@ -17,31 +17,38 @@ use tokio::sync::{Notify, futures::Notified};
 
 const SHARDS: usize = 8;
 
+/// Each on a cache line of its own (128 bytes: adjacent lines are fetched in pairs on
+/// x86-64): a connection registering its waiter writes its shard's lock, and every
+/// connection reads `rung` at each turn; sharing a line would make one bounce the other.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Line<T>(T);
+
 #[derive(Debug, Default)]
 pub struct Bell {
-    rung: AtomicU64,
-    shards: [Notify; SHARDS],
+    rung: Line<AtomicU64>,
+    shards: [Line<Notify>; SHARDS],
 }
 
 impl Bell {
     /// Wakes every waiter. Whatever it announces is in place before the call.
     pub fn ring(&self) {
-        self.rung.fetch_add(1, Ordering::SeqCst);
+        self.rung.0.fetch_add(1, Ordering::SeqCst);
         for s in &self.shards {
-            s.notify_waiters();
+            s.0.notify_waiters();
         }
     }
 
     /// How many times it rang: a waiter compares it with the count it last acted on.
     pub fn rung(&self) -> u64 {
-        self.rung.load(Ordering::SeqCst)
+        self.rung.0.load(Ordering::SeqCst)
     }
 
     /// Resolves at the next ring. It hears every ring from the moment it is made, polled or
     /// not: make it, then look at [`Bell::rung`], then wait, and no ring is missed.
     /// `shard`: any number that spreads waiters (a port, a counter).
     pub fn next_ring(&self, shard: usize) -> Notified<'_> {
-        self.shards[shard % SHARDS].notified()
+        self.shards[shard % SHARDS].0.notified()
     }
 }
 
