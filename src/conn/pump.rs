@@ -105,6 +105,26 @@ pub enum Event {
 }
 
 /// One direction: read from one socket, write to the other.
+/// A direction's FIN: not yet read, read (to forward once the bytes before it are
+/// written), forwarded (the direction is over).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fin {
+    Open,
+    Read,
+    Forwarded,
+}
+
+/// Whether a copying direction switches to splice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Splice {
+    /// Never: splice is off, or the destination proved a slow reader (a pipe would sit full).
+    Off,
+    /// When it proves bulk.
+    Ready,
+    /// Its reads filled the whole buffer: splice when the buffer is next empty.
+    Bulk,
+}
+
 #[derive(Debug)]
 struct Direction<'a> {
     /// The listener's byte counter for this direction, added to as bytes are written.
@@ -114,10 +134,8 @@ struct Direction<'a> {
     buf: Option<Box<[u8]>>,
     pos: usize,
     len: usize,
-    /// EOF read from the source.
-    eof: bool,
-    /// EOF forwarded: the direction is over.
-    done: bool,
+    /// How far the source's FIN has come.
+    fin: Fin,
     /// Last time a byte was read or written in this direction.
     last_progress: Instant,
     /// Bytes written in this direction, for the progress-rate check.
@@ -130,8 +148,8 @@ struct Direction<'a> {
     stalled_since: Option<Instant>,
     /// A stall began and the connection has not been told yet.
     stall_started: bool,
-    /// May this direction switch to splice once it proves to be bulk?
-    may_splice: bool,
+    /// Whether this direction may switch to splice, and whether it proved bulk.
+    splice: Splice,
     /// The listener's count of directions that switched to splice.
     spliced: &'a AtomicU64,
     /// No readiness event has been seen yet on this direction's sockets, though they are
@@ -140,8 +158,6 @@ struct Direction<'a> {
     /// the event loop for what is already known.
     fresh_read: bool,
     fresh_write: bool,
-    /// Reads filled the whole buffer: bulk; splice when the buffer is next empty.
-    bulk: bool,
     /// Splicing: the pipe, and how many bytes sit in it.
     #[cfg(target_os = "linux")]
     pipe: Option<crate::splice::Pipe>,
@@ -174,9 +190,12 @@ impl<'a> Direction<'a> {
         Direction {
             fresh_read: fresh,
             fresh_write: fresh,
-            may_splice,
+            splice: if may_splice {
+                Splice::Ready
+            } else {
+                Splice::Off
+            },
             spliced,
-            bulk: false,
             #[cfg(target_os = "linux")]
             pipe: None,
             in_pipe: 0,
@@ -185,8 +204,7 @@ impl<'a> Direction<'a> {
             buf: None,
             pos: 0,
             len: 0,
-            eof: false,
-            done: false,
+            fin: Fin::Open,
             last_progress: now,
             total: 0,
             burst: None,
@@ -200,6 +218,16 @@ impl<'a> Direction<'a> {
         self.total > 0
     }
 
+    /// The source's FIN has been read.
+    fn eof(&self) -> bool {
+        self.fin != Fin::Open
+    }
+
+    /// The FIN has been forwarded: the direction is over.
+    fn done(&self) -> bool {
+        self.fin == Fin::Forwarded
+    }
+
     /// Forwards the source's FIN exactly: `shutdown(Write)` toward the other side, whose
     /// direction keeps flowing. When that other direction is already over (`other_done`),
     /// the close that follows sends the FIN, so the call is saved.
@@ -207,7 +235,7 @@ impl<'a> Direction<'a> {
         if !other_done {
             SockRef::from(to).shutdown(Shutdown::Write)?;
         }
-        self.done = true;
+        self.fin = Fin::Forwarded;
         Ok(())
     }
 
@@ -281,7 +309,7 @@ impl<'a> Direction<'a> {
                 // When the source's EOF is already read, the FIN goes out right after this
                 // write: MSG_MORE holds the bytes so the FIN leaves in the same segment
                 // (one segment less per exchange, and one ACK less from the peer).
-                let more = if self.eof && !other_done {
+                let more = if self.eof() && !other_done {
                     libc::MSG_MORE
                 } else {
                     0
@@ -314,8 +342,8 @@ impl<'a> Direction<'a> {
             // The buffer is empty: a bulk direction switches to splice here, if a pipe is
             // to be had.
             #[cfg(target_os = "linux")]
-            if self.bulk && self.may_splice && !self.eof {
-                self.bulk = false;
+            if self.splice == Splice::Bulk && !self.eof() {
+                self.splice = Splice::Ready;
                 if let Some(p) = crate::splice::Pipe::get() {
                     self.release_buf();
                     self.pipe = Some(p);
@@ -323,7 +351,7 @@ impl<'a> Direction<'a> {
                     return self.poll_splice(from, to, other_done, cx);
                 }
             }
-            if self.eof {
+            if self.eof() {
                 self.forward_fin(to, other_done).map_err(at(wr))?;
                 self.release_buf();
                 return Poll::Ready(Ok(()));
@@ -361,7 +389,7 @@ impl<'a> Direction<'a> {
                 r => r,
             };
             match read {
-                Ok(0) => self.eof = true,
+                Ok(0) => self.fin = Fin::Read,
                 Ok(n) => {
                     self.len = n;
                     Self::read(&mut self.last_progress, &mut self.burst, n, Instant::now());
@@ -372,9 +400,9 @@ impl<'a> Direction<'a> {
             // Read on until the source would block before writing: the read that says
             // "would block" is made either way, and made first it also finds a FIN that came
             // with the data, so the write can carry it (MSG_MORE above).
-            while 0 < self.len && self.len < BUF_SIZE && !self.eof {
+            while 0 < self.len && self.len < BUF_SIZE && self.fin == Fin::Open {
                 match from.try_read(&mut buf[self.len..]) {
-                    Ok(0) => self.eof = true,
+                    Ok(0) => self.fin = Fin::Read,
                     Ok(n) => {
                         self.len += n;
                         if let Some(b) = &mut self.burst {
@@ -385,8 +413,8 @@ impl<'a> Direction<'a> {
                     Err(e) => return Poll::Ready(Err(at(rd)(e))),
                 }
             }
-            if self.len == BUF_SIZE && self.may_splice {
-                self.bulk = true;
+            if self.len == BUF_SIZE && self.splice != Splice::Off {
+                self.splice = Splice::Bulk;
             }
         }
     }
@@ -427,11 +455,11 @@ impl<'a> Direction<'a> {
                             .stalled_since
                             .is_some_and(|s| s.elapsed() >= SLOW_FOR_A_PIPE)
                         {
-                            self.may_splice = false;
+                            self.splice = Splice::Off;
                         }
                         self.wrote(n);
                         if self.in_pipe == 0
-                            && !self.may_splice
+                            && self.splice == Splice::Off
                             && let Some(p) = self.pipe.take()
                         {
                             p.put_back();
@@ -443,7 +471,7 @@ impl<'a> Direction<'a> {
                 }
                 continue;
             }
-            if self.eof {
+            if self.eof() {
                 self.forward_fin(to, other_done).map_err(at(wr))?;
                 return Poll::Ready(Ok(()));
             }
@@ -451,7 +479,7 @@ impl<'a> Direction<'a> {
                 return Poll::Pending;
             }
             match from.try_io(Interest::READABLE, || splice(from_fd, pipe_w, PIPE_SIZE)) {
-                Ok(0) => self.eof = true,
+                Ok(0) => self.fin = Fin::Read,
                 Ok(n) => {
                     self.in_pipe = n;
                     Self::read(&mut self.last_progress, &mut self.burst, n, Instant::now());
@@ -580,9 +608,9 @@ impl<'a> Pump<'a> {
     /// Moves bytes until something the connection must act on happens. Cancel-safe: all
     /// state lives in the pump, so it can sit in a `select!` and be polled again.
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
-        if !self.up.done && !self.client_held() {
+        if !self.up.done() && !self.client_held() {
             if (self.up)
-                .poll_copy(self.client, self.server, self.down.done, cx)?
+                .poll_copy(self.client, self.server, self.down.done(), cx)?
                 .is_ready()
             {
                 return Poll::Ready(Ok(self.closed_or(Side::Client)));
@@ -597,10 +625,10 @@ impl<'a> Pump<'a> {
                 }
             }
         }
-        if !self.down.done
+        if !self.down.done()
             && self
                 .down
-                .poll_copy(self.server, self.client, self.up.done, cx)?
+                .poll_copy(self.server, self.client, self.up.done(), cx)?
                 .is_ready()
         {
             return Poll::Ready(Ok(self.closed_or(Side::Server)));
@@ -623,11 +651,11 @@ impl<'a> Pump<'a> {
     }
 
     fn server_said_something(&self) -> bool {
-        self.down.moved() || self.down.eof
+        self.down.moved() || self.down.eof()
     }
 
     fn closed_or(&self, side: Side) -> Event {
-        if self.up.done && self.down.done {
+        if self.up.done() && self.down.done() {
             Event::Closed
         } else {
             Event::HalfClosed(side)
