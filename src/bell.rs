@@ -24,6 +24,8 @@ const SHARDS: usize = 8;
 #[repr(align(128))]
 struct Line<T>(T);
 
+/// One listener's bell; its guard owns it and rings it when pressure flips, the listener
+/// on reload and at the end of the drain.
 #[derive(Debug, Default)]
 pub struct Bell {
     rung: Line<AtomicU64>,

@@ -104,7 +104,6 @@ pub enum Event {
     Stalled,
 }
 
-/// One direction: read from one socket, write to the other.
 /// A direction's FIN: not yet read, read (to forward once the bytes before it are
 /// written), forwarded (the direction is over).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,6 +124,7 @@ enum Splice {
     Bulk,
 }
 
+/// One direction: read from one socket, write to the other.
 #[derive(Debug)]
 struct Direction<'a> {
     /// The listener's byte counter for this direction, added to as bytes are written.
