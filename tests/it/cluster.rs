@@ -178,13 +178,36 @@ fn seen_elsewhere(p: &Proxy, source: &str) -> u32 {
         .map_or(0, |l| l.conns)
 }
 
-/// The keys matching `pattern` in the Redis at `url` (one node of a cluster: its own).
-async fn keys_on(url: &str, pattern: &str) -> Vec<String> {
-    let client = redis::Client::open(url).expect("client");
-    let mut c = client
+/// A connection to the test's Redis at `url`, to look at what the replicas wrote.
+async fn redis_at(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("client")
         .get_multiplexed_async_connection()
         .await
-        .expect("connect to the test's redis");
+        .expect("connect to the test's redis")
+}
+
+/// Zeroes Redis's command statistics, for a measurement that reads them after.
+async fn reset_command_stats(c: &mut redis::aio::MultiplexedConnection) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(c)
+        .await
+        .expect("resetstat");
+}
+
+/// Redis's `INFO commandstats`.
+async fn command_stats(c: &mut redis::aio::MultiplexedConnection) -> String {
+    redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(c)
+        .await
+        .expect("info")
+}
+
+/// The keys matching `pattern` in the Redis at `url` (one node of a cluster: its own).
+async fn keys_on(url: &str, pattern: &str) -> Vec<String> {
+    let mut c = redis_at(url).await;
     redis::cmd("KEYS")
         .arg(pattern)
         .query_async(&mut c)
@@ -828,16 +851,8 @@ async fn measure_staleness() {
     };
     let ps = [Proxy::start(mk("a")).await, Proxy::start(mk("b")).await];
     assert!(all_up(&ps, Duration::from_secs(3)).await);
-    let client = redis::Client::open(redis.url()).expect("client");
-    let mut rc = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
-    let _: () = redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query_async(&mut rc)
-        .await
-        .expect("resetstat");
+    let mut rc = redis_at(&redis.url()).await;
+    reset_command_stats(&mut rc).await;
     let started = tokio::time::Instant::now();
     let mut took = Vec::new();
     for i in 0..SAMPLES {
@@ -869,11 +884,7 @@ async fn measure_staleness() {
         pct(0.99),
         took[took.len() - 1]
     );
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut rc)
-        .await
-        .expect("info");
+    let stats = command_stats(&mut rc).await;
     for line in stats.lines().filter(|l| l.starts_with("cmdstat_eval")) {
         println!("{line}");
     }
@@ -934,22 +945,10 @@ async fn measure_redis_cost() {
             }
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let client = redis::Client::open(redis.url()).expect("client");
-        let mut rc = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect");
-        let _: () = redis::cmd("CONFIG")
-            .arg("RESETSTAT")
-            .query_async(&mut rc)
-            .await
-            .expect("resetstat");
+        let mut rc = redis_at(&redis.url()).await;
+        reset_command_stats(&mut rc).await;
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let stats: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(&mut rc)
-            .await
-            .expect("info");
+        let stats = command_stats(&mut rc).await;
         for line in stats.lines().filter(|l| l.starts_with("cmdstat_evalsha")) {
             println!("{n} replicas x {SOURCES} published sources each: {line}");
         }
