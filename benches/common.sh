@@ -20,14 +20,31 @@ perf_peers_files() {
 # perf_peers_start WORK: the nginx backend (17201), HAProxy (17081) and halfguard (17080)
 # on WORK's configs, once a proxy of an earlier run has left the ports; sets ha_pid and
 # hg_pid, and returns when all three listen.
-perf_peers_start() {
-  local work=$1 port
-  for port in 17201 17080 17081; do
+# ports_free PORT...: waits (10 s at most each) for an earlier run to leave the ports.
+ports_free() {
+  local port
+  for port in "$@"; do
     for _ in $(seq 50); do
       ss -Htln "sport = :$port" | grep -q . || break
       sleep 0.2
     done
   done
+}
+
+# ports_listening PORT...: waits (5 s at most each) until something listens on each.
+ports_listening() {
+  local port
+  for port in "$@"; do
+    for _ in $(seq 50); do
+      ss -Htln "sport = :$port" | grep -q . && break
+      sleep 0.1
+    done
+  done
+}
+
+perf_peers_start() {
+  local work=$1
+  ports_free 17201 17080 17081
   nginx -p "$work/" -c "$work/nginx-backend.conf" -e stderr >"$work/nginx.log" 2>&1 &
   pids+=($!)
   haproxy -f "$work/haproxy-perf.cfg" >"$work/haproxy.log" 2>&1 &
@@ -36,10 +53,5 @@ perf_peers_start() {
   "$HG" run -c "$work/halfguard-perf.toml" >"$work/halfguard.log" 2>&1 &
   pids+=($!)
   hg_pid=$!
-  for port in 17201 17080 17081; do
-    for _ in $(seq 50); do
-      ss -Htln "sport = :$port" | grep -q . && break
-      sleep 0.1
-    done
-  done
+  ports_listening 17201 17080 17081
 }

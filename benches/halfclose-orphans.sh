@@ -23,18 +23,13 @@ work=$(mktemp -d)
 mkdir -p "$work/www" "$work/tmp"
 cp benches/peers/nginx-backend.conf benches/peers/halfguard-guard.toml "$work/"
 head -c $((16 << 20)) /dev/zero >"$work/www/big"
-for port in 17201 17080; do
-  for _ in $(seq 50); do
-    ss -Htln "sport = :$port" | grep -q . || break
-    sleep 0.2
-  done
-done
+ports_free 17201 17080
 nginx -p "$work/" -c "$work/nginx-backend.conf" -e stderr >"$work/nginx.log" 2>&1 &
 pids+=($!)
 "$HG" run -c "$work/halfguard-guard.toml" >"$work/halfguard.log" 2>&1 &
 pids+=($!)
 hg=$!
-sleep 1
+ports_listening 17201 17080
 "$LOADGEN" attack --kind halfclose --target 127.0.0.1:17080 --src 127.0.0.3 --conns 4000 \
   --rate 1000 --secs "$secs" --path /big >"$work/attack.out" 2>&1 &
 pids+=($!)
