@@ -120,18 +120,22 @@ impl HalfOpen<'_> {
         })
     }
 
-    /// Connects to a backend of the pool in force.
+    /// Connects to a backend of the pool in force. A ring while it connects is acted on
+    /// here only if it ends the connection (the drain is over); a reload's policy is taken
+    /// by the next phase's look, so the connect borrows the policy rather than holding a
+    /// count on it that every connection of the listener would share.
     pub async fn connect(
         &self,
         w: &mut Watched,
         addrs: ProxiedAddrs,
     ) -> Result<(TcpStream, Lease), End> {
-        // Its own handle: a reload while it connects swaps `w.policy`.
-        let policy = w.policy.clone();
-        let ctl = self.ticket.ctl().clone();
-        let mut evicted = pin!(ctl.evicted());
+        // Made before the look, so that no ring falls between them.
         let mut bell = pin!(w.next_ring(self.ctx));
         w.heard(self.ctx)?;
+        let w = &*w;
+        let policy = &w.policy;
+        let ctl = self.ticket.ctl().clone();
+        let mut evicted = pin!(ctl.evicted());
         let mut connect = Box::pin(policy.backends.connect(
             &policy.tcp,
             policy.timeouts.connect,
@@ -143,8 +147,10 @@ impl HalfOpen<'_> {
                 _ = &mut evicted => return Err(End::Evicted),
                 r = &mut connect => break r,
                 _ = &mut bell => {
+                    if self.ctx.is_aborted() {
+                        return Err(End::Shutdown);
+                    }
                     bell.set(w.next_ring(self.ctx));
-                    w.heard(self.ctx)?;
                 }
             }
         };
