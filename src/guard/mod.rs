@@ -39,6 +39,7 @@ mod remote;
 mod source;
 mod table;
 mod ticket;
+mod waiting;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -50,6 +51,7 @@ pub use remote::{Remote, RemoteLoad, rate_share};
 pub use source::SourceKey;
 pub use table::ConnCtl;
 pub use ticket::{Refused, State, Ticket};
+pub use waiting::max_waiting;
 
 use crate::config::{Limits, Mode, OnFull, PressureConfig};
 use crate::stats::{EvictState, Observed, Reject, Stats};
@@ -57,6 +59,7 @@ use pressure::PressureGate;
 use rate::SourceRate;
 use refusals::Refusals;
 use table::{SourceEntry, SourceTable};
+use waiting::WaitingRoom;
 
 /// Admission and accounting for one listener. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -100,6 +103,8 @@ pub(crate) struct Shared {
     /// New connections per source since the sync task last took them; at most
     /// `max_sources` keys.
     opened: dashmap::DashMap<SourceKey, u32>,
+    /// Connections over their source's cap, waiting for a slot: bounded, evicted first.
+    waiting: WaitingRoom,
 }
 
 /// A trusted connection's source and network, once its PROXY header named them.
@@ -187,6 +192,7 @@ impl Guard {
                 has_remote: AtomicBool::new(false),
                 counting: AtomicBool::new(false),
                 opened: dashmap::DashMap::new(),
+                waiting: WaitingRoom::default(),
             }),
         }
     }
@@ -279,6 +285,10 @@ impl Guard {
                 None => {}
             }
         }
+        // A newcomer that will only wait for its own source's slot takes nobody's place.
+        if provisional {
+            weight = usize::MAX;
+        }
         let t = self.admit_counted(key, provisional, weight, lim)?;
         if let Some(key) = &key {
             sh.count_opened(key, lim);
@@ -308,11 +318,15 @@ impl Guard {
                 sh.leave_network(n);
             }
         };
-        if !sh.reserve_conn(lim, weight) {
+        let me = Newcomer {
+            key: key.as_ref(),
+            weight,
+        };
+        if !sh.reserve_conn(lim, &me) {
             undo_net(sh);
             return Err(Reject::ConnsFull);
         }
-        if !sh.reserve_state(EvictState::HalfOpen, lim, weight) {
+        if !sh.reserve_state(EvictState::HalfOpen, lim, &me) {
             sh.counts.conns.fetch_sub(1, Ordering::AcqRel);
             undo_net(sh);
             return Err(Reject::HalfOpenFull);
@@ -327,6 +341,16 @@ impl Guard {
                     undo_net(sh);
                     return Err(reason);
                 }
+            }
+            // The waiting room is bounded listener-wide: full, the newcomer is refused at
+            // its source's cap at once rather than hold a half-open place for a second.
+            // Flagged before it is in the room: nobody can pick it yet.
+            ctl.set_waiting(provisional);
+            if provisional && !sh.waiting.enter(*key, &ctl, max_waiting(lim.max_half_open)) {
+                sh.undo_provisional(key);
+                sh.give_back(Some(EvictState::HalfOpen));
+                undo_net(sh);
+                return Err(Reject::SourceConns);
             }
         }
         sh.stats.accepted.fetch_add(1, Ordering::Relaxed);
@@ -724,6 +748,11 @@ impl Shared {
             Entry::Occupied(mut o) => {
                 let e = o.get_mut();
                 let provisional = match check_source(e, lim, others) {
+                    // Observing, nothing waits: the cap is counted and the connection goes on.
+                    Ok(true) if lim.mode == Mode::Observe => {
+                        self.observed_key(*key, Observed::Reject(Reject::SourceConns));
+                        false
+                    }
                     Ok(p) => p,
                     Err(r) if lim.mode == Mode::Observe => {
                         self.observed_key(*key, Observed::Reject(r));
@@ -851,14 +880,36 @@ impl Shared {
     /// flood from many sources that holds the listener full cannot churn through its own
     /// connections, so the room it leaves goes to newcomers from sources that hold nothing
     /// useless, the clients.
-    fn reserve_conn(&self, lim: &Limits, weight: usize) -> bool {
+    fn reserve_conn(&self, lim: &Limits, me: &Newcomer<'_>) -> bool {
         let max = lim.max_conns as usize;
         for _ in 0..4 {
             if try_inc(&self.counts.conns, max) {
                 return true;
             }
-            if lim.on_full == OnFull::Reject || !self.evict_heaviest_of(&EvictState::ALL, weight) {
+            if lim.on_full == OnFull::Reject || !self.make_room(&EvictState::ALL, me) {
                 return false;
+            }
+        }
+        false
+    }
+
+    /// Makes room for `me`: a connection waiting for its own source's slot first (from
+    /// another source than `me`'s), else the longest stuck connection of the heaviest source.
+    fn make_room(&self, states: &[EvictState], me: &Newcomer<'_>) -> bool {
+        if me.weight != usize::MAX && self.evict_waiter(me.key) {
+            return true;
+        }
+        self.evict_heaviest_of(states, me.weight)
+    }
+
+    /// Evicts the oldest connection waiting for a slot of a source other than `spare`.
+    fn evict_waiter(&self, spare: Option<&SourceKey>) -> bool {
+        while let Some((key, ctl)) = self.waiting.pick(spare) {
+            if self.table.evict_waiter(&key, &ctl) {
+                self.refusals.count(key);
+                self.give_back_evicted(EvictState::HalfOpen);
+                ctl.wake();
+                return true;
             }
         }
         false
@@ -866,7 +917,7 @@ impl Shared {
 
     /// Takes a place under the listener cap for state `s`, evicting (from a source heavier
     /// than `weight`) when full and allowed.
-    fn reserve_state(&self, s: EvictState, lim: &Limits, weight: usize) -> bool {
+    fn reserve_state(&self, s: EvictState, lim: &Limits, me: &Newcomer<'_>) -> bool {
         let (count, max) = match s {
             EvictState::HalfOpen => (&self.counts.half_open, lim.max_half_open),
             EvictState::HalfClosed => (&self.counts.half_closed, lim.max_half_closed),
@@ -876,7 +927,15 @@ impl Shared {
             if try_inc(count, max as usize) {
                 return true;
             }
-            if lim.on_full == OnFull::Reject || !self.evict_heaviest_of(&[s], weight) {
+            if lim.on_full == OnFull::Reject {
+                return false;
+            }
+            let room = match s {
+                // Only half-open places are ever held by waiters.
+                EvictState::HalfOpen => self.make_room(&[s], me),
+                _ => self.evict_heaviest_of(&[s], me.weight),
+            };
+            if !room {
                 return false;
             }
         }
@@ -936,6 +995,14 @@ impl Shared {
             self.counts.half_closed.load(Ordering::Relaxed),
         ]);
     }
+}
+
+/// Who asks for a place, for eviction: its source (`None`: allow-listed or not yet known),
+/// and how many connections going nowhere that source holds (`usize::MAX`: it will only
+/// wait for its own source's slot, and evicts nobody).
+struct Newcomer<'a> {
+    key: Option<&'a SourceKey>,
+    weight: usize,
 }
 
 /// The address a source key was made from, as far as the network prefix needs it (the key

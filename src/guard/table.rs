@@ -32,6 +32,9 @@ pub struct ConnCtl {
     /// Stalled with bytes waiting for a peer that takes none (a slow reader), as the
     /// connection last saw at its progress check; an idle stalled connection is not.
     blocked: AtomicBool,
+    /// Admitted over its source's cap and still waiting for a slot (set and cleared under
+    /// its source's entry lock, so an evictor never takes a connection that got its slot).
+    waiting: AtomicBool,
 }
 
 impl ConnCtl {
@@ -43,6 +46,11 @@ impl ConnCtl {
     /// Set by the connection at each progress check.
     pub fn set_blocked(&self, blocked: bool) {
         self.blocked.store(blocked, Ordering::Relaxed);
+    }
+
+    /// Marks the connection as waiting for a slot, or not. Call with its entry locked.
+    pub(crate) fn set_waiting(&self, waiting: bool) {
+        self.waiting.store(waiting, Ordering::Relaxed);
     }
 
     /// True once this connection was evicted; its counts are already given back.
@@ -178,6 +186,26 @@ impl SourceTable {
         e.conns -= 1;
         ctl.mark();
         Some(ctl)
+    }
+
+    /// Evicts `ctl`, a connection of `key` waiting for a slot over its source's cap: marks
+    /// it and takes it out of the source's counts. `false` if it is gone or confirmed already.
+    /// The caller gives back the listener-wide counts and wakes it.
+    pub fn evict_waiter(&self, key: &SourceKey, ctl: &Arc<ConnCtl>) -> bool {
+        {
+            let Some(mut e) = self.map.get_mut(key) else {
+                return false;
+            };
+            if ctl.is_evicted() || !ctl.waiting.load(Ordering::Relaxed) {
+                return false;
+            }
+            ctl.set_waiting(false);
+            e.provisional = e.provisional.saturating_sub(1);
+            e.conns = e.conns.saturating_sub(1);
+            ctl.mark();
+        }
+        self.remove_if_empty(key);
+        true
     }
 
     /// Drops the entry for `key` if it holds nothing. Call with no guard held.

@@ -457,13 +457,9 @@ fn observe_mode_counts_per_source_refusals_and_admits() {
     });
     let mut t: Vec<_> = (0..6).map(|_| g.admit(ip("198.18.0.1")).unwrap()).collect();
     t.push(g.admit(ip("198.18.0.66")).unwrap());
-    // Six from one source against a cap of 2: the 3rd and 4th wait for a slot (none comes:
-    // they go on, counted), the 5th and 6th are past the slack.
-    assert!(t[2].is_provisional() && t[3].is_provisional());
-    for x in &mut t[2..4] {
-        assert!(!x.refuse_provisional(), "observe mode lets it go on");
-        assert!(!x.is_provisional());
-    }
+    // Six from one source against a cap of 2: observing, none of the four over it waits
+    // for a slot; each is counted and goes on.
+    assert!(t.iter().all(|x| !x.is_provisional()));
     t[0].silent().unwrap();
     t[1].silent().unwrap();
     assert_eq!(g.snapshot().conns, 7);
@@ -542,4 +538,90 @@ fn a_network_of_sources_has_its_own_cap() {
     drop((held, v6, _other, _again));
     assert_eq!(g.snapshot(), GuardSnapshot::default());
     assert!(g.shared.networks.is_empty());
+}
+
+#[test]
+fn waiters_are_bounded_per_listener_and_never_take_a_place_a_client_needs() {
+    // The review's reproduction: cap 4 per source, 16 half-open places, four sources each
+    // holding 4 and churning waiters.
+    let g = guard(Limits {
+        max_conns_per_source: 4,
+        max_half_open: 16,
+        ..open_limits()
+    });
+    let attackers: Vec<IpAddr> = (1..=4).map(|i| ip(&format!("198.18.0.{i}"))).collect();
+    let mut held = Vec::new();
+    for a in &attackers {
+        for _ in 0..4 {
+            let mut t = g.admit(*a).unwrap();
+            t.open().unwrap(); // an idle keep-alive connection: OPEN, not half-open
+            held.push(t);
+        }
+    }
+    // At most an eighth of the half-open places wait; the rest are refused at once.
+    let mut waiting = Vec::new();
+    for a in &attackers {
+        for _ in 0..4 {
+            if let Ok(t) = g.admit(*a) {
+                assert!(t.is_provisional());
+                waiting.push(t);
+            }
+        }
+    }
+    assert_eq!(waiting.len(), max_waiting(16));
+    assert_eq!(g.stats().rejected(Reject::SourceConns), 16 - 2);
+    // Fill the rest of the half-open places with silent clients of other sources...
+    let mut clients: Vec<_> = (0..14)
+        .map(|i| g.admit(ip(&format!("198.18.1.{i}"))).unwrap())
+        .collect();
+    assert_eq!(g.snapshot().half_open, 16);
+    // ... then a newcomer from yet another source evicts a waiter, not a client.
+    clients.push(g.admit(ip("198.18.2.1")).unwrap());
+    clients.push(g.admit(ip("198.18.2.2")).unwrap());
+    assert_eq!(g.stats().evicted(EvictState::HalfOpen), 2);
+    assert!(waiting.iter().all(|t| t.ctl().is_evicted()));
+    assert!(clients.iter().all(|t| !t.ctl().is_evicted()));
+    // With no waiter left, a full listener refuses (nothing else is evictable yet).
+    assert_eq!(g.admit(ip("198.18.2.3")).unwrap_err(), Reject::HalfOpenFull);
+    // An evicted waiter learns it at its next look, and its counts were given back.
+    assert!(waiting.iter_mut().all(|t| t.confirm().is_err()));
+    drop((waiting, clients, held));
+    assert_eq!(g.snapshot(), GuardSnapshot::default());
+    assert_eq!(g.table_totals(), (0, 0, 0, 0));
+}
+
+#[test]
+fn a_waiter_evicts_nobody_and_is_not_evicted_by_its_own_source() {
+    let g = guard(Limits {
+        max_conns_per_source: 2,
+        max_half_open: 8,
+        ..open_limits()
+    });
+    let held: Vec<_> = (0..2).map(|_| g.admit(ip("198.18.0.1")).unwrap()).collect();
+    let w = g.admit(ip("198.18.0.1")).unwrap();
+    assert!(w.is_provisional());
+    let others: Vec<_> = (0..5)
+        .map(|i| g.admit(ip(&format!("198.18.1.{i}"))).unwrap())
+        .collect();
+    assert_eq!(g.snapshot().half_open, 8);
+    // Full: the waiter's own source gets no eviction for its next waiter.
+    assert!(g.admit(ip("198.18.0.1")).is_err());
+    assert!(!w.ctl().is_evicted());
+    assert_eq!(g.stats().evicted(EvictState::HalfOpen), 0);
+    drop((held, w, others));
+    assert_eq!(g.snapshot(), GuardSnapshot::default());
+}
+
+#[test]
+fn observing_nothing_waits() {
+    let g = guard(Limits {
+        max_conns_per_source: 2,
+        mode: crate::config::Mode::Observe,
+        ..open_limits()
+    });
+    let t: Vec<_> = (0..5).map(|_| g.admit(ip("198.18.0.1")).unwrap()).collect();
+    assert!(t.iter().all(|t| !t.is_provisional()));
+    assert_eq!(g.stats().observed(Observed::Reject(Reject::SourceConns)), 3);
+    drop(t);
+    assert_eq!(g.snapshot(), GuardSnapshot::default());
 }

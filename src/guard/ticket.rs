@@ -128,6 +128,9 @@ impl Ticket {
         if cap == 0 || (e.conns - e.provisional).saturating_add(others) < cap {
             e.provisional -= 1;
             self.provisional = false;
+            self.ctl.set_waiting(false);
+            drop(e);
+            sh.waiting.leave(&self.ctl);
             return Ok(true);
         }
         Ok(false)
@@ -148,7 +151,9 @@ impl Ticket {
             {
                 e.provisional = e.provisional.saturating_sub(1);
                 self.provisional = false;
+                self.ctl.set_waiting(false);
             }
+            sh.waiting.leave(&self.ctl);
             return false;
         }
         sh.refused_key(key, Reject::SourceConns);
@@ -262,7 +267,11 @@ impl Ticket {
         let lim = sh.limits.load();
         // An OPEN connection out of every list cannot be evicted; count it listener-wide
         // first, so an evictor never finds it in a list before it is counted.
-        if !sh.reserve_state(EvictState::HalfClosed, &lim, 0) {
+        let me = super::Newcomer {
+            key: None,
+            weight: 0,
+        };
+        if !sh.reserve_state(EvictState::HalfClosed, &lim, &me) {
             self.refuse(Reject::HalfClosedFull);
             return Err(Refused::Full(Reject::HalfClosedFull));
         }
@@ -364,6 +373,9 @@ impl Drop for Ticket {
                 e.conns = e.conns.saturating_sub(1);
             }
             sh.table.remove_if_empty(key);
+            if self.provisional {
+                sh.waiting.leave(&self.ctl);
+            }
         }
         let state = match self.state {
             State::HalfOpen => Some(EvictState::HalfOpen),

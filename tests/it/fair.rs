@@ -233,3 +233,61 @@ async fn observe_mode_holds_a_silent_flood_counts_it_and_a_reload_enforces_at_on
     assert_eq!(stats.timed_out(Timeout::FirstByte), 10);
     p.assert_drained(ms(2000)).await;
 }
+
+/// The review's reproduction: four sources each hold their cap of idle keep-alive
+/// connections and reconnect the moment a wait for a slot ends. Waiters are few and evicted
+/// first, so a client from another address still finds a half-open place every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_newcomers_never_fill_the_half_open_cap() {
+    let b = backend(Backend::Echo).await;
+    let mut cfg = base_config(&[b.addr]);
+    cfg.listeners[0].limits.max_conns_per_source = 4;
+    cfg.listeners[0].limits.max_half_open = 16;
+    let p = Proxy::start(cfg).await;
+    let mut held = Vec::new();
+    for a in 1..=4 {
+        for _ in 0..4 {
+            let mut c = connect_from(&format!("127.0.3.{a}"), p.addr).await.unwrap();
+            assert_eq!(roundtrip(&mut c, b"x").await, b"x");
+            held.push(c);
+        }
+    }
+    let end = Instant::now() + Duration::from_secs(4);
+    let mut churn = tokio::task::JoinSet::new();
+    for a in 1..=4 {
+        for _ in 0..4 {
+            let to = p.addr;
+            churn.spawn(async move {
+                while Instant::now() < end {
+                    match connect_from(&format!("127.0.3.{a}"), to).await {
+                        // Silent until cut (a wait for a slot ends in RST).
+                        Ok(mut s) => {
+                            let mut buf = [0u8; 16];
+                            let _ = tokio::time::timeout(ms(1500), s.read(&mut buf)).await;
+                        }
+                        Err(_) => tokio::time::sleep(ms(5)).await,
+                    }
+                }
+            });
+        }
+    }
+    tokio::time::sleep(ms(300)).await;
+    let mut served = 0;
+    for _ in 0..40 {
+        let tried = async {
+            let mut c = connect_from("127.0.4.1", p.addr).await.ok()?;
+            c.write_all(b"hi").await.ok()?;
+            let mut back = [0u8; 2];
+            c.read_exact(&mut back).await.ok()?;
+            (&back == b"hi").then_some(())
+        };
+        if let Ok(Some(())) = tokio::time::timeout(ms(1000), tried).await {
+            served += 1;
+        }
+        tokio::time::sleep(ms(50)).await;
+    }
+    while churn.join_next().await.is_some() {}
+    assert_eq!(served, 40, "legit client served {served} of 40");
+    drop(held);
+    p.assert_drained(ms(3000)).await;
+}
