@@ -12,13 +12,17 @@
 //! - [`sources`]: the `/sources` tables.
 //! - [`app`]: what the view knows and the keys that move it.
 //! - [`view`]: the screen as lines, for the live view and `--once`.
-//! - `screen`: the terminal: raw mode, the alternate screen, keys, and restoring it all.
+//! - `screen`: the terminal: raw mode, the alternate screen, and restoring it all.
+//! - `input`: keys read from stdin, and the terminal's end (EOF, EIO, hangup).
+//! - `signals`: SIGTERM, SIGINT and SIGHUP end the view; SIGWINCH redraws it.
 
 pub mod app;
 pub mod endpoint;
 pub mod exposition;
+mod input;
 pub mod model;
 mod screen;
+mod signals;
 pub mod sources;
 pub mod view;
 
@@ -127,7 +131,8 @@ pub async fn once(opts: &Options) -> Result<String, TopError> {
     Ok(view::plain(&lines))
 }
 
-/// The live view, until `q`, Ctrl-C or a signal; the terminal is restored however it ends.
+/// The live view, until `q`, Ctrl-C, a signal or the terminal's end; the terminal is
+/// restored however it ends.
 pub fn live(opts: Options, rt: &tokio::runtime::Runtime) -> Result<(), TopError> {
     screen::show(opts, rt)
 }

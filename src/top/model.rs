@@ -92,7 +92,8 @@ pub struct Server {
 pub struct Kernel {
     /// True when the census reported sockets, i.e. it runs.
     pub census: bool,
-    /// Unlabelled kernel counters (`syncookies_sent`, `listen_overflows`, `bans`, ...).
+    /// Kernel counters by name (`syncookies_sent`, `listen_overflows`, `bans`, ...), a
+    /// labelled one once per label value (`dropped/syn_rate`), so each has its own rate.
     pub counters: Vec<Counter>,
     pub enforcing: Option<bool>,
 }
@@ -176,11 +177,15 @@ impl Snapshot {
                 "halfguard_sources" => s.sources = Some(x.value),
                 "halfguard_kernel_enforcing" => s.kernel.enforcing = Some(x.value > 0.0),
                 _ if name.starts_with("halfguard_kernel_") && name.ends_with("_total") => {
-                    let key = name
+                    let stem = name
                         .trim_start_matches("halfguard_kernel_")
                         .trim_end_matches("_total");
+                    let key = std::iter::once(stem)
+                        .chain(x.labels.iter().map(|(_, v)| v.as_str()))
+                        .collect::<Vec<_>>()
+                        .join("/");
                     s.kernel.counters.push(Counter {
-                        key: key.to_string(),
+                        key,
                         total: x.value,
                         rate: None,
                     });

@@ -1,25 +1,25 @@
-//! The live view's terminal: raw mode and the alternate screen while it runs, keys, and the
-//! terminal given back as it was on `q`, Ctrl-C, SIGTERM, SIGHUP or a panic.
+//! The live view's terminal: raw mode and the alternate screen while it runs, and the
+//! terminal given back as it was on `q`, Ctrl-C, SIGTERM, SIGINT, SIGHUP or a panic. When the
+//! terminal itself is gone (EOF or EIO on stdin, a hangup), the view ends too.
 //!
 //! Fetching runs on the tokio runtime and hands each refresh over a channel, so a slow or
 //! dead admin endpoint never delays a key: `q` quits within a tenth of a second whatever
 //! the endpoint does.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use ratatui::DefaultTerminal;
-use ratatui::crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use ratatui::widgets::Paragraph;
 
 use super::app::{Action, App, Fetched, Key};
 use super::endpoint::Endpoint;
+use super::input::{self, Input};
+use super::signals::Signals;
 use super::view::{self, Layout};
 use super::{Options, TopError, fetch, fetch_sources, fetch_timeout};
 
-/// How often keys and signals are looked at.
+/// How often signals are looked at while no key comes.
 const TICK: Duration = Duration::from_millis(100);
 
 /// The terminal in raw mode on the alternate screen; restored when dropped, which also
@@ -56,21 +56,19 @@ pub(super) fn show(opts: Options, rt: &tokio::runtime::Runtime) -> Result<(), To
     if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
         return Err(TopError::NoTerminal);
     }
+    let signals = Signals::watch(rt)?;
     let (tx, rx) = mpsc::channel::<Fetched>();
     let (sort_tx, sort_rx) = tokio::sync::watch::channel(opts.sort.clone());
-    let quit = Arc::new(AtomicBool::new(false));
     let fetcher = rt.spawn(fetch_loop(
         opts.endpoint.clone(),
         opts.interval,
         sort_rx,
         tx,
     ));
-    let signals = rt.spawn(on_signal(quit.clone()));
     let mut app = App::new(opts.endpoint.to_string(), opts.interval, opts.sort.clone());
     let result = Tui::start()
-        .and_then(|mut tui| event_loop(&mut tui.0, &mut app, &rx, &sort_tx, &quit, opts.colour));
+        .and_then(|mut tui| event_loop(&mut tui.0, &mut app, &rx, &sort_tx, &signals, opts.colour));
     fetcher.abort();
-    signals.abort();
     result
 }
 
@@ -79,16 +77,16 @@ fn event_loop(
     app: &mut App,
     rx: &mpsc::Receiver<Fetched>,
     sort_tx: &tokio::sync::watch::Sender<String>,
-    quit: &AtomicBool,
+    signals: &Signals,
     colour: bool,
 ) -> Result<(), TopError> {
     let mut dirty = true;
-    while !quit.load(Ordering::Relaxed) {
+    while !signals.quit() {
         while let Ok(f) = rx.try_recv() {
             app.update(f);
             dirty = true;
         }
-        if dirty {
+        if signals.resized() || dirty {
             term.draw(|frame| {
                 let area = frame.area();
                 let lines = view::lines(
@@ -103,49 +101,34 @@ fn event_loop(
             })?;
             dirty = false;
         }
-        if !event::poll(TICK)? {
-            continue;
-        }
-        match event::read()? {
-            Event::Key(k) if k.kind != KeyEventKind::Release => {
-                let Some(key) = key(k) else { continue };
-                // A seam for the test that a panic gives the terminal back (debug builds only).
-                #[cfg(debug_assertions)]
-                if let Key::Char(c) = key
-                    && std::env::var("HALFGUARD_TOP_PANIC_KEY").is_ok_and(|v| v == c.to_string())
-                {
-                    panic!("HALFGUARD_TOP_PANIC_KEY {c} pressed");
-                }
-                match app.on_key(key) {
-                    Action::Quit => break,
-                    Action::Redraw => {
-                        dirty = true;
-                        // The next fetch asks the server for the heaviest by the new column.
-                        sort_tx.send_if_modified(|s| {
-                            let changed = *s != app.sort;
-                            s.clone_from(&app.sort);
-                            changed
-                        });
-                    }
-                    Action::Nothing => {}
-                }
+        let keys = match input::wait(TICK)? {
+            Input::Gone => break,
+            Input::Keys(keys) => keys,
+        };
+        for key in keys {
+            // A seam for the test that a panic gives the terminal back (debug builds only).
+            #[cfg(debug_assertions)]
+            if let Key::Char(c) = key
+                && std::env::var("HALFGUARD_TOP_PANIC_KEY").is_ok_and(|v| v == c.to_string())
+            {
+                panic!("HALFGUARD_TOP_PANIC_KEY {c} pressed");
             }
-            Event::Resize(..) => dirty = true,
-            _ => {}
+            match app.on_key(key) {
+                Action::Quit => return Ok(()),
+                Action::Redraw => {
+                    dirty = true;
+                    // The next fetch asks the server for the heaviest by the new column.
+                    sort_tx.send_if_modified(|s| {
+                        let changed = *s != app.sort;
+                        s.clone_from(&app.sort);
+                        changed
+                    });
+                }
+                Action::Nothing => {}
+            }
         }
     }
     Ok(())
-}
-
-fn key(k: KeyEvent) -> Option<Key> {
-    Some(match k.code {
-        KeyCode::Char('c') if k.modifiers.contains(KeyModifiers::CONTROL) => Key::Interrupt,
-        KeyCode::Char(c) => Key::Char(c),
-        KeyCode::Tab => Key::Tab,
-        KeyCode::BackTab => Key::BackTab,
-        KeyCode::Esc => Key::Esc,
-        _ => return None,
-    })
 }
 
 /// Fetches every interval (and at once when the sort column changes) until the view is gone.
@@ -177,23 +160,4 @@ async fn fetch_loop(
             return;
         }
     }
-}
-
-/// SIGTERM, SIGINT (from `kill`, since raw mode turns Ctrl-C into a key) and SIGHUP (the
-/// terminal went away) end the view the same way `q` does.
-async fn on_signal(quit: Arc<AtomicBool>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-        _ = hup.recv() => {}
-    }
-    quit.store(true, Ordering::Relaxed);
 }

@@ -357,6 +357,25 @@ fn value(c: &Counter, bytes: bool, at: Layout) -> String {
     }
 }
 
+/// `halfguard_kernel_dropped_total`, one counter per nftables rule.
+const DROPPED: &str = "dropped/";
+
+/// What a drop rule drops, for the rule names this version knows; a newer rule is shown by
+/// its own name.
+fn dropped(rule: &str) -> &str {
+    match rule {
+        // Every packet from a source in the drop set.
+        "ban" => "banned",
+        // SYNs from a source over `syn_rate_per_source`.
+        "syn_rate" => "SYN over rate",
+        // New connections from a source over `max_conns_per_source`.
+        "conns" => "new conn over cap",
+        // SYNs from sources a full per-source set has no room for, over their shared limit.
+        "untracked" => "untracked SYN",
+        other => other,
+    }
+}
+
 fn kernel(l: &Listener, snap: &Snapshot, table: Option<&Table>, at: Layout) -> Vec<Line<'static>> {
     let mut items: Vec<Vec<Span<'static>>> = Vec::new();
     for (state, n) in &l.kernel_sockets {
@@ -368,7 +387,12 @@ fn kernel(l: &Listener, snap: &Snapshot, table: Option<&Table>, at: Layout) -> V
             ))]);
         }
     }
-    for c in &snap.kernel.counters {
+    let (drops, others): (Vec<&Counter>, Vec<&Counter>) = snap
+        .kernel
+        .counters
+        .iter()
+        .partition(|c| c.key.starts_with(DROPPED));
+    for c in others {
         let v = match c.rate {
             Some(r) if at.live() => format!("{}/s", rate(r)),
             Some(r) => format!("{}/s (total {})", rate(r), count(c.total)),
@@ -385,6 +409,18 @@ fn kernel(l: &Listener, snap: &Snapshot, table: Option<&Table>, at: Layout) -> V
     }
     let max = if at.live() { 2 } else { usize::MAX };
     let mut out = wrap("kernel", items, at, max);
+    if snap.kernel.enforcing == Some(true) || drops.iter().any(|c| c.total > 0.0) {
+        let items = drops
+            .iter()
+            .map(|c| {
+                let rule = c.key.strip_prefix(DROPPED).unwrap_or(&c.key);
+                let hot = c.rate.is_some_and(|r| r > 0.0);
+                let style = if hot { yellow() } else { Style::default() };
+                vec![at.span(format!("{} {}", dropped(rule), value(c, false, at)), style)]
+            })
+            .collect();
+        out.extend(wrap("  dropped/s", items, at, max));
+    }
     if let Some(t) = table
         && !t.syn_recv.is_empty()
     {
@@ -842,6 +878,65 @@ mod tests {
             "{screen}"
         );
         assert!(screen.contains("HALF_OPEN"), "{screen}");
+    }
+
+    #[test]
+    fn each_nft_drop_figure_says_what_it_drops_at_its_own_rate() {
+        let m = |ban: u32, syn: u32, conns: u32, untracked: u32| {
+            format!(
+                "halfguard_kernel_sockets{{listener=\"public\",state=\"syn_recv\"}} 3\n\
+                 halfguard_kernel_syncookies_sent_total 0\n\
+                 halfguard_kernel_enforcing 1\n\
+                 halfguard_kernel_dropped_total{{rule=\"ban\"}} {ban}\n\
+                 halfguard_kernel_dropped_total{{rule=\"syn_rate\"}} {syn}\n\
+                 halfguard_kernel_dropped_total{{rule=\"conns\"}} {conns}\n\
+                 halfguard_kernel_dropped_total{{rule=\"untracked\"}} {untracked}\n"
+            )
+        };
+        let mut a = App::new("x".into(), Duration::from_secs(1), "conns".into());
+        let t0 = Instant::now();
+        for (i, text) in [m(10, 1000, 50, 0), m(40, 1200, 80, 4)]
+            .into_iter()
+            .enumerate()
+        {
+            a.update(Fetched {
+                at: t0 + Duration::from_secs(i as u64),
+                metrics: Some(Ok(text)),
+                sources: Ok(sources_json()),
+            });
+        }
+        let screen = render(&a, 80, 24, false);
+        // The figures and what each drops, however the line wraps.
+        let at = screen.find("  dropped/s").expect("a line of nft drops");
+        let block: Vec<&str> = screen[at..]
+            .lines()
+            .enumerate()
+            .take_while(|(i, l)| *i == 0 || l.starts_with(&" ".repeat(TITLE + 2)))
+            .map(|(_, l)| l)
+            .collect();
+        assert_eq!(
+            block
+                .join(" ")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
+            "dropped/s banned 30 SYN over rate 200 new conn over cap 30 untracked SYN 4.0",
+            "{screen}"
+        );
+        assert!(!screen.contains("dropped 0"), "{screen}");
+        let text = plain(&lines(
+            &a,
+            Layout {
+                width: 80,
+                height: None,
+                colour: false,
+            },
+        ));
+        assert!(
+            text.contains("SYN over rate 200 (total 1200)")
+                && text.contains("banned 30 (total 40)"),
+            "{text}"
+        );
     }
 
     #[test]

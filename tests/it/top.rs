@@ -474,29 +474,133 @@ async fn the_live_view_in_tmux_shows_the_flood_sorts_and_quits_restoring_the_ter
         t.screen(false)
             .contains("HALFGUARD_TOP_PANIC_KEY ! pressed")
     );
+}
 
-    // SIGTERM, as `kill` or a closing session sends it.
-    t.run(&[
-        "respawn-pane",
-        "-k",
-        "-t",
-        "top",
-        &shell_line(h.admin, "env", "fourth"),
-    ]);
-    t.wait_for("the flooded source", |s| s.contains("127.0.0.2"))
-        .await;
-    let shell = t.var("#{pane_pid}");
-    let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children")).unwrap();
-    let top_pid = children
+/// The PID of `top` in the pane: the pane's process when it is `top` (`exec`), else the
+/// shell's child.
+fn top_pid(t: &Tmux) -> String {
+    let pane = t.var("#{pane_pid}");
+    if std::fs::read_to_string(format!("/proc/{pane}/comm")).is_ok_and(|c| c.trim() == "halfguard")
+    {
+        return pane;
+    }
+    let children = std::fs::read_to_string(format!("/proc/{pane}/task/{pane}/children")).unwrap();
+    children
         .split_whitespace()
         .next()
-        .expect("top runs under the pane's shell");
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", top_pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert_restored(&t, "fourth", 0).await;
+        .expect("top runs under the pane's shell")
+        .to_string()
+}
+
+/// Whether `pid` has ended: gone, or a zombie (nothing reaps orphans in some containers).
+fn ended(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => {
+            stat.rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().next())
+                == Some("Z")
+        }
+    }
+}
+
+/// Waits for `pid` to end, failing after `within` with how much CPU it was using.
+async fn assert_ends(pid: &str, within: Duration, what: &str) {
+    let t0 = Instant::now();
+    while !ended(pid) {
+        if t0.elapsed() > within {
+            let ps = Command::new("ps")
+                .args(["-o", "pid,stat,pcpu,comm", "-p", pid])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+                .unwrap_or_default();
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+            panic!("top still runs {within:?} after {what}:\n{ps}");
+        }
+        tokio::time::sleep(ms(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_view_ends_when_its_terminal_is_closed() {
+    if !Tmux::available() {
+        eprintln!("SKIPPED: tmux is not installed (CI installs it)");
+        return;
+    }
+    let b = backend(Backend::Echo).await;
+    let h = live_halfguard(b.addr);
+    let top = format!("{BIN} top --admin {} --interval 300ms", h.admin);
+    // Under a shell, as from a prompt: the closing terminal hangs up the shell (the session
+    // leader), and `top` sees only its input end. Then as the pane's own process (`exec`),
+    // which the hangup reaches as SIGHUP too.
+    for (how, line) in [
+        ("under a shell", format!("{top}; echo exited")),
+        ("as the session leader", format!("exec {top}")),
+    ] {
+        let t = Tmux::new();
+        t.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            "top",
+            "-x",
+            "80",
+            "-y",
+            "24",
+            &line,
+        ]);
+        t.wait_for("the listener", |s| s.contains("listener cli"))
+            .await;
+        let pid = top_pid(&t);
+        t.run(&["kill-session", "-t", "top"]);
+        assert_ends(
+            &pid,
+            Duration::from_secs(2),
+            &format!("its tmux session was killed ({how})"),
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_sigint_and_sighup_end_the_live_view_and_give_the_terminal_back() {
+    if !Tmux::available() {
+        eprintln!("SKIPPED: tmux is not installed (CI installs it)");
+        return;
+    }
+    let b = backend(Backend::Echo).await;
+    let h = live_halfguard(b.addr);
+    let t = Tmux::new();
+    // `kill`, a supervisor, or a login shell passing on its hangup while the terminal stays.
+    for (i, sig) in ["TERM", "INT", "HUP"].into_iter().enumerate() {
+        let line = shell_line(h.admin, "env", sig);
+        if i == 0 {
+            t.run(&[
+                "new-session",
+                "-d",
+                "-s",
+                "top",
+                "-x",
+                "80",
+                "-y",
+                "24",
+                &line,
+            ]);
+        } else {
+            t.run(&["respawn-pane", "-k", "-t", "top", &line]);
+        }
+        t.wait_for("the listener", |s| s.contains("listener cli"))
+            .await;
+        let pid = top_pid(&t);
+        assert!(
+            Command::new("kill")
+                .args([&format!("-{sig}"), pid.as_str()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        assert_ends(&pid, Duration::from_secs(2), &format!("SIG{sig}")).await;
+        assert_restored(&t, sig, 0).await;
+    }
 }
