@@ -24,6 +24,8 @@
 //! - [`fds`]: the descriptor budget: listener caps and splice pipes cut to fit the
 //!   open-files limit.
 //! - `splice` (Linux): zero-copy forwarding for bulk transfers, within a pipe budget.
+//! - [`first_message`]: whether the bytes a client-first connection holds make its first
+//!   message whole (HTTP, TLS, PostgreSQL), so the backend is reached only then.
 //! - [`stats`]: counters with static reasons, and the rate-limited summary log.
 //! - [`bell`]: what every connection of a listener must hear of (pressure, reload, abort),
 //!   one waiter per connection.
@@ -39,6 +41,7 @@ pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod fds;
+pub mod first_message;
 pub mod guard;
 pub mod histo;
 pub mod kernel;
