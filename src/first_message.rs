@@ -26,11 +26,13 @@
 //! # Recognising a protocol under [`Expect::Auto`]
 //!
 //! The first byte routes: `0x16` can only be a TLS record, `0x00` only a PostgreSQL length
-//! (it is at most 10000), an RFC 9110 token character only an HTTP method. Anything else is
-//! `Unframed` at once. `Incomplete(None)` means "could still become one": a method token not
-//! yet followed by its space (at most 24 bytes: the longest registered method,
-//! `UPDATEREDIRECTREF`, has 17), a TLS prefix before its handshake type byte (6 bytes), a
-//! PostgreSQL length and code before both are read and valid (8 bytes).
+//! (it is at most 10000), anything else only an HTTP method, and only one of IANA's
+//! registered methods, in upper case (`GET`, `POST`, ... `PROPFIND`), followed by a space: a
+//! client of another protocol that sends a few bytes and waits (`x`, `hello`, `ping`) is
+//! `Unframed` at its first byte that leaves the list. `Incomplete(None)` means "could still
+//! become one": a prefix of a registered method not yet followed by its space (at most 18
+//! bytes: `UPDATEREDIRECTREF` has 17), a TLS prefix before its handshake type byte (6
+//! bytes), a PostgreSQL length and code before both are read and valid (8 bytes).
 //!
 //! A client that sends a short message and waits for the answer must never be held: these
 //! first messages come out `Unframed` after the number of bytes shown (all in one segment in
@@ -38,16 +40,16 @@
 //!
 //! | client's first message | `Unframed` after |
 //! |---|---|
-//! | Redis RESP `*1\r\n$4\r\nPING\r\n` (redis-cli, every client library) | 3 bytes (`\r` after the token `*1`) |
-//! | Redis or memcached inline `PING\r\n` | 5 bytes |
+//! | Redis RESP `*1\r\n$4\r\nPING\r\n` (redis-cli, every client library) | 1 byte (`*` starts no method) |
+//! | Redis or memcached inline `PING\r\n` | 2 bytes (`PI` starts no method) |
 //! | Redis or memcached inline `GET key\r\n` | 8 bytes: it looks like a request line until the `\r` (8th byte) where `httparse` wants ` HTTP/1.x` |
-//! | memcached `set k 0 0 5\r\n...` | 7 bytes (the version must start with `H`) |
-//! | SSH `SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u6\r\n` | 39 bytes, at its `\r` (a banner with a comment looks like a request line until then); `SSH-2.0-Go\r\n`: 11 bytes |
-//! | AMQP `AMQP\0\0\x09\x01` | 5 bytes |
+//! | memcached `set k 0 0 5\r\n...` | 1 byte (methods are upper case) |
+//! | SSH `SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u6\r\n`, `SSH-2.0-Go\r\n` | 2 bytes (`SS`) |
+//! | AMQP `AMQP\0\0\x09\x01` | 2 bytes (`AM`) |
 //! | Kafka (length, then the API key) | 6 bytes |
 //! | SMB2 over TCP (`\0` + length, then `\xfeSMB`) | 5 bytes |
 //! | MQTT CONNECT (`0x10`), memcached binary (`0x80`), Cassandra (`0x04`), RDP (`0x03`) | 1 byte |
-//! | random bytes | 1 byte for 177 of the 256 first-byte values |
+//! | random bytes | 1 byte for 238 of the 256 first-byte values |
 //!
 //! MySQL, SMTP, FTP, IMAP, POP3 and NATS are server-first: their clients send nothing until
 //! greeted, so their listeners must be server-first and this module never sees them.
@@ -89,8 +91,6 @@ use std::mem::MaybeUninit;
 /// (post-quantum ones are about 1.8 kB), and bounds what one held connection can cost.
 pub const MAX_FIRST_MESSAGE: usize = 32 * 1024;
 
-/// Longest HTTP method token looked for before its space.
-const MAX_METHOD: usize = 24;
 /// Headers `httparse` parses in place; more fall back to a scan for the empty line.
 const MAX_HEADERS: usize = 128;
 
@@ -231,42 +231,80 @@ fn http(buf: &[u8]) -> Verdict {
     }
 }
 
-/// Token characters (RFC 9110, 5.6.2): what an HTTP method is made of.
-const TCHAR: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut b = 0;
-    while b < 256 {
-        let c = b as u8;
-        t[b] = c.is_ascii_alphanumeric()
-            || matches!(
-                c,
-                b'!' | b'#'
-                    | b'$'
-                    | b'%'
-                    | b'&'
-                    | b'\''
-                    | b'*'
-                    | b'+'
-                    | b'-'
-                    | b'.'
-                    | b'^'
-                    | b'_'
-                    | b'`'
-                    | b'|'
-                    | b'~'
-            );
-        b += 1;
+/// The methods of IANA's HTTP method registry (RFC 9110 and the WebDAV, versioning and
+/// binding extensions), as they must be sent: upper case. A client-first message that is
+/// not one of these followed by a space is not held as HTTP: a short message of another
+/// protocol (`x`, `hello`, `ping`) must never wait for a request head that will not come.
+const METHODS: [&[u8]; 40] = [
+    b"GET",
+    b"HEAD",
+    b"POST",
+    b"PUT",
+    b"DELETE",
+    b"CONNECT",
+    b"OPTIONS",
+    b"TRACE",
+    b"PATCH",
+    b"QUERY",
+    b"PRI",
+    b"ACL",
+    b"BASELINE-CONTROL",
+    b"BIND",
+    b"CHECKIN",
+    b"CHECKOUT",
+    b"COPY",
+    b"LABEL",
+    b"LINK",
+    b"LOCK",
+    b"MERGE",
+    b"MKACTIVITY",
+    b"MKCALENDAR",
+    b"MKCOL",
+    b"MKREDIRECTREF",
+    b"MKWORKSPACE",
+    b"MOVE",
+    b"ORDERPATCH",
+    b"PROPFIND",
+    b"PROPPATCH",
+    b"REBIND",
+    b"REPORT",
+    b"SEARCH",
+    b"UNBIND",
+    b"UNCHECKOUT",
+    b"UNLINK",
+    b"UNLOCK",
+    b"UPDATE",
+    b"UPDATEREDIRECTREF",
+    b"VERSION-CONTROL",
+];
+
+/// Whether `buf` starts with a registered method and its space (`Verdict::Whole` standing
+/// for "yes", with the method's length), could still (`Maybe`), or cannot (`No`).
+fn method(buf: &[u8]) -> Verdict {
+    let mut maybe = false;
+    for m in METHODS {
+        if buf.len() > m.len() {
+            if buf.starts_with(m) && buf[m.len()] == b' ' {
+                return Verdict::Whole(Proto::Http1, m.len());
+            }
+        } else if m.starts_with(buf) {
+            maybe = true;
+        }
     }
-    t
-};
+    if maybe { Verdict::Maybe } else { Verdict::No }
+}
+
+/// Whether `buf` begins with an HTTP/1 request line's method and space: a keep-alive
+/// connection's next request, for the request clock (see `conn::pump`).
+pub fn starts_request(buf: &[u8]) -> bool {
+    matches!(method(buf), Verdict::Whole(..))
+}
 
 fn http1(buf: &[u8]) -> Verdict {
-    let scan = &buf[..buf.len().min(MAX_METHOD + 1)];
-    match scan.iter().position(|&b| !TCHAR[usize::from(b)]) {
-        Some(i) if i > 0 && scan[i] == b' ' => {}
-        Some(_) => return Verdict::No,
-        None if buf.len() > MAX_METHOD => return Verdict::No,
-        None => return Verdict::Maybe,
+    match method(buf) {
+        Verdict::Whole(..) => {}
+        Verdict::Maybe => return Verdict::Maybe,
+        _ => return Verdict::No,
     }
     let mut headers = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);

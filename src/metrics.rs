@@ -200,12 +200,16 @@ impl prometheus_client::collector::Collector for Collector {
 /// Connections and stalled sources by accounted state.
 fn states(e: &mut DescriptorEncoder, ls: &[Row<'_>]) -> std::fmt::Result {
     let mut v = Vec::new();
-    for (name, snap, _) in ls {
+    for (name, snap, stats) in ls {
         let open = snap
             .conns
             .saturating_sub(snap.half_open + snap.half_closed + snap.stalled);
+        // Of the half-open connections, those whose client has spoken and whose first
+        // message is held until whole (no backend yet).
+        let holding = (stats.holding.load(Relaxed) as usize).min(snap.half_open);
         for (state, n) in [
-            ("half_open", snap.half_open),
+            ("half_open", snap.half_open - holding),
+            ("first_message", holding),
             ("open", open),
             ("stalled", snap.stalled),
             ("half_closed", snap.half_closed),
@@ -216,7 +220,7 @@ fn states(e: &mut DescriptorEncoder, ls: &[Row<'_>]) -> std::fmt::Result {
     gauge(
         e,
         "halfguard_connections",
-        "Connections by accounted state; open and stalled are both OPEN, stalled moving less than limits.min_rate.",
+        "Connections by accounted state; open and stalled are both OPEN, stalled moving less than limits.min_rate; first_message is HALF_OPEN with the client's first message held until whole, before any backend.",
         &v,
     )?;
 

@@ -95,10 +95,13 @@ pub enum Timeout {
     /// The client kept trickling bytes, below `limits.min_rate`, longer than the `request`
     /// allowance before the backend's first byte: an exchange that never starts.
     Request,
+    /// The client's first message did not come whole within the request clock: it was held
+    /// (see `conn::holding`) and no backend ever saw it.
+    FirstMessage,
 }
 
 impl Timeout {
-    pub const ALL: [Timeout; 8] = [
+    pub const ALL: [Timeout; 9] = [
         Timeout::FirstByte,
         Timeout::Idle,
         Timeout::HalfClosed,
@@ -107,6 +110,7 @@ impl Timeout {
         Timeout::Connect,
         Timeout::Queue,
         Timeout::Request,
+        Timeout::FirstMessage,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -119,6 +123,7 @@ impl Timeout {
             Timeout::Connect => "connect",
             Timeout::Queue => "queue",
             Timeout::Request => "request",
+            Timeout::FirstMessage => "first_message",
         }
     }
 }
@@ -198,6 +203,7 @@ impl Observed {
             [
                 Timeout::FirstByte,
                 Timeout::Request,
+                Timeout::FirstMessage,
                 Timeout::Idle,
                 Timeout::HalfClosed,
                 Timeout::WriteStall,
@@ -245,6 +251,9 @@ pub struct Stats {
     pub aborted_on_shutdown: AtomicU64,
     /// Directions that switched to splice (zero-copy) as bulk transfers.
     pub spliced: AtomicU64,
+    /// Connections whose client has spoken and whose first message is held until whole,
+    /// before any backend (a gauge).
+    pub holding: AtomicU64,
     /// Lifetime of admitted connections.
     pub duration: Histo,
 }
@@ -265,6 +274,7 @@ impl Default for Stats {
             closed_clean: AtomicU64::new(0),
             aborted_on_shutdown: AtomicU64::new(0),
             spliced: AtomicU64::new(0),
+            holding: AtomicU64::new(0),
             duration: Histo::new(DURATION_BUCKETS),
         }
     }

@@ -66,6 +66,15 @@ pub const DEFAULT_MAX_HALF_OPEN: u32 = 2_048;
 /// Half-closed connections per listener.
 pub const DEFAULT_MAX_HALF_CLOSED: u32 = 2_048;
 
+/// How much of a client's first message halfguard holds before it connects a backend
+/// (see `conn::holding`): nginx's `large_client_header_buffers` (4 x 8 kB) holds as much, so
+/// any request head nginx takes fits, and a ClientHello (under 2 kB, post-quantum ones
+/// included) or a startup packet (10 kB at most) fits many times over.
+pub const DEFAULT_MAX_FIRST_MESSAGE: u32 = 32 * 1024;
+/// The bounds of `max_first_message`: a request line needs more than the lower, and the
+/// bytes stay in the client socket's receive queue, which the upper must fit in.
+const FIRST_MESSAGE_BOUNDS: std::ops::RangeInclusive<u32> = 256..=1024 * 1024;
+
 /// A grace longer than this is a clock, not a grace.
 const MAX_GRACE: Duration = Duration::from_secs(60);
 
@@ -93,6 +102,7 @@ pub struct RawLimits {
     pub deny: Option<Vec<String>>,
     pub min_rate: Option<u32>,
     pub grace: Option<RawDuration>,
+    pub max_first_message: Option<u32>,
     /// A [`Mode`] spelling.
     pub mode: Option<String>,
 }
@@ -149,6 +159,8 @@ pub struct Limits {
     pub min_rate: u32,
     /// How long a state must last before it counts against a per-source cap.
     pub grace: Duration,
+    /// Bytes of a client's first message held before a backend is connected anyway.
+    pub max_first_message: u32,
     pub mode: Mode,
 }
 
@@ -174,6 +186,7 @@ impl Default for Limits {
             deny: Vec::new(),
             min_rate: DEFAULT_MIN_RATE,
             grace: DEFAULT_GRACE,
+            max_first_message: DEFAULT_MAX_FIRST_MESSAGE,
             mode: Mode::Enforce,
         }
     }
@@ -230,6 +243,7 @@ impl Limits {
             deny: nets(&raw.deny, "deny", &base.deny)?,
             min_rate: raw.min_rate.unwrap_or(base.min_rate),
             grace: raw.grace.map_or(base.grace, |x| x.0),
+            max_first_message: raw.max_first_message.unwrap_or(base.max_first_message),
             mode,
         };
         l.check(ck, at)?;
@@ -247,6 +261,17 @@ impl Limits {
             return Err(ck.err(
                 key("grace"),
                 "is at most \"60s\": it is how long ordinary traffic may sit in a state, not a clock",
+            ));
+        }
+        if !FIRST_MESSAGE_BOUNDS.contains(&self.max_first_message) {
+            return Err(ck.err(
+                key("max_first_message"),
+                format!(
+                    "{} is not in {}..={} (bytes of a first message held in the kernel)",
+                    self.max_first_message,
+                    FIRST_MESSAGE_BOUNDS.start(),
+                    FIRST_MESSAGE_BOUNDS.end()
+                ),
             ));
         }
         let coarse = "(a coarser source makes everyone behind it share one cap)";
@@ -338,11 +363,12 @@ impl fmt::Display for Limits {
         )?;
         write!(
             f,
-            "  allow {} prefix(es), deny {} prefix(es); min_rate {} B/s, grace {}; mode {}",
+            "  allow {} prefix(es), deny {} prefix(es); min_rate {} B/s, grace {}, first message held up to {} B; mode {}",
             self.allow.len(),
             self.deny.len(),
             self.min_rate,
             dur(self.grace),
+            self.max_first_message,
             self.mode.as_str()
         )
     }

@@ -29,6 +29,8 @@ pub struct RawListener {
     pub backend: Option<String>,
     /// A [`Protocol`] spelling.
     pub protocol: Option<String>,
+    /// A [`FirstMessage`] spelling.
+    pub first_message: Option<String>,
     pub accept_proxy: Option<bool>,
     pub trusted_proxies: Option<Vec<String>>,
     /// Keys set here replace the top-level `[limits]` for this listener only.
@@ -50,6 +52,24 @@ choice! {
     }
 }
 
+choice! {
+    /// What a client-first listener's first message is, so that a backend is connected only
+    /// once it is whole (see `conn::holding`).
+    pub enum FirstMessage {
+        /// Recognised from the first bytes: HTTP/1, HTTP/2 with prior knowledge, TLS,
+        /// PostgreSQL; anything else connects at the first byte.
+        Auto = "auto",
+        /// Only an HTTP/1 request head (or an HTTP/2 preface) is held.
+        Http = "http",
+        /// Only a TLS ClientHello is held.
+        Tls = "tls",
+        /// Only a PostgreSQL startup packet (or SSL/GSS request) is held.
+        Postgres = "postgres",
+        /// Nothing is held: the backend is connected at the first byte.
+        Any = "any",
+    }
+}
+
 /// One listener with its limits and timeouts already merged over the top-level ones.
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
@@ -58,6 +78,8 @@ pub struct ListenerConfig {
     /// The name of the pool this listener forwards to.
     pub backend: String,
     pub protocol: Protocol,
+    /// Held until whole before the backend is connected (client-first listeners only).
+    pub first_message: FirstMessage,
     /// Expect a PROXY protocol v1/v2 header from `trusted_proxies`; caps then apply to the
     /// address in the header.
     pub accept_proxy: bool,
@@ -110,6 +132,11 @@ impl ListenerConfig {
             ));
         }
         let protocol = ck.choice(l.protocol.as_deref(), at("protocol"), Protocol::ClientFirst)?;
+        let first_message = ck.choice(
+            l.first_message.as_deref(),
+            at("first_message"),
+            FirstMessage::Auto,
+        )?;
         let limits = match &l.limits {
             Some(over) => Limits::from_raw(ck, limits, over, &at("limits"))?,
             None => limits.clone(),
@@ -123,6 +150,7 @@ impl ListenerConfig {
             bind,
             backend,
             protocol,
+            first_message,
             accept_proxy,
             trusted_proxies,
             limits,
@@ -187,10 +215,14 @@ impl fmt::Display for ListenerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "listener {:?} on {} ({}{}) -> pool {:?}",
+            "listener {:?} on {} ({}{}{}) -> pool {:?}",
             self.name,
             self.bind,
             self.protocol.as_str(),
+            match self.protocol {
+                Protocol::ClientFirst => format!(", first message {}", self.first_message.as_str()),
+                Protocol::ServerFirst => String::new(),
+            },
             if self.accept_proxy {
                 format!(
                     ", PROXY protocol from {} prefix(es)",

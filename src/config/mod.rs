@@ -57,7 +57,7 @@ pub use limits::{
     DEFAULT_NETWORK_IPV4_PREFIX, DEFAULT_NETWORK_IPV6_PREFIX, Limits, MIN_IPV4_PREFIX,
     MIN_IPV6_PREFIX, Mode, OnFull, RawLimits,
 };
-pub use listener::{ListenerConfig, Protocol, RawListener};
+pub use listener::{FirstMessage, ListenerConfig, Protocol, RawListener};
 pub use load::{ENV_PREFIX, ENV_SEPARATOR, load, load_with_env, parse};
 pub use log::{LogConfig, LogFormat, RawLog, check_filter};
 pub use pool::{

@@ -20,6 +20,7 @@
 
 mod clocks;
 mod half_open;
+mod holding;
 mod open;
 mod policy;
 mod pump;
@@ -252,6 +253,22 @@ fn phases<'a>(
         }
         hs.first_byte(&mut w, server_slot.as_ref().map(|s| &s.0))
             .await?;
+        // The client spoke first: nothing reaches a backend before its first message is
+        // whole. Boxed, as the pump is: most first messages are whole at once.
+        let expect = w.policy.first_message;
+        let mut held = holding::Held::Unframed;
+        if server_slot.is_none() && expect != crate::first_message::Expect::Any {
+            let mut h = holding::Holding {
+                ctx,
+                client,
+                ticket,
+                accepted,
+            };
+            held = match h.look(expect, w.policy.max_first_message)?.1 {
+                Some(held) => held,
+                None => Box::pin(h.first_message(&mut w, expect)).await?,
+            };
+        }
 
         // OPEN.
         ticket.open().map_err(End::from_refused)?;
@@ -276,6 +293,7 @@ fn phases<'a>(
             client,
             server,
             accepted,
+            http1: held == holding::Held::Whole(crate::first_message::Proto::Http1),
         };
         Ok(Box::pin(o.pump_until_end(w)).await)
     }

@@ -32,6 +32,8 @@ pub(super) struct Open<'a> {
     pub client: &'a TcpStream,
     pub server: &'a TcpStream,
     pub accepted: Instant,
+    /// The first message was an HTTP/1 request head: every later request is clocked too.
+    pub http1: bool,
 }
 
 /// Where the progress check stands: when it comes next, and what it saw last.
@@ -52,8 +54,9 @@ impl Open<'_> {
             client,
             server,
             accepted,
+            http1,
         } = self;
-        let mut pump = Pump::new(client, server, &ctx.stats, w.policy.tcp.splice);
+        let mut pump = Pump::new(client, server, &ctx.stats, w.policy.tcp.splice, http1);
         let ctl = ticket.ctl().clone();
         // Registered once for the connection, not once per wake-up.
         let mut evicted = pin!(ctl.evicted());

@@ -17,6 +17,10 @@ use crate::stats::Stats;
 #[derive(Debug)]
 pub struct Policy {
     pub protocol: Protocol,
+    /// What a client-first listener holds until whole before it connects a backend.
+    pub first_message: crate::first_message::Expect,
+    /// `limits.max_first_message`: held bytes past which the backend is connected anyway.
+    pub max_first_message: usize,
     /// Expect a PROXY protocol header first, from these balancers only.
     pub accept_proxy: bool,
     pub trusted_proxies: Vec<ipnet::IpNet>,

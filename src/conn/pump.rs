@@ -150,6 +150,11 @@ struct Direction<'a> {
     stall_started: bool,
     /// Whether this direction may switch to splice, and whether it proved bulk.
     splice: Splice,
+    /// The client's direction of an HTTP/1 connection: each burst is looked at for a
+    /// request line, so that the request clock judges every request, not only the first.
+    judge_requests: bool,
+    /// When the current burst began, if it began with a request line.
+    request_start: Option<Instant>,
     /// The listener's count of directions that switched to splice.
     spliced: &'a AtomicU64,
     /// No readiness event has been seen yet on this direction's sockets, though they are
@@ -201,6 +206,8 @@ impl<'a> Direction<'a> {
             in_pipe: 0,
             counter,
             from,
+            judge_requests: false,
+            request_start: None,
             buf: None,
             pos: 0,
             len: 0,
@@ -393,6 +400,13 @@ impl<'a> Direction<'a> {
                 Ok(n) => {
                     self.len = n;
                     Self::read(&mut self.last_progress, &mut self.burst, n, Instant::now());
+                    if self.judge_requests
+                        && let Some(b) = &self.burst
+                        && b.bytes == n as u64
+                    {
+                        self.request_start =
+                            crate::first_message::starts_request(&buf[..n]).then_some(b.start);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(at(rd)(e))),
@@ -545,24 +559,31 @@ struct Hold {
     drained: bool,
     /// The client's bytes forwarded when the hold began.
     before: u64,
+    /// The server's bytes forwarded when the hold began: any more, and the request is over.
+    server_before: u64,
 }
 
 impl<'a> Pump<'a> {
     /// Bytes are counted in `stats` as they are written, so long transfers show up in
     /// metrics while they run. With `splice`, a direction that proves to be bulk moves its
     /// bytes with splice(2) while the pipe budget allows.
+    /// `http1`: the first message was an HTTP/1 request head, so later requests are
+    /// recognised too (see [`Pump::request_burst`]).
     pub fn new(
         client: &'a TcpStream,
         server: &'a TcpStream,
         stats: &'a crate::stats::Stats,
         splice: bool,
+        http1: bool,
     ) -> Pump<'a> {
         let now = Instant::now();
         let spliced = &stats.spliced;
+        let mut up = Direction::new(now, &stats.bytes_upstream, spliced, Side::Client, splice);
+        up.judge_requests = http1;
         Pump {
             client,
             server,
-            up: Direction::new(now, &stats.bytes_upstream, spliced, Side::Client, splice),
+            up,
             down: Direction::new(now, &stats.bytes_downstream, spliced, Side::Server, splice),
             unacked: [None, None],
             looked: now,
@@ -581,6 +602,7 @@ impl<'a> Pump<'a> {
             enough,
             drained: false,
             before: self.up.total,
+            server_before: self.down.total,
         });
     }
 
@@ -591,7 +613,7 @@ impl<'a> Pump<'a> {
         let Some(h) = self.hold else {
             return false;
         };
-        if self.server_said_something() {
+        if self.server_answered(&h) {
             self.hold = None;
             return false;
         }
@@ -637,7 +659,7 @@ impl<'a> Pump<'a> {
         // back at once to read what the client said meanwhile (nothing else would wake it:
         // its reads registered no waker, and a connection past its request no longer checks
         // its progress on a clock).
-        if self.hold.is_some() && self.server_said_something() {
+        if self.hold.is_some_and(|h| self.server_answered(&h)) {
             self.hold = None;
             cx.waker().wake_by_ref();
         }
@@ -650,8 +672,9 @@ impl<'a> Pump<'a> {
         Poll::Pending
     }
 
-    fn server_said_something(&self) -> bool {
-        self.down.moved() || self.down.eof()
+    /// The server said something (a byte or its FIN) since the hold began.
+    fn server_answered(&self, h: &Hold) -> bool {
+        self.down.total > h.server_before || self.down.eof()
     }
 
     fn closed_or(&self, side: Side) -> Event {
@@ -685,14 +708,16 @@ impl<'a> Pump<'a> {
         self.down.moved()
     }
 
-    /// The client's current burst, while the server has said nothing yet: what the request
-    /// clock judges.
+    /// The client's current request, as far as the request clock judges it: its burst
+    /// while the server has said nothing yet, and on an HTTP/1 connection also a later
+    /// burst that began with a request line after the server's last byte (a keep-alive
+    /// connection's next request).
     pub fn request_burst(&self) -> Option<Burst> {
-        if self.down.moved() {
-            None
-        } else {
-            self.up.burst
+        let b = self.up.burst?;
+        if !self.down.moved() {
+            return Some(b);
         }
+        (self.up.request_start == Some(b.start) && b.start >= self.down.last_progress).then_some(b)
     }
 
     /// Bytes moved both ways so far.

@@ -48,8 +48,18 @@ pub(super) fn bind_listener(
 }
 
 pub(super) fn policy(l: &ListenerConfig, config: &Config, backends: Arc<Pool>) -> Policy {
+    use crate::config::FirstMessage;
+    use crate::first_message::Expect;
     Policy {
         protocol: l.protocol,
+        first_message: match l.first_message {
+            FirstMessage::Auto => Expect::Auto,
+            FirstMessage::Http => Expect::Http,
+            FirstMessage::Tls => Expect::Tls,
+            FirstMessage::Postgres => Expect::Postgres,
+            FirstMessage::Any => Expect::Any,
+        },
+        max_first_message: l.limits.max_first_message as usize,
         accept_proxy: l.accept_proxy,
         trusted_proxies: l.trusted_proxies.clone(),
         timeouts: l.timeouts.clone(),

@@ -10,6 +10,7 @@ mod config;
 mod fair;
 mod fds;
 mod halfclose;
+mod holding;
 mod kernel;
 mod layers;
 mod leaks;

@@ -773,3 +773,65 @@ impl RedisCluster {
             .join(",")
     }
 }
+
+/// A backend with a fixed pool of `workers`, as Apache's worker MPM or PostgreSQL: a
+/// connection is accepted only when a worker is free, and holds it until it ends. Each
+/// worker reads an HTTP/1 request head (giving up after `header_timeout`, as Apache's
+/// mod_reqtimeout does), answers [`HTTP_OK`], and serves the next request on the same
+/// connection until the client closes or stays quiet for `header_timeout`.
+pub struct WorkerPool {
+    pub addr: SocketAddr,
+    /// Connections a worker took, ever.
+    pub served_conns: Arc<std::sync::atomic::AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn worker_pool(workers: usize, header_timeout: Duration) -> WorkerPool {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind pool");
+    let addr = l.local_addr().expect("addr");
+    let served_conns = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sem = Arc::new(tokio::sync::Semaphore::new(workers));
+    let count = served_conns.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok(permit) = sem.clone().acquire_owned().await else {
+                return;
+            };
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(async move {
+                let _permit = permit;
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        got.drain(..end + 4);
+                        if s.write_all(HTTP_OK_KEEPALIVE).await.is_err() {
+                            return;
+                        }
+                    }
+                    match tokio::time::timeout(header_timeout, s.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+            });
+        }
+    });
+    WorkerPool {
+        addr,
+        served_conns,
+        task,
+    }
+}
+
+/// What [`worker_pool`] answers: a keep-alive HTTP/1.1 response.
+pub const HTTP_OK_KEEPALIVE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";

@@ -1,0 +1,211 @@
+//! Holding the first message: on a client-first listener nothing reaches a backend before
+//! the client's first message is whole, so a drip never holds one of a backend's few
+//! workers, and a drip that never completes is cut without the backend ever seeing it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use halfguard::config::{Config, FirstMessage};
+use halfguard::stats::{Reject, Timeout};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::support::*;
+
+/// `sources` x `per_source` connections from 127.0.5.x that send a request line and then a
+/// header a byte every 200 ms, reconnecting when cut, until `until`.
+fn drip(
+    to: SocketAddr,
+    sources: u8,
+    per_source: usize,
+    until: Instant,
+) -> tokio::task::JoinSet<()> {
+    let mut set = tokio::task::JoinSet::new();
+    for a in 1..=sources {
+        for _ in 0..per_source {
+            set.spawn(async move {
+                while Instant::now() < until {
+                    let Ok(mut s) = connect_from(&format!("127.0.5.{a}"), to).await else {
+                        tokio::time::sleep(ms(20)).await;
+                        continue;
+                    };
+                    if s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Drip: ")
+                        .await
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    while Instant::now() < until && s.write_all(b"a").await.is_ok() {
+                        tokio::time::sleep(ms(200)).await;
+                    }
+                }
+            });
+        }
+    }
+    set
+}
+
+/// `n` requests from 127.0.6.1, one connection each: how many were answered within a second.
+async fn legit(to: SocketAddr, n: usize) -> usize {
+    let mut served = 0;
+    for _ in 0..n {
+        let one = async {
+            let mut c = connect_from("127.0.6.1", to).await.ok()?;
+            c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .ok()?;
+            let mut got = vec![0u8; HTTP_OK_KEEPALIVE.len()];
+            c.read_exact(&mut got).await.ok()?;
+            (got == HTTP_OK_KEEPALIVE).then_some(())
+        };
+        if let Ok(Some(())) = tokio::time::timeout(ms(1000), one).await {
+            served += 1;
+        }
+        tokio::time::sleep(ms(50)).await;
+    }
+    served
+}
+
+fn config(b: SocketAddr, first_message: FirstMessage) -> Config {
+    let mut cfg = base_config(&[b]);
+    cfg.listeners[0].first_message = first_message;
+    cfg
+}
+
+/// 40 drippers from 10 sources against a backend with 4 workers: held, they never take one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_pool_backend_survives_a_many_source_drip() {
+    let pool = worker_pool(4, Duration::from_secs(20)).await;
+    let p = Proxy::start(config(pool.addr, FirstMessage::Auto)).await;
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut drippers = drip(p.addr, 10, 4, until);
+    tokio::time::sleep(ms(300)).await;
+    let served = legit(p.addr, 20).await;
+    assert_eq!(served, 20, "legit requests answered");
+    // The backend took the legit client's connections and nothing else.
+    assert_eq!(pool.served_conns.load(Ordering::Relaxed), 20);
+    assert!(p.stats().holding.load(Ordering::Relaxed) >= 30);
+    drippers.abort_all();
+    while drippers.join_next().await.is_some() {}
+}
+
+/// The same drip with holding off (`first_message = "any"`, the behaviour before): the
+/// drippers take the backend's workers, and the legit client is not served. Shows the test
+/// above measures what it claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_holding_the_same_drip_takes_the_workers() {
+    let pool = worker_pool(4, Duration::from_secs(20)).await;
+    let p = Proxy::start(config(pool.addr, FirstMessage::Any)).await;
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut drippers = drip(p.addr, 10, 4, until);
+    tokio::time::sleep(ms(300)).await;
+    let served = legit(p.addr, 4).await;
+    assert!(served <= 1, "{served} of 4 served with holding off");
+    drippers.abort_all();
+    while drippers.join_next().await.is_some() {}
+}
+
+/// A drip that never completes its head is cut by the request clock, counted as
+/// `first_message`, and the backend never saw a connection.
+#[tokio::test]
+async fn a_first_message_that_never_completes_times_out_before_any_backend() {
+    let pool = worker_pool(4, Duration::from_secs(20)).await;
+    let mut cfg = config(pool.addr, FirstMessage::Auto);
+    cfg.listeners[0].timeouts.request = Some(ms(600));
+    let p = Proxy::start(cfg).await;
+    let mut c = connect_from("127.0.5.1", p.addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let t0 = Instant::now();
+    let cut = async {
+        loop {
+            if c.write_all(b"a").await.is_err() {
+                break;
+            }
+            let mut b = [0u8; 1];
+            if let Ok(r) = tokio::time::timeout(ms(100), c.read(&mut b)).await {
+                assert!(r.is_err() || r.is_ok_and(|n| n == 0), "no answer expected");
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(ms(3000), cut).await.expect("cut");
+    let after = t0.elapsed();
+    // 600 ms of allowance plus a second per 500 bytes of the ~40 sent.
+    assert!(after >= ms(500) && after < ms(1500), "cut after {after:?}");
+    assert_eq!(p.stats().timed_out(Timeout::FirstMessage), 1);
+    assert_eq!(p.stats().timed_out(Timeout::Request), 0);
+    assert_eq!(pool.served_conns.load(Ordering::Relaxed), 0);
+    p.assert_drained(ms(2000)).await;
+}
+
+/// A head that comes in pieces is forwarded once whole, its body after it; a protocol that
+/// is not framed (a one-byte message waiting for its echo) connects at once.
+#[tokio::test]
+async fn split_heads_bodies_and_unframed_messages_get_through() {
+    let b = backend(Backend::Echo).await;
+    let p = Proxy::start(config(b.addr, FirstMessage::Auto)).await;
+    // Unframed: answered at once.
+    let mut c = connect_from("127.0.0.1", p.addr).await.unwrap();
+    let t0 = Instant::now();
+    assert_eq!(roundtrip(&mut c, b"x").await, b"x");
+    assert!(t0.elapsed() < ms(500), "{:?}", t0.elapsed());
+    drop(c);
+    // A head in three pieces, then a 200 kB body at about 400 kB/s.
+    let c = connect_from("127.0.0.1", p.addr).await.unwrap();
+    let body = vec![b'b'; 200 * 1024];
+    let head = format!(
+        "POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let expected = head.len() + body.len();
+    let reader = {
+        let (mut r, mut w) = c.into_split();
+        let head = head.clone();
+        let writer = tokio::spawn(async move {
+            for piece in head.as_bytes().chunks(20) {
+                w.write_all(piece).await.unwrap();
+                tokio::time::sleep(ms(50)).await;
+            }
+            for chunk in body.chunks(8 * 1024) {
+                w.write_all(chunk).await.unwrap();
+                tokio::time::sleep(ms(20)).await;
+            }
+            w
+        });
+        let mut got = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        while got < expected {
+            let n = tokio::time::timeout(ms(3000), r.read(&mut buf))
+                .await
+                .expect("echo in time")
+                .unwrap();
+            assert!(n > 0, "closed after {got} bytes");
+            got += n;
+        }
+        writer.await.unwrap();
+        got
+    };
+    assert_eq!(reader, expected);
+    assert_eq!(p.stats().timed_out(Timeout::FirstMessage), 0);
+}
+
+/// Past the grace a held connection counts against its source's half-open cap, as a silent
+/// one does: a source cannot hold more drips than that.
+#[tokio::test]
+async fn held_drips_count_against_the_source_half_open_cap() {
+    let b = backend(Backend::Echo).await;
+    let mut cfg = config(b.addr, FirstMessage::Auto);
+    cfg.listeners[0].limits.max_half_open_per_source = 2;
+    let p = Proxy::start(cfg).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = connect_from("127.0.5.7", p.addr).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        held.push(c);
+    }
+    past_grace().await;
+    tokio::time::sleep(ms(200)).await;
+    assert_eq!(p.stats().rejected(Reject::SourceHalfOpen), 1);
+    assert_eq!(p.snapshot().half_open, 2);
+}
