@@ -725,26 +725,37 @@ async fn a_share_written_by_hand_counts_one_replica_at_most_and_is_forgotten_wit
         async move { now == CAP }
     })
     .await;
-    assert!(seen, "the entry counts one replica at the cap, not up to {most}");
+    assert!(
+        seen,
+        "the entry counts one replica at the cap, not up to {most}"
+    );
     assert!(up(&p), "a key of the wrong type does not stop the sync");
     assert!(hold("127.0.0.81", p.addr).await.is_none(), "at the cap");
     assert!(hold("127.0.0.82", p.addr).await.is_some(), "another source");
-    assert!(dropped(&p, "count_clamped").await >= 1, "the clamp is counted");
+    assert!(
+        dropped(&p, "count_clamped").await >= 1,
+        "the clamp is counted"
+    );
     writer.abort();
     let _ = writer.await;
     let written = tokio::time::Instant::now();
 
     // The writer stops: a replica is live for share_ttl after its last sync, whatever
     // score it wrote, so the entry is forgotten and the source gets its cap back.
-    let forgotten = wait_until(TTL * 4, || async {
-        seen_elsewhere(&p, "127.0.0.81") == 0
-    })
-    .await;
+    let forgotten = wait_until(TTL * 4, || async { seen_elsewhere(&p, "127.0.0.81") == 0 }).await;
     assert!(forgotten, "a replica that never expires is not one");
-    assert!(written.elapsed() <= TTL + INTERVAL * 4, "{:?}", written.elapsed());
+    assert!(
+        written.elapsed() <= TTL + INTERVAL * 4,
+        "{:?}",
+        written.elapsed()
+    );
     let mut held = Vec::new();
     for _ in 0..CAP {
-        held.push(hold("127.0.0.81", p.addr).await.expect("the whole cap back"));
+        held.push(
+            hold("127.0.0.81", p.addr)
+                .await
+                .expect("the whole cap back"),
+        );
     }
     drop(held);
     p.shutdown().await;
@@ -784,7 +795,11 @@ async fn a_ban_written_to_end_in_ten_years_ends_within_ban_for() {
     assert!(hold("127.0.0.71", p.addr).await.is_none(), "banned");
     // Cut to ban_for at the sync that read it, in Redis too: it ends, and stays ended.
     let ended = wait_until(BAN_FOR + INTERVAL * 4, || async { !banned() }).await;
-    assert!(ended, "the ban still runs {:?} after it was read", seen.elapsed());
+    assert!(
+        ended,
+        "the ban still runs {:?} after it was read",
+        seen.elapsed()
+    );
     tokio::time::sleep(INTERVAL * 3).await;
     assert!(!banned(), "and it does not come back");
     assert!(hold("127.0.0.71", p.addr).await.is_some(), "admitted again");
@@ -843,7 +858,11 @@ async fn a_share_of_300k_entries_is_read_bounded_and_the_cut_is_counted() {
         cl.syncs.load(std::sync::atomic::Ordering::Relaxed) >= syncs + 5
     })
     .await;
-    assert!(going, "syncs stopped: {:?}", Failure::ALL.map(|f| cl.failures(f)));
+    assert!(
+        going,
+        "syncs stopped: {:?}",
+        Failure::ALL.map(|f| cl.failures(f))
+    );
     assert!(up(&p));
     let view = p
         .handle
@@ -858,6 +877,51 @@ async fn a_share_of_300k_entries_is_read_bounded_and_the_cut_is_counted() {
     assert!(dropped(&p, "replicas").await >= u64::from(REPLICAS + 1 - (max_replicas - 1)));
     assert!(hold("127.0.0.83", p.addr).await.is_some(), "a fresh source");
     p.shutdown().await;
+}
+
+/// The README's ACL for the replicas' Redis user: its keys, and the commands a sync runs.
+const README_ACL: &str = "on >pw-for-hg ~{hg-test}:* resetchannels -@all +evalsha +eval +script|load +ping +time +type +del +hset +hget +hdel +hlen +hgetall +hscan +pexpire +zadd +zrem +zremrangebyscore +zrangebyscore +zrevrangebyscore +zcount";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_sync_as_a_redis_user_that_may_touch_only_their_keys() {
+    require!(WHY; Need::Tool("redis-server"));
+    let redis = RedisServer::start(&[]).await;
+    let mut admin = redis_at(&redis.url()).await;
+    let mut acl = redis::cmd("ACL");
+    acl.arg("SETUSER").arg("hg");
+    for rule in README_ACL.split(' ') {
+        acl.arg(rule);
+    }
+    let _: () = acl.query_async(&mut admin).await.expect("ACL SETUSER");
+    let b = backend(Backend::Echo).await;
+    let url = format!("redis://hg:pw-for-hg@127.0.0.1:{}/0", redis.port);
+    let ps = synced_replicas(2, b.addr, &url, |l| l.max_conns_per_source = 2).await;
+    let held = hold("127.0.0.84", ps[0].addr).await.expect("1 of 2");
+    let seen = wait_until(Duration::from_secs(3), || async {
+        seen_elsewhere(&ps[1], "127.0.0.84") == 1
+    })
+    .await;
+    assert!(
+        seen,
+        "the count reaches the other replica through the ACL user"
+    );
+    // The user is of no use for anything else.
+    let mut hg = redis_at(&url).await;
+    for cmd in [
+        redis::cmd("SET").arg("other").arg("x").clone(),
+        redis::cmd("HSET")
+            .arg("{other}:bans")
+            .arg("a")
+            .arg("1")
+            .clone(),
+        redis::cmd("FLUSHALL").clone(),
+    ] {
+        let r: redis::RedisResult<()> = cmd.query_async(&mut hg).await;
+        let e = r.expect_err("refused to the ACL user");
+        assert!(e.to_string().to_lowercase().contains("noperm"), "{e}");
+    }
+    drop(held);
+    stop_all(ps).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
