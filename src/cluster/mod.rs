@@ -15,6 +15,12 @@
 //! learned stay until they end, and the state change is logged once. The task reconnects
 //! with a backoff of at most four intervals, so the cluster view returns within a few
 //! intervals of Redis.
+//!
+//! Redis is trusted as a replica is, no more: whoever can write the keys can make a source
+//! count as much as a replica at its cap holds (so refuse it, while they keep writing) and
+//! ban it for `kernel.ban_for`, but cannot grow a replica's view past its bounds, ban for
+//! longer, keep a dead "replica" alive past `share_ttl`, or make a sync slow enough to turn
+//! the cluster caps off ([`script`] says how; [`Dropped`] counts what was cut).
 
 pub mod script;
 pub mod sync;
@@ -78,7 +84,9 @@ pub enum Dropped {
     View,
     /// Bans past [`MAX_BANS`], not read.
     Bans,
-    /// Entries with a count above what one replica could hold, kept at that bound.
+    /// Entries with a count above what one replica could hold, kept at that bound (a
+    /// replica may hold more than a cap for a moment, or when it only observes: more
+    /// refuses nothing more).
     Clamped,
     /// Bans ending later than now + `kernel.ban_for`, cut to it (in Redis too).
     BanCut,

@@ -14,6 +14,16 @@
 //! increments: a replica that dies mid-way cannot leave a count behind (HAProxy's peers went
 //! negative that way). Time is Redis's own (`TIME`), so replicas' clocks need not agree.
 //! The script is sent once and invoked by its hash afterwards (`EVALSHA`).
+//!
+//! What is read is held to what replicas write, since anyone who can write the keys could
+//! write anything: a node scored further ahead than `share_ttl` is held to it (a replica
+//! is live that long after its sync, no longer) and not read until then; at most
+//! `max_replicas - 1` other shares are read, each at most `max_published` per listener
+//! (`HSCAN` past that, so the call's work is bounded whatever a hash holds); at most
+//! [`super::MAX_BANS`] bans, and a ban ending after now + `kernel.ban_for` is cut to that
+//! in Redis, so it ends; a key of the wrong type is replaced rather than failing every
+//! call. [`Reply::absorb`] then holds each entry to what one replica could count
+//! ([`Bounds`]). Each cut is counted by [`super::Dropped`] reason.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -426,6 +436,10 @@ mod tests {
         assert_eq!(r.dropped[Dropped::Replicas as usize], 1);
         assert_eq!(r.dropped[Dropped::Bans as usize], 2);
         assert_eq!(r.dropped[Dropped::BanCut as usize], 1);
-        assert_eq!(r.bans[0].1, Duration::from_secs(60), "no ban outlives ban_for");
+        assert_eq!(
+            r.bans[0].1,
+            Duration::from_secs(60),
+            "no ban outlives ban_for"
+        );
     }
 }

@@ -339,8 +339,15 @@ impl DropLog {
         for (s, n) in self.since.iter_mut().zip(dropped) {
             *s += n;
         }
-        if self.since.iter().all(|n| *n == 0)
-            || self.last.is_some_and(|t| now.duration_since(t) < DROP_LOG_EVERY)
+        // A count over the cap is also a replica's connections waiting for a slot for a
+        // moment, or one that only observes: counted, but alone not worth a line.
+        let worth = Dropped::ALL
+            .iter()
+            .any(|d| *d != Dropped::Clamped && self.since[*d as usize] > 0);
+        if !worth
+            || self
+                .last
+                .is_some_and(|t| now.duration_since(t) < DROP_LOG_EVERY)
         {
             return;
         }

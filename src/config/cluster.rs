@@ -399,8 +399,14 @@ mod tests {
 
     #[test]
     fn the_view_bound_is_checked_naming_max_replicas() {
-        assert_eq!(parse("").expect("defaults").max_replicas, DEFAULT_MAX_REPLICAS);
-        for body in ["max_replicas = 1", "max_replicas = 1000\nmax_published = 10000"] {
+        assert_eq!(
+            parse("").expect("defaults").max_replicas,
+            DEFAULT_MAX_REPLICAS
+        );
+        for body in [
+            "max_replicas = 1",
+            "max_replicas = 1000\nmax_published = 10000",
+        ] {
             let err = parse(body).expect_err(body);
             assert!(err.contains("`cluster.max_replicas`"), "{body}: {err}");
         }
