@@ -600,6 +600,16 @@ fn cluster(e: &mut DescriptorEncoder, c: &Cluster) -> std::fmt::Result {
         "Entries in other replicas' shares that did not parse, skipped.",
         &[(vec![], c.bad_entries.load(Relaxed))],
     )?;
+    let v: Vec<_> = crate::cluster::Dropped::ALL
+        .iter()
+        .map(|d| (vec![("reason", d.as_str())], c.dropped(*d)))
+        .collect();
+    counter(
+        e,
+        "halfguard_cluster_dropped",
+        "What syncs cut from what Redis held, by reason: share_full (entries of a replica's share past what a replica writes), replicas (live replicas past cluster.max_replicas, unread), view_full (entries past the view's bound), bans (bans past the bound, unread), count_clamped (entries counting more than a replica could hold, kept at that), ban_clamped (bans ending past now + kernel.ban_for, cut).",
+        &v,
+    )?;
     Ok(())
 }
 

@@ -15,6 +15,12 @@
 //! learned stay until they end, and the state change is logged once. The task reconnects
 //! with a backoff of at most four intervals, so the cluster view returns within a few
 //! intervals of Redis.
+//!
+//! Redis is trusted as a replica is, no more: whoever can write the keys can make a source
+//! count as much as a replica at its cap holds (so refuse it, while they keep writing) and
+//! ban it for `kernel.ban_for`, but cannot grow a replica's view past its bounds, ban for
+//! longer, keep a dead "replica" alive past `share_ttl`, or make a sync slow enough to turn
+//! the cluster caps off ([`script`] says how; [`Dropped`] counts what was cut).
 
 pub mod script;
 pub mod sync;
@@ -62,6 +68,56 @@ impl Failure {
     }
 }
 
+/// What a sync read from Redis and did not take as written: a closed set, ready to be a
+/// metric label. Whoever can write the keys is trusted to refuse sources (as a replica
+/// can), never to grow a replica's view, ban for longer than `kernel.ban_for`, or stall the
+/// sync; these say what was cut to that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// Entries of one replica's share past the bound a replica writes
+    /// (`max_published` per listener), not read.
+    Share,
+    /// Live replicas past `max_replicas`, whose shares were not read (counted in replicas).
+    Replicas,
+    /// Entries past the bound on the view of one listener (`(max_replicas - 1) x
+    /// max_published`), read but not kept (several buckets of a Redis Cluster).
+    View,
+    /// Bans past [`MAX_BANS`], not read.
+    Bans,
+    /// Entries with a count above what one replica could hold, kept at that bound (a
+    /// replica may hold more than a cap for a moment, or when it only observes: more
+    /// refuses nothing more).
+    Clamped,
+    /// Bans ending later than now + `kernel.ban_for`, cut to it (in Redis too).
+    BanCut,
+}
+
+impl Dropped {
+    pub const ALL: [Dropped; 6] = [
+        Dropped::Share,
+        Dropped::Replicas,
+        Dropped::View,
+        Dropped::Bans,
+        Dropped::Clamped,
+        Dropped::BanCut,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dropped::Share => "share_full",
+            Dropped::Replicas => "replicas",
+            Dropped::View => "view_full",
+            Dropped::Bans => "bans",
+            Dropped::Clamped => "count_clamped",
+            Dropped::BanCut => "ban_clamped",
+        }
+    }
+}
+
+/// Bans read per sync at most (per bucket): a replica queues at most
+/// [`MAX_PENDING_BANS`] per interval, and a ban lives `kernel.ban_for`.
+pub const MAX_BANS: u32 = 4 * MAX_PENDING_BANS as u32;
+
 /// The cluster's state, shared by the sync task, the ban feed and the metrics.
 #[derive(Debug)]
 pub struct Cluster {
@@ -70,6 +126,7 @@ pub struct Cluster {
     pub up: AtomicBool,
     pub syncs: AtomicU64,
     failures: [AtomicU64; Failure::ALL.len()],
+    dropped: [AtomicU64; Dropped::ALL.len()],
     /// Share entries from other replicas that did not parse.
     pub bad_entries: AtomicU64,
     /// Sources this replica published at the last sync (all listeners).
@@ -94,6 +151,7 @@ impl Cluster {
             up: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
             failures: Default::default(),
+            dropped: Default::default(),
             bad_entries: AtomicU64::new(0),
             published: AtomicU64::new(0),
             remote_sources: AtomicU64::new(0),
@@ -140,6 +198,17 @@ impl Cluster {
 
     pub fn failures(&self, f: Failure) -> u64 {
         self.failures[f as usize].load(Relaxed)
+    }
+
+    /// What syncs cut from what Redis held, by reason, since start.
+    pub fn dropped(&self, d: Dropped) -> u64 {
+        self.dropped[d as usize].load(Relaxed)
+    }
+
+    fn drop_counts(&self, counts: &[u64; Dropped::ALL.len()]) {
+        for (c, n) in self.dropped.iter().zip(counts) {
+            c.fetch_add(*n, Relaxed);
+        }
     }
 
     fn fail(&self, f: Failure) {

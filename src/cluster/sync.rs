@@ -21,11 +21,14 @@ use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, ErrorKind, RedisError};
 
 use super::script::{self, Keys};
-use super::{Cluster, Failure};
+use super::{Cluster, Dropped, Failure, MAX_BANS};
 use crate::guard::{Guard, Remote, SourceKey};
 
 /// The longest wait between two attempts while Redis is away, in sync intervals.
 const MAX_BACKOFF_INTERVALS: u32 = 4;
+/// At most one log line about what syncs cut from Redis per this long (the counter has
+/// the rest).
+const DROP_LOG_EVERY: Duration = Duration::from_secs(60);
 /// A view this many intervals old is dropped at the next failed attempt: one slow sync
 /// is not an outage, and the last counts are a better guess than none for that long.
 const KEEP_VIEW_INTERVALS: u32 = 3;
@@ -104,6 +107,8 @@ enum Link {
 pub(crate) trait Listeners: Send + Sync + 'static {
     /// The listeners accepting now (not those a reload retired): name and guard.
     fn active(&self) -> Vec<(String, Guard)>;
+    /// How long a ban lasts here (`kernel.ban_for`): no ban read from Redis runs longer.
+    fn ban_for(&self) -> Duration;
     /// Resolves when the server is stopping for good.
     fn stopping(&self) -> impl Future<Output = ()> + Send;
 }
@@ -131,6 +136,7 @@ pub(crate) async fn sync_loop(state: Arc<impl Listeners>, cluster: Arc<Cluster>)
     let mut bans: HashMap<SourceKey, Instant> = HashMap::new();
     let mut wait = Duration::ZERO;
     let mut last_share = Instant::now();
+    let mut drop_log = DropLog::default();
     loop {
         tokio::select! {
             _ = state.stopping() => break,
@@ -159,6 +165,8 @@ pub(crate) async fn sync_loop(state: Arc<impl Listeners>, cluster: Arc<Cluster>)
                 install(&*state, &cluster, reply.loads, &here, &bans);
                 cluster.nodes.store(reply.nodes, Relaxed);
                 cluster.bad_entries.fetch_add(reply.bad, Relaxed);
+                cluster.drop_counts(&reply.dropped);
+                drop_log.note(&reply.dropped, now);
                 cluster.synced();
                 cluster.up.store(true, Relaxed);
                 if link != Link::Up {
@@ -222,10 +230,21 @@ async fn sync_once(
     };
     let buckets = keys.len() as u32;
     let max = cfg.max_published as usize;
+    let active = state.active();
+    let bounds = Arc::new(script::Bounds {
+        per_listener: active
+            .iter()
+            .map(|(name, g)| (name.clone(), script::Bounds::of(&g.limits())))
+            .collect(),
+        view: (cfg.max_replicas.saturating_sub(1) as usize).saturating_mul(max),
+        ban_for: state.ban_for(),
+    });
+    // What one replica writes: `max_published` per listener (a bucket may hold it all).
+    let per_node = max.saturating_mul(active.len().max(1));
     let mut share: Vec<Vec<(String, String)>> = vec![Vec::new(); keys.len()];
     let mut published = 0u64;
     let mut here: LocalRates = HashMap::new();
-    for (name, guard) in state.active() {
+    for (name, guard) in active {
         for (source, load) in guard.share(|cap| cfg.publish_at(cap), max, since) {
             if load.rate > 0 {
                 here.entry(name.clone())
@@ -253,6 +272,8 @@ async fn sync_once(
         let k = k.clone();
         let node = cfg.node.clone();
         let ttl = cfg.share_ttl.as_millis() as u64;
+        let others = cfg.max_replicas.saturating_sub(1);
+        let ban_max = bounds.ban_for.as_millis() as u64;
         calls.spawn(async move {
             let mut inv = script.prepare_invoke();
             inv.key(&k.nodes)
@@ -262,7 +283,11 @@ async fn sync_once(
                 .arg(&node)
                 .arg(ttl)
                 .arg(share.len())
-                .arg(bans.len());
+                .arg(bans.len())
+                .arg(per_node)
+                .arg(others)
+                .arg(MAX_BANS)
+                .arg(ban_max);
             for (f, v) in &share {
                 inv.arg(f).arg(v);
             }
@@ -276,7 +301,7 @@ async fn sync_once(
         let mut reply = script::Reply::default();
         while let Some(r) = calls.join_next().await {
             match r {
-                Ok(Ok(v)) => reply.merge(script::parse(v)),
+                Ok(Ok(v)) => reply.absorb(v, &bounds),
                 Ok(Err(e)) => return Err((classify(&e, Failure::Error), e.to_string())),
                 Err(e) => return Err((Failure::Error, e.to_string())),
             }
@@ -298,6 +323,46 @@ async fn sync_once(
             cluster.return_bans(new_bans);
             Err(e)
         }
+    }
+}
+
+/// What syncs cut since the last line, logged at most once per [`DROP_LOG_EVERY`]: a
+/// writer of the keys that is hostile or broken is seen, and cannot flood the log.
+#[derive(Default)]
+struct DropLog {
+    since: [u64; Dropped::ALL.len()],
+    last: Option<Instant>,
+}
+
+impl DropLog {
+    fn note(&mut self, dropped: &[u64; Dropped::ALL.len()], now: Instant) {
+        for (s, n) in self.since.iter_mut().zip(dropped) {
+            *s += n;
+        }
+        // A count over the cap is also a replica's connections waiting for a slot for a
+        // moment, or one that only observes: counted, but alone not worth a line.
+        let worth = Dropped::ALL
+            .iter()
+            .any(|d| *d != Dropped::Clamped && self.since[*d as usize] > 0);
+        if !worth
+            || self
+                .last
+                .is_some_and(|t| now.duration_since(t) < DROP_LOG_EVERY)
+        {
+            return;
+        }
+        let n = |d: Dropped| self.since[d as usize];
+        tracing::warn!(
+            share_full = n(Dropped::Share),
+            replicas = n(Dropped::Replicas),
+            view_full = n(Dropped::View),
+            bans = n(Dropped::Bans),
+            count_clamped = n(Dropped::Clamped),
+            ban_clamped = n(Dropped::BanCut),
+            "cluster: Redis held more than a replica writes; cut to the bounds (is something else writing the keys, or a replica with another config?)"
+        );
+        self.since = Default::default();
+        self.last = Some(now);
     }
 }
 

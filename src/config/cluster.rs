@@ -22,6 +22,7 @@ pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(500);
 /// after its last sync, so survivors never refuse a source on a dead replica's count.
 pub const DEFAULT_SHARE_TTL: Duration = Duration::from_secs(10);
 /// One sync may take this long before it counts as failed; admission never waits for it.
+/// The default is this or `sync_interval`, whichever is shorter (see [`default_timeout`]).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
 /// A source is published once it holds a tenth of a per-source cap on this replica: the
 /// cluster-wide cap is then exact up to ten replicas sharing a source evenly, and a flood
@@ -30,6 +31,12 @@ pub const DEFAULT_PUBLISH_ABOVE: f64 = 0.1;
 /// At most this many sources per listener per sync (the heaviest): the hard bound on what
 /// one replica writes, and on what each replica reads per peer.
 pub const DEFAULT_MAX_PUBLISHED: u32 = 1_000;
+/// At most this many replicas' shares are read per sync (this one's aside): with
+/// `max_published`, the bound on the view each replica holds, whatever Redis holds.
+pub const DEFAULT_MAX_REPLICAS: u32 = 32;
+/// `(max_replicas - 1) x max_published` may not exceed this: a view of a million entries
+/// per listener is already hundreds of megabytes to read every interval.
+pub const MAX_VIEW: u64 = 1_000_000;
 /// Keys live under `<key_prefix>:`, so several deployments can share one Redis.
 pub const DEFAULT_KEY_PREFIX: &str = "halfguard";
 /// Node names longer than this are a mistake (a pod name is at most 63 characters).
@@ -49,6 +56,7 @@ pub struct RawCluster {
     pub timeout: Option<RawDuration>,
     pub publish_above: Option<f64>,
     pub max_published: Option<u32>,
+    pub max_replicas: Option<u32>,
     pub key_prefix: Option<String>,
     pub redis_cluster: Option<bool>,
 }
@@ -121,6 +129,8 @@ pub struct ClusterConfig {
     /// The fraction of a per-source cap a source must hold here to be published.
     pub publish_above: f64,
     pub max_published: u32,
+    /// The replicas read per sync, this one included; more are dropped (counted).
+    pub max_replicas: u32,
     pub key_prefix: String,
     /// `redis` names a Redis Cluster's seed nodes: the crate's cluster client, and sources
     /// spread over [`CLUSTER_BUCKETS`] hash slots.
@@ -141,6 +151,13 @@ impl ClusterConfig {
             1
         }
     }
+}
+
+/// `cluster.timeout` when the file leaves it out: [`DEFAULT_TIMEOUT`], or the interval
+/// when that is shorter, so an operator who only shortens `sync_interval` is not refused
+/// for a key they never wrote.
+pub fn default_timeout(sync_interval: Duration) -> Duration {
+    DEFAULT_TIMEOUT.min(sync_interval)
 }
 
 /// Checks a node name (from the file, the environment or the host name).
@@ -171,14 +188,18 @@ impl ClusterConfig {
         if !node.is_empty() {
             check_node(node).map_err(|r| ck.err("cluster.node", r))?;
         }
+        let sync_interval = raw.sync_interval.map_or(DEFAULT_SYNC_INTERVAL, |x| x.0);
         let c = ClusterConfig {
             redis,
             node: node.to_string(),
-            sync_interval: raw.sync_interval.map_or(DEFAULT_SYNC_INTERVAL, |x| x.0),
+            sync_interval,
             share_ttl: raw.share_ttl.map_or(DEFAULT_SHARE_TTL, |x| x.0),
-            timeout: raw.timeout.map_or(DEFAULT_TIMEOUT, |x| x.0),
+            timeout: raw
+                .timeout
+                .map_or_else(|| default_timeout(sync_interval), |x| x.0),
             publish_above: raw.publish_above.unwrap_or(DEFAULT_PUBLISH_ABOVE),
             max_published: raw.max_published.unwrap_or(DEFAULT_MAX_PUBLISHED),
+            max_replicas: raw.max_replicas.unwrap_or(DEFAULT_MAX_REPLICAS),
             key_prefix: raw
                 .key_prefix
                 .clone()
@@ -226,6 +247,15 @@ impl ClusterConfig {
             return Err(ck.err(
                 "cluster.max_published",
                 "must be in 1..=100000: it bounds what each replica writes and reads per sync",
+            ));
+        }
+        let view = u64::from(self.max_replicas.saturating_sub(1)) * u64::from(self.max_published);
+        if self.max_replicas < 2 || view > MAX_VIEW {
+            return Err(ck.err(
+                "cluster.max_replicas",
+                format!(
+                    "must be at least 2, and (max_replicas - 1) x max_published ({view}) at most {MAX_VIEW}: it bounds the view each replica reads"
+                ),
             ));
         }
         if self.key_prefix.is_empty()
@@ -293,7 +323,7 @@ impl fmt::Display for ClusterConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "cluster: redis {}{}, node {:?}, sync every {} (timeout {}), share_ttl {}, publish above {:.0}% of a cap, at most {} sources per listener, keys {{{}}}:*",
+            "cluster: redis {}{}, node {:?}, sync every {} (timeout {}), share_ttl {}, publish above {:.0}% of a cap, at most {} sources per listener, at most {} replicas read, keys {{{}}}:*",
             self.redis,
             if self.redis_cluster {
                 format!(" (Redis Cluster, sources over {} slots)", self.buckets())
@@ -306,6 +336,7 @@ impl fmt::Display for ClusterConfig {
             dur(self.share_ttl),
             self.publish_above * 100.0,
             self.max_published,
+            self.max_replicas,
             self.key_prefix
         )
     }
@@ -343,5 +374,42 @@ mod tests {
             assert_eq!(u.to_string(), shown);
             assert!(!format!("{u:?}").contains("s3cret"));
         }
+    }
+
+    fn parse(body: &str) -> Result<ClusterConfig, String> {
+        let text = format!(
+            "[[listeners]]\nname = \"x\"\nbind = \"127.0.0.1:0\"\nbackends = [\"127.0.0.1:1\"]\n[cluster]\nredis = \"redis://r:6379\"\nnode = \"n\"\n{body}\n"
+        );
+        crate::config::parse(&text, "c.toml", std::collections::HashMap::new())
+            .map(|c| c.cluster.expect("cluster"))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_default_timeout_follows_a_short_interval_and_an_explicit_one_still_must_fit() {
+        let ms = Duration::from_millis;
+        assert_eq!(parse("").expect("defaults").timeout, DEFAULT_TIMEOUT);
+        let c = parse("sync_interval = \"200ms\"").expect("no timeout written");
+        assert_eq!(c.timeout, ms(200));
+        let c = parse("sync_interval = \"2s\"\nshare_ttl = \"10s\"").expect("long");
+        assert_eq!(c.timeout, DEFAULT_TIMEOUT);
+        let err = parse("sync_interval = \"200ms\"\ntimeout = \"300ms\"").expect_err("over");
+        assert!(err.contains("`cluster.timeout`"), "{err}");
+    }
+
+    #[test]
+    fn the_view_bound_is_checked_naming_max_replicas() {
+        assert_eq!(
+            parse("").expect("defaults").max_replicas,
+            DEFAULT_MAX_REPLICAS
+        );
+        for body in [
+            "max_replicas = 1",
+            "max_replicas = 1000\nmax_published = 10000",
+        ] {
+            let err = parse(body).expect_err(body);
+            assert!(err.contains("`cluster.max_replicas`"), "{body}: {err}");
+        }
+        assert_eq!(parse("max_replicas = 2").expect("two").max_replicas, 2);
     }
 }

@@ -177,6 +177,10 @@ impl crate::cluster::sync::Listeners for State {
             .collect()
     }
 
+    fn ban_for(&self) -> Duration {
+        self.config().kernel.ban_for
+    }
+
     fn stopping(&self) -> impl Future<Output = ()> + Send {
         self.stop_upkeep.cancelled()
     }

@@ -657,6 +657,273 @@ async fn a_ban_on_one_replica_reaches_the_others() {
     stop_all(ps).await;
 }
 
+/// Redis's own clock in ms, the one the script reads.
+async fn redis_now_ms(c: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let (s, us): (u64, u64) = redis::cmd("TIME").query_async(c).await.expect("TIME");
+    s * 1000 + us / 1000
+}
+
+/// `halfguard_cluster_dropped_total{reason}` from `p`'s /metrics.
+async fn dropped(p: &Proxy, reason: &str) -> u64 {
+    let admin = p.handle.admin_addr().expect("admin on");
+    let (_, metrics) = http(admin, "GET", "/metrics").await;
+    let line = format!("halfguard_cluster_dropped_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{line} not in /metrics"))
+}
+
+/// Ten years, in ms: what a hostile writer of the keys would ask for.
+const DECADE_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_share_written_by_hand_counts_one_replica_at_most_and_is_forgotten_within_the_ttl() {
+    require!(WHY; Need::Tool("redis-server"));
+    const CAP: u32 = 3;
+    let redis = RedisServer::start(&[]).await;
+    let b = backend(Backend::Echo).await;
+    let p = Proxy::start(replica(b.addr, &redis.url(), "r0", |l| {
+        l.max_conns_per_source = CAP
+    }))
+    .await;
+    assert!(all_up(std::slice::from_ref(&p), Duration::from_secs(3)).await);
+    // Someone who can write the keys, and keeps writing them: a "replica" that never
+    // expires, holding the most a u32 can say of one source, and another whose share is
+    // not even a hash.
+    let mut r = redis_at(&redis.url()).await;
+    let far = redis_now_ms(&mut r).await + DECADE_MS;
+    let n = u32::MAX;
+    let mut hostile = redis::pipe();
+    hostile
+        .hset(
+            "{hg-test}:share:evil",
+            format!("{}|127.0.0.81", crate::support::L),
+            format!("{n} {n} {n} {n}"),
+        )
+        .ignore()
+        .set("{hg-test}:share:evil2", "not a hash")
+        .ignore()
+        .zadd("{hg-test}:nodes", "evil", far)
+        .ignore()
+        .zadd("{hg-test}:nodes", "evil2", far)
+        .ignore();
+    let writer = tokio::spawn(async move {
+        for _ in 0..200 {
+            let _: Result<(), _> = hostile.query_async(&mut r).await;
+            tokio::time::sleep(ms(50)).await;
+        }
+    });
+
+    // Read, but as one replica at the cap at most: it refuses the source (as a replica
+    // holding its cap would: that much a writer of the keys can do), and nothing else.
+    let mut most = 0;
+    let seen = wait_until(Duration::from_secs(3), || {
+        let now = seen_elsewhere(&p, "127.0.0.81");
+        most = most.max(now);
+        async move { now == CAP }
+    })
+    .await;
+    assert!(
+        seen,
+        "the entry counts one replica at the cap, not up to {most}"
+    );
+    assert!(up(&p), "a key of the wrong type does not stop the sync");
+    assert!(hold("127.0.0.81", p.addr).await.is_none(), "at the cap");
+    assert!(hold("127.0.0.82", p.addr).await.is_some(), "another source");
+    assert!(
+        dropped(&p, "count_clamped").await >= 1,
+        "the clamp is counted"
+    );
+    writer.abort();
+    let _ = writer.await;
+    let written = tokio::time::Instant::now();
+
+    // The writer stops: a replica is live for share_ttl after its last sync, whatever
+    // score it wrote, so the entry is forgotten and the source gets its cap back.
+    let forgotten = wait_until(TTL * 4, || async { seen_elsewhere(&p, "127.0.0.81") == 0 }).await;
+    assert!(forgotten, "a replica that never expires is not one");
+    assert!(
+        written.elapsed() <= TTL + INTERVAL * 4,
+        "{:?}",
+        written.elapsed()
+    );
+    let mut held = Vec::new();
+    for _ in 0..CAP {
+        held.push(
+            hold("127.0.0.81", p.addr)
+                .await
+                .expect("the whole cap back"),
+        );
+    }
+    drop(held);
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_ban_written_to_end_in_ten_years_ends_within_ban_for() {
+    require!(WHY; Need::Tool("redis-server"));
+    const BAN_FOR: Duration = Duration::from_secs(2);
+    let redis = RedisServer::start(&[]).await;
+    let b = backend(Backend::Echo).await;
+    let mut c = replica(b.addr, &redis.url(), "r0", |_| {});
+    c.kernel.ban_for = BAN_FOR;
+    let p = Proxy::start(c).await;
+    assert!(all_up(std::slice::from_ref(&p), Duration::from_secs(3)).await);
+    let mut r = redis_at(&redis.url()).await;
+    let far = redis_now_ms(&mut r).await + DECADE_MS;
+    let _: () = redis::cmd("HSET")
+        .arg("{hg-test}:bans")
+        .arg("127.0.0.71")
+        .arg(far)
+        .query_async(&mut r)
+        .await
+        .expect("write the ban");
+    let key: SourceKey = "127.0.0.71".parse().expect("key");
+    let banned = || {
+        p.handle
+            .guard(crate::support::L)
+            .and_then(|g| g.remote())
+            .is_some_and(|r| r.banned.contains(&key))
+    };
+    assert!(
+        wait_until(Duration::from_secs(3), || async { banned() }).await,
+        "the ban is read"
+    );
+    let seen = tokio::time::Instant::now();
+    assert!(hold("127.0.0.71", p.addr).await.is_none(), "banned");
+    // Cut to ban_for at the sync that read it, in Redis too: it ends, and stays ended.
+    let ended = wait_until(BAN_FOR + INTERVAL * 4, || async { !banned() }).await;
+    assert!(
+        ended,
+        "the ban still runs {:?} after it was read",
+        seen.elapsed()
+    );
+    tokio::time::sleep(INTERVAL * 3).await;
+    assert!(!banned(), "and it does not come back");
+    assert!(hold("127.0.0.71", p.addr).await.is_some(), "admitted again");
+    assert!(dropped(&p, "ban_clamped").await >= 1, "the cut is counted");
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_share_of_300k_entries_is_read_bounded_and_the_cut_is_counted() {
+    require!(WHY; Need::Tool("redis-server"));
+    const MAX_PUBLISHED: u32 = 50;
+    const FLOOD: u32 = 300_000;
+    const REPLICAS: u32 = 100;
+    let redis = RedisServer::start(&[]).await;
+    let b = backend(Backend::Echo).await;
+    let mut c = replica(b.addr, &redis.url(), "r0", |l| l.max_conns_per_source = 5);
+    let cl = c.cluster.as_mut().expect("cluster");
+    cl.max_published = MAX_PUBLISHED;
+    let max_replicas = cl.max_replicas;
+    let p = Proxy::start(c).await;
+    assert!(all_up(std::slice::from_ref(&p), Duration::from_secs(3)).await);
+    // One "replica" with 300,000 entries, a hundred more with one each; all live a minute.
+    let mut r = redis_at(&redis.url()).await;
+    let until = redis_now_ms(&mut r).await + 60_000;
+    let mut pipe = redis::pipe();
+    let mut batch = Vec::new();
+    for i in 0..FLOOD {
+        let [_, x, y, z] = i.to_be_bytes();
+        batch.push((
+            format!("{}|10.{x}.{y}.{z}", crate::support::L),
+            "1 0 0 0".to_string(),
+        ));
+        if batch.len() == 1000 {
+            pipe.hset_multiple("{hg-test}:share:flood", &batch).ignore();
+            batch.clear();
+        }
+    }
+    pipe.zadd("{hg-test}:nodes", "flood", until).ignore();
+    for i in 0..REPLICAS {
+        pipe.hset(
+            format!("{{hg-test}}:share:f{i}"),
+            format!("{}|127.1.0.{i}", crate::support::L),
+            "1 0 0 0",
+        )
+        .ignore()
+        .zadd("{hg-test}:nodes", format!("f{i}"), until)
+        .ignore();
+    }
+    let _: () = pipe.query_async(&mut r).await.expect("write the flood");
+
+    let cl = p.handle.cluster().expect("cluster on");
+    let syncs = cl.syncs.load(std::sync::atomic::Ordering::Relaxed);
+    // Syncs go on (before, reading it all took longer than cluster.timeout, every time,
+    // and the cluster caps were off), and the view stays within its bounds.
+    let going = wait_until(Duration::from_secs(3), || async {
+        cl.syncs.load(std::sync::atomic::Ordering::Relaxed) >= syncs + 5
+    })
+    .await;
+    assert!(
+        going,
+        "syncs stopped: {:?}",
+        Failure::ALL.map(|f| cl.failures(f))
+    );
+    assert!(up(&p));
+    let view = p
+        .handle
+        .guard(crate::support::L)
+        .and_then(|g| g.remote())
+        .map_or(0, |r| r.loads.len());
+    let bound = ((max_replicas - 1) * MAX_PUBLISHED) as usize;
+    assert!(view > 0 && view <= bound, "view of {view}, bound {bound}");
+    // What a replica writes per listener, per other replica: the flood's share is cut.
+    assert!(dropped(&p, "share_full").await >= u64::from(FLOOD - MAX_PUBLISHED));
+    // Replicas past max_replicas are not read.
+    assert!(dropped(&p, "replicas").await >= u64::from(REPLICAS + 1 - (max_replicas - 1)));
+    assert!(hold("127.0.0.83", p.addr).await.is_some(), "a fresh source");
+    p.shutdown().await;
+}
+
+/// The README's ACL for the replicas' Redis user: its keys, and the commands a sync runs.
+const README_ACL: &str = "on >pw-for-hg ~{hg-test}:* resetchannels -@all +evalsha +eval +script|load +ping +time +type +del +hset +hget +hdel +hlen +hgetall +hscan +pexpire +zadd +zrem +zremrangebyscore +zrangebyscore +zrevrangebyscore +zcount";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_sync_as_a_redis_user_that_may_touch_only_their_keys() {
+    require!(WHY; Need::Tool("redis-server"));
+    let redis = RedisServer::start(&[]).await;
+    let mut admin = redis_at(&redis.url()).await;
+    let mut acl = redis::cmd("ACL");
+    acl.arg("SETUSER").arg("hg");
+    for rule in README_ACL.split(' ') {
+        acl.arg(rule);
+    }
+    let _: () = acl.query_async(&mut admin).await.expect("ACL SETUSER");
+    let b = backend(Backend::Echo).await;
+    let url = format!("redis://hg:pw-for-hg@127.0.0.1:{}/0", redis.port);
+    let ps = synced_replicas(2, b.addr, &url, |l| l.max_conns_per_source = 2).await;
+    let held = hold("127.0.0.84", ps[0].addr).await.expect("1 of 2");
+    let seen = wait_until(Duration::from_secs(3), || async {
+        seen_elsewhere(&ps[1], "127.0.0.84") == 1
+    })
+    .await;
+    assert!(
+        seen,
+        "the count reaches the other replica through the ACL user"
+    );
+    // The user is of no use for anything else.
+    let mut hg = redis_at(&url).await;
+    for cmd in [
+        redis::cmd("SET").arg("other").arg("x").clone(),
+        redis::cmd("HSET")
+            .arg("{other}:bans")
+            .arg("a")
+            .arg("1")
+            .clone(),
+        redis::cmd("FLUSHALL").clone(),
+    ] {
+        let r: redis::RedisResult<()> = cmd.query_async(&mut hg).await;
+        let e = r.expect_err("refused to the ACL user");
+        assert!(e.to_string().to_lowercase().contains("noperm"), "{e}");
+    }
+    drop(held);
+    stop_all(ps).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refused_auth_is_a_counted_failure_and_the_password_never_shows() {
     require!(WHY; Need::Tool("redis-server"));
