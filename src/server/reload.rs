@@ -4,8 +4,10 @@
 //! Caps, clocks, allow and deny lists and backends change at once for the listeners that
 //! stay; new listeners are bound; removed ones stop accepting and drain. Everything that can
 //! fail (parsing, validation, binding, resolving) is done before anything is applied, so a
-//! bad config is refused whole and the running one stays. `[admin]`, `[log]`, `[runtime]`
-//! and `[cluster]` wait for a restart; `/config` shows what waits.
+//! bad config is refused whole and the running one stays. The admin token,
+//! `trust_loopback` and `drain_delay` apply at once (a rotated token must not wait for a
+//! restart); the admin socket and its slots, `[log]`, `[runtime]` and `[cluster]` wait for a
+//! restart, and the reload's answer, its log and `/config` say so.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -89,8 +91,14 @@ impl State {
         self.fds.store(Arc::new(fds));
         self.kernel.apply(self.targets(), &new.kernel).await;
         let old = self.config.load_full();
+        let admin_waits = new.admin.restart_changes(&old.admin);
+        if !admin_waits.is_empty() {
+            tracing::warn!(
+                "admin.{} changes take effect at the next restart",
+                admin_waits.join(", admin.")
+            );
+        }
         for (changed, section) in [
-            (new.admin.needs_restart_for(&old.admin), "[admin]"),
             (new.log != old.log, "[log]"),
             (new.runtime != old.runtime, "[runtime]"),
             (new.cluster != old.cluster, "[cluster]"),
@@ -100,9 +108,10 @@ impl State {
             }
         }
         let changed = changes(&self.loaded.load(), &new);
-        // What runs keeps the start-time sections; what waits for a restart is `loaded`.
+        // What runs keeps the start-time sections (and the admin socket); what waits for a
+        // restart is `loaded`.
         let mut running = new.clone();
-        running.admin = old.admin.clone();
+        running.admin = old.admin.reloaded(&new.admin);
         running.log = old.log.clone();
         running.runtime = old.runtime.clone();
         running.cluster = old.cluster.clone();
@@ -197,25 +206,33 @@ fn changes(old: &Config, new: &Config) -> String {
             out.push(format!("pool {:?} removed", o.name));
         }
     }
-    for (changed, what) in [
-        (old.pressure != new.pressure, "[pressure]"),
-        (old.tcp != new.tcp, "[tcp]"),
-        (old.kernel != new.kernel, "[kernel]"),
-        (old.admin != new.admin, "[admin] (at the next restart)"),
-        (old.log != new.log, "[log] (at the next restart)"),
-        (
-            old.runtime != new.runtime,
-            "[runtime] (at the next restart)",
-        ),
-        (
-            old.cluster != new.cluster,
-            "[cluster] (at the next restart)",
-        ),
-    ] {
-        if changed {
-            out.push(what.to_string());
-        }
-    }
+    let section = |changed: bool, what: &str| changed.then(|| what.to_string());
+    let admin = |keys: Vec<&str>, when: &str| {
+        (!keys.is_empty()).then(|| format!("[admin] {}{when}", keys.join(", ")))
+    };
+    out.extend(
+        [
+            section(old.pressure != new.pressure, "[pressure]"),
+            section(old.tcp != new.tcp, "[tcp]"),
+            section(old.kernel != new.kernel, "[kernel]"),
+            admin(new.admin.live_changes(&old.admin), ""),
+            admin(
+                new.admin.restart_changes(&old.admin),
+                " (at the next restart)",
+            ),
+            section(old.log != new.log, "[log] (at the next restart)"),
+            section(
+                old.runtime != new.runtime,
+                "[runtime] (at the next restart)",
+            ),
+            section(
+                old.cluster != new.cluster,
+                "[cluster] (at the next restart)",
+            ),
+        ]
+        .into_iter()
+        .flatten(),
+    );
     if out.is_empty() {
         "nothing".to_string()
     } else {
