@@ -9,7 +9,8 @@
 //! - the soft open-files limit (after start-up raised it to the hard one),
 //! - minus a reserve for everything else the process opens: stdio, the runtime, signal and
 //!   netlink sockets, `nft` children, the listening sockets, the admin endpoint and its
-//!   connections, health checks, the resolver, and accepts in flight that will be refused;
+//!   connections (probes' reserved slots included), health checks, the resolver, the
+//!   `[cluster]` sync's Redis connections, and accepts in flight that will be refused;
 //! - the rest is shared by connections and pipes. Pipes are reserved *inside* the budget (a
 //!   quarter of the connections, HAProxy's `maxpipes` default, at most [`MAX_PIPES`]), so
 //!   splice works whatever `max_conns` says and a pipe never takes the descriptor an accept
@@ -35,6 +36,13 @@ pub const BASE_RESERVE: u64 = 64;
 const PER_NAME: u64 = 4;
 /// Pipes are reserved for this fraction of the connections (1/4, HAProxy's `maxpipes`).
 const CONNS_PER_PIPE: u64 = 4;
+/// `[cluster]` on one Redis: its multiplexed connection, and one more while a reconnect
+/// after a failed sync overlaps the old connection's close (or resolves the host name).
+const REDIS_ONE: u64 = 2;
+/// `[cluster]` on a Redis Cluster: the client holds a connection to every node of the slot
+/// map, primaries and replicas, beside its seeds; this covers a primary and a replica for
+/// each of the buckets the keys are spread over (a larger cluster eats into the spare).
+const REDIS_CLUSTER_NODES: u64 = 2 * 16;
 
 /// One listener's share.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,7 +235,14 @@ impl fmt::Display for Budget {
 fn reserve(config: &Config) -> u64 {
     let mut r = BASE_RESERVE + config.listeners.len() as u64;
     if config.admin.bind.is_some() {
-        r += 1 + u64::from(config.admin.max_conns);
+        r += 1 + u64::from(config.admin.max_conns) + u64::from(config.admin.probe_conns);
+    }
+    if let Some(c) = &config.cluster {
+        r += if c.redis_cluster {
+            c.redis.expose().len() as u64 + REDIS_CLUSTER_NODES
+        } else {
+            REDIS_ONE
+        };
     }
     for p in &config.pools {
         let names = p.servers.iter().filter(|s| s.addr.is_name()).count() as u64;
@@ -341,6 +356,33 @@ mod tests {
         assert!((2.9..=3.1).contains(&(f64::from(a) / f64::from(bb))), "{b}");
         assert!(used(&b) <= 20_000, "{b}");
         assert_eq!(b.warnings().len(), 2);
+    }
+
+    #[test]
+    fn the_reserve_counts_probe_slots_and_redis_connections() {
+        let with = |extra: &str| {
+            let text = format!(
+                "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:17100\"\nbackends = [\"127.0.0.1:9\"]\n{extra}"
+            );
+            reserve(&crate::config::parse(&text, "t.toml", HashMap::new()).expect("valid"))
+        };
+        let admin = |probes: u32| {
+            format!("[admin]\nbind = \"127.0.0.1:17199\"\nmax_conns = 16\nprobe_conns = {probes}\n")
+        };
+        // Each slot an admin connection may hold is a descriptor, probes' too.
+        assert_eq!(with(&admin(4)) - with(&admin(0)), 4);
+        assert_eq!(
+            with(&admin(0)),
+            BASE_RESERVE + 1 + (1 + 16),
+            "the listener, the admin socket and its slots"
+        );
+        let node = "node = \"n1\"\n";
+        let one = format!("[cluster]\nredis = \"redis://127.0.0.1:17379\"\n{node}");
+        assert_eq!(with(&one) - with(""), REDIS_ONE);
+        let cluster = format!(
+            "[cluster]\nredis = \"redis://127.0.0.1:17379,redis://127.0.0.1:17380\"\nredis_cluster = true\n{node}"
+        );
+        assert_eq!(with(&cluster) - with(""), 2 + REDIS_CLUSTER_NODES);
     }
 
     #[test]
