@@ -16,6 +16,7 @@ use super::running::{announce, bind_listener, new_ctx, policy, pool_for, set_spl
 use super::{Handle, Running, ServerError, State};
 use crate::config::Config;
 use crate::fds::Budget;
+use crate::shutdown::Hangups;
 use crate::sockopt;
 
 impl State {
@@ -240,21 +241,17 @@ fn changes(old: &Config, new: &Config) -> String {
     }
 }
 
-/// Reloads through `handle` on every SIGHUP, for as long as the process runs.
-pub async fn reload_on_sighup(handle: Handle) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP; reload with POST /reload");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP received: reloading");
-            // The outcome is logged and counted by the reload itself.
-            let _ = handle.reload().await;
-        }
+/// Reloads through `handle` on every SIGHUP `hangups` catches (it was caught before the
+/// server bound, so one sent while it started is a reload now), for as long as the process
+/// runs.
+pub async fn reload_on_sighup(handle: Handle, mut hangups: Hangups) {
+    if !hangups.caught() {
+        tracing::warn!("cannot listen for SIGHUP; reload with POST /reload");
+        return;
     }
-    #[cfg(not(unix))]
-    drop(handle);
+    while hangups.next().await.is_some() {
+        tracing::info!("SIGHUP received: reloading");
+        // The outcome is logged and counted by the reload itself.
+        let _ = handle.reload().await;
+    }
 }
