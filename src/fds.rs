@@ -11,6 +11,8 @@
 //!   netlink sockets, `nft` children, the listening sockets, the admin endpoint and its
 //!   connections (probes' reserved slots included), health checks, the resolver, the
 //!   `[cluster]` sync's Redis connections, and accepts in flight that will be refused;
+//! - minus two per connection still held by a listener a reload removed or moved: it drains
+//!   beside its replacement, and its share comes back as its connections end;
 //! - the rest is shared by connections and pipes. Pipes are reserved *inside* the budget (a
 //!   quarter of the connections, HAProxy's `maxpipes` default, at most [`MAX_PIPES`]), so
 //!   splice works whatever `max_conns` says and a pipe never takes the descriptor an accept
@@ -61,6 +63,9 @@ pub struct Budget {
     pub limit: u64,
     /// Descriptors set aside for everything but proxied connections and pipes.
     pub reserve: u64,
+    /// Connections still held by listeners a reload removed or moved, draining beside the
+    /// new ones: two descriptors each, set aside before the listeners' caps are cut.
+    pub draining: u64,
     /// Per listener, in config order.
     pub listeners: Vec<ListenerShare>,
     /// Pipes splice may hold at once (0: splice off or no room).
@@ -72,8 +77,15 @@ pub struct Budget {
 impl Budget {
     /// Cuts `limit` descriptors for `config`.
     pub fn plan(config: &Config, limit: u64) -> Budget {
+        Budget::plan_beside(config, limit, 0)
+    }
+
+    /// Cuts `limit` descriptors for `config` beside `draining` connections of listeners
+    /// that no longer accept (a reload removed or moved them): those hold their
+    /// descriptors until they end, so the caps shrink by them and grow back as they go.
+    pub fn plan_beside(config: &Config, limit: u64, draining: u64) -> Budget {
         let reserve = reserve(config);
-        let avail = limit.saturating_sub(reserve);
+        let avail = limit.saturating_sub(reserve).saturating_sub(2 * draining);
         let splice = cfg!(target_os = "linux") && config.tcp.splice;
         let pipes_for = |conns: u64| {
             if splice {
@@ -128,6 +140,7 @@ impl Budget {
         Budget {
             limit,
             reserve,
+            draining,
             listeners,
             pipes,
             splice,
@@ -137,6 +150,11 @@ impl Budget {
     /// The budget for `config` under this process's open-files limit now.
     pub fn current(config: &Config) -> Budget {
         Budget::plan(config, open_files_limit())
+    }
+
+    /// The same, beside `draining` connections of listeners that no longer accept.
+    pub fn current_beside(config: &Config, draining: u64) -> Budget {
+        Budget::plan_beside(config, open_files_limit(), draining)
     }
 
     /// The cap admission applies on listener `name`.
@@ -169,6 +187,18 @@ impl Budget {
         self.listeners.iter().map(|s| u64::from(s.effective)).sum()
     }
 
+    /// `, 2 per connection for N ... draining ...`, or nothing when no listener drains.
+    fn draining_words(&self) -> String {
+        if self.draining == 0 {
+            String::new()
+        } else {
+            format!(
+                ", 2 per connection for {} connection(s) of listeners draining after a reload",
+                self.draining
+            )
+        }
+    }
+
     /// What the operator should hear, once: a line per lowered listener.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
@@ -176,7 +206,7 @@ impl Budget {
         for s in self.listeners.iter().filter(|s| s.effective < s.configured) {
             w.push(format!(
                 "listener {:?}: limits.max_conns {} lowered to {} to fit the open-files limit ({}): \
-                 2 descriptors per connection, {} splice pipes (2 each) and {} reserved; \
+                 2 descriptors per connection, {} splice pipes (2 each) and {} reserved{}; \
                  an open-files limit of {} keeps every max_conns as configured \
                  (LimitNOFILE, ulimit -n, --ulimit nofile)",
                 s.name,
@@ -185,7 +215,8 @@ impl Budget {
                 self.limit,
                 self.pipes,
                 self.reserve,
-                needed(configured, self.reserve, self.splice),
+                self.draining_words(),
+                needed(configured, self.reserve, self.splice) + 2 * self.draining,
             ));
         }
         w
@@ -206,9 +237,10 @@ impl fmt::Display for Budget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "descriptors: open-files limit {}; {} reserved, 2 per connection for {} connection(s) (",
+            "descriptors: open-files limit {}; {} reserved{}, 2 per connection for {} connection(s) (",
             self.limit,
             self.reserve,
+            self.draining_words(),
             self.conns()
         )?;
         for (i, s) in self.listeners.iter().enumerate() {
@@ -293,7 +325,7 @@ mod tests {
 
     /// Descriptors the plan promises: it must fit the limit.
     fn used(b: &Budget) -> u64 {
-        b.reserve + 2 * b.conns() + 2 * b.pipes as u64
+        b.reserve + 2 * b.draining + 2 * b.conns() + 2 * b.pipes as u64
     }
 
     #[test]
@@ -356,6 +388,32 @@ mod tests {
         assert!((2.9..=3.1).contains(&(f64::from(a) / f64::from(bb))), "{b}");
         assert!(used(&b) <= 20_000, "{b}");
         assert_eq!(b.warnings().len(), 2);
+    }
+
+    #[test]
+    fn draining_connections_shrink_the_caps_until_they_are_gone() {
+        let c = config(&[("a", 100)], false, false);
+        let full = Budget::plan(&c, 300);
+        assert_eq!(full.effective("a"), Some(100), "{full}");
+        // A moved listener still holds 80 connections: 160 descriptors the new one cannot
+        // have, whatever its cap says.
+        let beside = Budget::plan_beside(&c, 300, 80);
+        assert!(beside.effective("a").unwrap() < 100, "{beside}");
+        assert!(used(&beside) <= 300, "{beside}");
+        assert!(
+            beside
+                .to_string()
+                .contains("80 connection(s) of listeners draining")
+        );
+        assert!(
+            beside.warnings()[0].contains("draining"),
+            "{:?}",
+            beside.warnings()
+        );
+        // As they end, the cap grows back.
+        let fewer = Budget::plan_beside(&c, 300, 20);
+        assert!(fewer.effective("a") > beside.effective("a"), "{fewer}");
+        assert_eq!(Budget::plan_beside(&c, 300, 0), full);
     }
 
     #[test]

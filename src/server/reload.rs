@@ -45,7 +45,17 @@ impl State {
     async fn try_reload(&self, new: Config) -> Result<String, ServerError> {
         // Plan and do everything fallible first.
         sockopt::probe(&new.tcp)?;
-        let fds = Budget::current(&new);
+        let old = self.config.load_full();
+        // What runs keeps the start-time sections (and the admin socket); what waits for a
+        // restart is `loaded`.
+        let mut running = new.clone();
+        running.admin = old.admin.reloaded(&new.admin);
+        running.log = old.log.clone();
+        running.runtime = old.runtime.clone();
+        running.cluster = old.cluster.clone();
+        // Cut for what runs (the admin socket and the Redis connections are the start's),
+        // beside the connections of every listener that drains once this applies.
+        let fds = Budget::current_beside(&running, self.draining_conns(Some(&new)));
         let pools = self.build_pools(&new).await?;
         let mut updates = Vec::new();
         let mut adds = Vec::new();
@@ -91,7 +101,6 @@ impl State {
         }
         self.fds.store(Arc::new(fds));
         self.kernel.apply(self.targets(), &new.kernel).await;
-        let old = self.config.load_full();
         let admin_waits = new.admin.restart_changes(&old.admin);
         if !admin_waits.is_empty() {
             tracing::warn!(
@@ -109,16 +118,55 @@ impl State {
             }
         }
         let changed = changes(&self.loaded.load(), &new);
-        // What runs keeps the start-time sections (and the admin socket); what waits for a
-        // restart is `loaded`.
-        let mut running = new.clone();
-        running.admin = old.admin.reloaded(&new.admin);
-        running.log = old.log.clone();
-        running.runtime = old.runtime.clone();
-        running.cluster = old.cluster.clone();
         self.config.store(Arc::new(running));
         self.loaded.store(Arc::new(new));
         Ok(changed)
+    }
+
+    /// Connections held by listeners that no longer accept: those retired, and, with
+    /// `next`, those a reload to `next` retires (removed, or moved to a new bind).
+    fn draining_conns(&self, next: Option<&Config>) -> u64 {
+        self.listeners()
+            .iter()
+            .filter(|r| {
+                r.is_retired()
+                    || next.is_some_and(|c| {
+                        !c.listeners
+                            .iter()
+                            .any(|l| l.name == r.ctx.name && l.bind == r.bind)
+                    })
+            })
+            .map(|r| r.ctx.guard.snapshot().conns as u64)
+            .sum()
+    }
+
+    /// Cuts the descriptor budget again as draining listeners' connections end (called
+    /// once a second by the upkeep): the caps a reload shrank for them grow back. Left to
+    /// the reload when one is under way.
+    pub(super) fn refit_fds(&self) {
+        let Ok(_one) = self.reload_lock.try_lock() else {
+            return;
+        };
+        let draining = self.draining_conns(None);
+        let before = self.fds.load_full();
+        if draining == before.draining {
+            return;
+        }
+        let config = self.config.load_full();
+        let fds = Budget::current_beside(&config, draining);
+        for r in self.listeners().iter().filter(|r| !r.is_retired()) {
+            if let Some(l) = config.listeners.iter().find(|l| l.name == r.ctx.name) {
+                r.ctx.guard.reload(fds.limits(l), &config.pressure);
+            }
+        }
+        set_splice_budget(&fds);
+        if draining == 0 && fds.listeners != before.listeners {
+            // The drain is over: said once, as the reload said the cut for it.
+            announce(&fds);
+        } else {
+            tracing::debug!("{fds}");
+        }
+        self.fds.store(Arc::new(fds));
     }
 
     /// The effective configuration for `/config`: what runs, then the settings the file
