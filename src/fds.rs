@@ -9,7 +9,10 @@
 //! - the soft open-files limit (after start-up raised it to the hard one),
 //! - minus a reserve for everything else the process opens: stdio, the runtime, signal and
 //!   netlink sockets, `nft` children, the listening sockets, the admin endpoint and its
-//!   connections, health checks, the resolver, and accepts in flight that will be refused;
+//!   connections (probes' reserved slots included), health checks, the resolver, the
+//!   `[cluster]` sync's Redis connections, and accepts in flight that will be refused;
+//! - minus two per connection still held by a listener a reload removed or moved: it drains
+//!   beside its replacement, and its share comes back as its connections end;
 //! - the rest is shared by connections and pipes. Pipes are reserved *inside* the budget (a
 //!   quarter of the connections, HAProxy's `maxpipes` default, at most [`MAX_PIPES`]), so
 //!   splice works whatever `max_conns` says and a pipe never takes the descriptor an accept
@@ -35,6 +38,13 @@ pub const BASE_RESERVE: u64 = 64;
 const PER_NAME: u64 = 4;
 /// Pipes are reserved for this fraction of the connections (1/4, HAProxy's `maxpipes`).
 const CONNS_PER_PIPE: u64 = 4;
+/// `[cluster]` on one Redis: its multiplexed connection, and one more while a reconnect
+/// after a failed sync overlaps the old connection's close (or resolves the host name).
+const REDIS_ONE: u64 = 2;
+/// `[cluster]` on a Redis Cluster: the client holds a connection to every node of the slot
+/// map, primaries and replicas, beside its seeds; this covers a primary and a replica for
+/// each of the buckets the keys are spread over (a larger cluster eats into the spare).
+const REDIS_CLUSTER_NODES: u64 = 2 * 16;
 
 /// One listener's share.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +63,9 @@ pub struct Budget {
     pub limit: u64,
     /// Descriptors set aside for everything but proxied connections and pipes.
     pub reserve: u64,
+    /// Connections still held by listeners a reload removed or moved, draining beside the
+    /// new ones: two descriptors each, set aside before the listeners' caps are cut.
+    pub draining: u64,
     /// Per listener, in config order.
     pub listeners: Vec<ListenerShare>,
     /// Pipes splice may hold at once (0: splice off or no room).
@@ -64,8 +77,15 @@ pub struct Budget {
 impl Budget {
     /// Cuts `limit` descriptors for `config`.
     pub fn plan(config: &Config, limit: u64) -> Budget {
+        Budget::plan_beside(config, limit, 0)
+    }
+
+    /// Cuts `limit` descriptors for `config` beside `draining` connections of listeners
+    /// that no longer accept (a reload removed or moved them): those hold their
+    /// descriptors until they end, so the caps shrink by them and grow back as they go.
+    pub fn plan_beside(config: &Config, limit: u64, draining: u64) -> Budget {
         let reserve = reserve(config);
-        let avail = limit.saturating_sub(reserve);
+        let avail = limit.saturating_sub(reserve).saturating_sub(2 * draining);
         let splice = cfg!(target_os = "linux") && config.tcp.splice;
         let pipes_for = |conns: u64| {
             if splice {
@@ -120,6 +140,7 @@ impl Budget {
         Budget {
             limit,
             reserve,
+            draining,
             listeners,
             pipes,
             splice,
@@ -129,6 +150,11 @@ impl Budget {
     /// The budget for `config` under this process's open-files limit now.
     pub fn current(config: &Config) -> Budget {
         Budget::plan(config, open_files_limit())
+    }
+
+    /// The same, beside `draining` connections of listeners that no longer accept.
+    pub fn current_beside(config: &Config, draining: u64) -> Budget {
+        Budget::plan_beside(config, open_files_limit(), draining)
     }
 
     /// The cap admission applies on listener `name`.
@@ -161,6 +187,18 @@ impl Budget {
         self.listeners.iter().map(|s| u64::from(s.effective)).sum()
     }
 
+    /// `, 2 per connection for N ... draining ...`, or nothing when no listener drains.
+    fn draining_words(&self) -> String {
+        if self.draining == 0 {
+            String::new()
+        } else {
+            format!(
+                ", 2 per connection for {} connection(s) of listeners draining after a reload",
+                self.draining
+            )
+        }
+    }
+
     /// What the operator should hear, once: a line per lowered listener.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
@@ -168,7 +206,7 @@ impl Budget {
         for s in self.listeners.iter().filter(|s| s.effective < s.configured) {
             w.push(format!(
                 "listener {:?}: limits.max_conns {} lowered to {} to fit the open-files limit ({}): \
-                 2 descriptors per connection, {} splice pipes (2 each) and {} reserved; \
+                 2 descriptors per connection, {} splice pipes (2 each) and {} reserved{}; \
                  an open-files limit of {} keeps every max_conns as configured \
                  (LimitNOFILE, ulimit -n, --ulimit nofile)",
                 s.name,
@@ -177,7 +215,8 @@ impl Budget {
                 self.limit,
                 self.pipes,
                 self.reserve,
-                needed(configured, self.reserve, self.splice),
+                self.draining_words(),
+                needed(configured, self.reserve, self.splice) + 2 * self.draining,
             ));
         }
         w
@@ -198,9 +237,10 @@ impl fmt::Display for Budget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "descriptors: open-files limit {}; {} reserved, 2 per connection for {} connection(s) (",
+            "descriptors: open-files limit {}; {} reserved{}, 2 per connection for {} connection(s) (",
             self.limit,
             self.reserve,
+            self.draining_words(),
             self.conns()
         )?;
         for (i, s) in self.listeners.iter().enumerate() {
@@ -227,7 +267,14 @@ impl fmt::Display for Budget {
 fn reserve(config: &Config) -> u64 {
     let mut r = BASE_RESERVE + config.listeners.len() as u64;
     if config.admin.bind.is_some() {
-        r += 1 + u64::from(config.admin.max_conns);
+        r += 1 + u64::from(config.admin.max_conns) + u64::from(config.admin.probe_conns);
+    }
+    if let Some(c) = &config.cluster {
+        r += if c.redis_cluster {
+            c.redis.expose().len() as u64 + REDIS_CLUSTER_NODES
+        } else {
+            REDIS_ONE
+        };
     }
     for p in &config.pools {
         let names = p.servers.iter().filter(|s| s.addr.is_name()).count() as u64;
@@ -278,7 +325,7 @@ mod tests {
 
     /// Descriptors the plan promises: it must fit the limit.
     fn used(b: &Budget) -> u64 {
-        b.reserve + 2 * b.conns() + 2 * b.pipes as u64
+        b.reserve + 2 * b.draining + 2 * b.conns() + 2 * b.pipes as u64
     }
 
     #[test]
@@ -341,6 +388,59 @@ mod tests {
         assert!((2.9..=3.1).contains(&(f64::from(a) / f64::from(bb))), "{b}");
         assert!(used(&b) <= 20_000, "{b}");
         assert_eq!(b.warnings().len(), 2);
+    }
+
+    #[test]
+    fn draining_connections_shrink_the_caps_until_they_are_gone() {
+        let c = config(&[("a", 100)], false, false);
+        let full = Budget::plan(&c, 300);
+        assert_eq!(full.effective("a"), Some(100), "{full}");
+        // A moved listener still holds 80 connections: 160 descriptors the new one cannot
+        // have, whatever its cap says.
+        let beside = Budget::plan_beside(&c, 300, 80);
+        assert!(beside.effective("a").unwrap() < 100, "{beside}");
+        assert!(used(&beside) <= 300, "{beside}");
+        assert!(
+            beside
+                .to_string()
+                .contains("80 connection(s) of listeners draining")
+        );
+        assert!(
+            beside.warnings()[0].contains("draining"),
+            "{:?}",
+            beside.warnings()
+        );
+        // As they end, the cap grows back.
+        let fewer = Budget::plan_beside(&c, 300, 20);
+        assert!(fewer.effective("a") > beside.effective("a"), "{fewer}");
+        assert_eq!(Budget::plan_beside(&c, 300, 0), full);
+    }
+
+    #[test]
+    fn the_reserve_counts_probe_slots_and_redis_connections() {
+        let with = |extra: &str| {
+            let text = format!(
+                "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:17100\"\nbackends = [\"127.0.0.1:9\"]\n{extra}"
+            );
+            reserve(&crate::config::parse(&text, "t.toml", HashMap::new()).expect("valid"))
+        };
+        let admin = |probes: u32| {
+            format!("[admin]\nbind = \"127.0.0.1:17199\"\nmax_conns = 16\nprobe_conns = {probes}\n")
+        };
+        // Each slot an admin connection may hold is a descriptor, probes' too.
+        assert_eq!(with(&admin(4)) - with(&admin(0)), 4);
+        assert_eq!(
+            with(&admin(0)),
+            BASE_RESERVE + 1 + (1 + 16),
+            "the listener, the admin socket and its slots"
+        );
+        let node = "node = \"n1\"\n";
+        let one = format!("[cluster]\nredis = \"redis://127.0.0.1:17379\"\n{node}");
+        assert_eq!(with(&one) - with(""), REDIS_ONE);
+        let cluster = format!(
+            "[cluster]\nredis = \"redis://127.0.0.1:17379,redis://127.0.0.1:17380\"\nredis_cluster = true\n{node}"
+        );
+        assert_eq!(with(&cluster) - with(""), 2 + REDIS_CLUSTER_NODES);
     }
 
     #[test]

@@ -277,22 +277,31 @@ fn unresolved(config: &halfguard::Config) -> Vec<String> {
 }
 
 fn serve(config: halfguard::Config) -> anyhow::Result<halfguard::server::Stopped> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.runtime.worker_threads())
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    // First of all: until SIGHUP is caught, one would end the process (binding and
+    // resolving can take a while). Caught now, it is a reload once the server runs.
+    let hangups = {
+        let _rt = runtime.enter();
+        halfguard::shutdown::Hangups::catch()
+    };
     halfguard::logging::init(&config.log);
     // The server cuts the limit into listener caps and pipes, and says so when a cap is
     // lowered to fit.
     if let Err(e) = halfguard::sockopt::raise_nofile() {
         tracing::warn!(error = %e, "cannot raise the open-files limit");
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.runtime.worker_threads())
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
     runtime.block_on(async {
         let (first, second) = halfguard::shutdown::signals();
         // The summary and the warnings are logged once binding and resolving succeeded.
         let server = halfguard::Server::bind(config).await?;
-        tokio::spawn(halfguard::server::reload_on_sighup(server.handle()));
+        tokio::spawn(halfguard::server::reload_on_sighup(
+            server.handle(),
+            hangups,
+        ));
         anyhow::Ok(server.run_until(first, second).await)
     })
 }

@@ -1,5 +1,5 @@
-//! Signals: SIGTERM and SIGINT stop the server. (SIGHUP reloads the config: the server
-//! handles it beside the reload it drives, so this module stays a leaf.)
+//! Signals: SIGTERM and SIGINT stop the server; SIGHUP is caught here ([`Hangups`]) and
+//! the server reloads on it (beside the reload it drives, so this module stays a leaf).
 //!
 //! The first SIGTERM or SIGINT starts the graceful stop; a second one, while connections
 //! drain, cuts it short. Once halfguard listens for these signals the kernel no longer ends
@@ -110,5 +110,48 @@ impl Stops {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("SIGINT received");
         Signal::Interrupt
+    }
+}
+
+/// SIGHUP, caught from the moment this is made. SIGHUP's default action ends the process,
+/// so `run` makes this first, before the listeners bind and the names resolve: one sent
+/// while halfguard starts (`systemctl reload` right after `start`) is a reload once it
+/// runs, not the end of the process.
+pub struct Hangups {
+    #[cfg(unix)]
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangups {
+    /// Starts catching SIGHUP. Call it inside the runtime (`Runtime::enter`).
+    pub fn catch() -> Hangups {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Hangups {
+                hup: signal(SignalKind::hangup()).ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        Hangups {}
+    }
+
+    /// False when SIGHUP could not be caught (the caller says so once logging is up).
+    pub fn caught(&self) -> bool {
+        #[cfg(unix)]
+        {
+            self.hup.is_some()
+        }
+        #[cfg(not(unix))]
+        false
+    }
+
+    /// The next SIGHUP (one that came before this call counts); `None` when none can come.
+    pub async fn next(&mut self) -> Option<()> {
+        #[cfg(unix)]
+        if let Some(hup) = &mut self.hup {
+            return hup.recv().await;
+        }
+        None
     }
 }

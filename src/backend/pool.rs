@@ -60,13 +60,17 @@ pub struct ProxiedAddrs {
 
 /// One `[[backends]]` pool (or a listener's `backends` list) as one config version has it.
 /// A reload builds a new `Pool` that takes over the old one's counters and queue signal
-/// (`Shared`) and its servers' state, so metrics and health survive the reload.
+/// (`Shared`), its queue count and its servers' state, so metrics, health and the queue
+/// bound survive the reload.
 #[derive(Debug)]
 pub struct Pool {
     pub(super) cfg: PoolConfig,
     pub(super) shared: Arc<Shared>,
     balancer: Balancer,
-    waiting: AtomicUsize,
+    /// Clients in the queue, shared with the pool this one replaced (and the one that
+    /// replaces it): a client still queued in the old pool counts against the new
+    /// `queue_size`, so a reload cannot double the queue.
+    waiting: Arc<AtomicUsize>,
     /// Stops this pool's health and resolve tasks (on reload or shutdown).
     pub(super) stop: CancellationToken,
 }
@@ -121,7 +125,7 @@ impl Pool {
             balancer: Balancer::new(cfg.balance),
             cfg,
             shared: Arc::new(shared),
-            waiting: AtomicUsize::new(0),
+            waiting: previous.map_or_else(Default::default, |p| p.waiting.clone()),
             stop,
         })
     }

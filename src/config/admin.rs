@@ -109,21 +109,54 @@ impl AdminConfig {
         Ok(admin)
     }
 
-    /// True when `other` differs in what is fixed at start (the socket and its connection
-    /// slots). The token, `trust_loopback` and `drain_delay` are read per request or per
-    /// signal, so a reload changes them at once.
-    pub fn needs_restart_for(&self, other: &AdminConfig) -> bool {
-        (
-            self.bind,
-            self.max_conns,
-            self.probe_conns,
-            self.header_timeout,
-        ) != (
-            other.bind,
-            other.max_conns,
-            other.probe_conns,
-            other.header_timeout,
-        )
+    /// What runs after a reload to `new`: the socket and its connection slots as they
+    /// were started (`bind`, `max_conns`, `probe_conns`, `header_timeout`), and what is read
+    /// per request or per signal as `new` says, so a leaked token rotated in the file stops
+    /// working at the reload, not at the next restart.
+    pub fn reloaded(&self, new: &AdminConfig) -> AdminConfig {
+        AdminConfig {
+            token_file: new.token_file.clone(),
+            token: new.token.clone(),
+            trust_loopback: new.trust_loopback,
+            drain_delay: new.drain_delay,
+            ..self.clone()
+        }
+    }
+
+    /// The keys that differ from `other` and that a reload applies at once (the token's
+    /// content counts as `token`, never printed).
+    pub fn live_changes(&self, other: &AdminConfig) -> Vec<&'static str> {
+        [
+            (
+                self.token != other.token || self.token_file != other.token_file,
+                "token",
+            ),
+            (
+                self.trust_loopback != other.trust_loopback,
+                "trust_loopback",
+            ),
+            (self.drain_delay != other.drain_delay, "drain_delay"),
+        ]
+        .into_iter()
+        .filter_map(|(c, k)| c.then_some(k))
+        .collect()
+    }
+
+    /// The keys that differ from `other` and wait for the next restart: the socket and its
+    /// slots are made once, at start.
+    pub fn restart_changes(&self, other: &AdminConfig) -> Vec<&'static str> {
+        [
+            (self.bind != other.bind, "bind"),
+            (self.max_conns != other.max_conns, "max_conns"),
+            (self.probe_conns != other.probe_conns, "probe_conns"),
+            (
+                self.header_timeout != other.header_timeout,
+                "header_timeout",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(c, k)| c.then_some(k))
+        .collect()
     }
 }
 

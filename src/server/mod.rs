@@ -95,8 +95,9 @@ pub(crate) struct Running {
 /// Everything the server, the admin endpoint and handles share.
 #[derive(Debug)]
 pub(crate) struct State {
-    /// The configuration in force. `[admin]`, `[log]` and `[runtime]` are read at start
-    /// only, so here they stay as they were at start, whatever a reload brought.
+    /// The configuration in force. `[log]`, `[runtime]`, `[cluster]` and the admin socket
+    /// are read at start only, so here they stay as they were at start, whatever a reload
+    /// brought.
     config: ArcSwap<Config>,
     /// The configuration as the file and environment last gave it: what `config` becomes
     /// at the next restart.

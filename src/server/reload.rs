@@ -4,8 +4,10 @@
 //! Caps, clocks, allow and deny lists and backends change at once for the listeners that
 //! stay; new listeners are bound; removed ones stop accepting and drain. Everything that can
 //! fail (parsing, validation, binding, resolving) is done before anything is applied, so a
-//! bad config is refused whole and the running one stays. `[admin]`, `[log]`, `[runtime]`
-//! and `[cluster]` wait for a restart; `/config` shows what waits.
+//! bad config is refused whole and the running one stays. The admin token,
+//! `trust_loopback` and `drain_delay` apply at once (a rotated token must not wait for a
+//! restart); the admin socket and its slots, `[log]`, `[runtime]` and `[cluster]` wait for a
+//! restart, and the reload's answer, its log and `/config` say so.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,6 +16,7 @@ use super::running::{announce, bind_listener, new_ctx, policy, pool_for, set_spl
 use super::{Handle, Running, ServerError, State};
 use crate::config::Config;
 use crate::fds::Budget;
+use crate::shutdown::Hangups;
 use crate::sockopt;
 
 impl State {
@@ -42,7 +45,17 @@ impl State {
     async fn try_reload(&self, new: Config) -> Result<String, ServerError> {
         // Plan and do everything fallible first.
         sockopt::probe(&new.tcp)?;
-        let fds = Budget::current(&new);
+        let old = self.config.load_full();
+        // What runs keeps the start-time sections (and the admin socket); what waits for a
+        // restart is `loaded`.
+        let mut running = new.clone();
+        running.admin = old.admin.reloaded(&new.admin);
+        running.log = old.log.clone();
+        running.runtime = old.runtime.clone();
+        running.cluster = old.cluster.clone();
+        // Cut for what runs (the admin socket and the Redis connections are the start's),
+        // beside the connections of every listener that drains once this applies.
+        let fds = Budget::current_beside(&running, self.draining_conns(Some(&new)));
         let pools = self.build_pools(&new).await?;
         let mut updates = Vec::new();
         let mut adds = Vec::new();
@@ -88,9 +101,14 @@ impl State {
         }
         self.fds.store(Arc::new(fds));
         self.kernel.apply(self.targets(), &new.kernel).await;
-        let old = self.config.load_full();
+        let admin_waits = new.admin.restart_changes(&old.admin);
+        if !admin_waits.is_empty() {
+            tracing::warn!(
+                "admin.{} changes take effect at the next restart",
+                admin_waits.join(", admin.")
+            );
+        }
         for (changed, section) in [
-            (new.admin.needs_restart_for(&old.admin), "[admin]"),
             (new.log != old.log, "[log]"),
             (new.runtime != old.runtime, "[runtime]"),
             (new.cluster != old.cluster, "[cluster]"),
@@ -100,15 +118,55 @@ impl State {
             }
         }
         let changed = changes(&self.loaded.load(), &new);
-        // What runs keeps the start-time sections; what waits for a restart is `loaded`.
-        let mut running = new.clone();
-        running.admin = old.admin.clone();
-        running.log = old.log.clone();
-        running.runtime = old.runtime.clone();
-        running.cluster = old.cluster.clone();
         self.config.store(Arc::new(running));
         self.loaded.store(Arc::new(new));
         Ok(changed)
+    }
+
+    /// Connections held by listeners that no longer accept: those retired, and, with
+    /// `next`, those a reload to `next` retires (removed, or moved to a new bind).
+    fn draining_conns(&self, next: Option<&Config>) -> u64 {
+        self.listeners()
+            .iter()
+            .filter(|r| {
+                r.is_retired()
+                    || next.is_some_and(|c| {
+                        !c.listeners
+                            .iter()
+                            .any(|l| l.name == r.ctx.name && l.bind == r.bind)
+                    })
+            })
+            .map(|r| r.ctx.guard.snapshot().conns as u64)
+            .sum()
+    }
+
+    /// Cuts the descriptor budget again as draining listeners' connections end (called
+    /// once a second by the upkeep): the caps a reload shrank for them grow back. Left to
+    /// the reload when one is under way.
+    pub(super) fn refit_fds(&self) {
+        let Ok(_one) = self.reload_lock.try_lock() else {
+            return;
+        };
+        let draining = self.draining_conns(None);
+        let before = self.fds.load_full();
+        if draining == before.draining {
+            return;
+        }
+        let config = self.config.load_full();
+        let fds = Budget::current_beside(&config, draining);
+        for r in self.listeners().iter().filter(|r| !r.is_retired()) {
+            if let Some(l) = config.listeners.iter().find(|l| l.name == r.ctx.name) {
+                r.ctx.guard.reload(fds.limits(l), &config.pressure);
+            }
+        }
+        set_splice_budget(&fds);
+        if draining == 0 && fds.listeners != before.listeners {
+            // The drain is over: said once, as the reload said the cut for it.
+            announce(&fds);
+        } else {
+            tracing::debug!("{fds}");
+        }
+        self.fds.store(Arc::new(fds));
     }
 
     /// The effective configuration for `/config`: what runs, then the settings the file
@@ -197,25 +255,33 @@ fn changes(old: &Config, new: &Config) -> String {
             out.push(format!("pool {:?} removed", o.name));
         }
     }
-    for (changed, what) in [
-        (old.pressure != new.pressure, "[pressure]"),
-        (old.tcp != new.tcp, "[tcp]"),
-        (old.kernel != new.kernel, "[kernel]"),
-        (old.admin != new.admin, "[admin] (at the next restart)"),
-        (old.log != new.log, "[log] (at the next restart)"),
-        (
-            old.runtime != new.runtime,
-            "[runtime] (at the next restart)",
-        ),
-        (
-            old.cluster != new.cluster,
-            "[cluster] (at the next restart)",
-        ),
-    ] {
-        if changed {
-            out.push(what.to_string());
-        }
-    }
+    let section = |changed: bool, what: &str| changed.then(|| what.to_string());
+    let admin = |keys: Vec<&str>, when: &str| {
+        (!keys.is_empty()).then(|| format!("[admin] {}{when}", keys.join(", ")))
+    };
+    out.extend(
+        [
+            section(old.pressure != new.pressure, "[pressure]"),
+            section(old.tcp != new.tcp, "[tcp]"),
+            section(old.kernel != new.kernel, "[kernel]"),
+            admin(new.admin.live_changes(&old.admin), ""),
+            admin(
+                new.admin.restart_changes(&old.admin),
+                " (at the next restart)",
+            ),
+            section(old.log != new.log, "[log] (at the next restart)"),
+            section(
+                old.runtime != new.runtime,
+                "[runtime] (at the next restart)",
+            ),
+            section(
+                old.cluster != new.cluster,
+                "[cluster] (at the next restart)",
+            ),
+        ]
+        .into_iter()
+        .flatten(),
+    );
     if out.is_empty() {
         "nothing".to_string()
     } else {
@@ -223,21 +289,17 @@ fn changes(old: &Config, new: &Config) -> String {
     }
 }
 
-/// Reloads through `handle` on every SIGHUP, for as long as the process runs.
-pub async fn reload_on_sighup(handle: Handle) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP; reload with POST /reload");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP received: reloading");
-            // The outcome is logged and counted by the reload itself.
-            let _ = handle.reload().await;
-        }
+/// Reloads through `handle` on every SIGHUP `hangups` catches (it was caught before the
+/// server bound, so one sent while it started is a reload now), for as long as the process
+/// runs.
+pub async fn reload_on_sighup(handle: Handle, mut hangups: Hangups) {
+    if !hangups.caught() {
+        tracing::warn!("cannot listen for SIGHUP; reload with POST /reload");
+        return;
     }
-    #[cfg(not(unix))]
-    drop(handle);
+    while hangups.next().await.is_some() {
+        tracing::info!("SIGHUP received: reloading");
+        // The outcome is logged and counted by the reload itself.
+        let _ = handle.reload().await;
+    }
 }

@@ -1,7 +1,7 @@
 //! The server's periodic work, each a task that ends with the server: once a second the
-//! upkeep (rate-limiter sweeps, the summary log, reaping drained listeners); every
-//! `kernel.census_interval` the kernel census and its bans; and the view of the listeners
-//! the cluster sync reads.
+//! upkeep (rate-limiter sweeps, the summary log, reaping drained listeners and giving their
+//! descriptors back to the caps); every `kernel.census_interval` the kernel census and its
+//! bans; and the view of the listeners the cluster sync reads.
 //!
 //! The kernel and cluster layers never read the server: what they need is handed to them
 //! from here.
@@ -82,6 +82,7 @@ pub(super) async fn upkeep(state: Arc<State>) {
             l.retain(|r| !(r.is_retired() && r.ctx.guard.snapshot().conns == 0));
             summaries.retain(|(c, _)| l.iter().any(|r| Arc::ptr_eq(&c.stats, &r.ctx.stats)));
         }
+        state.refit_fds();
         if stopping {
             break;
         }

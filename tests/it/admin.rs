@@ -601,6 +601,86 @@ async fn private_endpoints_need_the_token_and_probes_do_not() {
 }
 
 #[tokio::test]
+async fn a_reload_rotates_the_token_and_applies_trust_loopback_and_drain_delay() {
+    const ROTATED: &str = "rotated-admin-token-9876543210";
+    let b = backend(Backend::Echo).await;
+    let token = TempDir::file("admin", "admin-token", &format!("{TOKEN}\n"));
+    let text = |admin: &str| {
+        file_config(b.addr, "").replace(
+            "[admin]\nbind = \"127.0.0.1:0\"\n",
+            &format!("[admin]\ntoken_file = \"{}\"\n{admin}\n", token.display()),
+        )
+    };
+    let (p, path, admin) = proxy_from_file(&text(
+        "bind = \"127.0.0.1:0\"\ntrust_loopback = false\ndrain_delay = \"5s\"",
+    ))
+    .await;
+    assert_eq!(req(admin, "GET", "/sources", &bearer(TOKEN)).await.0, 200);
+
+    // The token leaked: a new one in the file, and a reload (with the old one, the one in
+    // force until then).
+    std::fs::write(&*token, format!("{ROTATED}\n")).unwrap();
+    std::fs::write(
+        &path,
+        text("bind = \"127.0.0.1:0\"\ntrust_loopback = false\ndrain_delay = \"2s\""),
+    )
+    .unwrap();
+    let (status, raw) = req(admin, "POST", "/reload", &bearer(TOKEN)).await;
+    assert_eq!(status, 200, "{raw}");
+    assert!(
+        raw.contains("reloaded; changed: [admin] token, drain_delay\n"),
+        "{raw}"
+    );
+    assert!(!raw.contains(ROTATED) && !raw.contains(TOKEN), "{raw}");
+    for private in ["/sources", "/config"] {
+        assert_eq!(
+            req(admin, "GET", private, &bearer(TOKEN)).await.0,
+            401,
+            "{private}: the old token still opens it"
+        );
+        assert_eq!(req(admin, "GET", private, "").await.0, 401, "{private}");
+        assert_eq!(
+            req(admin, "GET", private, &bearer(ROTATED)).await.0,
+            200,
+            "{private}: the new token is refused"
+        );
+    }
+    // The delay SIGTERM waits is the new one, in what runs, not under what waits.
+    assert_eq!(p.handle.config().admin.drain_delay, ms(2000));
+    let (_, config) = req(admin, "GET", "/config", &bearer(ROTATED)).await;
+    assert!(
+        config.contains("drain_delay 2s") && !config.contains("waiting for a restart"),
+        "{config}"
+    );
+
+    // Loopback trusted again, and a new admin bind: the one applies now, the other says it
+    // waits for a restart (the socket is made once).
+    std::fs::write(
+        &path,
+        text("bind = \"127.0.0.2:0\"\ntrust_loopback = true\ndrain_delay = \"2s\""),
+    )
+    .unwrap();
+    let (status, raw) = req(admin, "POST", "/reload", &bearer(ROTATED)).await;
+    assert_eq!(status, 200, "{raw}");
+    assert!(
+        raw.contains(
+            "reloaded; changed: [admin] trust_loopback; [admin] bind (at the next restart)\n"
+        ),
+        "{raw}"
+    );
+    assert_eq!(req(admin, "GET", "/sources", "").await.0, 200);
+    let (_, config) = req(admin, "GET", "/config", "").await;
+    let (running, waiting) = config
+        .split_once("waiting for a restart")
+        .unwrap_or_else(|| panic!("the new bind waits: {config}"));
+    assert!(
+        running.contains("admin: 127.0.0.1:0,") && waiting.contains("admin: 127.0.0.2:0,"),
+        "{config}"
+    );
+    drop(p);
+}
+
+#[tokio::test]
 async fn loopback_needs_no_token_but_a_rebound_name_gets_nothing() {
     let b = backend(Backend::Echo).await;
     let (_p, _path, admin) = proxy_from_file(&file_config(b.addr, "")).await;

@@ -255,6 +255,93 @@ async fn sigterm_fails_readiness_then_drains_then_exits_0() {
     );
 }
 
+/// True once `pid` catches signal `sig` (its bit in `SigCgt` of `/proc/<pid>/status`).
+fn catches(pid: u32, sig: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let hex = s.lines().find_map(|l| l.strip_prefix("SigCgt:"))?.trim();
+            u64::from_str_radix(hex, 16).ok()
+        })
+        .is_some_and(|mask| mask & (1 << (sig - 1)) != 0)
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_while_the_server_binds_is_a_reload_not_the_end() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::ExitStatusExt;
+    const SIGHUP: u32 = 1;
+    const SIGTERM: u32 = 15;
+    let b = backend(Backend::Echo).await;
+    let (cfg, port) = temp_config(b.addr, "bind = \"off\"", "");
+    // halfguard's stderr is a socket we filled: its first log line, the summary `bind`
+    // prints once everything bound, blocks until we read. That holds it inside `bind`
+    // for as long as the test needs, whatever the machine's speed.
+    let (mut full, mut reader) = UnixStream::pair().unwrap();
+    full.set_nonblocking(true).unwrap();
+    while full.write(&[b'.'; 4096]).is_ok() {}
+    while full.write(b".").is_ok() {}
+    full.set_nonblocking(false).unwrap();
+    let child = Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::from(std::os::fd::OwnedFd::from(full)))
+        .spawn()
+        .unwrap();
+    let mut child = Reap(child);
+    let pid = child.0.id();
+    // It catches SIGTERM from just before `bind`: from there on it is binding, or blocked
+    // in its first log line inside it.
+    let end = Instant::now() + Duration::from_secs(10);
+    while !catches(pid, SIGTERM) {
+        assert!(Instant::now() < end, "halfguard never got to bind");
+        assert!(child.0.try_wait().unwrap().is_none(), "halfguard exited");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    signal(&child.0, "HUP");
+    std::thread::sleep(Duration::from_millis(200));
+    if let Some(status) = child.0.try_wait().unwrap() {
+        panic!(
+            "a SIGHUP during bind ended halfguard ({status}, signal {:?})",
+            status.signal()
+        );
+    }
+    assert!(catches(pid, SIGHUP));
+
+    // Let it log: it starts, then reloads for the SIGHUP it caught while binding.
+    let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = said.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if let Ok(mut s) = sink.lock() {
+                s.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        }
+    });
+    let log = || said.lock().map(|s| s.clone()).unwrap_or_default();
+    let end = Instant::now() + Duration::from_secs(10);
+    while !log().contains("config reloaded") {
+        assert!(
+            Instant::now() < end,
+            "no reload after the SIGHUP:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(log().contains("SIGHUP received: reloading"), "{}", log());
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(roundtrip(&mut c, b"up").await, b"up");
+    assert!(child.0.try_wait().unwrap().is_none());
+}
+
 #[test]
 fn run_with_a_bad_config_exits_2() {
     let out = Command::new(BIN)

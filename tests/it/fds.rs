@@ -369,3 +369,114 @@ async fn a_slow_reader_gives_its_pipe_back() {
     assert!(download(&mut c, 4 << 20).await >= 4 << 20);
     assert_eq!(in_use(&scrape(admin).await), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_listener_draining_beside_the_new_one_stays_within_the_limit() {
+    // The held connections and the backend's side of them live in this process.
+    let _ = halfguard::sockopt::raise_nofile();
+    const NOFILE: u64 = 256;
+    const HELD: usize = 70;
+    let b = backend(Backend::Echo).await;
+    let admin_port = free_port();
+    let (cfg, port) = temp_config(
+        b.addr,
+        &format!("bind = \"127.0.0.1:{admin_port}\""),
+        &format!("{OPEN_LIMITS}max_conns = 80\n[tcp]\nsplice = false\n"),
+    );
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let loaded = halfguard::config::load(&cfg).unwrap();
+    assert_eq!(
+        Budget::plan(&loaded, NOFILE).effective("cli"),
+        Some(80),
+        "80 fits as configured"
+    );
+    // Both listeners' worth would not: the test is about the old one's share.
+    assert!(Budget::plan(&loaded, NOFILE).reserve + 4 * HELD as u64 > NOFILE);
+    let child = Reap(start(limited(NOFILE, &format!("run -c {}", cfg.display()))));
+    let all = |m: &str| {
+        sum(
+            m,
+            "halfguard_connections_limit",
+            &["listener=\"cli\"", "state=\"all\""],
+        )
+    };
+
+    let mut old = Vec::new();
+    for _ in 0..HELD {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(roundtrip(&mut c, b"old").await, b"old");
+        old.push(c);
+    }
+    // The listener moves; its 70 connections drain beside the new socket.
+    let moved = free_port();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{moved}")),
+    )
+    .unwrap();
+    let (status, body) = http(admin, "POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let beside = Budget::plan_beside(&loaded, NOFILE, HELD as u64)
+        .effective("cli")
+        .unwrap();
+    assert!(beside < 80);
+    assert_eq!(all(&scrape(admin).await), f64::from(beside));
+
+    // As many again on the new socket: the caps meet them, not EMFILE.
+    let new_addr: SocketAddr = format!("127.0.0.1:{moved}").parse().unwrap();
+    let mut new = Vec::new();
+    let mut served = 0;
+    for _ in 0..HELD {
+        let Ok(mut c) = TcpStream::connect(new_addr).await else {
+            continue;
+        };
+        let echoed = async {
+            c.write_all(b"n").await.ok()?;
+            let mut back = [0u8; 1];
+            c.read_exact(&mut back).await.ok()
+        };
+        if let Ok(Some(_)) = tokio::time::timeout(ms(2000), echoed).await {
+            served += 1;
+        }
+        new.push(c);
+    }
+    let m = scrape(admin).await;
+    let accept_errors = sum(&m, "halfguard_accept_errors_total", &[]);
+    let connect_errors = sum(&m, "halfguard_backend_connect_errors_total", &[]);
+    let unavailable = sum(
+        &m,
+        "halfguard_connections_closed_total",
+        &["end=\"backend_unavailable\""],
+    );
+    eprintln!("cap beside the drain {beside}, served {served} of {HELD}");
+    assert_eq!(accept_errors, 0.0, "accept ran out of descriptors:\n{m}");
+    assert_eq!(connect_errors, 0.0, "a backend connect failed:\n{m}");
+    assert_eq!(unavailable, 0.0, "a client lost its backend:\n{m}");
+    assert!(served >= 1, "the new socket serves");
+    for c in &mut old {
+        assert_eq!(
+            roundtrip(c, b"o").await,
+            b"o",
+            "a draining connection was lost"
+        );
+    }
+
+    // The old connections end: the cap grows back to what is configured.
+    drop(old);
+    drop(new);
+    let end = Instant::now() + ms(5000);
+    loop {
+        let m = scrape(admin).await;
+        if all(&m) == 80.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the cap grows back once the drain is over:\n{m}"
+        );
+        tokio::time::sleep(ms(100)).await;
+    }
+    drop(child);
+}

@@ -191,6 +191,55 @@ async fn a_changed_pool_keeps_the_load_of_the_servers_that_stay() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_pool_keeps_its_queue_bound() {
+    let b = backend(Backend::Echo).await;
+    let servers = format!("{{ addr = \"{}\", max_conns = 1 }}", b.addr);
+    let cfg = |timeout: &str| {
+        pool_config(
+            &servers,
+            &format!(
+                "queue_size = 1\nqueue_timeout = \"{timeout}\"\n[backends.health]\nenabled = false\n"
+            ),
+        )
+    };
+    let p = Proxy::start(cfg("5s")).await;
+    let mut first = TcpStream::connect(p.addr).await.unwrap();
+    assert_eq!(roundtrip(&mut first, b"one").await, b"one");
+    // The second fills the queue of one.
+    let mut second = TcpStream::connect(p.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut second, b"two")
+        .await
+        .unwrap();
+    tokio::time::sleep(ms(200)).await;
+
+    // The pool changes: the client still queued in the old one counts against the new
+    // queue, so the third finds it full and is refused at once.
+    p.handle.reload_with(cfg("6s")).await.unwrap();
+    let mut third = TcpStream::connect(p.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut third, b"three")
+        .await
+        .unwrap();
+    expect_reset(&mut third, ms(2000)).await;
+    assert_eq!(
+        p.stats().rejected(halfguard::stats::Reject::QueueFull),
+        1,
+        "a reload doubled the queue"
+    );
+
+    // The queued client gets the slot when the first leaves.
+    rst(first);
+    let mut back = [0u8; 3];
+    tokio::time::timeout(
+        ms(2000),
+        tokio::io::AsyncReadExt::read_exact(&mut second, &mut back),
+    )
+    .await
+    .expect("the queued client is served")
+    .unwrap();
+    assert_eq!(&back, b"two");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_pool_keeps_a_down_server_down() {
     let dead = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
