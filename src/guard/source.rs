@@ -70,7 +70,9 @@ impl SourceKey {
     /// covers them too), for rules that see packets and not keys.
     pub fn nat64_addr(&self) -> Option<Ipv6Addr> {
         match self.addr {
-            IpAddr::V4(a) => Some(Ipv6Addr::from(NAT64_PREFIX << 32 | u128::from(u32::from(a)))),
+            IpAddr::V4(a) => Some(Ipv6Addr::from(
+                NAT64_PREFIX << 32 | u128::from(u32::from(a)),
+            )),
             IpAddr::V6(_) => None,
         }
     }

@@ -63,6 +63,8 @@ struct Table {
     failing: bool,
     /// Live bans, carried into every reinstall.
     banned_until: HashMap<SourceKey, Instant>,
+    /// The drop sets of the table in the kernel.
+    ban_sets: std::collections::BTreeSet<nft::BanSet>,
     /// Counter values at the last read, to turn the table's counters (reset by every
     /// reinstall) into totals that only grow.
     last_counters: [u64; nft::COUNTERS.len()],
@@ -77,6 +79,7 @@ impl Default for Table {
             installed_once: false,
             failing: false,
             banned_until: HashMap::new(),
+            ban_sets: Default::default(),
             last_counters: [0; nft::COUNTERS.len()],
         }
     }
@@ -90,6 +93,8 @@ pub(crate) struct Kernel {
     pub enforcing: AtomicBool,
     /// Sources put in the drop set.
     pub bans: AtomicU64,
+    /// Sources that earned a ban while enforcing, and were not put in the drop set.
+    pub ban_failures: AtomicU64,
     /// Packets dropped by our rules, per [`nft::COUNTERS`] name, since start.
     pub dropped: [AtomicU64; nft::COUNTERS.len()],
     /// One nft run at a time; holds what the table should be.
@@ -105,6 +110,8 @@ pub struct KernelCounts {
     pub enforcing: bool,
     /// Sources put in the drop set since start.
     pub bans: u64,
+    /// Sources that earned a ban while enforcing, and were not put in the drop set.
+    pub ban_failures: u64,
     /// Packets dropped by our rules, per [`nft::COUNTERS`] name, since start.
     pub dropped: [u64; nft::COUNTERS.len()],
 }
@@ -220,8 +227,10 @@ impl Kernel {
                     .map(|(s, until)| (*s, (*until - now).as_secs().max(1)))
                     .collect();
                 let ports: Vec<u16> = targets.iter().map(|t| t.port).collect();
+                let sets = nft::ban_sets(&targets, bans.iter().map(|(s, _)| s));
                 match blocking(move || nft::install(&targets, &k, &bans)).await {
                     Ok(()) => {
+                        t.ban_sets = sets;
                         t.maybe_present = true;
                         t.installed_once = true;
                         t.in_sync = true;
@@ -285,18 +294,47 @@ impl Kernel {
         self.reconcile(&mut t).await;
     }
 
-    /// Puts `sources` in the drop set for `ban_for`, and remembers them for reinstalls.
+    /// Puts `sources` in the drop set for `ban_for`, and remembers them for reinstalls. A
+    /// ban that cannot go in while enforcement is on (no table, nft failing) is counted in
+    /// `ban_failures`.
     pub(crate) async fn ban(&self, mut sources: Vec<SourceKey>, ban_for: Duration) {
         let mut t = self.table.lock().await;
         let now = Instant::now();
         t.banned_until.retain(|_, until| *until > now);
         sources.retain(|s| !t.banned_until.contains_key(s));
-        if sources.is_empty() || !self.enforcing.load(Ordering::Relaxed) {
+        if sources.is_empty() || t.want.is_none() {
             return;
         }
-        let secs = ban_for.as_secs().max(1);
-        let list = sources.clone();
-        match blocking(move || nft::ban(&list, secs)).await {
+        let added = if !self.enforcing.load(Ordering::Relaxed) {
+            Err(std::io::Error::other("the table is not installed"))
+        } else if sources
+            .iter()
+            .flat_map(nft::BanSet::of)
+            .all(|(set, _)| t.ban_sets.contains(&set))
+        {
+            let secs = ban_for.as_secs().max(1);
+            let list = sources.clone();
+            blocking(move || nft::ban(&list, secs)).await
+        } else {
+            // A prefix no listener keys by now (a reload changed it since the tally
+            // counted): a reinstall makes its set, the bans carried in.
+            for s in &sources {
+                t.banned_until.insert(*s, now + ban_for);
+            }
+            t.in_sync = false;
+            self.reconcile(&mut t).await;
+            if t.in_sync {
+                Ok(())
+            } else {
+                for s in &sources {
+                    t.banned_until.remove(s);
+                }
+                Err(std::io::Error::other(
+                    "the table with its set was not installed",
+                ))
+            }
+        };
+        match added {
             Ok(()) => {
                 self.bans.fetch_add(sources.len() as u64, Ordering::Relaxed);
                 tracing::warn!(
@@ -308,7 +346,14 @@ impl Kernel {
                     t.banned_until.insert(s, now + ban_for);
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot add to the kernel drop set"),
+            Err(e) => {
+                self.ban_failures
+                    .fetch_add(sources.len() as u64, Ordering::Relaxed);
+                // Without a table, its failure was warned of already (once per streak).
+                if self.enforcing.load(Ordering::Relaxed) {
+                    tracing::warn!(error = %e, count = sources.len(), "cannot add to the kernel drop set");
+                }
+            }
         }
     }
 
@@ -346,6 +391,7 @@ impl Kernel {
             census: self.census.load_full(),
             enforcing: self.enforcing.load(Ordering::Relaxed),
             bans: self.bans.load(Ordering::Relaxed),
+            ban_failures: self.ban_failures.load(Ordering::Relaxed),
             dropped: std::array::from_fn(|i| self.dropped[i].load(Ordering::Relaxed)),
         }
     }
