@@ -2,9 +2,10 @@
 //! spoofed-source SYN flood; enforcement limits the flooding sources while a legit client
 //! connects; the rules agree with the proxy (allow-listed sources exempt, IPv6 per /64, a
 //! full set still limits newcomers, entries live from the last SYN); bans come only from a
-//! source's own refusals and survive a reload; a slow or failing nft neither blocks the
-//! workers nor leaves a table behind; and the admin port on a pod address shows probes to
-//! another host and hides the rest. Needs root, iproute2, nftables, hping3 and python3 (CI
+//! source's own refusals, survive a reload, drop at each listener's own prefix, and are
+//! counted when nft refuses them; a slow or failing nft neither blocks the workers nor
+//! leaves a table behind; and the admin port on a pod address shows probes to another host
+//! and hides the rest, and shares its probe slots per IPv6 /64. Needs root, iproute2, nftables, hping3 and python3 (CI
 //! installs them; without them each test says it skips). Addresses are from 198.18.0.0/15
 //! and the IPv6 benchmarking prefix 2001:2::/48 only; the namespaces are linked only to
 //! each other and removed on drop.
@@ -1065,4 +1066,80 @@ print(get("/healthz"), get("/readyz"), get("/metrics"), get("/sources"), get("/c
         "200 200 200 401 401 401 200",
         "with a token: 401 without it, 200 with it"
     );
+}
+
+/// Admin probe slots are shared per source as the data path keys them: a flood of probe
+/// connections that never finish their headers, from eight addresses of one IPv6 /64,
+/// evicts itself, and never the probe of another /64 whose headers take 300 ms to arrive
+/// (per address, the flood's one slot each tied with the probe's, and the probe went as soon
+/// as it was the oldest). In the test's namespaces: no other way to have many IPv6 sources.
+#[test]
+fn a_probe_flood_from_one_slash_64_evicts_itself_not_the_probe() {
+    if !can_run("a_probe_flood_from_one_slash_64_evicts_itself_not_the_probe") {
+        return;
+    }
+    let mut net = Net::new();
+    net.start_backend();
+    net.proxy_addr("2001:2:0:1::1/64");
+    net.proxy_addr("2001:2:0:2::1/64");
+    for i in 0xa..0x12 {
+        net.attacker_addr(&format!("2001:2:0:1::{i:x}/64"));
+    }
+    net.attacker_addr("2001:2:0:2::2/64");
+    let cfg = net.write_config("");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "bind = \"127.0.0.1:18090\"",
+        "bind = \"[::]:18090\"\nprobe_conns = 4",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    net.start_with(&cfg, None);
+    // Bounded: 4 s or 20000 connections, at most 200 held.
+    let flood = r#"import socket,time
+srcs=['2001:2:0:1::%x'%i for i in range(0xa,0x12)]
+held=[];n=0;end=time.time()+4
+while time.time()<end and n<20000:
+  s=socket.socket(socket.AF_INET6);s.settimeout(0.2)
+  try:
+    s.bind((srcs[n%len(srcs)],0));s.connect(('2001:2:0:1::1',18090))
+    s.sendall(b'GET /healthz HTTP/1.1\r\nHost: x\r\nX: ');held.append(s)
+  except OSError: s.close()
+  n+=1
+  if len(held)>200: held.pop(0).close()
+print(n)
+"#;
+    let flooder = net
+        .exec(&net.attacker, &["python3", "-c", flood])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let probe = r#"import socket,time
+ok=0;n=0;fails=[];end=time.time()+2.5
+while time.time()<end:
+  n+=1;s=socket.socket(socket.AF_INET6);s.settimeout(1.5)
+  try:
+    s.bind(('2001:2:0:2::2',0));s.connect(('2001:2:0:1::1',18090))
+    s.sendall(b'GET /healthz HTTP/1.1\r\n');time.sleep(0.3);s.sendall(b'Host: x\r\n\r\n')
+    r=s.recv(64)
+    if r.startswith(b'HTTP/1.1 200'): ok+=1
+    else: fails.append(repr(r[:40]))
+  except OSError as e: fails.append(str(e))
+  finally: s.close()
+  time.sleep(0.05)
+print(ok,n,fails[:3])
+"#;
+    let out = net
+        .exec(&net.attacker, &["python3", "-c", probe])
+        .output()
+        .unwrap();
+    let flood_out = flooder.wait_with_output().unwrap();
+    let probes = String::from_utf8_lossy(&out.stdout).to_string();
+    let report = format!(
+        "flood opened {} connections; probes ok, sent, failures: {probes}",
+        String::from_utf8_lossy(&flood_out.stdout).trim()
+    );
+    eprintln!("{report}");
+    let v: Vec<&str> = probes.split_whitespace().collect();
+    assert!(v.len() >= 2 && v[1] != "0", "{report}");
+    assert_eq!(v[0], v[1], "every probe answered: {report}");
 }
