@@ -526,6 +526,12 @@ fn kernel(e: &mut DescriptorEncoder, kernel: &KernelCounts) -> std::fmt::Result 
         "Sources put in the kernel drop set.",
         &[(vec![], kernel.bans)],
     )?;
+    counter(
+        e,
+        "halfguard_kernel_ban_failures",
+        "Sources that earned a ban while kernel.enforce is on and could not be put in the drop set (no table installed, nft failing).",
+        &[(vec![], kernel.ban_failures)],
+    )?;
     let dropped: Vec<_> = crate::kernel::nft::COUNTERS
         .iter()
         .zip(&kernel.dropped)

@@ -451,6 +451,12 @@ impl Guard {
         v
     }
 
+    /// The sources their own caps refused in the tally's window (not a listener-wide cap,
+    /// which refuses whoever comes next), with those refusals only: what a ban weighs.
+    pub(crate) fn own_refusals(&self) -> Vec<(SourceKey, u64)> {
+        self.shared.refusals.own()
+    }
+
     /// Is the listener in pressure mode?
     pub fn pressure(&self) -> bool {
         self.shared.pressure.is_on()
@@ -716,7 +722,7 @@ impl Shared {
     /// Counts what observe mode let pass, and tallies it against its source.
     fn observed_key(&self, key: SourceKey, what: Observed) {
         self.stats.observe(what);
-        self.observed.count(key);
+        self.observed.count(key, false);
     }
 
     /// Counts a refusal, and tallies it against its source for `/sources` (a denied source
@@ -735,7 +741,8 @@ impl Shared {
     /// Counts a refusal of a connection from `key`.
     fn refused_key(&self, key: SourceKey, reason: Reject) {
         self.stats.reject(reason);
-        self.refusals.count(key);
+        self.refusals
+            .count(key, refusals::against_the_source(reason));
     }
 
     /// Binding per-source check, then the connection is counted in its source's entry.

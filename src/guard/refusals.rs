@@ -4,6 +4,11 @@
 //! At most [`MAX_KEYS`] sources are tallied; once full, only sources already in the tally
 //! are counted. The tally starts afresh every [`WINDOW`], so it shows who is being refused
 //! now, not who was last week.
+//!
+//! Each source has two counts: every refusal (what `/sources` shows), and those its own caps
+//! made (what the kernel layer bans on). A listener-wide cap refuses whoever comes next, so
+//! such a refusal says nothing of the source; but a source that is also refused by its own
+//! caps must not hide those behind the listener-wide ones it, or anyone, causes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -11,13 +16,40 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 
 use super::SourceKey;
+use crate::stats::Reject;
 
 pub const MAX_KEYS: usize = 4096;
 pub const WINDOW: Duration = Duration::from_secs(60);
 
+/// A refusal made by a cap of the source's own (`rate`, `source_conns`, `source_half_open`,
+/// `source_half_closed`): evidence against the source. Every other refusal reason is a cap
+/// shared with others (the listener's, the network's) or the operator's choice.
+pub fn against_the_source(reason: Reject) -> bool {
+    matches!(
+        reason,
+        Reject::Rate | Reject::SourceConns | Reject::SourceHalfOpen | Reject::SourceHalfClosed
+    )
+}
+
+/// One source's counts in the current window.
+#[derive(Debug, Default)]
+struct Count {
+    all: AtomicU64,
+    own: AtomicU64,
+}
+
+impl Count {
+    fn add(&self, own: bool) {
+        self.all.fetch_add(1, Ordering::Relaxed);
+        if own {
+            self.own.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Refusals {
-    map: DashMap<SourceKey, AtomicU64>,
+    map: DashMap<SourceKey, Count>,
     started: std::sync::Mutex<Instant>,
 }
 
@@ -31,21 +63,29 @@ impl Default for Refusals {
 }
 
 impl Refusals {
-    pub fn count(&self, key: SourceKey) {
+    /// Counts one against `key`; `own` when the source's own cap made it.
+    pub fn count(&self, key: SourceKey, own: bool) {
         if let Some(c) = self.map.get(&key) {
-            c.fetch_add(1, Ordering::Relaxed);
+            c.add(own);
         } else if self.map.len() < MAX_KEYS {
-            self.map
-                .entry(key)
-                .or_insert_with(|| AtomicU64::new(0))
-                .fetch_add(1, Ordering::Relaxed);
+            self.map.entry(key).or_default().add(own);
         }
     }
 
+    /// Every source's count, whatever made it.
     pub fn snapshot(&self) -> Vec<(SourceKey, u64)> {
         self.map
             .iter()
-            .map(|e| (*e.key(), e.value().load(Ordering::Relaxed)))
+            .map(|e| (*e.key(), e.value().all.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// The sources their own caps refused, with those counts only.
+    pub fn own(&self) -> Vec<(SourceKey, u64)> {
+        self.map
+            .iter()
+            .map(|e| (*e.key(), e.value().own.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
             .collect()
     }
 

@@ -4,6 +4,13 @@
 //! addresses, so sources are keyed by prefix (IPv4 /32 and IPv6 /64 by default). An
 //! IPv4-mapped IPv6 address (`::ffff:192.0.2.1`, what a dual-stack listener reports) is the
 //! IPv4 client it wraps and is keyed as such, so it cannot dodge the IPv4 caps.
+//!
+//! So is an address in the well-known NAT64 prefix `64:ff9b::/96` (RFC 6052): a translator
+//! in front of an IPv6-only service writes every IPv4 client as `64:ff9b::` plus its IPv4
+//! address, so keyed per /64 they would all be one source, one cap for the whole IPv4
+//! Internet. The local-use prefix `64:ff9b:1::/48` (RFC 8215) is left as IPv6: a network
+//! carves translation prefixes of its own length out of it (/64 and /96 are both seen), so
+//! where the IPv4 address sits cannot be read from the address alone.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -16,9 +23,14 @@ pub struct SourceKey {
 }
 
 impl SourceKey {
-    /// Canonicalises `ip` and masks it to `v4_prefix` or `v6_prefix` bits.
+    /// Canonicalises `ip` (an IPv4-mapped or NAT64 address is its IPv4 client) and masks it
+    /// to `v4_prefix` or `v6_prefix` bits.
     pub fn new(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> SourceKey {
-        match ip.to_canonical() {
+        let ip = match ip.to_canonical() {
+            IpAddr::V6(a) => nat64_client(a).map_or(IpAddr::V6(a), IpAddr::V4),
+            v4 => v4,
+        };
+        match ip {
             IpAddr::V4(a) => {
                 let prefix = v4_prefix.min(32);
                 let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
@@ -53,7 +65,27 @@ impl SourceKey {
     pub fn prefix(&self) -> u8 {
         self.prefix
     }
+
+    /// An IPv4 key's address as its clients arrive through a NAT64 translator (the key
+    /// covers them too), for rules that see packets and not keys.
+    pub fn nat64_addr(&self) -> Option<Ipv6Addr> {
+        match self.addr {
+            IpAddr::V4(a) => Some(Ipv6Addr::from(
+                NAT64_PREFIX << 32 | u128::from(u32::from(a)),
+            )),
+            IpAddr::V6(_) => None,
+        }
+    }
 }
+
+/// The IPv4 client a NAT64 address in `64:ff9b::/96` wraps (its last 32 bits).
+fn nat64_client(a: Ipv6Addr) -> Option<Ipv4Addr> {
+    let bits = u128::from(a);
+    (bits >> 32 == NAT64_PREFIX).then(|| Ipv4Addr::from(bits as u32))
+}
+
+/// `64:ff9b::/96`, its 96 bits.
+const NAT64_PREFIX: u128 = 0x0064_ff9b << 64;
 
 /// A source key as [`fmt::Display`] writes it (`192.0.2.7`, `2001:db8::/64`): how replicas
 /// name sources to each other.
@@ -138,5 +170,21 @@ mod tests {
         let mapped = SourceKey::new("::ffff:192.0.2.1".parse().unwrap(), 32, 64);
         let plain = SourceKey::new("192.0.2.1".parse().unwrap(), 32, 64);
         assert_eq!(mapped, plain);
+    }
+
+    #[test]
+    fn a_nat64_client_is_keyed_by_the_ipv4_address_it_wraps() {
+        // Two IPv4 clients behind one translator: two sources, not one /64.
+        assert_eq!(key("64:ff9b::198.51.100.7", 32, 64), "198.51.100.7");
+        assert_eq!(key("64:ff9b::c633:6408", 32, 64), "198.51.100.8");
+        assert_eq!(key("64:ff9b::198.51.100.7", 24, 64), "198.51.100.0/24");
+        assert_eq!(
+            SourceKey::new("64:ff9b::198.51.100.7".parse().unwrap(), 32, 64),
+            SourceKey::new("198.51.100.7".parse().unwrap(), 32, 64)
+        );
+        // Only the well-known /96: the rest of 64:ff9b::/32 and the local-use /48 stay IPv6.
+        assert_eq!(key("64:ff9b:0:0:1::7", 32, 64), "64:ff9b::/64");
+        assert_eq!(key("64:ff9b:1::c633:6407", 32, 64), "64:ff9b:1::/64");
+        assert!("64:ff9b::c633:6407".parse::<SourceKey>().is_err());
     }
 }

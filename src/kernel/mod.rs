@@ -30,21 +30,11 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use crate::config::KernelConfig;
-use crate::guard::{Guard, SourceKey, SourceOrder};
-use crate::stats::{Reject, Stats};
+use crate::guard::{Guard, SourceKey};
 use nft::Target;
 
 /// SYN_RECV sources kept per listener in a census.
 const TOP: usize = 20;
-
-/// Refusals that a listener-wide cap makes: they fall on whoever comes next, so they are
-/// no evidence against a source.
-const LISTENER_WIDE: [Reject; 4] = [
-    Reject::ConnsFull,
-    Reject::HalfOpenFull,
-    Reject::HalfClosedFull,
-    Reject::SourcesFull,
-];
 
 /// One census.
 #[derive(Debug, Default, Clone)]
@@ -73,6 +63,8 @@ struct Table {
     failing: bool,
     /// Live bans, carried into every reinstall.
     banned_until: HashMap<SourceKey, Instant>,
+    /// The drop sets of the table in the kernel.
+    ban_sets: std::collections::BTreeSet<nft::BanSet>,
     /// Counter values at the last read, to turn the table's counters (reset by every
     /// reinstall) into totals that only grow.
     last_counters: [u64; nft::COUNTERS.len()],
@@ -87,6 +79,7 @@ impl Default for Table {
             installed_once: false,
             failing: false,
             banned_until: HashMap::new(),
+            ban_sets: Default::default(),
             last_counters: [0; nft::COUNTERS.len()],
         }
     }
@@ -100,6 +93,8 @@ pub(crate) struct Kernel {
     pub enforcing: AtomicBool,
     /// Sources put in the drop set.
     pub bans: AtomicU64,
+    /// Sources that earned a ban while enforcing, and were not put in the drop set.
+    pub ban_failures: AtomicU64,
     /// Packets dropped by our rules, per [`nft::COUNTERS`] name, since start.
     pub dropped: [AtomicU64; nft::COUNTERS.len()],
     /// One nft run at a time; holds what the table should be.
@@ -115,6 +110,8 @@ pub struct KernelCounts {
     pub enforcing: bool,
     /// Sources put in the drop set since start.
     pub bans: u64,
+    /// Sources that earned a ban while enforcing, and were not put in the drop set.
+    pub ban_failures: u64,
     /// Packets dropped by our rules, per [`nft::COUNTERS`] name, since start.
     pub dropped: [u64; nft::COUNTERS.len()],
 }
@@ -127,8 +124,6 @@ pub(crate) struct Watched {
     pub port: u16,
     /// Its per-source refusal tally, and its prefixes and allow list.
     pub guard: Guard,
-    /// Its listener-wide refusals.
-    pub stats: Arc<Stats>,
     /// Behind a PROXY-protocol balancer: the kernel sees the balancer, so no bans.
     pub proxied: bool,
 }
@@ -136,39 +131,31 @@ pub(crate) struct Watched {
 /// What a census remembers of the last one, to tell the refusals of one interval.
 #[derive(Debug, Default)]
 pub(crate) struct Tally {
-    /// Per (listener, source): refusals in the guard's tally at the last census.
+    /// Per (listener, source): refusals by the source's own caps in the guard's tally at
+    /// the last census.
     last_refused: HashMap<(String, SourceKey), u64>,
-    /// Per listener: listener-wide refusals at the last census.
-    last_wide: HashMap<String, u64>,
 }
 
 impl Tally {
-    /// The sources of listener `name` that earned a ban since the last census, given their
-    /// refusals in the guard's tally now (`refused`) and the listener's listener-wide
-    /// refusals now (`wide_now`).
+    /// The sources of listener `name` that earned a ban since the last census, given the
+    /// refusals their own caps made, in the guard's tally now (`refused`).
     ///
     /// Bans only on refusals the source earned with its own caps, after a completed
     /// handshake: SYN_RECV sources can be spoofed (a flood "from" a victim would get the
-    /// victim banned), and listener-wide refusals fall on whoever comes next. The guard
-    /// tallies refusals per source without their reason, so up to `wide` of a source's
-    /// refusals in this interval may be listener-wide: only what is beyond that counts.
-    /// Behind a PROXY-protocol balancer the kernel sees the balancer, not the source: no
-    /// bans there. Never a source the listener's allow list holds.
+    /// victim banned), and listener-wide refusals fall on whoever comes next, so the guard
+    /// keeps them out of this count; how many of those there were, or whom they fell on,
+    /// changes nothing to a source's own. Behind a PROXY-protocol balancer the kernel sees
+    /// the balancer, not the source: no bans there. Never a source the listener's allow
+    /// list holds.
     pub(crate) fn earned(
         &mut self,
         name: &str,
         refused: impl IntoIterator<Item = (SourceKey, u64)>,
-        wide_now: u64,
         proxied: bool,
         allow: &[ipnet::IpNet],
         k: &KernelConfig,
     ) -> Vec<SourceKey> {
         let mut ban = Vec::new();
-        let wide_before = self
-            .last_wide
-            .insert(name.to_string(), wide_now)
-            .unwrap_or(wide_now);
-        let wide = wide_now.saturating_sub(wide_before);
         for (source, refused) in refused {
             let prev = self
                 .last_refused
@@ -182,7 +169,7 @@ impl Tally {
             };
             if k.ban_after > 0
                 && !proxied
-                && delta.saturating_sub(wide) >= u64::from(k.ban_after)
+                && delta >= u64::from(k.ban_after)
                 && !allow.iter().any(|n| n.contains(&source.addr()))
             {
                 ban.push(source);
@@ -240,8 +227,10 @@ impl Kernel {
                     .map(|(s, until)| (*s, (*until - now).as_secs().max(1)))
                     .collect();
                 let ports: Vec<u16> = targets.iter().map(|t| t.port).collect();
+                let sets = nft::ban_sets(&targets, bans.iter().map(|(s, _)| s));
                 match blocking(move || nft::install(&targets, &k, &bans)).await {
                     Ok(()) => {
+                        t.ban_sets = sets;
                         t.maybe_present = true;
                         t.installed_once = true;
                         t.in_sync = true;
@@ -305,18 +294,47 @@ impl Kernel {
         self.reconcile(&mut t).await;
     }
 
-    /// Puts `sources` in the drop set for `ban_for`, and remembers them for reinstalls.
+    /// Puts `sources` in the drop set for `ban_for`, and remembers them for reinstalls. A
+    /// ban that cannot go in while enforcement is on (no table, nft failing) is counted in
+    /// `ban_failures`.
     pub(crate) async fn ban(&self, mut sources: Vec<SourceKey>, ban_for: Duration) {
         let mut t = self.table.lock().await;
         let now = Instant::now();
         t.banned_until.retain(|_, until| *until > now);
         sources.retain(|s| !t.banned_until.contains_key(s));
-        if sources.is_empty() || !self.enforcing.load(Ordering::Relaxed) {
+        if sources.is_empty() || t.want.is_none() {
             return;
         }
-        let secs = ban_for.as_secs().max(1);
-        let list = sources.clone();
-        match blocking(move || nft::ban(&list, secs)).await {
+        let added = if !self.enforcing.load(Ordering::Relaxed) {
+            Err(std::io::Error::other("the table is not installed"))
+        } else if sources
+            .iter()
+            .flat_map(nft::BanSet::of)
+            .all(|(set, _)| t.ban_sets.contains(&set))
+        {
+            let secs = ban_for.as_secs().max(1);
+            let list = sources.clone();
+            blocking(move || nft::ban(&list, secs)).await
+        } else {
+            // A prefix no listener keys by now (a reload changed it since the tally
+            // counted): a reinstall makes its set, the bans carried in.
+            for s in &sources {
+                t.banned_until.insert(*s, now + ban_for);
+            }
+            t.in_sync = false;
+            self.reconcile(&mut t).await;
+            if t.in_sync {
+                Ok(())
+            } else {
+                for s in &sources {
+                    t.banned_until.remove(s);
+                }
+                Err(std::io::Error::other(
+                    "the table with its set was not installed",
+                ))
+            }
+        };
+        match added {
             Ok(()) => {
                 self.bans.fetch_add(sources.len() as u64, Ordering::Relaxed);
                 tracing::warn!(
@@ -328,7 +346,14 @@ impl Kernel {
                     t.banned_until.insert(s, now + ban_for);
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot add to the kernel drop set"),
+            Err(e) => {
+                self.ban_failures
+                    .fetch_add(sources.len() as u64, Ordering::Relaxed);
+                // Without a table, its failure was warned of already (once per streak).
+                if self.enforcing.load(Ordering::Relaxed) {
+                    tracing::warn!(error = %e, count = sources.len(), "cannot add to the kernel drop set");
+                }
+            }
         }
     }
 
@@ -366,6 +391,7 @@ impl Kernel {
             census: self.census.load_full(),
             enforcing: self.enforcing.load(Ordering::Relaxed),
             bans: self.bans.load(Ordering::Relaxed),
+            ban_failures: self.ban_failures.load(Ordering::Relaxed),
             dropped: std::array::from_fn(|i| self.dropped[i].load(Ordering::Relaxed)),
         }
     }
@@ -397,7 +423,6 @@ impl Kernel {
             name,
             port,
             guard,
-            stats,
             proxied,
         } in listeners
         {
@@ -415,12 +440,8 @@ impl Kernel {
             }
             let mut top: Vec<(SourceKey, u64)> = syn.into_iter().collect();
             top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-            let wide_now: u64 = LISTENER_WIDE.iter().map(|r| stats.rejected(*r)).sum();
-            let refused = guard
-                .top_sources(usize::MAX, SourceOrder::Refused)
-                .into_iter()
-                .map(|l| (l.source, l.refused));
-            ban.extend(tally.earned(name, refused, wide_now, *proxied, &lim.allow, k));
+            let refused = guard.own_refusals();
+            ban.extend(tally.earned(name, refused, *proxied, &lim.allow, k));
             top.truncate(TOP);
             census.sockets.push((name.clone(), *port, counts));
             census.syn_recv.push((name.clone(), top));
@@ -449,7 +470,7 @@ mod tests {
     }
 
     #[test]
-    fn a_ban_takes_refusals_of_its_own_beyond_the_listener_wide_ones_in_one_interval() {
+    fn a_ban_takes_refusals_of_its_own_in_one_interval() {
         let k = KernelConfig {
             ban_after: 10,
             ..KernelConfig::default()
@@ -457,21 +478,68 @@ mod tests {
         let (a, b) = (key("198.18.0.1"), key("198.18.0.2"));
         let allow: Vec<ipnet::IpNet> = vec!["198.18.0.2/32".parse().unwrap()];
         let mut t = Tally::default();
-        // First census: 12 refusals each, none listener-wide; b is allowed.
-        let ban = t.earned("web", [(a, 12), (b, 12)], 0, false, &allow, &k);
+        // First census: 12 refusals each; b is allowed.
+        let ban = t.earned("web", [(a, 12), (b, 12)], false, &allow, &k);
         assert_eq!(ban, vec![a]);
         // Next: 8 more, under ban_after.
-        assert!(t.earned("web", [(a, 20)], 0, false, &[], &k).is_empty());
-        // Next: 15 more, but 6 listener-wide refusals in the interval may be among them.
-        assert!(t.earned("web", [(a, 35)], 6, false, &[], &k).is_empty());
+        assert!(t.earned("web", [(a, 20)], false, &[], &k).is_empty());
         // The tally's new window (a smaller count) counts whole.
-        assert_eq!(t.earned("web", [(a, 11)], 6, false, &[], &k), vec![a]);
+        assert_eq!(t.earned("web", [(a, 11)], false, &[], &k), vec![a]);
         // Behind a PROXY balancer, or with bans off: never.
-        assert!(t.earned("lb", [(a, 50)], 0, true, &[], &k).is_empty());
+        assert!(t.earned("lb", [(a, 50)], true, &[], &k).is_empty());
         let off = KernelConfig {
             ban_after: 0,
             ..KernelConfig::default()
         };
-        assert!(t.earned("web", [(a, 100)], 6, false, &[], &off).is_empty());
+        assert!(t.earned("web", [(a, 100)], false, &[], &off).is_empty());
+    }
+
+    /// An attacker that fills the listener (so that it, and everyone else, is refused
+    /// listener-wide) and also runs past its own rate is banned; a client refused only
+    /// because the listener was full is not.
+    #[test]
+    fn listener_wide_refusals_neither_ban_a_client_nor_shield_an_attacker() {
+        use crate::config::{Limits, OnFull, PressureConfig};
+        use crate::stats::Reject;
+        let guard = Guard::new(
+            Limits {
+                max_conns: 4,
+                on_full: OnFull::Reject,
+                conn_rate_per_source: 1,
+                conn_burst_per_source: 4,
+                max_conns_per_source: 0,
+                max_half_open_per_source: 0,
+                max_half_closed_per_source: 0,
+                ..Limits::default()
+            },
+            &PressureConfig::default(),
+            Arc::new(crate::stats::Stats::default()),
+        );
+        let (attacker, client): (std::net::IpAddr, std::net::IpAddr) =
+            ("198.18.0.1".parse().unwrap(), "198.18.0.2".parse().unwrap());
+        // The attacker holds every place: 20 listener-wide refusals, half of them its own.
+        let held: Vec<_> = (0..4).map(|_| guard.admit(attacker).unwrap()).collect();
+        for _ in 0..10 {
+            assert_eq!(guard.admit(client).unwrap_err(), Reject::ConnsFull);
+            assert_eq!(guard.admit(attacker).unwrap_err(), Reject::ConnsFull);
+        }
+        drop(held);
+        // Then it runs past its own rate (its burst is spent): 12 refusals of its own.
+        let mut own = 0;
+        for _ in 0..12 {
+            match guard.admit(attacker) {
+                Err(Reject::Rate) => own += 1,
+                Err(r) => panic!("{r:?}"),
+                Ok(_) => {}
+            }
+        }
+        assert!(own >= 10, "{own}");
+        let k = KernelConfig {
+            ban_after: 10,
+            ..KernelConfig::default()
+        };
+        let mut t = Tally::default();
+        let ban = t.earned("web", guard.own_refusals(), false, &[], &k);
+        assert_eq!(ban, vec![key("198.18.0.1")]);
     }
 }

@@ -9,6 +9,15 @@
 //! spoofed SYNs leave the set within seconds. When a set is full all the same, the sources
 //! it has no room for share one limit (`untracked_syn_rate`) instead of passing unlimited.
 //!
+//! The drop set is one set per family and prefix length ([`BanSet`]): a ban is a source key,
+//! and listeners key sources by prefixes of their own. In one interval set a /24 ban and a
+//! /32 ban inside it overlap, and nft refuses the second; and a /24 earned on a listener
+//! that counts per /24 would drop 256 separate sources on a listener that counts per /32.
+//! So each set holds masked addresses of one length (its elements never overlap), and a
+//! listener drops the bans as long as its own prefix or longer: a host banned elsewhere is
+//! dropped everywhere, a network only where networks are the unit. An IPv4 ban also drops
+//! the client through a NAT64 translator (`64:ff9b::/96`), as the guard keys it.
+//!
 //! Rules go in as text through `nft -f -` (no C library, no GPL crate). Loading is one
 //! transaction that first declares and deletes the table, so a stale table left by a
 //! crashed run is replaced, and a reload swaps the rules atomically; the drop set's live
@@ -16,6 +25,7 @@
 //! table is ever touched. `nft` is a child process that blocks: callers run it off the
 //! async workers.
 
+use std::collections::BTreeSet;
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
@@ -65,12 +75,119 @@ fn key(v6: bool, prefix: u8) -> String {
     if prefix >= bits {
         return field.to_string();
     }
+    let shift = u32::from(bits - prefix);
     let mask: IpAddr = if v6 {
-        IpAddr::V6((u128::MAX << (128 - u32::from(prefix))).into())
+        IpAddr::V6(u128::MAX.checked_shl(shift).unwrap_or(0).into())
     } else {
-        IpAddr::V4((u32::MAX << (32 - u32::from(prefix))).into())
+        IpAddr::V4(u32::MAX.checked_shl(shift).unwrap_or(0).into())
     };
     format!("{field} & {mask}")
+}
+
+/// What a drop set holds: sources of one family, or IPv4 sources as a NAT64 translator
+/// writes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BanKind {
+    V4,
+    V6,
+    Nat64,
+}
+
+/// A drop set: the banned sources of one kind and one prefix length, as masked addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BanSet {
+    pub kind: BanKind,
+    /// The source key's prefix (for [`BanKind::Nat64`], the IPv4 prefix).
+    pub prefix: u8,
+}
+
+impl BanSet {
+    pub fn name(self) -> String {
+        let kind = match self.kind {
+            BanKind::V4 => "4",
+            BanKind::V6 => "6",
+            BanKind::Nat64 => "64",
+        };
+        format!("ban{kind}_{}", self.prefix)
+    }
+
+    /// The packet's source, masked as the set's elements are.
+    fn source(self) -> String {
+        match self.kind {
+            BanKind::V4 => key(false, self.prefix),
+            BanKind::V6 => key(true, self.prefix),
+            BanKind::Nat64 => key(true, 96 + self.prefix.min(32)),
+        }
+    }
+
+    fn family(self) -> &'static str {
+        match self.kind {
+            BanKind::V4 => "ipv4_addr",
+            BanKind::V6 | BanKind::Nat64 => "ipv6_addr",
+        }
+    }
+
+    /// The sets a ban of `source` goes into, with its element in each.
+    pub fn of(source: &SourceKey) -> Vec<(BanSet, IpAddr)> {
+        let prefix = source.prefix();
+        match source.nat64_addr() {
+            Some(nat64) => vec![
+                (
+                    BanSet {
+                        kind: BanKind::V4,
+                        prefix,
+                    },
+                    source.addr(),
+                ),
+                (
+                    BanSet {
+                        kind: BanKind::Nat64,
+                        prefix,
+                    },
+                    IpAddr::V6(nat64),
+                ),
+            ],
+            None => vec![(
+                BanSet {
+                    kind: BanKind::V6,
+                    prefix,
+                },
+                source.addr(),
+            )],
+        }
+    }
+
+    /// Whether listener `t` drops what this set holds: bans as long as the prefix the
+    /// listener keys that family by, or longer.
+    fn applies_to(self, t: &Target) -> bool {
+        self.prefix
+            >= match self.kind {
+                BanKind::V4 | BanKind::Nat64 => t.ipv4_prefix,
+                BanKind::V6 => t.ipv6_prefix,
+            }
+    }
+}
+
+/// The drop sets a table has: one per prefix a listener keys sources by, in each kind, and
+/// one per prefix of a live ban (a reload may have changed the listener that earned it).
+pub fn ban_sets<'a>(
+    targets: &[Target],
+    bans: impl IntoIterator<Item = &'a SourceKey>,
+) -> BTreeSet<BanSet> {
+    let mut sets = BTreeSet::new();
+    for t in targets {
+        for (kind, prefix) in [
+            (BanKind::V4, t.ipv4_prefix),
+            (BanKind::Nat64, t.ipv4_prefix),
+            (BanKind::V6, t.ipv6_prefix),
+        ] {
+            sets.insert(BanSet { kind, prefix });
+        }
+    }
+    for b in bans {
+        sets.extend(BanSet::of(b).into_iter().map(|(s, _)| s));
+    }
+    sets
 }
 
 /// How long a SYN-rate entry outlives its source's last SYN: until its bucket would be full
@@ -83,10 +200,11 @@ pub fn syn_entry_secs(k: &KernelConfig) -> u64 {
 /// The ruleset for `targets`, with `bans` (source, seconds left) already in the drop set.
 pub fn ruleset(targets: &[Target], k: &KernelConfig, bans: &[(SourceKey, u64)]) -> String {
     const SYN: &str = "tcp flags & (fin | syn | rst | ack) == syn";
-    let mut sets = vec![
-        "set ban4 { type ipv4_addr; flags interval, timeout; }".to_string(),
-        "set ban6 { type ipv6_addr; flags interval, timeout; }".to_string(),
-    ];
+    let ban_sets = ban_sets(targets, bans.iter().map(|(s, _)| s));
+    let mut sets: Vec<String> = ban_sets
+        .iter()
+        .map(|b| format!("set {} {{ type {}; flags timeout; }}", b.name(), b.family()))
+        .collect();
     let mut rules = Vec::new();
     let untracked = (k.untracked_syn_rate > 0).then(|| {
         format!(
@@ -113,9 +231,16 @@ pub fn ruleset(targets: &[Target], k: &KernelConfig, bans: &[(SourceKey, u64)]) 
                 ));
                 rules.push(format!("{dport} {addr} saddr @allow{f}_{i} return"));
             }
-            rules.push(format!(
-                "{dport} {addr} saddr @ban{f} counter name \"ban\" drop"
-            ));
+            for b in ban_sets
+                .iter()
+                .filter(|b| (b.kind != BanKind::V4) == v6 && b.applies_to(t))
+            {
+                rules.push(format!(
+                    "{dport} {} @{} counter name \"ban\" drop",
+                    b.source(),
+                    b.name()
+                ));
+            }
             let src = key(v6, if v6 { t.ipv6_prefix } else { t.ipv4_prefix });
             let size = t.max_sources.max(1);
             if k.syn_rate_per_source > 0 {
@@ -225,21 +350,25 @@ pub fn remove() -> io::Result<bool> {
 }
 
 fn ban_script(bans: &[(SourceKey, u64)]) -> String {
-    let mut script = String::new();
-    for (set, v4) in [("ban4", true), ("ban6", false)] {
-        let elems: Vec<String> = bans
-            .iter()
-            .filter(|(k, _)| k.addr().is_ipv4() == v4)
-            .map(|(k, secs)| format!("{}/{} timeout {}s", k.addr(), k.prefix(), secs.max(&1)))
-            .collect();
-        if !elems.is_empty() {
-            script.push_str(&format!(
-                "add element inet {TABLE} {set} {{ {} }}\n",
-                elems.join(", ")
-            ));
+    let mut by_set: std::collections::BTreeMap<BanSet, Vec<String>> = Default::default();
+    for (k, secs) in bans {
+        for (set, elem) in BanSet::of(k) {
+            by_set
+                .entry(set)
+                .or_default()
+                .push(format!("{elem} timeout {}s", secs.max(&1)));
         }
     }
-    script
+    by_set
+        .into_iter()
+        .map(|(set, elems)| {
+            format!(
+                "add element inet {TABLE} {} {{ {} }}\n",
+                set.name(),
+                elems.join(", ")
+            )
+        })
+        .collect()
 }
 
 /// Puts `sources` in the drop set for `secs` seconds. Blocking.
@@ -310,7 +439,7 @@ mod tests {
         );
         assert!(r.contains("elements = { 2001:2::/48 }"), "{r}");
         let allow = r.find("@allow4_0 return").unwrap();
-        assert!(allow < r.find("@ban4").unwrap());
+        assert!(allow < r.find("@ban4_24").unwrap());
         // Counted per /24 and per /64, refreshed per SYN, sized by max_sources.
         assert!(r.contains("update @syn4_0 { ip saddr & 255.255.255.0 limit rate over 20/second burst 40 packets }"), "{r}");
         assert!(
@@ -329,7 +458,10 @@ mod tests {
         );
         // Live bans go into the same transaction.
         assert!(
-            r.ends_with("add element inet halfguard ban4 { 198.18.9.9/32 timeout 30s }\n"),
+            r.ends_with(
+                "add element inet halfguard ban4_32 { 198.18.9.9 timeout 30s }\n\
+                 add element inet halfguard ban64_32 { 64:ff9b::c612:909 timeout 30s }\n"
+            ),
             "{r}"
         );
         let off = KernelConfig {
@@ -338,6 +470,70 @@ mod tests {
         };
         let r = ruleset(&[target(&[])], &off, &[]);
         assert!(!r.contains("limit rate") && !r.contains("ct count") && !r.contains("@allow"));
+    }
+
+    /// Listeners that key sources by different prefixes: a ban of one length never lands in
+    /// another's set (no overlap for nft to refuse), and a listener drops only bans as long
+    /// as its own prefix or longer (a /24 never drops a /32 listener's 256 sources).
+    #[test]
+    fn bans_go_in_one_set_per_prefix_and_drop_at_the_listeners_prefix_or_longer() {
+        let k = KernelConfig {
+            enforce: true,
+            ..KernelConfig::default()
+        };
+        let host = Target {
+            port: 18080,
+            ipv4_prefix: 32,
+            ..target(&[])
+        };
+        let net = Target {
+            port: 18081,
+            ipv4_prefix: 24,
+            ..target(&[])
+        };
+        let h: SourceKey = SourceKey::new("198.18.0.5".parse().unwrap(), 32, 64);
+        let n: SourceKey = SourceKey::new("198.18.0.5".parse().unwrap(), 24, 64);
+        let v6: SourceKey = SourceKey::new("2001:2::1".parse().unwrap(), 32, 64);
+        let r = ruleset(&[host, net], &k, &[(h, 30), (n, 20), (v6, 10)]);
+        for set in ["ban4_32", "ban4_24", "ban64_32", "ban64_24", "ban6_64"] {
+            assert!(
+                r.contains(&format!("set {set} {{ type ")),
+                "{set} declared: {r}"
+            );
+        }
+        assert!(!r.contains("interval, timeout"), "{r}");
+        let drops = |port: u16| -> Vec<&str> {
+            r.lines()
+                .map(str::trim)
+                .filter(|l| l.starts_with(&format!("tcp dport {port} ")) && l.contains("\"ban\""))
+                .collect()
+        };
+        assert_eq!(
+            drops(18080),
+            [
+                "tcp dport 18080 ip saddr @ban4_32 counter name \"ban\" drop",
+                "tcp dport 18080 ip6 saddr & ffff:ffff:ffff:ffff:: @ban6_64 counter name \"ban\" drop",
+                "tcp dport 18080 ip6 saddr @ban64_32 counter name \"ban\" drop",
+            ]
+        );
+        assert_eq!(
+            drops(18081),
+            [
+                "tcp dport 18081 ip saddr & 255.255.255.0 @ban4_24 counter name \"ban\" drop",
+                "tcp dport 18081 ip saddr @ban4_32 counter name \"ban\" drop",
+                "tcp dport 18081 ip6 saddr & ffff:ffff:ffff:ffff:: @ban6_64 counter name \"ban\" drop",
+                "tcp dport 18081 ip6 saddr & ffff:ffff:ffff:ffff:ffff:ffff:ffff:ff00 @ban64_24 counter name \"ban\" drop",
+                "tcp dport 18081 ip6 saddr @ban64_32 counter name \"ban\" drop",
+            ]
+        );
+        for elem in [
+            "ban4_32 { 198.18.0.5 timeout 30s }",
+            "ban4_24 { 198.18.0.0 timeout 20s }",
+            "ban64_24 { 64:ff9b::c612:0 timeout 20s }",
+            "ban6_64 { 2001:2:: timeout 10s }",
+        ] {
+            assert!(r.contains(elem), "{elem}: {r}");
+        }
     }
 
     #[test]

@@ -16,9 +16,10 @@
 //! socket hands over connections only once their request arrived (TCP_DEFER_ACCEPT), so a
 //! connection is sorted at accept by its first bytes: `GET /healthz` and `GET /readyz` take
 //! one of `admin.probe_conns` reserved slots (one request each), everything else one of
-//! `admin.max_conns`. At a cap, the oldest connection of the client address holding the
-//! most slots of that kind is dropped for the newcomer, so a flood, however fast, evicts
-//! itself and not the kubelet's probe.
+//! `admin.max_conns`. At a cap, the oldest connection of the client source (an address, an
+//! IPv6 /64, as the data path keys them) holding the most slots of that kind is dropped for
+//! the newcomer, so a flood, however fast and from however many addresses of its /64,
+//! evicts itself and not the kubelet's probe.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -36,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Handle, State};
 use crate::config::AdminConfig;
-use crate::guard::SourceOrder;
+use crate::guard::{SourceKey, SourceOrder};
 use crate::metrics;
 use crate::sockopt;
 
@@ -90,7 +91,7 @@ fn classify(first: &[u8]) -> Class {
 struct Slot {
     id: u64,
     class: Class,
-    peer: IpAddr,
+    source: SourceKey,
     stop: CancellationToken,
 }
 
@@ -103,7 +104,8 @@ struct Slots {
 
 impl Slots {
     /// Takes a slot of `class` for connection `id` from `peer`. At the class's cap, the
-    /// oldest connection of the address holding the most slots of that class gives its up.
+    /// oldest connection of the source (IPv4 /32, IPv6 /64) holding the most slots of that
+    /// class gives its up.
     fn enter(&self, id: u64, class: Class, peer: IpAddr, stop: CancellationToken) {
         let cap = match class {
             Class::Probe => self.probes,
@@ -113,10 +115,10 @@ impl Slots {
             return;
         };
         if open.iter().filter(|s| s.class == class).count() >= cap {
-            // Per address: (slots held, its oldest connection's id). Ids grow with time.
-            let mut by_peer: HashMap<IpAddr, (usize, u64)> = HashMap::new();
+            // Per source: (slots held, its oldest connection's id). Ids grow with time.
+            let mut by_peer: HashMap<SourceKey, (usize, u64)> = HashMap::new();
             for s in open.iter().filter(|s| s.class == class) {
-                let e = by_peer.entry(s.peer).or_insert((0, s.id));
+                let e = by_peer.entry(s.source).or_insert((0, s.id));
                 e.0 += 1;
                 e.1 = e.1.min(s.id);
             }
@@ -131,7 +133,7 @@ impl Slots {
         open.push(Slot {
             id,
             class,
-            peer,
+            source: SourceKey::new(peer, 32, 64),
             stop,
         });
     }

@@ -161,7 +161,6 @@ impl State {
                 name: r.ctx.name.clone(),
                 port: r.addr.port(),
                 guard: r.ctx.guard.clone(),
-                stats: r.ctx.stats.clone(),
                 proxied: r.ctx.policy.load().accept_proxy,
             })
             .collect()

@@ -78,10 +78,23 @@ proptest! {
     #[test]
     fn ipv6_sources_share_a_key_exactly_when_their_prefix_matches(a in any::<u128>(), b in any::<u128>(), p in 1u8..=128) {
         let (ia, ib) = (Ipv6Addr::from(a), Ipv6Addr::from(b));
-        prop_assume!(ia.to_ipv4_mapped().is_none() && ib.to_ipv4_mapped().is_none());
+        let wraps_v4 = |x: u128| Ipv6Addr::from(x).to_ipv4_mapped().is_some() || x >> 32 == NAT64 >> 32;
+        prop_assume!(!wraps_v4(a) && !wraps_v4(b));
         let ka = SourceKey::new(IpAddr::V6(ia), 32, p);
         let kb = SourceKey::new(IpAddr::V6(ib), 32, p);
         let mask = u128::MAX << (128 - u32::from(p));
         prop_assert_eq!(ka == kb, a & mask == b & mask);
     }
+
+    #[test]
+    fn nat64_clients_are_the_ipv4_sources_they_embed(a in any::<u32>(), b in any::<u32>(), p in 1u8..=32, p6 in 1u8..=128) {
+        let nat64 = |x: u32| IpAddr::V6(Ipv6Addr::from(NAT64 | u128::from(x)));
+        let ka = SourceKey::new(nat64(a), p, p6);
+        prop_assert_eq!(ka, SourceKey::new(IpAddr::V4(a.into()), p, p6));
+        let mask = u32::MAX << (32 - u32::from(p));
+        prop_assert_eq!(ka == SourceKey::new(nat64(b), p, p6), a & mask == b & mask);
+    }
 }
+
+/// `64:ff9b::/96`, the well-known NAT64 prefix.
+const NAT64: u128 = 0x0064_ff9b << 96;
