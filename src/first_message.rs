@@ -21,7 +21,9 @@
 //!   first messages (a 40 KiB cookie) are `Unframed`, i.e. connected at once as before.
 //! - **Cheap and safe.** No allocation (HTTP/1 headers go to an uninitialised array on the
 //!   stack), no panic on any input, linear in the bytes held: the common call is a single
-//!   one on the first segment (about the cost of one `httparse` parse).
+//!   one on the first segment, under 100 ns for a curl GET head and under 50 ns for a
+//!   ClientHello (benches/README.md). A buffer dripped a byte at a time is judged anew each
+//!   time, so call it when bytes arrived, not on a timer.
 //!
 //! # Recognising a protocol under [`Expect::Auto`]
 //!
