@@ -17,8 +17,12 @@ pub const DEFAULT_CONNECT: Duration = Duration::from_secs(3);
 /// A client that says nothing for 10 s after connecting is not a client (HAProxy's
 /// documented inspect-delay pattern, linkerd's detect timeout).
 pub const DEFAULT_FIRST_BYTE: Duration = Duration::from_secs(10);
-/// No byte either way for 5 minutes. Envoy's 1 h default is what issue threads complain of.
-pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
+/// No byte either way for an hour, Envoy's TCP proxy default: a connection that completed
+/// exchanges and sits idle (a pool between requests, a pub/sub or LISTEN subscriber, an ssh
+/// session, a tunnel, a websocket) costs little and must not be cut at five minutes; dead
+/// peers are found by keepalive, and under pressure `pressure.idle` (30 s) sheds idle
+/// connections first.
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(3600);
 /// One side has sent FIN and the other direction makes no progress for 30 s.
 pub const DEFAULT_HALF_CLOSED: Duration = Duration::from_secs(30);
 /// Bytes are queued for a peer that reads nothing for 30 s (slow read).

@@ -91,7 +91,7 @@ impl Holding<'_> {
     /// waits (or is allocated).
     pub async fn first_message(&mut self, w: &mut Watched, expect: Expect) -> Result<Held, End> {
         let max = w.policy.max_first_message;
-        let (mut seen, first) = self.look(expect, max)?;
+        let (mut seen, first) = self.look(expect, max, true)?;
         if let Some(held) = first {
             return Ok(held);
         }
@@ -145,7 +145,7 @@ impl Holding<'_> {
                 Woke::Evicted => return Err(End::Evicted),
                 Woke::Client(Err(_)) => return Err(End::PEER_ERROR),
                 Woke::Client(Ok(())) => {
-                    let (n, held) = self.look(expect, max)?;
+                    let (n, held) = self.look(expect, max, true)?;
                     if let Some(held) = held {
                         return Ok(held);
                     }
@@ -179,14 +179,24 @@ impl Holding<'_> {
     }
 
     /// Looks at what the client has sent so far, without taking it: how many bytes, and
-    /// whether the wait is over. The socket's readiness is cleared first, so that bytes
-    /// arriving after the look wake the connection again.
-    pub fn look(&self, expect: Expect, max: usize) -> Result<(usize, Option<Held>), End> {
-        let _ = self
-            .client
-            .try_io(Interest::READABLE, || -> io::Result<()> {
-                Err(io::ErrorKind::WouldBlock.into())
-            });
+    /// whether the wait is over. `wait`: the connection waits after this look, so the
+    /// socket's readiness is cleared first, and bytes arriving after the look wake it again
+    /// (the pump then reads straight from the kernel until it has drained what was there:
+    /// see `Pump`'s fresh reads). The first look does not touch it, so a whole message
+    /// costs the pump nothing more.
+    pub fn look(
+        &self,
+        expect: Expect,
+        max: usize,
+        wait: bool,
+    ) -> Result<(usize, Option<Held>), End> {
+        if wait {
+            let _ = self
+                .client
+                .try_io(Interest::READABLE, || -> io::Result<()> {
+                    Err(io::ErrorKind::WouldBlock.into())
+                });
+        }
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             if s.len() < max {

@@ -264,7 +264,7 @@ fn phases<'a>(
                 ticket,
                 accepted,
             };
-            held = match h.look(expect, w.policy.max_first_message)?.1 {
+            held = match h.look(expect, w.policy.max_first_message, false)?.1 {
                 Some(held) => held,
                 None => Box::pin(h.first_message(&mut w, expect)).await?,
             };

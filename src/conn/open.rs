@@ -21,7 +21,7 @@ use super::clocks::{
 use super::pump::{Event, KernelQueues, Pump, Side};
 use super::{End, ListenerCtx, Watched, expire};
 use crate::backend::Lease;
-use crate::guard::{Refused, Ticket};
+use crate::guard::{Refused, Stall, Ticket};
 use crate::stats::Timeout;
 
 /// What the OPEN and HALF_CLOSED phases work on.
@@ -41,6 +41,8 @@ struct ProgressCheck {
     next: Instant,
     last: Instant,
     moved: u64,
+    /// Of `moved`, the client's.
+    from_client: u64,
 }
 
 impl Open<'_> {
@@ -76,6 +78,7 @@ impl Open<'_> {
             next: start + FIRST_STALL_CHECK,
             last: start,
             moved: 0,
+            from_client: 0,
         };
         let mut sleep = pin!(sleep_until(start + w.policy.timeouts.idle));
         loop {
@@ -167,9 +170,13 @@ impl Open<'_> {
                 // The server was marked down and its pool aborts its connections.
                 _ = &mut lease_down => return End::Backend,
                 ev = poll_fn(|cx| pump.poll_event(cx)) => match ev {
-                    Ok(Event::Closed) => return End::Clean,
+                    Ok(Event::Closed) => {
+                        prove(ticket, &pump);
+                        return End::Clean;
+                    }
                     // A stall shortens the deadline: recompute it.
                     Ok(Event::Stalled) => {}
+                    Ok(Event::Exchanged) => ticket.prove(),
                     Ok(Event::HalfClosed(side)) => {
                         closed = Some((side, Instant::now()));
                         if let Err(r) = ticket.half_close() {
@@ -177,6 +184,7 @@ impl Open<'_> {
                         }
                     }
                     Err(e) => {
+                        prove(ticket, &pump);
                         return End::PeerError {
                             server_before_any_byte: e.side == Side::Server
                                 && !pump.server_spoke()
@@ -190,6 +198,15 @@ impl Open<'_> {
                 _ = &mut bell => bell.set(w.next_ring(ctx)),
             }
         }
+    }
+}
+
+/// Once the connection has completed an exchange (the client spoke, the server answered),
+/// the ticket knows: its source may hold more than its cap while there is room, and gets back
+/// what the connection took of its rate.
+fn prove(ticket: &mut Ticket, pump: &Pump<'_>) {
+    if pump.server_spoke() && pump.client_spoke() && !ticket.ctl().is_proven() {
+        ticket.prove();
     }
 }
 
@@ -213,11 +230,26 @@ fn weigh_progress(
     } else {
         ticket.unstall()?;
     }
-    // Stalled with bytes its peer does not take: a slow reader, whose source gets no wait
-    // for a slot at its cap (an idle stalled connection may end any moment; this one not).
-    ticket
-        .ctl()
-        .set_blocked(stalled && pump.stalled_since().is_some());
+    // Why it is stalled: a slow reader (bytes its peer does not take) or a drip (the client
+    // sent something, below the rate) will not end soon and keeps its source at its caps; an
+    // idle connection (a pool between requests) may end any moment, and costs little.
+    // A drip: the client is still sending its request, below the rate, and has been for
+    // longer than a check's window (a request sent at once and then waited on, a long
+    // poll, is not one).
+    let from_client = pump.client_total();
+    let kind = if pump.stalled_since().is_some() {
+        Stall::Blocked
+    } else if from_client > check.from_client
+        && pump
+            .request_burst()
+            .is_some_and(|b| b.last.saturating_duration_since(b.start) >= STALL_WINDOW)
+    {
+        Stall::Dripping
+    } else {
+        Stall::Idle
+    };
+    ticket.ctl().set_stall(kind);
+    check.from_client = from_client;
     check.moved = total;
     check.last = now;
     check.next = now + STALL_WINDOW;

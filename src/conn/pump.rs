@@ -102,6 +102,8 @@ pub enum Event {
     Closed,
     /// Bytes started waiting for a peer that takes none: the write-stall clock starts.
     Stalled,
+    /// The first exchange completed: the client spoke and the server answered. Once.
+    Exchanged,
 }
 
 /// A direction's FIN: not yet read, read (to forward once the bytes before it are
@@ -349,7 +351,7 @@ impl<'a> Direction<'a> {
             // The buffer is empty: a bulk direction switches to splice here, if a pipe is
             // to be had.
             #[cfg(target_os = "linux")]
-            if self.splice == Splice::Bulk && !self.eof() {
+            if self.splice == Splice::Bulk && !self.eof() && !self.fresh_read {
                 self.splice = Splice::Ready;
                 if let Some(p) = crate::splice::Pipe::get() {
                     self.release_buf();
@@ -389,9 +391,18 @@ impl<'a> Direction<'a> {
             }) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
                 // No readiness event yet on a fresh socket, but the bytes are there:
-                // straight to the kernel.
+                // straight to the kernel. And on until the kernel says it has no more: the
+                // first message was looked at while held (`conn::holding`), which cleared
+                // the readiness, and a full receive queue brings no new event until enough
+                // is read to reopen the client's window.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && fresh && !tried => {
-                    io::Read::read(&mut &*SockRef::from(from), buf)
+                    let r = io::Read::read(&mut &*SockRef::from(from), buf);
+                    // A read short of the buffer emptied the queue: bytes that come later
+                    // bring their own event.
+                    if matches!(r, Ok(n) if n == cap) {
+                        self.fresh_read = true;
+                    }
+                    r
                 }
                 r => r,
             };
@@ -547,6 +558,8 @@ pub struct Pump<'a> {
     looked: Instant,
     /// The client's bytes are left in its socket until then (see [`Pump::hold_client`]).
     hold: Option<Hold>,
+    /// [`Event::Exchanged`] was reported.
+    exchanged: bool,
 }
 
 /// Reads from the client wait: one pass drains what the kernel holds, then none until
@@ -588,6 +601,7 @@ impl<'a> Pump<'a> {
             unacked: [None, None],
             looked: now,
             hold: None,
+            exchanged: false,
         }
     }
 
@@ -669,6 +683,10 @@ impl<'a> Pump<'a> {
         {
             return Poll::Ready(Ok(Event::Stalled));
         }
+        if !self.exchanged && self.up.moved() && self.down.moved() {
+            self.exchanged = true;
+            return Poll::Ready(Ok(Event::Exchanged));
+        }
         Poll::Pending
     }
 
@@ -718,6 +736,11 @@ impl<'a> Pump<'a> {
             return Some(b);
         }
         (self.up.request_start == Some(b.start) && b.start >= self.down.last_progress).then_some(b)
+    }
+
+    /// The client's bytes forwarded so far.
+    pub fn client_total(&self) -> u64 {
+        self.up.total
     }
 
     /// Bytes moved both ways so far.

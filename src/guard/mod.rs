@@ -49,7 +49,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 
 pub use remote::{Remote, RemoteLoad, rate_share};
 pub use source::SourceKey;
-pub use table::ConnCtl;
+pub use table::{ConnCtl, Stall};
 pub use ticket::{Refused, State, Ticket};
 pub use waiting::max_waiting;
 
@@ -119,6 +119,10 @@ pub struct SourceLoad {
     pub half_closed: usize,
     /// OPEN connections moving less than `limits.min_rate`.
     pub stalled: usize,
+    /// Of `stalled`, those idle: nothing moves and nothing waits (a pool between requests).
+    pub idle: usize,
+    /// Admitted over the source's connection cap, waiting for a slot.
+    pub waiting: usize,
     /// Refusals in the current tally window (about a minute).
     pub refused: u64,
     /// Would-be refusals, evictions and expiries in observe mode, same window.
@@ -126,19 +130,39 @@ pub struct SourceLoad {
 }
 
 impl SourceLoad {
-    /// Connections that go nowhere: silent or half-closed past the grace, or stalled.
+    /// Connections that go nowhere: silent or half-closed past the grace, or stalled and
+    /// not idle (a slow reader, a drip). An idle connection costs little and is not counted.
     pub fn going_nowhere(&self) -> usize {
-        self.half_open + self.half_closed + self.stalled
+        self.half_open + self.half_closed + self.stalled.saturating_sub(self.idle)
     }
 
-    /// A word for the operator: "flooding" when most of its connections go nowhere, "busy"
-    /// when it is refused while its connections move data (a NAT or a client pool at its
-    /// cap: raise the cap or allow-list it), else "ok".
+    /// Connections moving data now: in no list and not waiting for a slot.
+    pub fn moving(&self) -> usize {
+        (self.conns).saturating_sub(self.half_open + self.half_closed + self.stalled + self.waiting)
+    }
+
+    /// A word for the operator:
+    /// - "flooding": most of its connections go nowhere, or it is refused while none of its
+    ///   connections moves data (it asks for more than it uses: its extra connections only
+    ///   wait, or go nowhere);
+    /// - "busy": refused while its connections move data (a NAT or a client pool at its cap
+    ///   under pressure: raise the cap or allow-list it);
+    /// - "pool": most of its connections are idle after completing exchanges (a connection
+    ///   pool, subscribers): cheap, and shed first under pressure;
+    /// - "ok".
+    ///
+    /// Only "flooding" ever suggests a deny.
     pub fn verdict(&self) -> &'static str {
         if self.going_nowhere() * 2 > self.conns {
             "flooding"
         } else if self.refused > 0 {
-            "busy"
+            if self.moving() > 0 {
+                "busy"
+            } else {
+                "flooding"
+            }
+        } else if self.idle * 2 > self.conns {
+            "pool"
         } else {
             "ok"
         }
@@ -265,7 +289,7 @@ impl Guard {
                 Some(e) => {
                     weight = e.going_nowhere();
                     if lim.mode == Mode::Enforce {
-                        match check_source(&e, lim, others) {
+                        match check_source(&e, lim, others, sh.pressure.is_on()) {
                             Ok(p) => provisional = p,
                             Err(r) => {
                                 drop(e);
@@ -278,7 +302,9 @@ impl Guard {
                     return Err(Reject::SourcesFull);
                 }
                 None if others != RemoteLoad::default() && lim.mode == Mode::Enforce => {
-                    if let Err(r) = check_source(&SourceEntry::default(), lim, others) {
+                    if let Err(r) =
+                        check_source(&SourceEntry::default(), lim, others, sh.pressure.is_on())
+                    {
                         sh.enforce_or_observe(*key, r, lim)?;
                     }
                 }
@@ -415,6 +441,8 @@ impl Guard {
                     half_open: e.half_open.len(),
                     half_closed: e.half_closed.len(),
                     stalled: e.stalled.len(),
+                    idle: e.idle(),
+                    waiting: e.provisional as usize,
                     refused: 0,
                     observed: 0,
                 };
@@ -427,6 +455,8 @@ impl Guard {
             half_open: 0,
             half_closed: 0,
             stalled: 0,
+            idle: 0,
+            waiting: 0,
             refused: 0,
             observed: 0,
         };
@@ -590,11 +620,25 @@ impl Guard {
 /// The per-source caps against a source's entry plus what the other replicas hold
 /// (`others`, zero for a single node). `Ok(true)`: admitted provisionally, over the
 /// connection cap by less than the slack, waiting for a slot.
-fn check_source(e: &SourceEntry, lim: &Limits, others: RemoteLoad) -> Result<bool, Reject> {
+///
+/// `pressure`: the listener is above its pressure mark. Below it, a source whose connections
+/// have all made progress (a pool between requests, a client that opens a connection per
+/// request and completes each) may hold more than its connection cap: it takes nothing that
+/// others need while there is room, and its idle connections are the first evicted when the
+/// listener fills (see [`pool_fits`]).
+fn check_source(
+    e: &SourceEntry,
+    lim: &Limits,
+    others: RemoteLoad,
+    pressure: bool,
+) -> Result<bool, Reject> {
     let mut provisional = false;
     let cap = lim.max_conns_per_source;
     let local = e.conns - e.provisional;
-    if cap > 0 && local >= cap {
+    if cap > 0 && local.saturating_add(others.conns) >= cap && !pressure && pool_fits(e, cap, false)
+    {
+        // Over the cap, and welcome: the per-state caps below still apply.
+    } else if cap > 0 && local >= cap {
         // A slot is about to free only if the source's connections can end: one whose
         // connections are mostly stuck (a slow reader's, a silent or lingering flood's) is
         // holding them, and a wait would only let it hold a second cap's worth of sockets.
@@ -623,6 +667,23 @@ fn check_source(e: &SourceEntry, lim: &Limits, others: RemoteLoad) -> Result<boo
         return Err(Reject::SourceHalfClosed);
     }
     Ok(provisional)
+}
+
+/// A source at its connection cap whose connections all go somewhere: none stuck (silent,
+/// lingering, a slow reader, a drip), none waiting for a slot, and only a few not yet
+/// proven by an exchange (a pool opening its next connections; an attacker that opens many
+/// and proves none gets no further). Checked only for a source at its cap (it scans the
+/// stalled list).
+/// `waiter`: asked for a connection already waiting for a slot (the others waiting may
+/// then be ahead of it, and do not hold it back).
+fn pool_fits(e: &SourceEntry, cap: u32, waiter: bool) -> bool {
+    (waiter || e.provisional == 0) && e.unproven() < unproven_slack(cap) && e.stuck() == 0
+}
+
+/// How many connections not yet proven a source over its cap may hold: an eighth of the
+/// cap (8 for the default 64), at least 1.
+fn unproven_slack(cap: u32) -> u32 {
+    (cap / 8).max(1)
 }
 
 /// How many connections a source at its connection cap may have waiting for a slot: a
@@ -754,7 +815,7 @@ impl Shared {
         match self.table.map.entry(*key) {
             Entry::Occupied(mut o) => {
                 let e = o.get_mut();
-                let provisional = match check_source(e, lim, others) {
+                let provisional = match check_source(e, lim, others, self.pressure.is_on()) {
                     // Observing, nothing waits: the cap is counted and the connection goes on.
                     Ok(true) if lim.mode == Mode::Observe => {
                         self.observed_key(*key, Observed::Reject(Reject::SourceConns));
@@ -773,7 +834,8 @@ impl Shared {
             }
             Entry::Vacant(v) => {
                 if others != RemoteLoad::default()
-                    && let Err(r) = check_source(&SourceEntry::default(), lim, others)
+                    && let Err(r) =
+                        check_source(&SourceEntry::default(), lim, others, self.pressure.is_on())
                 {
                     if lim.mode == Mode::Enforce {
                         return Err(r);
@@ -913,7 +975,7 @@ impl Shared {
     fn evict_waiter(&self, spare: Option<&SourceKey>) -> bool {
         while let Some((key, ctl)) = self.waiting.pick(spare) {
             if self.table.evict_waiter(&key, &ctl) {
-                self.refusals.count(key);
+                self.refusals.count(key, true);
                 self.give_back_evicted(EvictState::HalfOpen);
                 ctl.wake();
                 return true;

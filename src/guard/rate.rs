@@ -22,6 +22,11 @@ pub(crate) struct SourceRate {
     /// every 100 ms on the accept path.
     last_sweep_ms: AtomicU64,
     epoch: Instant,
+    /// Connections a source got back by completing an exchange: spent when its bucket is
+    /// empty, so only connections that go nowhere use up its rate. At most `max_keys`
+    /// sources, at most a burst each; halved every second (see [`SourceRate::housekeep`]).
+    credits: dashmap::DashMap<SourceKey, u32>,
+    burst: u32,
 }
 
 impl SourceRate {
@@ -34,11 +39,38 @@ impl SourceRate {
             max_keys: limits.max_sources as usize,
             last_sweep_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            credits: dashmap::DashMap::new(),
+            burst: burst.get(),
         })
     }
 
-    /// True when `key` may open one more connection now.
+    /// True when `key` may open one more connection now: its bucket has room, or it has a
+    /// credit from a connection that completed an exchange.
     pub fn check(&self, key: &SourceKey) -> bool {
+        self.check_bucket(key) || self.spend(key)
+    }
+
+    /// One connection of `key` completed an exchange: it gives back what it took.
+    pub fn earn(&self, key: &SourceKey) {
+        if let Some(mut c) = self.credits.get_mut(key) {
+            *c = (*c + 1).min(self.burst);
+        } else if self.credits.len() < self.max_keys {
+            let mut c = self.credits.entry(*key).or_insert(0);
+            *c = (*c + 1).min(self.burst);
+        }
+    }
+
+    fn spend(&self, key: &SourceKey) -> bool {
+        match self.credits.get_mut(key) {
+            Some(mut c) if *c > 0 => {
+                *c -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn check_bucket(&self, key: &SourceKey) -> bool {
         if self.limiter.len() >= self.max_keys {
             let now = self.epoch.elapsed().as_millis() as u64;
             let last = self.last_sweep_ms.load(Ordering::Relaxed);
@@ -60,6 +92,11 @@ impl SourceRate {
     pub fn housekeep(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
+        // Credits fade: a source earns them by what it does now, not by last hour's traffic.
+        self.credits.retain(|_, c| {
+            *c /= 2;
+            *c > 0
+        });
     }
 
     pub fn len(&self) -> usize {

@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 use tokio::sync::Notify;
@@ -29,23 +29,62 @@ use crate::stats::EvictState;
 pub struct ConnCtl {
     evicted: AtomicBool,
     notify: Notify,
-    /// Stalled with bytes waiting for a peer that takes none (a slow reader), as the
-    /// connection last saw at its progress check; an idle stalled connection is not.
-    blocked: AtomicBool,
+    /// What a stalled connection was doing at its last progress check (a [`Stall`]).
+    stall: AtomicU8,
+    /// Completed an exchange, and counted in its source's `proven` (set under the entry
+    /// lock, so an evictor gives the count back for it).
+    proven: AtomicBool,
     /// Admitted over its source's cap and still waiting for a slot (set and cleared under
     /// its source's entry lock, so an evictor never takes a connection that got its slot).
     waiting: AtomicBool,
 }
 
+/// Why a connection moves less than `min_rate`, as its last progress check saw it. Only an
+/// idle one costs little: a pool's connection between requests, a subscriber, a tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Stall {
+    /// Nothing moved and nothing waits.
+    Idle = 0,
+    /// Bytes wait for a peer that takes none (a slow reader).
+    Blocked = 1,
+    /// The client trickles its request (a drip).
+    Dripping = 2,
+}
+
 impl ConnCtl {
     /// Whether the connection's last progress check found bytes waiting for its peer.
     pub fn is_blocked(&self) -> bool {
-        self.blocked.load(Ordering::Relaxed)
+        self.stall() == Stall::Blocked
+    }
+
+    /// What the last progress check saw.
+    pub fn stall(&self) -> Stall {
+        match self.stall.load(Ordering::Relaxed) {
+            1 => Stall::Blocked,
+            2 => Stall::Dripping,
+            _ => Stall::Idle,
+        }
     }
 
     /// Set by the connection at each progress check.
+    pub fn set_stall(&self, s: Stall) {
+        self.stall.store(s as u8, Ordering::Relaxed);
+    }
+
+    /// Whether the connection completed an exchange.
+    pub fn is_proven(&self) -> bool {
+        self.proven.load(Ordering::Relaxed)
+    }
+
+    /// Call with the connection's entry locked, when counting it in `proven`.
+    pub(crate) fn set_proven(&self) {
+        self.proven.store(true, Ordering::Relaxed);
+    }
+
+    /// Set by the connection at each progress check: blocked, or else idle.
     pub fn set_blocked(&self, blocked: bool) {
-        self.blocked.store(blocked, Ordering::Relaxed);
+        self.set_stall(if blocked { Stall::Blocked } else { Stall::Idle });
     }
 
     /// Marks the connection as waiting for a slot, or not. Call with its entry locked.
@@ -89,6 +128,8 @@ pub(crate) struct SourceEntry {
     /// Of `conns`, admitted over `max_conns_per_source` and waiting for a slot to free (a
     /// connection of this source that ended on the wire but whose task has not yet run).
     pub provisional: u32,
+    /// Of `conns`, those that completed an exchange (the client spoke, the server answered).
+    pub proven: u32,
     /// Silent for longer than the grace.
     pub half_open: Slots,
     /// Half-closed for longer than the grace.
@@ -115,14 +156,28 @@ impl SourceEntry {
         self.half_open.len() + self.half_closed.len() + self.stalled.len()
     }
 
-    /// Connections that will not end soon on their own: silent or half-closed past the
-    /// grace, or stalled with bytes their peer does not take. An idle keep-alive connection
-    /// (stalled, nothing waiting) may end any moment and is not counted. A scan of the
-    /// stalled list, made only for a source at its connection cap.
+    /// Connections that will not end soon on their own: silent (or holding a first
+    /// message) or half-closed past the grace, or stalled with bytes their peer does not
+    /// take or a request the client drips. An idle keep-alive connection (stalled, nothing
+    /// waiting) may end any moment and is not counted. A scan of the stalled list, made only
+    /// for a source at its connection cap.
     pub fn stuck(&self) -> usize {
-        self.half_open.len()
-            + self.half_closed.len()
-            + self.stalled.values().filter(|c| c.is_blocked()).count()
+        self.half_open.len() + self.half_closed.len() + self.stalled.len() - self.idle()
+    }
+
+    /// Stalled connections that are idle (see [`Stall::Idle`]).
+    pub fn idle(&self) -> usize {
+        self.stalled
+            .values()
+            .filter(|c| c.stall() == Stall::Idle)
+            .count()
+    }
+
+    /// Connections admitted (not waiting for a slot) that have not completed an exchange.
+    pub fn unproven(&self) -> u32 {
+        self.conns
+            .saturating_sub(self.provisional)
+            .saturating_sub(self.proven)
     }
 }
 
@@ -184,6 +239,9 @@ impl SourceTable {
         let slot = *e.slots(s).keys().find(|&&slot| slot != spare)?;
         let ctl = self.unlist(e, key, s, slot)?;
         e.conns -= 1;
+        if ctl.is_proven() {
+            e.proven = e.proven.saturating_sub(1);
+        }
         ctl.mark();
         Some(ctl)
     }

@@ -124,8 +124,12 @@ impl Ticket {
         let cap = sh.limits.load().max_conns_per_source;
         // With [cluster], the slot must be free across the replicas too.
         let others = sh.others(key).conns;
+        let pressure = sh.pressure.is_on();
         let mut e = entry(sh, key, &self.ctl)?;
-        if cap == 0 || (e.conns - e.provisional).saturating_add(others) < cap {
+        if cap == 0
+            || (e.conns - e.provisional).saturating_add(others) < cap
+            || (!pressure && super::pool_fits(&e, cap, true))
+        {
             e.provisional -= 1;
             self.provisional = false;
             self.ctl.set_waiting(false);
@@ -201,6 +205,28 @@ impl Ticket {
         self.state = State::Open;
         self.shared.update_pressure();
         Ok(())
+    }
+
+    /// The connection completed an exchange (the client spoke and the server answered): its
+    /// source may hold more than its connection cap while the listener has room, and the
+    /// connection gives back what it took of its source's new-connection rate (a client that
+    /// opens a connection per request and completes each is not a churn flood). Once.
+    pub fn prove(&mut self) {
+        let Some(key) = self.key else {
+            return;
+        };
+        if self.ctl.is_proven() {
+            return;
+        }
+        let sh = &self.shared;
+        // Under the entry lock, so an evictor that takes this connection gives it back.
+        if let Ok(mut e) = entry(sh, &key, &self.ctl) {
+            e.proven += 1;
+            self.ctl.set_proven();
+        }
+        if let Some(rate) = &*sh.rate.load() {
+            rate.earn(&key);
+        }
     }
 
     /// OPEN, and moving less than `min_rate`: the connection joins its source's stalled list
@@ -369,6 +395,9 @@ impl Drop for Ticket {
                 }
                 if self.provisional {
                     e.provisional = e.provisional.saturating_sub(1);
+                }
+                if self.ctl.is_proven() {
+                    e.proven = e.proven.saturating_sub(1);
                 }
                 e.conns = e.conns.saturating_sub(1);
             }

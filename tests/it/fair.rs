@@ -126,10 +126,12 @@ fn cap_of_two(b: SocketAddr) -> Config {
 
 #[tokio::test]
 async fn a_held_connection_over_the_cap_is_still_refused() {
-    let b = backend(Backend::Echo).await;
+    // The backend answers only after the client's FIN: the two held connections never
+    // complete an exchange, so the source is no pool that may grow past its cap.
+    let b = backend(Backend::CollectThenReply).await;
     let p = Proxy::start(cap_of_two(b.addr)).await;
     // The third waits a moment for a slot (none frees: the two are held), then RST.
-    let (mut held, after) = third_over_a_cap_of_two(&p, true, Duration::ZERO).await;
+    let (mut held, after) = third_over_a_cap_of_two(&p, false, Duration::ZERO).await;
     assert!(
         after >= ms(800) && after < ms(1800),
         "refused after a wait: {after:?}"
@@ -138,7 +140,67 @@ async fn a_held_connection_over_the_cap_is_still_refused() {
     // A close frees the slot for the next one at once.
     drop(held.pop());
     let mut fourth = connect_from("127.0.0.2", p.addr).await.unwrap();
-    assert_eq!(roundtrip(&mut fourth, b"in").await, b"in");
+    fourth.write_all(b"in").await.unwrap();
+    expect_open(&mut fourth, ms(1500)).await;
+    assert_eq!(p.stats().rejected(Reject::SourceConns), 1);
+}
+
+/// A pool from one address, its connections each proven by an exchange and idle between
+/// requests, is not held at the per-source cap while the listener has room: 200 connections
+/// against the default cap of 64, none refused, every one served again after a pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_proven_connections_grows_past_the_cap() {
+    let b = backend(Backend::Echo).await;
+    let mut cfg = base_config(&[b.addr]);
+    cfg.listeners[0].limits.max_conns_per_source = 64;
+    let p = Proxy::start(cfg).await;
+    let mut pool = Vec::new();
+    for i in 0..200 {
+        let mut c = connect_from("127.0.0.2", p.addr).await.unwrap();
+        let msg = format!("hello {i}");
+        let back = tokio::time::timeout(ms(2000), roundtrip(&mut c, msg.as_bytes()))
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} answered"));
+        assert_eq!(back, msg.as_bytes());
+        pool.push(c);
+    }
+    assert_eq!(p.stats().rejected(Reject::SourceConns), 0);
+    // Idle a while (past the progress checks), then every connection works again.
+    tokio::time::sleep(ms(1500)).await;
+    for c in pool.iter_mut() {
+        assert_eq!(roundtrip(c, b"again").await, b"again");
+    }
+    let load = p
+        .handle
+        .guard(L)
+        .unwrap()
+        .top_sources(1, halfguard::guard::SourceOrder::Conns);
+    assert_eq!(load[0].conns, 200);
+    assert_ne!(load[0].verdict(), "flooding");
+    drop(pool);
+    p.assert_drained(ms(3000)).await;
+}
+
+/// A pool idle between requests is called a pool, never flooding.
+#[tokio::test]
+async fn an_idle_pool_is_called_a_pool() {
+    let b = backend(Backend::Echo).await;
+    let p = Proxy::start(base_config(&[b.addr])).await;
+    let mut pool = Vec::new();
+    for _ in 0..10 {
+        let mut c = connect_from("127.0.0.2", p.addr).await.unwrap();
+        assert_eq!(roundtrip(&mut c, b"x").await, b"x");
+        pool.push(c);
+    }
+    // Past the first progress checks: stalled, and idle.
+    tokio::time::sleep(ms(1500)).await;
+    let load = p
+        .handle
+        .guard(L)
+        .unwrap()
+        .top_sources(1, halfguard::guard::SourceOrder::Conns);
+    assert_eq!((load[0].conns, load[0].stalled, load[0].idle), (10, 10, 10));
+    assert_eq!(load[0].verdict(), "pool");
 }
 
 /// A source at its cap whose connections are slow readers (bytes waiting that they never

@@ -209,3 +209,47 @@ async fn held_drips_count_against_the_source_half_open_cap() {
     assert_eq!(p.stats().rejected(Reject::SourceHalfOpen), 1);
     assert_eq!(p.snapshot().half_open, 2);
 }
+
+/// A head held over two segments, then a body far larger than the socket buffers at full
+/// speed, with and without splice: the look that held the head left the client's readiness
+/// cleared with the receive queue full, so the pump must read straight from the kernel
+/// until it has drained it (a full queue brings no new event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_head_then_a_bulk_body_arrives_whole() {
+    let b = backend(Backend::Echo).await;
+    for splice in [true, false] {
+        let mut cfg = config(b.addr, FirstMessage::Auto);
+        cfg.tcp.splice = splice;
+        let lim = &mut cfg.listeners[0].limits;
+        (lim.max_conns, lim.max_half_open, lim.max_half_closed) = (64, 64, 64);
+        let p = Proxy::start(cfg).await;
+        let c = connect_from("127.0.0.1", p.addr).await.unwrap();
+        let (mut r, mut w) = c.into_split();
+        let n = 8usize << 20;
+        let head = format!("PUT /big HTTP/1.1\r\nHost: x\r\nContent-Length: {n}\r\n\r\n");
+        let total = head.len() + n;
+        let writer = tokio::spawn(async move {
+            let (a, z) = head.as_bytes().split_at(10);
+            w.write_all(a).await.unwrap();
+            tokio::time::sleep(ms(100)).await;
+            w.write_all(z).await.unwrap();
+            w.write_all(&vec![7u8; n]).await.unwrap();
+            w.shutdown().await.unwrap();
+        });
+        let mut back = 0;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let got = tokio::time::timeout(ms(5000), r.read(&mut buf))
+                .await
+                .expect("bytes keep coming")
+                .unwrap();
+            if got == 0 {
+                break;
+            }
+            back += got;
+        }
+        writer.await.unwrap();
+        assert_eq!(back, total, "splice {splice}");
+        p.assert_drained(ms(2000)).await;
+    }
+}

@@ -108,10 +108,12 @@ async fn a_slow_drip_from_many_sources_does_not_lock_out_a_legit_client() {
         stats.rejected(Reject::ConnsFull),
         stats.evicted(EvictState::Stalled)
     );
-    assert!(stats.evicted(EvictState::Stalled) > 0);
+    // The drips never complete a request head: they stay half-open, their first message
+    // held (no backend), and past the grace the evictable ones make room.
+    assert!(stats.evicted(EvictState::HalfOpen) > 0);
     assert!(
-        p.snapshot().stalled > 0,
-        "the trickling connections are shown as stalled"
+        stats.holding.load(Ordering::Relaxed) > 0,
+        "the trickling connections are shown as holding their first message"
     );
 
     stop.store(true, Ordering::Relaxed);
@@ -207,6 +209,9 @@ async fn the_request_clock_ends_a_trickle_and_spares_a_long_poll_and_an_upload()
     let b = backend(Backend::Http(1500)).await;
     let mut cfg = base_config(&[b.addr]);
     cfg.listeners[0].timeouts.request = Some(ms(1000));
+    // Connected at the first byte, as a protocol halfguard does not frame is: the request
+    // clock in the pump (tests/it/holding.rs has the same drip held before any backend).
+    cfg.listeners[0].first_message = halfguard::config::FirstMessage::Any;
     let p = Proxy::start(cfg).await;
 
     // A trickle: a request line, then a byte every 200 ms, never the blank line.
