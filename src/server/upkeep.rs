@@ -29,6 +29,7 @@ pub(super) async fn upkeep(state: Arc<State>) {
     // theirs, and must not log the same events twice. Read through the one still accepting.
     let mut summaries: Vec<(Arc<ListenerCtx>, Summary)> = Vec::new();
     let mut ticks = 0u64;
+    let mut greetings = super::greeting::Watch::default();
     let mut tick = tokio::time::interval(UPKEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -48,6 +49,7 @@ pub(super) async fn upkeep(state: Arc<State>) {
             }
             r.ctx.guard.housekeep();
         }
+        greetings.tick(&state, &listeners);
         for (ctx, summary) in &mut summaries {
             let top = || {
                 let l = ctx
