@@ -138,21 +138,20 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Check { .. } => {
-            println!("{config}");
             // The caps `run` would apply here: it raises the limit the same way first.
             let _ = halfguard::sockopt::raise_nofile();
             let fds = halfguard::fds::Budget::current(&config);
-            println!("{fds}");
+            let mut out = format!("{config}\n{fds}\n");
             for w in config
                 .warnings()
                 .into_iter()
                 .chain(fds.warnings())
                 .chain(unresolved(&config))
             {
-                println!("warning: {w}");
+                out.push_str(&format!("warning: {w}\n"));
             }
-            println!("ok");
-            ExitCode::SUCCESS
+            out.push_str("ok\n");
+            print_out(&out, "halfguard")
         }
         Command::Run { .. } => match serve(config) {
             Ok(halfguard::server::Stopped::Drained) => ExitCode::SUCCESS,
@@ -212,23 +211,41 @@ fn top(
         sort,
         colour: halfguard::top::colour_wanted(),
     };
-    let run = || -> anyhow::Result<()> {
+    let run = || -> anyhow::Result<ExitCode> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .context("cannot start the runtime")?;
         if once {
-            print!("{}", rt.block_on(halfguard::top::once(&opts))?);
-        } else {
-            halfguard::top::live(opts, &rt)?;
+            let text = rt.block_on(halfguard::top::once(&opts))?;
+            return Ok(print_out(&text, "halfguard top"));
         }
-        Ok(())
+        halfguard::top::live(opts, &rt)?;
+        Ok(ExitCode::SUCCESS)
     };
     match run() {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("halfguard top: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes `text` to stdout. A reader that stopped early (`check | head -3`) closed the pipe
+/// on purpose: it has what it wanted, so that is a quiet success, not a panic.
+fn print_out(text: &str, who: &str) -> ExitCode {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{who}: cannot write to stdout: {e}");
             ExitCode::FAILURE
         }
     }

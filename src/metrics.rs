@@ -282,6 +282,19 @@ fn outcomes(e: &mut DescriptorEncoder, ls: &[Row<'_>]) -> std::fmt::Result {
         &v,
     )?;
 
+    let v: Vec<Sample<'_, i64>> = (ls.iter())
+        .map(|(n, _, s)| {
+            let suspected = s.server_first_suspected.load(Relaxed);
+            (vec![("listener", *n)], suspected as i64)
+        })
+        .collect();
+    gauge(
+        e,
+        "halfguard_server_first_suspected",
+        "1 when this client-first listener's first_byte timeouts grew and a probe saw its server greet first: the listener wants protocol = \"server-first\".",
+        &v,
+    )?;
+
     let mut v: Vec<Sample<'_, u64>> = Vec::new();
     for (n, _, s) in ls {
         for o in Observed::all() {

@@ -254,6 +254,10 @@ pub struct Stats {
     /// Connections whose client has spoken and whose first message is held until whole,
     /// before any backend (a gauge).
     pub holding: AtomicU64,
+    /// 1 when a probe of a client-first listener's server saw it greet before the client
+    /// spoke: the listener wants `protocol = "server-first"` (a gauge, see
+    /// `server::greeting`).
+    pub server_first_suspected: AtomicU64,
     /// Lifetime of admitted connections.
     pub duration: Histo,
 }
@@ -275,6 +279,7 @@ impl Default for Stats {
             aborted_on_shutdown: AtomicU64::new(0),
             spliced: AtomicU64::new(0),
             holding: AtomicU64::new(0),
+            server_first_suspected: AtomicU64::new(0),
             duration: Histo::new(DURATION_BUCKETS),
         }
     }

@@ -22,13 +22,16 @@
 //! - `passive.rs`: passive health: whose fault a failure is, cool-off, confirming before
 //!   the last server up goes;
 //! - `server.rs`: a [`Server`], one address's load and health;
-//! - `lease.rs`: a connection's [`Lease`] on a server's slot, given back on drop.
+//! - `lease.rs`: a connection's [`Lease`] on a server's slot, given back on drop;
+//! - `greeting.rs`: whether a server speaks first, probed once when the server layer
+//!   suspects a server-first protocol behind a client-first listener.
 //!
 //! A connection calls [`Pool::connect`], which asks `balance` for a server, reserves a slot
 //! (`server`), connects, and on failure tells `passive` and asks again; it gets back a
 //! [`Lease`] it holds until it ends.
 
 mod balance;
+mod greeting;
 mod health;
 mod lease;
 mod passive;
@@ -37,6 +40,7 @@ mod resolve;
 mod server;
 
 pub use balance::ServerSet;
+pub use greeting::Greeting;
 pub use lease::Lease;
 pub use pool::{BackendError, Pool, ProxiedAddrs};
 pub use server::Server;

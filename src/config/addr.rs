@@ -39,6 +39,13 @@ impl ServerAddr {
         matches!(self.target, Target::Name { .. })
     }
 
+    pub fn port(&self) -> u16 {
+        match &self.target {
+            Target::Ip(a) => a.port(),
+            Target::Name { port, .. } => *port,
+        }
+    }
+
     /// As configured.
     pub fn as_str(&self) -> &str {
         &self.text

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::file::RawDuration;
-use super::{Checker, ConfigError, cap, dur, nonzero};
+use super::{Checker, ConfigError, cap, dur, nonzero, rate};
 
 /// Count the kernel's sockets every 5 s: cheap (one netlink dump), and fresh enough for a
 /// dashboard.
@@ -121,11 +121,10 @@ impl fmt::Display for KernelConfig {
         if self.enforce {
             write!(
                 f,
-                " (syn rate {}/s burst {}, ct count {}, untracked sources {}/s, ban after {} for {})",
-                cap(self.syn_rate_per_source),
-                self.syn_burst_per_source,
+                " (syn rate {}, ct count {}, untracked sources {}, ban after {} for {})",
+                rate(self.syn_rate_per_source, Some(self.syn_burst_per_source)),
                 cap(self.max_conns_per_source),
-                cap(self.untracked_syn_rate),
+                rate(self.untracked_syn_rate, None),
                 cap(self.ban_after),
                 dur(self.ban_for)
             )?;

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::addr::parse_net;
 use super::choice::choice;
 use super::file::RawDuration;
-use super::{Checker, ConfigError, cap, dur};
+use super::{Checker, ConfigError, cap, dur, rate};
 
 /// Up to 64 concurrent connections per source: generous for a browser or a NATed office,
 /// small enough that one host cannot take the proxy's descriptors.
@@ -349,14 +349,13 @@ impl fmt::Display for Limits {
         )?;
         writeln!(
             f,
-            "  caps per source (/{} v4, /{} v6): conns {}, half-open {}, half-closed {}, rate {}/s burst {}; per network (/{} v4, /{} v6): conns {}",
+            "  caps per source (/{} v4, /{} v6): conns {}, half-open {}, half-closed {}, rate {}; per network (/{} v4, /{} v6): conns {}",
             self.ipv4_prefix,
             self.ipv6_prefix,
             cap(self.max_conns_per_source),
             cap(self.max_half_open_per_source),
             cap(self.max_half_closed_per_source),
-            cap(self.conn_rate_per_source),
-            self.conn_burst_per_source,
+            rate(self.conn_rate_per_source, Some(self.conn_burst_per_source)),
             self.network_ipv4_prefix,
             self.network_ipv6_prefix,
             cap(self.max_conns_per_network)

@@ -12,7 +12,8 @@
 //! `timeouts.rs`, `pressure.rs`, `tcp.rs`, `admin.rs` (and `token.rs`, the admin token),
 //! `log.rs`, `pool.rs` (`[[backends]]`), `kernel.rs`, `runtime.rs`, `cluster.rs`. `file.rs`
 //! is the whole file's raw shape, `addr.rs` the addresses and networks as written, `load.rs`
-//! the layering of file and environment.
+//! the layering of file and environment, `server_first.rs` the well-known ports whose
+//! server greets first (a warning on a client-first listener).
 //!
 //! Every default is a documented constant beside its section; `config/halfguard.toml`
 //! repeats them with the reasoning an operator needs.
@@ -30,6 +31,7 @@ mod log;
 mod pool;
 mod pressure;
 mod runtime;
+mod server_first;
 mod tcp;
 mod timeouts;
 mod token;
@@ -297,6 +299,7 @@ impl Config {
         (self.listeners.iter().map(ListenerConfig::warning))
             .chain([self.tcp.warning()])
             .flatten()
+            .chain(server_first::warnings(self))
             .collect()
     }
 }
@@ -346,5 +349,15 @@ fn cap(c: u32) -> String {
         "none".to_string()
     } else {
         c.to_string()
+    }
+}
+
+/// A rate as `check` prints it: `10/s burst 40`, or `none` when off (0), since a burst
+/// with no rate bounds nothing.
+fn rate(per_second: u32, burst: Option<u32>) -> String {
+    match (per_second, burst) {
+        (0, _) => "none".to_string(),
+        (r, Some(b)) => format!("{r}/s burst {b}"),
+        (r, None) => format!("{r}/s"),
     }
 }

@@ -10,6 +10,8 @@
 //! - `reload`: applying a new config to what runs, and SIGHUP.
 //! - `upkeep`: the periodic work: sweeps and summaries, the kernel census, the cluster
 //!   sync's view of the listeners.
+//! - `greeting`: probing a client-first listener's server, seldom, when its connections
+//!   time out silent, to say when it greets first (it wants `protocol = "server-first"`).
 //! - `admin`: the admin HTTP endpoint, the server's face to probes, scrapers and operators.
 //!
 //! Shutdown: `/readyz` fails first (for `admin.drain_delay` on SIGTERM, so load balancers
@@ -19,6 +21,7 @@
 //! was started, stops with the server: nothing can keep a draining process alive.
 
 mod admin;
+mod greeting;
 mod reload;
 mod running;
 mod upkeep;

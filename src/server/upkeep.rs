@@ -20,8 +20,15 @@ use crate::stats::Summary;
 /// How often rate-limiter keys are swept, summaries logged and retired listeners reaped.
 const UPKEEP_EVERY: Duration = Duration::from_secs(1);
 
-/// Upkeep ticks between two lines about stalled connections (while there are some).
+/// Upkeep ticks between two looks at the stalled connections (while there are some).
 const STALLED_SUMMARY_EVERY: u64 = 10;
+
+/// Whether `now` stalled connections are worth an INFO line after `last` were logged: they
+/// appeared, or doubled, or halved. A steady few (one idle client below `min_rate`) are
+/// said once, not every ten seconds.
+fn stalled_news(last: usize, now: usize) -> bool {
+    now > 0 && (last == 0 || now >= last * 2 || now * 2 <= last)
+}
 
 /// Once a second: sweep rate-limiter keys, log what changed, drop drained retired listeners.
 pub(super) async fn upkeep(state: Arc<State>) {
@@ -29,6 +36,9 @@ pub(super) async fn upkeep(state: Arc<State>) {
     // theirs, and must not log the same events twice. Read through the one still accepting.
     let mut summaries: Vec<(Arc<ListenerCtx>, Summary)> = Vec::new();
     let mut ticks = 0u64;
+    // Stalled connections last said at INFO, per listener name.
+    let mut stalled_said: std::collections::HashMap<String, usize> = Default::default();
+    let mut greetings = super::greeting::Watch::default();
     let mut tick = tokio::time::interval(UPKEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -48,6 +58,7 @@ pub(super) async fn upkeep(state: Arc<State>) {
             }
             r.ctx.guard.housekeep();
         }
+        greetings.tick(&state, &listeners);
         for (ctx, summary) in &mut summaries {
             let top = || {
                 let l = ctx
@@ -66,7 +77,9 @@ pub(super) async fn upkeep(state: Arc<State>) {
             summary.tick(&ctx.name, &ctx.stats, &top);
             if ticks.is_multiple_of(STALLED_SUMMARY_EVERY) {
                 let snap = ctx.guard.snapshot();
-                if snap.stalled > 0 {
+                let said = stalled_said.entry(ctx.name.clone()).or_default();
+                if stalled_news(*said, snap.stalled) {
+                    *said = snap.stalled;
                     tracing::info!(
                         listener = %ctx.name,
                         stalled = snap.stalled,
@@ -74,6 +87,8 @@ pub(super) async fn upkeep(state: Arc<State>) {
                         conns = snap.conns,
                         "connections stalled: OPEN below limits.min_rate (evictable when the listener is full)"
                     );
+                } else if snap.stalled == 0 {
+                    *said = 0;
                 }
             }
         }
@@ -81,6 +96,7 @@ pub(super) async fn upkeep(state: Arc<State>) {
         if let Ok(mut l) = state.listeners.lock() {
             l.retain(|r| !(r.is_retired() && r.ctx.guard.snapshot().conns == 0));
             summaries.retain(|(c, _)| l.iter().any(|r| Arc::ptr_eq(&c.stats, &r.ctx.stats)));
+            stalled_said.retain(|n, _| summaries.iter().any(|(c, _)| c.name == *n));
         }
         state.refit_fds();
         if stopping {
@@ -183,5 +199,23 @@ impl crate::cluster::sync::Listeners for State {
 
     fn stopping(&self) -> impl Future<Output = ()> + Send {
         self.stop_upkeep.cancelled()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stalled_news;
+
+    #[test]
+    fn a_steady_stalled_count_is_said_once() {
+        assert!(stalled_news(0, 1), "appearing is news");
+        assert!(!stalled_news(1, 1), "one idle connection, again: not news");
+        assert!(!stalled_news(0, 0));
+        assert!(!stalled_news(10, 12) && !stalled_news(10, 6));
+        assert!(
+            stalled_news(10, 20) && stalled_news(10, 5),
+            "doubled or halved"
+        );
+        assert!(!stalled_news(3, 0), "gone: nothing to say");
     }
 }

@@ -36,6 +36,64 @@ fn check_prints_the_effective_config_and_exits_0() {
 }
 
 #[test]
+fn check_warns_of_a_server_first_port_behind_a_client_first_listener() {
+    let out = Command::new(BIN)
+        .args(["check", "-c", &fixture("valid/server_first_ports.toml")])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let warned: Vec<&str> = (stdout.lines())
+        .filter(|l| l.starts_with("warning:") && l.contains("server-first"))
+        .collect();
+    // "mail" is server-first already, "imaps" is on IMAP's TLS port (the client speaks first).
+    assert_eq!(warned.len(), 1, "{stdout}");
+    for want in [
+        "listener \"db\"",
+        "\"127.0.0.1:3306\"",
+        "MySQL/MariaDB",
+        "set protocol = \"server-first\"",
+    ] {
+        assert!(warned[0].contains(want), "{want:?} not in: {}", warned[0]);
+    }
+}
+
+#[test]
+fn check_into_a_pipe_closed_early_exits_quietly() {
+    // `halfguard check | head -1`, with the reader gone before the first write: every write
+    // meets a closed pipe.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(BIN)
+        .args(["check", "-c", &fixture("valid/minimal.toml")])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+}
+
+#[test]
+fn check_prints_a_rate_that_is_off_as_none() {
+    let check = |rate: &str| {
+        let out = Command::new(BIN)
+            .args(["check", "-c", &fixture("valid/minimal.toml")])
+            .env("HALFGUARD__LIMITS__CONN_RATE_PER_SOURCE", rate)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let off = check("0");
+    assert!(off.contains(", rate none;"), "{off}");
+    assert!(!off.contains("none/s") && !off.contains("burst"), "{off}");
+    let on = check("7");
+    assert!(on.contains(", rate 7/s burst "), "{on}");
+}
+
+#[test]
 fn check_names_file_and_key_and_exits_2() {
     let f = fixture("invalid/unknown_key.toml");
     let out = Command::new(BIN)

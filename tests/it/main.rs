@@ -9,6 +9,7 @@ mod cluster;
 mod config;
 mod fair;
 mod fds;
+mod greeting;
 mod halfclose;
 mod holding;
 mod kernel;
