@@ -176,6 +176,7 @@ impl Ticket {
         if self.listed.is_some() {
             return Ok(());
         }
+        self.stop_waiting()?;
         let lim = sh.limits.load();
         let cap = lim.max_half_open_per_source as usize;
         let others = sh.others(&key).half_open as usize;
@@ -197,9 +198,27 @@ impl Ticket {
         Ok(())
     }
 
+    /// A connection that changes state no longer only waits for a slot: it leaves the
+    /// waiting room (whose evictor takes only half-open connections out of no list), still
+    /// counted as provisional until it is confirmed or ends. Connections confirm their slot
+    /// before anything else, so this only guards the accounting.
+    fn stop_waiting(&mut self) -> Result<(), Refused> {
+        if !self.provisional {
+            return Ok(());
+        }
+        if let Some(key) = &self.key {
+            let e = entry(&self.shared, key, &self.ctl)?;
+            self.ctl.set_waiting(false);
+            drop(e);
+        }
+        self.shared.waiting.leave(&self.ctl);
+        Ok(())
+    }
+
     /// HALF_OPEN -> OPEN: the first byte moved.
     pub fn open(&mut self) -> Result<(), Refused> {
         debug_assert_eq!(self.state, State::HalfOpen);
+        self.stop_waiting()?;
         self.leave_list()?;
         self.shared.counts.half_open.fetch_sub(1, Ordering::AcqRel);
         self.state = State::Open;
