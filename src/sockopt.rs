@@ -195,9 +195,43 @@ pub fn listen(addr: SocketAddr, tcp: &TcpConfig) -> io::Result<TcpListener> {
     }
     sock.set_nonblocking(true)?;
     apply(SockRef::from(&sock), tcp)?;
+    // Inherited by every accepted socket: bounds what is queued toward a client that stops
+    // reading, at no cost per connection.
+    if tcp.notsent_lowat > 0 {
+        notsent_lowat(&sock, tcp.notsent_lowat)?;
+    }
     sock.bind(&addr.into())?;
     sock.listen(tcp.backlog.min(i32::MAX as u32) as i32)?;
     TcpListener::from_std(sock.into())
+}
+
+/// Sets `TCP_NOTSENT_LOWAT`: the kernel takes no more unsent bytes than this.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn notsent_lowat(sock: &Socket, bytes: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_int = bytes.min(i32::MAX as u32) as libc::c_int;
+    // SAFETY: setsockopt reads one c_int from a pointer to a live local; the fd is borrowed
+    // from a live socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn notsent_lowat(_sock: &Socket, _bytes: u32) -> io::Result<()> {
+    Ok(())
 }
 
 /// Connects to a backend. On loopback and most local links the kernel completes the

@@ -14,6 +14,12 @@ use super::{Checker, ConfigError, dur, nonzero};
 
 /// Accept queue length asked of the kernel (capped by `net.core.somaxconn`).
 pub const DEFAULT_BACKLOG: u32 = 4_096;
+/// Unsent bytes the kernel queues toward one client (`TCP_NOTSENT_LOWAT`, set on the
+/// listening socket and inherited by every accepted one). Without it a client that stops
+/// reading has its send buffer autotuned up to `tcp_wmem`'s maximum (4 MB): 128 kB bounds
+/// what halfguard queues for it, while a client that reads still gets the whole window in
+/// flight (only bytes not yet sent count) and a write wakes halfguard once a half is gone.
+pub const DEFAULT_NOTSENT_LOWAT: u32 = 128 * 1024;
 /// First keepalive probe after 30 s of silence.
 pub const DEFAULT_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 /// Then one probe every 10 s...
@@ -44,6 +50,7 @@ pub struct RawTcp {
     pub keepalive_count: Option<u32>,
     pub user_timeout: Option<RawDuration>,
     pub splice: Option<bool>,
+    pub notsent_lowat: Option<u32>,
 }
 
 /// Socket options applied to client and backend sockets alike.
@@ -59,6 +66,8 @@ pub struct TcpConfig {
     pub user_timeout: Option<Duration>,
     /// Bulk transfers move with splice(2) on Linux, within a pipe budget.
     pub splice: bool,
+    /// `TCP_NOTSENT_LOWAT` toward clients, in bytes; 0 leaves the kernel's default.
+    pub notsent_lowat: u32,
 }
 
 impl Default for TcpConfig {
@@ -71,6 +80,7 @@ impl Default for TcpConfig {
             keepalive_count: DEFAULT_KEEPALIVE_COUNT,
             user_timeout: Some(DEFAULT_USER_TIMEOUT),
             splice: true,
+            notsent_lowat: DEFAULT_NOTSENT_LOWAT,
         }
     }
 }
@@ -86,6 +96,7 @@ impl TcpConfig {
             keepalive_count: t.keepalive_count.unwrap_or(d.keepalive_count),
             user_timeout: t.user_timeout.map_or(d.user_timeout, |x| nonzero(x.0)),
             splice: t.splice.unwrap_or(d.splice),
+            notsent_lowat: t.notsent_lowat.unwrap_or(d.notsent_lowat),
         };
         if tcp.backlog == 0 {
             return Err(ck.err("tcp.backlog", "must be at least 1"));
@@ -173,7 +184,7 @@ impl fmt::Display for TcpConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "tcp: backlog {}, nodelay {}, keepalive {}, user_timeout {}, splice {}",
+            "tcp: backlog {}, nodelay {}, keepalive {}, user_timeout {}, splice {}, notsent_lowat {}",
             self.backlog,
             self.nodelay,
             self.keepalive_idle.map_or("off".into(), |i| format!(
@@ -183,7 +194,12 @@ impl fmt::Display for TcpConfig {
                 self.keepalive_count
             )),
             self.user_timeout.map_or("kernel default".into(), dur),
-            if self.splice { "on" } else { "off" }
+            if self.splice { "on" } else { "off" },
+            if self.notsent_lowat == 0 {
+                "kernel default".to_string()
+            } else {
+                format!("{} B", self.notsent_lowat)
+            }
         )
     }
 }

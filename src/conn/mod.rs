@@ -19,6 +19,7 @@
 //! eviction is counted by the guard that decided it, every other end here.
 
 mod clocks;
+mod delivery;
 mod half_open;
 mod holding;
 mod open;

@@ -172,7 +172,8 @@ impl Open<'_> {
                 ev = poll_fn(|cx| pump.poll_event(cx)) => match ev {
                     Ok(Event::Closed) => {
                         prove(ticket, &pump);
-                        return End::Clean;
+                        drop(pump);
+                        return super::delivery::delivered(ctx, ticket, client, &mut w).await;
                     }
                     // A stall shortens the deadline: recompute it.
                     Ok(Event::Stalled) => {}

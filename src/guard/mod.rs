@@ -105,6 +105,10 @@ pub(crate) struct Shared {
     opened: dashmap::DashMap<SourceKey, u32>,
     /// Connections over their source's cap, waiting for a slot: bounded, evicted first.
     waiting: WaitingRoom,
+    /// `[cluster]` is configured: the per-source caps and rate are shared across replicas
+    /// and stay hard (a replica cannot tell the others' connections proven, nor spend
+    /// their credits), so a pool does not grow past the cap and exchanges earn no rate.
+    shared_caps: AtomicBool,
 }
 
 /// A trusted connection's source and network, once its PROXY header named them.
@@ -217,6 +221,7 @@ impl Guard {
                 counting: AtomicBool::new(false),
                 opened: dashmap::DashMap::new(),
                 waiting: WaitingRoom::default(),
+                shared_caps: AtomicBool::new(false),
             }),
         }
     }
@@ -289,7 +294,7 @@ impl Guard {
                 Some(e) => {
                     weight = e.going_nowhere();
                     if lim.mode == Mode::Enforce {
-                        match check_source(&e, lim, others, sh.pressure.is_on()) {
+                        match check_source(&e, lim, others, sh.no_pools()) {
                             Ok(p) => provisional = p,
                             Err(r) => {
                                 drop(e);
@@ -303,7 +308,7 @@ impl Guard {
                 }
                 None if others != RemoteLoad::default() && lim.mode == Mode::Enforce => {
                     if let Err(r) =
-                        check_source(&SourceEntry::default(), lim, others, sh.pressure.is_on())
+                        check_source(&SourceEntry::default(), lim, others, sh.no_pools())
                     {
                         sh.enforce_or_observe(*key, r, lim)?;
                     }
@@ -538,6 +543,12 @@ impl Guard {
         &self.shared.stats
     }
 
+    /// `[cluster]` is on: caps and rate are shared across replicas and stay hard (see
+    /// `Shared::shared_caps`).
+    pub fn set_shared_caps(&self, on: bool) {
+        self.shared.shared_caps.store(on, Ordering::Relaxed);
+    }
+
     /// Installs the cluster view admission adds to the local counts (`None`: local caps
     /// only, as a single node or while Redis is away).
     pub fn set_remote(&self, remote: Option<Arc<Remote>>) {
@@ -621,22 +632,22 @@ impl Guard {
 /// (`others`, zero for a single node). `Ok(true)`: admitted provisionally, over the
 /// connection cap by less than the slack, waiting for a slot.
 ///
-/// `pressure`: the listener is above its pressure mark. Below it, a source whose connections
-/// have all made progress (a pool between requests, a client that opens a connection per
-/// request and completes each) may hold more than its connection cap: it takes nothing that
-/// others need while there is room, and its idle connections are the first evicted when the
-/// listener fills (see [`pool_fits`]).
+/// `hard`: the cap holds whatever the source does (the listener is above its pressure mark,
+/// or the cap is shared across replicas). Otherwise a source whose connections have all made
+/// progress (a pool between requests, a client that opens a connection per request and
+/// completes each) may hold more than its connection cap: it takes nothing that others need
+/// while there is room, and its idle connections are the first evicted when the listener
+/// fills (see [`pool_fits`]).
 fn check_source(
     e: &SourceEntry,
     lim: &Limits,
     others: RemoteLoad,
-    pressure: bool,
+    hard: bool,
 ) -> Result<bool, Reject> {
     let mut provisional = false;
     let cap = lim.max_conns_per_source;
     let local = e.conns - e.provisional;
-    if cap > 0 && local.saturating_add(others.conns) >= cap && !pressure && pool_fits(e, cap, false)
-    {
+    if cap > 0 && local >= cap && !hard && pool_fits(e, cap, false) {
         // Over the cap, and welcome: the per-state caps below still apply.
     } else if cap > 0 && local >= cap {
         // A slot is about to free only if the source's connections can end: one whose
@@ -761,7 +772,7 @@ impl Shared {
             }
         }
         if let Some(rate) = &*self.rate.load()
-            && !rate.check(&key)
+            && !rate.check(&key, !self.shared_caps.load(Ordering::Relaxed))
         {
             self.enforce_or_observe(key, Reject::Rate, lim)?;
         }
@@ -815,7 +826,7 @@ impl Shared {
         match self.table.map.entry(*key) {
             Entry::Occupied(mut o) => {
                 let e = o.get_mut();
-                let provisional = match check_source(e, lim, others, self.pressure.is_on()) {
+                let provisional = match check_source(e, lim, others, self.no_pools()) {
                     // Observing, nothing waits: the cap is counted and the connection goes on.
                     Ok(true) if lim.mode == Mode::Observe => {
                         self.observed_key(*key, Observed::Reject(Reject::SourceConns));
@@ -835,7 +846,7 @@ impl Shared {
             Entry::Vacant(v) => {
                 if others != RemoteLoad::default()
                     && let Err(r) =
-                        check_source(&SourceEntry::default(), lim, others, self.pressure.is_on())
+                        check_source(&SourceEntry::default(), lim, others, self.no_pools())
                 {
                     if lim.mode == Mode::Enforce {
                         return Err(r);
@@ -918,6 +929,11 @@ impl Shared {
         } else if self.opened.len() < lim.max_sources as usize {
             *self.opened.entry(*key).or_insert(0) += 1;
         }
+    }
+
+    /// Whether the per-source caps are hard now: under pressure, or shared across replicas.
+    pub(crate) fn no_pools(&self) -> bool {
+        self.pressure.is_on() || self.shared_caps.load(Ordering::Relaxed)
     }
 
     /// What the other replicas hold of `key`, as of the last sync; zero for a single node.

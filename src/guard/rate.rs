@@ -46,8 +46,9 @@ impl SourceRate {
 
     /// True when `key` may open one more connection now: its bucket has room, or it has a
     /// credit from a connection that completed an exchange.
-    pub fn check(&self, key: &SourceKey) -> bool {
-        self.check_bucket(key) || self.spend(key)
+    /// `credits`: spend them (not with `[cluster]`, whose rate is shared).
+    pub fn check(&self, key: &SourceKey, credits: bool) -> bool {
+        self.check_bucket(key) || (credits && self.spend(key))
     }
 
     /// One connection of `key` completed an exchange: it gives back what it took.

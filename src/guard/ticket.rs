@@ -124,11 +124,11 @@ impl Ticket {
         let cap = sh.limits.load().max_conns_per_source;
         // With [cluster], the slot must be free across the replicas too.
         let others = sh.others(key).conns;
-        let pressure = sh.pressure.is_on();
+        let hard = sh.no_pools();
         let mut e = entry(sh, key, &self.ctl)?;
         if cap == 0
             || (e.conns - e.provisional).saturating_add(others) < cap
-            || (!pressure && super::pool_fits(&e, cap, true))
+            || (!hard && super::pool_fits(&e, cap, true))
         {
             e.provisional -= 1;
             self.provisional = false;

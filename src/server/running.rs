@@ -95,10 +95,12 @@ pub(super) fn new_ctx(
     fds: &Budget,
 ) -> Result<Arc<ListenerCtx>, ServerError> {
     let stats = stats.unwrap_or_default();
+    let guard = Guard::new(fds.limits(l), &config.pressure, stats.clone());
+    guard.set_shared_caps(config.cluster.is_some());
     Ok(Arc::new(ListenerCtx::new(
         l.name.clone(),
         policy(l, config, pool_for(l, pools)?),
-        Guard::new(fds.limits(l), &config.pressure, stats.clone()),
+        guard,
         stats,
     )))
 }

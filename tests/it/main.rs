@@ -7,6 +7,7 @@ mod cli;
 mod clocks;
 mod cluster;
 mod config;
+mod delivery;
 mod fair;
 mod fds;
 mod greeting;

@@ -1,0 +1,174 @@
+//! A clean close waits until what halfguard queued toward the client is delivered: no
+//! orphan holding bytes after both FINs, and no byte lost for a client that still reads.
+
+use std::net::SocketAddr;
+
+use halfguard::stats::Timeout;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::support::*;
+
+/// A backend that reads the request to its end, answers `n` bytes and closes.
+async fn answers_after_fin(n: usize) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink).await;
+                let _ = s.write_all(&vec![b'a'; n]).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A client with a small receive buffer: it cannot take much without reading.
+async fn small_window_client(to: SocketAddr) -> TcpStream {
+    let s = TcpSocket::new_v4().unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    s.connect(to).await.unwrap()
+}
+
+/// The proxy's sockets on `port` in a state that follows its close, with bytes queued.
+fn orphans_with_bytes(port: u16) -> usize {
+    let out = std::process::Command::new("ss")
+        .args(["-tanH"])
+        .arg(format!("( sport = :{port} )"))
+        .output()
+        .expect("ss runs (iproute2)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            matches!(f.first(), Some(&("LAST-ACK" | "FIN-WAIT-1" | "CLOSING")))
+                && f.get(2)
+                    .and_then(|q| q.parse::<u64>().ok())
+                    .is_some_and(|q| q > 0)
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn a_client_that_half_closes_and_never_reads_leaves_no_orphan() {
+    if let Some(why) = missing(&[Need::Tool("ss")], "lists the proxy's orphans") {
+        return skip(
+            "delivery::a_client_that_half_closes_and_never_reads_leaves_no_orphan",
+            &why,
+        );
+    }
+    // Small enough to fit in what the kernel queues toward the client, so the pump itself
+    // never waits: the answer is all written, the FINs cross, and only the queue is left.
+    let b = answers_after_fin(1 << 20).await;
+    let mut cfg = base_config(&[b]);
+    cfg.listeners[0].timeouts.write_stall = ms(600);
+    let p = Proxy::start(cfg).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut c = TcpStream::connect(p.addr).await.unwrap();
+        c.write_all(b"GET /big HTTP/1.0\r\n\r\n").await.unwrap();
+        c.shutdown().await.unwrap();
+        held.push(c);
+    }
+    // Past the write-stall clock (and a look or two): aborted, not handed to the kernel.
+    tokio::time::sleep(ms(2500)).await;
+    assert_eq!(
+        orphans_with_bytes(p.addr.port()),
+        0,
+        "orphans with bytes queued"
+    );
+    assert_eq!(p.stats().timed_out(Timeout::WriteStall), 4);
+    assert_eq!(p.snapshot().conns, 0);
+    for c in held.iter_mut() {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0;
+        let end = loop {
+            match c.read(&mut buf).await {
+                Ok(0) => break "fin",
+                Ok(n) => got += n,
+                Err(_) => break "reset",
+            }
+        };
+        assert_eq!(end, "reset", "after {got} bytes");
+    }
+}
+
+/// The same close to a client that reads slowly: halfguard waits, and every byte arrives.
+#[tokio::test]
+async fn a_slow_reader_after_its_fin_gets_every_byte() {
+    let n = 1 << 20;
+    let b = answers_after_fin(n).await;
+    let mut cfg = base_config(&[b]);
+    cfg.listeners[0].timeouts.write_stall = ms(600);
+    let p = Proxy::start(cfg).await;
+    let mut c = small_window_client(p.addr).await;
+    c.write_all(b"GET /big HTTP/1.0\r\n\r\n").await.unwrap();
+    c.shutdown().await.unwrap();
+    tokio::time::sleep(ms(300)).await;
+    let mut got = 0;
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match tokio::time::timeout(ms(3000), c.read(&mut buf)).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(k)) => got += k,
+            other => panic!("after {got} bytes: {other:?}"),
+        }
+        // About 1 MB/s, in bursts.
+        tokio::time::sleep(ms(30)).await;
+    }
+    assert_eq!(got, n);
+    assert_eq!(p.stats().timed_out(Timeout::WriteStall), 0);
+    p.assert_drained(ms(2000)).await;
+}
+
+/// Bytes in the proxy's send queues on `port` toward 127.0.0.1 clients (ss's Send-Q).
+fn send_queued(port: u16) -> u64 {
+    let out = std::process::Command::new("ss")
+        .args(["-tnH", "state", "established"])
+        .arg(format!("( sport = :{port} )"))
+        .output()
+        .expect("ss runs (iproute2)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A client that stops reading pins what the kernel queues for it: with the default
+/// `tcp.notsent_lowat` that is a little over 128 kB, not the megabytes a send buffer
+/// autotunes to (shown in the same test with the option off).
+#[tokio::test]
+async fn what_is_queued_toward_a_client_that_stops_reading_stays_small() {
+    if let Some(why) = missing(&[Need::Tool("ss")], "reads the proxy's send queues") {
+        return skip(
+            "delivery::what_is_queued_toward_a_client_that_stops_reading_stays_small",
+            &why,
+        );
+    }
+    let b = backend(Backend::Flood).await;
+    let mut queued = Vec::new();
+    for lowat in [halfguard::config::DEFAULT_NOTSENT_LOWAT, 0] {
+        let mut cfg = base_config(&[b.addr]);
+        cfg.tcp.notsent_lowat = lowat;
+        cfg.tcp.splice = false;
+        let p = Proxy::start(cfg).await;
+        let mut c = TcpStream::connect(p.addr).await.unwrap();
+        c.write_all(b"GET /flood HTTP/1.0\r\n\r\n").await.unwrap();
+        // Read a little, so the exchange starts, then never again.
+        let mut first = [0u8; 1024];
+        c.read_exact(&mut first).await.unwrap();
+        tokio::time::sleep(ms(1000)).await;
+        queued.push(send_queued(p.addr.port()));
+        drop(c);
+    }
+    eprintln!("queued toward a client that stopped reading: {queued:?} (lowat on, off)");
+    assert!(
+        queued[0] < 512 * 1024,
+        "with notsent_lowat: {} bytes",
+        queued[0]
+    );
+    assert!(queued[1] > queued[0] * 2, "without: {} bytes", queued[1]);
+}
