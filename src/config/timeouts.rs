@@ -34,6 +34,20 @@ pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 /// `header=20-40,MinRate=500` is the model; 10 s is already far more than a 2 kB request
 /// needs at 2 kB/s, and the rate extension carries uploads of any size at any sane speed.
 pub const DEFAULT_REQUEST: Duration = Duration::from_secs(10);
+/// How long in all a clock that ran out may be put off while the peer still takes its bytes
+/// at `min_rate` (judged over [`SLOW_READER_WINDOW`]); the count starts again whenever
+/// halfguard can write to it. The kernel makes a socket writable once half its send queue is
+/// free, so a 2 kB/s reader (a phone on EDGE) behind a 1 MB send buffer keeps the write-stall
+/// clock run out for about 4 minutes at a stretch; 5 minutes, the idle default, covers it,
+/// and a peer that takes just the floor rate to hold a socket is let go in the end.
+pub const DEFAULT_SLOW_READER_MAX: Duration = Duration::from_secs(300);
+/// The window over which the kernel send-queue check judges a peer's drain. A slow mobile
+/// link does not acknowledge steadily: a 3G radio waking from idle takes about 2 s, an EDGE
+/// round trip is 0.5-1 s, and a reader app takes its bytes a buffer at a time, so for a
+/// second or two at a stretch nothing is acknowledged and then several kilobytes are at once.
+/// 5 s holds two or three such bursts; a shorter window cuts those readers, a longer one
+/// only keeps a peer that takes nothing longer (it is cut at most this long after its clock).
+pub const SLOW_READER_WINDOW: Duration = Duration::from_secs(5);
 
 /// `[timeouts]`, also the shape of `[listeners.timeouts]`.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -48,6 +62,7 @@ pub struct RawTimeouts {
     pub drain: Option<RawDuration>,
     pub request: Option<RawDuration>,
     pub request_max: Option<RawDuration>,
+    pub slow_reader_max: Option<RawDuration>,
 }
 
 /// The clocks. See the state diagram in README.md.
@@ -65,6 +80,9 @@ pub struct Timeouts {
     pub request: Option<Duration>,
     /// A hard bound on the request clock whatever the rate; `None` = none.
     pub request_max: Option<Duration>,
+    /// How long in all the kernel send-queue check may put off a clock for a peer still
+    /// taking its bytes; `None` when configured as `"0s"` (no bound but `max_lifetime`).
+    pub slow_reader_max: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -79,6 +97,7 @@ impl Default for Timeouts {
             drain: DEFAULT_DRAIN,
             request: Some(DEFAULT_REQUEST),
             request_max: None,
+            slow_reader_max: Some(DEFAULT_SLOW_READER_MAX),
         }
     }
 }
@@ -102,6 +121,9 @@ impl Timeouts {
             drain: pick(raw.drain, base.drain),
             request: raw.request.map_or(base.request, |x| nonzero(x.0)),
             request_max: raw.request_max.map_or(base.request_max, |x| nonzero(x.0)),
+            slow_reader_max: raw
+                .slow_reader_max
+                .map_or(base.slow_reader_max, |x| nonzero(x.0)),
         };
         t.check(ck, at)?;
         Ok(t)
@@ -134,6 +156,20 @@ impl Timeouts {
                 ),
             ));
         }
+        if let Some(m) = self.slow_reader_max
+            && m < SLOW_READER_WINDOW
+        {
+            return Err(ck.err(
+                format!("{at}.slow_reader_max"),
+                format!(
+                    "{} is below the {} window over which a slow reader's drain is judged: \
+                     every peer with bytes queued would be cut before it could be judged \
+                     (\"0s\" = no bound)",
+                    dur(m),
+                    dur(SLOW_READER_WINDOW)
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -143,7 +179,7 @@ impl fmt::Display for Timeouts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "  clocks: connect {}, first_byte {}, request {}{}, idle {}, half_closed {}, write_stall {}, max_lifetime {}, drain {}",
+            "  clocks: connect {}, first_byte {}, request {}{}, idle {}, half_closed {}, write_stall {}, slow_reader_max {}, max_lifetime {}, drain {}",
             dur(self.connect),
             dur(self.first_byte),
             self.request.map_or("off".into(), dur),
@@ -152,6 +188,7 @@ impl fmt::Display for Timeouts {
             dur(self.idle),
             dur(self.half_closed),
             dur(self.write_stall),
+            self.slow_reader_max.map_or("none".into(), dur),
             self.max_lifetime.map_or("none".into(), dur),
             dur(self.drain)
         )

@@ -15,16 +15,14 @@ use super::pump::{BURST_GAP, Burst, Side};
 use crate::config::{PressureConfig, Timeouts};
 use crate::stats::Timeout;
 
-/// A clock expiry that a kernel send queue still moving postpones by at most this much; also
-/// how soon a request burst that paused at its deadline is looked at again.
+/// With bytes in flight at a clock's expiry, the kernel send queues are looked at this often
+/// until the peer's drain can be judged over a window
+/// ([`crate::config::SLOW_READER_WINDOW`]); also how soon a request burst that paused at its
+/// deadline is looked at again. How long in all a clock may be put off is the listener's
+/// `timeouts.slow_reader_max`: a reader at 2 kB/s frees too little of a send buffer the
+/// kernel autotuned to megabytes for the pump to write again (a socket is writable once half
+/// its queue is free), so its clocks do run out and stay out while it reads.
 pub const RECHECK: Duration = Duration::from_secs(1);
-/// With bytes in flight at an expiry, the second look comes this soon, to tell a queue that
-/// moves from one that is stuck.
-pub const FIRST_LOOK: Duration = Duration::from_millis(200);
-/// However well its queue drains, a clock that ran out is put off by the kernel send-queue
-/// look for at most this long in all: a reader draining at `min_rate` wakes the pump (which
-/// resets the clocks) long before, so only a peer that keeps the queue barely moving meets it.
-pub const MAX_EXTENSION: Duration = Duration::from_secs(300);
 /// How often an OPEN connection weighs its progress against `min_rate`.
 pub const STALL_WINDOW: Duration = Duration::from_secs(1);
 /// The first look comes sooner: a flood of connections that trickle fills a listener at once,

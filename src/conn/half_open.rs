@@ -111,6 +111,7 @@ impl HalfOpen<'_> {
         };
         let Some((src, dst)) = h.addrs else {
             // LOCAL (a balancer's health check): the connection stays its own.
+            self.ticket.keep_unnamed().map_err(End::Refused)?;
             return Ok(addrs);
         };
         self.ticket.assign_source(src.ip()).map_err(End::Refused)?;

@@ -15,9 +15,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 
-use super::clocks::{
-    FIRST_LOOK, FIRST_STALL_CHECK, MAX_EXTENSION, Progress, RECHECK, STALL_WINDOW, open_due,
-};
+use super::clocks::{FIRST_STALL_CHECK, Progress, RECHECK, STALL_WINDOW, open_due};
 use super::pump::{Event, KernelQueues, Pump, Side};
 use super::{End, ListenerCtx, Watched, expire};
 use crate::backend::Lease;
@@ -69,8 +67,9 @@ impl Open<'_> {
         let mut closed: Option<(Side, Instant)> = None;
         // Half-closed past the grace: counted against the source's cap.
         let mut lingering = false;
-        // Set when a kernel send queue was seen moving as a clock expired; `since`: when the
-        // first of those extensions began, for `MAX_EXTENSION`.
+        // Set when a kernel send queue was seen moving (or not yet judged) as a clock
+        // expired; `since`: when the first of those extensions began, for
+        // `timeouts.slow_reader_max`.
         let mut extended: Option<Instant> = None;
         let mut extended_since: Option<Instant> = None;
         let start = Instant::now();
@@ -115,15 +114,17 @@ impl Open<'_> {
             {
                 // Out of time by the progress stamps. A peer still acknowledging our bytes is
                 // slow, not gone: look again shortly rather than discard its bytes with an RST.
-                let within = extended_since.is_none_or(|s| now.duration_since(s) < MAX_EXTENSION);
+                let within = match (extended_since, w.policy.timeouts.slow_reader_max) {
+                    (Some(s), Some(max)) => now.duration_since(s) < max,
+                    _ => true,
+                };
                 if clock != Timeout::MaxLifetime && clock != Timeout::Request && within {
                     let look = match pump.kernel_progress(w.policy.min_rate) {
-                        KernelQueues::Moving => Some(RECHECK),
-                        KernelQueues::FirstLook => Some(FIRST_LOOK),
-                        KernelQueues::Empty | KernelQueues::Stuck => None,
+                        KernelQueues::Moving | KernelQueues::Watching => true,
+                        KernelQueues::Empty | KernelQueues::Stuck => false,
                     };
-                    if let Some(after) = look {
-                        extended = Some(now + after);
+                    if look {
+                        extended = Some(now + RECHECK);
                         extended_since.get_or_insert(now);
                         continue;
                     }

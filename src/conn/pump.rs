@@ -20,6 +20,8 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::config::SLOW_READER_WINDOW;
+
 /// Copy buffer per direction while bytes move.
 pub const BUF_SIZE: usize = 16 * 1024;
 /// A spliced direction whose destination kept it waiting this long gives its pipe (256 KiB of
@@ -54,33 +56,54 @@ fn give_buf(buf: Box<[u8]>) {
 pub enum KernelQueues {
     /// Nothing in flight: the clock may end the connection.
     Empty,
-    /// Bytes in flight, first look: look again shortly to tell moving from stuck.
-    FirstLook,
-    /// Bytes in flight and acknowledged since the last look: progress.
+    /// Bytes in flight, looked at for less than the window so far: look again.
+    Watching,
+    /// Bytes in flight, and at least `min_rate` acknowledged over the window: progress.
     Moving,
-    /// Bytes in flight, none acknowledged since the last look: stalled.
+    /// Bytes in flight, less than `min_rate` acknowledged over a whole window: stalled.
     Stuck,
 }
 
-/// What two looks at the send queues (client, server), `elapsed` apart, say: a queue that
-/// drained at least `min_rate` bytes per second (and at least a byte) is moving.
-fn judge(
-    before: [Option<u32>; 2],
-    now: [Option<u32>; 2],
-    elapsed: std::time::Duration,
-    min_rate: u32,
-) -> KernelQueues {
-    let holding = now.iter().any(|n| matches!(n, Some(q) if *q > 0));
-    let floor = (f64::from(min_rate) * elapsed.as_secs_f64()).max(1.0) as u64;
-    if !holding {
-        KernelQueues::Empty
-    } else if before == [None, None] {
-        KernelQueues::FirstLook
-    } else if now.iter().zip(before).any(|(n, b)| match (n, b) {
-        (Some(n), Some(b)) if *n > 0 => u64::from(b.saturating_sub(*n)) >= floor,
-        _ => false,
-    }) {
+/// One look at the kernel send queues (client, server).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Look {
+    at: Instant,
+    queues: [Option<u32>; 2],
+}
+
+/// Looks kept: a window's worth at one a second, and the one before it. A bound, so that a
+/// task that looks more often than that cannot grow the list.
+const MAX_LOOKS: usize = 2 + (SLOW_READER_WINDOW.as_secs() as usize);
+
+/// What the looks since a clock ran out (oldest first, the last one now) say about the
+/// peers' drain over `window`: a queue that was acknowledged at least `min_rate` bytes per
+/// second (and at least a byte) over the looks is moving. Bytes are summed over each pair of
+/// looks, so a reader that takes a burst now and then counts in full, and a queue that grew
+/// (we wrote more) counts nothing for that step. Until the looks span a window, a queue that
+/// has not drained a window's worth yet is only watched: a slow link acknowledges in bursts,
+/// and a second with nothing acknowledged says nothing about it.
+fn judge(looks: &[Look], window: std::time::Duration, min_rate: u32) -> KernelQueues {
+    let Some(last) = looks.last() else {
+        return KernelQueues::Empty;
+    };
+    if !last.queues.iter().any(|n| matches!(n, Some(q) if *q > 0)) {
+        return KernelQueues::Empty;
+    }
+    let span = last.at.saturating_duration_since(looks[0].at).max(window);
+    let floor = (f64::from(min_rate) * span.as_secs_f64()).max(1.0) as u64;
+    let drained = |side: usize| -> u64 {
+        looks
+            .windows(2)
+            .map(|w| match (w[0].queues[side], w[1].queues[side]) {
+                (Some(b), Some(n)) => u64::from(b.saturating_sub(n)),
+                _ => 0,
+            })
+            .sum()
+    };
+    if (0..2).any(|side| last.queues[side].is_some_and(|q| q > 0) && drained(side) >= floor) {
         KernelQueues::Moving
+    } else if last.at.saturating_duration_since(looks[0].at) < window {
+        KernelQueues::Watching
     } else {
         KernelQueues::Stuck
     }
@@ -553,9 +576,10 @@ pub struct Pump<'a> {
     server: &'a TcpStream,
     up: Direction<'a>,
     down: Direction<'a>,
-    /// The kernel send queues seen at the last look (client, server), and when.
-    unacked: [Option<u32>; 2],
-    looked: Instant,
+    /// The kernel send queues seen at the looks since a clock ran out, oldest first: at most
+    /// a window's worth and the look before it. Empty (and unallocated) until a clock runs
+    /// out with bytes in flight.
+    looks: std::collections::VecDeque<Look>,
     /// The client's bytes are left in its socket until then (see [`Pump::hold_client`]).
     hold: Option<Hold>,
     /// [`Event::Exchanged`] was reported.
@@ -598,8 +622,7 @@ impl<'a> Pump<'a> {
             server,
             up,
             down: Direction::new(now, &stats.bytes_downstream, spliced, Side::Server, splice),
-            unacked: [None, None],
-            looked: now,
+            looks: std::collections::VecDeque::new(),
             hold: None,
             exchanged: false,
         }
@@ -718,7 +741,7 @@ impl<'a> Pump<'a> {
 
     /// Forgets the send queues seen at earlier looks: the next look is a first look again.
     pub fn forget_looks(&mut self) {
-        self.unacked = [None, None];
+        self.looks.clear();
     }
 
     /// The server has sent at least one byte to the client.
@@ -762,18 +785,26 @@ impl<'a> Pump<'a> {
     }
 
     /// Looks at the kernel send queues, for a clock that ran out. A peer still taking our
-    /// data at `min_rate` bytes per second or more is making progress, and an RST would
-    /// discard those bytes; one that acknowledges a few bytes now and then is a slow reader
-    /// holding a socket, and is stuck.
+    /// data at `min_rate` bytes per second or more over [`SLOW_READER_WINDOW`] is making
+    /// progress, and an RST would discard those bytes; one that acknowledges a few bytes now
+    /// and then is a slow reader holding a socket, and is stuck.
     pub fn kernel_progress(&mut self, min_rate: u32) -> KernelQueues {
-        let now = [
-            crate::sockopt::unacked(self.client),
-            crate::sockopt::unacked(self.server),
-        ];
-        let at = Instant::now();
-        let before = std::mem::replace(&mut self.unacked, now);
-        let since = std::mem::replace(&mut self.looked, at);
-        judge(before, now, at.saturating_duration_since(since), min_rate)
+        let look = Look {
+            at: Instant::now(),
+            queues: [
+                crate::sockopt::unacked(self.client),
+                crate::sockopt::unacked(self.server),
+            ],
+        };
+        // Keep one look at or before the window's start, and no more than the bound.
+        let start = look.at.checked_sub(SLOW_READER_WINDOW);
+        while self.looks.len() >= MAX_LOOKS
+            || (self.looks.len() >= 2 && start.is_some_and(|s| self.looks[1].at <= s))
+        {
+            self.looks.pop_front();
+        }
+        self.looks.push_back(look);
+        judge(self.looks.make_contiguous(), SLOW_READER_WINDOW, min_rate)
     }
 }
 
@@ -782,26 +813,61 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// Looks a second apart from `t0`, client queue sizes as given, server queue empty.
+    fn looks(t0: Instant, client: &[u32]) -> Vec<Look> {
+        client
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| Look {
+                at: t0 + Duration::from_secs(i as u64),
+                queues: [Some(c), Some(0)],
+            })
+            .collect()
+    }
+
+    const W: Duration = Duration::from_secs(5);
+
     #[test]
-    fn a_queue_that_drains_below_the_minimum_rate_is_stuck() {
-        let s = Duration::from_secs(1);
-        let q = |c: u32| [Some(c), Some(0)];
-        assert_eq!(
-            judge([None, None], q(9000), s, 500),
-            KernelQueues::FirstLook
-        );
-        assert_eq!(judge(q(9000), q(0), s, 500), KernelQueues::Empty);
-        // 600 bytes acknowledged in a second: a slow reader, but a reader.
-        assert_eq!(judge(q(9000), q(8400), s, 500), KernelQueues::Moving);
+    fn a_queue_is_judged_by_its_drain_over_a_whole_window() {
+        let t0 = Instant::now();
+        // Nothing in flight: nothing to wait for.
+        assert_eq!(judge(&looks(t0, &[0]), W, 500), KernelQueues::Empty);
+        assert_eq!(judge(&looks(t0, &[9000, 0]), W, 500), KernelQueues::Empty);
+        // The first look, and looks that span less than the window: watched, not judged.
+        assert_eq!(judge(&looks(t0, &[9000]), W, 500), KernelQueues::Watching);
+        let still = [9000; 5];
+        assert_eq!(judge(&looks(t0, &still), W, 500), KernelQueues::Watching);
+        // A whole window with nothing acknowledged: stuck.
+        assert_eq!(judge(&looks(t0, &[9000; 6]), W, 500), KernelQueues::Stuck);
         // A few bytes a second: it moves, but that is a socket held, not progress.
-        assert_eq!(judge(q(9000), q(8990), s, 500), KernelQueues::Stuck);
-        assert_eq!(judge(q(9000), q(9000), s, 500), KernelQueues::Stuck);
+        let trickle = [9000, 8990, 8980, 8970, 8960, 8950];
+        assert_eq!(judge(&looks(t0, &trickle), W, 500), KernelQueues::Stuck);
         // Queues that grew (we wrote more) are not a drain.
-        assert_eq!(judge(q(9000), q(9500), s, 500), KernelQueues::Stuck);
-        // The 200 ms first look needs a fifth of that.
-        let fifth = Duration::from_millis(200);
-        assert_eq!(judge(q(9000), q(8850), fifth, 500), KernelQueues::Moving);
-        // min_rate 0: any byte counts, as before.
-        assert_eq!(judge(q(9000), q(8999), s, 0), KernelQueues::Moving);
+        let grew = [9000, 9500, 9500, 9500, 9500, 9500];
+        assert_eq!(judge(&looks(t0, &grew), W, 500), KernelQueues::Stuck);
+        // min_rate 0: any byte over the window counts.
+        let one = [9000, 9000, 9000, 9000, 9000, 8999];
+        assert_eq!(judge(&looks(t0, &one), W, 0), KernelQueues::Moving);
+    }
+
+    #[test]
+    fn a_reader_that_takes_its_bytes_in_bursts_is_moving() {
+        let t0 = Instant::now();
+        // 2 kB/s in 4 kB bursts two seconds apart, nothing between: a whole second with
+        // nothing acknowledged is common, the window holds 8 kB, four times min_rate.
+        let bursts = [20000, 20000, 16000, 16000, 12000, 12000];
+        assert_eq!(judge(&looks(t0, &bursts), W, 500), KernelQueues::Moving);
+        // A window's worth at once counts before the window is over.
+        let early = [20000, 17000];
+        assert_eq!(judge(&looks(t0, &early), W, 500), KernelQueues::Moving);
+        // Between bursts, within the window: watched.
+        let between = [20000, 20000, 20000];
+        assert_eq!(judge(&looks(t0, &between), W, 500), KernelQueues::Watching);
+        // The server's queue moving is progress too.
+        let mut server = looks(t0, &[9000; 6]);
+        for (i, l) in server.iter_mut().enumerate() {
+            l.queues[1] = Some(30000 - 1000 * i as u32);
+        }
+        assert_eq!(judge(&server, W, 500), KernelQueues::Moving);
     }
 }

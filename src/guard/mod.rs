@@ -109,6 +109,9 @@ pub(crate) struct Shared {
     /// and stay hard (a replica cannot tell the others' connections proven, nor spend
     /// their credits), so a pool does not grow past the cap and exchanges earn no rate.
     shared_caps: AtomicBool,
+    /// A trusted balancer's connections admitted over a listener cap before their PROXY
+    /// header named the source; bounded like the waiting room (see [`Guard::admit_trusted`]).
+    unnamed_over: AtomicUsize,
 }
 
 /// A trusted connection's source and network, once its PROXY header named them.
@@ -222,6 +225,7 @@ impl Guard {
                 opened: dashmap::DashMap::new(),
                 waiting: WaitingRoom::default(),
                 shared_caps: AtomicBool::new(false),
+                unnamed_over: AtomicUsize::new(0),
             }),
         }
     }
@@ -260,17 +264,33 @@ impl Guard {
     }
 
     /// Admits a connection from a trusted PROXY protocol balancer before its header is
-    /// read: counted per listener only, like an allow-listed source, until
-    /// [`Ticket::assign_source`] gives it its real source.
+    /// read: counted per listener only until [`Ticket::assign_source`] gives it its real
+    /// source. It evicts nobody here: who it is decides whether it may take anybody's place
+    /// (a source at its own cap may not), and that is known only from the header. So at a
+    /// full listener it is admitted over the cap, and [`Ticket::assign_source`] makes room
+    /// for it with its source's weight, or refuses it. Such connections are bounded like the
+    /// waiting room ([`max_waiting`]); beyond that, or with `on_full = "reject"`, a full
+    /// listener refuses the newcomer.
     pub fn admit_trusted(&self) -> Result<Ticket, Reject> {
-        let r = self
-            .admit_counted(None, false, 0, &self.shared.limits.load())
-            .map(|mut t| {
-                t.trusted = true;
-                t
-            });
+        let sh = &self.shared;
+        let lim = sh.limits.load();
+        let r = sh.reserve_unnamed(&lim).map(|over| {
+            sh.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            sh.update_pressure();
+            Ticket {
+                shared: self.shared.clone(),
+                key: None,
+                net: None,
+                state: State::HalfOpen,
+                ctl: Arc::new(ConnCtl::default()),
+                listed: None,
+                provisional: false,
+                trusted: true,
+                over,
+            }
+        });
         if let Err(reason) = r {
-            self.shared.stats.reject(reason);
+            sh.stats.reject(reason);
         }
         r
     }
@@ -395,6 +415,7 @@ impl Guard {
             listed: None,
             provisional,
             trusted: false,
+            over: false,
         })
     }
 
@@ -708,14 +729,25 @@ fn provisional_slack(cap: u32) -> u32 {
 impl Shared {
     /// The per-source half of admission for a connection already counted per listener
     /// (a PROXY protocol connection whose header named its source): deny, allow, rate,
-    /// per-source caps, then the source's half-open list.
+    /// per-source caps, then the source's half-open list. `over`: it was admitted over a
+    /// listener cap, and takes a place now, evicting with its source's weight
+    /// ([`Shared::settle_unnamed`]) once its source has passed its own caps.
     /// Returns the source and network keys to count under.
-    pub(crate) fn assign_source(&self, ip: IpAddr) -> Result<AssignedSource, Reject> {
+    pub(crate) fn assign_source(&self, ip: IpAddr, over: bool) -> Result<AssignedSource, Reject> {
         let ip = ip.to_canonical();
         let lim = &*self.limits.load();
         // A PROXY connection is past accept: no provisional wait, the cap is strict.
         let r = self.source_of(ip, lim).and_then(|key| {
             let Some(key) = key else {
+                if over {
+                    self.settle_unnamed(
+                        lim,
+                        &Newcomer {
+                            key: None,
+                            weight: 0,
+                        },
+                    )?;
+                }
                 return Ok((None, None));
             };
             let net = self.enter_network(ip, lim)?;
@@ -727,7 +759,23 @@ impl Shared {
                 }
                 Ok(())
             });
-            if let Err(r) = entered {
+            let settled = entered.and_then(|()| {
+                if !over {
+                    return Ok(());
+                }
+                let weight = self.table.map.get(&key).map_or(0, |e| e.going_nowhere());
+                let me = Newcomer {
+                    key: Some(&key),
+                    weight,
+                };
+                self.settle_unnamed(lim, &me).inspect_err(|_| {
+                    if let Some(mut e) = self.table.map.get_mut(&key) {
+                        e.conns = e.conns.saturating_sub(1);
+                    }
+                    self.table.remove_if_empty(&key);
+                })
+            });
+            if let Err(r) = settled {
                 if let Some(n) = &net {
                     self.leave_network(n);
                 }
@@ -740,6 +788,71 @@ impl Shared {
             self.refused(ip, reason);
         }
         r
+    }
+
+    /// A trusted balancer's connection before its header: a place under the listener caps
+    /// if there is one (`Ok(false)`), else one over them (`Ok(true)`), within the bound and
+    /// unless `on_full = "reject"`. Nobody is evicted: see [`Guard::admit_trusted`].
+    fn reserve_unnamed(&self, lim: &Limits) -> Result<bool, Reject> {
+        let c = &self.counts;
+        let conn = try_inc(&c.conns, lim.max_conns as usize);
+        let half = try_inc(&c.half_open, lim.max_half_open as usize);
+        if conn && half {
+            return Ok(false);
+        }
+        if lim.on_full == OnFull::Reject
+            || !try_inc(&self.unnamed_over, max_waiting(lim.max_half_open))
+        {
+            if conn {
+                c.conns.fetch_sub(1, Ordering::AcqRel);
+            }
+            if half {
+                c.half_open.fetch_sub(1, Ordering::AcqRel);
+            }
+            return Err(if conn {
+                Reject::HalfOpenFull
+            } else {
+                Reject::ConnsFull
+            });
+        }
+        if !conn {
+            c.conns.fetch_add(1, Ordering::AcqRel);
+        }
+        if !half {
+            c.half_open.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(true)
+    }
+
+    /// A connection admitted over a listener cap, now that its source is known and passed
+    /// its own caps: while the listener is over `max_conns` or `max_half_open`, it makes room
+    /// as any newcomer would, with `me`'s weight; if there is none, it is refused (its
+    /// listener-wide counts go back with its ticket).
+    fn settle_unnamed(&self, lim: &Limits, me: &Newcomer<'_>) -> Result<(), Reject> {
+        let over = |count: &AtomicUsize, max: u32| count.load(Ordering::Acquire) > max as usize;
+        for (count, max, states, reason) in [
+            (
+                &self.counts.conns,
+                lim.max_conns,
+                &EvictState::ALL[..],
+                Reject::ConnsFull,
+            ),
+            (
+                &self.counts.half_open,
+                lim.max_half_open,
+                &[EvictState::HalfOpen][..],
+                Reject::HalfOpenFull,
+            ),
+        ] {
+            let mut tries = 0;
+            while over(count, max) {
+                tries += 1;
+                if tries > 4 || !self.make_room(states, me) {
+                    return Err(reason);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The per-source checks that need no table entry: deny list, allow list (exempt:

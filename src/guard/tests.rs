@@ -625,3 +625,39 @@ fn observing_nothing_waits() {
     drop(t);
     assert_eq!(g.snapshot(), GuardSnapshot::default());
 }
+
+#[test]
+fn a_balancers_newcomer_over_a_full_listener_is_bounded_and_settles_or_is_refused() {
+    let g = guard(Limits {
+        max_conns: 16,
+        max_half_open: 16,
+        ..open_limits()
+    });
+    let mut held: Vec<Ticket> = (0..16)
+        .map(|_| g.admit(ip("198.18.0.1")).unwrap())
+        .collect();
+    for t in &mut held {
+        t.silent().unwrap();
+    }
+    // Full: trusted newcomers wait over the cap, at most an eighth of max_half_open.
+    let mut over: Vec<Ticket> = (0..2).map(|_| g.admit_trusted().unwrap()).collect();
+    assert_eq!(g.admit_trusted().err(), Some(Reject::ConnsFull));
+    assert_eq!(g.snapshot().conns, 18);
+    assert_eq!(g.stats().evicted(EvictState::HalfOpen), 0);
+    // Named as the heavy source itself: it may not take its own source's place.
+    let mut mine = over.pop().unwrap();
+    assert_eq!(mine.assign_source(ip("198.18.0.1")), Err(Reject::ConnsFull));
+    drop(mine);
+    // Named as a source holding nothing: the heavy source's oldest silent one makes room.
+    let mut other = over.pop().unwrap();
+    other.assign_source(ip("198.18.0.2")).unwrap();
+    assert_eq!(g.stats().evicted(EvictState::HalfOpen), 1);
+    assert_eq!(g.snapshot().conns, 16);
+    // The place over the cap is free again.
+    let mut local = g.admit_trusted().unwrap();
+    drop(held.pop());
+    local.keep_unnamed().unwrap();
+    drop((held, other, local));
+    assert_consistent(&g);
+    assert_eq!(g.snapshot(), GuardSnapshot::default());
+}

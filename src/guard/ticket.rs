@@ -57,6 +57,9 @@ pub struct Ticket {
     /// Admitted from a trusted PROXY protocol balancer: its source comes from the header.
     /// Decided at accept, so a reload cannot make a keyed connection read a header.
     pub(super) trusted: bool,
+    /// A trusted connection admitted over a listener cap before its header: it holds one of
+    /// the listener's places for those until its source is known (see `Guard::admit_trusted`).
+    pub(super) over: bool,
 }
 
 impl Ticket {
@@ -105,9 +108,36 @@ impl Ticket {
             self.shared.stats.reject(Reject::ProxyHeader);
             return Err(Reject::ProxyHeader);
         }
-        (self.key, self.net) = self.shared.assign_source(ip)?;
+        (self.key, self.net) = self.shared.assign_source(ip, self.over)?;
         self.trusted = false;
+        self.settled();
         Ok(())
+    }
+
+    /// A trusted balancer's connection that stays its own (a PROXY `LOCAL` header, the
+    /// balancer's health check): admitted over a listener cap, it takes a place now as an
+    /// unkeyed newcomer would, or is refused (counted).
+    pub fn keep_unnamed(&mut self) -> Result<(), Reject> {
+        if self.over {
+            let lim = self.shared.limits.load();
+            let me = super::Newcomer {
+                key: None,
+                weight: 0,
+            };
+            if let Err(r) = self.shared.settle_unnamed(&lim, &me) {
+                self.shared.stats.reject(r);
+                return Err(r);
+            }
+            self.settled();
+        }
+        Ok(())
+    }
+
+    /// No longer over a listener cap: gives back the place among those admitted over it.
+    fn settled(&mut self) {
+        if std::mem::take(&mut self.over) {
+            self.shared.unnamed_over.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// A provisional connection asks again for a slot under its source's cap. `Ok(true)`:
@@ -395,6 +425,7 @@ fn entry<'a>(
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        self.settled();
         let sh = &self.shared;
         // Not part of what an evictor gives back: the ticket always returns it.
         if let Some(net) = &self.net {

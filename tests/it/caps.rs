@@ -347,3 +347,70 @@ async fn connection_per_request_clients_are_not_held_at_the_rate() {
         "too slow to judge the rate: {took:?}"
     );
 }
+
+/// A connection through a PROXY protocol balancer at 127.0.0.1 on behalf of `client`: the
+/// v1 header, then `hello` if any (echoed back).
+async fn via_balancer(p: &Proxy, client: &str, hello: &[u8]) -> TcpStream {
+    let src: std::net::SocketAddr = format!("{client}:40000").parse().unwrap();
+    let vip: std::net::SocketAddr = "198.18.1.1:443".parse().unwrap();
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(&halfguard::proxy_protocol::encode_v1(src, vip))
+        .await
+        .unwrap();
+    if !hello.is_empty() {
+        assert_eq!(roundtrip(&mut c, hello).await, hello);
+    }
+    c
+}
+
+#[tokio::test]
+async fn behind_a_balancer_a_source_at_its_cap_evicts_nobody() {
+    // A NAT's six idle connections and a source at its half-open cap fill the listener,
+    // all through one PROXY protocol balancer. The capped source reconnecting again and
+    // again is refused for its cap, as it would be without the balancer, and costs the NAT
+    // nothing: eviction waits until the header names who is asking.
+    let b = backend(Backend::Echo).await;
+    let mut cfg = base_config(&[b.addr]);
+    let l = &mut cfg.listeners[0];
+    l.accept_proxy = true;
+    l.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    l.limits.max_conns = 8;
+    l.limits.max_half_open_per_source = 2;
+    let p = Proxy::start(cfg).await;
+
+    let mut nat = Vec::new();
+    for _ in 0..6 {
+        nat.push(via_balancer(&p, "198.18.0.7", b"hi").await);
+    }
+    let mut capped = Vec::new();
+    for _ in 0..2 {
+        capped.push(via_balancer(&p, "198.18.0.8", b"").await);
+    }
+    // The NAT's idle connections are stalled (evictable), the capped source's silent ones
+    // count against its cap: the listener is full.
+    wait_for(ms(3000), || {
+        let s = p.snapshot();
+        (s.conns == 8 && s.stalled == 6 && s.half_open == 2).then_some(())
+    })
+    .await
+    .expect("a full listener: 6 stalled, 2 silent");
+    past_grace().await;
+
+    for _ in 0..6 {
+        let mut again = via_balancer(&p, "198.18.0.8", b"").await;
+        expect_reset(&mut again, ms(2000)).await;
+    }
+    assert_eq!(p.stats().rejected(Reject::SourceHalfOpen), 6);
+    assert_eq!(
+        p.stats().evicted(EvictState::Stalled),
+        0,
+        "a NAT connection was evicted"
+    );
+    for c in &mut nat {
+        assert_eq!(roundtrip(c, b"still").await, b"still");
+    }
+    // A client that holds nothing still gets in: the NAT's longest stalled makes room.
+    let mut client = via_balancer(&p, "198.18.0.9", b"hello").await;
+    assert_eq!(roundtrip(&mut client, b"again").await, b"again");
+    assert_eq!(p.stats().evicted(EvictState::Stalled), 1);
+}

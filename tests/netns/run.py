@@ -75,8 +75,9 @@ HC_INTERVAL, HC_TIMEOUT, HC_RISE, HC_FALL = 0.5, 0.3, 2, 2
 #    user timeout, so this is within one minimum RTO, 200 ms, of the bound), keepalive probes
 #    go out on jiffy granularity, and a retransmitted FIN waits for its RTO;
 #  - halfguard's own clocks are tokio timers (ms), then it aborts both sockets;
-#  - before a clock aborts, halfguard looks at the kernel send queues and grants 1 s more
-#    while a queue still moves (never the case for a vanished peer, whose queue is stuck);
+#  - before a clock aborts a connection with bytes in flight, halfguard watches the kernel
+#    send queues for up to 5 s (a slow reader is judged by its drain over that window); a
+#    vanished peer with bytes or a FIN in flight is ended by user_timeout (2 s) first;
 #  - we observe by polling `ss` (a fork+exec of `ip netns exec ... ss`) and /metrics every
 #    100 ms on a 2-core machine that is also running halfguard and the peers.
 TOL = 1.5
