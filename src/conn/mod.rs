@@ -144,6 +144,7 @@ fn expire(ticket: &Ticket, observed: &mut Observed, clock: Timeout) -> bool {
         observed.set(clock);
         false
     } else {
+        ticket.cut_by_clock();
         true
     }
 }

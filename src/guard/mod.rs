@@ -90,6 +90,10 @@ pub(crate) struct Shared {
     refusals: Refusals,
     /// What observe mode let pass, per source.
     observed: Refusals,
+    /// Sources whose connections were cut (evicted, or ended by a clock) in the current
+    /// window: their newcomers are evictable at once, not only past the grace (see
+    /// [`Ticket::mark_if_cut_before`]).
+    cut: Refusals,
     /// Connections per network (the coarser prefix of `max_conns_per_network`).
     networks: dashmap::DashMap<SourceKey, u32>,
     /// The other replicas' loads (`[cluster]`); `None` for a single node.
@@ -218,6 +222,7 @@ impl Guard {
                 stats,
                 refusals: Refusals::default(),
                 observed: Refusals::default(),
+                cut: Refusals::default(),
                 networks: dashmap::DashMap::new(),
                 remote: ArcSwapOption::empty(),
                 has_remote: AtomicBool::new(false),
@@ -340,9 +345,12 @@ impl Guard {
         if provisional {
             weight = usize::MAX;
         }
-        let t = self.admit_counted(key, provisional, weight, lim)?;
+        let mut t = self.admit_counted(key, provisional, weight, lim)?;
         if let Some(key) = &key {
             sh.count_opened(key, lim);
+            if !provisional && sh.cut.has(key) {
+                t.mark_if_cut_before();
+            }
         }
         Ok(t)
     }
@@ -531,6 +539,7 @@ impl Guard {
         }
         self.shared.refusals.housekeep();
         self.shared.observed.housekeep();
+        self.shared.cut.housekeep();
     }
 
     /// The limits in force.
@@ -1163,6 +1172,7 @@ impl Shared {
                 return false;
             }
             if let Some(victim) = self.table.evict_from(&key, s) {
+                self.cut.count(key, true);
                 self.give_back_evicted(s);
                 victim.wake();
                 return true;

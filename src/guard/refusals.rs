@@ -72,6 +72,11 @@ impl Refusals {
         }
     }
 
+    /// Whether `key` was counted in this window. One relaxed look when nobody was.
+    pub fn has(&self, key: &SourceKey) -> bool {
+        !self.map.is_empty() && self.map.contains_key(key)
+    }
+
     /// Every source's count, whatever made it.
     pub fn snapshot(&self) -> Vec<(SourceKey, u64)> {
         self.map

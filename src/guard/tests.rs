@@ -661,3 +661,28 @@ fn a_balancers_newcomer_over_a_full_listener_is_bounded_and_settles_or_is_refuse
     assert_consistent(&g);
     assert_eq!(g.snapshot(), GuardSnapshot::default());
 }
+
+#[test]
+fn a_source_cut_before_gets_newcomers_evictable_before_their_grace() {
+    let g = guard(Limits {
+        max_conns: 4,
+        ..open_limits()
+    });
+    let src = |i: u8| ip(&format!("198.18.3.{i}"));
+    // Four sources, one young connection each: a full listener with nothing evictable yet.
+    let mut held: Vec<_> = (1..=4).map(|i| g.admit(src(i)).unwrap()).collect();
+    assert_eq!(g.admit(ip("198.18.4.1")).unwrap_err(), Reject::ConnsFull);
+    // A clock cuts source 1's connection; it reconnects at once.
+    held[0].cut_by_clock();
+    held.remove(0);
+    held.push(g.admit(src(1)).unwrap());
+    // That newcomer is evictable before its grace: a client finds room.
+    let client = g.admit(ip("198.18.4.1")).unwrap();
+    assert_eq!(g.stats().evicted(EvictState::HalfOpen), 1);
+    assert!(held[3].ctl().is_evicted());
+    // Evicted, source 1 is on record again; the others are not, and keep their place.
+    assert!(held[..3].iter().all(|t| !t.ctl().is_evicted()));
+    drop((held, client));
+    assert_eq!(g.snapshot(), GuardSnapshot::default());
+    assert_eq!(g.table_totals(), (0, 0, 0, 0));
+}

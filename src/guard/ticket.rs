@@ -194,6 +194,33 @@ impl Ticket {
         true
     }
 
+    /// A newcomer from a source whose connections were cut in this window (evicted, or
+    /// ended by a clock) is evictable at once, before its grace: thousands of sources that
+    /// each hold one drip and reconnect the moment they are cut would otherwise keep a full
+    /// listener full of connections too young to evict, and a client would find no room. It
+    /// joins its source's half-open list at once (and counts there against the source's
+    /// half-open cap for later newcomers); it leaves it when it speaks.
+    pub(super) fn mark_if_cut_before(&mut self) {
+        let Some(key) = self.key else {
+            return;
+        };
+        let sh = self.shared.clone();
+        if let Ok(mut e) = entry(&sh, &key, &self.ctl) {
+            let slot = sh.next_slot.fetch_add(1, Ordering::Relaxed);
+            sh.table
+                .list(&mut e, &key, EvictState::HalfOpen, slot, &self.ctl);
+            self.listed = Some((EvictState::HalfOpen, slot));
+        }
+    }
+
+    /// A clock ended this connection: its source has a record of being cut (see
+    /// [`Ticket::mark_if_cut_before`]).
+    pub fn cut_by_clock(&self) {
+        if let Some(key) = self.key {
+            self.shared.cut.count(key, true);
+        }
+    }
+
     /// HALF_OPEN past the grace with nothing said: the connection now counts against its
     /// source's half-open cap. At the cap it is refused (the source has enough silent
     /// connections already), unless the listener only observes.
