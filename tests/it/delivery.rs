@@ -60,15 +60,16 @@ async fn a_client_that_half_closes_and_never_reads_leaves_no_orphan() {
             &why,
         );
     }
-    // Small enough to fit in what the kernel queues toward the client, so the pump itself
-    // never waits: the answer is all written, the FINs cross, and only the queue is left.
-    let b = answers_after_fin(1 << 20).await;
+    // Small enough to fit in what the kernel queues toward the client (`notsent_lowat`),
+    // so the pump itself never waits: the answer is all written, the FINs cross, and only
+    // the queue is left.
+    let b = answers_after_fin(100 * 1024).await;
     let mut cfg = base_config(&[b]);
     cfg.listeners[0].timeouts.write_stall = ms(600);
     let p = Proxy::start(cfg).await;
     let mut held = Vec::new();
     for _ in 0..4 {
-        let mut c = TcpStream::connect(p.addr).await.unwrap();
+        let mut c = small_window_client(p.addr).await;
         c.write_all(b"GET /big HTTP/1.0\r\n\r\n").await.unwrap();
         c.shutdown().await.unwrap();
         held.push(c);
