@@ -217,7 +217,11 @@ impl Server {
         state.switch_pools(pools);
         announce(&fds);
         set_splice_budget(&fds);
+        // Memory is read once before the first connection: it applies to that one, and no
+        // scrape finds the memory gauges missing.
+        let short = state.read_memory();
         for ((socket, l), ctx) in sockets.into_iter().zip(&config.listeners).zip(ctxs) {
+            ctx.guard.set_memory_pressure(short);
             state.start_listener(socket, ctx, l.bind);
         }
         crate::kernel::warn_if_no_syncookies();

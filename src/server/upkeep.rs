@@ -149,7 +149,7 @@ async fn sleep_or_stop(state: &State, d: Duration) -> bool {
 impl State {
     /// Reads the kernel's and the cgroup's memory (a few small files, read outside the
     /// lock a scrape takes) and says whether it is short.
-    fn read_memory(&self) -> bool {
+    pub(super) fn read_memory(&self) -> bool {
         let source = match self.memory.lock() {
             Ok(m) => m.source().clone(),
             Err(_) => return false,
