@@ -1,6 +1,6 @@
 //! The server's periodic work, each a task that ends with the server: once a second the
-//! upkeep (rate-limiter sweeps, the summary log, reaping drained listeners and giving their
-//! descriptors back to the caps); every `kernel.census_interval` the kernel census and its
+//! upkeep (rate-limiter sweeps, the summary log, reading memory for every listener's
+//! pressure mode, reaping drained listeners and giving their descriptors back to the caps); every `kernel.census_interval` the kernel census and its
 //! bans; and the view of the listeners the cluster sync reads.
 //!
 //! The kernel and cluster layers never read the server: what they need is handed to them
