@@ -29,6 +29,8 @@
 //! - [`stats`]: counters with static reasons, and the rate-limited summary log.
 //! - [`bell`]: what every connection of a listener must hear of (pressure, reload, abort),
 //!   one waiter per connection.
+//! - [`memory`]: the kernel's TCP memory and the memory cgroup's usage against their limits,
+//!   read from `/proc` and `/sys/fs/cgroup`: an input of pressure mode.
 //! - [`histo`]: histograms of atomics, observed on the hot path and read at scrape time.
 //! - [`metrics`]: Prometheus text built at scrape time from a snapshot the server gathers.
 //! - [`shutdown`], [`logging`]: signals and log setup.
@@ -47,6 +49,7 @@ pub mod histo;
 pub mod kernel;
 pub mod listener;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod server;

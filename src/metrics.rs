@@ -24,6 +24,7 @@ use crate::fds::Budget;
 use crate::guard::GuardSnapshot;
 use crate::histo::Histo;
 use crate::kernel::KernelCounts;
+use crate::memory::MemoryState;
 use crate::stats::{EvictState, Observed, Reject, Stats, Timeout};
 
 /// What a scrape reads, gathered by the server at scrape time: plain values, and handles to
@@ -42,6 +43,9 @@ pub struct Snapshot {
     pub cluster: Option<Arc<Cluster>>,
     /// (successful, failed) reloads so far.
     pub reloads: (u64, u64),
+    /// The upkeep's last reading of the kernel's and the cgroup's memory, and whether it
+    /// found memory short.
+    pub memory: (MemoryState, bool),
 }
 
 /// One running listener, as a scrape sees it.
@@ -188,6 +192,7 @@ impl prometheus_client::collector::Collector for Collector {
         traffic(e, &ls)?;
         backend_servers(e, &snap.pools)?;
         kernel(e, &snap.kernel)?;
+        memory(e, &snap.memory.0, snap.memory.1)?;
         if let Some(c) = &snap.cluster {
             cluster(e, c)?;
         }
@@ -630,6 +635,66 @@ fn cluster(e: &mut DescriptorEncoder, c: &Cluster) -> std::fmt::Result {
         &v,
     )?;
     Ok(())
+}
+
+/// Kernel memory: TCP's against `tcp_mem`, orphans, the cgroup's against its limit, and
+/// whether that put every listener in pressure mode. A part that could not be read is
+/// absent; the cgroup's only where a limit is set.
+fn memory(e: &mut DescriptorEncoder, m: &MemoryState, short: bool) -> std::fmt::Result {
+    let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    if let Some(b) = m.tcp_bytes() {
+        gauge(
+            e,
+            "halfguard_kernel_tcp_memory_bytes",
+            "Memory the kernel holds for TCP sockets, the whole host (/proc/net/sockstat mem x page size).",
+            &[(vec![], i(b))],
+        )?;
+    }
+    if let Some([low, pressure, high]) = m.tcp_mem_bytes() {
+        gauge(
+            e,
+            "halfguard_kernel_tcp_memory_limit_bytes",
+            "net.ipv4.tcp_mem in bytes: low (the kernel leaves pressure below it), pressure (it shrinks every socket's buffers above it), high (it refuses memory to sockets above it).",
+            &[
+                (vec![("level", "low")], i(low)),
+                (vec![("level", "pressure")], i(pressure)),
+                (vec![("level", "high")], i(high)),
+            ],
+        )?;
+    }
+    if let Some(n) = m.orphans {
+        gauge(
+            e,
+            "halfguard_kernel_tcp_orphans",
+            "TCP sockets closed by their process and still held by the kernel (FIN_WAIT, LAST_ACK, CLOSING), this network namespace.",
+            &[(vec![], i(n))],
+        )?;
+    }
+    let mut v = Vec::new();
+    if let Some((usage, limit)) = m.cgroup {
+        v.push((vec![("kind", "usage")], i(usage)));
+        v.push((vec![("kind", "limit")], i(limit)));
+    }
+    if let Some(sock) = m.sockets.or(m.tcp_cgroup.map(|t| t.0)) {
+        v.push((vec![("kind", "sockets")], i(sock)));
+    }
+    if let Some((_, limit)) = m.tcp_cgroup {
+        v.push((vec![("kind", "sockets_limit")], i(limit)));
+    }
+    if !v.is_empty() {
+        gauge(
+            e,
+            "halfguard_cgroup_memory_bytes",
+            "halfguard's memory cgroup: usage (less inactive file cache) and limit of the cgroup nearest its limit, where one is set; sockets: socket buffers charged to it (v2 memory.stat sock, v1 memory.kmem.tcp.usage_in_bytes); sockets_limit: v1's memory.kmem.tcp.limit_in_bytes.",
+            &v,
+        )?;
+    }
+    gauge(
+        e,
+        "halfguard_memory_pressure",
+        "1 while kernel TCP memory or the cgroup's usage is past its [pressure] mark: every listener is in pressure mode (halfguard_pressure).",
+        &[(vec![], i64::from(short))],
+    )
 }
 
 /// What the process runs on, so a dashboard can tell a CPU limit from a slow backend, and

@@ -526,6 +526,17 @@ impl Guard {
         self.shared.pressure.is_on()
     }
 
+    /// Whether memory is short, as the server read it (`crate::memory`): pressure mode is on
+    /// while memory or the listener's counts say so; the bell rings when the mode flips.
+    pub fn set_memory_pressure(&self, short: bool) {
+        self.shared.pressure.set_memory(short);
+    }
+
+    /// Is memory one of the reasons the listener is in pressure mode?
+    pub fn memory_pressure(&self) -> bool {
+        self.shared.pressure.by_memory()
+    }
+
     /// The listener's bell, rung when pressure mode flips (see [`crate::bell`]).
     pub fn bell(&self) -> &crate::bell::Bell {
         self.shared.pressure.bell()

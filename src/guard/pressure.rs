@@ -4,8 +4,12 @@
 //! `high_water` x a cap the `first_byte` and `half_closed` clocks shrink to their `[pressure]`
 //! values, for new and existing connections; they grow back only when every count is under
 //! `low_water` x its cap, so the mode does not flap at the threshold.
+//!
+//! Memory is the other input: the server reads the kernel's and the cgroup's memory once a
+//! second (`crate::memory`) and hands every listener the verdict ([`PressureGate::set_memory`]);
+//! the guard never reads `/proc` itself. The mode is on while either input is.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use crate::bell::Bell;
 use crate::config::{Limits, PressureConfig};
@@ -13,7 +17,9 @@ use crate::config::{Limits, PressureConfig};
 /// Tracks the mode for one listener and tells connection tasks when it flips.
 #[derive(Debug)]
 pub(crate) struct PressureGate {
-    on: AtomicBool,
+    /// The inputs on now ([`BY_CONNS`], [`BY_MEMORY`]); the mode is on while any is. One
+    /// atomic for both, so exactly one caller sees the mode flip and rings the bell.
+    on: AtomicU8,
     /// Per count (conns, half-open, half-closed): above this, pressure starts.
     high: [AtomicUsize; 3],
     /// Per count: pressure ends once every count is at or below this.
@@ -23,10 +29,15 @@ pub(crate) struct PressureGate {
     bell: Bell,
 }
 
+/// The listener's counts are above their high-water mark (until all are below low water).
+const BY_CONNS: u8 = 1;
+/// Memory is short, as the server last read it.
+const BY_MEMORY: u8 = 2;
+
 impl PressureGate {
     pub fn new(limits: &Limits, p: &PressureConfig) -> PressureGate {
         let gate = PressureGate {
-            on: AtomicBool::new(false),
+            on: AtomicU8::new(0),
             high: Default::default(),
             low: Default::default(),
             bell: Bell::default(),
@@ -50,29 +61,59 @@ impl PressureGate {
     }
 
     pub fn is_on(&self) -> bool {
-        self.on.load(Ordering::Relaxed)
+        self.on.load(Ordering::Relaxed) != 0
+    }
+
+    /// Is memory one of the reasons the mode is on?
+    pub fn by_memory(&self) -> bool {
+        self.on.load(Ordering::Relaxed) & BY_MEMORY != 0
     }
 
     pub fn bell(&self) -> &Bell {
         &self.bell
     }
 
-    /// Re-evaluates the mode from the current counts. A few loads and compares; the bell
-    /// rings only when the mode flips.
+    /// Turns `input` on; rings the bell if the mode was off. True if this call set it.
+    fn raise(&self, input: u8) -> bool {
+        let old = self.on.fetch_or(input, Ordering::AcqRel);
+        if old == 0 {
+            self.bell.ring();
+        }
+        old & input == 0
+    }
+
+    /// Turns `input` off; rings the bell if that ends the mode. True if this call cleared it.
+    fn lower(&self, input: u8) -> bool {
+        let old = self.on.fetch_and(!input, Ordering::AcqRel);
+        if old == input {
+            self.bell.ring();
+        }
+        old & input != 0
+    }
+
+    /// The memory input, as the server's upkeep last read it (it logs the flips, once for
+    /// every listener). A load when nothing changes.
+    pub fn set_memory(&self, short: bool) {
+        if short != self.by_memory() {
+            if short {
+                self.raise(BY_MEMORY);
+            } else {
+                self.lower(BY_MEMORY);
+            }
+        }
+    }
+
+    /// Re-evaluates the counts' input. A few loads and compares; the bell rings only when
+    /// the mode flips.
     pub fn update(&self, counts: [usize; 3]) {
-        let on = self.is_on();
+        let on = self.on.load(Ordering::Relaxed) & BY_CONNS != 0;
         if !on
             && counts
                 .iter()
                 .zip(&self.high)
                 .any(|(&c, h)| c > h.load(Ordering::Relaxed))
         {
-            if self
-                .on
-                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-            {
-                self.bell.ring();
+            if self.raise(BY_CONNS) {
                 tracing::warn!(
                     conns = counts[0],
                     half_open = counts[1],
@@ -85,13 +126,13 @@ impl PressureGate {
                 .iter()
                 .zip(&self.low)
                 .all(|(&c, l)| c <= l.load(Ordering::Relaxed))
-            && self
-                .on
-                .compare_exchange(true, false, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
+            && self.lower(BY_CONNS)
         {
-            self.bell.ring();
-            tracing::info!("pressure mode off: clocks back to normal");
+            if self.is_on() {
+                tracing::info!("connections back under low water; pressure stays on for memory");
+            } else {
+                tracing::info!("pressure mode off: clocks back to normal");
+            }
         }
     }
 }

@@ -223,6 +223,43 @@ fn pressure_turns_on_above_high_water_and_off_below_low_water() {
     assert!(!g.pressure());
 }
 
+#[test]
+fn memory_pressure_is_pressure_and_the_bell_rings_only_when_the_mode_flips() {
+    let g = Guard::new(
+        Limits {
+            max_half_open: 10,
+            ..open_limits()
+        },
+        &PressureConfig {
+            high_water: 0.5,
+            low_water: 0.2,
+            ..PressureConfig::default()
+        },
+        Arc::new(Stats::default()),
+    );
+    let rung = || g.bell().rung();
+    let r0 = rung();
+    g.set_memory_pressure(true);
+    assert!(g.pressure() && g.memory_pressure());
+    assert_eq!(rung(), r0 + 1, "off to on: one ring");
+    g.set_memory_pressure(true);
+    assert_eq!(rung(), r0 + 1, "no change, no ring");
+    // The counts pass their mark while memory already holds the mode on: no flip.
+    let mut t: Vec<_> = (0..6).map(|_| g.admit(ip("198.18.0.1")).unwrap()).collect();
+    assert_eq!(rung(), r0 + 1);
+    g.set_memory_pressure(false);
+    assert!(
+        g.pressure() && !g.memory_pressure(),
+        "the counts still hold it"
+    );
+    assert_eq!(rung(), r0 + 1);
+    t.truncate(2);
+    assert!(!g.pressure());
+    assert_eq!(rung(), r0 + 2, "on to off: one ring");
+    g.set_memory_pressure(false);
+    assert_eq!(rung(), r0 + 2);
+}
+
 /// xorshift64*.
 fn rng(seed: &mut u64) -> u64 {
     *seed ^= *seed >> 12;

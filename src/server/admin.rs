@@ -61,6 +61,11 @@ impl State {
             kernel: self.kernel.counts(),
             cluster: self.cluster.clone(),
             reloads: self.reloads(),
+            memory: self
+                .memory
+                .lock()
+                .map(|m| (m.last().clone(), m.short()))
+                .unwrap_or_default(),
         }
     }
 }

@@ -126,6 +126,8 @@ pub(crate) struct State {
     fds: ArcSwap<Budget>,
     /// `[cluster]`: the shared view's state; `None` for a single node. Fixed at start.
     cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The kernel's and the cgroup's memory, read by the upkeep: an input of pressure mode.
+    memory: Mutex<crate::memory::MemoryWatch>,
 }
 
 /// A bound, running server, waiting for [`Server::run`] to be told when to stop.
@@ -192,6 +194,7 @@ impl Server {
                 .cluster
                 .clone()
                 .map(|c| Arc::new(crate::cluster::Cluster::new(c))),
+            memory: Mutex::default(),
         });
         for socket in &sockets {
             sockopt::apply(socket2::SockRef::from(socket), &config.tcp)?;
@@ -214,7 +217,11 @@ impl Server {
         state.switch_pools(pools);
         announce(&fds);
         set_splice_budget(&fds);
+        // Memory is read once before the first connection: it applies to that one, and no
+        // scrape finds the memory gauges missing.
+        let short = state.read_memory();
         for ((socket, l), ctx) in sockets.into_iter().zip(&config.listeners).zip(ctxs) {
+            ctx.guard.set_memory_pressure(short);
             state.start_listener(socket, ctx, l.bind);
         }
         crate::kernel::warn_if_no_syncookies();
@@ -442,6 +449,14 @@ impl Handle {
     /// The bound address of listener `name`.
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
         self.find(name).map(|r| r.addr)
+    }
+
+    /// Where the upkeep reads memory from (`/proc`, `/sys/fs/cgroup`) from its next tick
+    /// on: tests point it at a directory of fake files.
+    pub fn read_memory_from(&self, source: crate::memory::MemorySource) {
+        if let Ok(mut m) = self.state.memory.lock() {
+            m.set_source(source);
+        }
     }
 
     /// The admin endpoint's bound address, when it is on.

@@ -1,6 +1,6 @@
 //! The server's periodic work, each a task that ends with the server: once a second the
-//! upkeep (rate-limiter sweeps, the summary log, reaping drained listeners and giving their
-//! descriptors back to the caps); every `kernel.census_interval` the kernel census and its
+//! upkeep (rate-limiter sweeps, the summary log, reading memory for every listener's
+//! pressure mode, reaping drained listeners and giving their descriptors back to the caps); every `kernel.census_interval` the kernel census and its
 //! bans; and the view of the listeners the cluster sync reads.
 //!
 //! The kernel and cluster layers never read the server: what they need is handed to them
@@ -47,7 +47,9 @@ pub(super) async fn upkeep(state: Arc<State>) {
             _ = tick.tick() => false,
         };
         let listeners = state.listeners();
+        let short = state.read_memory();
         for r in &listeners {
+            r.ctx.guard.set_memory_pressure(short);
             match summaries
                 .iter_mut()
                 .find(|(c, _)| Arc::ptr_eq(&c.stats, &r.ctx.stats))
@@ -145,6 +147,18 @@ async fn sleep_or_stop(state: &State, d: Duration) -> bool {
 }
 
 impl State {
+    /// Reads the kernel's and the cgroup's memory (a few small files, read outside the
+    /// lock a scrape takes) and says whether it is short.
+    pub(super) fn read_memory(&self) -> bool {
+        let source = match self.memory.lock() {
+            Ok(m) => m.source().clone(),
+            Err(_) => return false,
+        };
+        let now = source.read();
+        let cfg = &self.config().pressure;
+        self.memory.lock().is_ok_and(|mut m| m.update(now, cfg))
+    }
+
     /// The kernel's view of the active listeners: port, prefixes, size and exemptions.
     pub(super) fn targets(&self) -> Vec<Target> {
         self.listeners()

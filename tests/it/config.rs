@@ -205,6 +205,27 @@ fn listener_overrides_apply_to_that_listener_only() {
 }
 
 #[test]
+fn memory_marks_are_read_and_defaulted() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid/overrides.toml");
+    let p = config::load_with_env(&path, HashMap::new())
+        .unwrap()
+        .pressure;
+    assert_eq!(
+        (p.memory_high, p.memory_low, p.tcp_mem_high),
+        (0.9, 0.6, 1.0)
+    );
+    assert_eq!(p.tcp_mem_low, halfguard::config::DEFAULT_TCP_MEM_LOW);
+    let c =
+        config::load_with_env(&path, env(&[("HALFGUARD__PRESSURE__MEMORY_HIGH", "0.95")])).unwrap();
+    assert_eq!(c.pressure.memory_high, 0.95);
+    assert!(
+        c.to_string()
+            .contains("above 95% of the memory cgroup's limit until below 60%, above 100% of tcp_mem's pressure value until below 75%"),
+        "check and /config show the marks: {c}"
+    );
+}
+
+#[test]
 fn a_user_timeout_below_the_keepalive_total_is_flagged() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid/minimal.toml");
     let ok = config::load_with_env(&path, HashMap::new()).unwrap();

@@ -16,6 +16,7 @@ mod holding;
 mod kernel;
 mod layers;
 mod leaks;
+mod memory;
 mod passive;
 mod props;
 mod reload;
