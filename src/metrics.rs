@@ -148,6 +148,7 @@ fn rows(listeners: &[ListenerSnapshot]) -> Vec<Row<'_>> {
                 s.half_closed += snap.half_closed;
                 s.stalled += snap.stalled;
                 s.stalled_sources += snap.stalled_sources;
+                s.queued += snap.queued;
                 s.sources += snap.sources;
                 s.rate_keys += snap.rate_keys;
                 s.pressure |= snap.pressure;
@@ -236,6 +237,16 @@ fn states(e: &mut DescriptorEncoder, ls: &[Row<'_>]) -> std::fmt::Result {
             snap.stalled_sources as i64,
         ));
     }
+    let v: Vec<Sample<'_, i64>> = ls
+        .iter()
+        .map(|(name, snap, _)| (vec![("listener", *name)], snap.queued as i64))
+        .collect();
+    gauge(
+        e,
+        "halfguard_queued_bytes",
+        "Bytes queued toward the listener's clients by connections whose clients do not take them (their send queues and what their backends sent that waits unread), as the connections last reported; capped by limits.max_queued.",
+        &v,
+    )?;
     gauge(
         e,
         "halfguard_sources_in_state",

@@ -338,6 +338,24 @@ pub fn unacked(_s: &TcpStream) -> Option<u32> {
     None
 }
 
+/// Bytes received on `s` and not yet read (FIONREAD): what a backend sent that halfguard
+/// holds for a client that does not take it.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn unread(s: &TcpStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which points to a live local;
+    // the fd is borrowed from a live TcpStream.
+    let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) };
+    (rc == 0).then_some(n.max(0) as u32)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn unread(_s: &TcpStream) -> Option<u32> {
+    None
+}
+
 /// The soft open-files limit.
 #[cfg(unix)]
 #[allow(unsafe_code)]

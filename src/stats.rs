@@ -41,10 +41,16 @@ pub enum Reject {
     /// The source is banned cluster-wide (`[cluster]`): a replica's kernel layer banned it,
     /// or its caps refused it `kernel.ban_after` times; for `kernel.ban_for`.
     Banned,
+    /// The bytes queued toward the source (what its connections' peers do not take) are
+    /// over `max_queued_per_source`: one of its blocked connections is cut.
+    SourceQueued,
+    /// The bytes queued toward the listener's clients are over `max_queued`: the blocked
+    /// connections of the source holding the most are cut.
+    QueuedFull,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 14] = [
+    pub const ALL: [Reject; 16] = [
         Reject::Denied,
         Reject::ConnsFull,
         Reject::Rate,
@@ -59,6 +65,8 @@ impl Reject {
         Reject::QueueFull,
         Reject::NetworkConns,
         Reject::Banned,
+        Reject::SourceQueued,
+        Reject::QueuedFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -77,6 +85,8 @@ impl Reject {
             Reject::QueueFull => "queue_full",
             Reject::NetworkConns => "network_conns",
             Reject::Banned => "banned",
+            Reject::SourceQueued => "source_queued",
+            Reject::QueuedFull => "queued_full",
         }
     }
 }

@@ -75,6 +75,14 @@ pub const DEFAULT_MAX_FIRST_MESSAGE: u32 = 32 * 1024;
 /// bytes stay in the client socket's receive queue, which the upper must fit in.
 const FIRST_MESSAGE_BOUNDS: std::ops::RangeInclusive<u32> = 256..=1024 * 1024;
 
+/// Bytes queued toward one source's clients (its connections' kernel send queues, and what
+/// their backends sent that halfguard has not read): 16 MB is a hundred connections'
+/// worth at `tcp.notsent_lowat`, and four of a client that stopped reading a big answer.
+pub const DEFAULT_MAX_QUEUED_PER_SOURCE: u64 = 16 << 20;
+/// Bytes queued toward one listener's clients: 256 MB, a tenth of a typical host's
+/// `tcp_mem`, so that clients that stop reading cannot take the whole host's TCP memory.
+pub const DEFAULT_MAX_QUEUED: u64 = 256 << 20;
+
 /// A grace longer than this is a clock, not a grace.
 const MAX_GRACE: Duration = Duration::from_secs(60);
 
@@ -103,6 +111,8 @@ pub struct RawLimits {
     pub min_rate: Option<u32>,
     pub grace: Option<RawDuration>,
     pub max_first_message: Option<u32>,
+    pub max_queued_per_source: Option<u64>,
+    pub max_queued: Option<u64>,
     /// A [`Mode`] spelling.
     pub mode: Option<String>,
 }
@@ -161,6 +171,9 @@ pub struct Limits {
     pub grace: Duration,
     /// Bytes of a client's first message held before a backend is connected anyway.
     pub max_first_message: u32,
+    /// Bytes queued toward one source, and toward the listener (0 = no cap).
+    pub max_queued_per_source: u64,
+    pub max_queued: u64,
     pub mode: Mode,
 }
 
@@ -187,6 +200,8 @@ impl Default for Limits {
             min_rate: DEFAULT_MIN_RATE,
             grace: DEFAULT_GRACE,
             max_first_message: DEFAULT_MAX_FIRST_MESSAGE,
+            max_queued_per_source: DEFAULT_MAX_QUEUED_PER_SOURCE,
+            max_queued: DEFAULT_MAX_QUEUED,
             mode: Mode::Enforce,
         }
     }
@@ -244,6 +259,10 @@ impl Limits {
             min_rate: raw.min_rate.unwrap_or(base.min_rate),
             grace: raw.grace.map_or(base.grace, |x| x.0),
             max_first_message: raw.max_first_message.unwrap_or(base.max_first_message),
+            max_queued_per_source: raw
+                .max_queued_per_source
+                .unwrap_or(base.max_queued_per_source),
+            max_queued: raw.max_queued.unwrap_or(base.max_queued),
             mode,
         };
         l.check(ck, at)?;
@@ -362,13 +381,26 @@ impl fmt::Display for Limits {
         )?;
         write!(
             f,
-            "  allow {} prefix(es), deny {} prefix(es); min_rate {} B/s, grace {}, first message held up to {} B; mode {}",
+            "  allow {} prefix(es), deny {} prefix(es); min_rate {} B/s, grace {}, first message held up to {} B; bytes queued per source {}, per listener {}; mode {}",
             self.allow.len(),
             self.deny.len(),
             self.min_rate,
             dur(self.grace),
             self.max_first_message,
+            bytes_cap(self.max_queued_per_source),
+            bytes_cap(self.max_queued),
             self.mode.as_str()
         )
+    }
+}
+
+/// A byte cap as `check` prints it.
+fn bytes_cap(n: u64) -> String {
+    if n == 0 {
+        "none".to_string()
+    } else if n.is_multiple_of(1 << 20) {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{n} B")
     }
 }

@@ -70,6 +70,10 @@ pub(super) async fn delivered(
             }
             Some(_) => {}
         }
+        // Counted against the byte caps while it waits, as a blocked connection is.
+        if let Err(r) = ticket.set_queued(u64::from(queued)) {
+            return End::Refused(r);
+        }
         if !lingering && since + w.policy.grace <= now {
             lingering = true;
             if let Err(r) = ticket.lingering() {

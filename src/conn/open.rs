@@ -251,6 +251,14 @@ fn weigh_progress(
         Stall::Idle
     };
     ticket.ctl().set_stall(kind);
+    // What a client that does not take its bytes pins: its send queue, and what its
+    // backend sent that waits unread here. Counted against the byte caps (`guard::bytes`).
+    let queued = if kind == Stall::Blocked {
+        pump.queued_toward_client()
+    } else {
+        0
+    };
+    ticket.set_queued(queued).map_err(Refused::Full)?;
     check.from_client = from_client;
     check.moved = total;
     check.last = now;

@@ -761,6 +761,14 @@ impl<'a> Pump<'a> {
         (self.up.request_start == Some(b.start) && b.start >= self.down.last_progress).then_some(b)
     }
 
+    /// Bytes queued toward the client: its socket's send queue, and what the server sent
+    /// that waits unread in ours. Two ioctls: asked only of a connection found blocked.
+    pub fn queued_toward_client(&self) -> u64 {
+        let sent = crate::sockopt::unacked(self.client).unwrap_or(0);
+        let unread = crate::sockopt::unread(self.server).unwrap_or(0);
+        u64::from(sent) + u64::from(unread) + (self.down.len - self.down.pos) as u64
+    }
+
     /// The client's bytes forwarded so far.
     pub fn client_total(&self) -> u64 {
         self.up.total

@@ -31,6 +31,7 @@
 //! an evictor (which gives counts back on the victim's behalf) can never drive a count
 //! below zero.
 
+mod bytes;
 mod heaviest;
 mod pressure;
 mod rate;
@@ -75,6 +76,8 @@ struct Counts {
     half_closed: AtomicUsize,
     /// OPEN connections in their source's stalled list (allow-listed ones are never listed).
     stalled: AtomicUsize,
+    /// Bytes queued toward the listener's clients (see [`bytes`]).
+    queued: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -94,6 +97,9 @@ pub(crate) struct Shared {
     /// window: their newcomers are evictable at once, not only past the grace (see
     /// [`Ticket::mark_if_cut_before`]).
     cut: Refusals,
+    /// The source whose blocked connections are cut while the listener's queued bytes are
+    /// over `max_queued` (the one holding the most), chosen once a second.
+    shedding: ArcSwapOption<SourceKey>,
     /// Connections per network (the coarser prefix of `max_conns_per_network`).
     networks: dashmap::DashMap<SourceKey, u32>,
     /// The other replicas' loads (`[cluster]`); `None` for a single node.
@@ -134,6 +140,8 @@ pub struct SourceLoad {
     pub idle: usize,
     /// Admitted over the source's connection cap, waiting for a slot.
     pub waiting: usize,
+    /// Bytes queued toward the source's clients.
+    pub queued: u64,
     /// Refusals in the current tally window (about a minute).
     pub refused: u64,
     /// Would-be refusals, evictions and expiries in observe mode, same window.
@@ -199,6 +207,8 @@ pub struct GuardSnapshot {
     pub half_closed: usize,
     /// Of the OPEN connections, those stalled (below `min_rate`).
     pub stalled: usize,
+    /// Bytes queued toward the listener's clients.
+    pub queued: u64,
     /// Sources holding at least one stalled connection.
     pub stalled_sources: usize,
     /// Entries in the source table.
@@ -223,6 +233,7 @@ impl Guard {
                 refusals: Refusals::default(),
                 observed: Refusals::default(),
                 cut: Refusals::default(),
+                shedding: ArcSwapOption::empty(),
                 networks: dashmap::DashMap::new(),
                 remote: ArcSwapOption::empty(),
                 has_remote: AtomicBool::new(false),
@@ -435,6 +446,7 @@ impl Guard {
             half_open: sh.counts.half_open.load(Ordering::Relaxed),
             half_closed: sh.counts.half_closed.load(Ordering::Relaxed),
             stalled: sh.counts.stalled.load(Ordering::Relaxed),
+            queued: sh.counts.queued.load(Ordering::Relaxed),
             stalled_sources: sh.table.sources_in(EvictState::Stalled),
             sources: sh.table.len.load(Ordering::Relaxed),
             rate_keys: sh.rate.load().as_ref().map_or(0, |r| r.len()),
@@ -477,6 +489,7 @@ impl Guard {
                     stalled: e.stalled.len(),
                     idle: e.idle(),
                     waiting: e.provisional as usize,
+                    queued: e.queued,
                     refused: 0,
                     observed: 0,
                 };
@@ -491,6 +504,7 @@ impl Guard {
             stalled: 0,
             idle: 0,
             waiting: 0,
+            queued: 0,
             refused: 0,
             observed: 0,
         };
@@ -551,6 +565,7 @@ impl Guard {
         self.shared.refusals.housekeep();
         self.shared.observed.housekeep();
         self.shared.cut.housekeep();
+        self.shared.choose_shedding();
     }
 
     /// The limits in force.

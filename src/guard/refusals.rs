@@ -27,7 +27,11 @@ pub const WINDOW: Duration = Duration::from_secs(60);
 pub fn against_the_source(reason: Reject) -> bool {
     matches!(
         reason,
-        Reject::Rate | Reject::SourceConns | Reject::SourceHalfOpen | Reject::SourceHalfClosed
+        Reject::Rate
+            | Reject::SourceConns
+            | Reject::SourceHalfOpen
+            | Reject::SourceHalfClosed
+            | Reject::SourceQueued
     )
 }
 

@@ -34,6 +34,9 @@ pub struct ConnCtl {
     /// Completed an exchange, and counted in its source's `proven` (set under the entry
     /// lock, so an evictor gives the count back for it).
     proven: AtomicBool,
+    /// Bytes queued toward this connection's client, as it last reported them (see
+    /// `guard::bytes`).
+    pub(crate) queued: std::sync::atomic::AtomicU64,
     /// Admitted over its source's cap and still waiting for a slot (set and cleared under
     /// its source's entry lock, so an evictor never takes a connection that got its slot).
     waiting: AtomicBool,
@@ -130,6 +133,8 @@ pub(crate) struct SourceEntry {
     pub provisional: u32,
     /// Of `conns`, those that completed an exchange (the client spoke, the server answered).
     pub proven: u32,
+    /// Bytes queued toward the source's clients, as its connections last reported them.
+    pub queued: u64,
     /// Silent for longer than the grace.
     pub half_open: Slots,
     /// Half-closed for longer than the grace.

@@ -723,3 +723,31 @@ fn a_source_cut_before_gets_newcomers_evictable_before_their_grace() {
     assert_eq!(g.snapshot(), GuardSnapshot::default());
     assert_eq!(g.table_totals(), (0, 0, 0, 0));
 }
+
+#[test]
+fn bytes_queued_are_capped_per_source_and_the_heaviest_source_sheds_first() {
+    let g = guard(Limits {
+        max_queued_per_source: 1000,
+        max_queued: 1500,
+        ..open_limits()
+    });
+    let a: Vec<_> = (0..2).map(|_| g.admit(ip("198.18.5.1")).unwrap()).collect();
+    let b = g.admit(ip("198.18.5.2")).unwrap();
+    assert_eq!(a[0].set_queued(600), Ok(()));
+    // Over the source's cap: the connection reporting it is cut, counted.
+    assert_eq!(a[1].set_queued(600), Err(Reject::SourceQueued));
+    assert_eq!(g.stats().rejected(Reject::SourceQueued), 1);
+    a[1].set_queued(0).unwrap();
+    assert_eq!(b.set_queued(900), Ok(()));
+    assert_eq!(g.snapshot().queued, 1500);
+    // Over the listener's: once a second the source holding the most is chosen, and only
+    // its connections are cut.
+    assert_eq!(a[0].set_queued(700), Ok(()));
+    g.housekeep();
+    assert_eq!(a[0].set_queued(700), Ok(()), "198.18.5.2 holds more");
+    assert_eq!(b.set_queued(900), Err(Reject::QueuedFull));
+    // Ending gives the bytes back.
+    drop((a, b));
+    assert_eq!(g.snapshot().queued, 0);
+    assert_eq!(g.snapshot(), GuardSnapshot::default());
+}

@@ -95,7 +95,7 @@ impl Ticket {
     }
 
     /// Is this listener's per-source policy only observed?
-    fn observing(&self) -> bool {
+    pub(super) fn observing(&self) -> bool {
         self.shared.limits.load().mode == Mode::Observe
     }
 
@@ -458,6 +458,7 @@ impl Drop for Ticket {
         if let Some(net) = &self.net {
             sh.leave_network(net);
         }
+        self.give_back_queued();
         if self.ctl.is_evicted() {
             return;
         }

@@ -173,3 +173,51 @@ async fn what_is_queued_toward_a_client_that_stops_reading_stays_small() {
     );
     assert!(queued[1] > queued[0] * 2, "without: {} bytes", queued[1]);
 }
+
+/// Bytes are a cap like connections: a source whose clients stop reading is cut once what is
+/// queued toward it passes `max_queued_per_source` (`source_queued`), while another source's
+/// slow reader under its own cap is not.
+#[tokio::test]
+async fn a_source_over_its_byte_cap_is_cut_and_another_is_not() {
+    let b = backend(Backend::Flood).await;
+    let mut cfg = base_config(&[b.addr]);
+    cfg.listeners[0].limits.max_queued_per_source = 4 << 20;
+    cfg.listeners[0].limits.max_queued = 0;
+    cfg.listeners[0].timeouts.write_stall = ms(60_000);
+    let p = Proxy::start(cfg).await;
+    let stop_reading = |from: &'static str| {
+        let to = p.addr;
+        async move {
+            let mut c = connect_from(from, to).await.unwrap();
+            c.write_all(b"GET /flood HTTP/1.0\r\n\r\n").await.unwrap();
+            let mut first = [0u8; 1024];
+            c.read_exact(&mut first).await.unwrap();
+            c
+        }
+    };
+    let mut heavy = Vec::new();
+    for _ in 0..8 {
+        heavy.push(stop_reading("127.0.0.2").await);
+    }
+    let light = stop_reading("127.0.0.3").await;
+    // The progress checks find them blocked and report their queues (about a megabyte each
+    // here: the client's send queue and the flood waiting unread in halfguard's socket);
+    // the heavy source's connections are cut one a check until it is under its cap.
+    tokio::time::sleep(ms(3500)).await;
+    let stats = p.stats();
+    let cut = stats.rejected(halfguard::stats::Reject::SourceQueued);
+    assert!(cut >= 4, "cut {cut}");
+    let load = p
+        .handle
+        .guard(L)
+        .unwrap()
+        .top_sources(2, halfguard::guard::SourceOrder::Conns);
+    let of = |ip: &str| load.iter().find(|l| l.source.to_string() == ip).copied();
+    let heavy_load = of("127.0.0.2").expect("the heavy source still holds some");
+    assert!(heavy_load.queued <= 4 << 20, "{heavy_load:?}");
+    let light_load = of("127.0.0.3").expect("the light source is kept");
+    assert_eq!(light_load.conns, 1);
+    assert!(light_load.queued > 0, "{light_load:?}");
+    assert!(p.snapshot().queued > 0);
+    drop((heavy, light));
+}

@@ -1,0 +1,110 @@
+//! Bytes are a cap like connections: what is queued toward a source's clients.
+//!
+//! A connection whose client stops reading pins kernel memory that no connection count
+//! shows: its send queue toward the client, and what its backend sent that halfguard has not
+//! read (the backend keeps sending until that queue is full too). The kernel's `tcp_mem` is
+//! host-wide, so once clients that do not read fill it every socket on the host starves.
+//!
+//! A connection that is stalled with bytes its client does not take reports them at each
+//! progress check ([`Ticket::set_queued`]); its source's entry and the listener keep the
+//! sums. Over `limits.max_queued_per_source`, the reporting connection of that source is cut
+//! (`source_queued`): a source's connections go one a second until it is under its cap. Over
+//! `limits.max_queued`, the source holding the most bytes (chosen once a second by
+//! [`Shared::choose_shedding`]) has its blocked connections cut (`queued_full`): heaviest
+//! source first, as with the other listener caps. A cut is an RST both ways, which frees the
+//! client's queue at once and makes the backend drop what it still had to send.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::{Shared, Ticket};
+use crate::stats::Reject;
+
+impl Ticket {
+    /// Reports the bytes queued toward this connection's client now (0 once it takes them
+    /// again). `Err`: over a byte cap, the connection must be cut; the refusal is counted.
+    pub fn set_queued(&self, bytes: u64) -> Result<(), Reject> {
+        let sh = &self.shared;
+        let old = self.ctl.queued.swap(bytes, Ordering::Relaxed);
+        if old == bytes && bytes == 0 {
+            return Ok(());
+        }
+        add(&sh.counts.queued, old, bytes);
+        let lim = sh.limits.load();
+        let Some(key) = self.key else {
+            return Ok(());
+        };
+        let source = match sh.table.map.get_mut(&key) {
+            Some(mut e) if !self.ctl.is_evicted() => {
+                e.queued = e.queued.saturating_sub(old).saturating_add(bytes);
+                e.queued
+            }
+            _ => return Ok(()),
+        };
+        if bytes == 0 || self.observing() {
+            return Ok(());
+        }
+        if lim.max_queued_per_source > 0 && source > lim.max_queued_per_source {
+            sh.refused_key(key, Reject::SourceQueued);
+            return Err(Reject::SourceQueued);
+        }
+        if lim.max_queued > 0
+            && sh.counts.queued.load(Ordering::Relaxed) > lim.max_queued
+            && sh.shedding.load().as_deref() == Some(&key)
+        {
+            sh.stats.reject(Reject::QueuedFull);
+            return Err(Reject::QueuedFull);
+        }
+        Ok(())
+    }
+
+    /// Gives back what the connection last reported; on every end, eviction included.
+    pub(super) fn give_back_queued(&self) {
+        let old = self.ctl.queued.swap(0, Ordering::Relaxed);
+        if old == 0 {
+            return;
+        }
+        let sh = &self.shared;
+        add(&sh.counts.queued, old, 0);
+        if let Some(key) = &self.key
+            && let Some(mut e) = sh.table.map.get_mut(key)
+        {
+            e.queued = e.queued.saturating_sub(old);
+        }
+    }
+}
+
+impl Shared {
+    /// Once a second: over `max_queued`, the source holding the most queued bytes is the one
+    /// whose blocked connections are cut; under it, none. A scan of the table, made only
+    /// while the listener is over its byte cap.
+    pub(super) fn choose_shedding(&self) {
+        let max = self.limits.load().max_queued;
+        if max == 0 || self.counts.queued.load(Ordering::Relaxed) <= max {
+            if self.shedding.load().is_some() {
+                self.shedding.store(None);
+            }
+            return;
+        }
+        let heaviest = self
+            .table
+            .map
+            .iter()
+            .filter(|e| e.queued > 0)
+            .max_by_key(|e| e.queued)
+            .map(|e| Arc::new(*e.key()));
+        self.shedding.store(heaviest);
+    }
+}
+
+/// `c` moves from `old` to `new` (never below zero).
+fn add(c: &std::sync::atomic::AtomicU64, old: u64, new: u64) {
+    if new >= old {
+        c.fetch_add(new - old, Ordering::Relaxed);
+    } else {
+        let d = old - new;
+        let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(v.saturating_sub(d))
+        });
+    }
+}
