@@ -180,6 +180,9 @@ struct Direction<'a> {
     judge_requests: bool,
     /// When the current burst began, if it began with a request line.
     request_start: Option<Instant>,
+    /// When the other direction last moved a byte (set by the pump before each poll of the
+    /// client's direction): a burst the server answered is over.
+    answered: Instant,
     /// The listener's count of directions that switched to splice.
     spliced: &'a AtomicU64,
     /// No readiness event has been seen yet on this direction's sockets, though they are
@@ -233,6 +236,7 @@ impl<'a> Direction<'a> {
             from,
             judge_requests: false,
             request_start: None,
+            answered: now,
             buf: None,
             pos: 0,
             len: 0,
@@ -295,10 +299,18 @@ impl<'a> Direction<'a> {
 
     /// `n` bytes were read from the source at `now`: progress, and the burst grows (or a
     /// new one starts after a pause).
-    fn read(last_progress: &mut Instant, burst: &mut Option<Burst>, n: usize, now: Instant) {
+    /// `answered`: when the other side last moved a byte; a burst it answered is over, and
+    /// the next read starts a new one (a keep-alive connection's next request).
+    fn read(
+        last_progress: &mut Instant,
+        burst: &mut Option<Burst>,
+        n: usize,
+        now: Instant,
+        answered: Instant,
+    ) {
         *last_progress = now;
         match burst {
-            Some(b) if now.saturating_duration_since(b.last) < BURST_GAP => {
+            Some(b) if now.saturating_duration_since(b.last) < BURST_GAP && b.last >= answered => {
                 b.bytes += n as u64;
                 b.last = now;
             }
@@ -433,7 +445,13 @@ impl<'a> Direction<'a> {
                 Ok(0) => self.fin = Fin::Read,
                 Ok(n) => {
                     self.len = n;
-                    Self::read(&mut self.last_progress, &mut self.burst, n, Instant::now());
+                    Self::read(
+                        &mut self.last_progress,
+                        &mut self.burst,
+                        n,
+                        Instant::now(),
+                        self.answered,
+                    );
                     if self.judge_requests
                         && let Some(b) = &self.burst
                         && b.bytes == n as u64
@@ -530,7 +548,13 @@ impl<'a> Direction<'a> {
                 Ok(0) => self.fin = Fin::Read,
                 Ok(n) => {
                     self.in_pipe = n;
-                    Self::read(&mut self.last_progress, &mut self.burst, n, Instant::now());
+                    Self::read(
+                        &mut self.last_progress,
+                        &mut self.burst,
+                        n,
+                        Instant::now(),
+                        self.answered,
+                    );
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(at(rd)(e))),
@@ -667,6 +691,7 @@ impl<'a> Pump<'a> {
     /// Moves bytes until something the connection must act on happens. Cancel-safe: all
     /// state lives in the pump, so it can sit in a `select!` and be polled again.
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
+        self.up.answered = self.down.last_progress;
         if !self.up.done() && !self.client_held() {
             if (self.up)
                 .poll_copy(self.client, self.server, self.down.done(), cx)?

@@ -751,3 +751,37 @@ fn bytes_queued_are_capped_per_source_and_the_heaviest_source_sheds_first() {
     assert_eq!(g.snapshot().queued, 0);
     assert_eq!(g.snapshot(), GuardSnapshot::default());
 }
+
+#[test]
+fn a_source_whose_extra_connections_only_wait_is_never_called_busy() {
+    // Four idle keep-alive connections held, four more waiting for a slot and refused.
+    let load = SourceLoad {
+        source: SourceKey::new(ip("198.18.6.1"), 32, 64),
+        conns: 8,
+        half_open: 0,
+        half_closed: 0,
+        stalled: 4,
+        idle: 4,
+        waiting: 4,
+        queued: 0,
+        refused: 12,
+        observed: 0,
+    };
+    assert_eq!(load.verdict(), "flooding");
+    // The same source with connections that move data is busy (a pool at its cap).
+    let busy = SourceLoad {
+        stalled: 0,
+        idle: 0,
+        waiting: 0,
+        ..load
+    };
+    assert_eq!(busy.verdict(), "busy");
+    // And with nothing refused, an idle pool is a pool.
+    let pool = SourceLoad {
+        waiting: 0,
+        conns: 4,
+        refused: 0,
+        ..load
+    };
+    assert_eq!(pool.verdict(), "pool");
+}

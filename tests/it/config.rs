@@ -282,3 +282,16 @@ fn ipv4_mapped_entries_are_the_ipv4_prefixes_they_name() {
     assert_eq!(nets(&l.limits.allow), ["192.0.2.0/24"]);
     assert_eq!(nets(&l.limits.deny), ["198.18.0.7/32", "2001:db8::/32"]);
 }
+
+/// Connections that completed exchanges and sit idle (a pool, a Redis SUBSCRIBE, a
+/// PostgreSQL LISTEN, an ssh session, a tunnel) are not cut at five minutes: the shipped
+/// config and the built-in default both give `idle` an hour, as Envoy's TCP proxy does.
+#[test]
+fn the_idle_clock_lets_subscribers_and_pools_sit_for_an_hour() {
+    assert!(halfguard::config::DEFAULT_IDLE >= Duration::from_secs(3600));
+    let shipped = halfguard::config::load(std::path::Path::new("config/halfguard.toml"))
+        .expect("the shipped config loads");
+    for l in &shipped.listeners {
+        assert!(l.timeouts.idle >= Duration::from_secs(3600), "{}", l.name);
+    }
+}

@@ -253,3 +253,36 @@ async fn a_held_head_then_a_bulk_body_arrives_whole() {
         p.assert_drained(ms(2000)).await;
     }
 }
+
+/// On an HTTP/1 keep-alive connection every request is clocked, not only the first: a
+/// client that completes one exchange and then drips its second request is cut by the
+/// request clock like a first one, and its worker is given back.
+#[tokio::test]
+async fn a_later_request_that_drips_is_cut_like_a_first_one() {
+    let pool = worker_pool(2, Duration::from_secs(20)).await;
+    let mut cfg = config(pool.addr, FirstMessage::Auto);
+    cfg.listeners[0].timeouts.request = Some(ms(800));
+    let p = Proxy::start(cfg).await;
+    let mut c = connect_from("127.0.5.9", p.addr).await.unwrap();
+    c.write_all(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = vec![0u8; HTTP_OK_KEEPALIVE.len()];
+    c.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, HTTP_OK_KEEPALIVE);
+    // The second request: a line, then a byte every 200 ms, never the blank line.
+    c.write_all(b"GET /2 HTTP/1.1\r\n").await.unwrap();
+    let t0 = Instant::now();
+    let mut cut = false;
+    for _ in 0..30 {
+        tokio::time::sleep(ms(200)).await;
+        if c.write_all(b"X").await.is_err() {
+            cut = true;
+            break;
+        }
+    }
+    assert!(cut, "the dripping second request was not cut");
+    let after = t0.elapsed();
+    assert!(after >= ms(700) && after < ms(4000), "cut after {after:?}");
+    assert_eq!(p.stats().timed_out(Timeout::Request), 1);
+}
