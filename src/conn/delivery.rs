@@ -62,6 +62,11 @@ pub(super) async fn delivered(
         }
         look = (look * 2).min(MAX_LOOK);
         let now = Instant::now();
+        // The client reset (its socket was closed with our bytes on the way): nothing is
+        // queued any more, whatever the sequence numbers the send-queue size comes from say.
+        if !matches!(client.take_error(), Ok(None)) {
+            return End::PEER_ERROR;
+        }
         match sockopt::unacked(client) {
             None | Some(0) => return End::Clean,
             Some(q) if q < queued => {

@@ -66,7 +66,7 @@ enum Woke {
     Bell,
 }
 
-/// Counts the connection as holding for as long as it lives.
+/// Counts the connection as holding (the `first_message` state) while it waits.
 struct Gauge<'a>(&'a ListenerCtx);
 
 impl<'a> Gauge<'a> {
@@ -90,12 +90,21 @@ impl Holding<'_> {
     /// most first messages come whole in the first segment, and are judged before anything
     /// waits (or is allocated).
     pub async fn first_message(&mut self, w: &mut Watched, expect: Expect) -> Result<Held, End> {
+        let _gauge = Gauge::new(self.ctx);
+        // Counted in its source's entry too, for `/sources`; a connection that ends here
+        // gives the count back with its ticket.
+        self.ticket.set_holding(true);
+        let r = self.wait_whole(w, expect).await;
+        self.ticket.set_holding(false);
+        r
+    }
+
+    async fn wait_whole(&mut self, w: &mut Watched, expect: Expect) -> Result<Held, End> {
         let max = w.policy.max_first_message;
         let (mut seen, first) = self.look(expect, max, true)?;
         if let Some(held) = first {
             return Ok(held);
         }
-        let _gauge = Gauge::new(self.ctx);
         let start = Instant::now();
         let ctl = self.ticket.ctl().clone();
         let mut evicted = pin!(ctl.evicted());

@@ -142,6 +142,8 @@ pub struct SourceLoad {
     pub waiting: usize,
     /// Bytes queued toward the source's clients.
     pub queued: u64,
+    /// Connections whose first message is held until whole (no backend yet).
+    pub holding: usize,
     /// Refusals in the current tally window (about a minute).
     pub refused: u64,
     /// Would-be refusals, evictions and expiries in observe mode, same window.
@@ -490,6 +492,7 @@ impl Guard {
                     idle: e.idle(),
                     waiting: e.provisional as usize,
                     queued: e.queued,
+                    holding: e.holding as usize,
                     refused: 0,
                     observed: 0,
                 };
@@ -505,6 +508,7 @@ impl Guard {
             idle: 0,
             waiting: 0,
             queued: 0,
+            holding: 0,
             refused: 0,
             observed: 0,
         };

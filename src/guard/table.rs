@@ -34,6 +34,9 @@ pub struct ConnCtl {
     /// Completed an exchange, and counted in its source's `proven` (set under the entry
     /// lock, so an evictor gives the count back for it).
     proven: AtomicBool,
+    /// Its first message is held until whole (counted in its source's `holding`; set under
+    /// the entry lock, so an evictor gives the count back for it).
+    holding: AtomicBool,
     /// Bytes queued toward this connection's client, as it last reported them (see
     /// `guard::bytes`).
     pub(crate) queued: std::sync::atomic::AtomicU64,
@@ -73,6 +76,16 @@ impl ConnCtl {
     /// Set by the connection at each progress check.
     pub fn set_stall(&self, s: Stall) {
         self.stall.store(s as u8, Ordering::Relaxed);
+    }
+
+    /// Whether the connection's first message is held (see `conn::holding`).
+    pub fn is_holding(&self) -> bool {
+        self.holding.load(Ordering::Relaxed)
+    }
+
+    /// Call with the connection's entry locked, when counting it in `holding`.
+    pub(crate) fn set_holding(&self, on: bool) {
+        self.holding.store(on, Ordering::Relaxed);
     }
 
     /// Whether the connection completed an exchange.
@@ -135,6 +148,8 @@ pub(crate) struct SourceEntry {
     pub proven: u32,
     /// Bytes queued toward the source's clients, as its connections last reported them.
     pub queued: u64,
+    /// Of `conns`, those whose first message is held until whole (no backend yet).
+    pub holding: u32,
     /// Silent for longer than the grace.
     pub half_open: Slots,
     /// Half-closed for longer than the grace.
@@ -246,6 +261,9 @@ impl SourceTable {
         e.conns -= 1;
         if ctl.is_proven() {
             e.proven = e.proven.saturating_sub(1);
+        }
+        if ctl.is_holding() {
+            e.holding = e.holding.saturating_sub(1);
         }
         ctl.mark();
         Some(ctl)

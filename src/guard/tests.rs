@@ -764,6 +764,7 @@ fn a_source_whose_extra_connections_only_wait_is_never_called_busy() {
         idle: 4,
         waiting: 4,
         queued: 0,
+        holding: 0,
         refused: 12,
         observed: 0,
     };

@@ -194,6 +194,25 @@ impl Ticket {
         true
     }
 
+    /// The connection's first message is held until whole (`true`), or no longer is: its
+    /// source's `holding` count, for `/sources`. Only connections that wait for it pay the
+    /// lock; a first message that comes whole never gets here.
+    pub fn set_holding(&self, on: bool) {
+        let Some(key) = &self.key else {
+            return;
+        };
+        if let Ok(mut e) = entry(&self.shared, key, &self.ctl)
+            && self.ctl.is_holding() != on
+        {
+            self.ctl.set_holding(on);
+            if on {
+                e.holding += 1;
+            } else {
+                e.holding = e.holding.saturating_sub(1);
+            }
+        }
+    }
+
     /// A newcomer from a source whose connections were cut in this window (evicted, or
     /// ended by a clock) is evictable at once, before its grace: thousands of sources that
     /// each hold one drip and reconnect the moment they are cut would otherwise keep a full
@@ -476,6 +495,9 @@ impl Drop for Ticket {
                 }
                 if self.ctl.is_proven() {
                     e.proven = e.proven.saturating_sub(1);
+                }
+                if self.ctl.is_holding() {
+                    e.holding = e.holding.saturating_sub(1);
                 }
                 e.conns = e.conns.saturating_sub(1);
             }

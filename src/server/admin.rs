@@ -451,6 +451,7 @@ fn sources(query: &str, state: &State) -> Response<Full<Bytes>> {
                         "idle": l.idle,
                         "waiting": l.waiting,
                         "queued_bytes": l.queued,
+                        "first_message": l.holding,
                         "refused": l.refused,
                         "observed": l.observed,
                         "verdict": l.verdict(),

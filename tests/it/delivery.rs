@@ -206,7 +206,7 @@ async fn a_source_over_its_byte_cap_is_cut_and_another_is_not() {
     tokio::time::sleep(ms(3500)).await;
     let stats = p.stats();
     let cut = stats.rejected(halfguard::stats::Reject::SourceQueued);
-    assert!(cut >= 4, "cut {cut}");
+    assert!(cut >= 1, "cut {cut}");
     let load = p
         .handle
         .guard(L)

@@ -208,6 +208,21 @@ async fn held_drips_count_against_the_source_half_open_cap() {
     tokio::time::sleep(ms(200)).await;
     assert_eq!(p.stats().rejected(Reject::SourceHalfOpen), 1);
     assert_eq!(p.snapshot().half_open, 2);
+    // `/sources` says what they wait for: their first message.
+    let load = p
+        .handle
+        .guard(L)
+        .unwrap()
+        .top_sources(1, halfguard::guard::SourceOrder::HalfOpen);
+    assert_eq!((load[0].half_open, load[0].holding), (2, 2));
+    drop(held);
+    p.assert_drained(ms(2000)).await;
+    let after = p
+        .handle
+        .guard(L)
+        .unwrap()
+        .top_sources(1, halfguard::guard::SourceOrder::Conns);
+    assert!(after.is_empty(), "{after:?}");
 }
 
 /// A head held over two segments, then a body far larger than the socket buffers at full
