@@ -20,6 +20,7 @@ mod passive;
 mod props;
 mod reload;
 mod resolve;
+mod slots;
 mod stalled;
 mod support;
 mod timewait;
