@@ -297,10 +297,27 @@ fn method(buf: &[u8]) -> Verdict {
 }
 
 /// Whether `buf` begins with an HTTP/1 request line's method and space: a keep-alive
-/// connection's next request, for the request clock (see `conn::pump`).
-pub fn starts_request(buf: &[u8]) -> bool {
-    matches!(method(buf), Verdict::Whole(..))
+/// connection's next request, for the request clock (see `conn::pump`). `None` while `buf`
+/// is too short to tell: a method dripped a byte at a time is told once its space comes.
+pub fn starts_request(buf: &[u8]) -> Option<bool> {
+    match method(buf) {
+        Verdict::Whole(..) => Some(true),
+        Verdict::Maybe => None,
+        _ => Some(false),
+    }
 }
+
+/// The longest prefix [`starts_request`] may need to tell: the longest method and its space.
+pub const REQUEST_PREFIX: usize = {
+    let (mut i, mut max) = (0, 0);
+    while i < METHODS.len() {
+        if METHODS[i].len() > max {
+            max = METHODS[i].len();
+        }
+        i += 1;
+    }
+    max + 1
+};
 
 fn http1(buf: &[u8]) -> Verdict {
     match method(buf) {

@@ -747,7 +747,8 @@ fn durations(e: &mut DescriptorEncoder, ls: &[Row<'_>]) -> std::fmt::Result {
     Ok(())
 }
 
-/// Backend connects: those that failed on this host, and how long the others took.
+/// Backend connects: those that failed on this host, and how long the others took; slots
+/// taken back for queued clients.
 fn backend_connects(e: &mut DescriptorEncoder, pools: &[Arc<Pool>]) -> std::fmt::Result {
     let v: Vec<_> = pools
         .iter()
@@ -757,6 +758,16 @@ fn backend_connects(e: &mut DescriptorEncoder, pools: &[Arc<Pool>]) -> std::fmt:
         e,
         "halfguard_backend_local_errors",
         "Backend connects that failed on this host (descriptors, ephemeral ports, socket options), not held against any server.",
+        &v,
+    )?;
+    let v: Vec<_> = pools
+        .iter()
+        .map(|p| (vec![("backend", p.name())], p.slots_reclaimed()))
+        .collect();
+    counter(
+        e,
+        "halfguard_backend_slots_reclaimed",
+        "Connections aborted to give their server slot (max_conns) to a queued client: they were dripping a request, reading slowly or idle after the answer.",
         &v,
     )?;
     let v: Vec<_> = pools

@@ -1,6 +1,7 @@
-//! A connection's hold on a server: the slot it takes under `max_conns`, the signal that
-//! aborts it when the server goes down (`on_down = "abort"`), and what the connection tells
-//! passive health about the server.
+//! A connection's hold on a server: the slot it takes under `max_conns` (and whether it may
+//! give it up to a queued client, see `slot.rs`), the signal that aborts it when the server
+//! goes down (`on_down = "abort"`), and what the connection tells passive health about the
+//! server.
 //!
 //! A lease gives its slot back when dropped, on every path a connection can end by, so a
 //! server's load can never leak; the drop also wakes one client queued for a slot.
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Server;
 use super::pool::Shared;
+use super::slot::Slot;
 
 /// A connection's hold on a server slot: gives the slot back, and wakes one queued client,
 /// when dropped.
@@ -22,6 +24,8 @@ pub struct Lease {
     pub(super) down: CancellationToken,
     /// Set by [`Lease::early_reset`], so the drop does not count the connection as fine.
     pub(super) reset_early: AtomicBool,
+    /// Under the server's `max_conns`: the slot a queued client may claim.
+    pub(super) slot: Option<Arc<Slot>>,
 }
 
 impl Lease {
@@ -32,6 +36,41 @@ impl Lease {
     /// Resolves when the server is marked down and its pool aborts its connections.
     pub async fn aborted(&self) {
         self.down.cancelled().await
+    }
+
+    /// Whether the slot is one a queued client may claim (the server has `max_conns`): only
+    /// then is it worth telling [`Lease::may_yield`].
+    pub fn yields_on_claim(&self) -> bool {
+        self.slot.is_some()
+    }
+
+    /// Whether the connection, at its progress check, may give its slot to a queued client:
+    /// it is not making progress on a request and does not await an answer.
+    pub fn may_yield(&self, yes: bool) {
+        let Some(slot) = &self.slot else {
+            return;
+        };
+        if yes {
+            slot.set_yieldable(self.server.now_ms());
+        } else if slot.set_busy() {
+            // A claim declined: the queue asks another connection.
+            self.pool.freed.notify_one();
+        }
+    }
+
+    /// Resolves when the pool claims the slot for a queued client. The connection looks at
+    /// itself once more: it ends ([`Lease::give_up`]) or declines (`may_yield(false)`).
+    pub async fn claimed(&self) {
+        match &self.slot {
+            Some(slot) => slot.claimed().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The connection ends to give its slot to the queued client that claimed it: counted
+    /// here, the slot goes with the lease's drop.
+    pub fn give_up(&self) {
+        self.pool.reclaimed.fetch_add(1, Relaxed);
     }
 
     /// The server reset the connection before sending a byte and before any byte of the
@@ -48,6 +87,9 @@ impl Drop for Lease {
     fn drop(&mut self) {
         if !*self.reset_early.get_mut() {
             self.server.not_reset_early();
+        }
+        if let Some(slot) = &self.slot {
+            self.server.state.slots.unregister(slot);
         }
         self.server.release();
         self.pool.freed.notify_one();

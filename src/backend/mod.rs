@@ -7,7 +7,8 @@
 //! - a client never judges a server: passive health counts only what a client cannot cause,
 //!   and failures on our side are counted as ours;
 //! - a server at its `max_conns` takes no more; when all are, a client waits in a bounded
-//!   queue for at most `queue_timeout`;
+//!   queue for at most `queue_timeout`, and the slot of a connection that is not making
+//!   progress on a request (never one that awaits its answer) is taken back for it;
 //! - a failed connect moves on to another server, each tried at most once, and the whole
 //!   thing (queue included) never takes longer than `timeouts.connect`.
 //!
@@ -23,6 +24,8 @@
 //!   the last server up goes;
 //! - `server.rs`: a [`Server`], one address's load and health;
 //! - `lease.rs`: a connection's [`Lease`] on a server's slot, given back on drop;
+//! - `slot.rs`: under `max_conns`, whether a connection may yield its slot, and the claim
+//!   a queued client makes on the one that has yielded longest;
 //! - `greeting.rs`: whether a server speaks first, probed once when the server layer
 //!   suspects a server-first protocol behind a client-first listener.
 //!
@@ -38,6 +41,7 @@ mod passive;
 mod pool;
 mod resolve;
 mod server;
+mod slot;
 
 pub use balance::ServerSet;
 pub use greeting::Greeting;

@@ -11,6 +11,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,6 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use super::balance::{Balancer, MAX_ATTEMPTS, Pick, ServerSet, Tried};
 use super::passive::servers_fault;
+use super::slot::{self, RECLAIM_RETRY};
 use super::{Lease, health, resolve};
 use crate::config::{HealthConfig, PoolConfig, ProxyVersion, TcpConfig};
 use crate::histo::{CONNECT_BUCKETS, Histo};
@@ -87,6 +89,8 @@ pub(crate) struct Shared {
     connect_time: Arc<Histo>,
     /// Connects that failed on our side, not the server's.
     pub(super) local_errors: Arc<AtomicU64>,
+    /// Connections that gave their slot to a queued client.
+    pub(super) reclaimed: Arc<AtomicU64>,
     /// When the last local-error warning was logged, in ms since `epoch`.
     pub(super) local_warned_ms: AtomicU64,
     pub(super) epoch: std::time::Instant,
@@ -117,6 +121,7 @@ impl Pool {
                 |c| c.connect_time.clone(),
             ),
             local_errors: carry.map_or_else(Default::default, |c| c.local_errors.clone()),
+            reclaimed: carry.map_or_else(Default::default, |c| c.reclaimed.clone()),
             local_warned_ms: AtomicU64::new(0),
             epoch: std::time::Instant::now(),
             deciding: Mutex::new(()),
@@ -182,6 +187,11 @@ impl Pool {
         self.shared.local_errors.load(Ordering::Relaxed)
     }
 
+    /// Connections that gave their server slot to a queued client (see `slot.rs`).
+    pub fn slots_reclaimed(&self) -> u64 {
+        self.shared.reclaimed.load(Ordering::Relaxed)
+    }
+
     pub fn connect_time(&self) -> &Histo {
         &self.shared.connect_time
     }
@@ -199,6 +209,9 @@ impl Pool {
         let mut last = BackendError::AllDown;
         let set = self.shared.servers.load_full();
         let servers = &set.list;
+        // When the wait in the queue ends, set once: a wake-up that finds every server full
+        // again waits on, not anew.
+        let mut queue_until = None;
         loop {
             if tried.len() >= MAX_ATTEMPTS.min(servers.len()) {
                 return Err(last);
@@ -207,7 +220,10 @@ impl Pool {
                 Pick::Server(i) => i,
                 Pick::AllDown => return Err(last),
                 Pick::AllFull => {
-                    self.wait_for_room(deadline).await?;
+                    let until = *queue_until.get_or_insert_with(|| {
+                        deadline.min(Instant::now() + self.cfg.queue_timeout)
+                    });
+                    self.wait_for_room(until, &set, tried.as_slice()).await?;
                     continue;
                 }
             };
@@ -221,6 +237,7 @@ impl Pool {
                 // Its own child: each connection waits on its own list, not the server's.
                 down: server.down_token().child_token(),
                 reset_early: Default::default(),
+                slot: (server.max_conns > 0).then(|| server.state.slots.register()),
             };
             tried.push(i);
             let now = Instant::now();
@@ -279,15 +296,32 @@ impl Pool {
         }
     }
 
-    /// Waits in the bounded queue until a slot frees, or refuses.
-    async fn wait_for_room(&self, deadline: Instant) -> Result<(), BackendError> {
+    /// Waits in the bounded queue until a slot frees (or `until`), or refuses. While it
+    /// waits, it claims the slot of a connection that is not making progress on a request
+    /// (see `slot.rs`), looking again every `RECLAIM_RETRY` as connections go idle.
+    async fn wait_for_room(
+        &self,
+        until: Instant,
+        set: &ServerSet,
+        tried: &[usize],
+    ) -> Result<(), BackendError> {
         if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.cfg.queue_size as usize {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(BackendError::QueueFull);
         }
-        let until = deadline.min(Instant::now() + self.cfg.queue_timeout);
-        let r = tokio::time::timeout_at(until, self.shared.freed.notified()).await;
+        let r = loop {
+            // Listening before the claim, so that the slot it frees is not missed.
+            let mut freed = pin!(self.shared.freed.notified());
+            freed.as_mut().enable();
+            slot::reclaim(set, tried);
+            let wake = until.min(Instant::now() + RECLAIM_RETRY);
+            match tokio::time::timeout_at(wake, freed).await {
+                Ok(()) => break Ok(()),
+                Err(_) if Instant::now() >= until => break Err(BackendError::QueueTimeout),
+                Err(_) => {}
+            }
+        };
         self.waiting.fetch_sub(1, Ordering::AcqRel);
-        r.map_err(|_| BackendError::QueueTimeout)
+        r
     }
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use super::slot::Slots;
 use crate::config::ServerConfig;
 
 /// One address of a pool. Held in an `Arc` by the pool's set and by every lease on it, so a
@@ -59,6 +60,8 @@ pub(super) struct ServerState {
     confirming: AtomicBool,
     /// Cancelled when the server goes down and the pool aborts its connections.
     down: Mutex<CancellationToken>,
+    /// The slots of its connections, registered only under `max_conns`.
+    pub(super) slots: Slots,
 }
 
 impl ServerState {
@@ -76,6 +79,7 @@ impl ServerState {
             held_said_ms: AtomicU64::new(0),
             confirming: AtomicBool::new(false),
             down: Mutex::new(CancellationToken::new()),
+            slots: Slots::default(),
         }
     }
 }
@@ -128,7 +132,7 @@ impl Server {
         until != 0 && self.now_ms() < until
     }
 
-    fn now_ms(&self) -> u64 {
+    pub(super) fn now_ms(&self) -> u64 {
         self.state.epoch.elapsed().as_millis() as u64 + 1
     }
 

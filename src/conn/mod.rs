@@ -58,6 +58,9 @@ enum End {
     Refused(Reject),
     /// No backend to be had: all down, the name unresolved, or none answering.
     Backend,
+    /// Gave its backend slot to a queued client, not making progress on a request: counted
+    /// by the pool (`Lease::give_up`).
+    Reclaimed,
     /// A socket failed (a reset, a kernel timeout). `server_before_any_byte`: the server
     /// reset the connection before any byte moved either way, which passive health counts
     /// against it (after a client byte, the client may have provoked it).
@@ -177,6 +180,7 @@ pub fn serve(
             }
             End::TimedOut(t) => stats.time_out(t),
             End::Evicted | End::Refused(_) => {} // counted by the guard that decided it
+            End::Reclaimed => {}                 // counted by the pool
             End::Backend => {
                 stats.backend_unavailable.fetch_add(1, Relaxed);
             }

@@ -6,10 +6,13 @@
 //! `STALL_WINDOW` (the first time sooner) the connection weighs the bytes it moved against
 //! `min_rate`: below it, it joins its source's stalled list, where a full listener finds its
 //! victims; and if it is still in its request, its client's bytes wait in the kernel until
-//! the next check, so that a drip costs a wake-up a second, not one per byte.
+//! the next check, so that a drip costs a wake-up a second, not one per byte. Under a server's
+//! `max_conns`, the check also tells the lease whether the connection may give its slot to a
+//! queued client ([`Yield`]); claimed, it looks at itself once more and ends or declines.
 
 use std::future::poll_fn;
 use std::pin::pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -41,6 +44,49 @@ struct ProgressCheck {
     moved: u64,
     /// Of `moved`, the client's.
     from_client: u64,
+    /// Why the connection may give its backend slot up, as the last check saw it (only
+    /// under a server's `max_conns`).
+    yields: Option<Yield>,
+}
+
+/// Why a connection may give its backend slot to a client queued for one: it holds a
+/// worker of the backend without making progress on a request. A connection that awaits the
+/// server's answer (a long poll) or moves at the rate never yields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Yield {
+    /// It drips its request, below the rate, for longer than a check's window.
+    Dripping,
+    /// The server's bytes wait for it to read them.
+    ReadsSlowly,
+    /// Nothing outstanding: its last byte came before the server's (a keep-alive connection
+    /// between requests).
+    Idle,
+}
+
+impl Yield {
+    /// What the progress check saw, as a reason to yield.
+    fn of(stalled: bool, kind: Stall, pump: &Pump<'_>) -> Option<Yield> {
+        if !stalled {
+            return None;
+        }
+        match kind {
+            Stall::Dripping => Some(Yield::Dripping),
+            Stall::Blocked if pump.client_reads_slowly() => Some(Yield::ReadsSlowly),
+            // The server does not take the client's bytes: busy, not idle.
+            Stall::Blocked => None,
+            Stall::Idle => (!pump.awaits_answer()).then_some(Yield::Idle),
+        }
+    }
+
+    /// Whether the reason still holds now that its slot is claimed: bytes moved since the
+    /// check (a new request, an answer) may have ended it.
+    fn holds(self, pump: &Pump<'_>) -> bool {
+        match self {
+            Yield::Dripping => pump.request_burst().is_some(),
+            Yield::ReadsSlowly => pump.client_reads_slowly() || !pump.awaits_answer(),
+            Yield::Idle => !pump.awaits_answer(),
+        }
+    }
 }
 
 impl Open<'_> {
@@ -61,6 +107,8 @@ impl Open<'_> {
         // Registered once for the connection, not once per wake-up.
         let mut evicted = pin!(ctl.evicted());
         let mut lease_down = pin!(lease.aborted());
+        // Only under a server's `max_conns` (boxed: nothing in the task otherwise).
+        let mut claim = lease.yields_on_claim().then(|| Box::pin(lease.claimed()));
         let mut bell = pin!(w.next_ring(ctx));
         // Who sent FIN, and when: the half-closed clock counts from the later of that moment
         // and the last progress in the still-open direction, never from before the FIN.
@@ -78,6 +126,7 @@ impl Open<'_> {
             last: start,
             moved: 0,
             from_client: 0,
+            yields: None,
         };
         let mut sleep = pin!(sleep_until(start + w.policy.timeouts.idle));
         loop {
@@ -139,7 +188,7 @@ impl Open<'_> {
             }
             if closed.is_none()
                 && check.next <= now
-                && let Err(r) = weigh_progress(ticket, &mut pump, &w, &mut check, now)
+                && let Err(r) = weigh_progress(ticket, lease, &mut pump, &w, &mut check, now)
             {
                 return End::from_refused(r);
             }
@@ -172,6 +221,7 @@ impl Open<'_> {
                 _ = &mut lease_down => return End::Backend,
                 ev = poll_fn(|cx| pump.poll_event(cx)) => match ev {
                     Ok(Event::Closed) => {
+                        lease.may_yield(false);
                         prove(ticket, &pump);
                         drop(pump);
                         return super::delivery::delivered(ctx, ticket, client, &mut w).await;
@@ -180,6 +230,10 @@ impl Open<'_> {
                     Ok(Event::Stalled) => {}
                     Ok(Event::Exchanged) => ticket.prove(),
                     Ok(Event::HalfClosed(side)) => {
+                        // No progress check from now on: a half-closed connection yields
+                        // nothing (the half-closed clock ends it).
+                        lease.may_yield(false);
+                        check.yields = None;
                         closed = Some((side, Instant::now()));
                         if let Err(r) = ticket.half_close() {
                             return End::from_refused(r);
@@ -194,6 +248,19 @@ impl Open<'_> {
                         };
                     }
                 },
+                // A queued client claims the slot. After the pump, which has just taken what
+                // the peers sent, so the look is at the connection as it is now.
+                _ = poll_fn(|cx| claim.as_mut().map_or(Poll::Pending, |c| c.as_mut().poll(cx))) => {
+                    if closed.is_none() && check.yields.is_some_and(|y| y.holds(&pump)) {
+                        lease.give_up();
+                        return End::Reclaimed;
+                    }
+                    lease.may_yield(false);
+                    check.yields = None;
+                    if let Some(c) = &mut claim {
+                        c.set(lease.claimed());
+                    }
+                }
                 // Progress may have moved the deadline since: the loop recomputes it.
                 _ = &mut sleep => {}
                 // Pressure, a reload or the end of the drain: the loop looks.
@@ -218,6 +285,7 @@ fn prove(ticket: &mut Ticket, pump: &Pump<'_>) {
 /// `Pump::hold_client`); only while the request clock judges it, never in observe mode.
 fn weigh_progress(
     ticket: &mut Ticket,
+    lease: &Lease,
     pump: &mut Pump<'_>,
     w: &Watched,
     check: &mut ProgressCheck,
@@ -259,6 +327,10 @@ fn weigh_progress(
         0
     };
     ticket.set_queued(queued).map_err(Refused::Full)?;
+    if lease.yields_on_claim() {
+        check.yields = Yield::of(stalled, kind, pump);
+        lease.may_yield(check.yields.is_some());
+    }
     check.from_client = from_client;
     check.moved = total;
     check.last = now;

@@ -183,6 +183,9 @@ struct Direction<'a> {
     /// When the other direction last moved a byte (set by the pump before each poll of the
     /// client's direction): a burst the server answered is over.
     answered: Instant,
+    /// The current burst's first bytes while too few to tell whether they begin a request
+    /// (a method dripped a byte at a time). Boxed: most bursts tell at their first read.
+    head: Option<Box<Head>>,
     /// The listener's count of directions that switched to splice.
     spliced: &'a AtomicU64,
     /// No readiness event has been seen yet on this direction's sockets, though they are
@@ -237,6 +240,7 @@ impl<'a> Direction<'a> {
             judge_requests: false,
             request_start: None,
             answered: now,
+            head: None,
             buf: None,
             pos: 0,
             len: 0,
@@ -454,10 +458,21 @@ impl<'a> Direction<'a> {
                     );
                     if self.judge_requests
                         && let Some(b) = &self.burst
-                        && b.bytes == n as u64
                     {
-                        self.request_start =
-                            crate::first_message::starts_request(&buf[..n]).then_some(b.start);
+                        if b.bytes == n as u64 {
+                            self.request_start = None;
+                            self.head = None;
+                            match crate::first_message::starts_request(&buf[..n]) {
+                                Some(is) => self.request_start = is.then_some(b.start),
+                                None => self.head = Some(Box::default()),
+                            }
+                        }
+                        if let Some(h) = &mut self.head
+                            && let Some(is) = h.judge(&buf[..n])
+                        {
+                            self.head = None;
+                            self.request_start = is.then_some(b.start);
+                        }
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -470,10 +485,16 @@ impl<'a> Direction<'a> {
                 match from.try_read(&mut buf[self.len..]) {
                     Ok(0) => self.fin = Fin::Read,
                     Ok(n) => {
-                        self.len += n;
                         if let Some(b) = &mut self.burst {
                             b.bytes += n as u64;
+                            if let Some(h) = &mut self.head
+                                && let Some(is) = h.judge(&buf[self.len..self.len + n])
+                            {
+                                self.head = None;
+                                self.request_start = is.then_some(b.start);
+                            }
                         }
+                        self.len += n;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => return Poll::Ready(Err(at(rd)(e))),
@@ -560,6 +581,25 @@ impl<'a> Direction<'a> {
                 Err(e) => return Poll::Ready(Err(at(rd)(e))),
             }
         }
+    }
+}
+
+/// The first bytes of a client's burst, kept until they tell whether it begins a request.
+#[derive(Debug, Default)]
+struct Head {
+    bytes: [u8; crate::first_message::REQUEST_PREFIX],
+    len: u8,
+}
+
+impl Head {
+    /// Adds the bytes just read: `Some(true)` once they begin a request, `Some(false)` once
+    /// they cannot, `None` while too few to tell.
+    fn judge(&mut self, read: &[u8]) -> Option<bool> {
+        let len = usize::from(self.len);
+        let take = read.len().min(self.bytes.len() - len);
+        self.bytes[len..len + take].copy_from_slice(&read[..take]);
+        self.len += take as u8;
+        crate::first_message::starts_request(&self.bytes[..len + take])
     }
 }
 
@@ -692,6 +732,14 @@ impl<'a> Pump<'a> {
     /// state lives in the pump, so it can sit in a `select!` and be polled again.
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
         self.up.answered = self.down.last_progress;
+        // The server spoke since the client's last read: the client's next bytes begin a
+        // new burst (its next request), however soon after the answer they come.
+        if self.up.judge_requests
+            && let Some(b) = self.up.burst
+            && b.last < self.down.last_progress
+        {
+            self.up.burst = None;
+        }
         if !self.up.done() && !self.client_held() {
             if (self.up)
                 .poll_copy(self.client, self.server, self.down.done(), cx)?
@@ -807,6 +855,17 @@ impl<'a> Pump<'a> {
     /// At least one byte of the client's has reached the server.
     pub fn client_spoke(&self) -> bool {
         self.up.moved()
+    }
+
+    /// The client's last byte came after the server's last: what it said is unanswered
+    /// (a request the server works on, a long poll), unless it is still saying it.
+    pub fn awaits_answer(&self) -> bool {
+        self.up.moved() && (!self.down.moved() || self.up.last_progress > self.down.last_progress)
+    }
+
+    /// The server's bytes wait for a client that takes none: the client is the slow reader.
+    pub fn client_reads_slowly(&self) -> bool {
+        self.down.stalled_since.is_some()
     }
 
     /// Since when some direction has bytes for a peer that takes none.

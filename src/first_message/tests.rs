@@ -308,6 +308,26 @@ fn malformed_tls_is_unframed_at_the_byte_that_says_so() {
     }
 }
 
+/// A keep-alive request's method dripped a byte at a time is told at its space, and every
+/// prefix shorter than that is undecided; whatever is not a method is told at once.
+#[test]
+fn a_dripped_method_is_told_at_its_space() {
+    for m in METHODS {
+        let line = [m, &b" / HTTP/1.1\r\n"[..]].concat();
+        for k in 1..=m.len() {
+            assert_eq!(starts_request(&line[..k]), None, "{:?}", &line[..k]);
+        }
+        assert_eq!(starts_request(&line[..=m.len()]), Some(true));
+        assert!(m.len() < REQUEST_PREFIX);
+    }
+    assert_eq!(
+        starts_request(b"\x81\x05"),
+        Some(false),
+        "a websocket frame"
+    );
+    assert_eq!(starts_request(b"GETX"), Some(false));
+}
+
 #[test]
 fn postgres_messages_are_whole_at_their_length() {
     let startup_3_2 = {

@@ -193,7 +193,9 @@ async fn least_conn_sends_new_connections_to_the_less_loaded_server() {
 
 #[tokio::test]
 async fn a_full_server_queues_briefly_then_refuses() {
-    let b = backend(Backend::Echo).await;
+    // The server answers once the client has said all (its FIN): until then each client
+    // awaits its answer, and keeps its slot.
+    let b = backend(Backend::CollectThenReply).await;
     let cfg = pool_config(
         "",
         &format!(
@@ -203,26 +205,35 @@ async fn a_full_server_queues_briefly_then_refuses() {
     );
     let p = Proxy::start(cfg).await;
     let mut first = TcpStream::connect(p.addr).await.unwrap();
-    assert_eq!(roundtrip(&mut first, b"1").await, b"1");
+    first.write_all(b"1").await.unwrap();
+    tokio::time::sleep(ms(50)).await;
     // The second waits in the queue and gets the slot when the first leaves.
     let mut second = TcpStream::connect(p.addr).await.unwrap();
-    second.write_all(b"2").await.unwrap();
+    second.write_all(b"22").await.unwrap();
     tokio::time::sleep(ms(50)).await;
     // The third finds the queue full: refused at once.
     let mut third = TcpStream::connect(p.addr).await.unwrap();
     third.write_all(b"3").await.unwrap();
     expect_reset(&mut third, ms(1000)).await;
     assert_eq!(p.stats().rejected(Reject::QueueFull), 1);
+    first.shutdown().await.unwrap();
+    assert_eq!(
+        read_end(&mut first, ms(2000)).await,
+        Seen::Fin(b"got 1 bytes\n".to_vec())
+    );
     drop(first);
-    let mut back = [0u8; 1];
-    second.read_exact(&mut back).await.unwrap();
-    assert_eq!(&back, b"2");
+    tokio::time::sleep(ms(100)).await;
     // A queued client that never gets a slot is refused when queue_timeout runs out.
     let mut fourth = TcpStream::connect(p.addr).await.unwrap();
     fourth.write_all(b"4").await.unwrap();
     let took = expect_reset(&mut fourth, ms(2000)).await;
     assert!(took >= ms(250) && took < ms(1000), "queue wait {took:?}");
     assert_eq!(p.stats().timed_out(halfguard::stats::Timeout::Queue), 1);
+    second.shutdown().await.unwrap();
+    assert_eq!(
+        read_end(&mut second, ms(2000)).await,
+        Seen::Fin(b"got 2 bytes\n".to_vec())
+    );
 }
 
 #[tokio::test]

@@ -21,6 +21,7 @@ mod passive;
 mod props;
 mod reload;
 mod resolve;
+mod slots;
 mod stalled;
 mod support;
 mod timewait;
