@@ -836,6 +836,12 @@ async fn a_share_of_300k_entries_is_read_bounded_and_the_cut_is_counted() {
             pipe.hset_multiple("{hg-test}:share:flood", &batch).ignore();
             batch.clear();
         }
+        // Written 10,000 at a time: one pipeline of all of it can outlast the client's
+        // response timeout on a loaded machine.
+        if (i + 1) % 10_000 == 0 {
+            let _: () = pipe.query_async(&mut r).await.expect("write the flood");
+            pipe = redis::pipe();
+        }
     }
     pipe.zadd("{hg-test}:nodes", "flood", until).ignore();
     for i in 0..REPLICAS {
