@@ -113,6 +113,19 @@ def hg_view(m):
     }
 
 
+def builds():
+    """Compilers running beside the bench (other work on the machine: cargo's rustc)."""
+    n = 0
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/comm") as f:
+                    n += f.read().strip() == "rustc"
+            except OSError:
+                pass
+    return n
+
+
 def pct(xs, p):
     xs = sorted(x for x in xs if x is not None)
     if not xs:
@@ -140,10 +153,13 @@ def sample(a):
             "status": st,
             "accepted": len(seen),
             "held": sum(1 for v in seen.values() if now - v >= HELD_SECS),
+            # Who: a dripper (127.0.1.x) straight to Apache, or the front's address.
+            "held_peers": sorted(p for p, v in seen.items() if now - v >= HELD_SECS)[:8],
             "from_drippers": sum(1 for p in seen if p.startswith(DRIP_PREFIX)),
             "queued": sum(1 for _, acc in conns if not acc),
             "accept_queue": queue,
             "load": os.getloadavg()[0],
+            "builds": builds(),
         }
         if a.admin:
             pt["halfguard"] = hg_view(prom(a.admin))
@@ -167,6 +183,8 @@ def sample(a):
         "from_drippers_max": max((s["from_drippers"] for s in samples), default=None),
         "accept_queue_max": max((s["accept_queue"] or 0 for s in samples), default=None),
         "load_start": round(samples[0]["load"], 2) if samples else None,
+        "builds_max": max((s["builds"] for s in samples), default=None),
+        "builds_seconds": sum(1 for s in samples if s["builds"]),
     }
     if a.admin:
         hs = [s["halfguard"] for s in samples if s.get("halfguard")]
@@ -187,16 +205,26 @@ def sample(a):
         json.dump({"summary": summary, "samples": samples}, f, indent=1)
 
 
+def lingering(port):
+    """Sockets on Apache's port in any state but LISTEN and TIME-WAIT: established ones,
+    those still in the handshake (SYN-RECV: the accept queue was full), and those whose
+    client has gone but Apache has not accepted yet (CLOSE-WAIT)."""
+    r = subprocess.run(["ss", "-tanH", "(", "sport", "=", f":{port}", ")"],
+                       capture_output=True, text=True, timeout=10)
+    return [l.split()[0] for l in r.stdout.splitlines()
+            if l.split() and l.split()[0] not in ("LISTEN", "TIME-WAIT")]
+
+
 def settle(a):
     end = time.monotonic() + a.secs
     while time.monotonic() < end:
         st = status(a.status_port)
-        conns, _ = sockets(a.port)
-        if st and st["busy"] <= 1 and not conns:
+        left = lingering(a.port)
+        if st and st["busy"] <= 1 and not left:
             return
         time.sleep(0.5)
-    print(f"drip-apache: Apache still busy after {a.secs} s: {st}, {len(conns)} connections",
-          file=sys.stderr)
+    print(f"drip-apache: Apache still busy after {a.secs} s: {st}, sockets "
+          f"{ {s: left.count(s) for s in set(left)} }", file=sys.stderr)
 
 
 def load(path):
@@ -232,7 +260,8 @@ def table(a):
             "Apache workers busy, max / median (status unanswered: all)",
             "workers reading a request (R), max / median",
             "connections Apache holds, max / median", "of them held ≥ 2 s, max",
-            "status unanswered (of samples)", "408s in Apache's log", "drip connections made"]
+            "status unanswered (of samples)", "408s in Apache's log", "drip connections made",
+            "load at start", "seconds with a rustc beside"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes = []
     verdicts = []
@@ -266,6 +295,8 @@ def table(a):
             f"{fmt(unreach)} of {fmt(sm.get('samples'))}",
             fmt(n408),
             fmt(atk.get("connected")),
+            fmt(sm.get("load_start"), 1),
+            fmt(sm.get("builds_seconds")),
         ]) + " |")
         hg = sm.get("halfguard")
         if hg:
