@@ -244,6 +244,15 @@ def load(path):
     return None
 
 
+def statuses(path):
+    """`uniq -c` of Apache's statuses: {status: count}."""
+    try:
+        with open(path) as f:
+            return {p[1]: int(p[0]) for p in (l.split() for l in f) if len(p) == 2}
+    except (OSError, ValueError):
+        return {}
+
+
 def fmt(v, d=0):
     if v is None:
         return "—"
@@ -260,7 +269,8 @@ def table(a):
             "Apache workers busy, max / median (status unanswered: all)",
             "workers reading a request (R), max / median",
             "connections Apache holds, max / median", "of them held ≥ 2 s, max",
-            "status unanswered (of samples)", "408s in Apache's log", "drip connections made",
+            "status unanswered (of samples)", "408s in Apache's log", "400s in Apache's log, during / after",
+            "drip connections made",
             "load at start", "seconds with a rustc beside"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes = []
@@ -273,11 +283,9 @@ def table(a):
                 sm = json.load(f)["summary"]
         except (OSError, ValueError):
             sm = {}
-        try:
-            with open(os.path.join(d, f"{fr}.log408")) as f:
-                n408 = int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            n408 = None
+        n408, n400 = (statuses(os.path.join(d, f"{fr}.logstatus{w}"))
+                      for w in ("", "-after"))
+        n408, n400 = n408.get("408", 0), (n408.get("400", 0), n400.get("400", 0))
         unreach = sm.get("status_unreachable")
         busy = f"{fmt(sm.get('busy_max'))} / {fmt(sm.get('busy_median'))}"
         rows.append("| " + " | ".join([
@@ -294,6 +302,7 @@ def table(a):
             fmt(sm.get("held_max")),
             f"{fmt(unreach)} of {fmt(sm.get('samples'))}",
             fmt(n408),
+            f"{fmt(n400[0])} / {fmt(n400[1])}",
             fmt(atk.get("connected")),
             fmt(sm.get("load_start"), 1),
             fmt(sm.get("builds_seconds")),

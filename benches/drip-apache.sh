@@ -288,6 +288,7 @@ for f in ${fronts//,/ }; do
   sleep "$warmup"
   "$LOADGEN" http --closed --target "127.0.0.1:$p" --src 127.0.0.3 --path / \
     --timeout-ms "$legit_timeout_ms" --secs "$legit_secs" >"$work/$f.legit.out" 2>&1 || true
+  log_mid=$(wc -l <"$work/apache/access.log")
   wait "$sampler" || true
   wait "$attacker" || true
   if [ -n "$front" ]; then
@@ -295,9 +296,12 @@ for f in ${fronts//,/ }; do
     wait "$front" || true
   fi
   python3 benches/drip-apache.py settle --port $apache_port --status-port $status_port
-  tail -n +$((log_before + 1)) "$work/apache/access.log" | awk '{print $1}' | sort | uniq -c |
-    sort -rn >"$work/$f.logstatus"
-  awk '$2 == 408 {n = $1} END {print n + 0}' "$work/$f.logstatus" >"$work/$f.log408"
+  # Apache's answers by status: while the legit client ran, and after (the drippers' last
+  # second, their close and the front's stop).
+  sed -n "$((log_before + 1)),${log_mid}p" "$work/apache/access.log" | awk '{print $1}' |
+    sort | uniq -c | sort -rn >"$work/$f.logstatus"
+  tail -n +$((log_mid + 1)) "$work/apache/access.log" | awk '{print $1}' | sort | uniq -c |
+    sort -rn >"$work/$f.logstatus-after"
   echo "   legit: $(tail -1 "$work/$f.legit.out" | cut -c1-300)" >&2
   echo "$f" >>"$work/fronts"
   printf '%s\t%s\n' "$f" "${label[$f]}" >>"$work/labels"
