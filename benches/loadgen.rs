@@ -6,6 +6,7 @@
 //! loadgen cps    --target 127.0.0.1:18080 --conns 32 --secs 10
 //! loadgen hold   --target 127.0.0.1:18080 --count 5000 --secs 5 --pid PID[,PID...] [--src IP]
 //! loadgen http   --target 127.0.0.1:17080 --src 127.0.0.2 --rate 40 --secs 30 [--path /small]
+//!                [--closed [--pause-ms 0]]
 //! loadgen attack --kind silent|halfclose|slowread|churn|drip --target 127.0.0.1:17080
 //!                (--src 127.0.0.3 | --sources 200) --conns 4000 --rate 1000 --secs 30
 //!                [--path /big] [--every 2000]
@@ -18,7 +19,9 @@
 //! - `http` is a legitimate client: open loop, `--rate` requests per second, each on a new
 //!   connection (`Connection: close`), from `--src`. It prints one JSON line: requests,
 //!   successes (status 200 and the whole body within `--timeout-ms`), failures by kind, and
-//!   latency percentiles (connect to last byte).
+//!   latency percentiles (connect to last byte). `--closed` makes it a closed loop instead:
+//!   one request at a time, the next `--pause-ms` after the last ended (success or not), as
+//!   a user's browser or a health checker does; `--rate` is then ignored.
 //! - `attack` keeps up to `--conns` attacker connections from `--src`, opening at most
 //!   `--rate` per second, and reopens one whenever the target ends it:
 //!   `silent` connects and sends nothing; `halfclose` sends a request for `--path`, then FIN,
@@ -426,8 +429,21 @@ async fn http(args: &Args, secs: u64) {
     let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
     let start = Instant::now();
     let end = start + Duration::from_secs(secs);
+    let closed = args.0.iter().any(|a| a == "--closed");
+    let pause = Duration::from_millis(args.num("--pause-ms", 0).min(10_000));
     let mut tasks = tokio::task::JoinSet::new();
-    while Instant::now() < end {
+    // A closed loop: each request waits for the last (a stuck one holds the loop up to
+    // `--timeout-ms`, so a slow target gets fewer requests, not more failures).
+    while closed && Instant::now() < end {
+        let o = tokio::time::timeout(timeout, one_request(src, target, &req))
+            .await
+            .unwrap_or(Outcome::Timeout);
+        results.lock().expect("results").push(o);
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    while !closed && Instant::now() < end {
         tick.tick().await;
         if in_flight.load(Ordering::Relaxed) >= MAX_IN_FLIGHT {
             overloaded += 1;
@@ -465,7 +481,8 @@ async fn http(args: &Args, secs: u64) {
         "{}",
         serde_json::json!({
             "mode": "http", "target": target.to_string(),
-            "src": src.map(|s| s.to_string()), "rate": rate, "secs": secs,
+            "src": src.map(|s| s.to_string()), "rate": (!closed).then_some(rate),
+            "closed": closed, "secs": secs,
             "requests": requests, "ok": ok,
             "success_pct": if requests > 0 { ok as f64 * 100.0 / requests as f64 } else { 0.0 },
             "fail_connect": connect, "fail_reset": reset, "fail_timeout": timed_out,
