@@ -15,7 +15,8 @@
 //! backend ever saw it. Past `limits.grace` the connection counts against its source's
 //! half-open cap, like a silent one, and is evictable when the listener is full. A message
 //! that fills `limits.max_first_message` connects (it came at `min_rate` or better, or the
-//! clock would have ended it); so does one whose client sent FIN (it will say no more).
+//! clock would have ended it); one whose client sent FIN before it was whole ends there (it
+//! can never be whole), closed cleanly, and no backend sees it.
 
 use std::cell::RefCell;
 use std::future::{Future, poll_fn};
@@ -53,8 +54,7 @@ pub(super) enum Held {
     Whole(Proto),
     /// Not a protocol halfguard frames, or the listener frames none: connect at once.
     Unframed,
-    /// The message filled `max_first_message`, or the client sent FIN before it was whole,
-    /// or observe mode let a late one go on.
+    /// The message filled `max_first_message`, or observe mode let a late one go on.
     AsIs,
 }
 
@@ -158,10 +158,15 @@ impl Holding<'_> {
                     if let Some(held) = held {
                         return Ok(held);
                     }
-                    // Readable and nothing new: the client sent FIN (it will say no more,
-                    // so the backend judges what came), or the wake-up was stale.
+                    // Readable and nothing new: the client sent FIN, or the wake-up was
+                    // stale. After a FIN the message can never be whole: it ends here, and
+                    // no backend is connected only to answer a torn request (a drip flood
+                    // whose clients exit would otherwise send each one's half to a worker).
                     if n == seen && read_closed(self.client) {
-                        return Ok(Held::AsIs);
+                        // Taken, so that the close is a FIN, not the RST a socket with
+                        // unread bytes gets.
+                        self.discard(n);
+                        return Err(End::Clean);
                     }
                     seen = n;
                 }
@@ -225,6 +230,17 @@ impl Holding<'_> {
             };
             Ok((n, held))
         })
+    }
+}
+
+impl Holding<'_> {
+    /// Reads and drops up to `n` held bytes.
+    fn discard(&self, n: usize) {
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let n = n.min(s.len());
+            let _ = io::Read::read(&mut &*socket2::SockRef::from(self.client), &mut s[..n]);
+        });
     }
 }
 

@@ -301,3 +301,21 @@ async fn a_later_request_that_drips_is_cut_like_a_first_one() {
     assert!(after >= ms(700) && after < ms(4000), "cut after {after:?}");
     assert_eq!(p.stats().timed_out(Timeout::Request), 1);
 }
+
+/// A client that sends part of a request head and then FIN can never complete it: the
+/// connection ends there, and no backend worker is taken to answer a torn request (a drip
+/// flood whose clients exit would otherwise send every one's half to the backend).
+#[tokio::test]
+async fn a_torn_first_message_never_reaches_the_backend() {
+    let pool = worker_pool(4, Duration::from_secs(20)).await;
+    let p = Proxy::start(config(pool.addr, FirstMessage::Auto)).await;
+    let mut c = connect_from("127.0.5.3", p.addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Drip: ")
+        .await
+        .unwrap();
+    tokio::time::sleep(ms(100)).await;
+    c.shutdown().await.unwrap();
+    assert!(matches!(read_end(&mut c, ms(2000)).await, Seen::Fin(got) if got.is_empty()));
+    assert_eq!(pool.served_conns.load(Ordering::Relaxed), 0);
+    p.assert_drained(ms(2000)).await;
+}
