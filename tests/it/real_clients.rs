@@ -1,0 +1,473 @@
+//! Real clients through halfguard with the shipped defaults: curl, ab and h2load against
+//! nginx; psql and pgbench against PostgreSQL (with and without SSL negotiation);
+//! redis-benchmark and redis-cli against redis-server; ssh, scp and port forwarding against
+//! sshd; websockets, a server-sent-events stream and a long poll against a faithful in-test
+//! server (no Debian package serves those). Every server is started by the test on loopback
+//! and stopped by its PID. halfguard runs in-process with `config/halfguard.toml` as shipped
+//! but for the listener's bind and backend and the admin endpoint, and every client comes
+//! from one address, 127.0.0.1, as the clients behind a NAT or a sidecar's do: the rows a
+//! proxy's per-source caps, rate and clocks must not break.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use halfguard::config::{self, Config};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+use crate::require;
+use crate::support::{L, Need, Proxy, RedisServer, TempDir, counted_echo, free_port, skip};
+
+/// `config/halfguard.toml` as shipped, changed only where a test must: the listener binds
+/// 127.0.0.1:0 and forwards to `backend`, and the admin endpoint is off (tests run side by
+/// side). The listener is renamed to the helpers' [`L`], a label only. The environment's
+/// `HALFGUARD__*` variables are not applied: the shipped defaults are what is tested.
+fn shipped(backend: SocketAddr) -> Config {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/halfguard.toml");
+    let text = std::fs::read_to_string(&path).expect("read config/halfguard.toml");
+    let text = replace_once(&text, "name = \"public\"", &format!("name = \"{L}\""));
+    let text = replace_once(&text, "bind = \"0.0.0.0:18080\"", "bind = \"127.0.0.1:0\"");
+    let text = replace_once(
+        &text,
+        "backends = [\"127.0.0.1:18081\"]",
+        &format!("backends = [\"{backend}\"]"),
+    );
+    let text = replace_once(&text, "bind = \"127.0.0.1:9901\"", "bind = \"off\"");
+    config::parse(&text, &path.display().to_string(), HashMap::new())
+        .expect("the shipped config, with its bind, backend and admin changed, is valid")
+}
+
+fn replace_once(text: &str, from: &str, to: &str) -> String {
+    assert_eq!(
+        text.matches(from).count(),
+        1,
+        "config/halfguard.toml should hold `{from}` once"
+    );
+    text.replacen(from, to, 1)
+}
+
+/// halfguard with the shipped defaults in front of `backend`.
+async fn proxy_to(backend: SocketAddr) -> Proxy {
+    Proxy::start(shipped(backend)).await
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A port in 17000-19999 that was free a moment ago, for servers that must be told one.
+fn server_port() -> u16 {
+    for _ in 0..200 {
+        let p = free_port();
+        if (17000..20000).contains(&p) {
+            return p;
+        }
+        // Outside the range: probe one inside it instead.
+        let candidate = 17000 + (p % 3000);
+        if std::net::TcpListener::bind(local(candidate)).is_ok() {
+            return candidate;
+        }
+    }
+    panic!("no free port in 17000-19999");
+}
+
+/// Waits until something accepts on `addr`.
+async fn wait_listening(addr: SocketAddr, within: Duration, what: &str) {
+    let end = Instant::now() + within;
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < end, "{what} did not listen on {addr}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A server process the test started: stopped by its PID when dropped (SIGTERM, then
+/// SIGKILL after 5 s). Its stderr goes to a file shown when it fails to start.
+struct Daemon {
+    what: &'static str,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(what: &'static str, cmd: &mut Command, log: PathBuf) -> Daemon {
+        let err = std::fs::File::create(&log).expect("create a log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        Daemon {
+            what,
+            child: Some(child),
+            log,
+        }
+    }
+
+    async fn wait_listening(&self, addr: SocketAddr) {
+        let end = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(addr).await.is_err() {
+            if Instant::now() >= end {
+                panic!(
+                    "{} did not listen on {addr}: {}",
+                    self.what,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < end {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Runs a client to its end, killed by its PID past `limit`: its status and output.
+async fn run(mut cmd: Command, limit: Duration) -> Output {
+    tokio::task::spawn_blocking(move || {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
+        let pid = child.id().to_string();
+        let done = Arc::new(AtomicBool::new(false));
+        let watch = done.clone();
+        std::thread::spawn(move || {
+            let end = std::time::Instant::now() + limit;
+            while std::time::Instant::now() < end {
+                if watch.load(Ordering::Acquire) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if !watch.load(Ordering::Acquire) {
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            }
+        });
+        let out = child.wait_with_output().expect("wait for the client");
+        done.store(true, Ordering::Release);
+        out
+    })
+    .await
+    .expect("client thread")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Asserts the client exited 0, and returns its stdout.
+fn ok(what: &str, out: &Output) -> String {
+    assert!(out.status.success(), "{what} failed: {}", text(out));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The number after `label` in `s` (`"Failed requests:"`), up to the next non-digit.
+fn number_after(s: &str, label: &str) -> Option<f64> {
+    let rest = &s[s.find(label)? + label.len()..];
+    let rest = rest.trim_start();
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// `len` bytes that do not compress and are the same in every run.
+fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// `sha256sum` of a file.
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("run sha256sum");
+    assert!(out.status.success(), "sha256sum {}", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn write_noise(dir: &Path, name: &str, len: usize) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, noise(len)).expect("write a test file");
+    p
+}
+
+/// The uid and gid of a user, from `id`.
+fn ids_of(user: &str) -> Option<(u32, u32)> {
+    let id = |flag: &str| -> Option<u32> {
+        let out = Command::new("id").args([flag, user]).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    Some((id("-u")?, id("-g")?))
+}
+
+fn chown_tree(path: &Path, uid: u32, gid: u32) {
+    let st = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{uid}:{gid}"))
+        .arg(path)
+        .status()
+        .expect("run chown");
+    assert!(st.success(), "chown {}", path.display());
+}
+
+// ---------------------------------------------------------------------------------------
+// nginx: curl, ab, h2load, and a keep-alive connection idle between requests.
+
+/// nginx on two loopback ports: HTTP/1.1 on `h1`, HTTP/2 with prior knowledge on `h2`.
+/// It serves `www/`, and keeps every request body posted to `/upload` in `body/`
+/// (`client_body_in_file_only`), naming the file in an `X-Body-File` header, so a test can
+/// hash what arrived.
+struct Nginx {
+    h1: u16,
+    h2: u16,
+    dir: TempDir,
+    _d: Daemon,
+}
+
+impl Nginx {
+    async fn start() -> Nginx {
+        let dir = TempDir::new("nginx");
+        let d = dir.path();
+        for sub in ["www", "body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+            std::fs::create_dir_all(d.join(sub)).expect("create nginx dirs");
+        }
+        std::fs::write(d.join("www/small.txt"), vec![b'x'; 612]).expect("write small.txt");
+        let (h1, h2) = (server_port(), server_port());
+        let user = if crate::support::is_root() {
+            "user root;"
+        } else {
+            ""
+        };
+        let p = d.display();
+        let conf = format!(
+            r#"{user}
+worker_processes 1;
+daemon off;
+pid {p}/nginx.pid;
+error_log {p}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {p}/body;
+    proxy_temp_path {p}/proxy;
+    fastcgi_temp_path {p}/fastcgi;
+    uwsgi_temp_path {p}/uwsgi;
+    scgi_temp_path {p}/scgi;
+    server {{
+        listen 127.0.0.1:{h1};
+        listen 127.0.0.1:{h2} http2;
+        root {p}/www;
+        client_max_body_size 200m;
+        location = /upload {{
+            client_body_in_file_only on;
+            add_header X-Body-File $request_body_file always;
+            proxy_pass http://127.0.0.1:{h1}/sink;
+        }}
+        location = /sink {{ return 200 "stored\n"; }}
+    }}
+}}
+"#
+        );
+        std::fs::write(d.join("nginx.conf"), conf).expect("write nginx.conf");
+        let daemon = Daemon::spawn(
+            "nginx",
+            Command::new("nginx")
+                .arg("-e")
+                .arg(d.join("error.log"))
+                .arg("-p")
+                .arg(d)
+                .arg("-c")
+                .arg(d.join("nginx.conf")),
+            d.join("stderr.log"),
+        );
+        daemon.wait_listening(local(h1)).await;
+        daemon.wait_listening(local(h2)).await;
+        Nginx {
+            h1,
+            h2,
+            dir,
+            _d: daemon,
+        }
+    }
+
+    fn www(&self) -> PathBuf {
+        self.dir.path().join("www")
+    }
+}
+
+const NGINX: &str = "a real nginx";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_get_post_chunked_and_expect_100_continue_arrive_intact() {
+    require!(NGINX; Need::Tool("nginx"), Need::Tool("curl"), Need::Tool("sha256sum"));
+    let nginx = Nginx::start().await;
+    let proxy = proxy_to(local(nginx.h1)).await;
+    let base = format!("http://{}", proxy.addr);
+    let tmp = TempDir::new("curl");
+
+    // GET: a 50 MB file comes back whole.
+    let big = write_noise(&nginx.www(), "big.bin", 50 << 20);
+    let got = tmp.path().join("got.bin");
+    let mut c = Command::new("curl");
+    c.args(["-sS", "--fail", "--max-time", "30", "-o"])
+        .arg(&got)
+        .arg(format!("{base}/big.bin"));
+    ok("curl GET", &run(c, Duration::from_secs(40)).await);
+    assert_eq!(sha256(&got), sha256(&big), "GET: the body differs");
+
+    // POST 50 MB with `Expect: 100-continue`: the head is held whole, the backend answers
+    // 100 Continue, and only then does the body flow; nginx keeps what arrived.
+    let mut c = Command::new("curl");
+    c.args(["-sS", "-v", "--fail", "--max-time", "30"])
+        .args(["-H", "Expect: 100-continue", "--data-binary"])
+        .arg(format!("@{}", big.display()))
+        .args(["-w", "%header{x-body-file}", "-o", "/dev/null"])
+        .arg(format!("{base}/upload"));
+    let out = run(c, Duration::from_secs(40)).await;
+    let stored = ok("curl POST 50 MB", &out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("HTTP/1.1 100 Continue"),
+        "curl saw no 100 Continue: {}",
+        text(&out)
+    );
+    assert_eq!(
+        sha256(Path::new(stored.trim())),
+        sha256(&big),
+        "POST: the body nginx stored differs"
+    );
+
+    // A chunked upload of unknown length (curl reads it from stdin as a stream).
+    let five = write_noise(tmp.path(), "five.bin", 5 << 20);
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(format!(
+        "cat {} | curl -sS --fail --max-time 30 -H 'Transfer-Encoding: chunked' \
+         --data-binary @- -w '%header{{x-body-file}}' -o /dev/null {base}/upload",
+        five.display()
+    ));
+    let stored = ok("curl chunked POST", &run(c, Duration::from_secs(40)).await);
+    assert_eq!(
+        sha256(Path::new(stored.trim())),
+        sha256(&five),
+        "chunked POST: the body nginx stored differs"
+    );
+    drop(proxy);
+}
+
+/// ab's summary: (complete, failed, non-2xx, keep-alive requests, requests per second).
+fn ab_summary(out: &str) -> (f64, f64, f64, f64, f64) {
+    (
+        number_after(out, "Complete requests:").unwrap_or(-1.0),
+        number_after(out, "Failed requests:").unwrap_or(-1.0),
+        number_after(out, "Non-2xx responses:").unwrap_or(0.0),
+        number_after(out, "Keep-Alive requests:").unwrap_or(0.0),
+        number_after(out, "Requests per second:").unwrap_or(0.0),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ab_keepalive_100_and_new_connection_per_request_get_no_error() {
+    require!(NGINX; Need::Tool("nginx"), Need::Tool("ab"));
+    let nginx = Nginx::start().await;
+    let proxy = proxy_to(local(nginx.h1)).await;
+    let url = format!("http://{}/small.txt", proxy.addr);
+
+    // 100 keep-alive connections at once from one address: past max_conns_per_source (64).
+    let mut c = Command::new("ab");
+    c.args(["-k", "-c", "100", "-n", "20000", "-s", "10", &url]);
+    let out = run(c, Duration::from_secs(60)).await;
+    let s = ok("ab -k -c 100", &out);
+    let (complete, failed, non2xx, keepalive, rps) = ab_summary(&s);
+    assert_eq!(
+        (complete, failed, non2xx),
+        (20000.0, 0.0, 0.0),
+        "ab -k -c 100: {s}"
+    );
+    assert!(keepalive >= 19000.0, "ab -k reused no connections: {s}");
+    eprintln!("ab -k -c 100: {rps} requests/s");
+
+    // A new connection per request, far above conn_rate_per_source (200/s).
+    let mut c = Command::new("ab");
+    c.args(["-c", "50", "-n", "5000", "-s", "10", &url]);
+    let out = run(c, Duration::from_secs(60)).await;
+    let s = ok("ab -c 50", &out);
+    let (complete, failed, non2xx, _, rps) = ab_summary(&s);
+    assert_eq!(
+        (complete, failed, non2xx),
+        (5000.0, 0.0, 0.0),
+        "ab -c 50: {s}"
+    );
+    assert!(
+        number_after(&s, "Document Length:") == Some(612.0),
+        "ab: wrong body: {s}"
+    );
+    eprintln!("ab -c 50 (a connection per request): {rps} requests/s");
+    drop(proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2load_with_prior_knowledge_gets_no_error() {
+    require!(NGINX; Need::Tool("nginx"), Need::Tool("h2load"));
+    let nginx = Nginx::start().await;
+    let proxy = proxy_to(local(nginx.h2)).await;
+    let mut c = Command::new("h2load");
+    c.args(["-n", "20000", "-c", "100", "-m", "10"])
+        .arg(format!("http://{}/small.txt", proxy.addr));
+    let out = run(c, Duration::from_secs(60)).await;
+    let s = ok("h2load", &out);
+    assert!(
+        s.contains("requests: 20000 total, 20000 started, 20000 done, 20000 succeeded, 0 failed, 0 errored, 0 timeout"),
+        "h2load: {s}"
+    );
+    assert!(s.contains("status codes: 20000 2xx"), "h2load: {s}");
+    assert!(
+        s.contains("Application protocol: h2c"),
+        "h2load did not speak h2c: {s}"
+    );
+    drop(proxy);
+}
