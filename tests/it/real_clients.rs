@@ -471,3 +471,428 @@ async fn h2load_with_prior_knowledge_gets_no_error() {
     );
     drop(proxy);
 }
+
+// ---------------------------------------------------------------------------------------
+// PostgreSQL: psql and pgbench, with and without SSL negotiation.
+
+/// The newest `/usr/lib/postgresql/<version>/bin` that holds a server.
+fn pg_bin() -> Option<PathBuf> {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("postgres").exists().then_some((v, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, b)| b)
+}
+
+/// A PostgreSQL server of the test's own: initdb into a temp dir, trust authentication,
+/// `ssl=on` with a self-signed certificate, listening on 127.0.0.1 only, its socket in the
+/// temp dir. PostgreSQL refuses to run as root, so as root it runs as the `postgres` user
+/// (or `nobody`), which owns the temp dir.
+struct Postgres {
+    port: u16,
+    bin: PathBuf,
+    _d: Daemon,
+    _dir: TempDir,
+}
+
+impl Postgres {
+    async fn start(bin: &Path) -> Postgres {
+        let dir = TempDir::new("pg");
+        let d = dir.path().to_path_buf();
+        let key = d.join("server.key");
+        let cert = d.join("server.crt");
+        let st = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args(["-subj", "/CN=127.0.0.1", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run openssl");
+        assert!(st.success(), "openssl req");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        // As root, the server runs as an unprivileged user that owns the temp dir.
+        let runas: Option<&str> = if crate::support::is_root() {
+            let user = ["postgres", "nobody"]
+                .into_iter()
+                .find(|u| ids_of(u).is_some())
+                .expect("a postgres or nobody user");
+            let (uid, gid) = ids_of(user).expect("ids");
+            chown_tree(&d, uid, gid);
+            Some(user)
+        } else {
+            None
+        };
+        let as_user = |prog: &str| -> Command {
+            let prog = bin.join(prog);
+            match runas {
+                Some(u) => {
+                    let mut c = Command::new("runuser");
+                    c.args(["-u", u, "--"]).arg(prog);
+                    c
+                }
+                None => Command::new(prog),
+            }
+        };
+        let data = d.join("data");
+        let out = as_user("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
+            .arg("--no-locale")
+            .output()
+            .expect("run initdb");
+        assert!(out.status.success(), "initdb: {}", text(&out));
+        let port = server_port();
+        let daemon = Daemon::spawn(
+            "postgres",
+            as_user("postgres")
+                .arg("-D")
+                .arg(&data)
+                .args(["-c", "listen_addresses=127.0.0.1", "-c"])
+                .arg(format!("port={port}"))
+                .arg("-c")
+                .arg(format!("unix_socket_directories={}", d.display()))
+                .args(["-c", "ssl=on", "-c"])
+                .arg(format!("ssl_cert_file={}", cert.display()))
+                .arg("-c")
+                .arg(format!("ssl_key_file={}", key.display()))
+                // Speed only: nothing here is about durability.
+                .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+                .args(["-c", "full_page_writes=off"]),
+            d.join("postgres.log"),
+        );
+        daemon.wait_listening(local(port)).await;
+        let pg = Postgres {
+            port,
+            bin: bin.to_path_buf(),
+            _d: daemon,
+            _dir: dir,
+        };
+        // Listening is not yet accepting logins: wait for a query to pass.
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            let out = run(
+                pg.client("psql", pg.port, "disable", &["-Atc", "select 1"]),
+                Duration::from_secs(10),
+            )
+            .await;
+            if out.status.success() {
+                break;
+            }
+            assert!(Instant::now() < end, "postgres never answered: {}", text(&out));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        pg
+    }
+
+    /// `prog` (psql, pgbench) of this server's version toward 127.0.0.1:`port` as
+    /// `postgres`, with `sslmode`: `disable` sends the startup packet at once, `require` an
+    /// SSLRequest and then a TLS ClientHello.
+    fn client(&self, prog: &str, port: u16, sslmode: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(self.bin.join(prog));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("PG") {
+                c.env_remove(k);
+            }
+        }
+        c.env("PGHOST", "127.0.0.1")
+            .env("PGPORT", port.to_string())
+            .env("PGUSER", "postgres")
+            .env("PGDATABASE", "postgres")
+            .env("PGSSLMODE", sslmode)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .args(args);
+        c
+    }
+}
+
+const POSTGRES: &str = "a real PostgreSQL";
+
+/// Skips the calling test, visibly, without a PostgreSQL server and its clients.
+macro_rules! pg_or_skip {
+    ($test:expr) => {{
+        require!(POSTGRES; Need::Tool("openssl"));
+        match pg_bin() {
+            Some(b) => b,
+            None => {
+                skip($test, "a PostgreSQL server (/usr/lib/postgresql/<version>/bin)");
+                return;
+            }
+        }
+    }};
+}
+
+/// Asserts a pgbench run completed every transaction with no failure, and returns its tps.
+fn pgbench_ok(what: &str, out: &Output, expect: Option<u64>) -> f64 {
+    let s = ok(what, out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("error") && !err.contains("abort"),
+        "{what}: {}",
+        text(out)
+    );
+    let done = number_after(&s, "number of transactions actually processed:").unwrap_or(-1.0);
+    if let Some(n) = expect {
+        assert_eq!(done, n as f64, "{what}: {s}");
+    } else {
+        assert!(done > 0.0, "{what}: {s}");
+    }
+    if s.contains("number of failed transactions") {
+        assert_eq!(
+            number_after(&s, "number of failed transactions:"),
+            Some(0.0),
+            "{what}: {s}"
+        );
+    }
+    number_after(&s, "tps =").unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_with_and_without_ssl_gets_its_data_whole() {
+    let bin = pg_or_skip!("real_clients::psql_with_and_without_ssl_gets_its_data_whole");
+    let pg = Postgres::start(&bin).await;
+    let proxy = proxy_to(local(pg.port)).await;
+    let port = proxy.addr.port();
+    // About 2 MB of rows back, compared with the same query straight to the server.
+    let q = "select string_agg(i::text || md5(i::text), ',') from generate_series(1, 50000) i";
+    let direct = ok(
+        "psql direct",
+        &run(
+            pg.client("psql", pg.port, "disable", &["-Atc", q]),
+            Duration::from_secs(20),
+        )
+        .await,
+    );
+    assert!(direct.len() > 1_500_000, "the query returned {} bytes", direct.len());
+    for (mode, ssl) in [("disable", "f"), ("require", "t")] {
+        let got = ok(
+            &format!("psql sslmode={mode}"),
+            &run(pg.client("psql", port, mode, &["-Atc", q]), Duration::from_secs(20)).await,
+        );
+        assert!(got == direct, "psql sslmode={mode}: the rows differ");
+        let on = ok(
+            &format!("psql sslmode={mode}"),
+            &run(
+                pg.client(
+                    "psql",
+                    port,
+                    mode,
+                    &["-Atc", "select ssl from pg_stat_ssl where pid = pg_backend_pid()"],
+                ),
+                Duration::from_secs(20),
+            )
+            .await,
+        );
+        assert_eq!(on.trim(), ssl, "sslmode={mode}: TLS in use should be {ssl}");
+    }
+    drop(proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_80_clients_with_and_without_ssl_get_no_error() {
+    let bin = pg_or_skip!("real_clients::pgbench_80_clients_with_and_without_ssl_get_no_error");
+    let pg = Postgres::start(&bin).await;
+    let proxy = proxy_to(local(pg.port)).await;
+    let port = proxy.addr.port();
+    let init = run(
+        pg.client("pgbench", port, "disable", &["-i", "-s", "1", "-q"]),
+        Duration::from_secs(60),
+    )
+    .await;
+    ok("pgbench -i", &init);
+    // 80 connections at once from one address (PostgreSQL's own limit is 100): past
+    // max_conns_per_source (64). With SSL every one opens with an SSLRequest, then TLS.
+    for mode in ["disable", "require"] {
+        let out = run(
+            pg.client("pgbench", port, mode, &["-n", "-c", "80", "-j", "2", "-t", "20"]),
+            Duration::from_secs(60),
+        )
+        .await;
+        let tps = pgbench_ok(&format!("pgbench -c 80 sslmode={mode}"), &out, Some(1600));
+        eprintln!("pgbench -c 80 -t 20 sslmode={mode}: {tps} tps");
+    }
+    // The data is whole: every transaction's history row arrived.
+    let rows = ok(
+        "psql",
+        &run(
+            pg.client("psql", pg.port, "disable", &["-Atc", "select count(*) from pgbench_history"]),
+            Duration::from_secs(20),
+        )
+        .await,
+    );
+    assert_eq!(rows.trim(), "3200", "pgbench_history rows");
+    drop(proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_new_connection_per_transaction_gets_no_error() {
+    let bin = pg_or_skip!("real_clients::pgbench_new_connection_per_transaction_gets_no_error");
+    let pg = Postgres::start(&bin).await;
+    let proxy = proxy_to(local(pg.port)).await;
+    let port = proxy.addr.port();
+    ok(
+        "pgbench -i",
+        &run(
+            pg.client("pgbench", port, "disable", &["-i", "-s", "1", "-q"]),
+            Duration::from_secs(60),
+        )
+        .await,
+    );
+    // A new connection per transaction (-C), select-only, for 6 s: as many new connections
+    // a second as this machine makes, from one address, well past the burst of 400.
+    let out = run(
+        pg.client("pgbench", port, "disable", &["-C", "-S", "-c", "16", "-j", "2", "-T", "6"]),
+        Duration::from_secs(60),
+    )
+    .await;
+    let tps = pgbench_ok("pgbench -C", &out, None);
+    let done = number_after(
+        &String::from_utf8_lossy(&out.stdout),
+        "number of transactions actually processed:",
+    )
+    .unwrap_or(0.0);
+    eprintln!("pgbench -C -S -c 16 -T 6: {done} connections, {tps} per second");
+    drop(proxy);
+}
+
+// ---------------------------------------------------------------------------------------
+// Redis: redis-benchmark with 100 clients, a big value, and an idle subscriber.
+
+const REDIS: &str = "a real Redis";
+
+/// `calls=` of one command in `INFO commandstats`, asked of the server directly.
+fn redis_calls(port: u16, cmd: &str) -> u64 {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "info", "commandstats"])
+        .output()
+        .expect("run redis-cli");
+    let s = String::from_utf8_lossy(&out.stdout);
+    let label = format!("cmdstat_{cmd}:calls=");
+    number_after(&s, &label).unwrap_or(0.0) as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_benchmark_100_clients_gets_no_error() {
+    require!(REDIS; Need::Tool("redis-server"), Need::Tool("redis-benchmark"), Need::Tool("redis-cli"));
+    let redis = RedisServer::start(&[]).await;
+    let proxy = proxy_to(local(redis.port)).await;
+    let port = proxy.addr.port().to_string();
+    // 100 clients at once from one address: past max_conns_per_source (64).
+    let mut c = Command::new("redis-benchmark");
+    c.args(["-h", "127.0.0.1", "-p", &port, "-c", "100", "-n", "20000", "-q"])
+        .args(["-t", "ping,set,get,lpush,lpop", "-d", "256"]);
+    let out = run(c, Duration::from_secs(60)).await;
+    let s = ok("redis-benchmark -c 100", &out);
+    let all = text(&out);
+    assert!(
+        !all.contains("Error") && !all.contains("rror:") && !all.contains("disconnected"),
+        "redis-benchmark: {all}"
+    );
+    for t in ["PING_INLINE", "PING_MBULK", "SET", "GET", "LPUSH", "LPOP"] {
+        assert!(
+            s.contains(&format!("{t}: ")),
+            "redis-benchmark: no {t} result: {s}"
+        );
+    }
+    // Every request reached the server once.
+    for cmd in ["set", "get", "lpush", "lpop"] {
+        assert_eq!(redis_calls(redis.port, cmd), 20000, "{cmd} calls");
+    }
+    // A 1 MB value goes in and comes back whole.
+    let tmp = TempDir::new("redis");
+    let value: String = noise(768 << 10)
+        .chunks(3)
+        .map(|c| format!("{:02x}", c[0]))
+        .collect();
+    let f = tmp.path().join("value");
+    std::fs::write(&f, &value).expect("write the value");
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(format!(
+        "redis-cli -p {port} -x set big < {}",
+        f.display()
+    ));
+    assert_eq!(ok("redis-cli -x set", &run(c, Duration::from_secs(20)).await).trim(), "OK");
+    let mut c = Command::new("redis-cli");
+    c.args(["-p", &port, "--raw", "get", "big"]);
+    let got = ok("redis-cli get", &run(c, Duration::from_secs(20)).await);
+    assert!(got.trim_end() == value, "the value came back different");
+    drop(proxy);
+}
+
+/// Past `timeouts.request` and `first_byte` (10 s each), the clocks that could take an idle
+/// subscriber for a stalled exchange.
+const SUBSCRIBER_QUIET: Duration = Duration::from_secs(11);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_redis_subscriber_still_gets_its_message() {
+    require!(REDIS; Need::Tool("redis-server"), Need::Tool("redis-cli"));
+    let redis = RedisServer::start(&[]).await;
+    let proxy = proxy_to(local(redis.port)).await;
+    let port = proxy.addr.port().to_string();
+    let mut sub = Command::new("redis-cli")
+        .args(["-p", &port, "subscribe", "news"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn redis-cli subscribe");
+    let lines = BufReader::new(sub.stdout.take().expect("stdout"));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for l in lines.lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .ok()
+            .flatten()
+    };
+    // redis-cli to a pipe prints each reply element on a line: subscribe, news, 1.
+    for want in ["subscribe", "news", "1"] {
+        assert_eq!(next().await.as_deref(), Some(want), "subscribe confirmation");
+    }
+    tokio::time::sleep(SUBSCRIBER_QUIET).await;
+    let mut c = Command::new("redis-cli");
+    c.args(["-p", &port, "publish", "news", "still-here"]);
+    let receivers = ok("redis-cli publish", &run(c, Duration::from_secs(10)).await);
+    assert_eq!(receivers.trim(), "1", "the subscriber is gone");
+    for want in ["message", "news", "still-here"] {
+        assert_eq!(next().await.as_deref(), Some(want), "the published message");
+    }
+    let _ = sub.kill();
+    let _ = sub.wait();
+    drop(proxy);
+}
+
+/// The SUBSCRIBE idle past 5 minutes was reset by the old `timeouts.idle` (5 min):
+/// the default is now at least an hour, and the pressure figure applies only under pressure.
+#[test]
+fn the_shipped_idle_clock_lets_a_subscriber_sit_an_hour() {
+    let c = shipped(local(19999));
+    let idle = c.listeners[0].timeouts.idle;
+    assert!(idle >= Duration::from_secs(3600), "timeouts.idle is {idle:?}");
+    // And the default when the key is left out, not only the shipped file's line.
+    let bare = config::parse(
+        "[[listeners]]\nname = \"x\"\nbind = \"127.0.0.1:0\"\nbackends = [\"127.0.0.1:1\"]\n",
+        "bare.toml",
+        HashMap::new(),
+    )
+    .expect("a bare config");
+    let idle = bare.listeners[0].timeouts.idle;
+    assert!(idle >= Duration::from_secs(3600), "the default idle is {idle:?}");
+}
