@@ -896,3 +896,147 @@ fn the_shipped_idle_clock_lets_a_subscriber_sit_an_hour() {
     let idle = bare.listeners[0].timeouts.idle;
     assert!(idle >= Duration::from_secs(3600), "the default idle is {idle:?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// OpenSSH: ssh, scp (SFTP underneath) and a forwarded port.
+
+/// sshd on a loopback port with a temp host key, letting in root with a temp key only.
+struct Sshd {
+    port: u16,
+    dir: TempDir,
+    _d: Daemon,
+}
+
+impl Sshd {
+    async fn start() -> Sshd {
+        let dir = TempDir::new("sshd");
+        let d = dir.path();
+        for (name, file) in [("host", "host_key"), ("client", "id")] {
+            let st = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+                .arg(d.join(file))
+                .status()
+                .expect("run ssh-keygen");
+            assert!(st.success(), "ssh-keygen");
+        }
+        std::fs::copy(d.join("id.pub"), d.join("authorized_keys")).expect("authorized_keys");
+        // sshd's privilege separation directory, as its package would make at boot.
+        std::fs::create_dir_all("/run/sshd").expect("create /run/sshd");
+        let port = server_port();
+        let sshd = which("sshd");
+        let daemon = Daemon::spawn(
+            "sshd",
+            Command::new(sshd)
+                .args(["-D", "-e", "-f", "/dev/null", "-p"])
+                .arg(port.to_string())
+                .args(["-o", "ListenAddress=127.0.0.1", "-o"])
+                .arg(format!("HostKey={}", d.join("host_key").display()))
+                .arg("-o")
+                .arg(format!(
+                    "AuthorizedKeysFile={}",
+                    d.join("authorized_keys").display()
+                ))
+                .args(["-o", "PidFile=none", "-o", "StrictModes=no", "-o", "UsePAM=no"])
+                .args(["-o", "PermitRootLogin=prohibit-password"])
+                .args(["-o", "PasswordAuthentication=no"])
+                .args(["-o", "AllowTcpForwarding=yes"])
+                .args(["-o", "Subsystem=sftp internal-sftp"]),
+            d.join("sshd.log"),
+        );
+        daemon.wait_listening(local(port)).await;
+        Sshd {
+            port,
+            dir,
+            _d: daemon,
+        }
+    }
+
+    /// `prog` (ssh, scp) with the test's key and no known-hosts file, toward `port`.
+    fn client(&self, prog: &str, port: u16) -> Command {
+        let mut c = Command::new(prog);
+        c.args(["-F", "/dev/null", "-o", "StrictHostKeyChecking=no"])
+            .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
+            .args(["-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes", "-o"])
+            .arg("ConnectTimeout=10")
+            .arg("-i")
+            .arg(self.dir.path().join("id"))
+            .arg(if prog == "scp" { "-P" } else { "-p" })
+            .arg(port.to_string());
+        c
+    }
+}
+
+/// The full path of a program on `PATH` (sshd must be started by its absolute path).
+fn which(prog: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(prog))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| PathBuf::from(prog))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_scp_and_port_forwarding_work() {
+    require!("sshd logs in as root only when run as root";
+        Need::Root, Need::Tool("sshd"), Need::Tool("ssh"), Need::Tool("scp"),
+        Need::Tool("ssh-keygen"), Need::Tool("sha256sum"));
+    let sshd = Sshd::start().await;
+    let proxy = proxy_to(local(sshd.port)).await;
+    let port = proxy.addr.port();
+    let tmp = TempDir::new("ssh");
+
+    let mut c = sshd.client("ssh", port);
+    c.args(["root@127.0.0.1", "echo", "hello-from-sshd"]);
+    let said = ok("ssh echo", &run(c, Duration::from_secs(20)).await);
+    assert_eq!(said.trim(), "hello-from-sshd");
+
+    // scp up and back down: 20 MB whole both ways.
+    let up = write_noise(tmp.path(), "up.bin", 20 << 20);
+    let remote = tmp.path().join("remote.bin");
+    let down = tmp.path().join("down.bin");
+    let mut c = sshd.client("scp", port);
+    c.arg("-q")
+        .arg(&up)
+        .arg(format!("root@127.0.0.1:{}", remote.display()));
+    ok("scp up", &run(c, Duration::from_secs(30)).await);
+    let mut c = sshd.client("scp", port);
+    c.arg("-q")
+        .arg(format!("root@127.0.0.1:{}", remote.display()))
+        .arg(&down);
+    ok("scp down", &run(c, Duration::from_secs(30)).await);
+    assert_eq!(sha256(&remote), sha256(&up), "scp up: the file differs");
+    assert_eq!(sha256(&down), sha256(&up), "scp down: the file differs");
+
+    // A forwarded port (ssh -L) toward an echo server: 2 MB there and back.
+    let echo = counted_echo(local(0)).await;
+    let fwd = server_port();
+    let mut c = sshd.client("ssh", port);
+    c.args(["-N", "-o", "ExitOnForwardFailure=yes", "-L"])
+        .arg(format!("127.0.0.1:{fwd}:{}", echo.addr))
+        .arg("root@127.0.0.1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let tunnel = Daemon::spawn("ssh -L", &mut c, tmp.path().join("ssh-L.log"));
+    tunnel.wait_listening(local(fwd)).await;
+    let data = noise(2 << 20);
+    let mut s = TcpStream::connect(local(fwd)).await.expect("connect the tunnel");
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&data).await.expect("send through the tunnel");
+    };
+    let mut back = vec![0u8; data.len()];
+    let recv = async {
+        tokio::time::timeout(Duration::from_secs(20), r.read_exact(&mut back))
+            .await
+            .expect("the tunnel echoes in time")
+            .expect("read through the tunnel");
+    };
+    tokio::join!(send, recv);
+    assert!(back == data, "the tunnel's bytes differ");
+    drop(s);
+    drop(tunnel);
+    drop(proxy);
+}
