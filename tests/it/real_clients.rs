@@ -78,15 +78,6 @@ fn server_port() -> u16 {
     panic!("no free port in 17000-19999");
 }
 
-/// Waits until something accepts on `addr`.
-async fn wait_listening(addr: SocketAddr, within: Duration, what: &str) {
-    let end = Instant::now() + within;
-    while TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < end, "{what} did not listen on {addr}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A server process the test started: stopped by its PID when dropped (SIGTERM, then
 /// SIGKILL after 5 s). Its stderr goes to a file shown when it fails to start.
 struct Daemon {
@@ -1039,4 +1030,417 @@ async fn ssh_scp_and_port_forwarding_work() {
     drop(s);
     drop(tunnel);
     drop(proxy);
+}
+
+// ---------------------------------------------------------------------------------------
+// A faithful in-test HTTP/1.1 server for what no Debian package serves by itself: a long
+// poll, a server-sent-events stream, and websockets (RFC 6455 handshake and frames).
+
+/// Serves, per connection and keep-alive:
+/// - `GET /poll/<ms>`: answers `done` after `<ms>` milliseconds;
+/// - `GET /sse/<n>/<every ms>/<pause ms>`: a `text/event-stream` (chunked) of `n` events,
+///   one every `<every ms>`, with a silence of `<pause ms>` before the last;
+/// - `GET /ws` with an Upgrade: a websocket that echoes every message, and answers a close.
+async fn http_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(serve_http(s));
+        }
+    });
+    (addr, task)
+}
+
+async fn serve_http(mut s: TcpStream) -> std::io::Result<()> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let end = loop {
+            if let Some(e) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                break e;
+            }
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            got.extend_from_slice(&buf[..n]);
+        };
+        let head = String::from_utf8_lossy(&got[..end]).to_string();
+        got.drain(..end + 4);
+        let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+        let parts: Vec<u64> = path
+            .split('/')
+            .skip(2)
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        if path.starts_with("/poll/") {
+            tokio::time::sleep(Duration::from_millis(parts[0])).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone")
+                .await?;
+        } else if path.starts_with("/sse/") {
+            let (n, every, pause) = (parts[0], parts[1], parts[2]);
+            s.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n",
+            )
+            .await?;
+            for i in 0..n {
+                let wait = if i + 1 == n { pause } else { every };
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
+                let ev = sse_event(i);
+                s.write_all(format!("{:x}\r\n{ev}\r\n", ev.len()).as_bytes())
+                    .await?;
+            }
+            s.write_all(b"0\r\n\r\n").await?;
+        } else if path == "/ws" {
+            let key = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.trim()
+                        .eq_ignore_ascii_case("sec-websocket-key")
+                        .then(|| v.trim().to_string())
+                })
+                .unwrap_or_default();
+            s.write_all(
+                format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                    ws_accept(&key)
+                )
+                .as_bytes(),
+            )
+            .await?;
+            let mut conn = Ws {
+                s,
+                buf: std::mem::take(&mut got),
+            };
+            while let Some((op, payload)) = conn.read().await? {
+                if op == 8 {
+                    conn.send(8, &payload, false).await?;
+                    return Ok(());
+                }
+                conn.send(op, &payload, false).await?;
+            }
+            return Ok(());
+        } else {
+            s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                .await?;
+        }
+    }
+}
+
+/// The server-sent event number `i`, as the stream carries it.
+fn sse_event(i: u64) -> String {
+    format!("id: {i}\ndata: event {i} {}\n\n", "x".repeat(100))
+}
+
+/// One side of a websocket: frames in and out, masked from the client (RFC 6455 5.3).
+struct Ws {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Ws {
+    async fn fill(&mut self, n: usize) -> std::io::Result<bool> {
+        let mut b = [0u8; 16 * 1024];
+        while self.buf.len() < n {
+            let k = self.s.read(&mut b).await?;
+            if k == 0 {
+                return Ok(false);
+            }
+            self.buf.extend_from_slice(&b[..k]);
+        }
+        Ok(true)
+    }
+
+    /// The next frame's opcode and payload (unmasked), or `None` at EOF.
+    async fn read(&mut self) -> std::io::Result<Option<(u8, Vec<u8>)>> {
+        if !self.fill(2).await? {
+            return Ok(None);
+        }
+        let op = self.buf[0] & 0x0f;
+        let masked = self.buf[1] & 0x80 != 0;
+        let (len, mut at) = match self.buf[1] & 0x7f {
+            126 => {
+                self.fill(4).await?;
+                (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+            }
+            127 => {
+                self.fill(10).await?;
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&self.buf[2..10]);
+                (u64::from_be_bytes(b) as usize, 10)
+            }
+            n => (n as usize, 2),
+        };
+        let mask = if masked {
+            self.fill(at + 4).await?;
+            let m = [
+                self.buf[at],
+                self.buf[at + 1],
+                self.buf[at + 2],
+                self.buf[at + 3],
+            ];
+            at += 4;
+            Some(m)
+        } else {
+            None
+        };
+        if !self.fill(at + len).await? {
+            return Ok(None);
+        }
+        let mut payload: Vec<u8> = self.buf.drain(..at + len).skip(at).collect();
+        if let Some(m) = mask {
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= m[i % 4];
+            }
+        }
+        Ok(Some((op, payload)))
+    }
+
+    async fn send(&mut self, op: u8, payload: &[u8], mask: bool) -> std::io::Result<()> {
+        let mut f = vec![0x80 | op];
+        let m = if mask { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => f.push(m | n as u8),
+            n if n < 65536 => {
+                f.push(m | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(m | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        if mask {
+            let key = [0x37, 0xfa, 0x21, 0x3d];
+            f.extend_from_slice(&key);
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        } else {
+            f.extend_from_slice(payload);
+        }
+        self.s.write_all(&f).await
+    }
+}
+
+/// A websocket client's handshake on `s` (through the proxy), checking the server's accept.
+async fn ws_connect(to: SocketAddr) -> Ws {
+    let mut s = TcpStream::connect(to).await.expect("connect");
+    let key = "dGhlIHNhbXBsZSBub25jZQ==";
+    s.write_all(
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: {to}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("send the upgrade");
+    let mut got = Vec::new();
+    let mut b = [0u8; 1024];
+    let end = loop {
+        if let Some(e) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break e;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+            .await
+            .expect("the upgrade is answered")
+            .expect("read the upgrade");
+        assert!(n > 0, "closed during the upgrade");
+        got.extend_from_slice(&b[..n]);
+    };
+    let head = String::from_utf8_lossy(&got[..end]).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "upgrade answered {head}");
+    // RFC 6455's own example key and accept.
+    assert!(
+        head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "bad accept: {head}"
+    );
+    got.drain(..end + 4);
+    Ws { s, buf: got }
+}
+
+/// `Sec-WebSocket-Accept` for `key`: base64(SHA-1(key + the RFC's GUID)).
+fn ws_accept(key: &str) -> String {
+    let digest = sha1(format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes());
+    base64(&digest)
+}
+
+fn sha1(data: &[u8]) -> [u8; 20] {
+    let mut h: [u32; 5] = [0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0];
+    let mut msg = data.to_vec();
+    msg.push(0x80);
+    while msg.len() % 64 != 56 {
+        msg.push(0);
+    }
+    msg.extend_from_slice(&((data.len() as u64) * 8).to_be_bytes());
+    for block in msg.chunks(64) {
+        let mut w = [0u32; 80];
+        for (i, c) in block.chunks(4).enumerate() {
+            w[i] = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        for i in 16..80 {
+            w[i] = (w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16]).rotate_left(1);
+        }
+        let [mut a, mut b, mut c, mut d, mut e] = h;
+        for (i, wi) in w.iter().enumerate() {
+            let (f, k) = match i {
+                0..=19 => ((b & c) | (!b & d), 0x5A827999),
+                20..=39 => (b ^ c ^ d, 0x6ED9EBA1),
+                40..=59 => ((b & c) | (b & d) | (c & d), 0x8F1BBCDC),
+                _ => (b ^ c ^ d, 0xCA62C1D6),
+            };
+            let t = a
+                .rotate_left(5)
+                .wrapping_add(f)
+                .wrapping_add(e)
+                .wrapping_add(k)
+                .wrapping_add(*wi);
+            e = d;
+            d = c;
+            c = b.rotate_left(30);
+            b = a;
+            a = t;
+        }
+        for (x, y) in h.iter_mut().zip([a, b, c, d, e]) {
+            *x = x.wrapping_add(y);
+        }
+    }
+    let mut out = [0u8; 20];
+    for (i, x) in h.iter().enumerate() {
+        out[i * 4..i * 4 + 4].copy_from_slice(&x.to_be_bytes());
+    }
+    out
+}
+
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::new();
+    for c in data.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                s.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
+
+/// A websocket through the proxy: messages of every size echo back whole, then a close
+/// handshake. `quiet`: a silence with the socket open between the two halves.
+async fn websocket_session(to: SocketAddr, quiet: Duration) {
+    let mut ws = ws_connect(to).await;
+    let sizes = [1usize, 125, 126, 65535, 65536, 1 << 20];
+    for (round, pause) in [(0, Duration::ZERO), (1, quiet)] {
+        tokio::time::sleep(pause).await;
+        for (i, n) in sizes.iter().enumerate() {
+            let msg = noise(*n + round * 7 + i);
+            ws.send(2, &msg, true).await.expect("send a message");
+            let (op, back) = tokio::time::timeout(Duration::from_secs(10), ws.read())
+                .await
+                .expect("the echo comes in time")
+                .expect("read the echo")
+                .expect("the websocket is still open");
+            assert_eq!(op, 2, "opcode");
+            assert!(back == msg, "message of {n} bytes came back different");
+        }
+    }
+    ws.send(8, &[0x03, 0xe8], true).await.expect("send close");
+    let (op, _) = ws
+        .read()
+        .await
+        .expect("read the close")
+        .expect("a close frame back");
+    assert_eq!(op, 8, "the server answers the close");
+}
+
+/// curl reading `/sse/...` through `to`: every event arrives whole and in order.
+async fn sse_session(to: SocketAddr, n: u64, every_ms: u64, pause_ms: u64) {
+    let mut c = Command::new("curl");
+    c.args(["-sS", "-N", "--fail", "--max-time", "60"])
+        .arg(format!("http://{to}/sse/{n}/{every_ms}/{pause_ms}"));
+    let out = run(c, Duration::from_secs(70)).await;
+    let body = ok("curl SSE", &out);
+    let want: String = (0..n).map(sse_event).collect();
+    assert!(
+        body == want,
+        "the event stream differs: got {} bytes, want {}",
+        body.len(),
+        want.len()
+    );
+}
+
+const CURL: &str = "curl";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_and_an_event_stream_arrive_whole() {
+    require!(CURL; Need::Tool("curl"));
+    let (server, task) = http_server().await;
+    let proxy = proxy_to(server).await;
+    tokio::join!(
+        websocket_session(proxy.addr, Duration::from_millis(500)),
+        sse_session(proxy.addr, 20, 100, 2000),
+    );
+    drop(proxy);
+    task.abort();
+}
+
+/// A long poll answered after 25 s, a keep-alive connection idle 40 s between requests
+/// (to nginx, whose keep-alive lasts 75 s), an event stream silent for 30 s and a websocket
+/// silent for 30 s, all at once: past every shipped clock shorter than `idle` (first_byte,
+/// request 10 s; keepalive probes at 30 s; pressure.idle 30 s, which applies only under
+/// pressure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_and_quiet_keepalive_streams_outlive_the_short_clocks() {
+    require!(NGINX; Need::Tool("nginx"), Need::Tool("curl"));
+    let (server, task) = http_server().await;
+    let proxy = proxy_to(server).await;
+    let nginx = Nginx::start().await;
+    let web = proxy_to(local(nginx.h1)).await;
+
+    let long_poll = async {
+        let started = Instant::now();
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--fail", "--max-time", "60"])
+            .arg(format!("http://{}/poll/25000", proxy.addr));
+        let body = ok("curl long poll", &run(c, Duration::from_secs(70)).await);
+        assert_eq!(body, "done");
+        assert!(started.elapsed() >= Duration::from_secs(25));
+    };
+    let keepalive = async {
+        let mut s = TcpStream::connect(web.addr).await.expect("connect");
+        let req = format!("GET /small.txt HTTP/1.1\r\nHost: {}\r\n\r\n", web.addr);
+        for round in 0..2 {
+            if round == 1 {
+                tokio::time::sleep(Duration::from_secs(40)).await;
+            }
+            s.write_all(req.as_bytes()).await.expect("send a request");
+            let mut got = Vec::new();
+            let mut b = [0u8; 4096];
+            while !(got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(&[b'x'; 612])) {
+                let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+                    .await
+                    .expect("an answer in time")
+                    .expect("read the answer");
+                assert!(n > 0, "the keep-alive connection was closed (round {round})");
+                got.extend_from_slice(&b[..n]);
+            }
+            assert!(got.starts_with(b"HTTP/1.1 200 OK"), "round {round}");
+        }
+    };
+    tokio::join!(
+        long_poll,
+        keepalive,
+        sse_session(proxy.addr, 5, 200, 30_000),
+        websocket_session(proxy.addr, Duration::from_secs(30)),
+    );
+    drop(web);
+    drop(proxy);
+    task.abort();
 }
