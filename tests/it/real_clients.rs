@@ -360,11 +360,19 @@ async fn curl_get_post_chunked_and_expect_100_continue_arrive_intact() {
     let mut c = Command::new("curl");
     // curl waits up to 30 s for the 100 Continue (not its 1 s default): a proxy that held
     // the head for more bytes would time the upload out instead of passing after a second.
-    c.args(["-sS", "-v", "--fail", "--max-time", "30", "--expect100-timeout", "30"])
-        .args(["-H", "Expect: 100-continue", "--data-binary"])
-        .arg(format!("@{}", big.display()))
-        .args(["-w", "%header{x-body-file}", "-o", "/dev/null"])
-        .arg(format!("{base}/upload"));
+    c.args([
+        "-sS",
+        "-v",
+        "--fail",
+        "--max-time",
+        "30",
+        "--expect100-timeout",
+        "30",
+    ])
+    .args(["-H", "Expect: 100-continue", "--data-binary"])
+    .arg(format!("@{}", big.display()))
+    .args(["-w", "%header{x-body-file}", "-o", "/dev/null"])
+    .arg(format!("{base}/upload"));
     let out = run(c, Duration::from_secs(40)).await;
     let stored = ok("curl POST 50 MB", &out);
     assert!(
@@ -468,7 +476,11 @@ async fn h2load_with_prior_knowledge_gets_no_error() {
     let count = |word: &str| -> f64 {
         line.split(',')
             .find(|p| p.trim_end().ends_with(word))
-            .and_then(|p| p.split_whitespace().next().map(|n| n.parse().unwrap_or(-1.0)))
+            .and_then(|p| {
+                p.split_whitespace()
+                    .next()
+                    .map(|n| n.parse().unwrap_or(-1.0))
+            })
             .unwrap_or(-1.0)
     };
     assert_eq!(
@@ -620,7 +632,11 @@ impl Postgres {
             if out.status.success() {
                 break;
             }
-            assert!(Instant::now() < end, "postgres never answered: {}", text(&out));
+            assert!(
+                Instant::now() < end,
+                "postgres never answered: {}",
+                text(&out)
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         pg
@@ -704,11 +720,19 @@ async fn psql_with_and_without_ssl_gets_its_data_whole() {
         )
         .await,
     );
-    assert!(direct.len() > 1_500_000, "the query returned {} bytes", direct.len());
+    assert!(
+        direct.len() > 1_500_000,
+        "the query returned {} bytes",
+        direct.len()
+    );
     for (mode, ssl) in [("disable", "f"), ("require", "t")] {
         let got = ok(
             &format!("psql sslmode={mode}"),
-            &run(pg.client("psql", port, mode, &["-Atc", q]), Duration::from_secs(20)).await,
+            &run(
+                pg.client("psql", port, mode, &["-Atc", q]),
+                Duration::from_secs(20),
+            )
+            .await,
         );
         assert!(got == direct, "psql sslmode={mode}: the rows differ");
         let on = ok(
@@ -718,7 +742,10 @@ async fn psql_with_and_without_ssl_gets_its_data_whole() {
                     "psql",
                     port,
                     mode,
-                    &["-Atc", "select ssl from pg_stat_ssl where pid = pg_backend_pid()"],
+                    &[
+                        "-Atc",
+                        "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+                    ],
                 ),
                 Duration::from_secs(20),
             )
@@ -745,7 +772,12 @@ async fn pgbench_80_clients_with_and_without_ssl_get_no_error() {
     // max_conns_per_source (64). With SSL every one opens with an SSLRequest, then TLS.
     for mode in ["disable", "require"] {
         let out = run(
-            pg.client("pgbench", port, mode, &["-n", "-c", "80", "-j", "2", "-t", "20"]),
+            pg.client(
+                "pgbench",
+                port,
+                mode,
+                &["-n", "-c", "80", "-j", "2", "-t", "20"],
+            ),
             Duration::from_secs(60),
         )
         .await;
@@ -756,7 +788,12 @@ async fn pgbench_80_clients_with_and_without_ssl_get_no_error() {
     let rows = ok(
         "psql",
         &run(
-            pg.client("psql", pg.port, "disable", &["-Atc", "select count(*) from pgbench_history"]),
+            pg.client(
+                "psql",
+                pg.port,
+                "disable",
+                &["-Atc", "select count(*) from pgbench_history"],
+            ),
             Duration::from_secs(20),
         )
         .await,
@@ -782,7 +819,12 @@ async fn pgbench_new_connection_per_transaction_gets_no_error() {
     // A new connection per transaction (-C), select-only, for 6 s: as many new connections
     // a second as this machine makes, from one address, well past the burst of 400.
     let out = run(
-        pg.client("pgbench", port, "disable", &["-C", "-S", "-c", "16", "-j", "2", "-T", "6"]),
+        pg.client(
+            "pgbench",
+            port,
+            "disable",
+            &["-C", "-S", "-c", "16", "-j", "2", "-T", "6"],
+        ),
         Duration::from_secs(60),
     )
     .await;
@@ -820,8 +862,18 @@ async fn redis_benchmark_100_clients_gets_no_error() {
     let port = proxy.addr.port().to_string();
     // 100 clients at once from one address: past max_conns_per_source (64).
     let mut c = Command::new("redis-benchmark");
-    c.args(["-h", "127.0.0.1", "-p", &port, "-c", "100", "-n", "20000", "-q"])
-        .args(["-t", "ping,set,get,lpush,lpop", "-d", "256"]);
+    c.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-c",
+        "100",
+        "-n",
+        "20000",
+        "-q",
+    ])
+    .args(["-t", "ping,set,get,lpush,lpop", "-d", "256"]);
     let out = run(c, Duration::from_secs(60)).await;
     let s = ok("redis-benchmark -c 100", &out);
     let all = text(&out);
@@ -848,11 +900,12 @@ async fn redis_benchmark_100_clients_gets_no_error() {
     let f = tmp.path().join("value");
     std::fs::write(&f, &value).expect("write the value");
     let mut c = Command::new("sh");
-    c.arg("-c").arg(format!(
-        "redis-cli -p {port} -x set big < {}",
-        f.display()
-    ));
-    assert_eq!(ok("redis-cli -x set", &run(c, Duration::from_secs(20)).await).trim(), "OK");
+    c.arg("-c")
+        .arg(format!("redis-cli -p {port} -x set big < {}", f.display()));
+    assert_eq!(
+        ok("redis-cli -x set", &run(c, Duration::from_secs(20)).await).trim(),
+        "OK"
+    );
     let mut c = Command::new("redis-cli");
     c.args(["-p", &port, "--raw", "get", "big"]);
     let got = ok("redis-cli get", &run(c, Duration::from_secs(20)).await);
@@ -894,7 +947,11 @@ async fn an_idle_redis_subscriber_still_gets_its_message() {
     };
     // redis-cli to a pipe prints each reply element on a line: subscribe, news, 1.
     for want in ["subscribe", "news", "1"] {
-        assert_eq!(next().await.as_deref(), Some(want), "subscribe confirmation");
+        assert_eq!(
+            next().await.as_deref(),
+            Some(want),
+            "subscribe confirmation"
+        );
     }
     tokio::time::sleep(SUBSCRIBER_QUIET).await;
     let mut c = Command::new("redis-cli");
@@ -915,7 +972,10 @@ async fn an_idle_redis_subscriber_still_gets_its_message() {
 fn the_shipped_idle_clock_lets_a_subscriber_sit_an_hour() {
     let c = shipped(local(19999));
     let idle = c.listeners[0].timeouts.idle;
-    assert!(idle >= Duration::from_secs(3600), "timeouts.idle is {idle:?}");
+    assert!(
+        idle >= Duration::from_secs(3600),
+        "timeouts.idle is {idle:?}"
+    );
     // And the default when the key is left out, not only the shipped file's line.
     let bare = config::parse(
         "[[listeners]]\nname = \"x\"\nbind = \"127.0.0.1:0\"\nbackends = [\"127.0.0.1:1\"]\n",
@@ -924,7 +984,10 @@ fn the_shipped_idle_clock_lets_a_subscriber_sit_an_hour() {
     )
     .expect("a bare config");
     let idle = bare.listeners[0].timeouts.idle;
-    assert!(idle >= Duration::from_secs(3600), "the default idle is {idle:?}");
+    assert!(
+        idle >= Duration::from_secs(3600),
+        "the default idle is {idle:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -966,7 +1029,14 @@ impl Sshd {
                     "AuthorizedKeysFile={}",
                     d.join("authorized_keys").display()
                 ))
-                .args(["-o", "PidFile=none", "-o", "StrictModes=no", "-o", "UsePAM=no"])
+                .args([
+                    "-o",
+                    "PidFile=none",
+                    "-o",
+                    "StrictModes=no",
+                    "-o",
+                    "UsePAM=no",
+                ])
                 .args(["-o", "PermitRootLogin=prohibit-password"])
                 .args(["-o", "PasswordAuthentication=no"])
                 .args(["-o", "AllowTcpForwarding=yes"])
@@ -1052,7 +1122,9 @@ async fn ssh_scp_and_port_forwarding_work() {
     let tunnel = Daemon::spawn("ssh -L", &mut c, tmp.path().join("ssh-L.log"));
     tunnel.wait_listening(local(fwd)).await;
     let data = noise(2 << 20);
-    let mut s = TcpStream::connect(local(fwd)).await.expect("connect the tunnel");
+    let mut s = TcpStream::connect(local(fwd))
+        .await
+        .expect("connect the tunnel");
     let (mut r, mut w) = s.split();
     let send = async {
         w.write_all(&data).await.expect("send through the tunnel");
@@ -1467,7 +1539,10 @@ async fn a_long_poll_and_quiet_keepalive_streams_outlive_the_short_clocks() {
                     .await
                     .expect("an answer in time")
                     .expect("read the answer");
-                assert!(n > 0, "the keep-alive connection was closed (round {round})");
+                assert!(
+                    n > 0,
+                    "the keep-alive connection was closed (round {round})"
+                );
                 got.extend_from_slice(&b[..n]);
             }
             assert!(got.starts_with(b"HTTP/1.1 200 OK"), "round {round}");
