@@ -19,6 +19,7 @@ mod leaks;
 mod memory;
 mod passive;
 mod props;
+mod real_clients;
 mod reload;
 mod resolve;
 mod slots;
