@@ -13,6 +13,8 @@ const PREFERRED: &[&str] = &["conns", "half_open", "half_closed", "stalled", "re
 pub struct Row {
     pub source: String,
     pub values: Vec<Option<f64>>,
+    /// What the proxy calls the source ("flooding", "busy", "pool", "ok"), if it says.
+    pub verdict: Option<String>,
 }
 
 /// One listener's entry in `/sources`.
@@ -65,6 +67,16 @@ fn table(l: &Value) -> Table {
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(entry).collect())
         .unwrap_or_default();
+    let verdicts: Vec<Option<String>> = l
+        .get("sources")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter(|e| e.get("source").and_then(Value::as_str).is_some())
+                .map(|e| e.get("verdict").and_then(Value::as_str).map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
     let mut columns: Vec<String> = Vec::new();
     for (_, fields) in &entries {
         for (k, _) in fields {
@@ -84,12 +96,14 @@ fn table(l: &Value) -> Table {
     });
     let rows = entries
         .into_iter()
-        .map(|(source, fields)| Row {
+        .zip(verdicts.into_iter().chain(std::iter::repeat(None)))
+        .map(|((source, fields), verdict)| Row {
             values: columns
                 .iter()
                 .map(|c| fields.iter().find(|(k, _)| k == c).map(|(_, v)| *v))
                 .collect(),
             source,
+            verdict,
         })
         .collect();
     let syn_recv = l
@@ -127,7 +141,7 @@ mod tests {
 
     const BODY: &str = r#"{"listeners":[
         {"listener":"public","sources":[
-            {"source":"127.0.0.2","conns":5,"half_open":5,"half_closed":0,"refused":15,"stalled":0},
+            {"source":"127.0.0.2","conns":5,"half_open":5,"half_closed":0,"refused":15,"stalled":0,"verdict":"flooding"},
             {"source":"127.0.0.3","conns":8,"half_open":0,"half_closed":1,"refused":0,"stalled":3,"zeta":1,"note":"x"}
         ],"kernel_syn_recv":[{"source":"198.18.0.9","syn_recv":12}]},
         {"listener":"api","sources":[],"kernel_syn_recv":[]}
@@ -152,6 +166,9 @@ mod tests {
         assert_eq!(t[0].value(&t[0].rows[0], "refused"), Some(15.0));
         assert_eq!(t[0].value(&t[0].rows[0], "zeta"), None);
         assert_eq!(t[0].syn_recv, vec![("198.18.0.9".to_string(), 12.0)]);
+        // The verdict is kept beside the numbers; a source without one has none.
+        assert_eq!(t[0].rows[0].verdict.as_deref(), Some("flooding"));
+        assert_eq!(t[0].rows[1].verdict, None);
         assert!(t[1].rows.is_empty() && t[1].columns.is_empty());
     }
 

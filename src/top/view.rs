@@ -471,6 +471,9 @@ fn backends(snap: &Snapshot, at: Layout) -> Vec<Line<'static>> {
     wrap("backends", items, at, max)
 }
 
+/// Room for the longest verdict, "flooding".
+const VERDICT_W: usize = 8;
+
 /// The sources table, sorted by `sort`; `rows` bounds it (the live view cuts it to fit).
 fn sources(
     table: Option<&Table>,
@@ -497,7 +500,9 @@ fn sources(
     // As many columns as fit, the sorted one always among them.
     let widths: Vec<usize> = t.columns.iter().map(|c| c.len().max(6)).collect();
     let mut cols: Vec<usize> = Vec::new();
-    let mut used = src_w;
+    // The verdict after the source ("flooding" suggests a deny; "busy" and "pool" never).
+    let verdicts = t.rows.iter().any(|r| r.verdict.is_some());
+    let mut used = src_w + if verdicts { VERDICT_W + 2 } else { 0 };
     for (i, cw) in widths.iter().enumerate() {
         if used + 2 + cw <= w {
             cols.push(i);
@@ -516,6 +521,9 @@ fn sources(
         at.span(sort.to_string(), bold().fg(Color::Cyan)),
     ])];
     let mut head = vec![Span::raw(format!("{:<src_w$}", "SOURCE"))];
+    if verdicts {
+        head.push(at.span(format!("  {:<VERDICT_W$}", "VERDICT"), bold()));
+    }
     for &i in &cols {
         let name = t.columns[i].to_uppercase();
         let cw = widths[i];
@@ -530,6 +538,16 @@ fn sources(
     out.push(Line::from(head));
     for r in t.rows.iter().take(rows.unwrap_or(usize::MAX)) {
         let mut spans = vec![at.span(format!("{:<src_w$}", r.source), cyan())];
+        if verdicts {
+            let v = r.verdict.as_deref().unwrap_or("-");
+            let style = match v {
+                "flooding" => Style::default().fg(Color::Red),
+                "busy" => Style::default().fg(Color::Yellow),
+                "pool" => Style::default().fg(Color::Green),
+                _ => dim(),
+            };
+            spans.push(at.span(format!("  {v:<VERDICT_W$}"), style));
+        }
         for &i in &cols {
             let cw = widths[i];
             let v = r.values[i].map(count).unwrap_or_else(|| "-".into());
@@ -790,9 +808,10 @@ mod tests {
         let rows: Vec<String> = (0..20)
             .map(|i| {
                 format!(
-                    r#"{{"source":"198.18.{i}.1","conns":{},"half_open":{i},"half_closed":0,"stalled":0,"refused":{}}}"#,
+                    r#"{{"source":"198.18.{i}.1","conns":{},"half_open":{i},"half_closed":0,"stalled":0,"refused":{},"verdict":"{}"}}"#,
                     20 - i,
-                    i * 100
+                    i * 100,
+                    if i == 0 { "pool" } else { "flooding" }
                 )
             })
             .collect();
@@ -867,6 +886,9 @@ mod tests {
             "a state new to this version: {screen}"
         );
         assert!(screen.contains("source_half_open"), "{screen}");
+        // Each source's verdict beside it: a pool is told from a flood.
+        assert!(screen.contains("VERDICT"), "{screen}");
+        assert!(screen.contains("flooding"), "{screen}");
         assert!(screen.contains("SYN_RECV 300"), "{screen}");
         assert!(screen.contains("syncookies_sent"), "{screen}");
         assert!(
