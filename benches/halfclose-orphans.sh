@@ -5,6 +5,8 @@
 # LAST-ACK with megabytes queued: held by no process, counted against no cap. This prints,
 # twice during the attack, the attacker's sockets on halfguard's port by state, how many the
 # process holds, and the bytes queued in those it does not.
+# Since conn/delivery.rs (2026-12-05) a clean close waits for the client's queue under
+# write_stall, so no orphan should keep bytes past that clock (not re-run since).
 #
 #   bash benches/compare/run.sh --only rate   # once, to install the peers
 #   bash benches/halfclose-orphans.sh [SECS]  # 12 s by default, at most 60
