@@ -50,6 +50,7 @@ max_conns_per_source = 0
 max_half_open_per_source = 0
 max_half_closed_per_source = 0
 conn_rate_per_source = 0
+max_queued_per_source = 0
 # Short, so tests of the per-source state caps need not wait a second.
 grace = "50ms"
 
