@@ -207,17 +207,23 @@ pub fn listen(addr: SocketAddr, tcp: &TcpConfig) -> io::Result<TcpListener> {
 
 /// Sets `TCP_NOTSENT_LOWAT`: the kernel takes no more unsent bytes than this.
 #[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
 fn notsent_lowat(sock: &Socket, bytes: u32) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let v: libc::c_int = bytes.min(i32::MAX as u32) as libc::c_int;
-    // SAFETY: setsockopt reads one c_int from a pointer to a live local; the fd is borrowed
-    // from a live socket.
+    tcp_int(sock.as_raw_fd(), libc::TCP_NOTSENT_LOWAT, bytes)
+}
+
+/// Sets an integer `IPPROTO_TCP` option that socket2 has no setter for.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn tcp_int(fd: std::os::fd::RawFd, opt: libc::c_int, value: u32) -> io::Result<()> {
+    let v: libc::c_int = value.min(i32::MAX as u32) as libc::c_int;
+    // SAFETY: setsockopt reads one c_int from a pointer to a live local; the caller borrows
+    // the fd from a live socket.
     let rc = unsafe {
         libc::setsockopt(
-            sock.as_raw_fd(),
+            fd,
             libc::IPPROTO_TCP,
-            libc::TCP_NOTSENT_LOWAT,
+            opt,
             (&v as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
@@ -268,26 +274,9 @@ pub async fn connect(addr: SocketAddr, tcp: &TcpConfig) -> io::Result<TcpStream>
 /// (TCP_DEFER_ACCEPT), waiting at most about `secs` for them. A connection that never sends
 /// stays in the kernel meanwhile, and what accept() returns can be looked at at once.
 #[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
 pub fn defer_accept(l: &TcpListener, secs: u32) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let v: libc::c_int = secs.min(i32::MAX as u32) as libc::c_int;
-    // SAFETY: setsockopt reads one c_int from a live local; the fd is borrowed from a live
-    // listener.
-    let rc = unsafe {
-        libc::setsockopt(
-            l.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    tcp_int(l.as_raw_fd(), libc::TCP_DEFER_ACCEPT, secs)
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -297,9 +286,15 @@ pub fn defer_accept(_l: &TcpListener, _secs: u32) -> io::Result<()> {
 
 /// Copies the bytes already received on `s` into `buf` without consuming them, without
 /// waiting: 0 when nothing has arrived yet (or the peer closed).
+pub fn peek_now(s: &TcpStream, buf: &mut [u8]) -> usize {
+    peek(s, buf).unwrap_or(0)
+}
+
+/// The bytes received on `s` so far, not taken, without waiting: `Ok(0)` only when the peer
+/// closed with nothing unread, `WouldBlock` when nothing has arrived.
 #[cfg(unix)]
 #[allow(unsafe_code)]
-pub fn peek_now(s: &TcpStream, buf: &mut [u8]) -> usize {
+pub fn peek(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     use std::os::fd::AsRawFd;
     // SAFETY: recv writes at most buf.len() bytes into buf, which we own; the fd is borrowed
     // from a live stream.
@@ -311,7 +306,11 @@ pub fn peek_now(s: &TcpStream, buf: &mut [u8]) -> usize {
             libc::MSG_PEEK | libc::MSG_DONTWAIT,
         )
     };
-    n.max(0) as usize
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 /// Makes the next close() send RST and skip FIN_WAIT/TIME_WAIT. Errors are ignored: the

@@ -32,6 +32,7 @@ use super::pump::Burst;
 use super::{End, ListenerCtx, Watched, expire};
 use crate::first_message::{Expect, Judgement, Proto, judge};
 use crate::guard::Ticket;
+use crate::sockopt;
 use crate::stats::Timeout;
 
 thread_local! {
@@ -216,7 +217,7 @@ impl Holding<'_> {
             if s.len() < max {
                 s.resize(max, 0);
             }
-            let n = match peek(self.client, &mut s[..max]) {
+            let n = match sockopt::peek(self.client, &mut s[..max]) {
                 Ok(0) => return Err(End::Clean),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
@@ -241,28 +242,6 @@ impl Holding<'_> {
             let n = n.min(s.len());
             let _ = io::Read::read(&mut &*socket2::SockRef::from(self.client), &mut s[..n]);
         });
-    }
-}
-
-/// The bytes received so far, not taken: `Ok(0)` only when the client closed with nothing
-/// unread.
-#[allow(unsafe_code)]
-fn peek(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: recv writes at most buf.len() bytes into buf, which we own; the fd is borrowed
-    // from a live stream.
-    let n = unsafe {
-        libc::recv(
-            s.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
     }
 }
 
