@@ -363,6 +363,8 @@ struct Snapshot {
     timed_out: [u64; Timeout::ALL.len()],
     observed: [u64; OBSERVED_SLOTS],
     accept_errors: u64,
+    /// Connections holding their first message now (a gauge, not a difference).
+    holding: u64,
 }
 
 impl Snapshot {
@@ -373,6 +375,7 @@ impl Snapshot {
             timed_out: Timeout::ALL.map(|t| s.timed_out(t)),
             observed: std::array::from_fn(|i| s.observed[i].load(Relaxed)),
             accept_errors: s.accept_errors.load(Relaxed),
+            holding: s.holding.load(Relaxed),
         }
     }
 }
@@ -417,7 +420,14 @@ fn log_diff(listener: &str, last: &Snapshot, now: &Snapshot, top: &dyn Fn() -> O
         &now.timed_out,
         Timeout::ALL.map(Timeout::as_str),
     ) {
-        tracing::info!(listener, counts = %l, "connections timed out");
+        // How many first messages are held now, beside the ones the clock ended: a drip
+        // flood shows as both.
+        tracing::info!(
+            listener,
+            counts = %l,
+            first_message_held = now.holding,
+            "connections timed out"
+        );
     }
     let observed: Vec<String> = Observed::all()
         .filter(|o| now.observed[o.slot()] > last.observed[o.slot()])
