@@ -7,11 +7,13 @@
 //! against its source's half-open cap.
 
 use std::future::{Future, poll_fn};
+
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::pin;
 use std::task::Poll;
 use std::time::Duration;
+use tokio::sync::futures::Notified;
 
 use socket2::SockRef;
 use tokio::io::Interest;
@@ -64,14 +66,46 @@ pub(super) struct HalfOpen<'a> {
     pub accepted: Instant,
 }
 
-/// What woke a silent connection.
-enum Woke {
+/// What woke a connection before its backend (silent, or holding its first message).
+pub(super) enum Woke {
     Evicted,
     Client(io::Result<()>),
     Server(io::Result<()>),
     Clock,
     /// Pressure, a reload or the end of the drain.
     Bell,
+}
+
+/// One poll of what a connection waits on before its backend: its eviction, the client's
+/// readiness (and the server's, when connected first), its clock and the listener's bell.
+/// Polled in place from the phase's own `poll_fn`, so the wait adds no future to a task
+/// that may be little more than it.
+pub(super) fn poll_woke(
+    cx: &mut std::task::Context<'_>,
+    evicted: std::pin::Pin<&mut impl Future<Output = ()>>,
+    client: &TcpStream,
+    server: Option<&TcpStream>,
+    sleep: std::pin::Pin<&mut tokio::time::Sleep>,
+    bell: std::pin::Pin<&mut Notified<'_>>,
+) -> Poll<Woke> {
+    if evicted.poll(cx).is_ready() {
+        return Poll::Ready(Woke::Evicted);
+    }
+    if let Poll::Ready(r) = client.poll_read_ready(cx) {
+        return Poll::Ready(Woke::Client(r));
+    }
+    if let Some(s) = server
+        && let Poll::Ready(r) = s.poll_read_ready(cx)
+    {
+        return Poll::Ready(Woke::Server(r));
+    }
+    if sleep.poll(cx).is_ready() {
+        return Poll::Ready(Woke::Clock);
+    }
+    if bell.poll(cx).is_ready() {
+        return Poll::Ready(Woke::Bell);
+    }
+    Poll::Pending
 }
 
 impl HalfOpen<'_> {
@@ -165,18 +199,22 @@ impl HalfOpen<'_> {
     /// A silent connection spends its life here, so this wait is what it costs: the sockets'
     /// readiness is polled in place (no future of its own), one timer is reset rather than
     /// made anew, and eviction and the listener's bell are the only waiters it registers.
+    /// `looked`: the caller already looked and found nothing (the first message's look).
     pub async fn first_byte(
         &mut self,
         w: &mut Watched,
         server: Option<&TcpStream>,
+        looked: bool,
     ) -> Result<(), End> {
         // Most clients have spoken by the time they are accepted: look once, straight away,
         // rather than wait for the event loop to say the socket is readable.
-        match self.peek(true) {
-            Ok(0) if server.is_none() => return Err(End::Clean),
-            Ok(_) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return Err(End::PEER_ERROR),
+        if !looked {
+            match self.peek(true) {
+                Ok(0) if server.is_none() => return Err(End::Clean),
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Err(End::PEER_ERROR),
+            }
         }
         let ctl = self.ticket.ctl().clone();
         // Registered once for the whole silent phase, not once per wake-up.
@@ -200,24 +238,14 @@ impl HalfOpen<'_> {
                 sleep.as_mut().reset(wake);
             }
             let woke = poll_fn(|cx| {
-                if evicted.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Woke::Evicted);
-                }
-                if let Poll::Ready(r) = self.client.poll_read_ready(cx) {
-                    return Poll::Ready(Woke::Client(r));
-                }
-                if let Some(s) = server
-                    && let Poll::Ready(r) = s.poll_read_ready(cx)
-                {
-                    return Poll::Ready(Woke::Server(r));
-                }
-                if sleep.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Woke::Clock);
-                }
-                if bell.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Woke::Bell);
-                }
-                Poll::Pending
+                poll_woke(
+                    cx,
+                    evicted.as_mut(),
+                    self.client,
+                    server,
+                    sleep.as_mut(),
+                    bell.as_mut(),
+                )
             })
             .await;
             match woke {

@@ -19,15 +19,15 @@
 //! can never be whole), closed cleanly, and no backend sees it.
 
 use std::cell::RefCell;
-use std::future::{Future, poll_fn};
+use std::future::poll_fn;
 use std::io;
 use std::pin::pin;
-use std::task::Poll;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 
+use super::half_open::{Woke, poll_woke};
 use super::pump::Burst;
 use super::{End, ListenerCtx, Watched, expire};
 use crate::first_message::{Expect, Judgement, Proto, judge};
@@ -57,14 +57,6 @@ pub(super) enum Held {
     Unframed,
     /// The message filled `max_first_message`, or observe mode let a late one go on.
     AsIs,
-}
-
-/// What woke a held connection.
-enum Woke {
-    Evicted,
-    Client(io::Result<()>),
-    Clock,
-    Bell,
 }
 
 /// Counts the connection as holding (the `first_message` state) while it waits.
@@ -136,24 +128,19 @@ impl Holding<'_> {
                 sleep.as_mut().reset(wake);
             }
             let woke = poll_fn(|cx| {
-                if evicted.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Woke::Evicted);
-                }
-                if let Poll::Ready(r) = self.client.poll_read_ready(cx) {
-                    return Poll::Ready(Woke::Client(r));
-                }
-                if sleep.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Woke::Clock);
-                }
-                if bell.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Woke::Bell);
-                }
-                Poll::Pending
+                poll_woke(
+                    cx,
+                    evicted.as_mut(),
+                    self.client,
+                    None,
+                    sleep.as_mut(),
+                    bell.as_mut(),
+                )
             })
             .await;
             match woke {
                 Woke::Evicted => return Err(End::Evicted),
-                Woke::Client(Err(_)) => return Err(End::PEER_ERROR),
+                Woke::Client(Err(_)) | Woke::Server(_) => return Err(End::PEER_ERROR),
                 Woke::Client(Ok(())) => {
                     let (n, held) = self.look(expect, max, true)?;
                     if let Some(held) = held {

@@ -257,24 +257,40 @@ fn phases<'a>(
         if w.policy.protocol == crate::config::Protocol::ServerFirst {
             *server_slot = Some(hs.connect(&mut w, addrs).await?);
         }
-        hs.first_byte(&mut w, server_slot.as_ref().map(|s| &s.0))
-            .await?;
-        // The client spoke first: nothing reaches a backend before its first message is
-        // whole. Boxed, as the pump is: most first messages are whole at once.
+        // On a client-first listener nothing reaches a backend before the client's first
+        // message is whole. Most clients have sent it, whole, by the time they are accepted:
+        // the one look that judges it is also the look for a first byte.
         let expect = w.policy.first_message;
-        let mut held = holding::Held::Unframed;
-        if server_slot.is_none() && expect != crate::first_message::Expect::Any {
-            let mut h = holding::Holding {
+        let holds = server_slot.is_none() && expect != crate::first_message::Expect::Any;
+        let (mut spoke, mut first) = (false, None);
+        if holds {
+            let h = holding::Holding {
                 ctx,
                 client,
-                ticket,
+                ticket: &mut *hs.ticket,
                 accepted,
             };
-            held = match h.look(expect, w.policy.max_first_message, false)?.1 {
-                Some(held) => held,
-                None => Box::pin(h.first_message(&mut w, expect)).await?,
-            };
+            let (n, held) = h.look(expect, w.policy.max_first_message, false)?;
+            (spoke, first) = (n > 0, held);
         }
+        if !spoke {
+            hs.first_byte(&mut w, server_slot.as_ref().map(|s| &s.0), holds)
+                .await?;
+        }
+        let held = match first {
+            Some(held) => held,
+            // Boxed, as the pump is: most first messages are whole at the first look.
+            None if holds => {
+                let mut h = holding::Holding {
+                    ctx,
+                    client,
+                    ticket: &mut *hs.ticket,
+                    accepted,
+                };
+                Box::pin(h.first_message(&mut w, expect)).await?
+            }
+            None => holding::Held::Unframed,
+        };
 
         // OPEN.
         ticket.open().map_err(End::from_refused)?;

@@ -274,7 +274,7 @@ impl Open<'_> {
 /// the ticket knows: its source may hold more than its cap while there is room, and gets back
 /// what the connection took of its rate.
 fn prove(ticket: &mut Ticket, pump: &Pump<'_>) {
-    if pump.server_spoke() && pump.client_spoke() && !ticket.ctl().is_proven() {
+    if pump.server_spoke() && pump.client_spoke() {
         ticket.prove();
     }
 }
@@ -301,11 +301,10 @@ fn weigh_progress(
         ticket.unstall()?;
     }
     // Why it is stalled: a slow reader (bytes its peer does not take) or a drip (the client
-    // sent something, below the rate) will not end soon and keeps its source at its caps; an
-    // idle connection (a pool between requests) may end any moment, and costs little.
-    // A drip: the client is still sending its request, below the rate, and has been for
-    // longer than a check's window (a request sent at once and then waited on, a long
-    // poll, is not one).
+    // still sending its request below the rate, for longer than a check's window: a request
+    // sent at once and then waited on, a long poll, is not one) will not end soon and keeps
+    // its source at its caps; an idle connection (a pool between requests) may end any
+    // moment, and costs little.
     let from_client = pump.client_total();
     let kind = if pump.stalled_since().is_some() {
         Stall::Blocked

@@ -180,9 +180,6 @@ struct Direction<'a> {
     judge_requests: bool,
     /// When the current burst began, if it began with a request line.
     request_start: Option<Instant>,
-    /// When the other direction last moved a byte (set by the pump before each poll of the
-    /// client's direction): a burst the server answered is over.
-    answered: Instant,
     /// The current burst's first bytes while too few to tell whether they begin a request
     /// (a method dripped a byte at a time). Boxed: most bursts tell at their first read.
     head: Option<Box<Head>>,
@@ -239,7 +236,6 @@ impl<'a> Direction<'a> {
             from,
             judge_requests: false,
             request_start: None,
-            answered: now,
             head: None,
             buf: None,
             pos: 0,
@@ -302,19 +298,12 @@ impl<'a> Direction<'a> {
     }
 
     /// `n` bytes were read from the source at `now`: progress, and the burst grows (or a
-    /// new one starts after a pause).
-    /// `answered`: when the other side last moved a byte; a burst it answered is over, and
-    /// the next read starts a new one (a keep-alive connection's next request).
-    fn read(
-        last_progress: &mut Instant,
-        burst: &mut Option<Burst>,
-        n: usize,
-        now: Instant,
-        answered: Instant,
-    ) {
+    /// new one starts after a pause; on HTTP/1, also after the server's answer: see
+    /// [`Pump::poll_event`]).
+    fn read(last_progress: &mut Instant, burst: &mut Option<Burst>, n: usize, now: Instant) {
         *last_progress = now;
         match burst {
-            Some(b) if now.saturating_duration_since(b.last) < BURST_GAP && b.last >= answered => {
+            Some(b) if now.saturating_duration_since(b.last) < BURST_GAP => {
                 b.bytes += n as u64;
                 b.last = now;
             }
@@ -449,13 +438,7 @@ impl<'a> Direction<'a> {
                 Ok(0) => self.fin = Fin::Read,
                 Ok(n) => {
                     self.len = n;
-                    Self::read(
-                        &mut self.last_progress,
-                        &mut self.burst,
-                        n,
-                        Instant::now(),
-                        self.answered,
-                    );
+                    Self::read(&mut self.last_progress, &mut self.burst, n, Instant::now());
                     if self.judge_requests
                         && let Some(b) = &self.burst
                     {
@@ -569,13 +552,7 @@ impl<'a> Direction<'a> {
                 Ok(0) => self.fin = Fin::Read,
                 Ok(n) => {
                     self.in_pipe = n;
-                    Self::read(
-                        &mut self.last_progress,
-                        &mut self.burst,
-                        n,
-                        Instant::now(),
-                        self.answered,
-                    );
+                    Self::read(&mut self.last_progress, &mut self.burst, n, Instant::now());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(at(rd)(e))),
@@ -731,7 +708,6 @@ impl<'a> Pump<'a> {
     /// Moves bytes until something the connection must act on happens. Cancel-safe: all
     /// state lives in the pump, so it can sit in a `select!` and be polled again.
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
-        self.up.answered = self.down.last_progress;
         // The server spoke since the client's last read: the client's next bytes begin a
         // new burst (its next request), however soon after the answer they come.
         if self.up.judge_requests

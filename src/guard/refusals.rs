@@ -54,6 +54,8 @@ impl Count {
 #[derive(Debug)]
 pub(crate) struct Refusals {
     map: DashMap<SourceKey, Count>,
+    /// Something was counted in this window.
+    any: std::sync::atomic::AtomicBool,
     started: std::sync::Mutex<Instant>,
 }
 
@@ -61,6 +63,7 @@ impl Default for Refusals {
     fn default() -> Self {
         Refusals {
             map: DashMap::new(),
+            any: std::sync::atomic::AtomicBool::new(false),
             started: std::sync::Mutex::new(Instant::now()),
         }
     }
@@ -74,11 +77,14 @@ impl Refusals {
         } else if self.map.len() < MAX_KEYS {
             self.map.entry(key).or_default().add(own);
         }
+        // After the insert, so a window that starts between them does not lose it.
+        self.any.store(true, Ordering::Relaxed);
     }
 
-    /// Whether `key` was counted in this window. One relaxed look when nobody was.
+    /// Whether `key` was counted in this window. One relaxed load when nobody was (a
+    /// DashMap's `is_empty` would lock every shard, on every admission).
     pub fn has(&self, key: &SourceKey) -> bool {
-        !self.map.is_empty() && self.map.contains_key(key)
+        self.any.load(Ordering::Relaxed) && self.map.contains_key(key)
     }
 
     /// Every source's count, whatever made it.
@@ -104,6 +110,7 @@ impl Refusals {
             return;
         };
         if started.elapsed() >= WINDOW {
+            self.any.store(false, Ordering::Relaxed);
             self.map.clear();
             self.map.shrink_to_fit();
             *started = Instant::now();

@@ -59,11 +59,6 @@ pub enum Stall {
 }
 
 impl ConnCtl {
-    /// Whether the connection's last progress check found bytes waiting for its peer.
-    pub fn is_blocked(&self) -> bool {
-        self.stall() == Stall::Blocked
-    }
-
     /// What the last progress check saw.
     pub fn stall(&self) -> Stall {
         match self.stall.load(Ordering::Relaxed) {
@@ -96,11 +91,6 @@ impl ConnCtl {
     /// Call with the connection's entry locked, when counting it in `proven`.
     pub(crate) fn set_proven(&self) {
         self.proven.store(true, Ordering::Relaxed);
-    }
-
-    /// Set by the connection at each progress check: blocked, or else idle.
-    pub fn set_blocked(&self, blocked: bool) {
-        self.set_stall(if blocked { Stall::Blocked } else { Stall::Idle });
     }
 
     /// Marks the connection as waiting for a slot, or not. Call with its entry locked.
@@ -193,6 +183,18 @@ impl SourceEntry {
             .count()
     }
 
+    /// One connection of the source is gone (it ended, or was evicted): its counts go,
+    /// with what its flags say it was counted in. Call with the entry locked.
+    pub fn release(&mut self, ctl: &ConnCtl) {
+        self.conns = self.conns.saturating_sub(1);
+        if ctl.is_proven() {
+            self.proven = self.proven.saturating_sub(1);
+        }
+        if ctl.is_holding() {
+            self.holding = self.holding.saturating_sub(1);
+        }
+    }
+
     /// Connections admitted (not waiting for a slot) that have not completed an exchange.
     pub fn unproven(&self) -> u32 {
         self.conns
@@ -258,13 +260,7 @@ impl SourceTable {
     ) -> Option<Arc<ConnCtl>> {
         let slot = *e.slots(s).keys().find(|&&slot| slot != spare)?;
         let ctl = self.unlist(e, key, s, slot)?;
-        e.conns -= 1;
-        if ctl.is_proven() {
-            e.proven = e.proven.saturating_sub(1);
-        }
-        if ctl.is_holding() {
-            e.holding = e.holding.saturating_sub(1);
-        }
+        e.release(&ctl);
         ctl.mark();
         Some(ctl)
     }
@@ -282,7 +278,7 @@ impl SourceTable {
             }
             ctl.set_waiting(false);
             e.provisional = e.provisional.saturating_sub(1);
-            e.conns = e.conns.saturating_sub(1);
+            e.release(ctl);
             ctl.mark();
         }
         self.remove_if_empty(key);

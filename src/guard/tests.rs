@@ -471,13 +471,13 @@ fn a_source_whose_connections_are_stuck_gets_no_provisional_slot() {
     assert!(p.is_provisional());
     drop(p);
     // One slow reader of four: still a wait.
-    held[0].ctl().set_blocked(true);
+    held[0].ctl().set_stall(Stall::Blocked);
     assert!(g.admit(ip("198.18.0.1")).unwrap().is_provisional());
     // Half of them slow readers: no wait, refused at the cap.
-    held[1].ctl().set_blocked(true);
+    held[1].ctl().set_stall(Stall::Blocked);
     assert_eq!(g.admit(ip("198.18.0.1")).unwrap_err(), Reject::SourceConns);
     // Taking bytes again: the wait is back.
-    held[1].ctl().set_blocked(false);
+    held[1].ctl().set_stall(Stall::Idle);
     assert!(g.admit(ip("198.18.0.1")).unwrap().is_provisional());
     drop(held);
     assert_eq!(g.snapshot(), GuardSnapshot::default());

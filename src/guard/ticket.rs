@@ -493,13 +493,7 @@ impl Drop for Ticket {
                 if self.provisional {
                     e.provisional = e.provisional.saturating_sub(1);
                 }
-                if self.ctl.is_proven() {
-                    e.proven = e.proven.saturating_sub(1);
-                }
-                if self.ctl.is_holding() {
-                    e.holding = e.holding.saturating_sub(1);
-                }
-                e.conns = e.conns.saturating_sub(1);
+                e.release(&self.ctl);
             }
             sh.table.remove_if_empty(key);
             if self.provisional {
