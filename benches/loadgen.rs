@@ -9,7 +9,7 @@
 //!                [--closed [--pause-ms 0]]
 //! loadgen attack --kind silent|halfclose|slowread|churn|drip --target 127.0.0.1:17080
 //!                (--src 127.0.0.3 | --sources 200) --conns 4000 --rate 1000 --secs 30
-//!                [--path /big] [--every 2000]
+//!                [--path /big] [--every 2000] [--rcvbuf 1024] [--read-bps 1024]
 //! ```
 //! - `echo` is a backend that echoes what it reads.
 //! - `cps` opens, exchanges `--payload` bytes with, and closes connections from `--conns`
@@ -30,7 +30,9 @@
 //!   (`GET / HTTP/1.1`) and then a header that never ends, one byte every `--every`
 //!   milliseconds (the slow-drip or slowloris attack). `--sources N` spreads the connections
 //!   evenly over N addresses, 127.0.1.1 to 127.0.1.N (a many-source flood), instead of one
-//!   `--src`. It prints one JSON line.
+//!   `--src`. `--rcvbuf` sets the attacker sockets' `SO_RCVBUF` before they connect (a client
+//!   that offers a tiny window); `--read-bps` makes a `slowread` connection take that many
+//!   bytes a second instead of none. It prints one JSON line.
 //!
 //! Every address (target, listen, source) must be a loopback address. Run without
 //! arguments (as `cargo test --all-targets` does), it exits at once, silently.
@@ -142,11 +144,24 @@ fn main() {
 /// (`IP_BIND_ADDRESS_NO_PORT`), so a bound source does not exhaust ports as fast as a plain
 /// `bind(ip:0)` would.
 async fn connect_from(src: Option<IpAddr>, target: SocketAddr) -> std::io::Result<TcpStream> {
+    connect_with(src, target, None).await
+}
+
+/// `connect_from` with the socket's receive buffer set before the handshake (so the window
+/// the client offers is that small from its SYN on), as a client with `SO_RCVBUF` does.
+async fn connect_with(
+    src: Option<IpAddr>,
+    target: SocketAddr,
+    rcvbuf: Option<u32>,
+) -> std::io::Result<TcpStream> {
     let sock = if target.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
+    if let Some(bytes) = rcvbuf {
+        sock.set_recv_buffer_size(bytes)?;
+    }
     if let Some(ip) = src {
         let one: libc::c_int = 1;
         // SAFETY: setsockopt reads one c_int we own, on a socket we own.
@@ -512,6 +527,8 @@ struct AttackStats {
     max_live: AtomicUsize,
     /// Bytes the drip sent after its request line.
     dripped: AtomicU64,
+    /// Bytes the slow readers took (`--read-bps`).
+    read: AtomicU64,
     /// How long each connection the target ended had lived, in milliseconds.
     lifetimes_ms: Mutex<Vec<u32>>,
     /// Failed connects by cause (errno name, or "timeout").
@@ -571,17 +588,55 @@ async fn drip(s: &mut TcpStream, every: Duration, end: Instant, st: &AttackStats
 
 /// One attacker connection: connect, do what the kind does, then hold until the target ends
 /// the connection or the attack ends.
+/// How a client socket behaves beyond its kind: its receive buffer, and how many bytes a
+/// second a `slowread` connection takes (0: none).
+#[derive(Clone, Copy)]
+struct Reader {
+    rcvbuf: Option<u32>,
+    bps: u64,
+}
+
+/// A slow reader: `bps` bytes a second in one read each second, until the target ends the
+/// connection or the attack ends. Returns true when the target ended it.
+async fn read_slowly(s: &mut TcpStream, bps: u64, end: Instant, st: &AttackStats) -> bool {
+    let mut buf = vec![0u8; bps.clamp(1, 1 << 20) as usize];
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            return false;
+        }
+        tokio::time::sleep((end - now).min(Duration::from_secs(1))).await;
+        if Instant::now() >= end {
+            return false;
+        }
+        match tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(n)) => {
+                st.read.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                if !peer_holds(s) {
+                    return true;
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn attack_one(
     kind: Kind,
     src: Option<IpAddr>,
     target: SocketAddr,
     req: Arc<[u8]>,
     every: Duration,
+    reader: Reader,
     end: Instant,
     st: Arc<AttackStats>,
 ) {
     st.attempts.fetch_add(1, Ordering::Relaxed);
-    let s = match tokio::time::timeout(Duration::from_secs(3), connect_from(src, target)).await {
+    let connect = connect_with(src, target, reader.rcvbuf);
+    let s = match tokio::time::timeout(Duration::from_secs(3), connect).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             st.connect_failed(format!("{:?}", e.kind()));
@@ -608,6 +663,12 @@ async fn attack_one(
             }
             if kind == Kind::Drip {
                 if drip(&mut s, every, end, &st).await {
+                    st.ended(born);
+                }
+                return;
+            }
+            if kind == Kind::SlowRead && reader.bps > 0 {
+                if read_slowly(&mut s, reader.bps, end, &st).await {
                     st.ended(born);
                 }
                 return;
@@ -655,6 +716,12 @@ async fn attack(args: &Args, secs: u64) {
     let conns = (args.num("--conns", 1000) as usize).clamp(1, MAX_ATTACK_CONNS);
     let rate = args.num("--rate", 1000).clamp(1, MAX_ATTACK_RATE);
     let every = Duration::from_millis(args.num("--every", 2000).clamp(MIN_EVERY_MS, MAX_EVERY_MS));
+    let reader = Reader {
+        rcvbuf: args
+            .get("--rcvbuf")
+            .map(|_| args.num("--rcvbuf", 0).clamp(256, 8 << 20) as u32),
+        bps: args.num("--read-bps", 0).min(1 << 20),
+    };
     let path = args.get("--path").unwrap_or("/big").to_string();
     let req: Arc<[u8]> = match kind {
         Kind::Drip => b"GET / HTTP/1.1\r\n".as_slice().into(),
@@ -693,7 +760,7 @@ async fn attack(args: &Args, secs: u64) {
             let (st, req, per_source, src) =
                 (st.clone(), req.clone(), per_source.clone(), sources[i]);
             tasks.spawn(async move {
-                attack_one(kind, src, target, req, every, end, st.clone()).await;
+                attack_one(kind, src, target, req, every, reader, end, st.clone()).await;
                 per_source[i].fetch_sub(1, Ordering::Relaxed);
                 st.live.fetch_sub(1, Ordering::Relaxed);
             });
@@ -733,6 +800,7 @@ async fn attack(args: &Args, secs: u64) {
             "ended_by_target": st.ended_by_target.load(Ordering::Relaxed),
             "max_live": st.max_live.load(Ordering::Relaxed),
             "dripped_bytes": st.dripped.load(Ordering::Relaxed),
+            "read_bytes": st.read.load(Ordering::Relaxed),
             "lifetime_ms_p50": life_pct(0.50), "lifetime_ms_p90": life_pct(0.90),
             "connect_errors_by": *st.errors.lock().expect("errors"),
         })

@@ -27,6 +27,9 @@ import sys
 import time
 import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kmem  # noqa: E402  (beside this file)
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 PEERS = os.path.join(ROOT, "benches", "peers")
 WORK = os.path.join(ROOT, "target", "compare")
@@ -863,6 +866,9 @@ def phase_attack(env, res):
                                       str(rate), "--secs", str(secs), "--path", "/big"],
                                 "attacker")
             lg = legit(env, port, secs)
+            base_mem, _ = kmem.tcp_mem_bytes()
+            sampler = kmem.Sampler()
+            sampler.start()
             samples = []
             for at in samples_at:
                 time.sleep(max(0.0, t0 + at - time.monotonic()))
@@ -871,11 +877,14 @@ def phase_attack(env, res):
                                 "fds": fd_count(pids), "rss_kib": rss_kib(pids)})
             a = finish_loadgen(atk, secs + 20)
             l = finish_loadgen(lg, secs + 20)
+            sampler.done()
             alive = p.poll() is None
             env.stop_proxy(p)
             out["attacks"][f"{kind}/{name}"] = {"legit": l, "attacker": a, "samples": samples,
                                                 "idle": idle, "cap": caps_for(name, kind),
-                                                "proxy_alive": alive}
+                                                "proxy_alive": alive,
+                                                "peak_tcp_mem_bytes": max(0, sampler.peak
+                                                                          - base_mem)}
             log(f"  attack {kind:9} {name:9}: legit {l and l['success_pct']:.4}% "
                 f"p99 {l and l['p99_us']} us; held "
                 f"{[s['held'] for s in samples]} (kernel {[s['kernel'] for s in samples]}); "
@@ -1197,6 +1206,8 @@ def table(res):
             add(f"{kind}: cap on attacker sockets", {n: e[n]["cap"] for n in NAMES}, digits=0)
             add(f"{kind}: attacker sockets in the kernel at 30 s (held + orphans + accept queue)",
                 {n: e[n]["samples"][-1]["kernel"] for n in NAMES}, digits=0, better="lower")
+            add(f"{kind}: peak host TCP memory over idle (MB)",
+                {n: e[n].get("peak_tcp_mem_bytes", 0) / 1e6 for n in NAMES}, better="lower")
             add(f"{kind}: proxy descriptors at 30 s",
                 {n: e[n]["samples"][-1]["fds"] for n in NAMES}, digits=0, better="lower")
             add(f"{kind}: proxy RSS at 30 s (MiB)",
@@ -1252,6 +1263,8 @@ def table(res):
                 {n: ((e[n]["attacker"] or {}).get("lifetime_ms_p50") or 0) / 1000
                  if (e[n]["attacker"] or {}).get("ended_by_target") else None for n in NAMES},
                 digits=1)
+    if "kmem" in res:
+        kmem.table_rows(sys.modules[__name__], res, add)
     if "busy" in res:
         b = res["busy"]
         for c in BUSY_CONCURRENCY:
@@ -1335,6 +1348,8 @@ def targets(res):
                         e["fds_max"] is not None and e["fds_max"] <= e["fds_cap"],
                         f"at most {e['fds_max']} vs {e['idle']['fds']} idle + 2 x "
                         f"{DRIP['max_conns']} = {e['fds_cap']}"))
+    if "kmem" in res:
+        out += kmem.targets(res)
     if "busy" in res:
         b = res["busy"]
         for c in BUSY_CONCURRENCY:
@@ -1358,7 +1373,7 @@ def main():
     ap.add_argument("--halfguard", required=True)
     ap.add_argument("--loadgen", required=True)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--only", default="bulk,rate,memory,attack,drip,busy")
+    ap.add_argument("--only", default="bulk,rate,memory,attack,kmem,drip,busy")
     ap.add_argument("--bulk-secs", type=int, default=4)
     ap.add_argument("--wrk-secs", type=int, default=5)
     ap.add_argument("--wrk-conns", type=int, default=64)
@@ -1370,6 +1385,9 @@ def main():
     ap.add_argument("--proxies", default=",".join(NAMES),
                     help="a subset of halfguard,haproxy,nginx, for a quick look at one "
                          "(the table compares only what ran)")
+    ap.add_argument("--cgroup", action="store_true",
+                    help="the kmem phase runs each proxy in a cgroup v1 memory group of 256 MiB "
+                         "(TCP memory limited to the same)")
     ap.add_argument("--cluster", action="store_true",
                     help="halfguard with [cluster] on, against a redis-server this run starts "
                          f"on 127.0.0.1:{CLUSTER_REDIS_PORT}")
@@ -1380,10 +1398,10 @@ def main():
         sys.exit(f"compare: --proxies takes a subset of {','.join(NAMES)}: {args.proxies}")
     NAMES[:] = [n for n in NAMES if n in chosen]
     phases = set(args.only.split(","))
-    unknown = phases - {"bulk", "rate", "memory", "attack", "drip", "busy"}
+    unknown = phases - {"bulk", "rate", "memory", "attack", "kmem", "drip", "busy"}
     if unknown:
         sys.exit(f"compare: unknown phase(s) {sorted(unknown)}: "
-                 f"--only takes bulk,rate,memory,attack,drip,busy")
+                 f"--only takes bulk,rate,memory,attack,kmem,drip,busy")
     args.attack_secs = max(12, min(args.attack_secs, 60))
     args.busy_secs = max(1, min(args.busy_secs, 30))
     try:
@@ -1462,6 +1480,12 @@ def main():
             log(f"== legit service under attack (guard profile; legit {LEGIT_SRC} at "
                 f"{LEGIT_RATE}/s, attacker {ATTACK_SRC}, {args.attack_secs} s)")
             phase_attack(env, res)
+        if "kmem" in phases:
+            log(f"== kernel TCP memory under floods of clients that do not read (guard "
+                f"profile; GET /big, client SO_RCVBUF 1 KiB; legit {LEGIT_SRC} at "
+                f"{LEGIT_RATE}/s; {args.attack_secs} s"
+                + ("; each proxy in a 256 MiB memory cgroup" if args.cgroup else "") + ")")
+            kmem.phase_kmem(sys.modules[__name__], env, res)
         if "drip" in phases:
             log(f"== many-source slow drip (drip profile; {DRIP['sources']} sources x "
                 f"{DRIP['per_source']} from {DRIP_ATTACK_PREFIX}1-{DRIP['sources']}, a byte every "

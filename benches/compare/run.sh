@@ -2,8 +2,8 @@
 # halfguard side by side with HAProxy and nginx, on loopback: one command from a clean clone
 # on Debian.
 #
-#   bash benches/compare/run.sh [--reps N] [--only bulk,rate,memory,attack,drip,busy]
-#       [--attack-secs S] [--drip-every MS,MS] [--busy-secs S] [--proxies halfguard,...] [--cluster]
+#   bash benches/compare/run.sh [--reps N] [--only bulk,rate,memory,attack,kmem,drip,busy]
+#       [--attack-secs S] [--cgroup] [--drip-every MS,MS] [--busy-secs S] [--proxies halfguard,...] [--cluster]
 #
 # Installs what is missing (haproxy, nginx with the stream module, iperf3, wrk, iproute2,
 # python3) with apt-get, builds halfguard and the load generator (benches/loadgen.rs) in
