@@ -398,5 +398,7 @@ fn page_size() -> u64 {
     u64::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
 }
 
+pub mod peer;
+
 #[cfg(test)]
 mod tests;

@@ -76,12 +76,14 @@ pub const DEFAULT_MAX_FIRST_MESSAGE: u32 = 32 * 1024;
 const FIRST_MESSAGE_BOUNDS: std::ops::RangeInclusive<u32> = 256..=1024 * 1024;
 
 /// Bytes queued toward one source's clients (its connections' kernel send queues, and what
-/// their backends sent that halfguard has not read): 16 MB is a hundred connections'
-/// worth at `tcp.notsent_lowat`, and four of a client that stopped reading a big answer.
+/// their backends sent that halfguard has not read, and their own queues on this host):
+/// 16 MB is a hundred connections' worth at `tcp.notsent_lowat`, and four of a client that
+/// stopped reading a big answer from a backend on loopback.
 pub const DEFAULT_MAX_QUEUED_PER_SOURCE: u64 = 16 << 20;
-/// Bytes queued toward one listener's clients: 256 MB, a tenth of a typical host's
-/// `tcp_mem`, so that clients that stop reading cannot take the whole host's TCP memory.
-pub const DEFAULT_MAX_QUEUED: u64 = 256 << 20;
+/// Bytes queued toward one listener's clients: 64 MiB, so that clients that stop reading
+/// take neither the host's `tcp_mem` nor a 256 MiB sidecar's memory (socket buffers are
+/// charged to the container on cgroup v2), counting the backends' queues on this host.
+pub const DEFAULT_MAX_QUEUED: u64 = 64 << 20;
 
 /// A grace longer than this is a clock, not a grace.
 const MAX_GRACE: Duration = Duration::from_secs(60);

@@ -25,6 +25,7 @@ mod holding;
 mod open;
 mod policy;
 mod pump;
+mod weight;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -20,6 +20,7 @@ use tokio::time::{Instant, sleep_until};
 
 use super::clocks::{FIRST_STALL_CHECK, Progress, RECHECK, STALL_WINDOW, open_due};
 use super::pump::{Event, KernelQueues, Pump, Side};
+use super::weight::Weight;
 use super::{End, ListenerCtx, Watched, expire};
 use crate::backend::Lease;
 use crate::guard::{Refused, Stall, Ticket};
@@ -129,6 +130,8 @@ impl Open<'_> {
             yields: None,
         };
         let mut sleep = pin!(sleep_until(start + w.policy.timeouts.idle));
+        // What a client that stops taking its bytes pins, weighed for the byte caps.
+        let mut weight = Weight::new(ticket, start);
         loop {
             if let Err(end) = w.heard(ctx) {
                 return end;
@@ -192,6 +195,11 @@ impl Open<'_> {
             {
                 return End::from_refused(r);
             }
+            if weight.due().is_some_and(|at| at <= now)
+                && let Err(r) = weight.look(ticket, &pump, server, now)
+            {
+                return End::from_refused(r);
+            }
             // A half-closed connection's grace.
             if let Some((_, at)) = closed
                 && !lingering
@@ -205,6 +213,9 @@ impl Open<'_> {
             let mut wake = due.clock.map_or(now + Duration::from_secs(3600), |c| c.0);
             if let Some(r) = due.request_wake {
                 wake = wake.min(r);
+            }
+            if let Some(at) = weight.due() {
+                wake = wake.min(at);
             }
             match closed {
                 None => wake = wake.min(check.next),
@@ -226,8 +237,9 @@ impl Open<'_> {
                         drop(pump);
                         return super::delivery::delivered(ctx, ticket, client, &mut w).await;
                     }
-                    // A stall shortens the deadline: recompute it.
-                    Ok(Event::Stalled) => {}
+                    // A stall shortens the deadline: recompute it. A client that stopped
+                    // taking bytes is weighed soon.
+                    Ok(Event::Stalled) => weight.on_stall(&pump),
                     Ok(Event::Exchanged) => ticket.prove(),
                     Ok(Event::HalfClosed(side)) => {
                         // No progress check from now on: a half-closed connection yields
@@ -318,14 +330,6 @@ fn weigh_progress(
         Stall::Idle
     };
     ticket.ctl().set_stall(kind);
-    // What a client that does not take its bytes pins: its send queue, and what its
-    // backend sent that waits unread here. Counted against the byte caps (`guard::bytes`).
-    let queued = if kind == Stall::Blocked {
-        pump.queued_toward_client()
-    } else {
-        0
-    };
-    ticket.set_queued(queued).map_err(Refused::Full)?;
     if lease.yields_on_claim() {
         check.yields = Yield::of(stalled, kind, pump);
         lease.may_yield(check.yields.is_some());

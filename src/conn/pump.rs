@@ -844,6 +844,11 @@ impl<'a> Pump<'a> {
         self.down.stalled_since.is_some()
     }
 
+    /// Since when the client has not taken the server's bytes waiting for it.
+    pub fn client_blocked_since(&self) -> Option<Instant> {
+        self.down.stalled_since
+    }
+
     /// Since when some direction has bytes for a peer that takes none.
     pub fn stalled_since(&self) -> Option<Instant> {
         match (self.up.stalled_since, self.down.stalled_since) {

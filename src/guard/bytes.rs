@@ -10,8 +10,15 @@
 //! sums. Over `limits.max_queued_per_source`, the reporting connection of that source is cut
 //! (`source_queued`): a source's connections go one a second until it is under its cap. Over
 //! `limits.max_queued`, the source holding the most bytes (chosen once a second by
-//! [`Shared::choose_shedding`]) has its blocked connections cut (`queued_full`): heaviest
-//! source first, as with the other listener caps. A cut is an RST both ways, which frees the
+//! [`Shared::choose_shedding`]) and any source holding a sixty-fourth of the cap have their
+//! blocked connections cut (`queued_full`): heaviest sources first, as with the other
+//! listener caps. A source cut for its bytes is remembered (the cut record): while the
+//! listener holds more than half its cap, it gets no newcomer, and the others' newcomers do.
+//!
+//! A newcomer of a source whose connections are blocked with bytes is charged their
+//! average at admission (refused if that takes the source past its cap), until its own
+//! first look (`conn::weight`) replaces the charge with what it pins: a flood of clients
+//! that do not read meets its cap before its connections have filled their buffers. A cut is an RST both ways, which frees the
 //! client's queue at once and makes the backend drop what it still had to send.
 
 use std::sync::Arc;
@@ -37,6 +44,11 @@ impl Ticket {
         let source = match sh.table.map.get_mut(&key) {
             Some(mut e) if !self.ctl.is_evicted() => {
                 e.queued = e.queued.saturating_sub(old).saturating_add(bytes);
+                match (old, bytes) {
+                    (0, b) if b > 0 => e.blocked += 1,
+                    (o, 0) if o > 0 => e.blocked = e.blocked.saturating_sub(1),
+                    _ => {}
+                }
                 e.queued
             }
             _ => return Ok(()),
@@ -46,13 +58,21 @@ impl Ticket {
         }
         if lim.max_queued_per_source > 0 && source > lim.max_queued_per_source {
             sh.refused_key(key, Reject::SourceQueued);
+            sh.cut.count(key, true);
             return Err(Reject::SourceQueued);
         }
-        if lim.max_queued > 0
-            && sh.counts.queued.load(Ordering::Relaxed) > lim.max_queued
-            && sh.shedding.load().as_deref() == Some(&key)
+        // Over the listener's cap: the heaviest source's connections go, and those of any
+        // source holding a sixty-fourth of the cap or more (1 MiB of the default 64 MiB) as
+        // they report, so that a flood from many sources is cut within its first looks,
+        // not one source a second.
+        if sh.over_queued(&lim)
+            && (source.saturating_mul(HEAVY_SHARE) >= lim.max_queued
+                || sh.shedding.load().as_deref() == Some(&key))
         {
             sh.stats.reject(Reject::QueuedFull);
+            // Remembered: while the listener holds more than half its byte cap, this source
+            // gets no newcomer (`Guard::admit`), even once its connections are gone.
+            sh.cut.count(key, true);
             return Err(Reject::QueuedFull);
         }
         Ok(())
@@ -70,11 +90,26 @@ impl Ticket {
             && let Some(mut e) = sh.table.map.get_mut(key)
         {
             e.queued = e.queued.saturating_sub(old);
+            e.blocked = e.blocked.saturating_sub(1);
         }
     }
 }
 
+/// A source holding this fraction of the listener's byte cap or more is heavy.
+const HEAVY_SHARE: u64 = 64;
+
 impl Shared {
+    /// The listener holds more queued bytes than `max_queued`.
+    pub(super) fn over_queued(&self, lim: &crate::config::Limits) -> bool {
+        lim.max_queued > 0 && self.counts.queued.load(Ordering::Relaxed) > lim.max_queued
+    }
+
+    /// The listener holds more than half `max_queued`: room is kept for sources not yet
+    /// cut for their bytes.
+    pub(super) fn queued_past_half(&self, lim: &crate::config::Limits) -> bool {
+        lim.max_queued > 0 && self.counts.queued.load(Ordering::Relaxed) > lim.max_queued / 2
+    }
+
     /// Once a second: over `max_queued`, the source holding the most queued bytes is the one
     /// whose blocked connections are cut; under it, none. A scan of the table, made only
     /// while the listener is over its byte cap.

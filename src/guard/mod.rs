@@ -325,6 +325,12 @@ impl Guard {
         let mut provisional = false;
         let mut weight = 0;
         if let Some(key) = &key {
+            // Past half the listener's byte cap, a source already cut (for the bytes its
+            // clients leave queued, or by a clock) gets no newcomer: what it would pin is
+            // known, and the room left is the others'. One relaxed load while nobody was cut.
+            if lim.mode == Mode::Enforce && sh.cut.has(key) && sh.queued_past_half(lim) {
+                return Err(Reject::QueuedFull);
+            }
             let others = sh.others(key);
             // Non-binding look first, so a source at its cap is refused before it can cost
             // anyone an eviction. (Observing, the binding check counts it.)
@@ -406,7 +412,7 @@ impl Guard {
         let ctl = Arc::new(ConnCtl::default());
         let mut provisional = provisional;
         if let Some(key) = &key {
-            match sh.enter_source(key, lim) {
+            match sh.enter_source(key, lim, Some(&ctl)) {
                 Ok(p) => provisional = p,
                 Err(reason) => {
                     sh.give_back(Some(EvictState::HalfOpen));
@@ -704,6 +710,15 @@ fn check_source(
     others: RemoteLoad,
     hard: bool,
 ) -> Result<bool, Reject> {
+    // A source whose clients leave bytes queued gets no new connection that would take it
+    // past its byte cap, each newcomer expected to pin as much as its blocked ones do, until
+    // they take the bytes or go.
+    if lim.max_queued_per_source > 0
+        && e.queued > 0
+        && e.queued.saturating_add(e.expected_queued()) > lim.max_queued_per_source
+    {
+        return Err(Reject::SourceQueued);
+    }
     let mut provisional = false;
     let cap = lim.max_conns_per_source;
     let local = e.conns - e.provisional;
@@ -741,14 +756,19 @@ fn check_source(
 }
 
 /// A source at its connection cap whose connections all go somewhere: none stuck (silent,
-/// lingering, a slow reader, a drip), none waiting for a slot, and only a few not yet
+/// lingering, a slow reader, a drip), none whose client leaves bytes queued (weighed
+/// milliseconds after its window closes, before the stall clocks judge it), none waiting
+/// for a slot, and only a few not yet
 /// proven by an exchange (a pool opening its next connections; an attacker that opens many
 /// and proves none gets no further). Checked only for a source at its cap (it scans the
 /// stalled list).
 /// `waiter`: asked for a connection already waiting for a slot (the others waiting may
 /// then be ahead of it, and do not hold it back).
 fn pool_fits(e: &SourceEntry, cap: u32, waiter: bool) -> bool {
-    (waiter || e.provisional == 0) && e.unproven() < unproven_slack(cap) && e.stuck() == 0
+    (waiter || e.provisional == 0)
+        && e.queued == 0
+        && e.unproven() < unproven_slack(cap)
+        && e.stuck() == 0
 }
 
 /// How many connections not yet proven a source over its cap may hold: an eighth of the
@@ -790,7 +810,7 @@ impl Shared {
                 return Ok((None, None));
             };
             let net = self.enter_network(ip, lim)?;
-            let entered = self.enter_source(&key, lim).and_then(|provisional| {
+            let entered = self.enter_source(&key, lim, None).and_then(|provisional| {
                 if provisional {
                     self.undo_provisional(&key);
                     self.enforce_or_observe(key, Reject::SourceConns, lim)?;
@@ -972,12 +992,26 @@ impl Shared {
     /// Binding per-source check, then the connection is counted in its source's entry.
     /// `Ok(true)`: admitted provisionally (see [`Ticket::confirm`]). In observe mode a cap is
     /// counted and not acted on.
-    fn enter_source(&self, key: &SourceKey, lim: &Limits) -> Result<bool, Reject> {
+    /// `charge`: the newcomer's control, charged with what its source's blocked connections
+    /// pin on average until its own weight is known (`conn::weight` looks soon), so that a
+    /// flood of clients that do not read is held to its byte cap before its connections
+    /// have filled their buffers, not after.
+    fn enter_source(
+        &self,
+        key: &SourceKey,
+        lim: &Limits,
+        charge: Option<&ConnCtl>,
+    ) -> Result<bool, Reject> {
         use dashmap::mapref::entry::Entry;
         let others = self.others(key);
         match self.table.map.entry(*key) {
             Entry::Occupied(mut o) => {
                 let e = o.get_mut();
+                // Over the listener's byte cap, a source with bytes queued toward its
+                // clients gets no newcomer: the others' do.
+                if e.queued > 0 && self.over_queued(lim) && lim.mode == Mode::Enforce {
+                    return Err(Reject::QueuedFull);
+                }
                 let provisional = match check_source(e, lim, others, self.no_pools()) {
                     // Observing, nothing waits: the cap is counted and the connection goes on.
                     Ok(true) if lim.mode == Mode::Observe => {
@@ -993,6 +1027,16 @@ impl Shared {
                 };
                 e.conns += 1;
                 e.provisional += u32::from(provisional);
+                let expected = e.expected_queued();
+                if let Some(ctl) = charge
+                    && expected > 0
+                    && lim.mode == Mode::Enforce
+                {
+                    ctl.queued.store(expected, Ordering::Relaxed);
+                    e.queued += expected;
+                    e.blocked += 1;
+                    self.counts.queued.fetch_add(expected, Ordering::Relaxed);
+                }
                 Ok(provisional)
             }
             Entry::Vacant(v) => {

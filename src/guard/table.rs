@@ -59,6 +59,12 @@ pub enum Stall {
 }
 
 impl ConnCtl {
+    /// Bytes this connection is counted as pinning: as it last reported them, or as it was
+    /// charged at admission.
+    pub fn queued_bytes(&self) -> u64 {
+        self.queued.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// What the last progress check saw.
     pub fn stall(&self) -> Stall {
         match self.stall.load(Ordering::Relaxed) {
@@ -138,6 +144,10 @@ pub(crate) struct SourceEntry {
     pub proven: u32,
     /// Bytes queued toward the source's clients, as its connections last reported them.
     pub queued: u64,
+    /// Of `conns`, those counted in `queued` (reported blocked with bytes, or charged at
+    /// admission with the source's average): `queued / blocked` is what a newcomer of this
+    /// source is expected to pin.
+    pub blocked: u32,
     /// Of `conns`, those whose first message is held until whole (no backend yet).
     pub holding: u32,
     /// Silent for longer than the grace.
@@ -193,6 +203,15 @@ impl SourceEntry {
         if ctl.is_holding() {
             self.holding = self.holding.saturating_sub(1);
         }
+    }
+
+    /// What one more connection of this source is expected to pin: the average of those
+    /// blocked with bytes now (0 when none is).
+    pub fn expected_queued(&self) -> u64 {
+        if self.queued == 0 {
+            return 0;
+        }
+        self.queued / u64::from(self.blocked.max(1))
     }
 
     /// Connections admitted (not waiting for a slot) that have not completed an exchange.

@@ -727,28 +727,64 @@ fn a_source_cut_before_gets_newcomers_evictable_before_their_grace() {
 #[test]
 fn bytes_queued_are_capped_per_source_and_the_heaviest_source_sheds_first() {
     let g = guard(Limits {
-        max_queued_per_source: 1000,
-        max_queued: 1500,
+        max_queued_per_source: 40_000,
+        max_queued: 64_000,
         ..open_limits()
     });
     let a: Vec<_> = (0..2).map(|_| g.admit(ip("198.18.5.1")).unwrap()).collect();
-    let b = g.admit(ip("198.18.5.2")).unwrap();
-    assert_eq!(a[0].set_queued(600), Ok(()));
+    let b: Vec<_> = (0..2).map(|_| g.admit(ip("198.18.5.2")).unwrap()).collect();
+    let c = g.admit(ip("198.18.5.3")).unwrap();
+    assert_eq!(a[0].set_queued(30_000), Ok(()));
     // Over the source's cap: the connection reporting it is cut, counted.
-    assert_eq!(a[1].set_queued(600), Err(Reject::SourceQueued));
+    assert_eq!(a[1].set_queued(20_000), Err(Reject::SourceQueued));
     assert_eq!(g.stats().rejected(Reject::SourceQueued), 1);
     a[1].set_queued(0).unwrap();
-    assert_eq!(b.set_queued(900), Ok(()));
-    assert_eq!(g.snapshot().queued, 1500);
-    // Over the listener's: once a second the source holding the most is chosen, and only
-    // its connections are cut.
-    assert_eq!(a[0].set_queued(700), Ok(()));
+    assert_eq!(b[0].set_queued(30_000), Ok(()));
+    assert_eq!(c.set_queued(500), Ok(()));
+    assert_eq!(g.snapshot().queued, 60_500);
+    // Over the listener's: a source holding a sixty-fourth of the cap or more has its
+    // reporting connections cut; a light one (a client briefly behind) is spared.
+    assert_eq!(b[1].set_queued(5_000), Err(Reject::QueuedFull));
+    assert_eq!(c.set_queued(600), Ok(()), "a light source is spared");
+    // Past half the listener's cap, a source cut for its bytes gets no newcomer (the one
+    // cut by its own cap neither); a source never cut does.
+    assert_eq!(g.admit(ip("198.18.5.2")).err(), Some(Reject::QueuedFull));
+    assert_eq!(g.admit(ip("198.18.5.1")).err(), Some(Reject::QueuedFull));
+    let d = g
+        .admit(ip("198.18.5.4"))
+        .expect("a source never cut is admitted");
+    // Once a second the heaviest is chosen too.
     g.housekeep();
-    assert_eq!(a[0].set_queued(700), Ok(()), "198.18.5.2 holds more");
-    assert_eq!(b.set_queued(900), Err(Reject::QueuedFull));
+    assert_eq!(b[0].set_queued(30_000), Err(Reject::QueuedFull));
     // Ending gives the bytes back.
-    drop((a, b));
+    drop((a, b, c, d));
     assert_eq!(g.snapshot().queued, 0);
+    assert_eq!(g.snapshot(), GuardSnapshot::default());
+}
+
+#[test]
+fn a_newcomer_is_charged_what_its_sources_blocked_connections_pin_until_weighed() {
+    let g = guard(Limits {
+        max_queued_per_source: 25_000,
+        max_queued: 0,
+        ..open_limits()
+    });
+    let first = g.admit(ip("198.18.5.9")).unwrap();
+    assert_eq!(first.set_queued(10_000), Ok(()));
+    // The second is charged the source's average at admission...
+    let second = g.admit(ip("198.18.5.9")).unwrap();
+    assert_eq!(second.ctl().queued_bytes(), 10_000);
+    assert_eq!(g.snapshot().queued, 20_000);
+    // ...and a third would take the source past its cap: refused before it connects.
+    assert_eq!(g.admit(ip("198.18.5.9")).err(), Some(Reject::SourceQueued));
+    // Its own look replaces the charge: a client that reads pins nothing.
+    assert_eq!(second.set_queued(0), Ok(()));
+    assert_eq!(g.snapshot().queued, 10_000);
+    let third = g.admit(ip("198.18.5.9")).expect("room again");
+    // Another source is neither charged nor refused.
+    let other = g.admit(ip("198.18.5.10")).unwrap();
+    assert_eq!(other.ctl().queued_bytes(), 0);
+    drop((first, second, third, other));
     assert_eq!(g.snapshot(), GuardSnapshot::default());
 }
 

@@ -1,0 +1,124 @@
+//! What a connection whose client does not take its bytes pins, weighed soon after it
+//! blocks: the byte caps (`guard::bytes`) act on the weight before the backend's answer
+//! has filled every buffer on the way.
+//!
+//! A client that stops reading pins its send queue here, what its backend sent that waits
+//! unread in our socket, and, when the backend runs on this host, the backend's own send
+//! queue (on loopback it starts near 2.6 MB: most of the cost). All of it lands within
+//! milliseconds of the answer, so the progress check's one look a second is too late: a
+//! flood of such clients would reach every cap's worth of connections first. The first look
+//! comes [`FIRST_LOOK`] after the client's window closes, the second at [`SECOND_LOOK`]
+//! (the backend's queue has filled by then), then one a [`STALL_WINDOW`] while it stays
+//! blocked, half-closed connections included. A client that takes bytes again before a look
+//! costs nothing but that look's timer: bulk transfers block and unblock all the time.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::clocks::STALL_WINDOW;
+use super::pump::Pump;
+use crate::guard::{Refused, Ticket};
+use crate::memory::peer::{self, PeerQueue};
+
+/// How long a client's window stays closed before its bytes are weighed: longer than a
+/// reading client's window is shut between two acknowledgements on a busy link.
+pub const FIRST_LOOK: Duration = Duration::from_millis(10);
+/// The second look: the backend's send queue has filled by then.
+pub const SECOND_LOOK: Duration = Duration::from_millis(100);
+
+/// Where the backend's socket is, as far as the kernel told.
+enum Backend {
+    /// Not asked yet.
+    Unasked,
+    /// On this host: our end's address and the backend's (boxed: most connections never ask).
+    Here(Box<(SocketAddr, SocketAddr)>),
+    /// Elsewhere, or not to be found: its memory is not this host's.
+    Elsewhere,
+}
+
+pub(super) struct Weight {
+    next: Option<Instant>,
+    backend: Backend,
+}
+
+impl Weight {
+    /// A connection charged at admission with its source's expected weight is looked at
+    /// once its backend has had time to answer, blocked or not: the look replaces the
+    /// charge with what it pins.
+    pub fn new(ticket: &Ticket, now: Instant) -> Self {
+        Weight {
+            next: (ticket.ctl().queued_bytes() > 0).then(|| now + SECOND_LOOK),
+            backend: Backend::Unasked,
+        }
+    }
+
+    /// The pump reported a stall: if its client stopped taking bytes, look soon.
+    pub fn on_stall(&mut self, pump: &Pump<'_>) {
+        if self.next.is_none()
+            && let Some(since) = pump.client_blocked_since()
+        {
+            self.next = Some(since + FIRST_LOOK);
+        }
+    }
+
+    /// When the next look is due.
+    pub fn due(&self) -> Option<Instant> {
+        self.next
+    }
+
+    /// The look: a client still blocked reports what it pins (over a byte cap, the
+    /// connection is to be cut); one that took its bytes reports none.
+    pub fn look(
+        &mut self,
+        ticket: &Ticket,
+        pump: &Pump<'_>,
+        server: &TcpStream,
+        now: Instant,
+    ) -> Result<(), Refused> {
+        let Some(since) = pump.client_blocked_since() else {
+            self.next = None;
+            return ticket.set_queued(0).map_err(Refused::Full);
+        };
+        let blocked = now.saturating_duration_since(since);
+        if blocked < FIRST_LOOK {
+            self.next = Some(since + FIRST_LOOK);
+            return Ok(());
+        }
+        self.next = Some(if blocked < SECOND_LOOK {
+            since + SECOND_LOOK
+        } else {
+            now + STALL_WINDOW
+        });
+        ticket
+            .set_queued(self.queued(pump, server))
+            .map_err(Refused::Full)
+    }
+
+    /// Bytes queued toward the client: ours (its send queue, the backend's unread bytes)
+    /// and the backend's own send queue when it is on this host.
+    pub fn queued(&mut self, pump: &Pump<'_>, server: &TcpStream) -> u64 {
+        pump.queued_toward_client() + u64::from(self.backend_queue(server))
+    }
+
+    fn backend_queue(&mut self, server: &TcpStream) -> u32 {
+        if matches!(self.backend, Backend::Unasked) {
+            self.backend = match (server.local_addr(), server.peer_addr()) {
+                (Ok(l), Ok(p)) => Backend::Here(Box::new((l, p))),
+                _ => Backend::Elsewhere,
+            };
+        }
+        let Backend::Here(addrs) = &self.backend else {
+            return 0;
+        };
+        match peer::send_queue(addrs.0, addrs.1) {
+            PeerQueue::Local(q) => q,
+            PeerQueue::Elsewhere | PeerQueue::Unknown => {
+                self.backend = Backend::Elsewhere;
+                0
+            }
+        }
+    }
+}
