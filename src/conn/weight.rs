@@ -11,6 +11,9 @@
 //! (the backend's queue has filled by then), then one a [`STALL_WINDOW`] while it stays
 //! blocked, half-closed connections included. A client that takes bytes again before a look
 //! costs nothing but that look's timer: bulk transfers block and unblock all the time.
+//! Early looks count the bytes (the source's newcomers are charged and refused by them, and
+//! over the listener's cap the heavy are cut) but the source's own cap cuts a connection only
+//! once it has been blocked a [`STALL_WINDOW`]: a client that pauses is not one that left.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -92,9 +95,15 @@ impl Weight {
         } else {
             now + STALL_WINDOW
         });
-        ticket
-            .set_queued(self.queued(pump, server))
-            .map_err(Refused::Full)
+        let queued = self.queued(pump, server);
+        // Its source's cap cuts a client blocked for a progress check's window, not one
+        // that paused: until then its bytes only hold its source's newcomers back.
+        if blocked >= STALL_WINDOW {
+            ticket.set_queued(queued)
+        } else {
+            ticket.set_queued_early(queued)
+        }
+        .map_err(Refused::Full)
     }
 
     /// Bytes queued toward the client: ours (its send queue, the backend's unread bytes)

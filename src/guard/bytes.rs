@@ -31,6 +31,19 @@ impl Ticket {
     /// Reports the bytes queued toward this connection's client now (0 once it takes them
     /// again). `Err`: over a byte cap, the connection must be cut; the refusal is counted.
     pub fn set_queued(&self, bytes: u64) -> Result<(), Reject> {
+        self.report_queued(bytes, true)
+    }
+
+    /// As [`Ticket::set_queued`], for a client blocked for less than a progress check's
+    /// window: the bytes count at once (the source's newcomers are charged and refused by
+    /// them, and over the listener's cap the heavy are cut, the host's memory being at
+    /// stake), but its source's own cap does not cut it yet. A client that pauses its
+    /// downloads for a moment is not one that stopped reading.
+    pub fn set_queued_early(&self, bytes: u64) -> Result<(), Reject> {
+        self.report_queued(bytes, false)
+    }
+
+    fn report_queued(&self, bytes: u64, cut_source: bool) -> Result<(), Reject> {
         let sh = &self.shared;
         let old = self.ctl.queued.swap(bytes, Ordering::Relaxed);
         if old == bytes && bytes == 0 {
@@ -56,7 +69,7 @@ impl Ticket {
         if bytes == 0 || self.observing() {
             return Ok(());
         }
-        if lim.max_queued_per_source > 0 && source > lim.max_queued_per_source {
+        if cut_source && lim.max_queued_per_source > 0 && source > lim.max_queued_per_source {
             sh.refused_key(key, Reject::SourceQueued);
             sh.cut.count(key, true);
             return Err(Reject::SourceQueued);
