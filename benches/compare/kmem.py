@@ -71,9 +71,9 @@ class Sampler(threading.Thread):
 
 def orphans_on(run, port, pids, prefix):
     """Sockets on `port` whose peer starts with `prefix` that no process in `pids` holds,
-    not in TIME-WAIT: how many, the bytes in their send queues, and the oldest one's age in
-    seconds (from the `timer:` field's retransmit or persist clock it cannot be told; `ss
-    -tanpoeH` gives the socket's `lastsnd`, which is when it last sent: close enough)."""
+    not in TIME-WAIT: how many, the bytes in their send queues, and the oldest one's
+    `lastrcv` in seconds (`ss -i`: since it last received, which for an orphan of a client
+    that sent FIN and stopped is about its age)."""
     rc, out, err = run(["ss", "-tanpiH", "sport", "=", f":{port}"], timeout=30)
     n = queued = 0
     oldest_ms = 0

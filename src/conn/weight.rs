@@ -108,7 +108,7 @@ impl Weight {
 
     /// Bytes queued toward the client: ours (its send queue, the backend's unread bytes)
     /// and the backend's own send queue when it is on this host.
-    pub fn queued(&mut self, pump: &Pump<'_>, server: &TcpStream) -> u64 {
+    fn queued(&mut self, pump: &Pump<'_>, server: &TcpStream) -> u64 {
         pump.queued_toward_client() + u64::from(self.backend_queue(server))
     }
 

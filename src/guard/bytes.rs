@@ -18,8 +18,10 @@
 //! A newcomer of a source whose connections are blocked with bytes is charged their
 //! average at admission (refused if that takes the source past its cap), until its own
 //! first look (`conn::weight`) replaces the charge with what it pins: a flood of clients
-//! that do not read meets its cap before its connections have filled their buffers. A cut is an RST both ways, which frees the
-//! client's queue at once and makes the backend drop what it still had to send.
+//! that do not read meets its cap before its connections have filled their buffers.
+//!
+//! A cut is an RST both ways, which frees the client's queue at once and makes the backend
+//! drop what it still had to send.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -78,7 +80,7 @@ impl Ticket {
         // source holding a sixty-fourth of the cap or more (1 MiB of the default 64 MiB) as
         // they report, so that a flood from many sources is cut within its first looks,
         // not one source a second.
-        if sh.over_queued(&lim)
+        if sh.queued_over(&lim, 1)
             && (source.saturating_mul(HEAVY_SHARE) >= lim.max_queued
                 || sh.shedding.load().as_deref() == Some(&key))
         {
@@ -112,15 +114,10 @@ impl Ticket {
 const HEAVY_SHARE: u64 = 64;
 
 impl Shared {
-    /// The listener holds more queued bytes than `max_queued`.
-    pub(super) fn over_queued(&self, lim: &crate::config::Limits) -> bool {
-        lim.max_queued > 0 && self.counts.queued.load(Ordering::Relaxed) > lim.max_queued
-    }
-
-    /// The listener holds more than half `max_queued`: room is kept for sources not yet
-    /// cut for their bytes.
-    pub(super) fn queued_past_half(&self, lim: &crate::config::Limits) -> bool {
-        lim.max_queued > 0 && self.counts.queued.load(Ordering::Relaxed) > lim.max_queued / 2
+    /// The listener holds more queued bytes than `max_queued / divisor` (1: over its cap;
+    /// 2: past half of it, where room is kept for sources not yet cut for their bytes).
+    pub(super) fn queued_over(&self, lim: &crate::config::Limits, divisor: u64) -> bool {
+        lim.max_queued > 0 && self.counts.queued.load(Ordering::Relaxed) > lim.max_queued / divisor
     }
 
     /// Once a second: over `max_queued`, the source holding the most queued bytes is the one

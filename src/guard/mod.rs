@@ -328,7 +328,7 @@ impl Guard {
             // Past half the listener's byte cap, a source already cut (for the bytes its
             // clients leave queued, or by a clock) gets no newcomer: what it would pin is
             // known, and the room left is the others'. One relaxed load while nobody was cut.
-            if lim.mode == Mode::Enforce && sh.cut.has(key) && sh.queued_past_half(lim) {
+            if lim.mode == Mode::Enforce && sh.cut.has(key) && sh.queued_over(lim, 2) {
                 return Err(Reject::QueuedFull);
             }
             let others = sh.others(key);
@@ -1009,7 +1009,7 @@ impl Shared {
                 let e = o.get_mut();
                 // Over the listener's byte cap, a source with bytes queued toward its
                 // clients gets no newcomer: the others' do.
-                if e.queued > 0 && self.over_queued(lim) && lim.mode == Mode::Enforce {
+                if e.queued > 0 && self.queued_over(lim, 1) && lim.mode == Mode::Enforce {
                     return Err(Reject::QueuedFull);
                 }
                 let provisional = match check_source(e, lim, others, self.no_pools()) {

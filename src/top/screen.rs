@@ -12,7 +12,7 @@ use std::time::Duration;
 use ratatui::DefaultTerminal;
 use ratatui::widgets::Paragraph;
 
-use super::app::{Action, App, Fetched, Key};
+use super::app::{Action, App, Fetched};
 use super::endpoint::Endpoint;
 use super::input::{self, Input};
 use super::signals::Signals;
@@ -108,7 +108,7 @@ fn event_loop(
         for key in keys {
             // A seam for the test that a panic gives the terminal back (debug builds only).
             #[cfg(debug_assertions)]
-            if let Key::Char(c) = key
+            if let super::app::Key::Char(c) = key
                 && std::env::var("HALFGUARD_TOP_PANIC_KEY").is_ok_and(|v| v == c.to_string())
             {
                 panic!("HALFGUARD_TOP_PANIC_KEY {c} pressed");
