@@ -102,6 +102,10 @@ pub(crate) struct Shared {
     shedding: ArcSwapOption<SourceKey>,
     /// Connections per network (the coarser prefix of `max_conns_per_network`).
     networks: dashmap::DashMap<SourceKey, u32>,
+    /// Entries in `networks`, kept beside it as the source table's `len` is: a DashMap's
+    /// `len` read-locks every shard (four per CPU), and a network's first connection checked
+    /// the bound with it.
+    networks_len: AtomicUsize,
     /// The other replicas' loads (`[cluster]`); `None` for a single node.
     remote: ArcSwapOption<Remote>,
     /// `remote` holds a view: a single node's admission checks this one relaxed load and
@@ -237,6 +241,7 @@ impl Guard {
                 cut: Refusals::default(),
                 shedding: ArcSwapOption::empty(),
                 networks: dashmap::DashMap::new(),
+                networks_len: AtomicUsize::new(0),
                 remote: ArcSwapOption::empty(),
                 has_remote: AtomicBool::new(false),
                 counting: AtomicBool::new(false),
@@ -1069,32 +1074,52 @@ impl Shared {
             return Ok(None);
         }
         let net = SourceKey::new(ip, lim.network_ipv4_prefix, lim.network_ipv6_prefix);
-        let mut n = match self.networks.get_mut(&net) {
-            Some(n) => n,
-            None => {
-                // Networks are fewer than sources: the same bound keeps memory bounded.
-                if self.networks.len() >= lim.max_sources as usize {
-                    return Err(Reject::SourcesFull);
-                }
-                self.networks.entry(net).or_insert(0)
-            }
-        };
+        // Networks are fewer than sources: the same bound keeps memory bounded.
+        let mut n = self
+            .network_entry(net, lim.max_sources as usize)
+            .ok_or(Reject::SourcesFull)?;
         if *n >= lim.max_conns_per_network {
             drop(n);
             let source = SourceKey::new(ip, lim.ipv4_prefix, lim.ipv6_prefix);
             self.enforce_or_observe(source, Reject::NetworkConns, lim)?;
-            n = self.networks.entry(net).or_insert(0);
+            n = self
+                .network_entry(net, usize::MAX)
+                .ok_or(Reject::SourcesFull)?;
         }
         *n += 1;
         Ok(Some(net))
     }
 
-    /// A connection counted in `net` ends.
-    pub(crate) fn leave_network(&self, net: &SourceKey) {
-        if let Some(mut n) = self.networks.get_mut(net) {
-            *n = n.saturating_sub(1);
+    /// `net`'s count, made (at 0) if there is none and fewer than `max` networks are counted.
+    /// One lookup, one shard lock.
+    fn network_entry(
+        &self,
+        net: SourceKey,
+        max: usize,
+    ) -> Option<dashmap::mapref::one::RefMut<'_, SourceKey, u32>> {
+        use dashmap::mapref::entry::Entry;
+        match self.networks.entry(net) {
+            Entry::Occupied(o) => Some(o.into_ref()),
+            Entry::Vacant(v) => {
+                if self.networks_len.fetch_add(1, Ordering::Relaxed) >= max {
+                    self.networks_len.fetch_sub(1, Ordering::Relaxed);
+                    return None;
+                }
+                Some(v.insert(0))
+            }
         }
-        self.networks.remove_if(net, |_, n| *n == 0);
+    }
+
+    /// A connection counted in `net` ends. One lock of its shard for the count and the
+    /// removal.
+    pub(crate) fn leave_network(&self, net: &SourceKey) {
+        let gone = self.networks.remove_if_mut(net, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+        if gone.is_some() {
+            self.networks_len.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Takes back a provisional admission counted by [`Shared::enter_source`].

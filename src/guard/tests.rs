@@ -572,9 +572,14 @@ fn a_network_of_sources_has_its_own_cap() {
         g.admit(ip("2001:db8:0:ff::1")).unwrap_err(),
         Reject::NetworkConns
     );
+    // The count kept beside the network table (its bound) follows it.
+    let counted = |g: &Guard| g.shared.networks_len.load(Ordering::Relaxed);
+    assert_eq!(counted(&g), g.shared.networks.len());
+    assert!(counted(&g) >= 2);
     drop((held, v6, _other, _again));
     assert_eq!(g.snapshot(), GuardSnapshot::default());
     assert!(g.shared.networks.is_empty());
+    assert_eq!(counted(&g), 0);
 }
 
 #[test]

@@ -482,20 +482,31 @@ impl Drop for Ticket {
             return;
         }
         if let Some(key) = &self.key {
-            if let Some(mut e) = sh.table.map.get_mut(key) {
+            // One lookup and one lock of the entry's shard both give the counts back and
+            // drop the entry once empty (the shard's lock word is written by every thread
+            // that takes it).
+            let mut evicted = false;
+            let gone = sh.table.map.remove_if_mut(key, |_, e| {
                 // Re-check under the lock: an evictor may have won the race.
                 if self.ctl.is_evicted() {
-                    return;
+                    evicted = true;
+                    return false;
                 }
                 if let Some((s, slot)) = self.listed {
-                    sh.table.unlist(&mut e, key, s, slot);
+                    sh.table.unlist(e, key, s, slot);
                 }
                 if self.provisional {
                     e.provisional = e.provisional.saturating_sub(1);
                 }
                 e.release(&self.ctl);
+                e.is_empty()
+            });
+            if evicted {
+                return;
             }
-            sh.table.remove_if_empty(key);
+            if gone.is_some() {
+                sh.table.len.fetch_sub(1, Ordering::Relaxed);
+            }
             if self.provisional {
                 sh.waiting.leave(&self.ctl);
             }
