@@ -1,9 +1,12 @@
 # Sourced by the measurement scripts: builds halfguard and loadgen in release, sets $HG (or
 # takes HG_BIN, another build of halfguard to compare, e.g. an older commit's) and $LOADGEN, stops every PID pushed onto `pids` when the script exits, and starts the perf
 # profile's peers (perf_peers_files, perf_peers_start).
-cargo build --release --bin halfguard --bench loadgen >/dev/null 2>&1
+# loadgen in a target directory of its own: built beside a bench, halfguard gets the
+# dev-dependencies' features (tokio's test-util: a lock at every clock reading).
+cargo build --release --bin halfguard >/dev/null 2>&1
+CARGO_TARGET_DIR=target/loadgen cargo build --release --bench loadgen >/dev/null 2>&1
 HG=${HG_BIN:-target/release/halfguard}
-LOADGEN=$(ls -t target/release/deps/loadgen-* | grep -v '\.d$' | head -1)
+LOADGEN=$(ls -t target/loadgen/release/deps/loadgen-* | grep -v '\.d$' | head -1)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT

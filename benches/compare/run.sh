@@ -41,8 +41,11 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 echo "== building halfguard and benches/loadgen.rs (release)" >&2
+# loadgen in a target directory of its own: a bench target builds the package's binaries
+# too, with the dev-dependencies' features (tokio's test-util, whose clock takes a lock at
+# every reading), and would leave that halfguard in target/release.
 cargo build --release --bin halfguard >&2
-loadgen=$(cargo build --release --bench loadgen --message-format=json 2>/dev/null |
+loadgen=$(CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}/loadgen cargo build --release --bench loadgen --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
 for l in sys.stdin:
     j = json.loads(l)

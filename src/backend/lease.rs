@@ -38,6 +38,12 @@ impl Lease {
         self.down.cancelled().await
     }
 
+    /// Whether [`Lease::aborted`] has resolved or would: a flag read, for a waiter that is
+    /// not polled again until it says so.
+    pub fn is_aborted(&self) -> bool {
+        self.down.is_cancelled()
+    }
+
     /// Whether the slot is one a queued client may claim (the server has `max_conns`): only
     /// then is it worth telling [`Lease::may_yield`].
     pub fn yields_on_claim(&self) -> bool {

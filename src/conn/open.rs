@@ -111,6 +111,10 @@ impl Open<'_> {
         // Only under a server's `max_conns` (boxed: nothing in the task otherwise).
         let mut claim = lease.yields_on_claim().then(|| Box::pin(lease.claimed()));
         let mut bell = pin!(w.next_ring(ctx));
+        // Whether each waiter holds the task's waker (see `Waiter`), and the bell's count of
+        // rings when its waiter was made.
+        let (mut evicted_w, mut lease_w, mut bell_w) = (Waiter::NEW, Waiter::NEW, Waiter::NEW);
+        let mut bell_at = ctx.guard.bell().rung();
         // Who sent FIN, and when: the half-closed clock counts from the later of that moment
         // and the last progress in the still-open direction, never from before the FIN.
         let mut closed: Option<(Side, Instant)> = None;
@@ -227,9 +231,13 @@ impl Open<'_> {
             }
             tokio::select! {
                 biased;
-                _ = &mut evicted => return End::Evicted,
+                _ = poll_fn(|cx| evicted_w.poll(evicted.as_mut(), ctl.is_evicted(), cx)) => {
+                    return End::Evicted;
+                }
                 // The server was marked down and its pool aborts its connections.
-                _ = &mut lease_down => return End::Backend,
+                _ = poll_fn(|cx| lease_w.poll(lease_down.as_mut(), lease.is_aborted(), cx)) => {
+                    return End::Backend;
+                }
                 ev = poll_fn(|cx| pump.poll_event(cx)) => match ev {
                     Ok(Event::Closed) => {
                         lease.may_yield(false);
@@ -276,9 +284,45 @@ impl Open<'_> {
                 // Progress may have moved the deadline since: the loop recomputes it.
                 _ = &mut sleep => {}
                 // Pressure, a reload or the end of the drain: the loop looks.
-                _ = &mut bell => bell.set(w.next_ring(ctx)),
+                _ = poll_fn(|cx| {
+                    let rang = ctx.guard.bell().rung() != bell_at;
+                    bell_w.poll(bell.as_mut(), rang, cx)
+                }) => {
+                    bell.set(w.next_ring(ctx));
+                    bell_w = Waiter::NEW;
+                    bell_at = ctx.guard.bell().rung();
+                }
             }
         }
+    }
+}
+
+/// A waiter the pump loop selects on (an eviction, the lease's abort, the bell) keeps the
+/// task's waker from its first poll until it fires, and what fires it sets a flag first. So
+/// after that first poll it is polled again only when its flag says it may have fired:
+/// polling it on every wake-up took its lock to find nothing, three times per wake-up, twice
+/// per request of a keep-alive connection. Only for waiters that never answer `Pending`
+/// without holding the waker (no cooperative budget: a `Notified`, a cancellation, not a
+/// timer), in a task whose every poll passes the same task's waker.
+#[derive(Clone, Copy)]
+struct Waiter {
+    polled: bool,
+}
+
+impl Waiter {
+    const NEW: Waiter = Waiter { polled: false };
+
+    fn poll<F: Future>(
+        &mut self,
+        fut: std::pin::Pin<&mut F>,
+        fired: bool,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<F::Output> {
+        if self.polled && !fired {
+            return Poll::Pending;
+        }
+        self.polled = true;
+        fut.poll(cx)
     }
 }
 

@@ -289,11 +289,11 @@ impl<'a> Direction<'a> {
         }
     }
 
-    /// `n` bytes reached the destination: progress, and no stall.
-    fn wrote(&mut self, n: usize) {
+    /// `n` bytes reached the destination at `now`: progress, and no stall.
+    fn wrote(&mut self, n: usize, now: Instant) {
         self.total += n as u64;
         self.counter.fetch_add(n as u64, Relaxed);
-        self.last_progress = Instant::now();
+        self.last_progress = now;
         self.stalled_since = None;
     }
 
@@ -333,6 +333,10 @@ impl<'a> Direction<'a> {
         if self.pipe.is_some() {
             return self.poll_splice(from, to, other_done, cx);
         }
+        // The progress stamps of one call, read once at its first byte: its reads and writes
+        // are microseconds apart, and a clock read for each was two per request and
+        // direction of a keep-alive connection.
+        let mut now: Option<Instant> = None;
         loop {
             if self.pos < self.len {
                 let Some(buf) = self.buf.as_deref() else {
@@ -365,7 +369,7 @@ impl<'a> Direction<'a> {
                 match wrote {
                     Ok(n) => {
                         self.pos += n;
-                        self.wrote(n);
+                        self.wrote(n, *now.get_or_insert_with(Instant::now));
                         if self.pos == self.len {
                             self.pos = 0;
                             self.len = 0;
@@ -438,7 +442,8 @@ impl<'a> Direction<'a> {
                 Ok(0) => self.fin = Fin::Read,
                 Ok(n) => {
                     self.len = n;
-                    Self::read(&mut self.last_progress, &mut self.burst, n, Instant::now());
+                    let at = *now.get_or_insert_with(Instant::now);
+                    Self::read(&mut self.last_progress, &mut self.burst, n, at);
                     if self.judge_requests
                         && let Some(b) = &self.burst
                     {
@@ -527,7 +532,7 @@ impl<'a> Direction<'a> {
                         {
                             self.splice = Splice::Off;
                         }
-                        self.wrote(n);
+                        self.wrote(n, Instant::now());
                         if self.in_pipe == 0
                             && self.splice == Splice::Off
                             && let Some(p) = self.pipe.take()

@@ -264,6 +264,52 @@ async fn on_down_abort_resets_the_dead_servers_connections() {
     assert!(took < ms(1500), "aborted after {took:?}");
 }
 
+/// The server goes down while its connection moves bytes (the pump loop, which looks at the
+/// server's abort only when woken for it): the client is reset soon after.
+#[tokio::test]
+async fn on_down_abort_resets_a_connection_that_is_moving_bytes() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TcpStream>();
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    // Accepts health checks and the client's connection alike; the one that says "hello"
+    // is echoed and kept. Stopped, the listener closes: the checks are refused.
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return,
+                Ok((mut s, _)) = l.accept() => {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let mut b = [0u8; 5];
+                        if s.read_exact(&mut b).await.is_ok() && s.write_all(&b).await.is_ok() {
+                            let _ = tx.send(s);
+                        }
+                    });
+                }
+            }
+        }
+    });
+    let cfg = pool_config(
+        "",
+        &format!(
+            "name = \"app\"\non_down = \"abort\"\n{}\n[backends.health]\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 2\n",
+            servers(&[addr])
+        ),
+    );
+    let p = Proxy::start(cfg).await;
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(b"hello").await.unwrap();
+    let mut echo = [0u8; 5];
+    c.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"hello", "the connection is open and moving bytes");
+    let _server_side = rx.recv().await.unwrap();
+    stop.send(()).unwrap();
+    let took = expect_reset(&mut c, ms(3000)).await;
+    assert!(took < ms(1500), "aborted after {took:?}");
+    assert_eq!(p.stats().backend_unavailable.load(Ordering::Relaxed), 1);
+}
+
 /// A backend that reads a PROXY header, reports its addresses, then echoes.
 async fn proxy_aware_backend() -> (
     SocketAddr,
