@@ -320,3 +320,52 @@ fn phases<'a>(
         Ok(Box::pin(o.pump_until_end(w)).await)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The size of what `make` would return, without making it (the closure never runs).
+    fn output_size<T>(_make: impl FnOnce() -> T) -> usize {
+        std::mem::size_of::<T>()
+    }
+
+    /// A held connection is little more than its task and, once bytes moved, the boxed pump
+    /// loop: what those futures keep is what every held connection costs in memory. The
+    /// task (tokio's cell, the `serve` future and about 112 bytes, rounded up to 128) stays
+    /// at 1,024 bytes; the loop keeps the pump, its timer and its three waiters, and little
+    /// of a turn's reckoning beside them (not the wait at a clean close, boxed when it is
+    /// needed). Sizes are the release build's (`cargo test --release --lib conn::tests`):
+    /// a debug build lays futures out larger.
+    #[test]
+    #[cfg_attr(debug_assertions, ignore = "sizes are the release build's")]
+    #[expect(unreachable_code, reason = "sizes only: the futures are never made")]
+    fn a_held_connection_s_futures_stay_small() {
+        let serve = output_size(|| {
+            super::serve(
+                unreachable!(),
+                unreachable!(),
+                unreachable!(),
+                unreachable!(),
+            )
+        });
+        let open = output_size(|| {
+            let o: super::open::Open<'_> = unreachable!();
+            o.pump_until_end(unreachable!())
+        });
+        let waiters = std::mem::size_of::<super::Pump<'static>>()
+            + std::mem::size_of::<tokio::time::Sleep>()
+            + std::mem::size_of::<tokio::sync::futures::Notified<'static>>()
+            + output_size(|| {
+                let l: &crate::backend::Lease = unreachable!();
+                l.aborted()
+            })
+            + output_size(|| {
+                let c: &crate::guard::ConnCtl = unreachable!();
+                c.evicted()
+            });
+        eprintln!(
+            "serve future: {serve} bytes, pump loop future: {open} bytes ({waiters} of it the pump, its timer and its waiters)"
+        );
+        assert!(serve <= 912, "serve future: {serve} bytes");
+        assert!(open <= waiters + 512, "pump loop future: {open} bytes");
+    }
+}
