@@ -5,6 +5,7 @@
 //! loadgen echo   --listen 127.0.0.1:18081 --secs 60
 //! loadgen cps    --target 127.0.0.1:18080 --conns 32 --secs 10
 //! loadgen hold   --target 127.0.0.1:18080 --count 5000 --secs 5 --pid PID[,PID...] [--src IP]
+//!                [--exchange N]
 //! loadgen http   --target 127.0.0.1:17080 --src 127.0.0.2 --rate 40 --secs 30 [--path /small]
 //!                [--closed [--pause-ms 0]]
 //! loadgen attack --kind silent|halfclose|slowread|churn|drip --target 127.0.0.1:17080
@@ -16,6 +17,9 @@
 //!   workers and prints connections per second and latency percentiles.
 //! - `hold` opens `--count` silent connections and prints the RSS growth (summed over the
 //!   `--pid` list) per held connection, and the descriptors those processes hold.
+//!   `--exchange N` makes each connection first send N bytes (`x`) and read them back (the
+//!   backend is an `echo`) before it sits idle, as a pool's connections do after their first
+//!   exchange.
 //! - `http` is a legitimate client: open loop, `--rate` requests per second, each on a new
 //!   connection (`Connection: close`), from `--src`. It prints one JSON line: requests,
 //!   successes (status 200 and the whole body within `--timeout-ms`), failures by kind, and
@@ -331,11 +335,22 @@ async fn hold(args: &Args, secs: u64) {
         .filter_map(|p| p.trim().parse().ok())
         .collect();
     let settle = Duration::from_millis(args.num("--settle-ms", 1500).min(10_000));
+    let exchange = vec![b'x'; args.num("--exchange", 0).min(64 * 1024) as usize];
     let before = rss_sum_kib(&pids);
     let fds_before = fds(&pids);
     let mut held = Vec::with_capacity(count);
+    let mut back = vec![0u8; exchange.len()];
     for _ in 0..count {
-        match tokio::time::timeout(Duration::from_secs(3), connect_from(src, target)).await {
+        let open = async {
+            let mut s = connect_from(src, target).await?;
+            if !exchange.is_empty() {
+                s.set_nodelay(true)?;
+                s.write_all(&exchange).await?;
+                s.read_exact(&mut back).await?;
+            }
+            std::io::Result::Ok(s)
+        };
+        match tokio::time::timeout(Duration::from_secs(3), open).await {
             Ok(Ok(s)) => held.push(s),
             Ok(Err(e)) => {
                 eprintln!("hold: connect failed after {}: {e}", held.len());
@@ -352,7 +367,8 @@ async fn hold(args: &Args, secs: u64) {
     let during = rss_sum_kib(&pids);
     let alive = held.iter().filter(|s| peer_holds(s)).count();
     println!(
-        "hold target={target} held={} alive={alive} rss_before_kib={} rss_held_kib={} per_conn_bytes={} fds_before={fds_before} fds_held={}",
+        "hold target={target} exchange={} held={} alive={alive} rss_before_kib={} rss_held_kib={} per_conn_bytes={} fds_before={fds_before} fds_held={}",
+        exchange.len(),
         held.len(),
         before.map_or("?".into(), |v| v.to_string()),
         during.map_or("?".into(), |v| v.to_string()),

@@ -26,16 +26,22 @@ const FIRST_LOOK: Duration = Duration::from_millis(20);
 /// How often a queue that does not drain is looked at, at most.
 const MAX_LOOK: Duration = Duration::from_millis(500);
 
-/// Waits until the client's send queue is delivered, then says the connection ended clean.
+/// The bytes still queued toward the client at a clean close, if any: only then is there a
+/// wait ([`delivered`]), whose state the caller boxes so that it does not sit in every open
+/// connection's future.
+pub(super) fn queued(client: &TcpStream) -> Option<u32> {
+    sockopt::unacked(client).filter(|&q| q > 0)
+}
+
+/// Waits until the client's send queue (`queued` bytes at the close) is delivered, then says
+/// the connection ended clean.
 pub(super) async fn delivered(
     ctx: &ListenerCtx,
     ticket: &mut Ticket,
     client: &TcpStream,
     w: &mut Watched,
+    mut queued: u32,
 ) -> End {
-    let Some(mut queued) = sockopt::unacked(client).filter(|&q| q > 0) else {
-        return End::Clean;
-    };
     // Both FINs came in one turn: the connection was never counted half-closed.
     if ticket.state() == State::Open
         && let Err(r) = ticket.half_close()

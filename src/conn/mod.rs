@@ -321,3 +321,37 @@ fn phases<'a>(
         Ok(Box::pin(o.pump_until_end(w)).await)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The size of what `make` returns, without making it (the closure is never called).
+    fn output_size<A, T>(_make: impl FnOnce(A) -> T) -> usize {
+        std::mem::size_of::<T>()
+    }
+
+    /// A held connection is little more than its task and, once bytes moved, the boxed pump
+    /// loop: what those futures keep is what every held connection costs in memory. The
+    /// task (tokio's cell, the `serve` future and about 112 bytes, rounded up to 128) stays
+    /// at 1,024 bytes; the loop keeps the pump, its timer and its three waiters, and little
+    /// of a turn's reckoning beside them (not the wait at a clean close, boxed when it is
+    /// needed). Sizes are the release build's (`cargo test --release --lib conn::tests`):
+    /// a debug build lays futures out larger.
+    #[test]
+    #[cfg_attr(debug_assertions, ignore = "sizes are the release build's")]
+    fn a_held_connection_s_futures_stay_small() {
+        let serve =
+            output_size(|(ctx, client, peer, ticket)| super::serve(ctx, client, peer, ticket));
+        let open =
+            output_size(|(o, w): (super::open::Open<'static>, super::Watched)| o.pump_until_end(w));
+        let waiters = std::mem::size_of::<super::Pump<'static>>()
+            + std::mem::size_of::<tokio::time::Sleep>()
+            + std::mem::size_of::<tokio::sync::futures::Notified<'static>>()
+            + output_size(|l: &'static crate::backend::Lease| l.aborted())
+            + output_size(|c: &'static crate::guard::ConnCtl| c.evicted());
+        eprintln!(
+            "serve future: {serve} bytes, pump loop future: {open} bytes ({waiters} of it the pump, its timer and its waiters)"
+        );
+        assert!(serve <= 912, "serve future: {serve} bytes");
+        assert!(open <= waiters + 512, "pump loop future: {open} bytes");
+    }
+}

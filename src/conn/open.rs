@@ -142,24 +142,27 @@ impl Open<'_> {
             }
             let under_pressure = ctx.guard.pressure();
             let now = Instant::now();
-            let progress = Progress {
-                last_activity: pump.last_activity(),
-                closed,
-                open_direction_progress: closed
-                    .map_or(now, |(side, _)| pump.last_open_progress(side)),
-                request_burst: pump.request_burst(),
-                stalled_since: pump.stalled_since(),
+            // Scoped: what is borrowed would otherwise be kept in the future across the wait.
+            let due = {
+                let progress = Progress {
+                    last_activity: pump.last_activity(),
+                    closed,
+                    open_direction_progress: closed
+                        .map_or(now, |(side, _)| pump.last_open_progress(side)),
+                    request_burst: pump.request_burst(),
+                    stalled_since: pump.stalled_since(),
+                };
+                let rules = w.policy.rules();
+                open_due(
+                    &rules,
+                    under_pressure,
+                    w.observed,
+                    accepted,
+                    &progress,
+                    extended,
+                    now,
+                )
             };
-            let rules = w.policy.rules();
-            let due = open_due(
-                &rules,
-                under_pressure,
-                w.observed,
-                accepted,
-                &progress,
-                extended,
-                now,
-            );
             if due.extension_over {
                 extended = None;
                 extended_since = None;
@@ -243,7 +246,13 @@ impl Open<'_> {
                         lease.may_yield(false);
                         prove(ticket, &pump);
                         drop(pump);
-                        return super::delivery::delivered(ctx, ticket, client, &mut w).await;
+                        // Boxed: the wait's state would sit in every open connection's
+                        // future, and few clean closes find bytes still queued.
+                        let Some(queued) = super::delivery::queued(client) else {
+                            return End::Clean;
+                        };
+                        let wait = super::delivery::delivered(ctx, ticket, client, &mut w, queued);
+                        return Box::pin(wait).await;
                     }
                     // A stall shortens the deadline: recompute it. A client that stopped
                     // taking bytes is weighed soon.
