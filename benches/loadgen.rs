@@ -11,6 +11,8 @@
 //! loadgen attack --kind silent|halfclose|slowread|churn|drip --target 127.0.0.1:17080
 //!                (--src 127.0.0.3 | --sources 200) --conns 4000 --rate 1000 --secs 30
 //!                [--path /big] [--every 2000] [--rcvbuf 1024] [--read-bps 1024]
+//! loadgen refuse --target 127.0.0.1:17080 --sources 200 --conns 100 --secs 10
+//!                [--connect-ms 3000]
 //! ```
 //! - `echo` is a backend that echoes what it reads.
 //! - `cps` opens, exchanges `--payload` bytes with, and closes connections from `--conns`
@@ -37,6 +39,15 @@
 //!   `--src`. `--rcvbuf` sets the attacker sockets' `SO_RCVBUF` before they connect (a client
 //!   that offers a tiny window); `--read-bps` makes a `slowread` connection take that many
 //!   bytes a second instead of none. It prints one JSON line.
+//! - `refuse` is a closed-loop connect flood against a target that refuses: `--conns`
+//!   workers, each connecting from the next of `--sources` addresses (127.0.1.1 to
+//!   127.0.1.N), waiting for the target to end the connection (RST or FIN, a refusal) and
+//!   connecting again at once, as `wrk -c` does with a connection per request. It prints one
+//!   JSON line: attempts, refusals (a reset seen at connect counts: the target accepted and
+//!   reset it before the connect was seen done), connections the target
+//!   answered with bytes, and connects that failed or timed out (`--connect-ms`, 3 s by
+//!   default: a SYN dropped in the kernel is retried by the client, and a short timeout keeps
+//!   the flood going).
 //!
 //! Every address (target, listen, source) must be a loopback address. Run without
 //! arguments (as `cargo test --all-targets` does), it exits at once, silently.
@@ -139,6 +150,7 @@ fn main() {
             "hold" => hold(&args, secs).await,
             "http" => http(&args, secs).await,
             "attack" => attack(&args, secs).await,
+            "refuse" => refuse(&args, secs).await,
             _ => usage("unknown mode"),
         }
     });
@@ -819,6 +831,89 @@ async fn attack(args: &Args, secs: u64) {
             "read_bytes": st.read.load(Ordering::Relaxed),
             "lifetime_ms_p50": life_pct(0.50), "lifetime_ms_p90": life_pct(0.90),
             "connect_errors_by": *st.errors.lock().expect("errors"),
+        })
+    );
+}
+
+/// Counts of a `refuse` run.
+#[derive(Default)]
+struct RefuseStats {
+    attempts: AtomicU64,
+    refused: AtomicU64,
+    answered: AtomicU64,
+    connect_errors: AtomicU64,
+    connect_timeouts: AtomicU64,
+    wait_timeouts: AtomicU64,
+}
+
+async fn refuse(args: &Args, secs: u64) {
+    let target = args.addr("--target");
+    let n = args.num("--sources", 1);
+    if !(1..=MAX_SOURCES).contains(&n) {
+        usage(&format!("--sources: 1 to {MAX_SOURCES}"));
+    }
+    let sources: Arc<[IpAddr]> = (1..=n as u8)
+        .map(|i| IpAddr::from([127, 0, 1, i]))
+        .collect();
+    let conns = (args.num("--conns", 100) as usize).clamp(1, MAX_CONNS);
+    let connect_wait = Duration::from_millis(args.num("--connect-ms", 3000).clamp(10, 10_000));
+    let st = Arc::new(RefuseStats::default());
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs);
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..conns {
+        let (st, sources) = (st.clone(), sources.clone());
+        tasks.spawn(async move {
+            let mut i = w;
+            while Instant::now() < end {
+                let src = sources[i % sources.len()];
+                i += conns;
+                st.attempts.fetch_add(1, Ordering::Relaxed);
+                let s = match tokio::time::timeout(connect_wait, connect_from(Some(src), target))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    // The target accepted and reset it before the connect was seen done.
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                        st.refused.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Ok(Err(_)) => {
+                        st.connect_errors.fetch_add(1, Ordering::Relaxed);
+                        // A refused connect (nothing listens) must not spin.
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        continue;
+                    }
+                    Err(_) => {
+                        st.connect_timeouts.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                };
+                let mut s = s;
+                let mut b = [0u8; 1];
+                match tokio::time::timeout(Duration::from_secs(3), s.read(&mut b)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => st.refused.fetch_add(1, Ordering::Relaxed),
+                    Ok(Ok(_)) => st.answered.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => st.wait_timeouts.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let took = start.elapsed().as_secs_f64();
+    let refused = st.refused.load(Ordering::Relaxed);
+    println!(
+        "{}",
+        serde_json::json!({
+            "mode": "refuse", "target": target.to_string(), "sources": n,
+            "conns": conns, "secs": took,
+            "attempts": st.attempts.load(Ordering::Relaxed),
+            "refused": refused,
+            "refused_per_s": (refused as f64 / took).round(),
+            "answered": st.answered.load(Ordering::Relaxed),
+            "connect_errors": st.connect_errors.load(Ordering::Relaxed),
+            "connect_timeouts": st.connect_timeouts.load(Ordering::Relaxed),
+            "wait_timeouts": st.wait_timeouts.load(Ordering::Relaxed),
         })
     );
 }

@@ -315,8 +315,49 @@ pub fn peek(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Makes the next close() send RST and skip FIN_WAIT/TIME_WAIT. Errors are ignored: the
 /// socket is being thrown away either way.
-pub fn abort(s: &TcpStream) {
+pub fn abort(s: &impl std::os::fd::AsFd) {
     let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
+/// One accept(2) on a non-blocking listening socket, outside tokio: the socket comes back
+/// non-blocking and close-on-exec but not registered with the reactor, so a refusal costs
+/// accept, setsockopt and close and nothing else (no epoll_ctl in and out, no allocation).
+/// `WouldBlock` when the queue is empty.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+pub fn accept(l: &std::net::TcpListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+    // SAFETY: accept4 writes at most `*len` bytes of address into the zeroed storage
+    // socket2 hands us, and sets `*len`; the listening fd is borrowed from a live listener.
+    let (fd, addr) = unsafe {
+        socket2::SockAddr::try_init(|storage, len| {
+            let fd = libc::accept4(
+                l.as_raw_fd(),
+                storage.cast(),
+                len,
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            );
+            if fd < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(fd)
+            }
+        })?
+    };
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+    let (fd, addr) = {
+        let (s, a) = SockRef::from(l).accept()?;
+        s.set_nonblocking(true)?;
+        (std::os::fd::IntoRawFd::into_raw_fd(s), a)
+    };
+    // SAFETY: accept returned a new descriptor that nothing else owns.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    // A TCP listener's peer is always an IPv4 or IPv6 address.
+    let peer = addr
+        .as_socket()
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidData))?;
+    Ok((stream, peer))
 }
 
 /// Bytes in the kernel send queue not yet acknowledged by the peer (SIOCOUTQ). When this
@@ -402,6 +443,32 @@ pub fn raise_nofile() -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The accept loop hands an admitted socket to tokio as it comes from `accept`, and
+    /// keys its guard on the peer: it must be non-blocking (tokio would block a worker
+    /// otherwise), close-on-exec, and carry the client's address; an empty queue is
+    /// `WouldBlock`, which ends a batch.
+    #[test]
+    fn accept_gives_a_non_blocking_close_on_exec_socket_and_its_peer() {
+        use std::os::fd::AsRawFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        assert_eq!(accept(&l).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, peer) = accept(&l).unwrap();
+        assert_eq!(peer, c.local_addr().unwrap());
+        let fd = s.as_raw_fd();
+        // SAFETY: fcntl reads the flags of a live descriptor we own.
+        #[allow(unsafe_code)]
+        let (fl, fdfl) = unsafe {
+            (
+                libc::fcntl(fd, libc::F_GETFL),
+                libc::fcntl(fd, libc::F_GETFD),
+            )
+        };
+        assert_ne!(fl & libc::O_NONBLOCK, 0, "non-blocking");
+        assert_ne!(fdfl & libc::FD_CLOEXEC, 0, "close-on-exec");
+    }
 
     #[test]
     fn an_option_the_kernel_refuses_is_named_by_its_key() {

@@ -89,7 +89,7 @@ pub(crate) struct Running {
     /// The bound address.
     pub addr: SocketAddr,
     /// Shared with the accept loop; taken on retirement so the socket really closes.
-    socket: Mutex<Option<Arc<TcpListener>>>,
+    socket: Mutex<Option<Arc<crate::listener::Listening>>>,
     stop_accept: CancellationToken,
     /// Removed from the config: no longer accepting, draining its connections.
     retired: AtomicBool,
@@ -167,6 +167,9 @@ impl Server {
                 configured: config.listeners.len(),
             });
         }
+        let sockets = (sockets.into_iter().zip(&config.listeners))
+            .map(|(s, l)| running::watch(l, s))
+            .collect::<Result<Vec<_>, _>>()?;
         let admin = match config.admin.bind {
             Some(addr) => Some(
                 sockopt::listen(addr, &crate::config::TcpConfig::default())

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::running::{announce, bind_listener, new_ctx, policy, pool_for, set_splice_budget};
+use super::running::{self, announce, bind_listener, new_ctx, policy, pool_for, set_splice_budget};
 use super::{Handle, Running, ServerError, State};
 use crate::config::Config;
 use crate::fds::Budget;
@@ -63,7 +63,7 @@ impl State {
             match self.active(&l.name) {
                 Some(r) if r.bind == l.bind => updates.push((r, l, pool_for(l, &pools)?)),
                 replaced => {
-                    let socket = bind_listener(l, &new)?;
+                    let socket = running::watch(l, bind_listener(l, &new)?)?;
                     sockopt::apply(socket2::SockRef::from(&socket), &new.tcp)?;
                     let stats = replaced.map(|r| r.ctx.stats.clone());
                     adds.push((l, socket, new_ctx(l, &new, &pools, stats, &fds)?));

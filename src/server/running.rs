@@ -17,8 +17,9 @@ use crate::config::{Config, ListenerConfig};
 use crate::conn::{ListenerCtx, Policy};
 use crate::fds::Budget;
 use crate::guard::Guard;
+use crate::listener::{self, Listening};
+use crate::sockopt;
 use crate::stats::Stats;
-use crate::{listener, sockopt};
 
 /// Pipes for splice: the share of the descriptor budget set aside for them.
 pub(super) fn set_splice_budget(fds: &Budget) {
@@ -41,6 +42,16 @@ pub(super) fn bind_listener(
     config: &Config,
 ) -> Result<TcpListener, ServerError> {
     sockopt::listen(l.bind, &config.tcp).map_err(|source| ServerError::Bind {
+        listener: l.name.clone(),
+        addr: l.bind,
+        source,
+    })
+}
+
+/// `socket` under the accept loop's own readiness watch ([`listener::listening`]), before
+/// anything is applied: this can fail (the reactor out of memory), starting can not.
+pub(super) fn watch(l: &ListenerConfig, socket: TcpListener) -> Result<Listening, ServerError> {
+    listener::listening(socket).map_err(|source| ServerError::Bind {
         listener: l.name.clone(),
         addr: l.bind,
         source,
@@ -166,12 +177,12 @@ impl State {
 
     pub(super) fn start_listener(
         &self,
-        socket: TcpListener,
+        socket: Listening,
         ctx: Arc<ListenerCtx>,
         bind: SocketAddr,
     ) {
         let socket = Arc::new(socket);
-        let addr = socket.local_addr().unwrap_or(bind);
+        let addr = socket.get_ref().local_addr().unwrap_or(bind);
         // A child of the server's: cancelled at shutdown even if started after it began.
         let stop = self.accepting.child_token();
         tracing::info!(
