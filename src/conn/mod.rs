@@ -332,7 +332,7 @@ mod tests {
     /// A held connection is little more than its task and, once bytes moved, the boxed pump
     /// loop: what those futures keep is what every held connection costs in memory. The
     /// task (tokio's cell, the `serve` future and about 112 bytes, rounded up to 128) stays
-    /// at 1,024 bytes; the loop keeps the pump, its timer and its three waiters, and little
+    /// at 1,024 bytes; the loop keeps the pump, its timer, its three waiters and the byte weight, and little
     /// of a turn's reckoning beside them (not the wait at a clean close, boxed when it is
     /// needed). Sizes are the release build's (`cargo test --release --lib conn::tests`):
     /// a debug build lays futures out larger.
@@ -347,9 +347,10 @@ mod tests {
             + std::mem::size_of::<tokio::time::Sleep>()
             + std::mem::size_of::<tokio::sync::futures::Notified<'static>>()
             + output_size(|l: &'static crate::backend::Lease| l.aborted())
-            + output_size(|c: &'static crate::guard::ConnCtl| c.evicted());
+            + output_size(|c: &'static crate::guard::ConnCtl| c.evicted())
+            + std::mem::size_of::<super::weight::Weight>();
         eprintln!(
-            "serve future: {serve} bytes, pump loop future: {open} bytes ({waiters} of it the pump, its timer and its waiters)"
+            "serve future: {serve} bytes, pump loop future: {open} bytes ({waiters} of it the pump, its timer, its waiters and its weight)"
         );
         assert!(serve <= 912, "serve future: {serve} bytes");
         assert!(open <= waiters + 512, "pump loop future: {open} bytes");

@@ -120,11 +120,11 @@ impl Open<'_> {
         let mut closed: Option<(Side, Instant)> = None;
         // Half-closed past the grace: counted against the source's cap.
         let mut lingering = false;
-        // Set when a kernel send queue was seen moving (or not yet judged) as a clock
-        // expired; `since`: when the first of those extensions began, for
-        // `timeouts.slow_reader_max`.
-        let mut extended: Option<Instant> = None;
-        let mut extended_since: Option<Instant> = None;
+        // (until, since): set when a kernel send queue was seen moving (or not yet judged)
+        // as a clock expired; `since`: when the first of those extensions began, for
+        // `timeouts.slow_reader_max`. Boxed: rare, and every held connection's future would
+        // keep it.
+        let mut extended: Option<Box<(Instant, Instant)>> = None;
         let start = Instant::now();
         let mut check = ProgressCheck {
             next: start + FIRST_STALL_CHECK,
@@ -159,13 +159,12 @@ impl Open<'_> {
                     w.observed,
                     accepted,
                     &progress,
-                    extended,
+                    extended.as_ref().map(|e| e.0),
                     now,
                 )
             };
             if due.extension_over {
                 extended = None;
-                extended_since = None;
                 pump.forget_looks();
             }
             if let Some((deadline, clock)) = due.clock
@@ -173,7 +172,10 @@ impl Open<'_> {
             {
                 // Out of time by the progress stamps. A peer still acknowledging our bytes is
                 // slow, not gone: look again shortly rather than discard its bytes with an RST.
-                let within = match (extended_since, w.policy.timeouts.slow_reader_max) {
+                let within = match (
+                    extended.as_ref().map(|e| e.1),
+                    w.policy.timeouts.slow_reader_max,
+                ) {
                     (Some(s), Some(max)) => now.duration_since(s) < max,
                     _ => true,
                 };
@@ -183,8 +185,10 @@ impl Open<'_> {
                         KernelQueues::Empty | KernelQueues::Stuck => false,
                     };
                     if look {
-                        extended = Some(now + RECHECK);
-                        extended_since.get_or_insert(now);
+                        match &mut extended {
+                            Some(e) => e.0 = now + RECHECK,
+                            None => extended = Some(Box::new((now + RECHECK, now))),
+                        }
                         continue;
                     }
                 }
@@ -192,7 +196,6 @@ impl Open<'_> {
                     return End::TimedOut(clock);
                 }
                 extended = None;
-                extended_since = None;
                 pump.forget_looks();
                 continue;
             }
