@@ -16,7 +16,8 @@
 //! [`MemorySource`], `/` unless a test points it at a directory of fake files (Envoy's
 //! "fake resource monitor" pattern).
 //!
-//! This is a leaf: it imports only the `[pressure]` config that holds its marks.
+//! This is a leaf: it imports only the config (the `[pressure]` marks; `budget` cuts the
+//! listeners' byte caps from the room it finds).
 
 use std::path::{Path, PathBuf};
 
@@ -398,6 +399,7 @@ fn page_size() -> u64 {
     u64::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
 }
 
+pub mod budget;
 pub mod peer;
 
 #[cfg(test)]

@@ -237,7 +237,13 @@ fn states(e: &mut DescriptorEncoder, ls: &[Row<'_>]) -> std::fmt::Result {
             snap.stalled_sources as i64,
         ));
     }
-    let v: Vec<Sample<'_, i64>> = ls
+    gauge(
+        e,
+        "halfguard_sources_in_state",
+        "Sources holding at least one connection in the state.",
+        &v,
+    )?;
+    let q: Vec<Sample<'_, i64>> = ls
         .iter()
         .map(|(name, snap, _)| (vec![("listener", *name)], snap.queued as i64))
         .collect();
@@ -245,13 +251,7 @@ fn states(e: &mut DescriptorEncoder, ls: &[Row<'_>]) -> std::fmt::Result {
         e,
         "halfguard_queued_bytes",
         "Bytes queued toward the listener's clients by connections whose clients do not take them (their send queues and what their backends sent that waits unread), as the connections last reported; capped by limits.max_queued.",
-        &v,
-    )?;
-    gauge(
-        e,
-        "halfguard_sources_in_state",
-        "Sources holding at least one connection in the state.",
-        &v,
+        &q,
     )?;
     Ok(())
 }
@@ -400,6 +400,24 @@ fn sources_and_caps(
         "halfguard_connections_limit",
         "The listener's cap on connections in the state (all: on every connection), as applied: max_conns lowered to fit the open-files limit when it does not.",
         &v,
+    )?;
+    let q: Vec<_> = (limits.iter())
+        .flat_map(|(name, _, lim)| {
+            [
+                ("listener", lim.max_queued),
+                ("source", lim.max_queued_per_source),
+            ]
+            .map(|(scope, cap)| {
+                let cap = i64::try_from(cap).unwrap_or(i64::MAX);
+                (vec![("listener", *name), ("scope", scope)], cap)
+            })
+        })
+        .collect();
+    gauge(
+        e,
+        "halfguard_queued_bytes_limit",
+        "The byte caps as applied (0: none): limits.max_queued (scope listener) and max_queued_per_source (scope source), lowered to fit the memory limits found at start or reload when they do not.",
+        &q,
     )?;
     Ok(())
 }

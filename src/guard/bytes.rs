@@ -22,6 +22,11 @@
 //!
 //! A cut is an RST both ways, which frees the client's queue at once and makes the backend
 //! drop what it still had to send.
+//!
+//! Under memory pressure (the kernel's TCP memory or the cgroup near its limit, see
+//! `crate::memory`) the listener's cap counts as a [`MEMORY_SHRINK`]th of itself: the
+//! byte-heavy blocked connections are the first to go, before the clocks' shorter values
+//! reach the merely idle, because they are what holds the memory.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -81,7 +86,7 @@ impl Ticket {
         // they report, so that a flood from many sources is cut within its first looks,
         // not one source a second.
         if sh.queued_over(&lim, 1)
-            && (source.saturating_mul(HEAVY_SHARE) >= lim.max_queued
+            && (source.saturating_mul(HEAVY_SHARE) >= sh.queued_cap(&lim)
                 || sh.shedding.load().as_deref() == Some(&key))
         {
             sh.stats.reject(Reject::QueuedFull);
@@ -113,19 +118,32 @@ impl Ticket {
 /// A source holding this fraction of the listener's byte cap or more is heavy.
 const HEAVY_SHARE: u64 = 64;
 
+/// Under memory pressure the listener's byte cap counts as this fraction of itself.
+pub(super) const MEMORY_SHRINK: u64 = 4;
+
 impl Shared {
-    /// The listener holds more queued bytes than `max_queued / divisor` (1: over its cap;
-    /// 2: past half of it, where room is kept for sources not yet cut for their bytes).
+    /// The listener's byte cap in force: `max_queued`, or a [`MEMORY_SHRINK`]th of it while
+    /// memory is short (0: no cap).
+    pub(super) fn queued_cap(&self, lim: &crate::config::Limits) -> u64 {
+        if self.pressure.by_memory() {
+            (lim.max_queued / MEMORY_SHRINK).max(1).min(lim.max_queued)
+        } else {
+            lim.max_queued
+        }
+    }
+
+    /// The listener holds more queued bytes than its cap in force over `divisor` (1: over
+    /// it; 2: past half of it, where room is kept for sources not yet cut for their bytes).
     pub(super) fn queued_over(&self, lim: &crate::config::Limits, divisor: u64) -> bool {
-        lim.max_queued > 0 && self.counts.queued.load(Ordering::Relaxed) > lim.max_queued / divisor
+        let cap = self.queued_cap(lim);
+        cap > 0 && self.counts.queued.load(Ordering::Relaxed) > cap / divisor
     }
 
     /// Once a second: over `max_queued`, the source holding the most queued bytes is the one
     /// whose blocked connections are cut; under it, none. A scan of the table, made only
     /// while the listener is over its byte cap.
     pub(super) fn choose_shedding(&self) {
-        let max = self.limits.load().max_queued;
-        if max == 0 || self.counts.queued.load(Ordering::Relaxed) <= max {
+        if !self.queued_over(&self.limits.load(), 1) {
             if self.shedding.load().is_some() {
                 self.shedding.store(None);
             }

@@ -203,6 +203,8 @@ pub enum SourceOrder {
     Stalled,
     Refused,
     Observed,
+    /// Bytes queued toward the source's clients (`queued_bytes`).
+    Queued,
 }
 
 /// A point-in-time view of a guard's counts, for tests and metrics.
@@ -537,6 +539,7 @@ impl Guard {
             SourceOrder::Stalled => l.stalled as u64,
             SourceOrder::Refused => l.refused,
             SourceOrder::Observed => l.observed,
+            SourceOrder::Queued => l.queued,
         };
         v.sort_by(|a, b| key(b).cmp(&key(a)).then(a.source.cmp(&b.source)));
         v.retain(|l| key(l) > 0);

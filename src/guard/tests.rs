@@ -768,6 +768,46 @@ fn bytes_queued_are_capped_per_source_and_the_heaviest_source_sheds_first() {
 }
 
 #[test]
+fn under_memory_pressure_the_byte_heavy_go_first() {
+    let g = guard(Limits {
+        max_queued_per_source: 0,
+        max_queued: 640_000,
+        ..open_limits()
+    });
+    let heavy: Vec<_> = (0..2)
+        .map(|_| g.admit(ip("198.18.5.20")).unwrap())
+        .collect();
+    let light = g.admit(ip("198.18.5.21")).unwrap();
+    // 300,000 of 640,000: under the cap, nobody is cut.
+    assert_eq!(heavy[0].set_queued(150_000), Ok(()));
+    assert_eq!(heavy[1].set_queued(150_000), Ok(()));
+    assert_eq!(light.set_queued(200), Ok(()));
+    // `/sources?by=queued_bytes` lists the heavy first.
+    let by_bytes: Vec<_> = g
+        .top_sources(3, SourceOrder::Queued)
+        .iter()
+        .map(|l| (l.source.to_string(), l.queued))
+        .collect();
+    assert_eq!(
+        by_bytes,
+        [
+            ("198.18.5.20".to_string(), 300_000),
+            ("198.18.5.21".to_string(), 200)
+        ]
+    );
+    // Memory is short: the cap counts as a quarter of itself (160,000), and the heavy source
+    // is cut as its connections report; a light one (a client briefly behind) is spared.
+    g.set_memory_pressure(true);
+    assert_eq!(heavy[0].set_queued(150_000), Err(Reject::QueuedFull));
+    assert_eq!(light.set_queued(300), Ok(()), "a light source is spared");
+    // Memory is no longer short: the same weight is within the cap again.
+    g.set_memory_pressure(false);
+    assert_eq!(heavy[1].set_queued(150_000), Ok(()));
+    drop((heavy, light));
+    assert_eq!(g.snapshot(), GuardSnapshot::default());
+}
+
+#[test]
 fn a_newcomer_is_charged_what_its_sources_blocked_connections_pin_until_weighed() {
     let g = guard(Limits {
         max_queued_per_source: 25_000,

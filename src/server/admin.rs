@@ -407,10 +407,11 @@ fn sources(query: &str, state: &State) -> Response<Full<Bytes>> {
                     "stalled" => SourceOrder::Stalled,
                     "refused" => SourceOrder::Refused,
                     "observed" => SourceOrder::Observed,
+                    "queued_bytes" => SourceOrder::Queued,
                     _ => {
                         return text(
                             StatusCode::BAD_REQUEST,
-                            "by must be conns, half_open, half_closed, stalled, refused or observed\n",
+                            "by must be conns, half_open, half_closed, stalled, refused, observed or queued_bytes\n",
                         );
                     }
                 }

@@ -43,10 +43,11 @@ use crate::config::{Config, ConfigError};
 use crate::conn::ListenerCtx;
 use crate::fds::Budget;
 use crate::guard::{Guard, GuardSnapshot};
+use crate::memory::budget::QueueBudget;
 use crate::shutdown::Signal;
 use crate::sockopt;
 use crate::stats::Stats;
-use running::{announce, bind_listener, new_ctx, set_splice_budget};
+use running::{announce, announce_queues, bind_listener, new_ctx, set_splice_budget};
 
 /// Why the server could not start, or a reload was refused.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +125,8 @@ pub(crate) struct State {
     kernel: crate::kernel::Kernel,
     /// The descriptor budget in force: effective listener caps and the pipe budget.
     fds: ArcSwap<Budget>,
+    /// The byte caps in force: `max_queued` lowered to fit the memory limits found.
+    queues: ArcSwap<QueueBudget>,
     /// `[cluster]`: the shared view's state; `None` for a single node. Fixed at start.
     cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The kernel's and the cgroup's memory, read by the upkeep: an input of pressure mode.
@@ -193,6 +196,10 @@ impl Server {
             reload_lock: tokio::sync::Mutex::new(()),
             kernel: crate::kernel::Kernel::default(),
             fds: ArcSwap::from_pointee(Budget::current(&config)),
+            queues: ArcSwap::from_pointee(QueueBudget::plan(
+                &config,
+                &crate::memory::MemorySource::default().read(),
+            )),
             cluster: config
                 .cluster
                 .clone()
@@ -204,10 +211,11 @@ impl Server {
         }
         let pools = state.build_pools(&config).await?;
         let fds = state.fds.load_full();
+        let queues = state.queues.load_full();
         let ctxs = config
             .listeners
             .iter()
-            .map(|l| new_ctx(l, &config, &pools, None, &fds))
+            .map(|l| new_ctx(l, &config, &pools, None, (&fds, &queues)))
             .collect::<Result<Vec<_>, _>>()?;
         // Everything that can fail has passed: a start that fails says one thing (the
         // error), not a summary of a config that never ran.
@@ -219,6 +227,7 @@ impl Server {
         }
         state.switch_pools(pools);
         announce(&fds);
+        announce_queues(&queues);
         set_splice_budget(&fds);
         // Memory is read once before the first connection: it applies to that one, and no
         // scrape finds the memory gauges missing.

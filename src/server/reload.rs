@@ -12,10 +12,13 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::running::{self, announce, bind_listener, new_ctx, policy, pool_for, set_splice_budget};
+use super::running::{
+    self, announce, announce_queues, bind_listener, new_ctx, policy, pool_for, set_splice_budget,
+};
 use super::{Handle, Running, ServerError, State};
 use crate::config::Config;
 use crate::fds::Budget;
+use crate::memory::budget::QueueBudget;
 use crate::shutdown::Hangups;
 use crate::sockopt;
 
@@ -56,6 +59,13 @@ impl State {
         // Cut for what runs (the admin socket and the Redis connections are the start's),
         // beside the connections of every listener that drains once this applies.
         let fds = Budget::current_beside(&running, self.draining_conns(Some(&new)));
+        // The byte caps from memory as it is now (where the upkeep reads it).
+        let memory = self
+            .memory
+            .lock()
+            .map(|m| m.source().clone())
+            .unwrap_or_default();
+        let queues = QueueBudget::plan(&running, &memory.read());
         let pools = self.build_pools(&new).await?;
         let mut updates = Vec::new();
         let mut adds = Vec::new();
@@ -66,14 +76,16 @@ impl State {
                     let socket = running::watch(l, bind_listener(l, &new)?)?;
                     sockopt::apply(socket2::SockRef::from(&socket), &new.tcp)?;
                     let stats = replaced.map(|r| r.ctx.stats.clone());
-                    adds.push((l, socket, new_ctx(l, &new, &pools, stats, &fds)?));
+                    adds.push((l, socket, new_ctx(l, &new, &pools, stats, (&fds, &queues))?));
                 }
             }
         }
         // Apply.
         self.switch_pools(pools);
         for (r, l, pool) in updates {
-            r.ctx.guard.reload(fds.limits(l), &new.pressure);
+            r.ctx
+                .guard
+                .reload(running::limits(l, (&fds, &queues)), &new.pressure);
             r.ctx.set_policy(policy(l, &new, pool));
             if let Ok(s) = r.socket.lock()
                 && let Some(s) = s.as_ref()
@@ -100,6 +112,10 @@ impl State {
             announce(&fds);
         }
         self.fds.store(Arc::new(fds));
+        if queues != **self.queues.load() {
+            announce_queues(&queues);
+        }
+        self.queues.store(Arc::new(queues));
         self.kernel.apply(self.targets(), &new.kernel).await;
         let admin_waits = new.admin.restart_changes(&old.admin);
         if !admin_waits.is_empty() {
@@ -154,9 +170,12 @@ impl State {
         }
         let config = self.config.load_full();
         let fds = Budget::current_beside(&config, draining);
+        let queues = self.queues.load_full();
         for r in self.listeners().iter().filter(|r| !r.is_retired()) {
             if let Some(l) = config.listeners.iter().find(|l| l.name == r.ctx.name) {
-                r.ctx.guard.reload(fds.limits(l), &config.pressure);
+                r.ctx
+                    .guard
+                    .reload(running::limits(l, (&fds, &queues)), &config.pressure);
             }
         }
         set_splice_budget(&fds);

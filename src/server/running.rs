@@ -13,11 +13,12 @@ use tokio::net::TcpListener;
 
 use super::{Running, ServerError, State};
 use crate::backend::{BackendError, Pool};
-use crate::config::{Config, ListenerConfig};
+use crate::config::{Config, Limits, ListenerConfig};
 use crate::conn::{ListenerCtx, Policy};
 use crate::fds::Budget;
 use crate::guard::Guard;
 use crate::listener::{self, Listening};
+use crate::memory::budget::QueueBudget;
 use crate::sockopt;
 use crate::stats::Stats;
 
@@ -35,6 +36,20 @@ pub(super) fn announce(fds: &Budget) {
     for w in fds.warnings() {
         tracing::warn!("{w}");
     }
+}
+
+/// Says what the byte caps share, and warns for every cap lowered to fit.
+pub(super) fn announce_queues(queues: &QueueBudget) {
+    tracing::info!("{queues}");
+    for w in queues.warnings() {
+        tracing::warn!("{w}");
+    }
+}
+
+/// `l`'s limits as applied: `max_conns` as the descriptors allow, the byte caps as memory
+/// does.
+pub(super) fn limits(l: &ListenerConfig, (fds, queues): (&Budget, &QueueBudget)) -> Limits {
+    queues.fit(l, fds.limits(l))
 }
 
 pub(super) fn bind_listener(
@@ -103,10 +118,10 @@ pub(super) fn new_ctx(
     config: &Config,
     pools: &[Arc<Pool>],
     stats: Option<Arc<Stats>>,
-    fds: &Budget,
+    budgets: (&Budget, &QueueBudget),
 ) -> Result<Arc<ListenerCtx>, ServerError> {
     let stats = stats.unwrap_or_default();
-    let guard = Guard::new(fds.limits(l), &config.pressure, stats.clone());
+    let guard = Guard::new(limits(l, budgets), &config.pressure, stats.clone());
     guard.set_shared_caps(config.cluster.is_some());
     Ok(Arc::new(ListenerCtx::new(
         l.name.clone(),

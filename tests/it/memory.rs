@@ -209,10 +209,16 @@ async fn a_real_v1_memory_cgroup_limit_shows_in_metrics() {
     let admin_port = crate::cli::free_port();
     let (cfg, _port) = temp_config(b.addr, &format!("bind = \"127.0.0.1:{admin_port}\""), "");
     let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_halfguard"));
-    cmd.args(["run", "-c"]).arg(&cfg);
+    // In the cgroup before halfguard starts (the shell joins it, then becomes halfguard):
+    // the byte caps are cut from the limit at start.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"echo $$ > "$1" && exec "$2" run -c "$3""#)
+        .arg("sh")
+        .arg(cg.0.join("cgroup.procs"))
+        .arg(env!("CARGO_BIN_EXE_halfguard"))
+        .arg(&cfg);
     let mut child = Reap(start(cmd));
-    std::fs::write(cg.0.join("cgroup.procs"), child.0.id().to_string()).unwrap();
 
     let metrics = wait_for_scrape(
         admin,
@@ -229,10 +235,72 @@ async fn a_real_v1_memory_cgroup_limit_shows_in_metrics() {
         .expect("usage beside the limit");
     assert!(usage < LIMIT as f64, "usage {usage}");
     assert_eq!(sample(&metrics, "halfguard_memory_pressure"), Some(0.0));
+    // The shipped 64 MiB byte cap does not fit a quarter of 192 MiB: lowered to 48 MiB, the
+    // per-source cap in proportion (16 to 12 MiB).
+    let cap = |scope: &str| {
+        sample(
+            &metrics,
+            &format!("halfguard_queued_bytes_limit{{listener=\"cli\",scope=\"{scope}\"}}"),
+        )
+    };
+    assert_eq!(cap("listener"), Some((48u64 << 20) as f64), "{metrics}");
+    assert_eq!(cap("source"), Some((12u64 << 20) as f64));
 
     let _ = child.0.kill();
     let _ = child.0.wait();
     // The cgroup empties as the process is reaped; `Cgroup` removes it.
     let gone = std::fs::read_to_string(cg.0.join("cgroup.procs")).unwrap_or_default();
     assert!(gone.trim().is_empty(), "left in the cgroup: {gone}");
+}
+
+/// The byte caps are cut from the memory found: at a reload that finds `tcp_mem`'s pressure
+/// mark at 128 MiB, the listeners' caps share an eighth of it (16 MiB), and the shipped caps
+/// are lowered in proportion; a scrape shows them as applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_byte_caps_are_lowered_to_fit_the_memory_found() {
+    let b = backend(Backend::Echo).await;
+    let file = TempDir::file("memory", "halfguard.toml", &config_text(b.addr));
+    let cfg = config::load_with_env(&file, HashMap::new()).expect("valid test config");
+    let shipped = cfg.listeners[0].limits.clone();
+    let p = Proxy::start(cfg.clone()).await;
+    let admin = p.handle.admin_addr().expect("admin is on");
+    let applied = || p.handle.guard(L).unwrap().limits();
+    let root = TempDir::new("memory-budget-root");
+    std::fs::create_dir_all(root.path().join("proc/net")).unwrap();
+    std::fs::create_dir_all(root.path().join("proc/sys/net/ipv4")).unwrap();
+    let pages = (128u64 << 20) / page_size();
+    std::fs::write(
+        root.path().join("proc/sys/net/ipv4/tcp_mem"),
+        format!("{}\t{pages}\t{}\n", pages / 2, pages * 2),
+    )
+    .unwrap();
+    tcp_pages(root.path(), 10);
+    p.handle
+        .read_memory_from(MemorySource::at(root.path().to_path_buf()));
+    p.handle.reload_with(cfg).await.expect("the reload applies");
+    let lim = applied();
+    assert_eq!(lim.max_queued, 16 << 20, "an eighth of 128 MiB");
+    assert_eq!(
+        lim.max_queued_per_source,
+        shipped.max_queued_per_source * (16 << 20) / shipped.max_queued,
+        "the per-source cap in the same proportion"
+    );
+    let metrics = scrape(admin).await;
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("halfguard_queued_bytes_limit{{listener=\"{L}\",scope=\"listener\"}}")
+        ),
+        Some((16u64 << 20) as f64),
+        "{metrics}"
+    );
+}
+
+/// The page size `sockstat` and `tcp_mem` count in.
+fn page_size() -> u64 {
+    let out = Command::new("getconf").arg("PAGESIZE").output();
+    out.ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096)
 }
