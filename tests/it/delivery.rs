@@ -192,6 +192,7 @@ async fn a_source_over_its_byte_cap_is_cut_and_another_is_not() {
     cfg.listeners[0].limits.max_queued_per_source = 12 << 20;
     cfg.listeners[0].limits.max_queued = 0;
     cfg.listeners[0].timeouts.write_stall = ms(60_000);
+    cfg.admin.bind = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     let p = Proxy::start(cfg).await;
     let stop_reading = |from: &'static str| {
         let to = p.addr;
@@ -235,6 +236,21 @@ async fn a_source_over_its_byte_cap_is_cut_and_another_is_not() {
     assert_eq!(light_load.conns, 1);
     assert!(light_load.queued > 0, "{light_load:?}");
     assert!(p.snapshot().queued > 0);
+    // The scrape shows the bytes under their own name, and only there.
+    let admin = p.handle.admin_addr().expect("admin is on");
+    let (_, metrics) = http(admin, "GET", "/metrics").await;
+    let value = |series: &str| {
+        metrics.lines().find_map(|l| {
+            let v = l.strip_prefix(series)?.strip_prefix(' ')?;
+            v.trim().parse::<f64>().ok()
+        })
+    };
+    let queued = value(&format!("halfguard_queued_bytes{{listener=\"{L}\"}}"));
+    assert!(queued.is_some_and(|q| q > 0.0), "{metrics}");
+    let stalled_sources = value(&format!(
+        "halfguard_sources_in_state{{listener=\"{L}\",state=\"stalled\"}}"
+    ));
+    assert!(stalled_sources.is_some_and(|n| n <= 2.0), "{metrics}");
     drop((heavy, light));
 }
 
