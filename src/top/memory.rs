@@ -28,11 +28,15 @@ pub fn lines(snap: &Snapshot, shown: &[&Listener], at: Layout) -> Vec<Line<'stat
     for l in shown {
         let Some(q) = l.queued else { continue };
         // The cap is per listener: name it once there is more than one.
-        let text = if snap.listeners.len() > 1 {
+        let mut text = if snap.listeners.len() > 1 {
             format!("queued {} {}", l.name, byte_count(q))
         } else {
             format!("queued {}", byte_count(q))
         };
+        // 0 is no cap.
+        if let Some(cap) = l.queued_cap.filter(|c| *c > 0.0) {
+            text += &format!(" of {}", byte_count(cap));
+        }
         items.push(vec![Span::raw(text)]);
     }
     // Orphans before the two long figures, so that at 80 columns all fit on two lines.
@@ -72,6 +76,8 @@ mod tests {
     const SCRAPE: &str = r#"
 halfguard_connections{listener="public",state="open"} 7
 halfguard_queued_bytes{listener="public"} 12897484
+halfguard_queued_bytes_limit{listener="public",scope="listener"} 67108864
+halfguard_queued_bytes_limit{listener="public",scope="source"} 16777216
 halfguard_kernel_tcp_memory_bytes 125829120
 halfguard_kernel_tcp_memory_limit_bytes{level="low"} 1073741824
 halfguard_kernel_tcp_memory_limit_bytes{level="pressure"} 1717986918
@@ -99,7 +105,7 @@ halfguard_memory_pressure 0
         let t = text(SCRAPE, ONCE);
         assert_eq!(
             t.split_whitespace().collect::<Vec<_>>().join(" "),
-            "memory queued 12.3 MiB orphans 3 kernel TCP 120.0 MiB of 1.6 GiB \
+            "memory queued 12.3 MiB of 64.0 MiB orphans 3 kernel TCP 120.0 MiB of 1.6 GiB \
              cgroup 100.0 MiB of 256.0 MiB",
         );
         assert!(!t.contains("PRESSURE"), "{t}");
@@ -140,10 +146,21 @@ halfguard_memory_pressure 0
             &without(&[
                 "halfguard_cgroup_memory_bytes",
                 "halfguard_kernel_tcp_orphans",
+                "halfguard_queued_bytes_limit",
             ]),
             ONCE,
         );
         assert!(!t.contains("cgroup") && !t.contains("orphans"), "{t}");
+        assert!(
+            t.contains("queued 12.3 MiB  kernel TCP"),
+            "no cap exposed: {t}"
+        );
+        // A cap of 0 is no cap.
+        let t = text(
+            &SCRAPE.replace("scope=\"listener\"} 67108864", "scope=\"listener\"} 0"),
+            ONCE,
+        );
+        assert!(t.contains("queued 12.3 MiB  orphans"), "{t}");
         assert!(t.contains("kernel TCP 120.0 MiB of 1.6 GiB"), "{t}");
         // A kernel figure without tcp_mem is the figure alone.
         let t = text(&without(&["halfguard_kernel_tcp_memory_limit_bytes"]), ONCE);
@@ -161,7 +178,10 @@ halfguard_memory_pressure 0
         let two = SCRAPE.replace("halfguard_memory_pressure 0", "halfguard_memory_pressure 1")
             + "halfguard_queued_bytes{listener=\"api\"} 0\n";
         let t = text(&two, ONCE);
-        assert!(t.contains("queued public 12.3 MiB  queued api 0 B"), "{t}");
+        assert!(
+            t.contains("queued public 12.3 MiB of 64.0 MiB  queued api 0 B"),
+            "{t}"
+        );
         // The live view shows one listener, named since there are two.
         let snap = Snapshot::from_samples(&parse(&two), Instant::now());
         let live = Layout {

@@ -64,8 +64,10 @@ pub struct Listener {
     pub families: Vec<Family>,
     /// The kernel's sockets on the listener's port by TCP state, when the census runs.
     pub kernel_sockets: Vec<(String, f64)>,
-    /// `halfguard_queued_bytes`: toward clients that do not read (its cap is not exposed).
+    /// `halfguard_queued_bytes`: toward clients that do not read.
     pub queued: Option<f64>,
+    /// `limits.max_queued` as applied (`halfguard_queued_bytes_limit`, scope `listener`).
+    pub queued_cap: Option<f64>,
 }
 
 impl Listener {
@@ -159,6 +161,9 @@ impl Snapshot {
                         s.kernel.census = true;
                     }
                     "halfguard_queued_bytes" => listener.queued = Some(x.value),
+                    "halfguard_queued_bytes_limit" if x.label("scope") == Some("listener") => {
+                        listener.queued_cap = Some(x.value);
+                    }
                     _ if name.ends_with("_total") => push_counter(listener, x),
                     _ => {}
                 }
