@@ -10,6 +10,7 @@
 //! - [`exposition`]: the Prometheus text read back into samples.
 //! - [`model`]: a scrape arranged per listener, and rates.
 //! - [`sources`]: the `/sources` tables.
+//! - [`memory`]: the memory line: queued bytes, kernel TCP memory, orphans, the cgroup.
 //! - [`app`]: what the view knows and the keys that move it.
 //! - [`view`]: the screen as lines, for the live view and `--once`.
 //! - `screen`: the terminal: raw mode, the alternate screen, and restoring it all.
@@ -20,6 +21,7 @@ pub mod app;
 pub mod endpoint;
 pub mod exposition;
 mod input;
+pub mod memory;
 pub mod model;
 mod screen;
 mod signals;

@@ -64,6 +64,10 @@ pub struct Listener {
     pub families: Vec<Family>,
     /// The kernel's sockets on the listener's port by TCP state, when the census runs.
     pub kernel_sockets: Vec<(String, f64)>,
+    /// `halfguard_queued_bytes`: toward clients that do not read.
+    pub queued: Option<f64>,
+    /// `limits.max_queued` as applied (`halfguard_queued_bytes_limit`, scope `listener`).
+    pub queued_cap: Option<f64>,
 }
 
 impl Listener {
@@ -98,6 +102,19 @@ pub struct Kernel {
     pub enforcing: Option<bool>,
 }
 
+/// The kernel's and the cgroup's memory; a figure the running version does not expose (or
+/// could not read) is absent, not zero.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Memory {
+    pub tcp: Option<f64>,
+    /// `tcp_mem` in bytes by `level` (`low`, `pressure`, `high`).
+    pub tcp_limits: Vec<(String, f64)>,
+    pub orphans: Option<f64>,
+    /// `halfguard_cgroup_memory_bytes` by `kind` (`usage`, `limit`, `sockets`, ...).
+    pub cgroup: Vec<(String, f64)>,
+    pub pressure: Option<bool>,
+}
+
 /// One scrape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
@@ -105,6 +122,7 @@ pub struct Snapshot {
     pub listeners: Vec<Listener>,
     pub servers: Vec<Server>,
     pub kernel: Kernel,
+    pub memory: Memory,
     /// Sources holding a connection, all listeners.
     pub sources: Option<f64>,
 }
@@ -117,6 +135,7 @@ impl Snapshot {
             listeners: Vec::new(),
             servers: Vec::new(),
             kernel: Kernel::default(),
+            memory: Memory::default(),
             sources: None,
         };
         for x in samples {
@@ -140,6 +159,10 @@ impl Snapshot {
                             listener.kernel_sockets.push((st.to_string(), x.value));
                         }
                         s.kernel.census = true;
+                    }
+                    "halfguard_queued_bytes" => listener.queued = Some(x.value),
+                    "halfguard_queued_bytes_limit" if x.label("scope") == Some("listener") => {
+                        listener.queued_cap = Some(x.value);
                     }
                     _ if name.ends_with("_total") => push_counter(listener, x),
                     _ => {}
@@ -176,6 +199,19 @@ impl Snapshot {
             match name {
                 "halfguard_sources" => s.sources = Some(x.value),
                 "halfguard_kernel_enforcing" => s.kernel.enforcing = Some(x.value > 0.0),
+                "halfguard_kernel_tcp_memory_bytes" => s.memory.tcp = Some(x.value),
+                "halfguard_kernel_tcp_orphans" => s.memory.orphans = Some(x.value),
+                "halfguard_memory_pressure" => s.memory.pressure = Some(x.value > 0.0),
+                "halfguard_kernel_tcp_memory_limit_bytes" => {
+                    if let Some(l) = x.label("level") {
+                        s.memory.tcp_limits.push((l.to_string(), x.value));
+                    }
+                }
+                "halfguard_cgroup_memory_bytes" => {
+                    if let Some(k) = x.label("kind") {
+                        s.memory.cgroup.push((k.to_string(), x.value));
+                    }
+                }
                 _ if name.starts_with("halfguard_kernel_") && name.ends_with("_total") => {
                     let stem = name
                         .trim_start_matches("halfguard_kernel_")

@@ -6,7 +6,14 @@
 use serde_json::Value;
 
 /// Columns shown first, in this order; others follow alphabetically.
-const PREFERRED: &[&str] = &["conns", "half_open", "half_closed", "stalled", "refused"];
+const PREFERRED: &[&str] = &[
+    "conns",
+    "half_open",
+    "half_closed",
+    "stalled",
+    "queued_bytes",
+    "refused",
+];
 
 /// One source's counts, aligned with [`Table::columns`] (`None`: not given for this one).
 #[derive(Debug, Clone, PartialEq)]
@@ -142,7 +149,7 @@ mod tests {
     const BODY: &str = r#"{"listeners":[
         {"listener":"public","sources":[
             {"source":"127.0.0.2","conns":5,"half_open":5,"half_closed":0,"refused":15,"stalled":0,"verdict":"flooding"},
-            {"source":"127.0.0.3","conns":8,"half_open":0,"half_closed":1,"refused":0,"stalled":3,"zeta":1,"note":"x"}
+            {"source":"127.0.0.3","conns":8,"half_open":0,"half_closed":1,"refused":0,"stalled":3,"queued_bytes":4096,"zeta":1,"note":"x"}
         ],"kernel_syn_recv":[{"source":"198.18.0.9","syn_recv":12}]},
         {"listener":"api","sources":[],"kernel_syn_recv":[]}
     ]}"#;
@@ -158,6 +165,7 @@ mod tests {
                 "half_open",
                 "half_closed",
                 "stalled",
+                "queued_bytes",
                 "refused",
                 "zeta"
             ]

@@ -27,7 +27,7 @@ pub struct Layout {
 }
 
 impl Layout {
-    fn live(&self) -> bool {
+    pub(super) fn live(&self) -> bool {
         self.height.is_some()
     }
 
@@ -35,7 +35,7 @@ impl Layout {
         if self.colour { s } else { Style::default() }
     }
 
-    fn span(&self, text: impl Into<String>, s: Style) -> Span<'static> {
+    pub(super) fn span(&self, text: impl Into<String>, s: Style) -> Span<'static> {
         Span::styled(text.into(), self.style(s))
     }
 
@@ -50,7 +50,7 @@ fn bold() -> Style {
 fn dim() -> Style {
     Style::default().fg(Color::DarkGray)
 }
-fn red() -> Style {
+pub(super) fn red() -> Style {
     Style::default().fg(Color::Red).add_modifier(Modifier::BOLD)
 }
 fn yellow() -> Style {
@@ -100,6 +100,7 @@ pub fn lines(app: &App, at: Layout) -> Vec<Line<'static>> {
     } else {
         snap.listeners.iter().collect()
     };
+    out.extend(super::memory::lines(snap, &shown, at));
     let mut tail = Vec::new();
     for (i, l) in shown.iter().enumerate() {
         if i > 0 {
@@ -550,7 +551,9 @@ fn sources(
         }
         for &i in &cols {
             let cw = widths[i];
-            let v = r.values[i].map(count).unwrap_or_else(|| "-".into());
+            let bytes = t.columns[i].ends_with("_bytes");
+            let v = r.values[i].map(if bytes { byte_count } else { count });
+            let v = v.unwrap_or_else(|| "-".into());
             spans.push(Span::raw(format!("  {v:>cw$}")));
         }
         out.push(Line::from(spans));
@@ -585,7 +588,12 @@ fn footer(app: &App, at: Layout) -> Line<'static> {
 
 /// `title` in the first column, then `items` separated by two spaces, continued on
 /// further lines under the first item; at most `max` lines, the last saying how many more.
-fn wrap(title: &str, items: Vec<Vec<Span<'static>>>, at: Layout, max: usize) -> Vec<Line<'static>> {
+pub(super) fn wrap(
+    title: &str,
+    items: Vec<Vec<Span<'static>>>,
+    at: Layout,
+    max: usize,
+) -> Vec<Line<'static>> {
     let w = at.width();
     let indent = TITLE + 2;
     let width = |item: &Vec<Span<'static>>| -> usize { item.iter().map(|s| s.width()).sum() };
@@ -716,7 +724,7 @@ pub fn rate(v: f64) -> String {
     }
 }
 
-fn byte_count(v: f64) -> String {
+pub(super) fn byte_count(v: f64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = v;
     let mut u = 0;
@@ -793,6 +801,7 @@ mod tests {
             m += &format!("halfguard_kernel_sockets{{listener=\"{l}\",state=\"syn_recv\"}} 300\n");
         }
         m += "halfguard_sources 4000\nhalfguard_kernel_syncookies_sent_total 9000\n";
+        m += "halfguard_kernel_tcp_orphans 3\nhalfguard_memory_pressure 1\n";
         for i in 0..6 {
             m += &format!(
                 "halfguard_backend_up{{backend=\"public\",server=\"10.0.0.{i}:8080\"}} 1\n"
@@ -808,8 +817,9 @@ mod tests {
         let rows: Vec<String> = (0..20)
             .map(|i| {
                 format!(
-                    r#"{{"source":"198.18.{i}.1","conns":{},"half_open":{i},"half_closed":0,"stalled":0,"refused":{},"verdict":"{}"}}"#,
+                    r#"{{"source":"198.18.{i}.1","conns":{},"half_open":{i},"half_closed":0,"stalled":0,"queued_bytes":{},"refused":{},"verdict":"{}"}}"#,
                     20 - i,
+                    i << 20,
                     i * 100,
                     if i == 0 { "pool" } else { "flooding" }
                 )
@@ -879,6 +889,7 @@ mod tests {
         let screen = render(&a, 80, 24, true);
         assert!(screen.contains("listener public"), "{screen}");
         assert!(screen.contains("pressure ON"), "{screen}");
+        assert!(screen.contains("MEMORY PRESSURE  orphans 3"), "{screen}");
         assert!(screen.contains("half_open"), "{screen}");
         assert!(screen.contains("1800 / 2048"), "{screen}");
         assert!(
@@ -1014,6 +1025,8 @@ mod tests {
         assert!(text.contains("accepted 600 (total 1600)"), "{text}");
         assert!(text.contains("up 585.9 KiB/s"), "{text}");
         assert!(text.contains("198.18.19.1"), "every listed source: {text}");
+        let row = text.lines().find(|l| l.starts_with("198.18.5.1 ")).unwrap();
+        assert!(row.ends_with(" 5.0 MiB"), "{text}");
         assert!(!text.contains("q quit"), "{text}");
     }
 
