@@ -141,11 +141,17 @@ fn main() -> ExitCode {
             // The caps `run` would apply here: it raises the limit the same way first.
             let _ = halfguard::sockopt::raise_nofile();
             let fds = halfguard::fds::Budget::current(&config);
-            let mut out = format!("{config}\n{fds}\n");
+            // And the byte caps, cut from the memory this process finds.
+            let queues = halfguard::memory::budget::QueueBudget::plan(
+                &config,
+                &halfguard::memory::MemorySource::default().read(),
+            );
+            let mut out = format!("{config}\n{fds}\n{queues}\n");
             for w in config
                 .warnings()
                 .into_iter()
                 .chain(fds.warnings())
+                .chain(queues.warnings())
                 .chain(unresolved(&config))
             {
                 out.push_str(&format!("warning: {w}\n"));
