@@ -823,6 +823,12 @@ impl<'a> Pump<'a> {
         u64::from(sent) + u64::from(unread) + (self.down.len - self.down.pos) as u64
     }
 
+    /// The server's bytes the client has taken (acknowledged) so far.
+    pub fn delivered_to_client(&self) -> u64 {
+        let sent = crate::sockopt::unacked(self.client).unwrap_or(0);
+        self.down.total.saturating_sub(u64::from(sent))
+    }
+
     /// The client's bytes forwarded so far.
     pub fn client_total(&self) -> u64 {
         self.up.total

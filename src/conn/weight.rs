@@ -45,6 +45,8 @@ enum Backend {
 pub(super) struct Weight {
     next: Option<Instant>,
     backend: Backend,
+    /// At the last look: when, and the bytes the client had taken by then.
+    seen: Option<(Instant, u64)>,
 }
 
 impl Weight {
@@ -52,9 +54,12 @@ impl Weight {
     /// once its backend has had time to answer, blocked or not: the look replaces the
     /// charge with what it pins.
     pub fn new(ticket: &Ticket, now: Instant) -> Self {
+        let charged = ticket.ctl().queued_bytes() > 0;
         Weight {
-            next: (ticket.ctl().queued_bytes() > 0).then(|| now + SECOND_LOOK),
+            next: charged.then(|| now + SECOND_LOOK),
             backend: Backend::Unasked,
+            // The charge stands for a look: its first look judges how fast it drains.
+            seen: charged.then_some((now, 0)),
         }
     }
 
@@ -81,24 +86,41 @@ impl Weight {
         server: &TcpStream,
         now: Instant,
     ) -> Result<(), Refused> {
-        let Some(since) = pump.client_blocked_since() else {
-            self.next = None;
-            return ticket.set_queued(0).map_err(Refused::Full);
+        let taken = pump.delivered_to_client();
+        // Slow: since the last look it took less than a second's share of what it pinned
+        // then (a paused or dripping reader; a bulk reader drains its queue many times a
+        // second, however often its window shuts).
+        let pinned = ticket.ctl().queued_bytes();
+        let slow = self.seen.is_some_and(|(at, before)| {
+            let took = u128::from(taken.saturating_sub(before));
+            let share = u128::from(pinned) * now.saturating_duration_since(at).as_micros();
+            took * 1_000_000 < share
+        });
+        let blocked = match pump.client_blocked_since() {
+            Some(since) => now.saturating_duration_since(since),
+            // Its window is open: one that reads reports nothing; a slow reader that took
+            // a few bytes still pins what it did.
+            None if slow => Duration::ZERO,
+            None => {
+                self.next = None;
+                self.seen = None;
+                return ticket.set_queued(0).map_err(Refused::Full);
+            }
         };
-        let blocked = now.saturating_duration_since(since);
-        if blocked < FIRST_LOOK {
-            self.next = Some(since + FIRST_LOOK);
+        if blocked < FIRST_LOOK && !slow {
+            self.next = pump.client_blocked_since().map(|since| since + FIRST_LOOK);
             return Ok(());
         }
-        self.next = Some(if blocked < SECOND_LOOK {
-            since + SECOND_LOOK
-        } else {
-            now + STALL_WINDOW
+        self.next = Some(match pump.client_blocked_since() {
+            Some(since) if blocked < SECOND_LOOK => since + SECOND_LOOK,
+            _ => now + STALL_WINDOW,
         });
+        self.seen = Some((now, taken));
         let queued = self.queued(pump, server);
-        // Its source's cap cuts a client blocked for a progress check's window, not one
-        // that paused: until then its bytes only hold its source's newcomers back.
-        if blocked >= STALL_WINDOW {
+        // Its source's cap cuts a client blocked for a progress check's window, or one
+        // that takes its bytes too slowly to ever drain them; not one that paused for a
+        // moment: until then its bytes only hold its source's newcomers back.
+        if blocked >= STALL_WINDOW || slow {
             ticket.set_queued(queued)
         } else {
             ticket.set_queued_early(queued)

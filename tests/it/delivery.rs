@@ -288,3 +288,38 @@ async fn non_readers_are_held_to_their_byte_cap_within_their_first_looks() {
     assert!(queued <= (8 << 20) + (4 << 20), "{queued} bytes");
     drop(held);
 }
+
+/// A burst of clients that send a request and FIN and never read, all connected before the
+/// first of them is weighed (so no newcomer is charged): each takes less than a second's
+/// share of what it pins, and its second look cuts the source back to its byte cap, well
+/// before a one-second block.
+#[tokio::test]
+async fn a_burst_of_non_readers_is_cut_back_to_its_byte_cap_at_their_second_look() {
+    let b = backend(Backend::Flood).await;
+    let mut cfg = base_config(&[b.addr]);
+    cfg.listeners[0].limits.max_queued_per_source = 8 << 20;
+    cfg.listeners[0].limits.max_queued = 0;
+    cfg.listeners[0].timeouts.write_stall = ms(60_000);
+    let p = Proxy::start(cfg).await;
+    // Back to back, a few milliseconds for all on loopback.
+    let mut held = Vec::new();
+    for _ in 0..12 {
+        let Ok(mut c) = connect_from("127.0.0.2", p.addr).await else {
+            continue;
+        };
+        let _ = c.write_all(b"GET /flood HTTP/1.0\r\n\r\n").await;
+        let _ = c.shutdown().await;
+        held.push(c);
+    }
+    let admitted = held.len();
+    // Past the second look (100 ms after each window closed), before any one-second mark.
+    tokio::time::sleep(ms(400)).await;
+    let conns = p.snapshot().conns;
+    let queued = p.snapshot().queued;
+    let cut = p.stats().rejected(halfguard::stats::Reject::SourceQueued);
+    eprintln!("{admitted} admitted, {conns} held, {queued} bytes counted, {cut} cut");
+    assert!(admitted >= 8, "{admitted} admitted");
+    assert!(conns < admitted, "none cut: {conns} of {admitted} held");
+    assert!(queued <= (8 << 20) + (4 << 20), "{queued} bytes");
+    drop(held);
+}
