@@ -12,8 +12,11 @@
 //! blocked, half-closed connections included. A client that takes bytes again before a look
 //! costs nothing but that look's timer: bulk transfers block and unblock all the time.
 //! Early looks count the bytes (the source's newcomers are charged and refused by them, and
-//! over the listener's cap the heavy are cut) but the source's own cap cuts a connection only
-//! once it has been blocked a [`STALL_WINDOW`]: a client that pauses is not one that left.
+//! over the listener's cap the heavy are cut). The source's own cap cuts a connection once it
+//! has been blocked a [`STALL_WINDOW`], or as soon as a look finds that since the last one it
+//! took less than a second's share of what it pinned (a reader that would need seconds to
+//! drain its queue, or none at all): a bulk reader whose window shuts many times a second is
+//! not one that left.
 
 use std::net::SocketAddr;
 use std::time::Duration;
