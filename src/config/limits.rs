@@ -77,9 +77,10 @@ const FIRST_MESSAGE_BOUNDS: std::ops::RangeInclusive<u32> = 256..=1024 * 1024;
 
 /// Bytes queued toward one source's clients (its connections' kernel send queues, and what
 /// their backends sent that halfguard has not read, and their own queues on this host):
-/// 16 MB is a hundred connections' worth at `tcp.notsent_lowat`, and four of a client that
-/// stopped reading a big answer from a backend on loopback.
-pub const DEFAULT_MAX_QUEUED_PER_SOURCE: u64 = 16 << 20;
+/// 12 MiB is a hundred connections' worth at `tcp.notsent_lowat`, and three of a client that
+/// stopped reading a big answer from a backend on loopback; with the transient of a flood's
+/// first milliseconds, one source's peak stays near 20 MB of kernel memory.
+pub const DEFAULT_MAX_QUEUED_PER_SOURCE: u64 = 12 << 20;
 /// Bytes queued toward one listener's clients: 64 MiB, so that clients that stop reading
 /// take neither the host's `tcp_mem` nor a 256 MiB sidecar's memory (socket buffers are
 /// charged to the container on cgroup v2), counting the backends' queues on this host.

@@ -236,7 +236,7 @@ async fn a_real_v1_memory_cgroup_limit_shows_in_metrics() {
     assert!(usage < LIMIT as f64, "usage {usage}");
     assert_eq!(sample(&metrics, "halfguard_memory_pressure"), Some(0.0));
     // The shipped 64 MiB byte cap does not fit a quarter of 192 MiB: lowered to 48 MiB, the
-    // per-source cap in proportion (16 to 12 MiB).
+    // per-source cap in proportion (12 to 9 MiB).
     let cap = |scope: &str| {
         sample(
             &metrics,
@@ -244,7 +244,7 @@ async fn a_real_v1_memory_cgroup_limit_shows_in_metrics() {
         )
     };
     assert_eq!(cap("listener"), Some((48u64 << 20) as f64), "{metrics}");
-    assert_eq!(cap("source"), Some((12u64 << 20) as f64));
+    assert_eq!(cap("source"), Some((9u64 << 20) as f64));
 
     let _ = child.0.kill();
     let _ = child.0.wait();
