@@ -211,27 +211,33 @@ fn serve(
 /// whoever decided it).
 fn count_end(stats: &crate::stats::Stats, end: End) {
     match end {
-            End::Clean => {
-                stats.closed_clean.fetch_add(1, Relaxed);
-            }
-            End::TimedOut(t) => stats.time_out(t),
-            End::Evicted | End::Refused(_) => {} // counted by the guard that decided it
-            End::Reclaimed => {}                 // counted by the pool
-            End::Backend => {
-                stats.backend_unavailable.fetch_add(1, Relaxed);
-            }
-            End::PeerError { .. } => {
-                stats.peer_errors.fetch_add(1, Relaxed);
-            }
-            End::Shutdown => {
-                stats.aborted_on_shutdown.fetch_add(1, Relaxed);
-            }
+        End::Clean => {
+            stats.closed_clean.fetch_add(1, Relaxed);
         }
+        End::TimedOut(t) => stats.time_out(t),
+        End::Evicted | End::Refused(_) => {} // counted by the guard that decided it
+        End::Reclaimed => {}                 // counted by the pool
+        End::Backend => {
+            stats.backend_unavailable.fetch_add(1, Relaxed);
+        }
+        End::PeerError { .. } => {
+            stats.peer_errors.fetch_add(1, Relaxed);
+        }
+        End::Shutdown => {
+            stats.aborted_on_shutdown.fetch_add(1, Relaxed);
+        }
+    }
 }
 
 /// Ends a connection that has no task (refused by a look at accept, or parked): counted,
 /// reset unless it closed cleanly, closed, and its counts given back.
-fn end_untasked(ctx: &ListenerCtx, end: End, client: std::net::TcpStream, ticket: Ticket, accepted: Instant) {
+fn end_untasked(
+    ctx: &ListenerCtx,
+    end: End,
+    client: std::net::TcpStream,
+    ticket: Ticket,
+    accepted: Instant,
+) {
     count_end(&ctx.stats, end);
     if end != End::Clean {
         sockopt::abort(&client);
@@ -449,10 +455,9 @@ mod tests {
     #[test]
     #[cfg_attr(debug_assertions, ignore = "sizes are the release build's")]
     fn a_held_connection_s_futures_stay_small() {
-        let serve =
-            output_size(|(ctx, client, peer, ticket, accepted, looked)| {
-                super::serve(ctx, client, peer, ticket, accepted, looked)
-            });
+        let serve = output_size(|(ctx, client, peer, ticket, accepted, looked)| {
+            super::serve(ctx, client, peer, ticket, accepted, looked)
+        });
         let open =
             output_size(|(o, w): (super::open::Open<'static>, super::Watched)| o.pump_until_end(w));
         let waiters = std::mem::size_of::<super::Pump<'static>>()

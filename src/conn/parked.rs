@@ -97,7 +97,10 @@ impl Record {
 
     /// The next deadline: its clock's, or the end of its grace, whichever is first; and the
     /// clock.
-    fn next(&self, ctx: &ListenerCtx) -> (Option<Instant>, Option<(Instant, crate::stats::Timeout)>) {
+    fn next(
+        &self,
+        ctx: &ListenerCtx,
+    ) -> (Option<Instant>, Option<(Instant, crate::stats::Timeout)>) {
         let policy = ctx.policy.load();
         let clock = half_open_due(
             &policy.rules(),
@@ -144,7 +147,11 @@ impl Inner {
     }
 
     fn set_due(&mut self, key: u32, due: Option<Instant>) {
-        let Some(rec) = self.slots.get_mut(key as usize).and_then(|s| s.rec.as_mut()) else {
+        let Some(rec) = self
+            .slots
+            .get_mut(key as usize)
+            .and_then(|s| s.rec.as_mut())
+        else {
             return;
         };
         if let Some(d) = rec.due {
@@ -189,6 +196,10 @@ impl Lot {
     }
 
     /// Parks `r`; hands it back when the lot is closed or epoll refuses it.
+    #[expect(
+        clippy::result_large_err,
+        reason = "handed back whole on a rare failure; boxed, every parked record would cost an allocation"
+    )]
     pub(super) fn park(&self, ctx: &ListenerCtx, mut r: Record) -> Result<(), Record> {
         let Ok(mut inner) = self.inner.lock() else {
             return Err(r);
@@ -208,7 +219,10 @@ impl Lot {
             }
         };
         let era = inner.slots[key as usize].era;
-        if self.ctl(libc::EPOLL_CTL_ADD, &r.stream, token(key, era)).is_err() {
+        if self
+            .ctl(libc::EPOLL_CTL_ADD, &r.stream, token(key, era))
+            .is_err()
+        {
             inner.free.push(key);
             return Err(r);
         }

@@ -83,7 +83,10 @@ async fn an_evicted_parked_connection_is_reset_at_once() {
     expect_reset(&mut heavy[0], ms(2000)).await;
     let took = start.elapsed();
     // The lot sweeps within 5 ms of an eviction; the rest is the connect and the RST's trip.
-    assert!(took < ms(100), "reset {took:?} after the newcomer connected");
+    assert!(
+        took < ms(100),
+        "reset {took:?} after the newcomer connected"
+    );
     assert_eq!(p.stats().evicted(EvictState::HalfOpen), 1);
     expect_open(&mut heavy[1], ms(100)).await;
     wait_for(ms(1000), || (parked(&p) == 4).then_some(()))
