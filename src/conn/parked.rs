@@ -204,7 +204,8 @@ impl Lot {
         let Ok(mut inner) = self.inner.lock() else {
             return Err(r);
         };
-        if inner.closed {
+        // Aborted: the lot may have reset its records already; a task ends at once.
+        if inner.closed || ctx.is_aborted() {
             return Err(r);
         }
         let (due, _) = r.next(ctx);
@@ -289,8 +290,9 @@ impl Lot {
         tracker: TaskTracker,
         stop: CancellationToken,
     ) {
-        let mut rung = ctx.guard.bell().rung();
+        // The waiter first, then the count: no ring falls between them.
         let mut bell = pin!(ctx.guard.bell().next_ring(0));
+        let mut rung = ctx.guard.bell().rung();
         let mut evicted = pin!(ctx.guard.evictions());
         let mut stopped = pin!(stop.cancelled());
         let mut stopping = false;

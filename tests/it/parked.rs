@@ -129,3 +129,32 @@ async fn pressure_shortens_a_parked_connections_clock() {
     assert_eq!(p.stats().timed_out(Timeout::FirstByte), 6);
     assert_eq!(parked(&p), 0);
 }
+
+#[tokio::test]
+async fn a_parked_connection_waits_out_the_drain_then_is_reset_and_the_server_stops() {
+    let b = backend(Backend::Echo).await;
+    let mut cfg = base_config(&[b.addr]);
+    cfg.listeners[0].timeouts.drain = ms(400);
+    let p = Proxy::start(cfg).await;
+
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    until_parked(&p, 1).await;
+    let handle = p.handle.clone();
+    let stats = p.stats();
+    let start = Instant::now();
+    let stopping = tokio::spawn(p.shutdown());
+    let took = expect_reset(&mut c, ms(3000)).await;
+    assert!(
+        took >= ms(350) && took < ms(1500),
+        "reset {took:?} into a 400 ms drain"
+    );
+    tokio::time::timeout(ms(2000), stopping)
+        .await
+        .expect("the lot ends with its last record")
+        .unwrap();
+    assert!(start.elapsed() < ms(2500));
+    assert_eq!(stats.aborted_on_shutdown.load(Relaxed), 1);
+    assert_eq!(stats.parked.load(Relaxed), 0);
+    let s = handle.snapshot(L).unwrap();
+    assert_eq!((s.conns, s.half_open), (0, 0));
+}
