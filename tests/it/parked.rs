@@ -158,3 +158,23 @@ async fn a_parked_connection_waits_out_the_drain_then_is_reset_and_the_server_st
     let s = handle.snapshot(L).unwrap();
     assert_eq!((s.conns, s.half_open), (0, 0));
 }
+
+#[tokio::test]
+async fn a_reload_that_shortens_first_byte_reaches_parked_connections() {
+    let b = backend(Backend::Echo).await;
+    let mut cfg = base_config(&[b.addr]);
+    cfg.listeners[0].timeouts.first_byte = Duration::from_secs(30);
+    let mut shorter = cfg.clone();
+    shorter.listeners[0].timeouts.first_byte = ms(300);
+    let p = Proxy::start(cfg).await;
+
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    until_parked(&p, 1).await;
+    tokio::time::sleep(ms(400)).await;
+    p.handle.reload_with(shorter).await.expect("reload");
+    // Already past 300 ms: it goes at once.
+    let took = expect_reset(&mut c, ms(2000)).await;
+    assert!(took < ms(500), "reset {took:?} after the reload");
+    assert_eq!(p.stats().timed_out(Timeout::FirstByte), 1);
+    assert_eq!(parked(&p), 0);
+}
