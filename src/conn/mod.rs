@@ -12,6 +12,8 @@
 //!
 //! The files, one phase each: [`half_open`] (a provisional slot confirmed, a trusted
 //! balancer's PROXY header, the server-first connect, the silent wait for a first byte),
+//! [`parked`] (where a connection that has not spoken when admitted waits instead, without
+//! a task, until its first byte: [`start`] decides),
 //! [`open`] (the pump loop through OPEN and HALF_CLOSED, the progress check, the kernel
 //! send-queue look before a clock aborts), [`clocks`] (what the clocks say, a pure function of
 //! the progress the [`pump`] records), and [`policy`] (what a listener's connections share).
