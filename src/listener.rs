@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -53,6 +53,12 @@ pub async fn accept_loop(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
+    // Silent connections wait in the lot, not in tasks (see `conn::parked`); without one
+    // (the kernel refused an epoll set) each gets its task as before.
+    let lot = conn::Lot::new().ok();
+    if let Some(lot) = &lot {
+        tracker.spawn(lot.clone().run(ctx.clone(), tracker.clone(), stop.clone()));
+    }
     let mut backoff = Duration::ZERO;
     // Registered once, not once per accepted connection.
     let mut stopped = std::pin::pin!(stop.cancelled());
@@ -70,7 +76,7 @@ pub async fn accept_loop(
                     match sockopt::accept(ready.get_inner()) {
                         Ok((stream, peer)) => {
                             backoff = Duration::ZERO;
-                            admit(&ctx, &tracker, stream, peer);
+                            admit(&ctx, lot.as_ref(), &tracker, stream, peer);
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             ready.clear_ready();
@@ -103,9 +109,11 @@ pub async fn accept_loop(
 }
 
 /// Admission of one accepted socket: refused, it is reset and closed here, before it costs a
-/// registration or a task; admitted, it becomes a tokio stream and its connection's task.
+/// registration or a task; admitted, it is started (`conn::start`: a task, or the lot when
+/// it has not spoken yet).
 fn admit(
     ctx: &Arc<ListenerCtx>,
+    lot: Option<&Arc<conn::Lot>>,
     tracker: &TaskTracker,
     stream: std::net::TcpStream,
     peer: SocketAddr,
@@ -116,16 +124,7 @@ fn admit(
         ctx.guard.admit_from(peer.ip(), trusted)
     };
     match admitted {
-        Ok(ticket) => match TcpStream::from_std(stream) {
-            Ok(stream) => {
-                tracker.spawn(conn::serve(ctx.clone(), stream, peer, ticket));
-            }
-            // The reactor would not take it (out of memory): the socket is closed, and the
-            // ticket gives its counts back as it drops.
-            Err(_) => {
-                ctx.stats.accept_errors.fetch_add(1, Relaxed);
-            }
-        },
+        Ok(ticket) => conn::start(ctx, lot, tracker, stream, peer, ticket),
         // Refused: RST and forget it.
         Err(_) => sockopt::abort(&stream),
     }

@@ -230,6 +230,17 @@ fn states(e: &mut DescriptorEncoder, ls: &[Row<'_>]) -> std::fmt::Result {
         &v,
     )?;
 
+    let parked: Vec<Sample<'_, i64>> = ls
+        .iter()
+        .map(|(name, _, stats)| (vec![("listener", *name)], stats.parked.load(Relaxed) as i64))
+        .collect();
+    gauge(
+        e,
+        "halfguard_parked_connections",
+        "Of the half_open connections, those parked outside any task until their first byte (conn::parked).",
+        &parked,
+    )?;
+
     let mut v = Vec::new();
     for (name, snap, _) in ls {
         v.push((

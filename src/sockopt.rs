@@ -294,13 +294,13 @@ pub fn peek_now(s: &TcpStream, buf: &mut [u8]) -> usize {
 /// closed with nothing unread, `WouldBlock` when nothing has arrived.
 #[cfg(unix)]
 #[allow(unsafe_code)]
-pub fn peek(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+pub fn peek(s: &impl std::os::fd::AsFd, buf: &mut [u8]) -> io::Result<usize> {
     use std::os::fd::AsRawFd;
     // SAFETY: recv writes at most buf.len() bytes into buf, which we own; the fd is borrowed
     // from a live stream.
     let n = unsafe {
         libc::recv(
-            s.as_raw_fd(),
+            s.as_fd().as_raw_fd(),
             buf.as_mut_ptr().cast(),
             buf.len(),
             libc::MSG_PEEK | libc::MSG_DONTWAIT,

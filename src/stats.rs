@@ -264,6 +264,9 @@ pub struct Stats {
     /// Connections whose client has spoken and whose first message is held until whole,
     /// before any backend (a gauge).
     pub holding: AtomicU64,
+    /// Of the silent connections, those parked outside any task until their first byte
+    /// (a gauge, see `conn::parked`).
+    pub parked: AtomicU64,
     /// 1 when a probe of a client-first listener's server saw it greet before the client
     /// spoke: the listener wants `protocol = "server-first"` (a gauge, see
     /// `server::greeting`).
@@ -289,6 +292,7 @@ impl Default for Stats {
             aborted_on_shutdown: AtomicU64::new(0),
             spliced: AtomicU64::new(0),
             holding: AtomicU64::new(0),
+            parked: AtomicU64::new(0),
             server_first_suspected: AtomicU64::new(0),
             duration: Histo::new(DURATION_BUCKETS),
         }

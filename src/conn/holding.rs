@@ -199,26 +199,38 @@ impl Holding<'_> {
                     Err(io::ErrorKind::WouldBlock.into())
                 });
         }
-        SCRATCH.with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < max {
-                s.resize(max, 0);
-            }
-            let n = match sockopt::peek(self.client, &mut s[..max]) {
-                Ok(0) => return Err(End::Clean),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(_) => return Err(End::PEER_ERROR),
-            };
-            let held = match judge(expect, &s[..n]) {
-                Judgement::Whole { proto, .. } => Some(Held::Whole(proto)),
-                Judgement::Unframed => Some(Held::Unframed),
-                Judgement::Incomplete(_) if n >= max => Some(Held::AsIs),
-                Judgement::Incomplete(_) => None,
-            };
-            Ok((n, held))
-        })
+        look_at(self.client, expect, max)
     }
+}
+
+/// One look at what the client has sent so far, not taken: how many bytes (0: nothing yet),
+/// and whether the wait for the first message is over. `Err(End::Clean)` when the client
+/// closed before saying anything. Also made at accept, on a socket tokio does not watch yet
+/// (see `conn::start`).
+pub(super) fn look_at(
+    client: &impl std::os::fd::AsFd,
+    expect: Expect,
+    max: usize,
+) -> Result<(usize, Option<Held>), End> {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < max {
+            s.resize(max, 0);
+        }
+        let n = match sockopt::peek(client, &mut s[..max]) {
+            Ok(0) => return Err(End::Clean),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(_) => return Err(End::PEER_ERROR),
+        };
+        let held = match judge(expect, &s[..n]) {
+            Judgement::Whole { proto, .. } => Some(Held::Whole(proto)),
+            Judgement::Unframed => Some(Held::Unframed),
+            Judgement::Incomplete(_) if n >= max => Some(Held::AsIs),
+            Judgement::Incomplete(_) => None,
+        };
+        Ok((n, held))
+    })
 }
 
 impl Holding<'_> {

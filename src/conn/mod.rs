@@ -12,6 +12,8 @@
 //!
 //! The files, one phase each: [`half_open`] (a provisional slot confirmed, a trusted
 //! balancer's PROXY header, the server-first connect, the silent wait for a first byte),
+//! [`parked`] (where a connection that has not spoken when admitted waits instead, without
+//! a task, until its first byte: [`start`] decides),
 //! [`open`] (the pump loop through OPEN and HALF_CLOSED, the progress check, the kernel
 //! send-queue look before a clock aborts), [`clocks`] (what the clocks say, a pure function of
 //! the progress the [`pump`] records), and [`policy`] (what a listener's connections share).
@@ -23,6 +25,7 @@ mod delivery;
 mod half_open;
 mod holding;
 mod open;
+mod parked;
 mod policy;
 mod pump;
 mod weight;
@@ -34,9 +37,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use tokio::net::TcpStream;
 use tokio::sync::futures::Notified;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
 pub use clocks::{FIRST_STALL_CHECK, STALL_WINDOW};
 pub use half_open::CONFIRM_WAIT;
+pub use parked::Lot;
 pub use policy::{ListenerCtx, Policy};
 pub use pump::{BUF_SIZE, Event, KernelQueues, Pump, PumpError, Side};
 
@@ -162,41 +167,33 @@ fn expire(ticket: &Ticket, observed: &mut Observed, clock: Timeout) -> bool {
     clippy::manual_async_fn,
     reason = "an async fn keeps its arguments twice"
 )]
-pub fn serve(
+///
+/// `looked`: what the look at accept saw (`conn::start`): the client has spoken, and this is
+/// the judgement of its first bytes; `None` when nothing looked yet (a parked connection
+/// woken, or one that was not looked at).
+fn serve(
     ctx: Arc<ListenerCtx>,
     client: TcpStream,
     peer: SocketAddr,
     mut ticket: Ticket,
+    accepted: Instant,
+    looked: Option<Option<holding::Held>>,
 ) -> impl Future<Output = ()> + Send {
     async move {
-        let accepted = Instant::now();
         let mut server = None;
-        let end = match phases(&ctx, &client, peer, &mut server, &mut ticket, accepted).await {
+        let at = (peer, accepted, looked);
+        let end = match phases(&ctx, &client, at, &mut server, &mut ticket).await {
             Ok(end) | Err(end) => end,
         };
         let stats = &ctx.stats;
-        match end {
-            End::Clean => {
-                stats.closed_clean.fetch_add(1, Relaxed);
-            }
-            End::TimedOut(t) => stats.time_out(t),
-            End::Evicted | End::Refused(_) => {} // counted by the guard that decided it
-            End::Reclaimed => {}                 // counted by the pool
-            End::Backend => {
-                stats.backend_unavailable.fetch_add(1, Relaxed);
-            }
-            End::PeerError {
-                server_before_any_byte,
-            } => {
-                if server_before_any_byte && let Some((_, lease)) = &server {
-                    lease.early_reset();
-                }
-                stats.peer_errors.fetch_add(1, Relaxed);
-            }
-            End::Shutdown => {
-                stats.aborted_on_shutdown.fetch_add(1, Relaxed);
-            }
+        if let End::PeerError {
+            server_before_any_byte: true,
+        } = end
+            && let Some((_, lease)) = &server
+        {
+            lease.early_reset();
         }
+        count_end(stats, end);
         if end != End::Clean {
             sockopt::abort(&client);
             if let Some((s, _)) = &server {
@@ -212,6 +209,125 @@ pub fn serve(
     }
 }
 
+/// Counts how a connection ended, once (a refusal, an eviction or a reclaim was counted by
+/// whoever decided it).
+fn count_end(stats: &crate::stats::Stats, end: End) {
+    match end {
+        End::Clean => {
+            stats.closed_clean.fetch_add(1, Relaxed);
+        }
+        End::TimedOut(t) => stats.time_out(t),
+        End::Evicted | End::Refused(_) => {} // counted by the guard that decided it
+        End::Reclaimed => {}                 // counted by the pool
+        End::Backend => {
+            stats.backend_unavailable.fetch_add(1, Relaxed);
+        }
+        End::PeerError { .. } => {
+            stats.peer_errors.fetch_add(1, Relaxed);
+        }
+        End::Shutdown => {
+            stats.aborted_on_shutdown.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// Ends a connection that has no task (refused by a look at accept, or parked): counted,
+/// reset unless it closed cleanly, closed, and its counts given back.
+fn end_untasked(
+    ctx: &ListenerCtx,
+    end: End,
+    client: std::net::TcpStream,
+    ticket: Ticket,
+    accepted: Instant,
+) {
+    count_end(&ctx.stats, end);
+    if end != End::Clean {
+        sockopt::abort(&client);
+    }
+    drop(client);
+    drop(ticket);
+    ctx.stats.duration.observe(accepted.elapsed());
+}
+
+/// Starts an admitted connection. A client that has not spoken by now is parked
+/// (`conn::parked`): no task, no tokio registration, until its first byte. To tell, the
+/// socket is looked at once here, and that look is the one the connection's task would make
+/// first, handed to it: a client that sent its request with its handshake (most) costs no
+/// syscall more than before, and is never parked.
+///
+/// Parked only on the plain path: a connection waiting for its source's slot, a trusted
+/// balancer's (its PROXY header comes first) and a server-first listener's (connected now)
+/// start their task at once, as do all under observe mode.
+pub fn start(
+    ctx: &Arc<ListenerCtx>,
+    lot: Option<&Arc<Lot>>,
+    tracker: &TaskTracker,
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    ticket: Ticket,
+) {
+    let accepted = Instant::now();
+    let mut looked = None;
+    let (mut stream, mut ticket) = (stream, ticket);
+    if let Some(lot) = lot
+        && !ticket.is_provisional()
+        && !ticket.is_trusted()
+    {
+        let (expect, max, plain) = {
+            let p = ctx.policy.load();
+            (
+                p.first_message,
+                p.max_first_message,
+                p.protocol == crate::config::Protocol::ClientFirst && !p.observe,
+            )
+        };
+        if plain {
+            // The look the task would make first (`phases`): the whole first message when
+            // the listener holds it, one byte otherwise.
+            let look = if expect == crate::first_message::Expect::Any {
+                holding::look_at(&stream, expect, 1).map(|(n, _)| (n, None))
+            } else {
+                holding::look_at(&stream, expect, max)
+            };
+            match look {
+                Err(end) => return end_untasked(ctx, end, stream, ticket, accepted),
+                Ok((0, _)) => {
+                    let r = parked::Record::new(stream, ticket, peer, accepted);
+                    match lot.park(ctx, r) {
+                        Ok(()) => return,
+                        // The lot is closed (the listener stops) or epoll refused it: a task.
+                        Err(r) => (stream, ticket) = r.into_parts(),
+                    }
+                }
+                Ok((_, held)) => looked = Some(held),
+            }
+        }
+    }
+    spawn(ctx, tracker, stream, peer, ticket, accepted, looked);
+}
+
+/// The connection's task, from its socket given to tokio.
+fn spawn(
+    ctx: &Arc<ListenerCtx>,
+    tracker: &TaskTracker,
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    ticket: Ticket,
+    accepted: Instant,
+    looked: Option<Option<holding::Held>>,
+) {
+    match TcpStream::from_std(stream) {
+        Ok(stream) => {
+            tracker.spawn(serve(ctx.clone(), stream, peer, ticket, accepted, looked));
+        }
+        // The reactor would not take it (out of memory): the socket is closed, and the
+        // ticket gives its counts back as it drops.
+        Err(_) => {
+            ctx.stats.accept_errors.fetch_add(1, Relaxed);
+        }
+    }
+}
+
 /// The phases in order; each returns early with the end it met (`Err`).
 #[expect(
     clippy::manual_async_fn,
@@ -220,10 +336,9 @@ pub fn serve(
 fn phases<'a>(
     ctx: &'a ListenerCtx,
     client: &'a TcpStream,
-    peer: SocketAddr,
+    (peer, accepted, looked): (SocketAddr, Instant, Option<Option<holding::Held>>),
     server_slot: &'a mut Option<(TcpStream, Lease)>,
     ticket: &'a mut Ticket,
-    accepted: Instant,
 ) -> impl Future<Output = Result<End, End>> + 'a {
     // An `async` block for the reason `serve` is one.
     async move {
@@ -264,7 +379,10 @@ fn phases<'a>(
         let expect = w.policy.first_message;
         let holds = server_slot.is_none() && expect != crate::first_message::Expect::Any;
         let (mut spoke, mut first) = (false, None);
-        if holds {
+        if let Some(held) = looked {
+            // Looked at accept (`start`): it spoke, and this is what it said.
+            (spoke, first) = (true, held);
+        } else if holds {
             let h = holding::Holding {
                 ctx,
                 client,
@@ -339,8 +457,9 @@ mod tests {
     #[test]
     #[cfg_attr(debug_assertions, ignore = "sizes are the release build's")]
     fn a_held_connection_s_futures_stay_small() {
-        let serve =
-            output_size(|(ctx, client, peer, ticket)| super::serve(ctx, client, peer, ticket));
+        let serve = output_size(|(ctx, client, peer, ticket, accepted, looked)| {
+            super::serve(ctx, client, peer, ticket, accepted, looked)
+        });
         let open =
             output_size(|(o, w): (super::open::Open<'static>, super::Watched)| o.pump_until_end(w));
         let waiters = std::mem::size_of::<super::Pump<'static>>()

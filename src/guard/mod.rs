@@ -126,6 +126,9 @@ pub(crate) struct Shared {
     /// A trusted balancer's connections admitted over a listener cap before their PROXY
     /// header named the source; bounded like the waiting room (see [`Guard::admit_trusted`]).
     unnamed_over: AtomicUsize,
+    /// Told at every eviction: a connection parked outside any task (`conn::parked`) has no
+    /// waiter of its own on its `ConnCtl`, so its lot listens here for all of them.
+    evictions: tokio::sync::Notify,
 }
 
 /// A trusted connection's source and network, once its PROXY header named them.
@@ -251,6 +254,7 @@ impl Guard {
                 waiting: WaitingRoom::default(),
                 shared_caps: AtomicBool::new(false),
                 unnamed_over: AtomicUsize::new(0),
+                evictions: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -572,6 +576,12 @@ impl Guard {
     /// The listener's bell, rung when pressure mode flips (see [`crate::bell`]).
     pub fn bell(&self) -> &crate::bell::Bell {
         self.shared.pressure.bell()
+    }
+
+    /// Resolves after an eviction (one permit is kept when nobody waits): the victim's
+    /// `ConnCtl` says which. For waiters that watch many connections at once.
+    pub fn evictions(&self) -> tokio::sync::futures::Notified<'_> {
+        self.shared.evictions.notified()
     }
 
     /// Periodic upkeep: forget rate-limiter keys that are back to a full bucket, so the
@@ -1286,6 +1296,7 @@ impl Shared {
     /// Gives back an evicted connection's listener-wide counts.
     fn give_back_evicted(&self, s: EvictState) {
         self.stats.evict(s);
+        self.evictions.notify_one();
         self.give_back(Some(s));
     }
 

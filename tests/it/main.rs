@@ -17,6 +17,7 @@ mod kernel;
 mod layers;
 mod leaks;
 mod memory;
+mod parked;
 mod passive;
 mod props;
 mod real_clients;
