@@ -13,10 +13,10 @@
 //! costs nothing but that look's timer: bulk transfers block and unblock all the time.
 //! Early looks count the bytes (the source's newcomers are charged and refused by them, and
 //! over the listener's cap the heavy are cut). The source's own cap cuts a connection once it
-//! has been blocked a [`STALL_WINDOW`], or as soon as a look finds that since the last one it
-//! took less than a second's share of what it pinned (a reader that would need seconds to
-//! drain its queue, or none at all): a bulk reader whose window shuts many times a second is
-//! not one that left.
+//! has been blocked a [`STALL_WINDOW`], or as soon as a look finds that since the last one
+//! (or since the pump started) it took less than a second's share of what it pins (a reader
+//! that would need seconds to drain its queue, or none at all): a bulk reader whose window
+//! shuts many times a second is not one that left.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -51,8 +51,9 @@ enum Backend {
 pub(super) struct Weight {
     next: Option<Instant>,
     backend: Backend,
-    /// At the last look: when, and the bytes the client had taken by then.
-    seen: Option<(Instant, u64)>,
+    /// At the last look (at first, the pump's start): when, and the bytes the client had
+    /// taken by then.
+    seen: (Instant, u64),
 }
 
 impl Weight {
@@ -64,8 +65,7 @@ impl Weight {
         Weight {
             next: charged.then(|| now + SECOND_LOOK),
             backend: Backend::Unasked,
-            // The charge stands for a look: its first look judges how fast it drains.
-            seen: charged.then_some((now, 0)),
+            seen: (now, 0),
         }
     }
 
@@ -93,27 +93,28 @@ impl Weight {
         now: Instant,
     ) -> Result<(), Refused> {
         let taken = pump.delivered_to_client();
-        // Slow: since the last look it took less than a second's share of what it pinned
-        // then (a paused or dripping reader; a bulk reader drains its queue many times a
-        // second, however often its window shuts).
-        let pinned = ticket.ctl().queued_bytes();
-        let slow = self.seen.is_some_and(|(at, before)| {
+        // Slow: since the last look (or its start) it took less than a second's share of
+        // `pinned` (a paused or dripping reader; a bulk reader drains its queue many times
+        // a second, however often its window shuts).
+        let (at, before) = self.seen;
+        let slow = |pinned: u64| {
             let took = u128::from(taken.saturating_sub(before));
             let share = u128::from(pinned) * now.saturating_duration_since(at).as_micros();
             took * 1_000_000 < share
-        });
+        };
+        let reported = ticket.ctl().queued_bytes();
         let blocked = match pump.client_blocked_since() {
             Some(since) => now.saturating_duration_since(since),
             // Its window is open: one that reads reports nothing; a slow reader that took
             // a few bytes still pins what it did.
-            None if slow => Duration::ZERO,
+            None if slow(reported) => Duration::ZERO,
             None => {
                 self.next = None;
-                self.seen = None;
+                self.seen = (now, taken);
                 return ticket.set_queued(0).map_err(Refused::Full);
             }
         };
-        if blocked < FIRST_LOOK && !slow {
+        if blocked < FIRST_LOOK && !slow(reported) {
             self.next = pump.client_blocked_since().map(|since| since + FIRST_LOOK);
             return Ok(());
         }
@@ -121,12 +122,12 @@ impl Weight {
             Some(since) if blocked < SECOND_LOOK => since + SECOND_LOOK,
             _ => now + STALL_WINDOW,
         });
-        self.seen = Some((now, taken));
+        self.seen = (now, taken);
         let queued = self.queued(pump, server);
         // Its source's cap cuts a client blocked for a progress check's window, or one
-        // that takes its bytes too slowly to ever drain them; not one that paused for a
-        // moment: until then its bytes only hold its source's newcomers back.
-        if blocked >= STALL_WINDOW || slow {
+        // that takes its bytes too slowly to ever drain what it pins; not one that paused
+        // for a moment: until then its bytes only hold its source's newcomers back.
+        if blocked >= STALL_WINDOW || slow(queued.max(reported)) {
             ticket.set_queued(queued)
         } else {
             ticket.set_queued_early(queued)
