@@ -188,10 +188,7 @@ async fn what_is_queued_toward_a_client_that_stops_reading_stays_small() {
 #[tokio::test]
 async fn a_source_over_its_byte_cap_is_cut_and_another_is_not() {
     let b = backend(Backend::Flood).await;
-    let mut cfg = base_config(&[b.addr]);
-    cfg.listeners[0].limits.max_queued_per_source = 12 << 20;
-    cfg.listeners[0].limits.max_queued = 0;
-    cfg.listeners[0].timeouts.write_stall = ms(60_000);
+    let mut cfg = byte_capped(b.addr, 12 << 20);
     cfg.admin.bind = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     let p = Proxy::start(cfg).await;
     let stop_reading = |from: &'static str| {
@@ -261,21 +258,8 @@ async fn a_source_over_its_byte_cap_is_cut_and_another_is_not() {
 #[tokio::test]
 async fn non_readers_are_held_to_their_byte_cap_within_their_first_looks() {
     let b = backend(Backend::Flood).await;
-    let mut cfg = base_config(&[b.addr]);
-    cfg.listeners[0].limits.max_queued_per_source = 8 << 20;
-    cfg.listeners[0].limits.max_queued = 0;
-    cfg.listeners[0].timeouts.write_stall = ms(60_000);
-    let p = Proxy::start(cfg).await;
-    let mut held = Vec::new();
-    for _ in 0..24 {
-        let Ok(mut c) = connect_from("127.0.0.2", p.addr).await else {
-            continue;
-        };
-        let _ = c.write_all(b"GET /flood HTTP/1.0\r\n\r\n").await;
-        let _ = c.shutdown().await;
-        held.push(c);
-        tokio::time::sleep(ms(10)).await;
-    }
+    let p = Proxy::start(byte_capped(b.addr, 8 << 20)).await;
+    let held = half_close_and_never_read(p.addr, 24, ms(10)).await;
     // Past the second look of the last ones, before any progress check.
     tokio::time::sleep(ms(300)).await;
     let conns = p.snapshot().conns;
@@ -291,28 +275,17 @@ async fn non_readers_are_held_to_their_byte_cap_within_their_first_looks() {
 
 /// A burst of clients that send a request and FIN and never read, all connected before the
 /// first of them is weighed (so no newcomer is charged): each takes less than a second's
-/// share of what it pins, and its second look cuts the source back to its byte cap, well
+/// share of what it pins, and its early looks cut the source back to its byte cap, well
 /// before a one-second block.
 #[tokio::test]
-async fn a_burst_of_non_readers_is_cut_back_to_its_byte_cap_at_their_second_look() {
+async fn a_burst_of_non_readers_is_cut_back_to_its_byte_cap_before_a_one_second_block() {
     let b = backend(Backend::Flood).await;
-    let mut cfg = base_config(&[b.addr]);
-    cfg.listeners[0].limits.max_queued_per_source = 8 << 20;
-    cfg.listeners[0].limits.max_queued = 0;
-    cfg.listeners[0].timeouts.write_stall = ms(60_000);
-    let p = Proxy::start(cfg).await;
+    let p = Proxy::start(byte_capped(b.addr, 8 << 20)).await;
     // Back to back, a few milliseconds for all on loopback.
-    let mut held = Vec::new();
-    for _ in 0..12 {
-        let Ok(mut c) = connect_from("127.0.0.2", p.addr).await else {
-            continue;
-        };
-        let _ = c.write_all(b"GET /flood HTTP/1.0\r\n\r\n").await;
-        let _ = c.shutdown().await;
-        held.push(c);
-    }
+    let held = half_close_and_never_read(p.addr, 12, ms(0)).await;
     let admitted = held.len();
-    // Past the second look (100 ms after each window closed), before any one-second mark.
+    // Past the early looks (2 and 100 ms after each window closed), before any one-second
+    // mark.
     tokio::time::sleep(ms(400)).await;
     let conns = p.snapshot().conns;
     let queued = p.snapshot().queued;
@@ -322,4 +295,36 @@ async fn a_burst_of_non_readers_is_cut_back_to_its_byte_cap_at_their_second_look
     assert!(conns < admitted, "none cut: {conns} of {admitted} held");
     assert!(queued <= (8 << 20) + (4 << 20), "{queued} bytes");
     drop(held);
+}
+
+/// A listener whose sources are held to `per_source` bytes queued (no listener-wide byte
+/// cap), and whose write-stall clock is far away: only the byte cap ends what does not read.
+fn byte_capped(backend: SocketAddr, per_source: u64) -> halfguard::config::Config {
+    let mut cfg = base_config(&[backend]);
+    cfg.listeners[0].limits.max_queued_per_source = per_source;
+    cfg.listeners[0].limits.max_queued = 0;
+    cfg.listeners[0].timeouts.write_stall = ms(60_000);
+    cfg
+}
+
+/// `n` clients of 127.0.0.2, `gap` apart, each sending a request and FIN and never reading;
+/// those the proxy let connect.
+async fn half_close_and_never_read(
+    to: SocketAddr,
+    n: usize,
+    gap: std::time::Duration,
+) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let Ok(mut c) = connect_from("127.0.0.2", to).await else {
+            continue;
+        };
+        let _ = c.write_all(b"GET /flood HTTP/1.0\r\n\r\n").await;
+        let _ = c.shutdown().await;
+        held.push(c);
+        if !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
+    }
+    held
 }
