@@ -815,18 +815,23 @@ impl<'a> Pump<'a> {
         (self.up.request_start == Some(b.start) && b.start >= self.down.last_progress).then_some(b)
     }
 
-    /// Bytes queued toward the client: its socket's send queue, and what the server sent
-    /// that waits unread in ours. Two ioctls: asked only of a connection found blocked.
-    pub fn queued_toward_client(&self) -> u64 {
-        let sent = crate::sockopt::unacked(self.client).unwrap_or(0);
-        let unread = crate::sockopt::unread(self.server).unwrap_or(0);
-        u64::from(sent) + u64::from(unread) + (self.down.len - self.down.pos) as u64
+    /// The client socket's send queue now (one ioctl): what the two below are reckoned
+    /// from, read once per look.
+    pub fn client_send_queue(&self) -> u64 {
+        u64::from(crate::sockopt::unacked(self.client).unwrap_or(0))
     }
 
-    /// The server's bytes the client has taken (acknowledged) so far.
-    pub fn delivered_to_client(&self) -> u64 {
-        let sent = crate::sockopt::unacked(self.client).unwrap_or(0);
-        self.down.total.saturating_sub(u64::from(sent))
+    /// Bytes queued toward the client: its socket's send queue (`sent`), and what the
+    /// server sent that waits unread in ours (one ioctl more).
+    pub fn queued_toward_client(&self, sent: u64) -> u64 {
+        let unread = crate::sockopt::unread(self.server).unwrap_or(0);
+        sent + u64::from(unread) + (self.down.len - self.down.pos) as u64
+    }
+
+    /// The server's bytes the client has taken (acknowledged) so far, its send queue
+    /// holding `sent`.
+    pub fn delivered_to_client(&self, sent: u64) -> u64 {
+        self.down.total.saturating_sub(sent)
     }
 
     /// The client's bytes forwarded so far.

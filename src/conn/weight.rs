@@ -92,7 +92,8 @@ impl Weight {
         server: &TcpStream,
         now: Instant,
     ) -> Result<(), Refused> {
-        let taken = pump.delivered_to_client();
+        let sent = pump.client_send_queue();
+        let taken = pump.delivered_to_client(sent);
         // Slow: since the last look (or its start) it took less than a second's share of
         // `pinned` (a paused or dripping reader; a bulk reader drains its queue many times
         // a second, however often its window shuts).
@@ -123,7 +124,7 @@ impl Weight {
             _ => now + STALL_WINDOW,
         });
         self.seen = (now, taken);
-        let queued = self.queued(pump, server);
+        let queued = self.queued(pump, server, sent);
         // Its source's cap cuts a client blocked for a progress check's window, or one
         // that takes its bytes too slowly to ever drain what it pins; not one that paused
         // for a moment: until then its bytes only hold its source's newcomers back.
@@ -137,8 +138,8 @@ impl Weight {
 
     /// Bytes queued toward the client: ours (its send queue, the backend's unread bytes)
     /// and the backend's own send queue when it is on this host.
-    fn queued(&mut self, pump: &Pump<'_>, server: &TcpStream) -> u64 {
-        pump.queued_toward_client() + u64::from(self.backend_queue(server))
+    fn queued(&mut self, pump: &Pump<'_>, server: &TcpStream, sent: u64) -> u64 {
+        pump.queued_toward_client(sent) + u64::from(self.backend_queue(server))
     }
 
     fn backend_queue(&mut self, server: &TcpStream) -> u32 {
