@@ -7,17 +7,16 @@
 //! against its source's half-open cap.
 
 use std::future::{Future, poll_fn};
-
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::pin;
 use std::task::Poll;
 use std::time::Duration;
-use tokio::sync::futures::Notified;
 
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::sync::futures::Notified;
 use tokio::time::{Instant, sleep_until};
 
 use super::clocks::half_open_due;

@@ -119,7 +119,7 @@ impl Ticket {
 const HEAVY_SHARE: u64 = 64;
 
 /// Under memory pressure the listener's byte cap counts as this fraction of itself.
-pub(super) const MEMORY_SHRINK: u64 = 4;
+const MEMORY_SHRINK: u64 = 4;
 
 impl Shared {
     /// The listener's byte cap in force: `max_queued`, or a [`MEMORY_SHRINK`]th of it while
