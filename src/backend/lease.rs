@@ -15,6 +15,18 @@ use super::Server;
 use super::pool::Shared;
 use super::slot::Slot;
 
+/// Told when any server's connections are aborted (`on_down = "abort"`), after its leases'
+/// tokens are cancelled: for a waiter that holds many leases and no task per lease (the
+/// parking lot's idle connections, `conn::parked`), so that it looks at [`Lease::is_aborted`]
+/// only when a server went down, and costs nothing while none does.
+pub(super) static DOWN: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Resolves after some server's connections were aborted (see [`DOWN`]); a waiter made
+/// before the abort hears of it even if not yet polled.
+pub fn aborts() -> tokio::sync::futures::Notified<'static> {
+    DOWN.notified()
+}
+
 /// A connection's hold on a server slot: gives the slot back, and wakes one queued client,
 /// when dropped.
 #[derive(Debug)]

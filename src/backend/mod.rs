@@ -45,6 +45,6 @@ mod slot;
 
 pub use balance::ServerSet;
 pub use greeting::Greeting;
-pub use lease::Lease;
+pub use lease::{Lease, aborts};
 pub use pool::{BackendError, Pool, ProxiedAddrs};
 pub use server::Server;

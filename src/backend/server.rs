@@ -297,5 +297,7 @@ impl Server {
             t.cancel();
             *t = CancellationToken::new();
         }
+        // After the cancel: a waiter that wakes finds its lease aborted.
+        super::lease::DOWN.notify_waiters();
     }
 }
