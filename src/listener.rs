@@ -55,8 +55,9 @@ pub async fn accept_loop(
 ) {
     // Silent connections wait in the lot, not in tasks (see `conn::parked`); without one
     // (the kernel refused an epoll set) each gets its task as before.
-    let lot = conn::Lot::new().ok();
+    let lot = conn::Lot::new(tracker.clone()).ok();
     if let Some(lot) = &lot {
+        ctx.set_lot(lot);
         tracker.spawn(lot.clone().run(ctx.clone(), tracker.clone(), stop.clone()));
     }
     let mut backoff = Duration::ZERO;

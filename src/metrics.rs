@@ -232,12 +232,18 @@ fn states(e: &mut DescriptorEncoder, ls: &[Row<'_>]) -> std::fmt::Result {
 
     let parked: Vec<Sample<'_, i64>> = ls
         .iter()
-        .map(|(name, _, stats)| (vec![("listener", *name)], stats.parked.load(Relaxed) as i64))
+        .flat_map(|(name, _, stats)| {
+            [
+                ("silent", stats.parked.load(Relaxed)),
+                ("idle", stats.parked_idle.load(Relaxed)),
+            ]
+            .map(|(kind, n)| (vec![("listener", *name), ("kind", kind)], n as i64))
+        })
         .collect();
     gauge(
         e,
         "halfguard_parked_connections",
-        "Of the half_open connections, those parked outside any task until their first byte (conn::parked).",
+        "Connections parked outside any task (conn::parked): kind silent, half_open until their first byte; kind idle, open and idle after an exchange until either side speaks.",
         &parked,
     )?;
 

@@ -267,6 +267,9 @@ pub struct Stats {
     /// Of the silent connections, those parked outside any task until their first byte
     /// (a gauge, see `conn::parked`).
     pub parked: AtomicU64,
+    /// Open connections idle after an exchange, parked with both sockets outside any task
+    /// until either speaks (a gauge, see `conn::parked`).
+    pub parked_idle: AtomicU64,
     /// 1 when a probe of a client-first listener's server saw it greet before the client
     /// spoke: the listener wants `protocol = "server-first"` (a gauge, see
     /// `server::greeting`).
@@ -293,6 +296,7 @@ impl Default for Stats {
             spliced: AtomicU64::new(0),
             holding: AtomicU64::new(0),
             parked: AtomicU64::new(0),
+            parked_idle: AtomicU64::new(0),
             server_first_suspected: AtomicU64::new(0),
             duration: Histo::new(DURATION_BUCKETS),
         }

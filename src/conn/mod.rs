@@ -183,30 +183,92 @@ fn serve(
         let mut server = None;
         let at = (peer, accepted, looked);
         let end = match phases(&ctx, &client, at, &mut server, &mut ticket).await {
-            Ok(end) | Err(end) => end,
+            Ok(open::Exit::End(end)) | Err(end) => end,
+            Ok(open::Exit::Park(stamps)) => match server {
+                Some((server, lease)) => {
+                    let conn = (client, server);
+                    return parked::park_idle(&ctx, conn, lease, ticket, accepted, stamps);
+                }
+                None => End::Backend,
+            },
         };
-        let stats = &ctx.stats;
-        if let End::PeerError {
-            server_before_any_byte: true,
-        } = end
-            && let Some((_, lease)) = &server
-        {
-            lease.early_reset();
-        }
-        count_end(stats, end);
-        if end != End::Clean {
-            sockopt::abort(&client);
-            if let Some((s, _)) = &server {
-                sockopt::abort(s);
+        finish(&ctx, end, client, server, ticket, accepted);
+    }
+}
+
+/// A connection woken from the lot after it parked idle (`conn::parked`): back in the pump
+/// loop where it left it, until it ends or parks again.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+fn resume(
+    ctx: Arc<ListenerCtx>,
+    (client, server): (TcpStream, TcpStream),
+    lease: Lease,
+    mut ticket: Ticket,
+    accepted: Instant,
+    stamps: pump::Stamps,
+    shard: usize,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let w = Watched::new(&ctx, shard);
+        // The drain ended as it woke: the bell rang before this connection listened.
+        let exit = if ctx.is_aborted() {
+            open::Exit::End(End::Shutdown)
+        } else {
+            let o = open::Open {
+                ctx: &ctx,
+                ticket: &mut ticket,
+                lease: &lease,
+                client: &client,
+                server: &server,
+                accepted,
+                http1: stamps.http1,
+                resumed: Some(&stamps),
+            };
+            o.pump_until_end(w).await
+        };
+        match exit {
+            open::Exit::End(end) => {
+                finish(&ctx, end, client, Some((server, lease)), ticket, accepted)
+            }
+            open::Exit::Park(stamps) => {
+                parked::park_idle(&ctx, (client, server), lease, ticket, accepted, stamps);
             }
         }
-        // Sockets close here (the lease with the server socket), then the ticket gives the
-        // counts back.
-        drop(server);
-        drop(client);
-        drop(ticket);
-        stats.duration.observe(accepted.elapsed());
     }
+}
+
+/// The end of a connection, with a task or without: counted once, both sockets reset unless
+/// it closed cleanly, then closed (the lease with the server socket), and the ticket gives
+/// the counts back last.
+fn finish<S: std::os::fd::AsFd>(
+    ctx: &ListenerCtx,
+    end: End,
+    client: S,
+    server: Option<(S, Lease)>,
+    ticket: Ticket,
+    accepted: Instant,
+) {
+    if let End::PeerError {
+        server_before_any_byte: true,
+    } = end
+        && let Some((_, lease)) = &server
+    {
+        lease.early_reset();
+    }
+    count_end(&ctx.stats, end);
+    if end != End::Clean {
+        sockopt::abort(&client);
+        if let Some((s, _)) = &server {
+            sockopt::abort(s);
+        }
+    }
+    drop(server);
+    drop(client);
+    drop(ticket);
+    ctx.stats.duration.observe(accepted.elapsed());
 }
 
 /// Counts how a connection ended, once (a refusal, an eviction or a reclaim was counted by
@@ -231,8 +293,8 @@ fn count_end(stats: &crate::stats::Stats, end: End) {
     }
 }
 
-/// Ends a connection that has no task (refused by a look at accept, or parked): counted,
-/// reset unless it closed cleanly, closed, and its counts given back.
+/// Ends a connection that has no task and no server (refused by a look at accept, or
+/// parked silent), as [`finish`] does.
 fn end_untasked(
     ctx: &ListenerCtx,
     end: End,
@@ -240,13 +302,7 @@ fn end_untasked(
     ticket: Ticket,
     accepted: Instant,
 ) {
-    count_end(&ctx.stats, end);
-    if end != End::Clean {
-        sockopt::abort(&client);
-    }
-    drop(client);
-    drop(ticket);
-    ctx.stats.duration.observe(accepted.elapsed());
+    finish(ctx, end, client, None, ticket, accepted);
 }
 
 /// Starts an admitted connection. A client that has not spoken by now is parked
@@ -339,7 +395,7 @@ fn phases<'a>(
     (peer, accepted, looked): (SocketAddr, Instant, Option<Option<holding::Held>>),
     server_slot: &'a mut Option<(TcpStream, Lease)>,
     ticket: &'a mut Ticket,
-) -> impl Future<Output = Result<End, End>> + 'a {
+) -> impl Future<Output = Result<open::Exit, End>> + 'a {
     // An `async` block for the reason `serve` is one.
     async move {
         if ticket.is_provisional() {
@@ -435,6 +491,7 @@ fn phases<'a>(
             server,
             accepted,
             http1: held == holding::Held::Whole(crate::first_message::Proto::Http1),
+            resumed: None,
         };
         Ok(Box::pin(o.pump_until_end(w)).await)
     }

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 
 use super::clocks::{FIRST_STALL_CHECK, Progress, RECHECK, STALL_WINDOW, open_due};
-use super::pump::{Event, KernelQueues, Pump, Side};
+use super::pump::{Event, KernelQueues, Pump, Side, Stamps};
 use super::weight::Weight;
 use super::{End, ListenerCtx, Watched, expire};
 use crate::backend::Lease;
@@ -36,7 +36,23 @@ pub(super) struct Open<'a> {
     pub accepted: Instant,
     /// The first message was an HTTP/1 request head: every later request is clocked too.
     pub http1: bool,
+    /// Woken from the lot: the progress its pump had made when it parked.
+    pub resumed: Option<&'a Stamps>,
 }
+
+/// How the pump loop leaves: the connection ended, or it is idle and parks (`conn::parked`),
+/// its pump's progress in the stamps.
+pub(super) enum Exit {
+    End(End),
+    Park(Stamps),
+}
+
+/// How long an open connection is idle, nothing outstanding, before it leaves its task for
+/// the lot (looked at by the progress check, once a second). Parking and waking cost three
+/// `epoll_ctl`s and a task: a keep-alive client between requests that come more often than
+/// this never pays them, and a pool's connection that sits for seconds or minutes costs a
+/// record instead of a task, its pump loop and two tokio registrations.
+pub const IDLE_PARK: Duration = Duration::from_secs(1);
 
 /// Where the progress check stands: when it comes next, and what it saw last.
 struct ProgressCheck {
@@ -93,7 +109,7 @@ impl Yield {
 impl Open<'_> {
     /// Moves bytes until both sides sent FIN or a clock, an eviction, the pool or shutdown
     /// ends the connection.
-    pub async fn pump_until_end(self, mut w: Watched) -> End {
+    pub async fn pump_until_end(self, mut w: Watched) -> Exit {
         let Open {
             ctx,
             ticket,
@@ -102,8 +118,12 @@ impl Open<'_> {
             server,
             accepted,
             http1,
+            resumed,
         } = self;
         let mut pump = Pump::new(client, server, &ctx.stats, w.policy.tcp.splice, http1);
+        if let Some(s) = resumed {
+            pump.restore(s);
+        }
         let ctl = ticket.ctl().clone();
         // Registered once for the connection, not once per wake-up.
         let mut evicted = pin!(ctl.evicted());
@@ -129,8 +149,8 @@ impl Open<'_> {
         let mut check = ProgressCheck {
             next: start + FIRST_STALL_CHECK,
             last: start,
-            moved: 0,
-            from_client: 0,
+            moved: pump.total(),
+            from_client: pump.client_total(),
             yields: None,
         };
         let mut sleep = pin!(sleep_until(start + w.policy.timeouts.idle));
@@ -138,7 +158,7 @@ impl Open<'_> {
         let mut weight = Weight::new(ticket, start);
         loop {
             if let Err(end) = w.heard(ctx) {
-                return end;
+                return Exit::End(end);
             }
             let under_pressure = ctx.guard.pressure();
             let now = Instant::now();
@@ -193,22 +213,38 @@ impl Open<'_> {
                     }
                 }
                 if expire(ticket, &mut w.observed, clock) {
-                    return End::TimedOut(clock);
+                    return Exit::End(End::TimedOut(clock));
                 }
                 extended = None;
                 pump.forget_looks();
                 continue;
             }
-            if closed.is_none()
-                && check.next <= now
-                && let Err(r) = weigh_progress(ticket, lease, &mut pump, &w, &mut check, now)
-            {
-                return End::from_refused(r);
+            if closed.is_none() && check.next <= now {
+                // Nothing moved over the check's whole window: what it says of the
+                // connection now it would say at every check while the connection parks.
+                let quiet = pump.total() == check.moved;
+                if let Err(r) = weigh_progress(ticket, lease, &mut pump, &w, &mut check, now) {
+                    return Exit::End(End::from_refused(r));
+                }
+                // Idle long enough, on the plain path, with nothing outstanding and no bytes
+                // weighed: out of the task, into the lot.
+                if quiet
+                    && claim.is_none()
+                    && extended.is_none()
+                    && !w.policy.observe
+                    && weight.due().is_none()
+                    && ticket.ctl().queued_bytes() == 0
+                    && now.saturating_duration_since(pump.last_activity()) >= IDLE_PARK
+                    && let Some(stamps) = pump.parkable()
+                    && ctx.lot().is_some_and(|l| l.takes_idle())
+                {
+                    return Exit::Park(stamps);
+                }
             }
             if weight.due().is_some_and(|at| at <= now)
                 && let Err(r) = weight.look(ticket, &pump, server, now)
             {
-                return End::from_refused(r);
+                return Exit::End(End::from_refused(r));
             }
             // A half-closed connection's grace.
             if let Some((_, at)) = closed
@@ -217,7 +253,7 @@ impl Open<'_> {
             {
                 lingering = true;
                 if let Err(r) = ticket.lingering() {
-                    return End::from_refused(r);
+                    return Exit::End(End::from_refused(r));
                 }
             }
             let mut wake = due.clock.map_or(now + Duration::from_secs(3600), |c| c.0);
@@ -238,11 +274,11 @@ impl Open<'_> {
             tokio::select! {
                 biased;
                 _ = poll_fn(|cx| evicted_w.poll(evicted.as_mut(), ctl.is_evicted(), cx)) => {
-                    return End::Evicted;
+                    return Exit::End(End::Evicted);
                 }
                 // The server was marked down and its pool aborts its connections.
                 _ = poll_fn(|cx| lease_w.poll(lease_down.as_mut(), lease.is_aborted(), cx)) => {
-                    return End::Backend;
+                    return Exit::End(End::Backend);
                 }
                 ev = poll_fn(|cx| pump.poll_event(cx)) => match ev {
                     Ok(Event::Closed) => {
@@ -252,10 +288,10 @@ impl Open<'_> {
                         // Boxed: the wait's state would sit in every open connection's
                         // future, and few clean closes find bytes still queued.
                         let Some(queued) = super::delivery::queued(client) else {
-                            return End::Clean;
+                            return Exit::End(End::Clean);
                         };
                         let wait = super::delivery::delivered(ctx, ticket, client, &mut w, queued);
-                        return Box::pin(wait).await;
+                        return Exit::End(Box::pin(wait).await);
                     }
                     // A stall shortens the deadline: recompute it. A client that stopped
                     // taking bytes is weighed soon.
@@ -268,16 +304,16 @@ impl Open<'_> {
                         check.yields = None;
                         closed = Some((side, Instant::now()));
                         if let Err(r) = ticket.half_close() {
-                            return End::from_refused(r);
+                            return Exit::End(End::from_refused(r));
                         }
                     }
                     Err(e) => {
                         prove(ticket, &pump);
-                        return End::PeerError {
+                        return Exit::End(End::PeerError {
                             server_before_any_byte: e.side == Side::Server
                                 && !pump.server_spoke()
                                 && !pump.client_spoke(),
-                        };
+                        });
                     }
                 },
                 // A queued client claims the slot. After the pump, which has just taken what
@@ -285,7 +321,7 @@ impl Open<'_> {
                 _ = poll_fn(|cx| claim.as_mut().map_or(Poll::Pending, |c| c.as_mut().poll(cx))) => {
                     if closed.is_none() && check.yields.is_some_and(|y| y.holds(&pump)) {
                         lease.give_up();
-                        return End::Reclaimed;
+                        return Exit::End(End::Reclaimed);
                     }
                     lease.may_yield(false);
                     check.yields = None;

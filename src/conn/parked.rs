@@ -39,7 +39,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::pin::pin;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,9 +49,12 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::clocks::{Observed, half_open_due};
-use super::{End, ListenerCtx, end_untasked, expire, spawn};
+use super::clocks::{Observed, Progress, half_open_due, open_due};
+use super::pump::Stamps;
+use super::{End, ListenerCtx, count_end, end_untasked, expire, finish, resume, spawn};
+use crate::backend::Lease;
 use crate::guard::Ticket;
+use crate::stats::Timeout;
 
 /// Sweeps for evicted records come at most this often.
 pub const SWEEP_GAP: Duration = Duration::from_millis(5);
@@ -117,9 +120,153 @@ impl Record {
     }
 }
 
+/// An open connection idle after an exchange, parked with both its sockets: what its pump
+/// loop needs to go on where it left off.
+pub(super) struct Idle {
+    client: std::net::TcpStream,
+    server: std::net::TcpStream,
+    /// Held while parked: the server's slot and its count of connections.
+    lease: Lease,
+    ticket: Ticket,
+    accepted: Instant,
+    stamps: Stamps,
+    due: Option<Instant>,
+    observed: Observed,
+}
+
+impl Idle {
+    /// The open clocks, as the pump loop would reckon them with nothing moving: idle from
+    /// the last byte, `max_lifetime` from the accept.
+    fn next(&self, ctx: &ListenerCtx) -> Option<(Instant, Timeout)> {
+        let policy = ctx.policy.load();
+        let now = Instant::now();
+        let progress = Progress {
+            last_activity: self.stamps.last_activity(),
+            closed: None,
+            open_direction_progress: now,
+            request_burst: None,
+            stalled_since: None,
+        };
+        let (rules, pressure) = (policy.rules(), ctx.guard.pressure());
+        let accepted = self.accepted;
+        open_due(
+            &rules,
+            pressure,
+            self.observed,
+            accepted,
+            &progress,
+            None,
+            now,
+        )
+        .clock
+    }
+}
+
+/// Parks an open connection that is idle after an exchange (the pump loop said so: see
+/// `open::IDLE_PARK`); when the lot will not take it, it goes on in a task of its own.
+pub(super) fn park_idle(
+    ctx: &Arc<ListenerCtx>,
+    (client, server): (tokio::net::TcpStream, tokio::net::TcpStream),
+    lease: Lease,
+    ticket: Ticket,
+    accepted: Instant,
+    stamps: Stamps,
+) {
+    // Out of tokio: `into_std` deregisters each socket.
+    let (Ok(client), Ok(server)) = (client.into_std(), server.into_std()) else {
+        // The reactor would not let go of one (never seen): its socket is closed, the other
+        // with it, and the lease and the ticket give their counts back.
+        count_end(&ctx.stats, End::PEER_ERROR);
+        return;
+    };
+    let conn = Box::new(Idle {
+        client,
+        server,
+        lease,
+        ticket,
+        accepted,
+        stamps,
+        due: None,
+        observed: Observed::default(),
+    });
+    match ctx.lot() {
+        Some(lot) => {
+            if let Err(conn) = lot.park_idle(ctx, conn) {
+                Lot::respawn(ctx, &lot.tracker, conn, 0);
+            }
+        }
+        // The lot's task is over (a race with the listener's stop): a task without a tracker
+        // hears the end of the drain on its bell, as any.
+        None => Lot::respawn(ctx, &TaskTracker::new(), conn, 0),
+    }
+}
+
+/// What a slot of the lot holds.
+enum Parked {
+    Silent(Record),
+    /// Boxed: most parked connections are silent, and their slots stay their size.
+    Idle(Box<Idle>),
+}
+
+impl Parked {
+    fn ticket(&self) -> &Ticket {
+        match self {
+            Parked::Silent(r) => &r.ticket,
+            Parked::Idle(i) => &i.ticket,
+        }
+    }
+
+    fn due(&self) -> Option<Instant> {
+        match self {
+            Parked::Silent(r) => r.due,
+            Parked::Idle(i) => i.due,
+        }
+    }
+
+    fn due_mut(&mut self) -> &mut Option<Instant> {
+        match self {
+            Parked::Silent(r) => &mut r.due,
+            Parked::Idle(i) => &mut i.due,
+        }
+    }
+
+    /// The next deadline.
+    fn next(&self, ctx: &ListenerCtx) -> Option<Instant> {
+        match self {
+            Parked::Silent(r) => r.next(ctx).0,
+            Parked::Idle(i) => i.next(ctx).map(|c| c.0),
+        }
+    }
+
+    /// At its deadline: how it ends, if it does (its clock ran out, or its source is at its
+    /// half-open cap as its grace ends).
+    fn expired(&mut self, ctx: &ListenerCtx, now: Instant) -> Option<End> {
+        let (clock, observed, ticket) = match self {
+            Parked::Silent(r) => (r.next(ctx).1, &mut r.observed, &r.ticket),
+            Parked::Idle(i) => (i.next(ctx), &mut i.observed, &i.ticket),
+        };
+        if let Some((at, c)) = clock
+            && at <= now
+            && expire(ticket, observed, c)
+        {
+            return Some(End::TimedOut(c));
+        }
+        let Parked::Silent(r) = self else {
+            return None;
+        };
+        if !r.counted && r.accepted + ctx.policy.load().grace <= now {
+            r.counted = true;
+            if let Err(refused) = r.ticket.silent() {
+                return Some(End::from_refused(refused));
+            }
+        }
+        None
+    }
+}
+
 struct Slot {
     era: u32,
-    rec: Option<Record>,
+    rec: Option<Parked>,
 }
 
 #[derive(Default)]
@@ -134,11 +281,11 @@ struct Inner {
 }
 
 impl Inner {
-    fn take(&mut self, key: u32) -> Option<Record> {
+    fn take(&mut self, key: u32) -> Option<Parked> {
         let slot = self.slots.get_mut(key as usize)?;
         let rec = slot.rec.take()?;
         slot.era = slot.era.wrapping_add(1);
-        if let Some(d) = rec.due {
+        if let Some(d) = rec.due() {
             self.due.remove(&(d, key));
         }
         self.free.push(key);
@@ -154,10 +301,10 @@ impl Inner {
         else {
             return;
         };
-        if let Some(d) = rec.due {
+        if let Some(d) = rec.due() {
             self.due.remove(&(d, key));
         }
-        rec.due = due;
+        *rec.due_mut() = due;
         if let Some(d) = due {
             self.due.insert((d, key));
         }
@@ -170,13 +317,17 @@ pub struct Lot {
     inner: Mutex<Inner>,
     /// A record parked with a deadline earlier than every other: the task sleeps less.
     sooner: Notify,
+    /// The listener stopped accepting: the drain is on, and no idle connection parks.
+    draining: AtomicBool,
+    /// Where woken connections get their task (the server's, which the drain waits on).
+    tracker: TaskTracker,
 }
 
 impl Lot {
     /// A lot with its epoll set; `Err` when the kernel or the reactor refuses one (the
     /// listener then runs without: every connection gets its task).
     #[allow(unsafe_code)]
-    pub fn new() -> io::Result<Arc<Lot>> {
+    pub fn new(tracker: TaskTracker) -> io::Result<Arc<Lot>> {
         // SAFETY: epoll_create1 takes no pointer; a descriptor it returns is ours alone.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
@@ -192,6 +343,8 @@ impl Lot {
             epoll,
             inner: Mutex::new(Inner::default()),
             sooner: Notify::new(),
+            draining: AtomicBool::new(false),
+            tracker,
         }))
     }
 
@@ -200,7 +353,40 @@ impl Lot {
         clippy::result_large_err,
         reason = "handed back whole on a rare failure; boxed, every parked record would cost an allocation"
     )]
-    pub(super) fn park(&self, ctx: &ListenerCtx, mut r: Record) -> Result<(), Record> {
+    pub(super) fn park(&self, ctx: &ListenerCtx, r: Record) -> Result<(), Record> {
+        match self.insert(ctx, Parked::Silent(r)) {
+            Ok(()) => {
+                ctx.stats.parked.fetch_add(1, Relaxed);
+                Ok(())
+            }
+            Err(Parked::Silent(r)) => Err(r),
+            Err(Parked::Idle(_)) => unreachable!("a silent record comes back silent"),
+        }
+    }
+
+    /// Whether an idle connection may park now (not once the drain began).
+    pub(super) fn takes_idle(&self) -> bool {
+        !self.draining.load(Relaxed)
+    }
+
+    /// Parks an idle connection; hands it back when the lot is closed, draining or epoll
+    /// refuses it, or when it was evicted or its server aborted as it came (the lot's
+    /// sweeps may have run before it was in).
+    fn park_idle(&self, ctx: &ListenerCtx, conn: Box<Idle>) -> Result<(), Box<Idle>> {
+        if !self.takes_idle() {
+            return Err(conn);
+        }
+        match self.insert(ctx, Parked::Idle(conn)) {
+            Ok(()) => {
+                ctx.stats.parked_idle.fetch_add(1, Relaxed);
+                Ok(())
+            }
+            Err(Parked::Idle(conn)) => Err(conn),
+            Err(Parked::Silent(_)) => unreachable!("an idle record comes back idle"),
+        }
+    }
+
+    fn insert(&self, ctx: &ListenerCtx, mut r: Parked) -> Result<(), Parked> {
         let Ok(mut inner) = self.inner.lock() else {
             return Err(r);
         };
@@ -208,7 +394,14 @@ impl Lot {
         if inner.closed || ctx.is_aborted() {
             return Err(r);
         }
-        let (due, _) = r.next(ctx);
+        // Under the lock a sweep takes: a mark set before this look is seen here, one set
+        // after it finds the record in (the flag is set before the lot is told).
+        if let Parked::Idle(i) = &r
+            && (i.ticket.ctl().is_evicted() || i.lease.is_aborted())
+        {
+            return Err(r);
+        }
+        let due = r.next(ctx);
         let key = match inner.free.pop() {
             Some(k) => k,
             None => {
@@ -220,24 +413,66 @@ impl Lot {
             }
         };
         let era = inner.slots[key as usize].era;
-        if self
-            .ctl(libc::EPOLL_CTL_ADD, &r.stream, token(key, era))
-            .is_err()
-        {
+        let added = match &r {
+            Parked::Silent(s) => self.ctl(libc::EPOLL_CTL_ADD, &s.stream, token(key, era)),
+            Parked::Idle(i) => self
+                .ctl(libc::EPOLL_CTL_ADD, &i.client, token(key, era))
+                .and_then(|()| {
+                    self.ctl(libc::EPOLL_CTL_ADD, &i.server, token(key, era))
+                        .inspect_err(|_| {
+                            let _ = self.ctl(libc::EPOLL_CTL_DEL, &i.client, 0);
+                        })
+                }),
+        };
+        if added.is_err() {
             inner.free.push(key);
             return Err(r);
         }
-        r.due = None;
+        *r.due_mut() = None;
         inner.slots[key as usize].rec = Some(r);
         inner.len += 1;
         let sooner = due.is_some_and(|d| inner.due.first().is_none_or(|f| d < f.0));
         inner.set_due(key, due);
         drop(inner);
-        ctx.stats.parked.fetch_add(1, Relaxed);
         if sooner {
             self.sooner.notify_one();
         }
         Ok(())
+    }
+
+    /// An idle connection back into tokio and a task of its own, resuming its pump loop.
+    fn respawn(ctx: &Arc<ListenerCtx>, tracker: &TaskTracker, conn: Box<Idle>, shard: usize) {
+        let Idle {
+            client,
+            server,
+            lease,
+            ticket,
+            accepted,
+            stamps,
+            ..
+        } = *conn;
+        match (
+            tokio::net::TcpStream::from_std(client),
+            tokio::net::TcpStream::from_std(server),
+        ) {
+            (Ok(client), Ok(server)) => {
+                let conn = (client, server);
+                tracker.spawn(resume(
+                    ctx.clone(),
+                    conn,
+                    lease,
+                    ticket,
+                    accepted,
+                    stamps,
+                    shard,
+                ));
+            }
+            // The reactor would not take one (out of memory): both sockets close, the lease
+            // and the ticket give their counts back as they drop.
+            _ => {
+                ctx.stats.accept_errors.fetch_add(1, Relaxed);
+            }
+        }
     }
 
     #[allow(unsafe_code)]
@@ -295,6 +530,7 @@ impl Lot {
         let mut rung = ctx.guard.bell().rung();
         let mut evicted = pin!(ctx.guard.evictions());
         let mut stopped = pin!(stop.cancelled());
+        let mut down = pin!(crate::backend::aborts());
         let mut stopping = false;
         let mut sleep = pin!(sleep_until(Instant::now() + NEVER));
         let mut last_sweep = Instant::now() - SWEEP_GAP;
@@ -354,9 +590,20 @@ impl Lot {
                     last_sweep = Instant::now();
                     self.sweep(&ctx);
                 }
+                // A server went down with `on_down = "abort"`: its parked connections go as
+                // its tasks do.
+                _ = &mut down => {
+                    down.set(crate::backend::aborts());
+                    for r in self.take_where(|r| matches!(r, Parked::Idle(i) if i.lease.is_aborted())) {
+                        Lot::end(&ctx, r, End::Backend);
+                    }
+                }
                 _ = &mut sleep => self.expire(&ctx),
                 _ = sooner => {}
-                _ = &mut stopped, if !stopping => stopping = true,
+                _ = &mut stopped, if !stopping => {
+                    stopping = true;
+                    self.draining.store(true, Relaxed);
+                }
             }
         }
         // The reactor is gone: what is left goes with the runtime.
@@ -371,7 +618,7 @@ impl Lot {
     }
 
     /// Takes the records `pick` chooses, out of the lock.
-    fn take_where(&self, mut pick: impl FnMut(&Record) -> bool) -> Vec<Record> {
+    fn take_where(&self, mut pick: impl FnMut(&Parked) -> bool) -> Vec<Parked> {
         let Some(mut inner) = self.lock() else {
             return Vec::new();
         };
@@ -383,9 +630,25 @@ impl Lot {
     }
 
     /// Ends a record that left the lot without a task.
-    fn end(ctx: &ListenerCtx, r: Record, end: End) {
-        ctx.stats.parked.fetch_sub(1, Relaxed);
-        end_untasked(ctx, end, r.stream, r.ticket, r.accepted);
+    fn end(ctx: &ListenerCtx, r: Parked, end: End) {
+        match r {
+            Parked::Silent(r) => {
+                ctx.stats.parked.fetch_sub(1, Relaxed);
+                end_untasked(ctx, end, r.stream, r.ticket, r.accepted);
+            }
+            Parked::Idle(i) => {
+                ctx.stats.parked_idle.fetch_sub(1, Relaxed);
+                let Idle {
+                    client,
+                    server,
+                    lease,
+                    ticket,
+                    accepted,
+                    ..
+                } = *i;
+                finish(ctx, end, client, Some((server, lease)), ticket, accepted);
+            }
+        }
     }
 
     fn end_all(&self, ctx: &ListenerCtx, end: End) {
@@ -396,7 +659,7 @@ impl Lot {
 
     /// Records whose ticket was evicted: reset (the guard counted them).
     fn sweep(&self, ctx: &ListenerCtx) {
-        for r in self.take_where(|r| r.ticket.ctl().is_evicted()) {
+        for r in self.take_where(|r| r.ticket().ctl().is_evicted()) {
             Lot::end(ctx, r, End::Evicted);
         }
     }
@@ -407,7 +670,7 @@ impl Lot {
             return;
         };
         let due: Vec<(u32, Option<Instant>)> = (inner.slots.iter().enumerate())
-            .filter_map(|(k, s)| s.rec.as_ref().map(|r| (k as u32, r.next(ctx).0)))
+            .filter_map(|(k, s)| s.rec.as_ref().map(|r| (k as u32, r.next(ctx))))
             .collect();
         for (k, d) in due {
             inner.set_due(k, d);
@@ -428,28 +691,14 @@ impl Lot {
             let Some(r) = inner.slots[k as usize].rec.as_mut() else {
                 continue;
             };
-            let (_, clock) = r.next(ctx);
-            let mut end = None;
-            if let Some((at, c)) = clock
-                && at <= now
-                && expire(&r.ticket, &mut r.observed, c)
-            {
-                end = Some(End::TimedOut(c));
-            }
-            if end.is_none() && !r.counted && r.accepted + ctx.policy.load().grace <= now {
-                r.counted = true;
-                if let Err(refused) = r.ticket.silent() {
-                    end = Some(End::from_refused(refused));
-                }
-            }
-            match end {
+            match r.expired(ctx, now) {
                 Some(e) => {
                     if let Some(r) = inner.take(k) {
                         ended.push((r, e));
                     }
                 }
                 None => {
-                    let due = r.next(ctx).0;
+                    let due = r.next(ctx);
                     inner.set_due(k, due);
                 }
             }
@@ -472,14 +721,30 @@ impl Lot {
                 if let Some(r) = inner.take(key) {
                     // Out of this set before tokio's takes it; a failure leaves a stale
                     // registration whose events the generation check drops.
-                    let _ = self.ctl(libc::EPOLL_CTL_DEL, &r.stream, 0);
-                    woke.push(r);
+                    match &r {
+                        Parked::Silent(s) => {
+                            let _ = self.ctl(libc::EPOLL_CTL_DEL, &s.stream, 0);
+                        }
+                        Parked::Idle(i) => {
+                            let _ = self.ctl(libc::EPOLL_CTL_DEL, &i.client, 0);
+                            let _ = self.ctl(libc::EPOLL_CTL_DEL, &i.server, 0);
+                        }
+                    }
+                    woke.push((key, r));
                 }
             }
         }
-        for r in woke {
-            ctx.stats.parked.fetch_sub(1, Relaxed);
-            spawn(ctx, tracker, r.stream, r.peer, r.ticket, r.accepted, None);
+        for (key, r) in woke {
+            match r {
+                Parked::Silent(r) => {
+                    ctx.stats.parked.fetch_sub(1, Relaxed);
+                    spawn(ctx, tracker, r.stream, r.peer, r.ticket, r.accepted, None);
+                }
+                Parked::Idle(i) => {
+                    ctx.stats.parked_idle.fetch_sub(1, Relaxed);
+                    Lot::respawn(ctx, tracker, i, key as usize);
+                }
+            }
         }
     }
 }

@@ -60,6 +60,9 @@ pub struct ListenerCtx {
     /// Set when the drain period after shutdown is over: what is left is aborted. Told with
     /// the guard's bell, which every connection hears anyway (see [`crate::bell`]).
     aborted: AtomicBool,
+    /// The listener's parking lot, for a connection that parks after an exchange (the
+    /// accept loop makes it; weak, so that its epoll set closes with its task).
+    lot: std::sync::Mutex<std::sync::Weak<super::Lot>>,
 }
 
 impl ListenerCtx {
@@ -70,6 +73,7 @@ impl ListenerCtx {
             guard,
             stats,
             aborted: AtomicBool::new(false),
+            lot: std::sync::Mutex::new(std::sync::Weak::new()),
         }
     }
 
@@ -83,6 +87,18 @@ impl ListenerCtx {
     /// bell rang, so it cannot miss the call.
     pub fn is_aborted(&self) -> bool {
         self.aborted.load(Ordering::SeqCst)
+    }
+
+    /// The lot connections of this listener park in (see `conn::parked`).
+    pub fn set_lot(&self, lot: &Arc<super::Lot>) {
+        if let Ok(mut l) = self.lot.lock() {
+            *l = Arc::downgrade(lot);
+        }
+    }
+
+    /// The lot, if it still runs: looked up once per park, never per request.
+    pub(super) fn lot(&self) -> Option<Arc<super::Lot>> {
+        self.lot.lock().ok()?.upgrade()
     }
 
     /// Installs a new policy; live connections switch to its clocks at once.

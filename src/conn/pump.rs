@@ -615,6 +615,29 @@ impl Side {
     }
 }
 
+/// What a pump's progress comes to when its connection parks idle (`conn::parked`), kept
+/// in the lot's record and given back to the pump of the task that wakes it: the idle clock
+/// runs from the last byte, not from the wake, and a byte moved either way stays moved (the
+/// exchange is not reported twice, a server reset is not taken for an early one).
+#[derive(Clone, Copy, Debug)]
+pub struct Stamps {
+    /// The last byte read or written, client to server and server to client.
+    pub up_last: Instant,
+    pub down_last: Instant,
+    /// Bytes written each way.
+    pub up_total: u64,
+    pub down_total: u64,
+    /// The client's requests are HTTP/1 (every request clocked).
+    pub http1: bool,
+}
+
+impl Stamps {
+    /// The last time a byte moved either way.
+    pub fn last_activity(&self) -> Instant {
+        self.up_last.max(self.down_last)
+    }
+}
+
 /// Both directions of one proxied connection.
 #[derive(Debug)]
 pub struct Pump<'a> {
@@ -672,6 +695,36 @@ impl<'a> Pump<'a> {
             hold: None,
             exchanged: false,
         }
+    }
+
+    /// The progress of a pump that parked: where a woken connection's pump starts.
+    pub fn restore(&mut self, s: &Stamps) {
+        (self.up.last_progress, self.up.total) = (s.up_last, s.up_total);
+        (self.down.last_progress, self.down.total) = (s.down_last, s.down_total);
+        self.exchanged = self.up.moved() && self.down.moved();
+    }
+
+    /// Whether nothing is outstanding, so the connection may leave its task and park: no
+    /// FIN read, no byte in a buffer or a pipe, none waiting for a peer, no hold on the
+    /// client, no kernel-queue look running, no request open (the request clock judges
+    /// none) and none unanswered. Then the pump's state is its [`Stamps`].
+    pub fn parkable(&self) -> Option<Stamps> {
+        let quiet = |d: &Direction<'_>| {
+            d.fin == Fin::Open && d.len == d.pos && d.in_pipe == 0 && d.stalled_since.is_none()
+        };
+        let idle = quiet(&self.up)
+            && quiet(&self.down)
+            && self.hold.is_none()
+            && self.looks.is_empty()
+            && self.request_burst().is_none()
+            && !self.awaits_answer();
+        idle.then_some(Stamps {
+            up_last: self.up.last_progress,
+            down_last: self.down.last_progress,
+            up_total: self.up.total,
+            down_total: self.down.total,
+            http1: self.up.judge_requests,
+        })
     }
 
     /// Leaves the client's bytes in its socket until `until`, after one pass that drains and

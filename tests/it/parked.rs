@@ -1,12 +1,15 @@
 //! Silent connections wait in their listener's lot (`conn::parked`), outside any task, and
 //! live there exactly as they would in one: the first-byte clock resets them, a byte wakes
-//! them into a proxied connection, an eviction and pressure reach them.
+//! them into a proxied connection, an eviction and pressure reach them. Open connections idle
+//! after an exchange park there too, with both sockets: their idle clock and lifetime, a byte
+//! or a FIN from either side, an eviction and a server's abort reach them as in a task.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use halfguard::config::OnFull;
 use halfguard::stats::{EvictState, Timeout};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -177,4 +180,307 @@ async fn a_reload_that_shortens_first_byte_reaches_parked_connections() {
     assert!(took < ms(500), "reset {took:?} after the reload");
     assert_eq!(p.stats().timed_out(Timeout::FirstByte), 1);
     assert_eq!(parked(&p), 0);
+}
+
+fn parked_idle(p: &Proxy) -> u64 {
+    p.stats().parked_idle.load(Relaxed)
+}
+
+/// Waits until `n` connections are parked idle after an exchange (none silent).
+async fn until_parked_idle(p: &Proxy, n: u64) {
+    // Parked at the first progress check that finds it idle a second (`open::IDLE_PARK`).
+    wait_for(ms(3500), || (parked_idle(p) == n).then_some(()))
+        .await
+        .unwrap_or_else(|| panic!("{n} parked idle, saw {}", parked_idle(p)));
+    assert_eq!(parked(p), 0, "none parked silent");
+}
+
+/// A backend that keeps each connection it accepts and hands it to the test, which speaks
+/// for the server.
+async fn held_backend() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<TcpStream>,
+) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let _ = tx.send(s);
+        }
+    });
+    (addr, rx)
+}
+
+/// Client says `hello`, the server answers `world`: one exchange.
+async fn exchange(c: &mut TcpStream, s: &mut TcpStream) {
+    c.write_all(b"hello").await.unwrap();
+    let mut got = [0u8; 5];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"hello");
+    s.write_all(b"world").await.unwrap();
+    c.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"world");
+}
+
+/// Sends `len` patterned bytes from `from` while `to` reads them, and checks every byte.
+async fn bulk(from: &mut TcpStream, to: &mut TcpStream, len: usize) {
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let mut got = vec![0u8; len];
+    let (w, r) = tokio::join!(from.write_all(&data), to.read_exact(&mut got));
+    w.unwrap();
+    r.unwrap();
+    assert!(got == data, "{len} bytes arrive whole and in order");
+}
+
+#[tokio::test]
+async fn an_idle_connection_parks_after_an_exchange_and_wakes_for_either_side() {
+    let (b, mut accepted) = held_backend().await;
+    let p = Proxy::start(base_config(&[b])).await;
+
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(b"hello").await.unwrap();
+    let mut s = accepted.recv().await.unwrap();
+    let mut got = [0u8; 5];
+    s.read_exact(&mut got).await.unwrap();
+    s.write_all(b"world").await.unwrap();
+    c.read_exact(&mut got).await.unwrap();
+    until_parked_idle(&p, 1).await;
+    assert_eq!(p.snapshot().conns, 1, "still counted open");
+
+    // The client speaks again: woken, a request and its answer, then a large one each way.
+    exchange(&mut c, &mut s).await;
+    assert_eq!(parked_idle(&p), 0, "woken into a task");
+    bulk(&mut c, &mut s, 1 << 20).await;
+    bulk(&mut s, &mut c, 4 << 20).await;
+
+    // Parked again, then the server speaks first.
+    until_parked_idle(&p, 1).await;
+    s.write_all(b"push").await.unwrap();
+    let mut push = [0u8; 4];
+    c.read_exact(&mut push).await.unwrap();
+    assert_eq!(&push, b"push");
+    exchange(&mut c, &mut s).await;
+
+    drop((c, s));
+    p.assert_drained(ms(2000)).await;
+    assert_eq!(parked_idle(&p), 0);
+    assert_eq!(p.stats().timed_out(Timeout::Idle), 0);
+}
+
+#[tokio::test]
+async fn a_parked_idle_connection_is_reset_by_its_idle_clock_and_its_lifetime() {
+    for lifetime in [false, true] {
+        let (b, mut accepted) = held_backend().await;
+        let mut cfg = base_config(&[b]);
+        if lifetime {
+            cfg.listeners[0].timeouts.max_lifetime = Some(ms(2500));
+        } else {
+            cfg.listeners[0].timeouts.idle = ms(2500);
+        }
+        let p = Proxy::start(cfg).await;
+
+        let start = Instant::now();
+        let mut c = TcpStream::connect(p.addr).await.unwrap();
+        c.write_all(b"hello").await.unwrap();
+        let mut s = accepted.recv().await.unwrap();
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).await.unwrap();
+        s.write_all(b"world").await.unwrap();
+        c.read_exact(&mut got).await.unwrap();
+        // Both clocks count from about now: the last byte, the accept.
+        let last = Instant::now();
+        until_parked_idle(&p, 1).await;
+        expect_reset(&mut c, ms(4000)).await;
+        let took = if lifetime { start } else { last }.elapsed();
+        assert!(
+            took >= ms(2450) && took < ms(3000),
+            "reset {took:?} after the clock's start, the clock is 2.5 s (lifetime: {lifetime})"
+        );
+        // The server's side is reset too.
+        assert_eq!(read_end(&mut s, ms(1000)).await, Seen::Reset);
+        let clock = if lifetime {
+            Timeout::MaxLifetime
+        } else {
+            Timeout::Idle
+        };
+        assert_eq!(p.stats().timed_out(clock), 1, "lifetime: {lifetime}");
+        assert_eq!(parked_idle(&p), 0);
+        p.assert_drained(ms(2000)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_fin_reaches_the_other_side_of_a_parked_idle_connection() {
+    let (b, mut accepted) = held_backend().await;
+    let p = Proxy::start(base_config(&[b])).await;
+
+    // The client half-closes: its FIN reaches the server, whose answer after it reaches
+    // the client, then the server's FIN.
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(b"hello").await.unwrap();
+    let mut s = accepted.recv().await.unwrap();
+    let mut got = [0u8; 5];
+    s.read_exact(&mut got).await.unwrap();
+    s.write_all(b"world").await.unwrap();
+    c.read_exact(&mut got).await.unwrap();
+    until_parked_idle(&p, 1).await;
+    c.shutdown().await.unwrap();
+    assert_eq!(read_end(&mut s, ms(2000)).await, Seen::Fin(Vec::new()));
+    s.write_all(b"after your fin").await.unwrap();
+    s.shutdown().await.unwrap();
+    assert_eq!(
+        read_end(&mut c, ms(2000)).await,
+        Seen::Fin(b"after your fin".to_vec())
+    );
+    p.assert_drained(ms(2000)).await;
+    assert_eq!(p.stats().closed_clean.load(Relaxed), 1);
+
+    // The server closes: the client sees its FIN.
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(b"hello").await.unwrap();
+    let mut s = accepted.recv().await.unwrap();
+    s.read_exact(&mut got).await.unwrap();
+    s.write_all(b"world").await.unwrap();
+    c.read_exact(&mut got).await.unwrap();
+    until_parked_idle(&p, 1).await;
+    s.shutdown().await.unwrap();
+    assert_eq!(read_end(&mut c, ms(2000)).await, Seen::Fin(Vec::new()));
+    drop((c, s));
+    p.assert_drained(ms(2000)).await;
+    assert_eq!(p.stats().closed_clean.load(Relaxed), 2);
+}
+
+#[tokio::test]
+async fn an_eviction_reaches_a_parked_idle_connection() {
+    let (b, mut accepted) = held_backend().await;
+    let mut cfg = base_config(&[b]);
+    cfg.listeners[0].limits.max_conns = 2;
+    cfg.listeners[0].limits.on_full = OnFull::Evict;
+    let p = Proxy::start(cfg).await;
+
+    let mut heavy = Vec::new();
+    for _ in 0..2 {
+        let mut c = connect_from("127.0.0.2", p.addr).await.unwrap();
+        c.write_all(b"hello").await.unwrap();
+        let mut s = accepted.recv().await.unwrap();
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).await.unwrap();
+        s.write_all(b"world").await.unwrap();
+        c.read_exact(&mut got).await.unwrap();
+        heavy.push((c, s));
+    }
+    until_parked_idle(&p, 2).await;
+    assert_eq!(
+        p.snapshot().stalled,
+        2,
+        "idle: stalled, evictable when full"
+    );
+    // Full: a newcomer takes the place of one of them, which sits in the lot.
+    let start = Instant::now();
+    let mut newcomer = connect_from("127.0.0.3", p.addr).await.unwrap();
+    let mut reset = None;
+    for (i, (c, _)) in heavy.iter_mut().enumerate() {
+        if read_end(c, ms(300)).await == Seen::Reset {
+            reset = Some((i, start.elapsed()));
+            break;
+        }
+    }
+    let (i, took) = reset.expect("one of the parked idle connections is reset");
+    // The lot sweeps within 5 ms of an eviction; the rest is the connect and the RST's trip.
+    assert!(
+        took < ms(100),
+        "reset {took:?} after the newcomer connected"
+    );
+    assert_eq!(p.stats().evicted(EvictState::Stalled), 1);
+    assert_eq!(parked_idle(&p), 1);
+    // The other is still served, and so is the newcomer.
+    let (c, s) = &mut heavy[1 - i];
+    exchange(c, s).await;
+    newcomer.write_all(b"hello").await.unwrap();
+    let mut s = accepted.recv().await.unwrap();
+    let mut got = [0u8; 5];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"hello");
+}
+
+/// `on_down = "abort"` reaches a connection parked idle: the lot hears of the abort and
+/// resets it, counted as the task counts it (`backend_unavailable`).
+#[tokio::test]
+async fn on_down_abort_reaches_a_parked_idle_connection() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TcpStream>();
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    // Accepts health checks and the client's connection alike; the one that says "hello"
+    // is echoed and kept. Stopped, the listener closes: the checks are refused.
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return,
+                Ok((mut s, _)) = l.accept() => {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let mut b = [0u8; 5];
+                        if s.read_exact(&mut b).await.is_ok() && s.write_all(&b).await.is_ok() {
+                            let _ = tx.send(s);
+                        }
+                    });
+                }
+            }
+        }
+    });
+    let text = format!(
+        r#"
+[[listeners]]
+name = "{L}"
+bind = "127.0.0.1:0"
+backend = "app"
+
+[[backends]]
+name = "app"
+on_down = "abort"
+servers = [{{ addr = "{addr}" }}]
+[backends.health]
+interval = "100ms"
+timeout = "100ms"
+fall = 2
+
+[limits]
+max_conns_per_source = 0
+max_half_open_per_source = 0
+conn_rate_per_source = 0
+
+[admin]
+bind = "off"
+"#
+    );
+    let cfg = halfguard::config::parse(&text, "test.toml", Default::default()).unwrap();
+    let p = Proxy::start(cfg).await;
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    assert_eq!(roundtrip(&mut c, b"hello").await, b"hello");
+    let _server_side = rx.recv().await.unwrap();
+    until_parked_idle(&p, 1).await;
+    stop.send(()).unwrap();
+    // Two failed checks 100 ms apart, then the server is down and its connections aborted:
+    // the lot resets this one at once.
+    let down = wait_for(ms(3000), || {
+        let up = p
+            .handle
+            .backend_servers("app")
+            .into_iter()
+            .any(|(_, up, _)| up);
+        (!up).then(Instant::now)
+    })
+    .await
+    .expect("the server is marked down");
+    expect_reset(&mut c, ms(3000)).await;
+    let took = down.elapsed();
+    assert!(
+        took < ms(100),
+        "reset {took:?} after the server was marked down"
+    );
+    assert_eq!(p.stats().backend_unavailable.load(Relaxed), 1);
+    assert_eq!(parked_idle(&p), 0);
+    p.assert_drained(ms(2000)).await;
 }
