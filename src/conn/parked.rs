@@ -1,4 +1,5 @@
-//! The parking lot: silent connections held outside any task until their first byte.
+//! The parking lot: silent connections held outside any task until their first byte, and
+//! open ones idle after an exchange until either side speaks.
 //!
 //! A connection that has said nothing costs what its task costs: tokio's cell around the
 //! `serve` future (1,024 bytes), tokio's readiness record for its socket (256) and the
@@ -26,6 +27,21 @@
 //!   for evicted tickets, at most once per [`SWEEP_GAP`]: an evicted parked connection is
 //!   reset within that of its eviction, and an eviction flood costs a sweep per gap, not
 //!   one per eviction.
+//!
+//! An open connection idle after an exchange parks here too, as an [`Idle`] record with both
+//! sockets: the pump loop (`conn::open`) leaves its task at a progress check that finds it
+//! idle for `open::IDLE_PARK` with nothing outstanding (no FIN, no byte in a buffer or pipe,
+//! none unanswered, no request open, no byte weighed), on the plain path only: not under a
+//! server's `max_conns` (a claim on its slot wants an answer at once, `backend/slot.rs`), not
+//! in observe mode, not during the drain. The record keeps the ticket (stalled, idle, as the
+//! check left it: evictable when the listener is full), the lease (the server's slot and
+//! count stay held), the accept instant and the pump's [`Stamps`]. Its deadline is
+//! `open_due`'s (idle from the last byte, `max_lifetime`), counted and reset both ways as in
+//! the task; a byte, FIN or error on either socket gives it a new task that resumes the pump
+//! loop with the stamps; an eviction is swept as for silent records; a server marked down
+//! with `on_down = "abort"` is told through `backend::aborts` (nothing while no server goes
+//! down), and its parked connections are reset (`backend_unavailable`).
+//!
 //! - The listener stops accepting: the lot lives on until its last record leaves (it is one
 //!   of the server's connection tasks, so the drain waits for it), then closes; a connection
 //!   admitted after that gets a task of its own.
@@ -386,6 +402,10 @@ impl Lot {
         }
     }
 
+    #[expect(
+        clippy::result_large_err,
+        reason = "as `park`: handed back whole on a rare failure"
+    )]
     fn insert(&self, ctx: &ListenerCtx, mut r: Parked) -> Result<(), Parked> {
         let Ok(mut inner) = self.inner.lock() else {
             return Err(r);
