@@ -9,8 +9,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
-use tokio_util::sync::CancellationToken;
-
 use super::Server;
 use super::pool::Shared;
 use super::slot::Slot;
@@ -33,7 +31,8 @@ pub fn aborts() -> tokio::sync::futures::Notified<'static> {
 pub struct Lease {
     pub(super) server: Arc<Server>,
     pub(super) pool: Arc<Shared>,
-    pub(super) down: CancellationToken,
+    /// The server's down epoch when the lease was taken.
+    pub(super) epoch: u64,
     /// Set by [`Lease::early_reset`], so the drop does not count the connection as fine.
     pub(super) reset_early: AtomicBool,
     /// Under the server's `max_conns`: the slot a queued client may claim.
@@ -47,13 +46,21 @@ impl Lease {
 
     /// Resolves when the server is marked down and its pool aborts its connections.
     pub async fn aborted(&self) {
-        self.down.cancelled().await
+        loop {
+            let mut told = std::pin::pin!(self.server.down_notified());
+            // Listening before the look: an abort between the two is not missed.
+            told.as_mut().enable();
+            if self.is_aborted() {
+                return;
+            }
+            told.await;
+        }
     }
 
     /// Whether [`Lease::aborted`] has resolved or would: a flag read, for a waiter that is
     /// not polled again until it says so.
     pub fn is_aborted(&self) -> bool {
-        self.down.is_cancelled()
+        self.server.down_epoch() != self.epoch
     }
 
     /// Whether the slot is one a queued client may claim (the server has `max_conns`): only

@@ -234,8 +234,7 @@ impl Pool {
             let lease = Lease {
                 server: server.clone(),
                 pool: self.shared.clone(),
-                // Its own child: each connection waits on its own list, not the server's.
-                down: server.down_token().child_token(),
+                epoch: server.down_epoch(),
                 reset_early: Default::default(),
                 slot: (server.max_conns > 0).then(|| server.state.slots.register()),
             };
