@@ -17,10 +17,15 @@
 # are empty, so it stays near 0). Object sizes, not slab totals: on a machine shared with
 # other work the totals move by more than a run's sockets. RSS is not timing: it is stable
 # on a shared machine.
+# RSS is read SETTLE_MS (default 5000) after the last connection is held: a pool's
+# connections sit for seconds to minutes, and halfguard parks one idle a second after its
+# exchange (`conn::parked`), its workers giving the freed memory back within the next
+# second; read at 2 s, most of the burst's tasks are still there.
 # Loopback only, ports 18640-18643.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 reps=2 counts=1000,4000 proxies=halfguard,haproxy
+SETTLE_MS=${SETTLE_MS:-5000}
 while [ $# -gt 0 ]; do
   case $1 in
     --reps) reps=$2; shift 2 ;;
@@ -107,7 +112,7 @@ echo "one TCP socket's slab objects: $per_sock bytes (0: /proc/slabinfo unreadab
 point() {
   local m0 m1 out
   m0=$(tcp_mem)
-  out=$("$LOADGEN" hold --target 127.0.0.1:$1 --count "$3" --exchange "$4" --settle-ms 2000 \
+  out=$("$LOADGEN" hold --target 127.0.0.1:$1 --count "$3" --exchange "$4" --settle-ms "$SETTLE_MS" \
     --secs 2 --pid "$2" | grep '^hold ')
   m1=$(tcp_mem)
   local held rss f0 f1

@@ -1,8 +1,10 @@
 //! The `halfguard` command: `run`, `check`, `top`, `--version`. Thin on purpose: everything
 //! it does is a library call that tests make too.
 
+use std::cell::Cell;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -26,6 +28,44 @@ fn no_huge_pages() {
     // SAFETY: PR_SET_THP_DISABLE takes an integer and touches only this process's flags.
     unsafe {
         libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
+unsafe extern "C" {
+    /// mimalloc's: frees what other threads freed into this thread's heap and returns its
+    /// empty pages to the system (`force = false`: without waiting for other threads).
+    fn mi_collect(force: bool);
+}
+
+/// Ticked once a second by [`tick_memory_epoch`].
+static MEMORY_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// The epoch in which this worker last gave memory back.
+    static COLLECTED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Called by a worker as it goes idle: at most once a second, it gives back what its heap
+/// no longer uses. A burst of connections that then park (`conn::parked`: silent, or idle
+/// after an exchange) frees their tasks, pump loops and readiness records all at once, but
+/// an allocator keeps freed pages for the next burst: held idle after an exchange, 4,000
+/// connections stayed at the burst's 3.1 kB each instead of the lot's 1 kB. Costs an atomic
+/// load per park; the collection itself runs once a second per worker, on an idle worker.
+fn give_back_memory() {
+    let epoch = MEMORY_EPOCH.load(Ordering::Relaxed);
+    if COLLECTED.with(|c| c.replace(epoch)) != epoch {
+        // SAFETY: mimalloc is the global allocator (linked in); collecting the calling
+        // thread's heap is safe at any point outside an allocation.
+        unsafe { mi_collect(false) };
+    }
+}
+
+async fn tick_memory_epoch() {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        MEMORY_EPOCH.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -324,6 +364,7 @@ fn unresolved(config: &halfguard::Config) -> Vec<String> {
 fn serve(config: halfguard::Config) -> anyhow::Result<halfguard::server::Stopped> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.runtime.worker_threads())
+        .on_thread_park(give_back_memory)
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
@@ -343,6 +384,7 @@ fn serve(config: halfguard::Config) -> anyhow::Result<halfguard::server::Stopped
         let (first, second) = halfguard::shutdown::signals();
         // The summary and the warnings are logged once binding and resolving succeeded.
         let server = halfguard::Server::bind(config).await?;
+        tokio::spawn(tick_memory_epoch());
         tokio::spawn(halfguard::server::reload_on_sighup(
             server.handle(),
             hangups,
