@@ -218,9 +218,11 @@ pub(super) fn park_idle(
 }
 
 /// What a slot of the lot holds.
+/// Both boxed: a slot is then 16 bytes whatever it holds, and an idle connection's slot does
+/// not carry a silent record's room (128 bytes more each, which took an idle connection
+/// held at 1,000 over 1 kB of RSS).
 enum Parked {
-    Silent(Record),
-    /// Boxed: most parked connections are silent, and their slots stay their size.
+    Silent(Box<Record>),
     Idle(Box<Idle>),
 }
 
@@ -367,15 +369,15 @@ impl Lot {
     /// Parks `r`; hands it back when the lot is closed or epoll refuses it.
     #[expect(
         clippy::result_large_err,
-        reason = "handed back whole on a rare failure; boxed, every parked record would cost an allocation"
+        reason = "handed back whole on a rare failure"
     )]
     pub(super) fn park(&self, ctx: &ListenerCtx, r: Record) -> Result<(), Record> {
-        match self.insert(ctx, Parked::Silent(r)) {
+        match self.insert(ctx, Parked::Silent(Box::new(r))) {
             Ok(()) => {
                 ctx.stats.parked.fetch_add(1, Relaxed);
                 Ok(())
             }
-            Err(Parked::Silent(r)) => Err(r),
+            Err(Parked::Silent(r)) => Err(*r),
             Err(Parked::Idle(_)) => unreachable!("a silent record comes back silent"),
         }
     }
@@ -402,10 +404,6 @@ impl Lot {
         }
     }
 
-    #[expect(
-        clippy::result_large_err,
-        reason = "as `park`: handed back whole on a rare failure"
-    )]
     fn insert(&self, ctx: &ListenerCtx, mut r: Parked) -> Result<(), Parked> {
         let Ok(mut inner) = self.inner.lock() else {
             return Err(r);
