@@ -6,7 +6,7 @@
 //! keys are live, sources without a key share one overflow bucket instead of growing it.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use governor::{DefaultKeyedRateLimiter, Quota};
@@ -14,10 +14,19 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 use super::SourceKey;
 use crate::config::Limits;
 
+/// governor's `len()` walks every shard of its map (four per core) under their read locks:
+/// it is read once in this many checks while the limiter is far from its bound, and at every
+/// check within this many keys of it. Fewer checks than that come between two reads, and a
+/// check adds a key at most, so the bound holds as before.
+const LEN_EVERY: u32 = 64;
+
 #[derive(Debug)]
 pub(crate) struct SourceRate {
     limiter: DefaultKeyedRateLimiter<SourceKey>,
     max_keys: usize,
+    /// The limiter's key count at its last reading, and the checks made (see [`LEN_EVERY`]).
+    len_seen: AtomicUsize,
+    checks: AtomicU32,
     /// Milliseconds since `epoch` of the last inline sweep, so a full table is swept at most
     /// every 100 ms on the accept path.
     last_sweep_ms: AtomicU64,
@@ -37,6 +46,8 @@ impl SourceRate {
         Some(SourceRate {
             limiter: DefaultKeyedRateLimiter::dashmap(Quota::per_second(rate).allow_burst(burst)),
             max_keys: limits.max_sources as usize,
+            len_seen: AtomicUsize::new(0),
+            checks: AtomicU32::new(0),
             last_sweep_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             credits: dashmap::DashMap::new(),
@@ -71,8 +82,20 @@ impl SourceRate {
         }
     }
 
+    /// Whether the limiter holds `max_keys` keys, read as [`LEN_EVERY`] says.
+    fn full(&self) -> bool {
+        let seen = self.len_seen.load(Ordering::Relaxed);
+        let n = self.checks.fetch_add(1, Ordering::Relaxed);
+        if seen + (LEN_EVERY as usize) < self.max_keys && !n.is_multiple_of(LEN_EVERY) {
+            return false;
+        }
+        let len = self.limiter.len();
+        self.len_seen.store(len, Ordering::Relaxed);
+        len >= self.max_keys
+    }
+
     fn check_bucket(&self, key: &SourceKey) -> bool {
-        if self.limiter.len() >= self.max_keys {
+        if self.full() {
             let now = self.epoch.elapsed().as_millis() as u64;
             let last = self.last_sweep_ms.load(Ordering::Relaxed);
             if now.saturating_sub(last) >= 100
