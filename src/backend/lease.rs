@@ -13,8 +13,8 @@ use super::Server;
 use super::pool::Shared;
 use super::slot::Slot;
 
-/// Told when any server's connections are aborted (`on_down = "abort"`), after its leases'
-/// tokens are cancelled: for a waiter that holds many leases and no task per lease (the
+/// Told when any server's connections are aborted (`on_down = "abort"`), after its down
+/// epoch moved: for a waiter that holds many leases and no task per lease (the
 /// parking lot's idle connections, `conn::parked`), so that it looks at [`Lease::is_aborted`]
 /// only when a server went down, and costs nothing while none does.
 pub(super) static DOWN: tokio::sync::Notify = tokio::sync::Notify::const_new();

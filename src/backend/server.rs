@@ -307,7 +307,7 @@ impl Server {
     pub(super) fn abort_all(&self) {
         self.state.down_epoch.fetch_add(1, Release);
         self.state.down.notify_waiters();
-        // After the cancel: a waiter that wakes finds its lease aborted.
+        // After the epoch moved: a waiter that wakes finds its lease aborted.
         super::lease::DOWN.notify_waiters();
     }
 }
