@@ -223,6 +223,23 @@ async fn exchange(c: &mut TcpStream, s: &mut TcpStream) {
     assert_eq!(&got, b"world");
 }
 
+/// The first exchange of a new client connection `c`: returns the server's side of it, which
+/// the backend handed over on `accepted`.
+async fn first_exchange(
+    c: &mut TcpStream,
+    accepted: &mut tokio::sync::mpsc::UnboundedReceiver<TcpStream>,
+) -> TcpStream {
+    c.write_all(b"hello").await.unwrap();
+    let mut s = accepted.recv().await.unwrap();
+    let mut got = [0u8; 5];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"hello");
+    s.write_all(b"world").await.unwrap();
+    c.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"world");
+    s
+}
+
 /// Sends `len` patterned bytes from `from` while `to` reads them, and checks every byte.
 async fn bulk(from: &mut TcpStream, to: &mut TcpStream, len: usize) {
     let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
@@ -239,12 +256,7 @@ async fn an_idle_connection_parks_after_an_exchange_and_wakes_for_either_side() 
     let p = Proxy::start(base_config(&[b])).await;
 
     let mut c = TcpStream::connect(p.addr).await.unwrap();
-    c.write_all(b"hello").await.unwrap();
-    let mut s = accepted.recv().await.unwrap();
-    let mut got = [0u8; 5];
-    s.read_exact(&mut got).await.unwrap();
-    s.write_all(b"world").await.unwrap();
-    c.read_exact(&mut got).await.unwrap();
+    let mut s = first_exchange(&mut c, &mut accepted).await;
     until_parked_idle(&p, 1).await;
     assert_eq!(p.snapshot().conns, 1, "still counted open");
 
@@ -282,12 +294,7 @@ async fn a_parked_idle_connection_is_reset_by_its_idle_clock_and_its_lifetime() 
 
         let start = Instant::now();
         let mut c = TcpStream::connect(p.addr).await.unwrap();
-        c.write_all(b"hello").await.unwrap();
-        let mut s = accepted.recv().await.unwrap();
-        let mut got = [0u8; 5];
-        s.read_exact(&mut got).await.unwrap();
-        s.write_all(b"world").await.unwrap();
-        c.read_exact(&mut got).await.unwrap();
+        let mut s = first_exchange(&mut c, &mut accepted).await;
         // Both clocks count from about now: the last byte, the accept.
         let last = Instant::now();
         until_parked_idle(&p, 1).await;
@@ -318,12 +325,7 @@ async fn a_fin_reaches_the_other_side_of_a_parked_idle_connection() {
     // The client half-closes: its FIN reaches the server, whose answer after it reaches
     // the client, then the server's FIN.
     let mut c = TcpStream::connect(p.addr).await.unwrap();
-    c.write_all(b"hello").await.unwrap();
-    let mut s = accepted.recv().await.unwrap();
-    let mut got = [0u8; 5];
-    s.read_exact(&mut got).await.unwrap();
-    s.write_all(b"world").await.unwrap();
-    c.read_exact(&mut got).await.unwrap();
+    let mut s = first_exchange(&mut c, &mut accepted).await;
     until_parked_idle(&p, 1).await;
     c.shutdown().await.unwrap();
     assert_eq!(read_end(&mut s, ms(2000)).await, Seen::Fin(Vec::new()));
@@ -338,11 +340,7 @@ async fn a_fin_reaches_the_other_side_of_a_parked_idle_connection() {
 
     // The server closes: the client sees its FIN.
     let mut c = TcpStream::connect(p.addr).await.unwrap();
-    c.write_all(b"hello").await.unwrap();
-    let mut s = accepted.recv().await.unwrap();
-    s.read_exact(&mut got).await.unwrap();
-    s.write_all(b"world").await.unwrap();
-    c.read_exact(&mut got).await.unwrap();
+    let mut s = first_exchange(&mut c, &mut accepted).await;
     until_parked_idle(&p, 1).await;
     s.shutdown().await.unwrap();
     assert_eq!(read_end(&mut c, ms(2000)).await, Seen::Fin(Vec::new()));
@@ -362,12 +360,7 @@ async fn an_eviction_reaches_a_parked_idle_connection() {
     let mut heavy = Vec::new();
     for _ in 0..2 {
         let mut c = connect_from("127.0.0.2", p.addr).await.unwrap();
-        c.write_all(b"hello").await.unwrap();
-        let mut s = accepted.recv().await.unwrap();
-        let mut got = [0u8; 5];
-        s.read_exact(&mut got).await.unwrap();
-        s.write_all(b"world").await.unwrap();
-        c.read_exact(&mut got).await.unwrap();
+        let mut s = first_exchange(&mut c, &mut accepted).await;
         heavy.push((c, s));
     }
     until_parked_idle(&p, 2).await;
