@@ -53,6 +53,7 @@ pub mod memory;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod server;
+pub mod shards;
 pub mod shutdown;
 pub mod sockopt;
 #[cfg(target_os = "linux")]

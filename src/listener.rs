@@ -36,9 +36,14 @@ const BATCH: usize = 64;
 pub type Listening = AsyncFd<std::net::TcpListener>;
 
 /// Moves a bound tokio listener under the accept loop's own readiness watch.
-#[allow(unsafe_code)]
 pub fn listening(l: TcpListener) -> io::Result<Listening> {
-    let l = l.into_std()?;
+    listening_std(l.into_std()?)
+}
+
+/// As [`listening`], for a listening socket not yet registered anywhere (a worker thread's
+/// copy of the descriptor, `crate::shards`): registered with the calling runtime.
+#[allow(unsafe_code)]
+pub fn listening_std(l: std::net::TcpListener) -> io::Result<Listening> {
     // SAFETY: the AsyncFd owns the listener, so its descriptor stays open, and is the same
     // one, for as long as the registration lives.
     unsafe { AsyncFd::register_with_interest(l, tokio::io::Interest::READABLE) }

@@ -60,6 +60,41 @@ fn give_back_memory() {
     }
 }
 
+/// The runtime the server runs on. With `[runtime] per_worker`, one single-threaded runtime
+/// per worker: this thread's, which also runs the control plane, and one on each other
+/// worker thread, registered with `halfguard::shards`; otherwise one work-stealing runtime.
+fn runtime(cfg: &halfguard::config::RuntimeConfig) -> anyhow::Result<tokio::runtime::Runtime> {
+    let workers = cfg.worker_threads().max(1);
+    if !cfg.per_worker || workers == 1 {
+        return tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .on_thread_park(give_back_memory)
+            .enable_all()
+            .build()
+            .context("cannot start the runtime");
+    }
+    let runtime = worker_runtime().context("cannot start the runtime")?;
+    let mut extra = Vec::with_capacity(workers - 1);
+    for i in 1..workers {
+        let rt = worker_runtime().context("cannot start a worker's runtime")?;
+        extra.push(rt.handle().clone());
+        std::thread::Builder::new()
+            .name(format!("halfguard-worker-{i}"))
+            .spawn(move || rt.block_on(std::future::pending::<()>()))
+            .context("cannot start a worker thread")?;
+    }
+    halfguard::shards::set(extra);
+    Ok(runtime)
+}
+
+/// A worker's runtime: one thread, its own epoll set and timers.
+fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .on_thread_park(give_back_memory)
+        .enable_all()
+        .build()
+}
+
 async fn tick_memory_epoch() {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -362,12 +397,7 @@ fn unresolved(config: &halfguard::Config) -> Vec<String> {
 }
 
 fn serve(config: halfguard::Config) -> anyhow::Result<halfguard::server::Stopped> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.runtime.worker_threads())
-        .on_thread_park(give_back_memory)
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
+    let runtime = runtime(&config.runtime)?;
     // First of all: until SIGHUP is caught, one would end the process (binding and
     // resolving can take a while). Caught now, it is a reload once the server runs.
     let hangups = {

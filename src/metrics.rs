@@ -746,14 +746,12 @@ fn memory(e: &mut DescriptorEncoder, m: &MemoryState, short: bool) -> std::fmt::
 /// What the process runs on, so a dashboard can tell a CPU limit from a slow backend, and
 /// its reloads.
 fn process(e: &mut DescriptorEncoder, reloads: (u64, u64)) -> std::fmt::Result {
-    if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        gauge(
-            e,
-            "halfguard_runtime_workers",
-            "Worker threads running connections ([runtime] workers).",
-            &[(vec![], rt.metrics().num_workers() as i64)],
-        )?;
-    }
+    gauge(
+        e,
+        "halfguard_runtime_workers",
+        "Worker threads running connections ([runtime] workers).",
+        &[(vec![], crate::shards::workers() as i64)],
+    )?;
 
     counter(
         e,

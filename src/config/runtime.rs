@@ -14,6 +14,7 @@ pub const MAX_WORKERS: u32 = 1_024;
 #[serde(deny_unknown_fields)]
 pub struct RawRuntime {
     pub workers: Option<u32>,
+    pub per_worker: Option<bool>,
 }
 
 /// `[runtime]`: read at start only.
@@ -22,6 +23,10 @@ pub struct RuntimeConfig {
     /// Threads that run connections; `None` = one per CPU this process may use (the
     /// cgroup's CPU quota counts, so a sidecar limited to one CPU gets one).
     pub workers: Option<u32>,
+    /// Each worker thread runs its own event loop and keeps the connections it accepted
+    /// (`crate::shards`), as HAProxy's threads do; off, the workers share one work-stealing
+    /// scheduler, which hands a busy thread's connections to an idle one.
+    pub per_worker: bool,
 }
 
 impl RuntimeConfig {
@@ -36,7 +41,10 @@ impl RuntimeConfig {
             }
             Some(n) => Some(n),
         };
-        Ok(RuntimeConfig { workers })
+        Ok(RuntimeConfig {
+            workers,
+            per_worker: raw.per_worker.unwrap_or(false),
+        })
     }
 
     /// The worker count in force: the configured one, or one per usable CPU.
@@ -58,6 +66,10 @@ impl fmt::Display for RuntimeConfig {
                 "runtime: one worker thread per usable CPU ({} here)",
                 self.worker_threads()
             ),
+        }?;
+        if self.per_worker && self.worker_threads() > 1 {
+            write!(f, ", each with its own event loop (per_worker)")?;
         }
+        Ok(())
     }
 }

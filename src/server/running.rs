@@ -212,6 +212,26 @@ impl State {
             stop.clone(),
             self.conns.clone(),
         ));
+        // Each other worker thread accepts on its own copy of the descriptor, registered
+        // with its own epoll set; its connections stay on it (`crate::shards`).
+        for rt in crate::shards::extra() {
+            let copy = match socket.get_ref().try_clone() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(listener = %ctx.name, error = %e, "a worker thread cannot accept on this listener");
+                    continue;
+                }
+            };
+            let (ctx, stop, conns) = (ctx.clone(), stop.clone(), self.conns.clone());
+            rt.spawn(self.tasks.track_future(async move {
+                match listener::listening_std(copy) {
+                    Ok(l) => listener::accept_loop(Arc::new(l), ctx, stop, conns).await,
+                    Err(e) => {
+                        tracing::warn!(listener = %ctx.name, error = %e, "a worker thread cannot accept on this listener")
+                    }
+                }
+            }));
+        }
         let running = Arc::new(Running {
             ctx,
             bind,

@@ -474,6 +474,74 @@ async fn accept_loop_survives_running_out_of_descriptors() {
     assert_eq!(code, Some(0));
 }
 
+/// `[runtime] per_worker`: each worker thread has its own event loop and accepts on the
+/// listener itself; connections are served, `check` and the gauge say so, and SIGTERM
+/// drains the connections every thread holds and exits 0.
+#[tokio::test]
+async fn per_worker_runtimes_each_accept_serve_and_drain() {
+    let b = backend(Backend::Echo).await;
+    let admin_port = free_port();
+    let (cfg, port) = temp_config(
+        b.addr,
+        &format!("bind = \"127.0.0.1:{admin_port}\""),
+        "[runtime]\nworkers = 3\nper_worker = true\n[timeouts]\ndrain = \"2s\"\n",
+    );
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "-c"]).arg(&cfg);
+    let child = Reap(start(cmd));
+    let pid = child.0.id();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut held = Vec::new();
+    for i in 0..40u32 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let msg = format!("hello {i}");
+        assert_eq!(roundtrip(&mut c, msg.as_bytes()).await, msg.as_bytes());
+        held.push(c);
+    }
+    // The two other workers are threads of their own, each with its event loop.
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
+    let workers = names
+        .iter()
+        .filter(|n| n.starts_with("halfguard-worke"))
+        .count();
+    assert_eq!(workers, 2, "threads: {names:?}");
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let (status, body) = http(admin, "GET", "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.lines().any(|l| l == "halfguard_runtime_workers 3"),
+        "{body}"
+    );
+    // Every held connection still works, whichever thread accepted it.
+    for (i, c) in held.iter_mut().enumerate() {
+        let msg = format!("again {i}");
+        assert_eq!(roundtrip(c, msg.as_bytes()).await, msg.as_bytes());
+    }
+    let mut child = child;
+    sigterm(&child.0);
+    let code =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child.0, Duration::from_secs(40)))
+            .await
+            .unwrap();
+    assert_eq!(code, Some(0));
+    drop(held);
+
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("runtime: 3 worker threads, each with its own event loop"),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn runtime_workers_sets_the_worker_threads_and_check_reports_them() {
     let b = backend(Backend::Echo).await;

@@ -360,7 +360,7 @@ async fn an_eviction_reaches_a_parked_idle_connection() {
     let mut heavy = Vec::new();
     for _ in 0..2 {
         let mut c = connect_from("127.0.0.2", p.addr).await.unwrap();
-        let mut s = first_exchange(&mut c, &mut accepted).await;
+        let s = first_exchange(&mut c, &mut accepted).await;
         heavy.push((c, s));
     }
     until_parked_idle(&p, 2).await;

@@ -1,0 +1,44 @@
+//! The worker threads connections run on, each with its own event loop (`[runtime]
+//! per_worker = true`).
+//!
+//! Then `halfguard run` starts one single-threaded tokio runtime per worker, each with its
+//! own epoll set and timer wheel: the thread that runs the server (the control plane too:
+//! admin, health checks, upkeep) and the others, registered here. Every listener's accept
+//! loop runs on each of them over its own copy of the listening descriptor, and a
+//! connection stays on the thread that accepted it, as HAProxy's threads and nginx's
+//! workers keep theirs. The shared work-stealing runtime (the default) spends a sixth of a
+//! keep-alive request's instructions on its own bookkeeping (6,888 against 5,808 per
+//! request, `benches/per-request.sh keep-alive`) and its workers take turns on one epoll set;
+//! in exchange it hands a busy thread's connections to an idle one, which matters when the
+//! proxy shares its cores with a busy service (a sidecar). Known limits: every thread's
+//! accept loop wakes for a new connection (one wins the accept); a listener's idle
+//! connections park in one lot, on whichever thread made it last (`ListenerCtx::lot`), and
+//! wake there.
+//!
+//! Nothing registered (the default, tests, a library caller): the accept loops run on the
+//! caller's runtime only.
+
+use std::sync::OnceLock;
+
+use tokio::runtime::Handle;
+
+static EXTRA: OnceLock<Vec<Handle>> = OnceLock::new();
+
+/// Registers the runtimes of the worker threads besides the caller's, once per process.
+pub fn set(extra: Vec<Handle>) {
+    let _ = EXTRA.set(extra);
+}
+
+/// The runtimes besides the one the server runs on.
+pub fn extra() -> &'static [Handle] {
+    EXTRA.get().map_or(&[], |v| v.as_slice())
+}
+
+/// Worker threads running connections: the registered ones and the caller's, or the
+/// current runtime's workers when none is registered.
+pub fn workers() -> usize {
+    match EXTRA.get() {
+        Some(v) => v.len() + 1,
+        None => Handle::try_current().map_or(1, |rt| rt.metrics().num_workers()),
+    }
+}
