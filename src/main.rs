@@ -60,12 +60,13 @@ fn give_back_memory() {
     }
 }
 
-/// The runtime the server runs on. With `[runtime] per_worker`, one single-threaded runtime
-/// per worker: this thread's, which also runs the control plane, and one on each other
-/// worker thread, registered with `halfguard::shards`; otherwise one work-stealing runtime.
+/// The runtime the server runs on. With `[runtime] per_worker` (the default), one
+/// single-threaded runtime per worker: this thread's, which also runs the control plane,
+/// and one on each other worker thread, registered with `halfguard::shards`; with it off,
+/// one work-stealing runtime.
 fn runtime(cfg: &halfguard::config::RuntimeConfig) -> anyhow::Result<tokio::runtime::Runtime> {
     let workers = cfg.worker_threads().max(1);
-    if !cfg.per_worker || workers == 1 {
+    if !cfg.per_worker {
         return tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
             .on_thread_park(give_back_memory)

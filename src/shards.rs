@@ -1,12 +1,12 @@
 //! The worker threads connections run on, each with its own event loop (`[runtime]
-//! per_worker = true`).
+//! per_worker`, on by default).
 //!
 //! Then `halfguard run` starts one single-threaded tokio runtime per worker, each with its
 //! own epoll set and timer wheel: the thread that runs the server (the control plane too:
 //! admin, health checks, upkeep) and the others, registered here. Every listener's accept
 //! loop runs on each of them over its own copy of the listening descriptor, and a
 //! connection stays on the thread that accepted it, as HAProxy's threads and nginx's
-//! workers keep theirs. The shared work-stealing runtime (the default) spends a sixth of a
+//! workers keep theirs. A shared work-stealing runtime (`per_worker = false`) spends a sixth of a
 //! keep-alive request's instructions on its own bookkeeping (6,888 against 5,808 per
 //! request, `benches/per-request.sh keep-alive`) and its workers take turns on one epoll set;
 //! in exchange it hands a busy thread's connections to an idle one, which matters when the
@@ -15,8 +15,8 @@
 //! connections park in one lot, on whichever thread made it last (`ListenerCtx::lot`), and
 //! wake there.
 //!
-//! Nothing registered (the default, tests, a library caller): the accept loops run on the
-//! caller's runtime only.
+//! Nothing registered (one worker, `per_worker = false`, tests, a library caller): the
+//! accept loops run on the caller's runtime only.
 
 use std::sync::OnceLock;
 

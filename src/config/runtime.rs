@@ -24,8 +24,8 @@ pub struct RuntimeConfig {
     /// cgroup's CPU quota counts, so a sidecar limited to one CPU gets one).
     pub workers: Option<u32>,
     /// Each worker thread runs its own event loop and keeps the connections it accepted
-    /// (`crate::shards`), as HAProxy's threads do; off, the workers share one work-stealing
-    /// scheduler, which hands a busy thread's connections to an idle one.
+    /// (`crate::shards`), as HAProxy's threads do (the default); off, the workers share one
+    /// work-stealing scheduler, which hands a busy thread's connections to an idle one.
     pub per_worker: bool,
 }
 
@@ -43,7 +43,7 @@ impl RuntimeConfig {
         };
         Ok(RuntimeConfig {
             workers,
-            per_worker: raw.per_worker.unwrap_or(false),
+            per_worker: raw.per_worker.unwrap_or(true),
         })
     }
 
@@ -67,8 +67,13 @@ impl fmt::Display for RuntimeConfig {
                 self.worker_threads()
             ),
         }?;
-        if self.per_worker && self.worker_threads() > 1 {
-            write!(f, ", each with its own event loop (per_worker)")?;
+        if !self.per_worker {
+            write!(
+                f,
+                ", sharing one work-stealing scheduler (per_worker = false)"
+            )?;
+        } else if self.worker_threads() > 1 {
+            write!(f, ", each with its own event loop")?;
         }
         Ok(())
     }
