@@ -269,7 +269,11 @@ impl Nginx {
             std::fs::create_dir_all(d.join(sub)).expect("create nginx dirs");
         }
         std::fs::write(d.join("www/small.txt"), vec![b'x'; 612]).expect("write small.txt");
-        let (h1, h2) = (server_port(), server_port());
+        // Two picks may land on the same free port: nginx then refuses a duplicate listen.
+        let h1 = server_port();
+        let h2 = std::iter::repeat_with(server_port)
+            .find(|&p| p != h1)
+            .expect("a second free port");
         let user = if crate::support::is_root() {
             "user root;"
         } else {
