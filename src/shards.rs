@@ -10,10 +10,11 @@
 //! keep-alive request's instructions on its own bookkeeping (6,888 against 5,808 per
 //! request, `benches/per-request.sh keep-alive`) and its workers take turns on one epoll set;
 //! in exchange it hands a busy thread's connections to an idle one, which matters when the
-//! proxy shares its cores with a busy service (a sidecar). Known limits: every thread's
-//! accept loop wakes for a new connection (one wins the accept); a listener's idle
-//! connections park in one lot, on whichever thread made it last (`ListenerCtx::lot`), and
-//! wake there.
+//! proxy shares its cores with a busy service (a sidecar). Each thread's accept loop has
+//! its own parking lot, and a connection that parks idle goes to its thread's and wakes
+//! there (`ListenerCtx::lot`). Known limit: every thread's accept loop wakes for a new
+//! connection and one wins the accept (under load the others mostly find work anyway: 621
+//! of 13,277 `accept4` found nothing, connection per request under wrk).
 //!
 //! Nothing registered (one worker, `per_worker = false`, tests, a library caller): the
 //! accept loops run on the caller's runtime only.

@@ -60,9 +60,11 @@ pub struct ListenerCtx {
     /// Set when the drain period after shutdown is over: what is left is aborted. Told with
     /// the guard's bell, which every connection hears anyway (see [`crate::bell`]).
     aborted: AtomicBool,
-    /// The listener's parking lot, for a connection that parks after an exchange (the
-    /// accept loop makes it; weak, so that its epoll set closes with its task).
-    lot: std::sync::Mutex<std::sync::Weak<super::Lot>>,
+    /// The listener's parking lots, one per accept loop (one per worker thread with
+    /// `[runtime] per_worker`), each with the thread that runs it: a connection that parks
+    /// after an exchange goes to its own thread's lot, and wakes on its thread (weak, so that
+    /// a lot's epoll set closes with its task).
+    lots: std::sync::Mutex<Vec<(std::thread::ThreadId, std::sync::Weak<super::Lot>)>>,
 }
 
 impl ListenerCtx {
@@ -73,7 +75,7 @@ impl ListenerCtx {
             guard,
             stats,
             aborted: AtomicBool::new(false),
-            lot: std::sync::Mutex::new(std::sync::Weak::new()),
+            lots: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -89,16 +91,23 @@ impl ListenerCtx {
         self.aborted.load(Ordering::SeqCst)
     }
 
-    /// The lot connections of this listener park in (see `conn::parked`).
+    /// A lot connections of this listener park in (see `conn::parked`), run by the calling
+    /// thread's accept loop.
     pub fn set_lot(&self, lot: &Arc<super::Lot>) {
-        if let Ok(mut l) = self.lot.lock() {
-            *l = Arc::downgrade(lot);
+        if let Ok(mut l) = self.lots.lock() {
+            l.retain(|(_, w)| w.strong_count() > 0);
+            l.push((std::thread::current().id(), Arc::downgrade(lot)));
         }
     }
 
-    /// The lot, if it still runs: looked up once per park, never per request.
+    /// The calling thread's lot if it has one that still runs, else any that does: looked
+    /// up once per park, never per request.
     pub(super) fn lot(&self) -> Option<Arc<super::Lot>> {
-        self.lot.lock().ok()?.upgrade()
+        let lots = self.lots.lock().ok()?;
+        let here = std::thread::current().id();
+        let mine = lots.iter().find(|(t, _)| *t == here);
+        mine.and_then(|(_, w)| w.upgrade())
+            .or_else(|| lots.iter().find_map(|(_, w)| w.upgrade()))
     }
 
     /// Installs a new policy; live connections switch to its clocks at once.

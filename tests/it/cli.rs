@@ -516,7 +516,19 @@ async fn per_worker_runtimes_each_accept_serve_and_drain() {
         body.lines().any(|l| l == "halfguard_runtime_workers 3"),
         "{body}"
     );
-    // Every held connection still works, whichever thread accepted it.
+    // Idle a second after their exchange, they park, each in its own thread's lot...
+    let want = "halfguard_parked_connections{listener=\"cli\",kind=\"idle\"} 40";
+    let mut parked = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_, body) = http(admin, "GET", "/metrics").await;
+        if body.lines().any(|l| l == want) {
+            parked = true;
+            break;
+        }
+    }
+    assert!(parked, "no `{want}`");
+    // ...and every one wakes and still works, whichever thread accepted it.
     for (i, c) in held.iter_mut().enumerate() {
         let msg = format!("again {i}");
         assert_eq!(roundtrip(c, msg.as_bytes()).await, msg.as_bytes());
