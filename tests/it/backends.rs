@@ -243,28 +243,7 @@ async fn a_full_server_queues_briefly_then_refuses() {
 /// stays open).
 #[tokio::test]
 async fn on_down_abort_resets_a_connection_that_is_moving_bytes() {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TcpStream>();
-    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-    // Accepts health checks and the client's connection alike; the one that says "hello"
-    // is echoed and kept. Stopped, the listener closes: the checks are refused.
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = &mut stopped => return,
-                Ok((mut s, _)) = l.accept() => {
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let mut b = [0u8; 5];
-                        if s.read_exact(&mut b).await.is_ok() && s.write_all(&b).await.is_ok() {
-                            let _ = tx.send(s);
-                        }
-                    });
-                }
-            }
-        }
-    });
+    let (addr, mut rx, stop) = stoppable_echo_backend().await;
     let cfg = pool_config(
         "",
         &format!(

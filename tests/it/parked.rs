@@ -401,28 +401,7 @@ async fn an_eviction_reaches_a_parked_idle_connection() {
 /// resets it, counted as the task counts it (`backend_unavailable`).
 #[tokio::test]
 async fn on_down_abort_reaches_a_parked_idle_connection() {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TcpStream>();
-    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-    // Accepts health checks and the client's connection alike; the one that says "hello"
-    // is echoed and kept. Stopped, the listener closes: the checks are refused.
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = &mut stopped => return,
-                Ok((mut s, _)) = l.accept() => {
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let mut b = [0u8; 5];
-                        if s.read_exact(&mut b).await.is_ok() && s.write_all(&b).await.is_ok() {
-                            let _ = tx.send(s);
-                        }
-                    });
-                }
-            }
-        }
-    });
+    let (addr, mut rx, stop) = stoppable_echo_backend().await;
     let text = format!(
         r#"
 [[listeners]]

@@ -255,6 +255,38 @@ impl Drop for BackendServer {
     }
 }
 
+/// A backend whose health checks and client connections are accepted alike: a connection
+/// that sends five bytes gets them echoed and is handed over on the channel, kept open.
+/// Sending on the oneshot closes the listener, so the checks are refused from then on (for
+/// `on_down = "abort"`).
+pub async fn stoppable_echo_backend() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<TcpStream>,
+    oneshot::Sender<()>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<TcpStream>();
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return,
+                Ok((mut s, _)) = l.accept() => {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let mut b = [0u8; 5];
+                        if s.read_exact(&mut b).await.is_ok() && s.write_all(&b).await.is_ok() {
+                            let _ = tx.send(s);
+                        }
+                    });
+                }
+            }
+        }
+    });
+    (addr, rx, stop)
+}
+
 pub async fn backend(kind: Backend) -> BackendServer {
     let l = TcpListener::bind("127.0.0.1:0")
         .await
