@@ -240,7 +240,8 @@ fn resume(
     }
 }
 
-/// The end of a connection, with a task or without: counted once, both sockets reset unless
+/// The end of a connection, with a task or without (refused by the look at accept, parked,
+/// or at the end of its task; no server before it connected one): counted once, both sockets reset unless
 /// it closed cleanly, then closed (the lease with the server socket), and the ticket gives
 /// the counts back last.
 fn finish<S: std::os::fd::AsFd>(
@@ -293,18 +294,6 @@ fn count_end(stats: &crate::stats::Stats, end: End) {
     }
 }
 
-/// Ends a connection that has no task and no server (refused by a look at accept, or
-/// parked silent), as [`finish`] does.
-fn end_untasked(
-    ctx: &ListenerCtx,
-    end: End,
-    client: std::net::TcpStream,
-    ticket: Ticket,
-    accepted: Instant,
-) {
-    finish(ctx, end, client, None, ticket, accepted);
-}
-
 /// Starts an admitted connection. A client that has not spoken by now is parked
 /// (`conn::parked`): no task, no tokio registration, until its first byte. To tell, the
 /// socket is looked at once here, and that look is the one the connection's task would make
@@ -346,7 +335,7 @@ pub fn start(
                 holding::look_at(&stream, expect, max)
             };
             match look {
-                Err(end) => return end_untasked(ctx, end, stream, ticket, accepted),
+                Err(end) => return finish(ctx, end, stream, None, ticket, accepted),
                 Ok((0, _)) => {
                     let r = parked::Record::new(stream, ticket, peer, accepted);
                     match lot.park(ctx, r) {

@@ -55,7 +55,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -67,10 +67,10 @@ use tokio_util::task::TaskTracker;
 
 use super::clocks::{Observed, Progress, half_open_due, open_due};
 use super::pump::Stamps;
-use super::{End, ListenerCtx, count_end, end_untasked, expire, finish, resume, spawn};
+use super::{End, ListenerCtx, count_end, expire, finish, resume, spawn};
 use crate::backend::Lease;
 use crate::guard::Ticket;
-use crate::stats::Timeout;
+use crate::stats::{Stats, Timeout};
 
 /// Sweeps for evicted records come at most this often.
 pub const SWEEP_GAP: Duration = Duration::from_millis(5);
@@ -227,6 +227,14 @@ enum Parked {
 }
 
 impl Parked {
+    /// The gauge that counts its kind.
+    fn gauge<'s>(&self, stats: &'s Stats) -> &'s AtomicU64 {
+        match self {
+            Parked::Silent(_) => &stats.parked,
+            Parked::Idle(_) => &stats.parked_idle,
+        }
+    }
+
     fn ticket(&self) -> &Ticket {
         match self {
             Parked::Silent(r) => &r.ticket,
@@ -372,14 +380,11 @@ impl Lot {
         reason = "handed back whole on a rare failure"
     )]
     pub(super) fn park(&self, ctx: &ListenerCtx, r: Record) -> Result<(), Record> {
-        match self.insert(ctx, Parked::Silent(Box::new(r))) {
-            Ok(()) => {
-                ctx.stats.parked.fetch_add(1, Relaxed);
-                Ok(())
-            }
-            Err(Parked::Silent(r)) => Err(*r),
-            Err(Parked::Idle(_)) => unreachable!("a silent record comes back silent"),
-        }
+        self.insert(ctx, Parked::Silent(Box::new(r)))
+            .map_err(|p| match p {
+                Parked::Silent(r) => *r,
+                Parked::Idle(_) => unreachable!("a silent record comes back silent"),
+            })
     }
 
     /// Whether an idle connection may park now (not once the drain began).
@@ -394,14 +399,10 @@ impl Lot {
         if !self.takes_idle() {
             return Err(conn);
         }
-        match self.insert(ctx, Parked::Idle(conn)) {
-            Ok(()) => {
-                ctx.stats.parked_idle.fetch_add(1, Relaxed);
-                Ok(())
-            }
-            Err(Parked::Idle(conn)) => Err(conn),
-            Err(Parked::Silent(_)) => unreachable!("an idle record comes back idle"),
-        }
+        self.insert(ctx, Parked::Idle(conn)).map_err(|p| match p {
+            Parked::Idle(conn) => conn,
+            Parked::Silent(_) => unreachable!("an idle record comes back idle"),
+        })
     }
 
     fn insert(&self, ctx: &ListenerCtx, mut r: Parked) -> Result<(), Parked> {
@@ -447,6 +448,7 @@ impl Lot {
             return Err(r);
         }
         *r.due_mut() = None;
+        r.gauge(&ctx.stats).fetch_add(1, Relaxed);
         inner.slots[key as usize].rec = Some(r);
         inner.len += 1;
         let sooner = due.is_some_and(|d| inner.due.first().is_none_or(|f| d < f.0));
@@ -649,13 +651,10 @@ impl Lot {
 
     /// Ends a record that left the lot without a task.
     fn end(ctx: &ListenerCtx, r: Parked, end: End) {
+        r.gauge(&ctx.stats).fetch_sub(1, Relaxed);
         match r {
-            Parked::Silent(r) => {
-                ctx.stats.parked.fetch_sub(1, Relaxed);
-                end_untasked(ctx, end, r.stream, r.ticket, r.accepted);
-            }
+            Parked::Silent(r) => finish(ctx, end, r.stream, None, r.ticket, r.accepted),
             Parked::Idle(i) => {
-                ctx.stats.parked_idle.fetch_sub(1, Relaxed);
                 let Idle {
                     client,
                     server,
@@ -753,15 +752,12 @@ impl Lot {
             }
         }
         for (key, r) in woke {
+            r.gauge(&ctx.stats).fetch_sub(1, Relaxed);
             match r {
                 Parked::Silent(r) => {
-                    ctx.stats.parked.fetch_sub(1, Relaxed);
-                    spawn(ctx, tracker, r.stream, r.peer, r.ticket, r.accepted, None);
+                    spawn(ctx, tracker, r.stream, r.peer, r.ticket, r.accepted, None)
                 }
-                Parked::Idle(i) => {
-                    ctx.stats.parked_idle.fetch_sub(1, Relaxed);
-                    Lot::respawn(ctx, tracker, i, key as usize);
-                }
+                Parked::Idle(i) => Lot::respawn(ctx, tracker, i, key as usize),
             }
         }
     }
