@@ -104,7 +104,8 @@ impl Weight {
             took * 1_000_000 < share
         };
         let reported = ticket.ctl().queued_bytes();
-        let blocked = match pump.client_blocked_since() {
+        let since = pump.client_blocked_since();
+        let blocked = match since {
             Some(since) => now.saturating_duration_since(since),
             // Its window is open: one that reads reports nothing; a slow reader that took
             // a few bytes still pins what it did.
@@ -116,10 +117,10 @@ impl Weight {
             }
         };
         if blocked < FIRST_LOOK && !slow(reported) {
-            self.next = pump.client_blocked_since().map(|since| since + FIRST_LOOK);
+            self.next = since.map(|since| since + FIRST_LOOK);
             return Ok(());
         }
-        self.next = Some(match pump.client_blocked_since() {
+        self.next = Some(match since {
             Some(since) if blocked < SECOND_LOOK => since + SECOND_LOOK,
             _ => now + STALL_WINDOW,
         });
