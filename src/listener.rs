@@ -50,6 +50,28 @@ pub fn listening_std(l: std::net::TcpListener) -> io::Result<Listening> {
         .map_err(io::Error::from)
 }
 
+/// A worker thread's own listening socket on `main`'s address (`crate::shards`): a socket
+/// of its own in `main`'s `SO_REUSEPORT` group, so the kernel hands each new connection to
+/// one thread's queue and wakes that thread alone; or, when `main` was bound without
+/// `SO_REUSEPORT` (a caller's socket) or a second bind fails, a copy of `main`'s descriptor,
+/// which every thread's accept loop watches: each wakes for every new connection and one
+/// wins it (a refusal flood then cost 6.8 µs of CPU a refusal, 4.7 with one accept loop and
+/// 5.6-6.3 with a socket per thread: `benches/refusal.sh`). The flag says which.
+pub fn sibling(
+    main: &std::net::TcpListener,
+    tcp: &crate::config::TcpConfig,
+) -> io::Result<(std::net::TcpListener, bool)> {
+    if sockopt::reuses_port(main) {
+        let own = main
+            .local_addr()
+            .and_then(|addr| sockopt::listen_std(addr, tcp, true));
+        if let Ok(own) = own {
+            return Ok((own, true));
+        }
+    }
+    Ok((main.try_clone()?, false))
+}
+
 /// Accepts until `stop`, spawning admitted connections on `tracker`. The listening socket is
 /// closed once this and the server's handle on it are gone.
 pub async fn accept_loop(

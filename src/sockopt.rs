@@ -186,8 +186,27 @@ pub fn probe(tcp: &TcpConfig) -> Result<(), SockoptError> {
 
 /// Binds a listening socket with the configured backlog and options.
 pub fn listen(addr: SocketAddr, tcp: &TcpConfig) -> io::Result<TcpListener> {
+    TcpListener::from_std(listen_std(addr, tcp, false)?)
+}
+
+/// As [`listen`]; with `reuse_port`, `SO_REUSEPORT`, so each worker thread can bind a
+/// socket of its own on the same address and the kernel spreads new connections over them
+/// (`crate::listener::sibling`). Another process may then bind the address too, if it runs
+/// as the same user and asks for `SO_REUSEPORT` as well (HAProxy and Envoy set it by
+/// default); a socket bound without it still gets `EADDRINUSE`.
+pub fn listen_std(
+    addr: SocketAddr,
+    tcp: &TcpConfig,
+    reuse_port: bool,
+) -> io::Result<std::net::TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
+    #[cfg(unix)]
+    if reuse_port {
+        sock.set_reuse_port(true)?;
+    }
+    #[cfg(not(unix))]
+    let _ = reuse_port;
     if addr.is_ipv6() {
         // A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d; the guard keys
         // them as IPv4 (SourceKey canonicalises).
@@ -202,7 +221,7 @@ pub fn listen(addr: SocketAddr, tcp: &TcpConfig) -> io::Result<TcpListener> {
     }
     sock.bind(&addr.into())?;
     sock.listen(tcp.backlog.min(i32::MAX as u32) as i32)?;
-    TcpListener::from_std(sock.into())
+    Ok(sock.into())
 }
 
 /// Sets `TCP_NOTSENT_LOWAT`: the kernel takes no more unsent bytes than this.
@@ -311,6 +330,17 @@ pub fn peek(s: &impl std::os::fd::AsFd, buf: &mut [u8]) -> io::Result<usize> {
     } else {
         Ok(n as usize)
     }
+}
+
+/// Whether `l` was bound with `SO_REUSEPORT` (a caller's socket may not be).
+#[cfg(unix)]
+pub fn reuses_port(l: &impl std::os::fd::AsFd) -> bool {
+    SockRef::from(l).reuse_port().unwrap_or(false)
+}
+
+#[cfg(not(unix))]
+pub fn reuses_port<T>(_l: &T) -> bool {
+    false
 }
 
 /// Makes the next close() send RST and skip FIN_WAIT/TIME_WAIT. Errors are ignored: the

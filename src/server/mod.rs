@@ -91,6 +91,9 @@ pub(crate) struct Running {
     pub addr: SocketAddr,
     /// Shared with the accept loop; taken on retirement so the socket really closes.
     socket: Mutex<Option<Arc<crate::listener::Listening>>>,
+    /// Copies of the worker threads' own sockets on this address (`listener::sibling`),
+    /// for a reload's [tcp]; dropped with `socket`.
+    siblings: Mutex<Vec<std::net::TcpListener>>,
     stop_accept: CancellationToken,
     /// Removed from the config: no longer accepting, draining its connections.
     retired: AtomicBool,
@@ -234,7 +237,7 @@ impl Server {
         let short = state.read_memory();
         for ((socket, l), ctx) in sockets.into_iter().zip(&config.listeners).zip(ctxs) {
             ctx.guard.set_memory_pressure(short);
-            state.start_listener(socket, ctx, l.bind);
+            state.start_listener(socket, ctx, l.bind, &config.tcp);
         }
         crate::kernel::warn_if_no_syncookies();
         state.kernel.apply(state.targets(), &config.kernel).await;

@@ -87,10 +87,7 @@ impl State {
                 .guard
                 .reload(running::limits(l, (&fds, &queues)), &new.pressure);
             r.ctx.set_policy(policy(l, &new, pool));
-            if let Ok(s) = r.socket.lock()
-                && let Some(s) = s.as_ref()
-                && let Err(e) = sockopt::apply(socket2::SockRef::from(&**s), &new.tcp)
-            {
+            if let Err(e) = r.apply_tcp(&new.tcp) {
                 // The probe took these options: this is not expected, and too late to refuse.
                 tracing::warn!(listener = %r.ctx.name, error = %e, "cannot apply [tcp] to the listening socket");
             }
@@ -105,7 +102,7 @@ impl State {
             }
         }
         for (l, socket, ctx) in adds {
-            self.start_listener(socket, ctx, l.bind);
+            self.start_listener(socket, ctx, l.bind, &new.tcp);
         }
         set_splice_budget(&fds);
         if fds.listeners != self.fds.load().listeners {

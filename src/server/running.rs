@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 
 use super::{Running, ServerError, State};
 use crate::backend::{BackendError, Pool};
-use crate::config::{Config, Limits, ListenerConfig};
+use crate::config::{Config, Limits, ListenerConfig, TcpConfig};
 use crate::conn::{ListenerCtx, Policy};
 use crate::fds::Budget;
 use crate::guard::Guard;
@@ -56,11 +56,16 @@ pub(super) fn bind_listener(
     l: &ListenerConfig,
     config: &Config,
 ) -> Result<TcpListener, ServerError> {
-    sockopt::listen(l.bind, &config.tcp).map_err(|source| ServerError::Bind {
-        listener: l.name.clone(),
-        addr: l.bind,
-        source,
-    })
+    // In the worker threads' `SO_REUSEPORT` group when there are other workers, each with a
+    // socket of its own on this address (`listener::sibling`).
+    let reuse_port = !crate::shards::extra().is_empty();
+    sockopt::listen_std(l.bind, &config.tcp, reuse_port)
+        .and_then(TcpListener::from_std)
+        .map_err(|source| ServerError::Bind {
+            listener: l.name.clone(),
+            addr: l.bind,
+            source,
+        })
 }
 
 /// `socket` under the accept loop's own readiness watch ([`listener::listening`]), before
@@ -137,6 +142,24 @@ impl Running {
         if let Ok(mut s) = self.socket.lock() {
             s.take();
         }
+        if let Ok(mut s) = self.siblings.lock() {
+            s.clear();
+        }
+    }
+
+    /// Applies `[tcp]` to every socket of this listener (accepted sockets inherit it).
+    pub(super) fn apply_tcp(&self, tcp: &TcpConfig) -> Result<(), sockopt::SockoptError> {
+        if let Ok(s) = self.socket.lock()
+            && let Some(s) = s.as_ref()
+        {
+            sockopt::apply(socket2::SockRef::from(&**s), tcp)?;
+        }
+        if let Ok(siblings) = self.siblings.lock() {
+            for s in siblings.iter() {
+                sockopt::apply(socket2::SockRef::from(s), tcp)?;
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn is_retired(&self) -> bool {
@@ -195,6 +218,7 @@ impl State {
         socket: Listening,
         ctx: Arc<ListenerCtx>,
         bind: SocketAddr,
+        tcp: &TcpConfig,
     ) {
         let socket = Arc::new(socket);
         let addr = socket.get_ref().local_addr().unwrap_or(bind);
@@ -212,11 +236,19 @@ impl State {
             stop.clone(),
             self.conns.clone(),
         ));
-        // Each other worker thread accepts on its own copy of the descriptor, registered
-        // with its own epoll set; its connections stay on it (`crate::shards`).
+        // Each other worker thread accepts on a socket of its own (or a copy of this one's
+        // descriptor), registered with its own epoll set; its connections stay on it
+        // (`crate::shards`). A copy of each socket of its own stays here, for a reload's
+        // [tcp] and for retirement.
+        let mut siblings = Vec::new();
         for rt in crate::shards::extra() {
-            let copy = match socket.get_ref().try_clone() {
-                Ok(c) => c,
+            let copy = match listener::sibling(socket.get_ref(), tcp) {
+                Ok((own, is_own)) => {
+                    if is_own && let Ok(dup) = own.try_clone() {
+                        siblings.push(dup);
+                    }
+                    own
+                }
                 Err(e) => {
                     tracing::warn!(listener = %ctx.name, error = %e, "a worker thread cannot accept on this listener");
                     continue;
@@ -237,6 +269,7 @@ impl State {
             bind,
             addr,
             socket: Mutex::new(Some(socket)),
+            siblings: Mutex::new(siblings),
             stop_accept: stop,
             retired: AtomicBool::new(false),
         });
