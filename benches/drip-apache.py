@@ -70,7 +70,8 @@ def sockets(port):
     for line in r.stdout.splitlines():
         parts = line.split()
         if len(parts) >= 4 and parts[0] == "LISTEN":
-            queue = int(parts[1])
+            # Summed: halfguard's worker threads each listen on a socket of their own.
+            queue = (queue or 0) + int(parts[1])
     return conns, queue
 
 

@@ -59,6 +59,7 @@ pub mod sockopt;
 #[cfg(target_os = "linux")]
 pub mod splice;
 pub mod stats;
+pub mod steal;
 pub mod top;
 
 pub use config::Config;

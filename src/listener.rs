@@ -139,7 +139,7 @@ pub async fn accept_loop(
 /// Admission of one accepted socket: refused, it is reset and closed here, before it costs a
 /// registration or a task; admitted, it is started (`conn::start`: a task, or the lot when
 /// it has not spoken yet).
-fn admit(
+pub(crate) fn admit(
     ctx: &Arc<ListenerCtx>,
     lot: Option<&Arc<conn::Lot>>,
     tracker: &TaskTracker,
@@ -158,7 +158,7 @@ fn admit(
     }
 }
 
-fn is_per_connection(e: &io::Error) -> bool {
+pub(crate) fn is_per_connection(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionAborted

@@ -91,7 +91,10 @@ fn runtime(cfg: &halfguard::config::RuntimeConfig) -> anyhow::Result<tokio::runt
 /// A worker's runtime: one thread, its own epoll set and timers.
 fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
-        .on_thread_park(give_back_memory)
+        .on_thread_park(|| {
+            halfguard::steal::at_park();
+            give_back_memory();
+        })
         .enable_all()
         .build()
 }

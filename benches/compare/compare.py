@@ -583,13 +583,15 @@ def runq_wait_secs(pids):
 
 def accept_queue(port):
     """Connections the kernel completed on the listener and the proxy has not accepted yet
-    (Recv-Q of the LISTEN socket), or None."""
+    (Recv-Q of the LISTEN sockets, summed: halfguard's worker threads each have one in an
+    SO_REUSEPORT group), or None."""
     rc, out, err = run(["ss", "-ltnH", "sport", "=", f":{port}"], timeout=30)
+    queued = None
     for line in out.splitlines():
         parts = line.split()
         if len(parts) >= 4 and parts[0] == "LISTEN" and parts[3].endswith(f":{port}"):
-            return int(parts[1])
-    return None
+            queued = (queued or 0) + int(parts[1])
+    return queued
 
 
 def wait_port(port, timeout=10.0, proc=None):

@@ -102,7 +102,7 @@ impl ListenerCtx {
 
     /// The calling thread's lot if it has one that still runs, else any that does: looked
     /// up once per park, never per request.
-    pub(super) fn lot(&self) -> Option<Arc<super::Lot>> {
+    pub(crate) fn lot(&self) -> Option<Arc<super::Lot>> {
         let lots = self.lots.lock().ok()?;
         let here = std::thread::current().id();
         let mine = lots.iter().find(|(t, _)| *t == here);

@@ -145,6 +145,7 @@ impl Running {
         if let Ok(mut s) = self.siblings.lock() {
             s.clear();
         }
+        crate::steal::unregister(&self.ctx);
     }
 
     /// Applies `[tcp]` to every socket of this listener (accepted sockets inherit it).
@@ -263,6 +264,14 @@ impl State {
                     }
                 }
             }));
+        }
+        // Idle workers take what waits on a busy one's socket (`crate::steal`).
+        if !siblings.is_empty() {
+            let copies = std::iter::once(socket.get_ref().try_clone())
+                .chain(siblings.iter().map(|s| s.try_clone()))
+                .filter_map(Result::ok)
+                .collect();
+            crate::steal::register(&ctx, &self.conns, copies);
         }
         let running = Arc::new(Running {
             ctx,
