@@ -81,7 +81,7 @@ fn runtime(cfg: &halfguard::config::RuntimeConfig) -> anyhow::Result<tokio::runt
         extra.push(rt.handle().clone());
         std::thread::Builder::new()
             .name(format!("halfguard-worker-{i}"))
-            .spawn(move || rt.block_on(std::future::pending::<()>()))
+            .spawn(move || rt.block_on(halfguard::steal::keep_looking()))
             .context("cannot start a worker thread")?;
     }
     halfguard::shards::set(extra);
@@ -419,6 +419,9 @@ fn serve(config: halfguard::Config) -> anyhow::Result<halfguard::server::Stopped
         // The summary and the warnings are logged once binding and resolving succeeded.
         let server = halfguard::Server::bind(config).await?;
         tokio::spawn(tick_memory_epoch());
+        if !halfguard::shards::extra().is_empty() {
+            tokio::spawn(halfguard::steal::keep_looking());
+        }
         tokio::spawn(halfguard::server::reload_on_sighup(
             server.handle(),
             hangups,

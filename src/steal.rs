@@ -10,7 +10,8 @@
 //! of each group, at most once a millisecond: a few `accept4` calls that find nothing when
 //! the queues are empty, and the connections of a stalled thread otherwise. Admission is the
 //! accept loop's own (`listener::admit`); the connection then stays on the thread that took
-//! it, parking in that thread's lot.
+//! it, parking in that thread's lot. A thread with nothing to do sleeps until an event, so
+//! each also wakes every 100 ms ([`keep_looking`]).
 
 use std::cell::Cell;
 use std::sync::{Arc, LazyLock};
@@ -24,6 +25,9 @@ use crate::{listener, sockopt};
 
 /// How often a worker going idle looks at the queues, at most.
 const EVERY: Duration = Duration::from_millis(1);
+/// How long a connection queued for a stalled thread waits, at most, when every other
+/// thread sleeps too: each wakes this often to look ([`keep_looking`]).
+const IDLE_LOOK: Duration = Duration::from_millis(100);
 /// Connections taken from one socket per look, at most: the rest wait for its own thread or
 /// the next look.
 const BATCH: usize = 16;
@@ -45,7 +49,11 @@ thread_local! {
 
 /// Lets idle workers take connections from `sockets`, the listener's sockets in one
 /// `SO_REUSEPORT` group, until [`unregister`].
-pub fn register(ctx: &Arc<ListenerCtx>, tracker: &TaskTracker, sockets: Vec<std::net::TcpListener>) {
+pub fn register(
+    ctx: &Arc<ListenerCtx>,
+    tracker: &TaskTracker,
+    sockets: Vec<std::net::TcpListener>,
+) {
     let group = Arc::new(Group {
         ctx: ctx.clone(),
         tracker: tracker.clone(),
@@ -78,7 +86,10 @@ pub fn at_park() {
         return;
     }
     let now = Instant::now();
-    if LOOKED.with(Cell::get).is_some_and(|t| now.duration_since(t) < EVERY) {
+    if LOOKED
+        .with(Cell::get)
+        .is_some_and(|t| now.duration_since(t) < EVERY)
+    {
         return;
     }
     LOOKED.with(|l| l.set(Some(now)));
@@ -96,5 +107,17 @@ pub fn at_park() {
                 }
             }
         }
+    }
+}
+
+/// Runs on each worker thread for the life of its runtime: a wake-up every [`IDLE_LOOK`],
+/// so a connection queued for a stalled thread waits at most about that long even when no
+/// other thread has work of its own.
+pub async fn keep_looking() {
+    let mut tick = tokio::time::interval(IDLE_LOOK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // The look itself is the park hook's, once this task yields.
     }
 }

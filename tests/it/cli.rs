@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 
 use crate::support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_halfguard");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_halfguard");
 
 fn fixture(p: &str) -> String {
     format!("{}/tests/fixtures/{p}", env!("CARGO_MANIFEST_DIR"))

@@ -28,3 +28,4 @@ mod stalled;
 mod support;
 mod timewait;
 mod top;
+mod workers;

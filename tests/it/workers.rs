@@ -1,0 +1,113 @@
+//! Worker threads (`[runtime] per_worker`): each accepts on a socket of its own, and one
+//! that stalls does not strand the connections the kernel queued for it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::cli::{BIN, Reap, start, temp_config};
+use crate::require;
+use crate::support::*;
+
+/// A cgroup v1 freezer holding one thread, thawed and removed however the test ends.
+struct Frozen {
+    dir: PathBuf,
+    tid: String,
+}
+
+impl Frozen {
+    /// Freezes thread `tid` alone (cgroup v1 places threads, not only processes), or `None`
+    /// without a writable freezer hierarchy.
+    fn thread(tid: &str) -> Option<Frozen> {
+        let v1 = Path::new("/sys/fs/cgroup/freezer");
+        let dir = v1.join(format!("halfguard-test-{}", std::process::id()));
+        if !v1.join("tasks").exists() || std::fs::create_dir(&dir).is_err() {
+            return None;
+        }
+        let f = Frozen {
+            dir,
+            tid: tid.to_string(),
+        };
+        std::fs::write(f.dir.join("tasks"), tid).ok()?;
+        std::fs::write(f.dir.join("freezer.state"), "FROZEN").ok()?;
+        for _ in 0..100 {
+            let state = std::fs::read_to_string(f.dir.join("freezer.state")).unwrap_or_default();
+            if state.trim() == "FROZEN" {
+                return Some(f);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.dir.join("freezer.state"), "THAWED");
+        let parent = self.dir.parent().map(|p| p.join("tasks"));
+        if let Some(parent) = parent {
+            let _ = std::fs::write(parent, &self.tid);
+        }
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The kernel queues a new connection on one worker's socket by its 4-tuple's hash; with
+/// that worker stalled (here frozen), the others take what waits there when they go idle.
+/// Without that, about half of these connections would wait for the frozen thread.
+#[tokio::test]
+async fn a_stalled_worker_s_queued_connections_are_served_by_the_others() {
+    require!("a cgroup v1 freezer of our own"; Need::Root);
+    let b = backend(Backend::Echo).await;
+    let (cfg, port) = temp_config(
+        b.addr,
+        "bind = \"off\"",
+        "[runtime]\nworkers = 2\nper_worker = true\n",
+    );
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "-c"]).arg(&cfg);
+    let child = Reap(start(cmd));
+    let pid = child.0.id();
+    let worker = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| {
+            let t = t.ok()?;
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            comm.starts_with("halfguard-worke")
+                .then(|| t.file_name().to_string_lossy().into_owned())
+        })
+        .next()
+        .expect("a worker thread");
+    let Some(_frozen) = Frozen::thread(&worker) else {
+        return skip(
+            "workers::a_stalled_worker_s_queued_connections_are_served_by_the_others",
+            "a writable cgroup v1 freezer hierarchy at /sys/fs/cgroup/freezer",
+        );
+    };
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut stranded = 0;
+    for i in 0..24u32 {
+        // An idle thread looks every 100 ms: a second is a loose bound, a stranded one never
+        // comes.
+        let served = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            let msg = format!("hello {i}");
+            roundtrip(&mut c, msg.as_bytes()).await == msg.as_bytes()
+        })
+        .await;
+        if !matches!(served, Ok(true)) {
+            stranded += 1;
+        }
+    }
+    assert_eq!(
+        stranded, 0,
+        "connections left waiting for the frozen worker"
+    );
+}
