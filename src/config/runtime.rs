@@ -73,7 +73,10 @@ impl fmt::Display for RuntimeConfig {
                 ", sharing one work-stealing scheduler (per_worker = false)"
             )?;
         } else if self.worker_threads() > 1 {
-            write!(f, ", each with its own event loop")?;
+            write!(
+                f,
+                ", each with its own event loop and listening socket (SO_REUSEPORT)"
+            )?;
         }
         Ok(())
     }

@@ -560,7 +560,9 @@ async fn per_worker_runtimes_each_accept_serve_and_drain() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("runtime: 3 worker threads, each with its own event loop"),
+        text.contains(
+            "runtime: 3 worker threads, each with its own event loop and listening socket"
+        ),
         "{text}"
     );
 }
