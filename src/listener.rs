@@ -55,8 +55,9 @@ pub fn listening_std(l: std::net::TcpListener) -> io::Result<Listening> {
 /// one thread's queue and wakes that thread alone; or, when `main` was bound without
 /// `SO_REUSEPORT` (a caller's socket) or a second bind fails, a copy of `main`'s descriptor,
 /// which every thread's accept loop watches: each wakes for every new connection and one
-/// wins it (a refusal flood then cost 6.8 µs of CPU a refusal, 4.7 with one accept loop and
-/// 5.6-6.3 with a socket per thread: `benches/refusal.sh`). The flag says which.
+/// wins it (a refusal flood then cost 7.0 µs of CPU a refusal, 5.8-6.1 with a socket per
+/// thread, 4.6-4.8 with one accept loop on the shared scheduler: `benches/refusal.sh`). The
+/// flag says which.
 pub fn sibling(
     main: &std::net::TcpListener,
     tcp: &crate::config::TcpConfig,

@@ -6,19 +6,20 @@
 //! admin, health checks, upkeep) and the others, registered here. Every listener's accept
 //! loop runs on each of them over a listening socket of its own, the sockets bound to one
 //! address in one `SO_REUSEPORT` group (`listener::sibling`), and a connection stays on the
-//! thread that accepted it, as HAProxy's threads and nginx's workers keep theirs. A shared work-stealing runtime (`per_worker = false`) spends a sixth of a
-//! keep-alive request's instructions on its own bookkeeping (6,888 against 5,808 per
+//! thread that accepted it, as HAProxy's threads and nginx's workers keep theirs. A shared
+//! work-stealing runtime (`per_worker = false`) spends a sixth of a keep-alive request's
+//! instructions on its own bookkeeping (6,888 against 5,808 per
 //! request, `benches/per-request.sh keep-alive`) and its workers take turns on one epoll set;
 //! in exchange it hands a busy thread's connections to an idle one, which matters when the
 //! proxy shares its cores with a busy service (a sidecar). Each thread's accept loop has
 //! its own parking lot, and a connection that parks idle goes to its thread's and wakes
 //! there (`ListenerCtx::lot`). The kernel hands a new connection to one socket, by its
 //! 4-tuple's hash, and wakes that thread alone: over a shared descriptor every thread woke
-//! for every connection, and a refusal flood cost 6.8 µs of CPU a refusal instead of 5.8
-//! (`benches/refusal.sh`). The trade-off is HAProxy's and nginx's `reuseport`: a
-//! connection waits in its socket's queue for its thread even when another is idle. A
-//! socket the caller bound without `SO_REUSEPORT` (tests, a library caller) is shared by
-//! descriptor copies instead.
+//! for every connection, and a refusal flood cost 7.0 µs of CPU a refusal instead of 5.9
+//! (`benches/refusal.sh`). The trade-off of HAProxy's and nginx's `reuseport`, a
+//! connection waiting in its socket's queue for a busy thread while another is idle, is
+//! undone by the idle one taking it (`crate::steal`). A socket the caller bound without
+//! `SO_REUSEPORT` (tests, a library caller) is shared by descriptor copies instead.
 //!
 //! Nothing registered (one worker, `per_worker = false`, tests, a library caller): the
 //! accept loops run on the caller's runtime only.

@@ -1,5 +1,6 @@
-//! Worker threads (`[runtime] per_worker`): each accepts on a socket of its own, and one
-//! that stalls does not strand the connections the kernel queued for it.
+//! Worker threads (`[runtime] per_worker`): each accepts on a socket of its own, one that
+//! stalls does not strand the connections the kernel queued for it, and a reload's `[tcp]`
+//! reaches every socket.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::cli::{BIN, Reap, start, temp_config};
+use crate::cli::{BIN, Reap, free_port, start, temp_config};
 use crate::require;
 use crate::support::*;
 
@@ -109,5 +110,77 @@ async fn a_stalled_worker_s_queued_connections_are_served_by_the_others() {
     assert_eq!(
         stranded, 0,
         "connections left waiting for the frozen worker"
+    );
+}
+
+/// The keepalive timers of the established connections accepted on `port`, in seconds
+/// (`ss`'s `timer:(keepalive,29sec,0)`; some versions print `5.496ms` for 5.5 s, which
+/// this reads as 5.5 ms: either way below a 7 s idle, far below the default 30 s).
+fn keepalive_timers(port: u16) -> Vec<f64> {
+    let out = Command::new("ss")
+        .args([
+            "-tnoH",
+            "state",
+            "established",
+            "sport",
+            "=",
+            &format!(":{port}"),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let t = l.split("timer:(keepalive,").nth(1)?;
+            let t = t.split(',').next()?;
+            let secs = if let Some(m) = t.strip_suffix("min") {
+                m.parse::<f64>().ok()? * 60.0
+            } else if let Some(ms) = t.strip_suffix("ms") {
+                ms.parse::<f64>().ok()? / 1000.0
+            } else {
+                t.strip_suffix("sec")?.parse().ok()?
+            };
+            Some(secs)
+        })
+        .collect()
+}
+
+/// Each worker thread accepts on a socket of its own, and accepted sockets take their
+/// keepalive from it: a reload's `[tcp]` must reach every one of them, not only the first.
+#[tokio::test]
+async fn a_reloaded_tcp_section_reaches_every_worker_s_listening_socket() {
+    if let Some(why) = missing(&[Need::Tool("ss")], "reads the accepted sockets' timers") {
+        return skip(
+            "workers::a_reloaded_tcp_section_reaches_every_worker_s_listening_socket",
+            &why,
+        );
+    }
+    let b = backend(Backend::Echo).await;
+    let admin_port = free_port();
+    let admin = format!("bind = \"127.0.0.1:{admin_port}\"");
+    let runtime = "[runtime]\nworkers = 3\nper_worker = true\n";
+    let (cfg, port) = temp_config(b.addr, &admin, runtime);
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "-c"]).arg(&cfg);
+    let _child = Reap(start(cmd));
+    let text = std::fs::read_to_string(&*cfg).unwrap();
+    std::fs::write(&*cfg, format!("{text}\n[tcp]\nkeepalive_idle = \"7s\"\n")).unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let (status, body) = http(admin, "POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    // 24 connections over three sockets: each socket gets some (all on one: 3^-23).
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut held = Vec::new();
+    for i in 0..24u32 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let msg = format!("hello {i}");
+        assert_eq!(roundtrip(&mut c, msg.as_bytes()).await, msg.as_bytes());
+        held.push(c);
+    }
+    let timers = keepalive_timers(port);
+    assert_eq!(timers.len(), 24, "{timers:?}");
+    assert!(
+        timers.iter().all(|&t| t <= 7.0),
+        "every accepted socket has the reloaded keepalive_idle (7s): {timers:?}"
     );
 }
