@@ -193,7 +193,8 @@ pub fn listen(addr: SocketAddr, tcp: &TcpConfig) -> io::Result<TcpListener> {
 /// socket of its own on the same address and the kernel spreads new connections over them
 /// (`crate::listener::sibling`). Another process may then bind the address too, if it runs
 /// as the same user and asks for `SO_REUSEPORT` as well (HAProxy and Envoy set it by
-/// default); a socket bound without it still gets `EADDRINUSE`.
+/// default); a socket bound without it still gets `EADDRINUSE`. [`refuse_if_taken`] first
+/// keeps halfguard from joining a group it did not start.
 pub fn listen_std(
     addr: SocketAddr,
     tcp: &TcpConfig,
@@ -222,6 +223,22 @@ pub fn listen_std(
     sock.bind(&addr.into())?;
     sock.listen(tcp.backlog.min(i32::MAX as u32) as i32)?;
     Ok(sock.into())
+}
+
+/// Fails with `EADDRINUSE` when something already listens on `addr`, as a plain bind
+/// would: binding with `SO_REUSEPORT` would instead join the group of another process that
+/// set it too (a second halfguard, HAProxy) and split the connections with it. Port 0
+/// always gets a fresh port, so there is nothing to ask.
+pub fn refuse_if_taken(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        probe.set_only_v6(false)?;
+    }
+    probe.bind(&addr.into())
 }
 
 /// Sets `TCP_NOTSENT_LOWAT`: the kernel takes no more unsent bytes than this.

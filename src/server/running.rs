@@ -59,7 +59,13 @@ pub(super) fn bind_listener(
     // In the worker threads' `SO_REUSEPORT` group when there are other workers, each with a
     // socket of its own on this address (`listener::sibling`).
     let reuse_port = !crate::shards::extra().is_empty();
-    sockopt::listen_std(l.bind, &config.tcp, reuse_port)
+    let taken = if reuse_port {
+        sockopt::refuse_if_taken(l.bind)
+    } else {
+        Ok(())
+    };
+    taken
+        .and_then(|()| sockopt::listen_std(l.bind, &config.tcp, reuse_port))
         .and_then(TcpListener::from_std)
         .map_err(|source| ServerError::Bind {
             listener: l.name.clone(),

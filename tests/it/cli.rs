@@ -227,7 +227,7 @@ fn sigterm(child: &Child) {
     assert!(rc.success());
 }
 
-fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
+pub(crate) fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
     let end = Instant::now() + within;
     while Instant::now() < end {
         if let Some(s) = child.try_wait().unwrap() {

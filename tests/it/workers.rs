@@ -3,12 +3,12 @@
 //! reaches every socket.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::cli::{BIN, Reap, free_port, start, temp_config};
+use crate::cli::{BIN, Reap, free_port, start, temp_config, wait_exit};
 use crate::require;
 use crate::support::*;
 
@@ -183,4 +183,35 @@ async fn a_reloaded_tcp_section_reaches_every_worker_s_listening_socket() {
         timers.iter().all(|&t| t <= 7.0),
         "every accepted socket has the reloaded keepalive_idle (7s): {timers:?}"
     );
+}
+
+/// The worker threads' sockets set `SO_REUSEPORT`, with which a second halfguard on the
+/// same address would join the first's group and take half its connections; it must still
+/// be told the port is in use, and exit 3, as with one socket.
+#[tokio::test]
+async fn a_second_instance_on_the_same_address_is_refused_not_joined() {
+    let b = backend(Backend::Echo).await;
+    let runtime = "[runtime]\nworkers = 2\nper_worker = true\n";
+    let (cfg, port) = temp_config(b.addr, "bind = \"off\"", runtime);
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "-c"]).arg(&cfg);
+    let _first = Reap(start(cmd));
+    let mut second = Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(&*cfg)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let code = wait_exit(&mut second, Duration::from_secs(10));
+    let mut said = String::new();
+    if let Some(mut e) = second.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut said);
+    }
+    assert_eq!(code, Some(3), "the second instance: {said}");
+    assert!(said.contains("Address already in use"), "{said}");
+    // The first serves on.
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(roundtrip(&mut c, b"still").await, b"still");
 }
