@@ -510,6 +510,14 @@ fn traffic(e: &mut DescriptorEncoder, ls: &[Row<'_>]) -> std::fmt::Result {
         "accept() failures such as EMFILE; the accept loop backs off.",
         &v,
     )?;
+
+    let v = one(ls, &|s| s.stolen.load(Relaxed));
+    counter(
+        e,
+        "halfguard_accepts_stolen",
+        "Connections an idle worker thread took from another worker's listening socket.",
+        &v,
+    )?;
     Ok(())
 }
 

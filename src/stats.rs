@@ -250,6 +250,9 @@ pub struct Stats {
     pub bytes_downstream: AtomicU64,
     /// accept() failures other than a client that left first (EMFILE, ENFILE, ENOBUFS...).
     pub accept_errors: AtomicU64,
+    /// Connections an idle worker thread took from another's listening socket
+    /// (`crate::steal`): a thread that keeps being stolen from is stalled or overloaded.
+    pub stolen: AtomicU64,
     /// Connections aborted because no backend could be reached (not counting connect timeouts).
     pub backend_unavailable: AtomicU64,
     /// Connections ended by a reset or a kernel timeout (keepalive, TCP_USER_TIMEOUT) on
@@ -289,6 +292,7 @@ impl Default for Stats {
             bytes_upstream: AtomicU64::new(0),
             bytes_downstream: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
+            stolen: AtomicU64::new(0),
             backend_unavailable: AtomicU64::new(0),
             peer_errors: AtomicU64::new(0),
             closed_clean: AtomicU64::new(0),

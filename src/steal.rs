@@ -14,6 +14,7 @@
 //! each also wakes every 100 ms ([`keep_looking`]).
 
 use std::cell::Cell;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
@@ -99,6 +100,7 @@ pub fn at_park() {
             for _ in 0..BATCH {
                 match sockopt::accept(s) {
                     Ok((stream, peer)) => {
+                        g.ctx.stats.stolen.fetch_add(1, Relaxed);
                         let lot = lot.get_or_insert_with(|| g.ctx.lot());
                         listener::admit(&g.ctx, lot.as_ref(), &g.tracker, stream, peer);
                     }

@@ -67,11 +67,13 @@ impl Drop for Frozen {
 async fn a_stalled_worker_s_queued_connections_are_served_by_the_others() {
     require!("a cgroup v1 freezer of our own"; Need::Root);
     let b = backend(Backend::Echo).await;
+    let admin_port = free_port();
     let (cfg, port) = temp_config(
         b.addr,
-        "bind = \"off\"",
+        &format!("bind = \"127.0.0.1:{admin_port}\""),
         "[runtime]\nworkers = 2\nper_worker = true\n",
     );
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
     let mut cmd = Command::new(BIN);
     cmd.args(["run", "-c"]).arg(&cfg);
     let child = Reap(start(cmd));
@@ -111,6 +113,13 @@ async fn a_stalled_worker_s_queued_connections_are_served_by_the_others() {
         stranded, 0,
         "connections left waiting for the frozen worker"
     );
+    // The taking is counted: the operator's sign of a stalled thread.
+    let (_, body) = http(admin, "GET", "/metrics").await;
+    let stolen = body
+        .lines()
+        .find_map(|l| l.strip_prefix("halfguard_accepts_stolen_total{listener=\"cli\"} "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(stolen.is_some_and(|n| n > 0), "stolen: {stolen:?}\n{body}");
 }
 
 /// The keepalive timers of the established connections accepted on `port`, in seconds
