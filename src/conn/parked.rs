@@ -235,6 +235,14 @@ impl Parked {
         }
     }
 
+    /// Its sockets in the lot's epoll set: the client's, and the server's when idle.
+    fn sockets(&self) -> [Option<&std::net::TcpStream>; 2] {
+        match self {
+            Parked::Silent(r) => [Some(&r.stream), None],
+            Parked::Idle(i) => [Some(&i.client), Some(&i.server)],
+        }
+    }
+
     fn ticket(&self) -> &Ticket {
         match self {
             Parked::Silent(r) => &r.ticket,
@@ -432,18 +440,17 @@ impl Lot {
             }
         };
         let era = inner.slots[key as usize].era;
-        let added = match &r {
-            Parked::Silent(s) => self.ctl(libc::EPOLL_CTL_ADD, &s.stream, token(key, era)),
-            Parked::Idle(i) => self
-                .ctl(libc::EPOLL_CTL_ADD, &i.client, token(key, era))
-                .and_then(|()| {
-                    self.ctl(libc::EPOLL_CTL_ADD, &i.server, token(key, era))
-                        .inspect_err(|_| {
-                            let _ = self.ctl(libc::EPOLL_CTL_DEL, &i.client, 0);
-                        })
-                }),
-        };
-        if added.is_err() {
+        // All its sockets in, or none: one that went in before a failure comes out.
+        let socks = r.sockets();
+        let socks = socks.iter().flatten();
+        let added = socks
+            .clone()
+            .take_while(|s| self.ctl(libc::EPOLL_CTL_ADD, *s, token(key, era)).is_ok())
+            .count();
+        if added < socks.clone().count() {
+            for s in socks.take(added) {
+                let _ = self.ctl(libc::EPOLL_CTL_DEL, *s, 0);
+            }
             inner.free.push(key);
             return Err(r);
         }
@@ -462,28 +469,21 @@ impl Lot {
 
     /// An idle connection back into tokio and a task of its own, resuming its pump loop.
     fn respawn(ctx: &Arc<ListenerCtx>, tracker: &TaskTracker, conn: Box<Idle>, shard: usize) {
-        let Idle {
-            client,
-            server,
-            lease,
-            ticket,
-            accepted,
-            stamps,
-            ..
-        } = *conn;
+        let i = *conn;
         match (
-            tokio::net::TcpStream::from_std(client),
-            tokio::net::TcpStream::from_std(server),
+            tokio::net::TcpStream::from_std(i.client),
+            tokio::net::TcpStream::from_std(i.server),
         ) {
             (Ok(client), Ok(server)) => {
                 let conn = (client, server);
+                let (lease, ticket) = (i.lease, i.ticket);
                 tracker.spawn(resume(
                     ctx.clone(),
                     conn,
                     lease,
                     ticket,
-                    accepted,
-                    stamps,
+                    i.accepted,
+                    i.stamps,
                     shard,
                 ));
             }
@@ -655,15 +655,15 @@ impl Lot {
         match r {
             Parked::Silent(r) => finish(ctx, end, r.stream, None, r.ticket, r.accepted),
             Parked::Idle(i) => {
-                let Idle {
-                    client,
-                    server,
-                    lease,
-                    ticket,
-                    accepted,
-                    ..
-                } = *i;
-                finish(ctx, end, client, Some((server, lease)), ticket, accepted);
+                let i = *i;
+                finish(
+                    ctx,
+                    end,
+                    i.client,
+                    Some((i.server, i.lease)),
+                    i.ticket,
+                    i.accepted,
+                );
             }
         }
     }
@@ -738,14 +738,8 @@ impl Lot {
                 if let Some(r) = inner.take(key) {
                     // Out of this set before tokio's takes it; a failure leaves a stale
                     // registration whose events the generation check drops.
-                    match &r {
-                        Parked::Silent(s) => {
-                            let _ = self.ctl(libc::EPOLL_CTL_DEL, &s.stream, 0);
-                        }
-                        Parked::Idle(i) => {
-                            let _ = self.ctl(libc::EPOLL_CTL_DEL, &i.client, 0);
-                            let _ = self.ctl(libc::EPOLL_CTL_DEL, &i.server, 0);
-                        }
+                    for s in r.sockets().into_iter().flatten() {
+                        let _ = self.ctl(libc::EPOLL_CTL_DEL, s, 0);
                     }
                     woke.push((key, r));
                 }
