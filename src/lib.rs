@@ -34,6 +34,8 @@
 //! - [`histo`]: histograms of atomics, observed on the hot path and read at scrape time.
 //! - [`metrics`]: Prometheus text built at scrape time from a snapshot the server gathers.
 //! - [`shutdown`], [`logging`]: signals and log setup.
+//! - [`turn`]: a worker thread's turns on its core (`[runtime] slice`): short ones, and its
+//!   core yielded before it sleeps.
 //! - [`top`]: `halfguard top`, the live terminal view, a client of the admin endpoint.
 #![deny(unsafe_code)]
 
@@ -61,6 +63,7 @@ pub mod splice;
 pub mod stats;
 pub mod steal;
 pub mod top;
+pub mod turn;
 
 pub use config::Config;
 pub use server::{Handle, Server, ServerError, run};

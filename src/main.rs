@@ -70,17 +70,21 @@ fn give_back_memory() {
 fn runtime(cfg: &halfguard::config::RuntimeConfig) -> anyhow::Result<tokio::runtime::Runtime> {
     let workers = cfg.worker_threads().max(1);
     if !cfg.per_worker {
+        let slice = cfg.slice;
         return tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
-            .on_thread_park(give_back_memory)
+            .on_thread_park(move || {
+                give_back_memory();
+                halfguard::turn::before_sleep(slice);
+            })
             .enable_all()
             .build()
             .context("cannot start the runtime");
     }
-    let runtime = worker_runtime().context("cannot start the runtime")?;
+    let runtime = worker_runtime(cfg.slice).context("cannot start the runtime")?;
     let mut extra = Vec::with_capacity(workers - 1);
     for i in 1..workers {
-        let rt = worker_runtime().context("cannot start a worker's runtime")?;
+        let rt = worker_runtime(cfg.slice).context("cannot start a worker's runtime")?;
         extra.push(rt.handle().clone());
         std::thread::Builder::new()
             .name(format!("halfguard-worker-{i}"))
@@ -91,12 +95,15 @@ fn runtime(cfg: &halfguard::config::RuntimeConfig) -> anyhow::Result<tokio::runt
     Ok(runtime)
 }
 
-/// A worker's runtime: one thread, its own epoll set and timers.
-fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+/// A worker's runtime: one thread, its own epoll set and timers. Going idle, the worker
+/// takes what waits on its siblings' sockets, gives memory back, and yields its core before
+/// it sleeps (`halfguard::turn`).
+fn worker_runtime(slice: Duration) -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
-        .on_thread_park(|| {
+        .on_thread_park(move || {
             halfguard::steal::at_park();
             give_back_memory();
+            halfguard::turn::before_sleep(slice);
         })
         .enable_all()
         .build()

@@ -1,10 +1,17 @@
 //! `[runtime]`: the tokio runtime's worker threads. Read at start only.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{Checker, ConfigError};
+use super::file::RawDuration;
+use super::{Checker, ConfigError, dur};
+use crate::turn::{MAX_SLICE, MIN_SLICE};
+
+/// The turn a worker asks the kernel for (`crate::turn`): short enough that a worker that
+/// yielded its core before sleeping gets it back within a tenth of a millisecond.
+pub const DEFAULT_SLICE: Duration = MIN_SLICE;
 
 /// More worker threads than this is a typo, not a machine.
 pub const MAX_WORKERS: u32 = 1_024;
@@ -15,6 +22,7 @@ pub const MAX_WORKERS: u32 = 1_024;
 pub struct RawRuntime {
     pub workers: Option<u32>,
     pub per_worker: Option<bool>,
+    pub slice: Option<RawDuration>,
 }
 
 /// `[runtime]`: read at start only.
@@ -27,6 +35,9 @@ pub struct RuntimeConfig {
     /// (`crate::shards`), as HAProxy's threads do (the default); off, the workers share one
     /// work-stealing scheduler, which hands a busy thread's connections to an idle one.
     pub per_worker: bool,
+    /// How long a worker thread asks the kernel to run at a time, and with it, that it hands
+    /// its core on before sleeping (`crate::turn`); zero: the kernel's turns, no hand-on.
+    pub slice: Duration,
 }
 
 impl RuntimeConfig {
@@ -41,9 +52,22 @@ impl RuntimeConfig {
             }
             Some(n) => Some(n),
         };
+        let slice = raw.slice.map_or(DEFAULT_SLICE, |d| d.0);
+        if !slice.is_zero() && !(MIN_SLICE..=MAX_SLICE).contains(&slice) {
+            return Err(ck.err(
+                "runtime.slice",
+                format!(
+                    "{} is outside the kernel's {}..{}; \"0s\" leaves the kernel's own",
+                    dur(slice),
+                    dur(MIN_SLICE),
+                    dur(MAX_SLICE)
+                ),
+            ));
+        }
         Ok(RuntimeConfig {
             workers,
             per_worker: raw.per_worker.unwrap_or(true),
+            slice,
         })
     }
 
@@ -78,6 +102,14 @@ impl fmt::Display for RuntimeConfig {
                 ", each with its own event loop and listening socket (SO_REUSEPORT)"
             )?;
         }
-        Ok(())
+        if self.slice.is_zero() {
+            write!(f, "; the kernel's turns (slice = \"0s\")")
+        } else {
+            write!(
+                f,
+                "; {} turns, each worker yielding its core before it sleeps",
+                dur(self.slice)
+            )
+        }
     }
 }

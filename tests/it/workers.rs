@@ -224,3 +224,108 @@ async fn a_second_instance_on_the_same_address_is_refused_not_joined() {
     let mut c = TcpStream::connect(addr).await.unwrap();
     assert_eq!(roundtrip(&mut c, b"still").await, b"still");
 }
+
+/// The slice each of `pid`'s threads runs with, in nanoseconds, by thread name.
+fn slices(pid: u32) -> Vec<(String, i32, u64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| {
+            let t = t.ok()?;
+            let tid: i32 = t.file_name().to_string_lossy().parse().ok()?;
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            let slice = halfguard::turn::slice_of(tid).ok()?;
+            Some((comm.trim().to_string(), tid, slice))
+        })
+        .collect()
+}
+
+/// Waits up to 5 s for `ok` to hold of `pid`'s threads' slices; returns the last reading.
+fn slices_until(pid: u32, ok: impl Fn(&[(String, i32, u64)]) -> bool) -> Vec<(String, i32, u64)> {
+    let mut seen = slices(pid);
+    for _ in 0..100 {
+        if ok(&seen) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        seen = slices(pid);
+    }
+    seen
+}
+
+/// `[runtime] slice`: every worker thread asks the kernel for short turns as it first goes
+/// idle (and, with them, yields its core before sleeping: `halfguard::turn`). The kernel
+/// reports each thread's slice: the default 100 µs on the main worker and each
+/// `halfguard-worker-N`, the configured one on a shared scheduler's workers, and the
+/// kernel's own everywhere with `slice = "0s"`.
+#[tokio::test]
+async fn every_worker_thread_runs_with_the_configured_slice() {
+    let kernel = std::thread::spawn(|| {
+        let default = halfguard::turn::slice_of(0);
+        (default, halfguard::turn::ask(Duration::from_micros(100)))
+    })
+    .join()
+    .unwrap();
+    let kernel_default = match kernel {
+        (Ok(d), Ok(true)) => d,
+        (d, kept) => {
+            return skip(
+                "workers::every_worker_thread_runs_with_the_configured_slice",
+                &format!("a kernel with custom slices (Linux 6.12+): {d:?} {kept:?}"),
+            );
+        }
+    };
+    let b = backend(Backend::Echo).await;
+    let run = |runtime: &str| {
+        let (cfg, port) = temp_config(b.addr, "bind = \"off\"", runtime);
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "-c"]).arg(&*cfg);
+        (Reap(start(cmd)), cfg, port)
+    };
+
+    let (child, cfg, port) = run("[runtime]\nworkers = 2\nper_worker = true\n");
+    let pid = child.0.id();
+    // A connection served on each socket's thread at least once makes every worker busy
+    // then idle again, whichever the kernel hashed it to.
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for _ in 0..8 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(roundtrip(&mut c, b"turn").await, b"turn");
+    }
+    let workers = |s: &[(String, i32, u64)]| -> Vec<u64> {
+        s.iter()
+            .filter(|(comm, tid, _)| *tid as u32 == pid || comm.starts_with("halfguard-worke"))
+            .map(|t| t.2)
+            .collect()
+    };
+    let seen = slices_until(pid, |s| workers(s) == [100_000, 100_000]);
+    assert_eq!(workers(&seen), [100_000, 100_000], "{seen:?}");
+    drop(child);
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&*cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("; 100us turns, each worker yielding its core"),
+        "{text}"
+    );
+
+    let (child, _cfg, _) = run("[runtime]\nworkers = 2\nper_worker = false\nslice = \"250us\"\n");
+    let pid = child.0.id();
+    let count = |s: &[(String, i32, u64)]| s.iter().filter(|t| t.2 == 250_000).count();
+    let seen = slices_until(pid, |s| count(s) == 2);
+    assert_eq!(count(&seen), 2, "two shared workers at 250 µs: {seen:?}");
+    drop(child);
+
+    let (child, _cfg, _) = run("[runtime]\nworkers = 2\nslice = \"0s\"\n");
+    let pid = child.0.id();
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = slices(pid);
+    assert!(
+        !seen.is_empty() && seen.iter().all(|t| t.2 == kernel_default),
+        "the kernel's {kernel_default} ns everywhere: {seen:?}"
+    );
+}
