@@ -153,7 +153,10 @@ pub(crate) fn admit(
         ctx.guard.admit_from(peer.ip(), trusted)
     };
     match admitted {
-        Ok(ticket) => conn::start(ctx, lot, tracker, stream, peer, ticket),
+        Ok(ticket) => {
+            crate::turn::admitted();
+            conn::start(ctx, lot, tracker, stream, peer, ticket)
+        }
         // Refused: RST and forget it.
         Err(_) => sockopt::abort(&stream),
     }

@@ -18,58 +18,118 @@
 //! A short slice, asked for through `sched_setattr` (a custom slice, Linux 6.12+), makes that
 //! push short and lets a woken worker run sooner, and with it p99 fell below what it was.
 //! A kernel that cannot keep a custom slice gets neither: the worker sleeps as before.
+//!
+//! Neither pays where a worker admits new connections all the time (connection per request,
+//! its cores busy): there, short turns and the yield cost p99 5-7% (`benches/compare`),
+//! since a worker preempted or yielded mid-stream leaves what waits in its accept queue
+//! behind the other tasks' longer turns. So a worker that admitted a connection in the last
+//! 10 ms ([`ADMITTING`]) runs the kernel's turns and sleeps at once, and switches back when
+//! it has admitted nothing for that long.
 
 use std::cell::Cell;
 use std::io;
 use std::sync::Once;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The kernel's bounds on a custom slice (`kernel/sched/syscalls.c`).
 pub const MIN_SLICE: Duration = Duration::from_micros(100);
 pub const MAX_SLICE: Duration = Duration::from_millis(100);
 
-/// This thread's state: not yet asked, yielding before sleep, or not.
+/// This thread's turns: not yet asked, the kernel's (it keeps no custom slice, or the slice
+/// is zero), or switchable, and then short now or not.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Turns {
     Unset,
-    Short,
-    Long,
+    Kernels,
+    Custom { short: bool },
 }
 
 thread_local! {
     static TURNS: Cell<Turns> = const { Cell::new(Turns::Unset) };
+    /// This thread admitted a connection since it last went idle.
+    static ADMITTED: Cell<bool> = const { Cell::new(false) };
+    /// When this thread last went idle having admitted a connection.
+    static LAST_ADMITTED: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// How long after admitting a connection a worker keeps the kernel's turns and does not
+/// yield: one that admits 100 connections a second or more never switches.
+pub const ADMITTING: Duration = Duration::from_millis(10);
+
+/// Called as a connection is admitted on this thread (`listener::admit`). A refused one does
+/// not count: no one waits on it.
+pub fn admitted() {
+    ADMITTED.with(|a| a.set(true));
 }
 
 static UNSUPPORTED: Once = Once::new();
 
-/// Called by a worker about to sleep (tokio's park hook). The first call on a thread asks the
-/// kernel for turns of `slice` (`Duration::ZERO`: the kernel's default, and no yield); from
-/// then on, if the kernel kept it, yields the core before each sleep.
-pub fn before_sleep(slice: Duration) {
+/// Called by a worker about to sleep (tokio's park hook). The first call on a thread finds
+/// whether the kernel keeps a custom slice. From then on: within [`ADMITTING`] of an
+/// admission, the thread runs the kernel's turns and sleeps at once; otherwise it runs
+/// turns of `slice` and yields its core before it sleeps. Switching costs a system call,
+/// only when the thread's load changes kind. `slice` zero: the kernel's turns, no yield.
+/// Returns whether it yielded.
+pub fn before_sleep(slice: Duration) -> bool {
     let turns = TURNS.with(|t| {
         if t.get() == Turns::Unset {
             t.set(match ask(slice) {
-                Ok(true) => Turns::Short,
-                Ok(false) => Turns::Long,
+                Ok(true) => Turns::Custom { short: true },
+                Ok(false) => Turns::Kernels,
                 Err(e) => {
                     UNSUPPORTED.call_once(|| {
                         tracing::info!(
                             "runtime.slice: this kernel keeps no custom slice (Linux 6.12+): {e}; workers sleep without yielding first"
                         )
                     });
-                    Turns::Long
+                    Turns::Kernels
                 }
             });
         }
         t.get()
     });
-    if turns == Turns::Short {
-        // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::sched_yield()
-        };
+    let Turns::Custom { short } = turns else {
+        ADMITTED.with(|a| a.set(false));
+        return false;
+    };
+    let now = Instant::now();
+    if ADMITTED.with(|a| a.replace(false)) {
+        LAST_ADMITTED.with(|l| l.set(Some(now)));
     }
+    let admitting = LAST_ADMITTED
+        .with(|l| l.get())
+        .is_some_and(|t| now.duration_since(t) < ADMITTING);
+    if admitting == short {
+        // The kernel's turns while admitting, `slice` otherwise. A failure leaves the thread
+        // as it was, and it asks again at its next sleep.
+        let want = if admitting { Duration::ZERO } else { slice };
+        if switch(want).is_ok() {
+            TURNS.with(|t| t.set(Turns::Custom { short: !admitting }));
+        }
+    }
+    if admitting {
+        return false;
+    }
+    // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::sched_yield()
+    };
+    true
+}
+
+/// Sets the calling thread's slice to `slice`, zero being the kernel's default, and keeps
+/// the rest (policy, nice, reset-on-fork; utilization clamps change only when their flags
+/// are set).
+fn switch(slice: Duration) -> io::Result<()> {
+    let mut attr = get(0)?;
+    attr.sched_runtime = if slice.is_zero() {
+        0
+    } else {
+        slice.clamp(MIN_SLICE, MAX_SLICE).as_nanos() as u64
+    };
+    attr.sched_flags &= SCHED_FLAG_RESET_ON_FORK;
+    set(0, &attr)
 }
 
 /// Asks for `slice` on the calling thread; `Ok(true)` when the kernel reports it back.
@@ -78,17 +138,14 @@ pub fn ask(slice: Duration) -> io::Result<bool> {
     if slice.is_zero() {
         return Ok(false);
     }
-    let mut attr = get(0)?;
+    let attr = get(0)?;
     if attr.sched_policy != libc::SCHED_OTHER as u32
         && attr.sched_policy != libc::SCHED_BATCH as u32
     {
         return Ok(false);
     }
     let want = slice.clamp(MIN_SLICE, MAX_SLICE).as_nanos() as u64;
-    attr.sched_runtime = want;
-    // Keep what the thread has (nice, utilization clamps): only the slice changes.
-    attr.sched_flags = 0;
-    set(0, &attr)?;
+    switch(slice)?;
     // Before 6.12 the kernel takes a fair thread's runtime and ignores it, and reports 0.
     let got = get(0)?.sched_runtime;
     if got == want {
@@ -123,6 +180,9 @@ struct SchedAttr {
     sched_util_min: u32,
     sched_util_max: u32,
 }
+
+/// `include/uapi/linux/sched.h`.
+const SCHED_FLAG_RESET_ON_FORK: u64 = 0x01;
 
 const ATTR_SIZE: u32 = std::mem::size_of::<SchedAttr>() as u32;
 
@@ -188,6 +248,45 @@ mod tests {
         .join()
         .expect("the thread ran");
     }
+
+    /// A worker runs short turns and yields before each sleep, but runs the kernel's turns
+    /// and does not yield within [`ADMITTING`] of an admission; with a zero slice it never
+    /// yields.
+    #[test]
+    fn a_worker_yields_before_sleeping_unless_it_admits_connections() {
+        std::thread::spawn(|| {
+            let kernels = get(0).expect("sched_getattr").sched_runtime;
+            if let Err(e) = ask(Duration::from_micros(100)) {
+                return eprintln!("SKIPPED: this kernel keeps no custom slice: {e}");
+            }
+            let tid = unsafe_gettid();
+            assert!(before_sleep(DEFAULT));
+            assert!(before_sleep(DEFAULT));
+            assert_eq!(slice_of(tid).expect("slice_of"), 100_000);
+            admitted();
+            assert!(!before_sleep(DEFAULT), "a sleep after an admission");
+            assert_eq!(
+                slice_of(tid).expect("slice_of"),
+                kernels,
+                "the kernel's turns"
+            );
+            assert!(!before_sleep(DEFAULT), "and the next, within ADMITTING");
+            std::thread::sleep(ADMITTING + Duration::from_millis(2));
+            assert!(before_sleep(DEFAULT), "then it yields again");
+            assert_eq!(slice_of(tid).expect("slice_of"), 100_000);
+        })
+        .join()
+        .expect("the thread ran");
+        std::thread::spawn(|| {
+            admitted();
+            assert!(!before_sleep(Duration::ZERO));
+            assert!(!before_sleep(Duration::ZERO), "a zero slice never yields");
+        })
+        .join()
+        .expect("the thread ran");
+    }
+
+    const DEFAULT: Duration = Duration::from_micros(100);
 
     #[allow(unsafe_code)]
     fn unsafe_gettid() -> i32 {
