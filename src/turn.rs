@@ -22,9 +22,9 @@
 //! Neither pays where a worker admits new connections all the time (connection per request,
 //! its cores busy): there, short turns and the yield cost p99 5-7% (`benches/compare`),
 //! since a worker preempted or yielded mid-stream leaves what waits in its accept queue
-//! behind the other tasks' longer turns. So a worker that admitted a connection in the last
+//! behind the other tasks' longer turns. So a worker that admitted 4 connections in the last
 //! 10 ms ([`ADMITTING`]) runs the kernel's turns and sleeps at once, and switches back when
-//! it has admitted nothing for that long.
+//! its admissions slow down.
 
 use std::cell::Cell;
 use std::io;
@@ -46,27 +46,30 @@ enum Turns {
 
 thread_local! {
     static TURNS: Cell<Turns> = const { Cell::new(Turns::Unset) };
-    /// This thread admitted a connection since it last went idle.
-    static ADMITTED: Cell<bool> = const { Cell::new(false) };
-    /// When this thread last went idle having admitted a connection.
-    static LAST_ADMITTED: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// Connections this thread admitted since it last went idle.
+    static ADMITTED: Cell<u32> = const { Cell::new(0) };
+    /// When this thread went idle after its last [`BUSY`] admissions, newest first.
+    static RECENT: Cell<[Option<Instant>; BUSY]> = const { Cell::new([None; BUSY]) };
 }
 
-/// How long after admitting a connection a worker keeps the kernel's turns and does not
-/// yield: one that admits 100 connections a second or more never switches.
+/// A worker that admitted [`BUSY`] connections within this long keeps the kernel's turns and
+/// does not yield: one admitting 400 a second or more never switches, where a trickle (what
+/// a rate limit lets through a refusal flood) does not stop it.
 pub const ADMITTING: Duration = Duration::from_millis(10);
+/// See [`ADMITTING`].
+pub const BUSY: usize = 4;
 
 /// Called as a connection is admitted on this thread (`listener::admit`). A refused one does
 /// not count: no one waits on it.
 pub fn admitted() {
-    ADMITTED.with(|a| a.set(true));
+    ADMITTED.with(|a| a.set(a.get().saturating_add(1)));
 }
 
 static UNSUPPORTED: Once = Once::new();
 
 /// Called by a worker about to sleep (tokio's park hook). The first call on a thread finds
-/// whether the kernel keeps a custom slice. From then on: within [`ADMITTING`] of an
-/// admission, the thread runs the kernel's turns and sleeps at once; otherwise it runs
+/// whether the kernel keeps a custom slice. From then on: having admitted [`BUSY`]
+/// connections within [`ADMITTING`], the thread runs the kernel's turns and sleeps at once; otherwise it runs
 /// turns of `slice` and yields its core before it sleeps. Switching costs a system call,
 /// only when the thread's load changes kind. `slice` zero: the kernel's turns, no yield.
 /// Returns whether it yielded.
@@ -88,17 +91,21 @@ pub fn before_sleep(slice: Duration) -> bool {
         }
         t.get()
     });
+    let admitted = ADMITTED.with(|a| a.replace(0)) as usize;
     let Turns::Custom { short } = turns else {
-        ADMITTED.with(|a| a.set(false));
         return false;
     };
     let now = Instant::now();
-    if ADMITTED.with(|a| a.replace(false)) {
-        LAST_ADMITTED.with(|l| l.set(Some(now)));
-    }
-    let admitting = LAST_ADMITTED
-        .with(|l| l.get())
-        .is_some_and(|t| now.duration_since(t) < ADMITTING);
+    let oldest = RECENT.with(|r| {
+        let mut recent = r.get();
+        for _ in 0..admitted.min(BUSY) {
+            recent.rotate_right(1);
+            recent[0] = Some(now);
+        }
+        r.set(recent);
+        recent[BUSY - 1]
+    });
+    let admitting = oldest.is_some_and(|t| now.duration_since(t) < ADMITTING);
     if admitting == short {
         // The kernel's turns while admitting, `slice` otherwise. A failure leaves the thread
         // as it was, and it asks again at its next sleep.
@@ -250,8 +257,8 @@ mod tests {
     }
 
     /// A worker runs short turns and yields before each sleep, but runs the kernel's turns
-    /// and does not yield within [`ADMITTING`] of an admission; with a zero slice it never
-    /// yields.
+    /// and does not yield within [`ADMITTING`] of its [`BUSY`]th recent admission; with a
+    /// zero slice it never yields.
     #[test]
     fn a_worker_yields_before_sleeping_unless_it_admits_connections() {
         std::thread::spawn(|| {
@@ -264,7 +271,11 @@ mod tests {
             assert!(before_sleep(DEFAULT));
             assert_eq!(slice_of(tid).expect("slice_of"), 100_000);
             admitted();
-            assert!(!before_sleep(DEFAULT), "a sleep after an admission");
+            assert!(before_sleep(DEFAULT), "one admission is a trickle");
+            for _ in 0..BUSY {
+                admitted();
+            }
+            assert!(!before_sleep(DEFAULT), "a sleep after BUSY admissions");
             assert_eq!(
                 slice_of(tid).expect("slice_of"),
                 kernels,
