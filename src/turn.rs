@@ -69,10 +69,10 @@ static UNSUPPORTED: Once = Once::new();
 
 /// Called by a worker about to sleep (tokio's park hook). The first call on a thread finds
 /// whether the kernel keeps a custom slice. From then on: having admitted [`BUSY`]
-/// connections within [`ADMITTING`], the thread runs the kernel's turns and sleeps at once; otherwise it runs
-/// turns of `slice` and yields its core before it sleeps. Switching costs a system call,
-/// only when the thread's load changes kind. `slice` zero: the kernel's turns, no yield.
-/// Returns whether it yielded.
+/// connections within [`ADMITTING`], the thread runs the kernel's turns and sleeps at once;
+/// otherwise it runs turns of `slice` and yields its core before it sleeps. Switching costs
+/// a system call, only when the thread's load changes kind. `slice` zero: the kernel's
+/// turns, no yield. Returns whether it yielded.
 pub fn before_sleep(slice: Duration) -> bool {
     let turns = TURNS.with(|t| {
         if t.get() == Turns::Unset {
@@ -107,11 +107,16 @@ pub fn before_sleep(slice: Duration) -> bool {
     });
     let admitting = oldest.is_some_and(|t| now.duration_since(t) < ADMITTING);
     if admitting == short {
-        // The kernel's turns while admitting, `slice` otherwise. A failure leaves the thread
-        // as it was, and it asks again at its next sleep.
+        // The kernel's turns while admitting, `slice` otherwise. A thread the kernel stops
+        // letting switch (a seccomp or policy change) stays as it is and yields no more.
         let want = if admitting { Duration::ZERO } else { slice };
-        if switch(want).is_ok() {
-            TURNS.with(|t| t.set(Turns::Custom { short: !admitting }));
+        let next = match switch(want) {
+            Ok(()) => Turns::Custom { short: !admitting },
+            Err(_) => Turns::Kernels,
+        };
+        TURNS.with(|t| t.set(next));
+        if next == Turns::Kernels {
+            return false;
         }
     }
     if admitting {

@@ -9,8 +9,8 @@ use super::file::RawDuration;
 use super::{Checker, ConfigError, dur};
 use crate::turn::{MAX_SLICE, MIN_SLICE};
 
-/// The turn a worker asks the kernel for (`crate::turn`): short enough that a worker that
-/// yielded its core before sleeping gets it back within a tenth of a millisecond.
+/// The turn a worker asks the kernel for (`crate::turn`): the kernel's shortest, so the
+/// deadline a yield pushes back moves by a tenth of a millisecond, not a default slice's 1-3.
 pub const DEFAULT_SLICE: Duration = MIN_SLICE;
 
 /// More worker threads than this is a typo, not a machine.

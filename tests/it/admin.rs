@@ -463,7 +463,7 @@ async fn config_shows_what_runs_and_what_waits_for_a_restart() {
     assert!(
         waiting
             .lines()
-            .any(|l| l.trim() == "runtime: 1 worker thread")
+            .any(|l| l.trim().starts_with("runtime: 1 worker thread;"))
             && !waiting.contains("conns 100"),
         "what waits: {waiting}"
     );
