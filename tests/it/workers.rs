@@ -287,7 +287,9 @@ async fn every_worker_thread_runs_with_the_configured_slice() {
     let (child, cfg, port) = run("[runtime]\nworkers = 2\nper_worker = true\n");
     let pid = child.0.id();
     // A connection served on each socket's thread at least once makes every worker busy
-    // then idle again, whichever the kernel hashed it to.
+    // then idle again, whichever the kernel hashed it to. One that admitted 4 of them runs
+    // the kernel's turns until it sleeps again 10 ms later (`keep_looking` wakes it within
+    // 100 ms): hence the wait.
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     for _ in 0..8 {
         let mut c = TcpStream::connect(addr).await.unwrap();
