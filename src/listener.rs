@@ -35,6 +35,39 @@ const BATCH: usize = 64;
 /// A listening socket whose readiness the accept loop watches itself (see the module doc).
 pub type Listening = AsyncFd<std::net::TcpListener>;
 
+thread_local! {
+    /// The listening sockets this thread's accept loops watch, by `sockopt::cookie`: what
+    /// `crate::steal` leaves to them.
+    static MINE: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Whether an accept loop on this thread watches the socket `cookie` names.
+pub(crate) fn is_mine(cookie: u64) -> bool {
+    MINE.with(|m| m.borrow().contains(&cookie))
+}
+
+/// The calling thread's claim on a listening socket, for as long as its accept loop runs.
+struct Claim(Option<u64>);
+
+impl Claim {
+    fn new(l: &std::net::TcpListener) -> Claim {
+        let cookie = sockopt::cookie(l);
+        if let Some(c) = cookie {
+            MINE.with(|m| m.borrow_mut().push(c));
+        }
+        Claim(cookie)
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some(c) = self.0 {
+            // The thread may be gone already (a runtime shutting down drops its tasks last).
+            let _ = MINE.try_with(|m| m.borrow_mut().retain(|x| *x != c));
+        }
+    }
+}
+
 /// Moves a bound tokio listener under the accept loop's own readiness watch.
 pub fn listening(l: TcpListener) -> io::Result<Listening> {
     listening_std(l.into_std()?)
@@ -88,6 +121,7 @@ pub async fn accept_loop(
         ctx.set_lot(lot);
         tracker.spawn(lot.clone().run(ctx.clone(), tracker.clone(), stop.clone()));
     }
+    let _claim = Claim::new(listener.get_ref());
     let mut backoff = Duration::ZERO;
     // Registered once, not once per accepted connection.
     let mut stopped = std::pin::pin!(stop.cancelled());

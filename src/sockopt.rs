@@ -241,6 +241,33 @@ pub fn refuse_if_taken(addr: SocketAddr) -> io::Result<()> {
     probe.bind(&addr.into())
 }
 
+/// The kernel's identity of a socket (`SO_COOKIE`): the same through every copy of its
+/// descriptor, and never given to another socket; `None` where the kernel has none.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn cookie(s: &impl std::os::fd::AsRawFd) -> Option<u64> {
+    /// `include/uapi/asm-generic/socket.h`.
+    const SO_COOKIE: libc::c_int = 57;
+    let mut v: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into a live local; the fd is borrowed.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_COOKIE,
+            (&mut v as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(v)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn cookie(_s: &impl std::os::fd::AsRawFd) -> Option<u64> {
+    None
+}
+
 /// Sets `TCP_NOTSENT_LOWAT`: the kernel takes no more unsent bytes than this.
 #[cfg(target_os = "linux")]
 fn notsent_lowat(sock: &Socket, bytes: u32) -> io::Result<()> {

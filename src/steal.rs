@@ -6,9 +6,11 @@
 //! `benches/compare` (connection per request, wrk and nginx on the same two cores) that put
 //! p99 at 1.14x-1.19x HAProxy's, where one descriptor every thread watched gave 0.97x-1.05x
 //! (and woke every thread for every connection). So a worker about to sleep (tokio's park
-//! hook, which may spawn work instead of sleeping) first accepts what waits on every socket
-//! of each group, at most once a millisecond: a few `accept4` calls that find nothing when
-//! the queues are empty, and the connections of a stalled thread otherwise. Admission is the
+//! hook, which may spawn work instead of sleeping) first accepts what waits on its siblings'
+//! sockets in each group, at most once a millisecond (its own it leaves to its accept loop,
+//! so `halfguard_accepts_stolen_total` counts only what another thread's queue held): a few
+//! `accept4` calls that find nothing when the queues are empty, and the connections of a
+//! stalled thread otherwise. Admission is the
 //! accept loop's own (`listener::admit`); the connection then stays on the thread that took
 //! it, parking in that thread's lot. A thread with nothing to do sleeps until an event, so
 //! each also wakes every 100 ms ([`keep_looking`]).
@@ -38,8 +40,9 @@ const BATCH: usize = 16;
 struct Group {
     ctx: Arc<ListenerCtx>,
     tracker: TaskTracker,
-    /// Copies of the descriptors; each thread's accept loop owns its own as well.
-    sockets: Vec<std::net::TcpListener>,
+    /// Copies of the descriptors, each with its `sockopt::cookie`; each thread's accept loop
+    /// owns its own as well.
+    sockets: Vec<(std::net::TcpListener, Option<u64>)>,
 }
 
 static GROUPS: LazyLock<ArcSwap<Vec<Arc<Group>>>> = LazyLock::new(ArcSwap::default);
@@ -58,7 +61,13 @@ pub fn register(
     let group = Arc::new(Group {
         ctx: ctx.clone(),
         tracker: tracker.clone(),
-        sockets,
+        sockets: sockets
+            .into_iter()
+            .map(|s| {
+                let cookie = sockopt::cookie(&s);
+                (s, cookie)
+            })
+            .collect(),
     });
     GROUPS.rcu(|groups| {
         let mut next = Vec::clone(groups);
@@ -96,7 +105,11 @@ pub fn at_park() {
     LOOKED.with(|l| l.set(Some(now)));
     for g in groups.iter() {
         let mut lot = None;
-        for s in &g.sockets {
+        for (s, cookie) in &g.sockets {
+            // This thread's own queue is its accept loop's: what waits there is not stolen.
+            if cookie.is_some_and(listener::is_mine) {
+                continue;
+            }
             for _ in 0..BATCH {
                 match sockopt::accept(s) {
                     Ok((stream, peer)) => {
