@@ -256,9 +256,10 @@ fn slices_until(pid: u32, ok: impl Fn(&[(String, i32, u64)]) -> bool) -> Vec<(St
 
 /// `[runtime] slice`: every worker thread asks the kernel for short turns as it first goes
 /// idle (and, with them, yields its core before sleeping: `halfguard::turn`). The kernel
-/// reports each thread's slice: the default 100 µs on the main worker and each
-/// `halfguard-worker-N`, the configured one on a shared scheduler's workers, and the
-/// kernel's own everywhere with `slice = "0s"`.
+/// reports each thread's slice: the kernel's own on a worker admitting connections in a
+/// burst, the default 100 µs on the main worker and each `halfguard-worker-N` once idle, the
+/// configured one on a shared scheduler's workers, and the kernel's own everywhere with
+/// `slice = "0s"`.
 #[tokio::test]
 async fn every_worker_thread_runs_with_the_configured_slice() {
     let kernel = std::thread::spawn(|| {
@@ -291,16 +292,24 @@ async fn every_worker_thread_runs_with_the_configured_slice() {
     // the kernel's turns until it sleeps again 10 ms later (`keep_looking` wakes it within
     // 100 ms): hence the wait.
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    for _ in 0..8 {
-        let mut c = TcpStream::connect(addr).await.unwrap();
-        assert_eq!(roundtrip(&mut c, b"turn").await, b"turn");
-    }
     let workers = |s: &[(String, i32, u64)]| -> Vec<u64> {
         s.iter()
             .filter(|(comm, tid, _)| *tid as u32 == pid || comm.starts_with("halfguard-worke"))
             .map(|t| t.2)
             .collect()
     };
+    // While connections keep coming (a worker admitting 4 within 10 ms, `listener::admit`
+    // telling `turn`), a worker runs the kernel's turns: seen at least once in the burst.
+    let mut admitting = false;
+    for _ in 0..64 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(roundtrip(&mut c, b"turn").await, b"turn");
+        admitting |= workers(&slices(pid)).contains(&kernel_default);
+    }
+    assert!(
+        admitting,
+        "no worker switched to the kernel's turns while admitting"
+    );
     let seen = slices_until(pid, |s| workers(s) == [100_000, 100_000]);
     assert_eq!(workers(&seen), [100_000, 100_000], "{seen:?}");
     drop(child);
