@@ -111,7 +111,7 @@ pub fn before_sleep(slice: Duration) -> bool {
         // letting switch (a seccomp or policy change) stays as it is and yields no more.
         let want = if admitting { Duration::ZERO } else { slice };
         let next = match switch(want) {
-            Ok(()) => Turns::Custom { short: !admitting },
+            Ok(_) => Turns::Custom { short: !admitting },
             Err(_) => Turns::Kernels,
         };
         TURNS.with(|t| t.set(next));
@@ -133,7 +133,8 @@ pub fn before_sleep(slice: Duration) -> bool {
 /// Sets the calling thread's slice to `slice`, zero being the kernel's default, and keeps
 /// the rest (policy, nice, reset-on-fork; utilization clamps change only when their flags
 /// are set).
-fn switch(slice: Duration) -> io::Result<()> {
+/// Returns the nanoseconds asked for.
+fn switch(slice: Duration) -> io::Result<u64> {
     let mut attr = get(0)?;
     attr.sched_runtime = if slice.is_zero() {
         0
@@ -141,7 +142,8 @@ fn switch(slice: Duration) -> io::Result<()> {
         slice.clamp(MIN_SLICE, MAX_SLICE).as_nanos() as u64
     };
     attr.sched_flags &= SCHED_FLAG_RESET_ON_FORK;
-    set(0, &attr)
+    set(0, &attr)?;
+    Ok(attr.sched_runtime)
 }
 
 /// Asks for `slice` on the calling thread; `Ok(true)` when the kernel reports it back.
@@ -156,8 +158,7 @@ pub fn ask(slice: Duration) -> io::Result<bool> {
     {
         return Ok(false);
     }
-    let want = slice.clamp(MIN_SLICE, MAX_SLICE).as_nanos() as u64;
-    switch(slice)?;
+    let want = switch(slice)?;
     // Before 6.12 the kernel takes a fair thread's runtime and ignores it, and reports 0.
     let got = get(0)?.sched_runtime;
     if got == want {
