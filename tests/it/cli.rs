@@ -159,6 +159,13 @@ impl Drop for Reap {
     }
 }
 
+/// `halfguard run -c cfg`, started and listening, killed however the test ends.
+pub(crate) fn run_config(cfg: &std::path::Path) -> Reap {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "-c"]).arg(cfg);
+    Reap(start(cmd))
+}
+
 /// Starts `cmd` and waits until its log says it listens. If it exits first, the test fails
 /// with what it said, so the real cause (a bind, a mount, a permission) shows.
 pub(crate) fn start(mut cmd: Command) -> Child {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::cli::{BIN, Reap, free_port, start, temp_config, wait_exit};
+use crate::cli::{BIN, free_port, run_config, temp_config, wait_exit};
 use crate::require;
 use crate::support::*;
 
@@ -74,9 +74,7 @@ async fn a_stalled_worker_s_queued_connections_are_served_by_the_others() {
         "[runtime]\nworkers = 2\nper_worker = true\n",
     );
     let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
-    let mut cmd = Command::new(BIN);
-    cmd.args(["run", "-c"]).arg(&cfg);
-    let child = Reap(start(cmd));
+    let child = run_config(&cfg);
     let pid = child.0.id();
     let worker = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
@@ -158,20 +156,13 @@ fn keepalive_timers(port: u16) -> Vec<f64> {
 /// keepalive from it: a reload's `[tcp]` must reach every one of them, not only the first.
 #[tokio::test]
 async fn a_reloaded_tcp_section_reaches_every_worker_s_listening_socket() {
-    if let Some(why) = missing(&[Need::Tool("ss")], "reads the accepted sockets' timers") {
-        return skip(
-            "workers::a_reloaded_tcp_section_reaches_every_worker_s_listening_socket",
-            &why,
-        );
-    }
+    require!("reads the accepted sockets' timers"; Need::Tool("ss"));
     let b = backend(Backend::Echo).await;
     let admin_port = free_port();
     let admin = format!("bind = \"127.0.0.1:{admin_port}\"");
     let runtime = "[runtime]\nworkers = 3\nper_worker = true\n";
     let (cfg, port) = temp_config(b.addr, &admin, runtime);
-    let mut cmd = Command::new(BIN);
-    cmd.args(["run", "-c"]).arg(&cfg);
-    let _child = Reap(start(cmd));
+    let _child = run_config(&cfg);
     let text = std::fs::read_to_string(&*cfg).unwrap();
     std::fs::write(&*cfg, format!("{text}\n[tcp]\nkeepalive_idle = \"7s\"\n")).unwrap();
     let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
@@ -202,9 +193,7 @@ async fn a_second_instance_on_the_same_address_is_refused_not_joined() {
     let b = backend(Backend::Echo).await;
     let runtime = "[runtime]\nworkers = 2\nper_worker = true\n";
     let (cfg, port) = temp_config(b.addr, "bind = \"off\"", runtime);
-    let mut cmd = Command::new(BIN);
-    cmd.args(["run", "-c"]).arg(&cfg);
-    let _first = Reap(start(cmd));
+    let _first = run_config(&cfg);
     let mut second = Command::new(BIN)
         .args(["run", "-c"])
         .arg(&*cfg)
@@ -280,9 +269,7 @@ async fn every_worker_thread_runs_with_the_configured_slice() {
     let b = backend(Backend::Echo).await;
     let run = |runtime: &str| {
         let (cfg, port) = temp_config(b.addr, "bind = \"off\"", runtime);
-        let mut cmd = Command::new(BIN);
-        cmd.args(["run", "-c"]).arg(&*cfg);
-        (Reap(start(cmd)), cfg, port)
+        (run_config(&cfg), cfg, port)
     };
 
     let (child, cfg, port) = run("[runtime]\nworkers = 2\nper_worker = true\n");
