@@ -230,6 +230,25 @@ fn slices(pid: u32) -> Vec<(String, i32, u64)> {
         .collect()
 }
 
+/// The kernel's default slice, when it keeps a custom one (Linux 6.12+); otherwise `None`,
+/// after skipping `test` visibly.
+fn custom_slices(test: &str) -> Option<u64> {
+    let kernel = std::thread::spawn(|| {
+        let default = halfguard::turn::slice_of(0);
+        (default, halfguard::turn::ask(Duration::from_micros(100)))
+    })
+    .join()
+    .unwrap();
+    match kernel {
+        (Ok(d), Ok(true)) => Some(d),
+        (d, kept) => {
+            let what = format!("a kernel with custom slices (Linux 6.12+): {d:?} {kept:?}");
+            skip(test, &what);
+            None
+        }
+    }
+}
+
 /// Waits up to 5 s for `ok` to hold of `pid`'s threads' slices; returns the last reading.
 fn slices_until(pid: u32, ok: impl Fn(&[(String, i32, u64)]) -> bool) -> Vec<(String, i32, u64)> {
     let mut seen = slices(pid);
@@ -251,20 +270,10 @@ fn slices_until(pid: u32, ok: impl Fn(&[(String, i32, u64)]) -> bool) -> Vec<(St
 /// `slice = "0s"`.
 #[tokio::test]
 async fn every_worker_thread_runs_with_the_configured_slice() {
-    let kernel = std::thread::spawn(|| {
-        let default = halfguard::turn::slice_of(0);
-        (default, halfguard::turn::ask(Duration::from_micros(100)))
-    })
-    .join()
-    .unwrap();
-    let kernel_default = match kernel {
-        (Ok(d), Ok(true)) => d,
-        (d, kept) => {
-            return skip(
-                "workers::every_worker_thread_runs_with_the_configured_slice",
-                &format!("a kernel with custom slices (Linux 6.12+): {d:?} {kept:?}"),
-            );
-        }
+    let Some(kernel_default) =
+        custom_slices("workers::every_worker_thread_runs_with_the_configured_slice")
+    else {
+        return;
     };
     let b = backend(Backend::Echo).await;
     let run = |runtime: &str| {
@@ -326,4 +335,84 @@ async fn every_worker_thread_runs_with_the_configured_slice() {
         !seen.is_empty() && seen.iter().all(|t| t.2 == kernel_default),
         "the kernel's {kernel_default} ns everywhere: {seen:?}"
     );
+}
+
+/// How many times `pid`'s threads called `sched_yield` while `work` ran, as `strace -c`
+/// counts them (attached to every thread, detached by SIGINT).
+async fn yields_during<F: std::future::Future<Output = ()>>(pid: u32, work: F) -> u64 {
+    let strace = Command::new("strace")
+        .args([
+            "-f",
+            "-qq",
+            "-c",
+            "-e",
+            "trace=sched_yield",
+            "-p",
+            &pid.to_string(),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn strace");
+    // strace says nothing once attached: give it the time.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    work.await;
+    let strace_pid = strace.id().to_string();
+    Command::new("kill")
+        .args(["-INT", &strace_pid])
+        .status()
+        .expect("kill -INT strace");
+    let out = tokio::task::spawn_blocking(move || strace.wait_with_output())
+        .await
+        .unwrap()
+        .expect("strace's summary");
+    let text = String::from_utf8_lossy(&out.stderr);
+    text.lines()
+        .find(|l| l.trim_end().ends_with("sched_yield"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `halfguard::turn`: a worker carrying a few streams (connections in their open phase,
+/// counted by `conn::open`) sleeps without yielding its core, since the yield's wait would
+/// land on their next events and make most of their tail; one carrying many yields before
+/// it sleeps. Seen by counting the worker's `sched_yield` calls while 2, then 16, keep-alive
+/// connections exchange.
+#[tokio::test]
+async fn a_worker_carrying_a_few_streams_sleeps_without_yielding_its_core() {
+    require!("strace"; Need::Tool("strace"));
+    if custom_slices("workers::a_worker_carrying_a_few_streams_sleeps_without_yielding_its_core")
+        .is_none()
+    {
+        return;
+    }
+    let b = backend(Backend::Echo).await;
+    let (cfg, port) = temp_config(b.addr, "bind = \"off\"", "[runtime]\nworkers = 1\n");
+    let child = run_config(&cfg);
+    let pid = child.0.id();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..2 {
+        conns.push(TcpStream::connect(addr).await.unwrap());
+    }
+    exchange(&mut conns, 1).await;
+    let few = yields_during(pid, exchange(&mut conns, 100)).await;
+    assert_eq!(few, 0, "a worker carrying 2 streams yielded its core");
+    while conns.len() < 16 {
+        conns.push(TcpStream::connect(addr).await.unwrap());
+    }
+    exchange(&mut conns, 1).await;
+    let many = yields_during(pid, exchange(&mut conns, 20)).await;
+    assert!(
+        many > 0,
+        "a worker carrying 16 streams never yielded its core"
+    );
+}
+
+/// `rounds` echoes on each of `conns` in turn.
+async fn exchange(conns: &mut [TcpStream], rounds: usize) {
+    for _ in 0..rounds {
+        for c in conns.iter_mut() {
+            assert_eq!(roundtrip(c, b"turn").await, b"turn");
+        }
+    }
 }
