@@ -120,7 +120,8 @@ impl Open<'_> {
             http1,
             resumed,
         } = self;
-        // Counted while it lives: a worker carrying a few streams sleeps without yielding (`turn`).
+        // Counted while it lives: a worker carrying a few streams sleeps without yielding
+        // (`turn`).
         let _carried = crate::turn::carry();
         let mut pump = Pump::new(client, server, &ctx.stats, w.policy.tcp.splice, http1);
         if let Some(s) = resumed {

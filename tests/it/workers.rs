@@ -337,28 +337,37 @@ async fn every_worker_thread_runs_with_the_configured_slice() {
     );
 }
 
-/// How many times `pid`'s threads called `sched_yield` while `work` ran, as `strace -c`
-/// counts them (attached to every thread, detached by SIGINT).
-async fn yields_during<F: std::future::Future<Output = ()>>(pid: u32, work: F) -> u64 {
+/// How many times `pid`'s threads called `sched_yield` during `rounds` echoes on each of
+/// `conns`, as `strace -c` counts them (attached to every thread, detached by SIGINT). The
+/// connections keep exchanging while strace attaches, so none goes idle (and parks) before
+/// the count starts.
+async fn yields_during(pid: u32, conns: &mut [TcpStream], rounds: usize) -> u64 {
     let strace = Command::new("strace")
-        .args([
-            "-f",
-            "-qq",
-            "-c",
-            "-e",
-            "trace=sched_yield",
-            "-p",
-            &pid.to_string(),
-        ])
+        .args(["-f", "-qq", "-c", "-e", "trace=sched_yield", "-p"])
+        .arg(pid.to_string())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn strace");
-    // strace says nothing once attached: give it the time.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    work.await;
-    let strace_pid = strace.id().to_string();
+    let traced = || {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the tasks");
+        tasks.flatten().all(|t| {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            status
+                .lines()
+                .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
+        })
+    };
+    for _ in 0..1000 {
+        if traced() {
+            break;
+        }
+        exchange(conns, 1).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(traced(), "strace did not attach to every thread");
+    exchange(conns, rounds).await;
     Command::new("kill")
-        .args(["-INT", &strace_pid])
+        .args(["-INT", &strace.id().to_string()])
         .status()
         .expect("kill -INT strace");
     let out = tokio::task::spawn_blocking(move || strace.wait_with_output())
@@ -395,13 +404,13 @@ async fn a_worker_carrying_a_few_streams_sleeps_without_yielding_its_core() {
         conns.push(TcpStream::connect(addr).await.unwrap());
     }
     exchange(&mut conns, 1).await;
-    let few = yields_during(pid, exchange(&mut conns, 100)).await;
+    let few = yields_during(pid, &mut conns, 100).await;
     assert_eq!(few, 0, "a worker carrying 2 streams yielded its core");
     while conns.len() < 16 {
         conns.push(TcpStream::connect(addr).await.unwrap());
     }
     exchange(&mut conns, 1).await;
-    let many = yields_during(pid, exchange(&mut conns, 20)).await;
+    let many = yields_during(pid, &mut conns, 20).await;
     assert!(
         many > 0,
         "a worker carrying 16 streams never yielded its core"
