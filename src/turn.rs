@@ -29,8 +29,8 @@
 //! Nor where a worker carries a few streams (1 to [`FEW_STREAMS`] - 1 connections in their
 //! open phase, `conn::open`): the yield's wait, up to a turn of whatever took the core, lands
 //! on their next events, and with few streams that wait is most of their tail (wrk -c8
-//! keep-alive, 4 streams a worker: p99 224-307 µs against 116-151 without the yield and
-//! HAProxy's 165-188). With many streams their events queue behind each other anyway, and
+//! keep-alive, 4 streams a worker: p99 224-307 µs against 114-164 without the yield and
+//! HAProxy's 159-188). With many streams their events queue behind each other anyway, and
 //! the yield both serves more and shortens the tail (-c64: p99 1.0-1.1 ms against 1.2). With
 //! none, no stream waits on it, and a refusal flood's connections gather in its accept
 //! queue while it yields: bigger batches, less CPU a refusal.
