@@ -16,14 +16,9 @@ cd "$(dirname "$0")/.."
 rounds=${1:-2} streams=${2:-8}
 [ "$rounds" -ge 1 ] && [ "$rounds" -le 10 ] || { echo "bulk-cost: ROUNDS 1..10" >&2; exit 1; }
 [ "$streams" -ge 1 ] && [ "$streams" -le 32 ] || { echo "bulk-cost: STREAMS 1..32" >&2; exit 1; }
-for tool in perf iperf3; do
-  command -v "$tool" >/dev/null || { echo "bulk-cost: $tool not installed" >&2; exit 1; }
-done
 source benches/common.sh
-ulimit -n "$(ulimit -Hn)"
-work=$(mktemp -d)
-trap 'cleanup; rm -rf "$work"' EXIT
-perf_peers_files "$work"
+need bulk-cost perf iperf3 haproxy nginx
+perf_work
 ports_free 17202
 iperf3 -s -p 17202 >/dev/null 2>&1 &
 pids+=($!)

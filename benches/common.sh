@@ -11,6 +11,26 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
+# need SCRIPT TOOL...: exits, naming SCRIPT and the first TOOL not on PATH.
+need() {
+  local script=$1 tool
+  shift
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null ||
+      { echo "$script: $tool missing (run benches/compare/run.sh first)" >&2; exit 1; }
+  done
+}
+
+# perf_work: the soft descriptor limit raised to the hard one, and a scratch directory in
+# $work, holding the perf profile's files (perf_peers_files) and removed on exit with every
+# process the script started.
+perf_work() {
+  ulimit -n "$(ulimit -Hn)"
+  work=$(mktemp -d)
+  trap 'cleanup; rm -rf "$work"' EXIT
+  perf_peers_files "$work"
+}
+
 # perf_peers_files WORK: the perf profile's configs (benches/peers/) and the backend's
 # 128-byte /small in WORK, to edit before perf_peers_start.
 perf_peers_files() {

@@ -24,10 +24,8 @@ for n in "${concurrencies[@]}"; do
   [ "$n" -ge 2 ] && [ "$n" -le 1000 ] || { echo "concurrency: N 2..1000" >&2; exit 1; }
 done
 source benches/common.sh
-ulimit -n "$(ulimit -Hn)"
-work=$(mktemp -d)
-trap 'cleanup; rm -rf "$work"' EXIT
-perf_peers_files "$work"
+need concurrency wrk haproxy nginx
+perf_work
 if [ -n "${HG_ENV:-}" ]; then
   printf '#!/bin/sh\nexec env %s %s "$@"\n' "$HG_ENV" "$(realpath "$HG")" >"$work/halfguard"
   chmod +x "$work/halfguard"

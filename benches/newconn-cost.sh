@@ -14,15 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
 secs=${2:-4}
-for c in wrk haproxy nginx nstat; do
-  command -v "$c" >/dev/null || { echo "newconn-cost: $c missing (run benches/compare/run.sh first)" >&2; exit 1; }
-done
 source benches/common.sh
-ulimit -n "$(ulimit -Hn)"
-
-work=$(mktemp -d)
-trap 'cleanup; rm -rf "$work"' EXIT
-perf_peers_files "$work"
+need newconn-cost wrk haproxy nginx nstat
+perf_work
 if [ -n "${THREADS:-}" ]; then
   sed -i "s/^    nbthread .*/    nbthread $THREADS/" "$work/haproxy-perf.cfg"
   printf '\n[runtime]\nworkers = %s\n' "$THREADS" >>"$work/halfguard-perf.toml"

@@ -40,11 +40,7 @@ for t in haproxy nginx valgrind strace h2load; do
   command -v "$t" >/dev/null || { echo "per-request: $t missing (apt-get install haproxy nginx valgrind strace nghttp2-client)" >&2; exit 1; }
 done
 source benches/common.sh
-ulimit -n "$(ulimit -Hn)"
-
-work=$(mktemp -d)
-trap 'cleanup; rm -rf "$work"' EXIT
-perf_peers_files "$work"
+perf_work
 # The kernel census (a sock_diag dump of every socket on the ports, every 5 s) is off: it
 # costs by the second, not by the request, and the N2 run lasts longer than the N1 run.
 printf '\n[runtime]\nworkers = 1\n\n[kernel]\ncensus_interval = "0s"\n' >>"$work/halfguard-perf.toml"

@@ -18,11 +18,7 @@ for c in haproxy nginx strace python3; do
   command -v "$c" >/dev/null || { echo "syscalls: $c missing (run benches/compare/run.sh first; apt-get install strace)" >&2; exit 1; }
 done
 source benches/common.sh
-ulimit -n "$(ulimit -Hn)"
-
-work=$(mktemp -d)
-trap 'cleanup; rm -rf "$work"' EXIT
-perf_peers_files "$work"
+perf_work
 perf_peers_start "$work"
 
 # requests PORT COUNT: sequential HTTP/1.0 exchanges; fails loudly on a short answer.
