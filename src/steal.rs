@@ -10,10 +10,10 @@
 //! sockets in each group, at most once a millisecond (its own it leaves to its accept loop,
 //! so `halfguard_accepts_stolen_total` counts only what another thread's queue held): a few
 //! `accept4` calls that find nothing when the queues are empty, and the connections of a
-//! stalled thread otherwise. Admission is the
-//! accept loop's own (`listener::admit`); the connection then stays on the thread that took
-//! it, parking in that thread's lot. A thread with nothing to do sleeps until an event, so
-//! each also wakes every 100 ms ([`keep_looking`]).
+//! stalled thread otherwise. Admission is the accept loop's own (`listener::admit`); the
+//! connection then stays on the thread that took it, parking in that thread's lot. A thread
+//! with nothing to do sleeps until an event, so each also wakes every 100 ms
+//! ([`keep_looking`]).
 
 use std::cell::Cell;
 use std::sync::atomic::Ordering::Relaxed;
