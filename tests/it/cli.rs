@@ -650,7 +650,8 @@ async fn a_second_signal_aborts_the_drain_and_exits_130() {
     assert_eq!(code, Some(130), "{}", logs());
 }
 
-fn signal(child: &Child, sig: &str) {
+/// Sends `sig` ("INT", "TERM") to `child`.
+pub(crate) fn signal(child: &Child, sig: &str) {
     let rc = Command::new("kill")
         .args([&format!("-{sig}"), &child.id().to_string()])
         .status()

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::cli::{BIN, free_port, run_config, temp_config, wait_exit};
+use crate::cli::{BIN, free_port, run_config, signal, temp_config, wait_exit};
 use crate::require;
 use crate::support::*;
 
@@ -366,10 +366,7 @@ async fn yields_during(pid: u32, conns: &mut [TcpStream], rounds: usize) -> u64 
     }
     assert!(traced(), "strace did not attach to every thread");
     exchange(conns, rounds).await;
-    Command::new("kill")
-        .args(["-INT", &strace.id().to_string()])
-        .status()
-        .expect("kill -INT strace");
+    signal(&strace, "INT");
     let out = tokio::task::spawn_blocking(move || strace.wait_with_output())
         .await
         .unwrap()
