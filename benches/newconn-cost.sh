@@ -7,6 +7,7 @@
 #   bash benches/compare/run.sh --only rate   # once, to install the peers and wrk
 #   bash benches/newconn-cost.sh [ROUNDS] [SECS]
 #   THREADS=1 bash benches/newconn-cost.sh    # halfguard workers = HAProxy nbthread = 1
+#   SHAPE=keep-alive bash benches/newconn-cost.sh   # the same figures for keep-alive requests
 #
 # Uses the perf profiles in benches/peers/ (same ports: backend 17201, halfguard 17080,
 # HAProxy 17081). Loopback only; every process it starts is stopped by PID on exit.
@@ -16,6 +17,11 @@ rounds=${1:-3}
 secs=${2:-4}
 source benches/common.sh
 need newconn-cost wrk haproxy nginx nstat
+case ${SHAPE:-close} in
+  close) close=(-H "Connection: close") ;;
+  keep-alive) close=() ;;
+  *) echo "newconn-cost: SHAPE is close or keep-alive" >&2; exit 1 ;;
+esac
 perf_work
 if [ -n "${THREADS:-}" ]; then
   sed -i "s/^    nbthread .*/    nbthread $THREADS/" "$work/haproxy-perf.cfg"
@@ -31,7 +37,7 @@ measure() {
   read -r v0 n0 < <(cat /proc/"$pid"/task/*/status |
     awk '/^voluntary_ctxt/{v+=$2} /^nonvoluntary_ctxt/{n+=$2} END{print v, n}')
   nstat -n >/dev/null
-  out=$(wrk -t2 -c64 -d"${secs}s" -H "Connection: close" --latency "http://127.0.0.1:$port/small")
+  out=$(wrk -t2 -c64 -d"${secs}s" "${close[@]}" --latency "http://127.0.0.1:$port/small")
   segs=$(nstat 2>/dev/null | awk '$1=="TcpOutSegs"{print $2}')
   read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
   read -r v1 n1 < <(cat /proc/"$pid"/task/*/status |
