@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Instructions and system calls per proxied request, halfguard and HAProxy: figures that do
-# not depend on the machine's speed (wrk's req/s do). Each proxy runs on the perf profile's
-# shape (benches/peers/) in front of the same nginx serving the 128-byte /small, once under
-# `valgrind --tool=callgrind` (instructions executed, Ir) and once under `strace -f -c`
-# (system calls), while `h2load --h1` sends exactly N requests on C connections:
+# Instructions and system calls per proxied request, halfguard, HAProxy and nginx's stream
+# proxy: figures that do not depend on the machine's speed (wrk's req/s do). Each proxy runs
+# on the perf profile's shape (benches/peers/) in front of the same nginx serving the
+# 128-byte /small, once under `valgrind --tool=callgrind` (instructions executed, Ir) and
+# once under `strace -f -c` (system calls), while `h2load --h1` sends exactly N requests on
+# C connections:
 #
 #   keep-alive   N requests spread over C keep-alive connections
 #   close        N requests, each on a new connection (`Connection: close`; h2load reconnects)
@@ -12,11 +13,12 @@
 # the end, and the figure is (count(N2) - count(N1)) / (N2 - N1): start-up, shutdown and
 # the C connections' set-up of the keep-alive shape cancel out.
 #
-# For comparable counts both proxies run one thread for connections: halfguard with
-# `[runtime] workers = 1`, HAProxy with `nbthread 1` (valgrind runs one thread at a time
-# anyway). C defaults to 1: one request in flight, so that nothing is batched and the figure
-# is what one request costs, not how well a busy event loop amortises its waits; try C=50
-# for wrk's shape (under valgrind the proxy is slow, so its batches differ from a real run).
+# For comparable counts each proxy runs one thread for connections: halfguard with
+# `[runtime] workers = 1`, HAProxy with `nbthread 1`, nginx with one worker and no master
+# process (valgrind runs one thread at a time anyway). C defaults to 1: one request in
+# flight, so that nothing is batched and the figure is what one request costs, not how well
+# a busy event loop amortises its waits; try C=50 for wrk's shape (under valgrind the proxy
+# is slow, so its batches differ from a real run).
 #
 #   bash benches/compare/run.sh --only rate   # once, to install the peers
 #   bash benches/per-request.sh [keep-alive|close|all]   # default all
@@ -25,8 +27,8 @@
 # KEEP=DIR keeps every run's callgrind and strace files there, as TOOL.PROXY.SHAPE.N
 # (`callgrind_annotate` them). What a proxy does by the second (halfguard's upkeep, timer
 # wheels) is counted over each run's wall time, which valgrind stretches: run it on a quiet
-# machine. Loopback only (halfguard 17480, HAProxy 17481, backend 17601: the perf ports
-# + 400); every process it starts is stopped by PID.
+# machine. Loopback only (halfguard 17480, HAProxy 17481, nginx 17482, backend 17601: the
+# perf ports + 400); every process it starts is stopped by PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shape=${1:-all}
@@ -45,6 +47,10 @@ perf_work
 # costs by the second, not by the request, and the N2 run lasts longer than the N1 run.
 printf '\n[runtime]\nworkers = 1\n\n[kernel]\ncensus_interval = "0s"\n' >>"$work/halfguard-perf.toml"
 sed -i 's/^\(\s*nbthread\) .*/\1 1/' "$work/haproxy-perf.cfg"
+# nginx's stream proxy, the lean reference (no admission, no first-message judge, no clocks):
+# one worker, no master process, so that valgrind and strace see the worker itself.
+sed -e 's/^worker_processes .*/worker_processes 1;\nmaster_process off;/' \
+  -e 's/^pid .*/pid nginx-proxy.pid;/' benches/peers/nginx-perf.conf >"$work/nginx-proxy.conf"
 # Ports of their own (the perf profile's, moved by 400), so that another bench's load on the
 # perf ports never lands here.
 perl -pi -e 's/\b(17[012]\d\d)\b/$1 + 400/ge' "$work"/*.cfg "$work"/*.toml "$work"/*.conf
@@ -69,6 +75,7 @@ run() {
   case $proxy in
     halfguard) port=17480 cmd=("$HG" run -c "$work/halfguard-perf.toml") ;;
     haproxy) port=17481 cmd=(haproxy -f "$work/haproxy-perf.cfg") ;;
+    nginx) port=17482 cmd=(nginx -p "$work/" -c "$work/nginx-proxy.conf" -e stderr) ;;
   esac
   ports_free "$port"
   case $tool in
@@ -83,7 +90,16 @@ run() {
   done
   load "$shape" "$port" "$n" || { kill -KILL "$pid"; wait "$pid" || true; return 1; }
   # Under strace the proxy is strace's child; under valgrind it is the process itself.
-  if [ "$tool" = strace ]; then kill -TERM "$(pgrep -P "$pid" | head -1)"; else kill -TERM "$pid"; fi
+  local target=$pid
+  [ "$tool" = strace ] && target=$(pgrep -P "$pid" | head -1)
+  kill -TERM "$target"
+  # nginx under valgrind sometimes sleeps on in epoll_wait through the first SIGTERM (its
+  # handler ran, the wait was not interrupted); a second one ends it.
+  for _ in $(seq 50); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -TERM "$target" 2>/dev/null || true
   wait "$pid" || true
   case $tool in
     callgrind) awk '/^summary:/ {print $2}' "$out" ;;
@@ -105,11 +121,12 @@ per() {
 }
 
 echo "per request, (count(N2=$n2) - count(N1=$n1)) / (N2 - N1), C=$c connection(s) at a time,"
-echo "one thread for connections in each proxy ($HG; HAProxy $(haproxy -v | awk 'NR==1 {print $3}'))"
+echo "one thread for connections in each proxy ($HG; HAProxy $(haproxy -v | awk 'NR==1 {print $3}');"
+echo "nginx $(nginx -v 2>&1 | sed 's|.*/||') stream)"
 printf '%-11s %-10s %14s %14s\n' shape proxy instructions syscalls
 for s in keep-alive close; do
   [ "$shape" = all ] || [ "$shape" = "$s" ] || continue
-  for p in halfguard haproxy; do
+  for p in halfguard haproxy nginx; do
     printf '%-11s %-10s %14s %14s\n' "$s" "$p" "$(per "$s" "$p" callgrind '%.0f')" "$(per "$s" "$p" strace '%.2f')"
   done
 done
