@@ -340,10 +340,19 @@ async fn every_worker_thread_runs_with_the_configured_slice() {
 /// How many times `pid`'s threads called `sched_yield` during `rounds` echoes on each of
 /// `conns`, as `strace -c` counts them (attached to every thread, detached by SIGINT). The
 /// connections keep exchanging while strace attaches, so none goes idle (and parks) before
-/// the count starts.
+/// the count starts. strace prints nothing for a call never made, so the worker's sleeps
+/// (`epoll_wait`) are counted too: none would mean strace counted nothing, not that the
+/// worker never yielded.
 async fn yields_during(pid: u32, conns: &mut [TcpStream], rounds: usize) -> u64 {
     let strace = Command::new("strace")
-        .args(["-f", "-qq", "-c", "-e", "trace=sched_yield", "-p"])
+        .args([
+            "-f",
+            "-qq",
+            "-c",
+            "-e",
+            "trace=sched_yield,epoll_wait,epoll_pwait",
+            "-p",
+        ])
         .arg(pid.to_string())
         .stderr(Stdio::piped())
         .spawn()
@@ -372,10 +381,17 @@ async fn yields_during(pid: u32, conns: &mut [TcpStream], rounds: usize) -> u64 
         .unwrap()
         .expect("strace's summary");
     let text = String::from_utf8_lossy(&out.stderr);
-    text.lines()
-        .find(|l| l.trim_end().ends_with("sched_yield"))
-        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
-        .unwrap_or(0)
+    let calls = |name: &str| -> u64 {
+        text.lines()
+            .find(|l| l.split_whitespace().last() == Some(name))
+            .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        calls("epoll_wait") + calls("epoll_pwait") > 0,
+        "strace counted no sleep of the worker: {text}"
+    );
+    calls("sched_yield")
 }
 
 /// `halfguard::turn`: a worker carrying a few streams (connections in their open phase,
