@@ -29,19 +29,16 @@ sleep 1
 events=syscalls:sys_enter_splice,syscalls:sys_enter_epoll_wait,task-clock,context-switches
 # one NAME PORT PID: a 4 s run through PORT while perf counts PID.
 one() {
-  local name=$1 port=$2 pid=$3 s0 s1 out
+  local name=$1 port=$2 pid=$3 s0 out idle
   perf stat -x, -e "$events" -p "$pid" -o "$work/perf" -- sleep 4 &
   local perf_pid=$!
-  s0=($(head -1 /proc/stat))
+  s0=$(head -1 /proc/stat)
   out=$(iperf3 -c 127.0.0.1 -p "$port" -t 4 -P "$streams" -J | python3 -c '
 import json, sys
 d = json.load(sys.stdin)["end"]["sum_received"]
 print(round(d["bits_per_second"] / 1e9, 2), d["bytes"])')
-  s1=($(head -1 /proc/stat))
+  idle=$(cores_idle_since "$s0")
   wait "$perf_pid"
-  local total0=$((s0[1] + s0[2] + s0[3] + s0[4] + s0[5] + s0[6] + s0[7]))
-  local total1=$((s1[1] + s1[2] + s1[3] + s1[4] + s1[5] + s1[6] + s1[7]))
-  local idle=$(((s1[4] - s0[4]) * 100 / (total1 - total0)))
   read -r gbps bytes <<<"$out"
   awk -F, -v name="$name" -v gbps="$gbps" -v bytes="$bytes" -v idle="$idle" '
     /splice/ {sp = $1} /epoll_wait/ {ew = $1} /task-clock/ {ms = $1} /context-switches/ {cs = $1}

@@ -16,9 +16,23 @@ need() {
   local script=$1 tool
   shift
   for tool in "$@"; do
-    command -v "$tool" >/dev/null ||
-      { echo "$script: $tool missing (run benches/compare/run.sh first)" >&2; exit 1; }
+    command -v "$tool" >/dev/null || {
+      echo "$script: $tool missing (run benches/compare/run.sh first, which installs the peers;" \
+        "apt-get install the rest: strace, valgrind, nghttp2-client for h2load)" >&2
+      exit 1
+    }
   done
+}
+
+# cores_idle_since "S0": the share (%) of the machine's CPU time left idle since S0, a
+# reading of `head -1 /proc/stat` taken before.
+cores_idle_since() {
+  local s0 s1
+  read -ra s0 <<<"$1"
+  read -ra s1 < <(head -1 /proc/stat)
+  local t0=$((s0[1] + s0[2] + s0[3] + s0[4] + s0[5] + s0[6] + s0[7]))
+  local t1=$((s1[1] + s1[2] + s1[3] + s1[4] + s1[5] + s1[6] + s1[7]))
+  echo $(((s1[4] - s0[4]) * 100 / (t1 - t0)))
 }
 
 # perf_work: the soft descriptor limit raised to the hard one, and a scratch directory in

@@ -36,13 +36,10 @@ sleep 1
 
 # idle share of both cores over a command, then its wrk summary
 one() {
-  local name=$1 port=$2 n=$3 s0 s1 out
-  s0=($(head -1 /proc/stat))
+  local name=$1 port=$2 n=$3 s0 out idle
+  s0=$(head -1 /proc/stat)
   out=$(wrk -t2 -c"$n" -d6s --latency "http://127.0.0.1:$port/small")
-  s1=($(head -1 /proc/stat))
-  local busy0=$((s0[1] + s0[2] + s0[3] + s0[4] + s0[5] + s0[6] + s0[7]))
-  local busy1=$((s1[1] + s1[2] + s1[3] + s1[4] + s1[5] + s1[6] + s1[7]))
-  local idle=$(((s1[4] - s0[4]) * 100 / (busy1 - busy0)))
+  idle=$(cores_idle_since "$s0")
   echo "$out" | awk -v name="$name" -v n="$n" -v idle="$idle" '
     /Requests\/sec/ {r = $2} /^ +50%/ {p50 = $2} /^ +99%/ {p99 = $2}
     END {printf "%-4s %-9s %10s req/s  p50 %-9s p99 %-9s idle %s%%\n", n, name, r, p50, p99, idle}'

@@ -38,10 +38,8 @@ c=${C:-1}
 case $shape in keep-alive | close | all) ;; *) echo "per-request: keep-alive|close|all" >&2; exit 1 ;; esac
 [ "$n1" -ge "$c" ] && [ "$n2" -gt "$n1" ] && [ "$n2" -le 100000 ] && [ "$c" -ge 1 ] && [ "$c" -le 100 ] ||
   { echo "per-request: C <= N1 < N2 <= 100000, 1 <= C <= 100" >&2; exit 1; }
-for t in haproxy nginx valgrind strace h2load; do
-  command -v "$t" >/dev/null || { echo "per-request: $t missing (apt-get install haproxy nginx valgrind strace nghttp2-client)" >&2; exit 1; }
-done
 source benches/common.sh
+need per-request haproxy nginx valgrind strace h2load
 perf_work
 # The kernel census (a sock_diag dump of every socket on the ports, every 5 s) is off: it
 # costs by the second, not by the request, and the N2 run lasts longer than the N1 run.

@@ -14,10 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-3000}
 [ "$n" -ge 100 ] && [ "$n" -le 100000 ] || { echo "syscalls: N between 100 and 100000" >&2; exit 1; }
-for c in haproxy nginx strace python3; do
-  command -v "$c" >/dev/null || { echo "syscalls: $c missing (run benches/compare/run.sh first; apt-get install strace)" >&2; exit 1; }
-done
 source benches/common.sh
+need syscalls haproxy nginx strace python3
 perf_work
 perf_peers_start "$work"
 
